@@ -1,0 +1,127 @@
+"""Presets: a name -> which model file, its config values, and where its pretrained weights live."""
+import dataclasses
+import difflib
+import importlib
+from dataclasses import dataclass, field
+
+ARCHITECTURES = ("bigram", "scratchformer", "gpt2", "llama", "mqa")
+
+
+@dataclass(frozen=True)
+class Preset:
+    arch: str                  # the file in models/
+    config: dict               # values for that file's Config
+    repo: str | None = None    # Hugging Face repository of the pretrained weights
+    license: str | None = None  # licence of those weights
+    train: dict = field(default_factory=dict)  # default training settings (zoo train)
+
+
+_GPT2 = dict(vocab_size=50257, block_size=1024)
+_SMOLLM2 = dict(vocab_size=49152, block_size=8192, rope_theta=100000.0, norm_eps=1e-5, tie_embeddings=True)
+
+PRESETS = {
+    "bigram": Preset("bigram", dict(vocab_size=65, block_size=256)),
+    "scratchformer": Preset(
+        "scratchformer",
+        dict(vocab_size=50257, block_size=256, n_layer=4, n_head=8, n_embd=512, ffn_dim=1024,
+             activation="relu", norm_first=False, dropout=0.0),
+        # Vaswani et al.'s recipe: inverse-square-root schedule, 4000 warmup steps, label smoothing 0.1
+        train=dict(tokenizer="gpt2", schedule="noam", warmup=4000, label_smoothing=0.1,
+                   batch_size=10, block_size=256, checkpoint_interval=10000, lr=1.0),
+    ),
+    "shakespeare-char": Preset(
+        "gpt2",
+        dict(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, bias=False, dropout=0.0),
+        train=dict(tokenizer="char", batch_size=12, block_size=64, lr=1e-3, schedule="cosine",
+                   warmup=100, min_lr=1e-4, weight_decay=0.1, beta2=0.99),
+    ),
+    "gpt2": Preset("gpt2", dict(_GPT2, n_layer=12, n_head=12, n_embd=768), "openai-community/gpt2", "mit"),
+    "gpt2-medium": Preset("gpt2", dict(_GPT2, n_layer=24, n_head=16, n_embd=1024),
+                          "openai-community/gpt2-medium", "mit"),
+    "gpt2-large": Preset("gpt2", dict(_GPT2, n_layer=36, n_head=20, n_embd=1280),
+                         "openai-community/gpt2-large", "mit"),
+    "gpt2-xl": Preset("gpt2", dict(_GPT2, n_layer=48, n_head=25, n_embd=1600), "openai-community/gpt2-xl", "mit"),
+    "distilgpt2": Preset("gpt2", dict(_GPT2, n_layer=6, n_head=12, n_embd=768), "distilbert/distilgpt2",
+                         "apache-2.0"),
+    "smollm2-135m": Preset("llama", dict(_SMOLLM2, n_layer=30, n_head=9, n_kv_head=3, n_embd=576, ffn_dim=1536),
+                           "HuggingFaceTB/SmolLM2-135M", "apache-2.0"),
+    "smollm2-135m-instruct": Preset(
+        "llama", dict(_SMOLLM2, n_layer=30, n_head=9, n_kv_head=3, n_embd=576, ffn_dim=1536),
+        "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
+    "smollm2-360m": Preset("llama", dict(_SMOLLM2, n_layer=32, n_head=15, n_kv_head=5, n_embd=960, ffn_dim=2560),
+                           "HuggingFaceTB/SmolLM2-360M", "apache-2.0"),
+    "smollm2-360m-instruct": Preset(
+        "llama", dict(_SMOLLM2, n_layer=32, n_head=15, n_kv_head=5, n_embd=960, ffn_dim=2560),
+        "HuggingFaceTB/SmolLM2-360M-Instruct", "apache-2.0"),
+    "tinyllama-1.1b": Preset(
+        "llama", dict(vocab_size=32000, block_size=2048, n_layer=22, n_head=32, n_kv_head=4, n_embd=2048,
+                      ffn_dim=5632, rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False),
+        "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "apache-2.0"),
+    "tiny-starcoder": Preset("mqa", dict(vocab_size=49152, block_size=8192, n_layer=20, n_head=12, n_embd=768,
+                                         ffn_dim=3072), "bigcode/tiny_starcoder_py", "bigcode-openrail-m"),
+    "xglm-564m": Preset(
+        "scratchformer",
+        dict(vocab_size=256008, block_size=2048, n_layer=24, n_head=16, n_embd=1024, ffn_dim=4096,
+             activation="gelu", norm_first=True, scale_embedding=True, sinusoid="fairseq", pos_offset=2,
+             dropout=0.0),
+        "facebook/xglm-564M", "mit"),
+}
+
+
+def list():  # noqa: A001 - zoo.list() is the public name
+    """Names of the presets, in the order above."""
+    return [*PRESETS]
+
+
+def model_module(arch):
+    """The model file `arch` as a module (zoo.models.<arch>)."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
+    return importlib.import_module(f"zoo.models.{arch}")
+
+
+def get_preset(name):
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, PRESETS, n=3, cutoff=0.5)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ";"
+        raise ValueError(f"unknown model {name!r}{hint} known: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def make_config(arch, values):
+    """The arch's Config from a dict; an unknown field names the valid ones."""
+    cls = model_module(arch).Config
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in values if k not in fields]
+    if unknown:
+        raise ValueError(f"unknown {arch} config field(s) {', '.join(map(repr, unknown))}; "
+                         f"valid fields: {', '.join(fields)}")
+    return cls(**values)
+
+
+def build(arch, config):
+    """A fresh (randomly initialised) model of `arch` from a Config or a dict of its values."""
+    if isinstance(config, dict):
+        config = make_config(arch, config)
+    return model_module(arch).Model(config)
+
+
+def arch_of(model):
+    """The architecture name of a zoo model (the model file it comes from)."""
+    return type(model).__module__.rsplit(".", 1)[-1]
+
+
+def add_arguments(parser):  # `zoo list`
+    pass
+
+
+def run(args):
+    import torch
+    rows = [("preset", "model file", "parameters", "weights", "licence")]
+    for name, p in PRESETS.items():
+        with torch.device("meta"):
+            n = sum(t.numel() for t in build(p.arch, p.config).parameters())
+        rows.append((name, f"models/{p.arch}.py", f"{n / 1e6:,.1f}M", p.repo or "-", p.license or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
