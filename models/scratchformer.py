@@ -1,0 +1,190 @@
+"""The Transformer of "Attention Is All You Need" (Vaswani et al., 2017), as a decoder-only LM.
+
+Fixed sinusoidal positions, ReLU feed-forward, post-LayerNorm (LN(x + sublayer(x))) as in the
+paper, embeddings scaled by sqrt(d_model) and tied to the output layer. The same file also runs
+XGLM (Lin et al., 2021): pre-LN, GELU, fairseq's [sin | cos] sinusoids starting at position 2.
+One file, torch only; module names follow Hugging Face's XGLMForCausalLM.
+
+    model = Model(Config())                         # the paper's base model shape, decoder only
+    logits = model(idx)                             # [B, T] -> [B, T, vocab_size]
+    model.setup_cache(batch_size=1, max_len=256)    # then decode with input_pos (see forward)
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class Config:
+    vocab_size: int = 50257
+    block_size: int = 256  # maximum context
+    n_layer: int = 6
+    n_head: int = 8
+    n_embd: int = 512  # d_model
+    ffn_dim: int = 2048  # d_ff
+    dropout: float = 0.1
+    bias: bool = True
+    activation: str = "relu"  # "relu" (the paper) or "gelu" (XGLM)
+    norm_first: bool = False  # False: post-LN, as in the paper; True: pre-LN (+ a final LayerNorm)
+    scale_embedding: bool = True  # multiply token embeddings by sqrt(d_model) (paper, section 3.4)
+    sinusoid: str = "vaswani"  # "vaswani": interleaved sin/cos; "fairseq": [sin | cos] halves (XGLM)
+    pos_offset: int = 0  # the first token's position; XGLM starts at 2 (after its padding index 1)
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_embd % 2:
+            raise ValueError(f"n_embd ({self.n_embd}) must be even for sinusoidal positions")
+        if self.activation not in ("relu", "gelu"):
+            raise ValueError(f"activation must be 'relu' or 'gelu', not {self.activation!r}")
+        if self.sinusoid not in ("vaswani", "fairseq"):
+            raise ValueError(f"sinusoid must be 'vaswani' or 'fairseq', not {self.sinusoid!r}")
+
+
+def sinusoids(config):
+    """The fixed position table [pos_offset + block_size, n_embd] (built on the CPU: derived, never loaded)."""
+    half = config.n_embd // 2
+    if config.sinusoid == "vaswani":  # PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...)
+        freq = torch.exp(torch.arange(half, device="cpu").float() * -(math.log(10000.0) / half))
+    else:  # fairseq/tensor2tensor spacing, used by XGLM: the last frequency is exactly 1/10000
+        freq = torch.exp(torch.arange(half, device="cpu").float() * -(math.log(10000.0) / (half - 1)))
+    angles = torch.arange(config.pos_offset + config.block_size, device="cpu").float()[:, None] * freq
+    if config.sinusoid == "vaswani":
+        return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(1)
+    return torch.cat((angles.sin(), angles.cos()), dim=-1)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values [B, H, S, D], written in place at the slots input_pos names."""
+
+    def __init__(self, batch_size, n_head, max_len, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos, k, v):
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
+        return self.k, self.v
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.head_dim = config.n_head, config.n_embd // config.n_head
+        self.qkv_proj = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # W^Q, W^K, W^V at once
+        self.out_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)  # W^O
+        self.dropout = config.dropout
+        self.kv_cache = None
+
+    def forward(self, x, mask, input_pos):
+        B, T, C = x.shape
+        q, k, v = self.qkv_proj(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        if input_pos is not None:  # decoding: attend over everything cached so far
+            k, v = self.kv_cache.update(input_pos, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.norm_first = config.norm_first
+        self.self_attn = MultiHeadAttention(config)
+        self.self_attn_layer_norm = nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+        self.fc1 = nn.Linear(config.n_embd, config.ffn_dim, bias=config.bias)
+        self.fc2 = nn.Linear(config.ffn_dim, config.n_embd, bias=config.bias)
+        self.final_layer_norm = nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+        self.act = nn.ReLU() if config.activation == "relu" else nn.GELU()
+        self.dropout = nn.Dropout(config.dropout)
+
+    def feed_forward(self, x):
+        return self.fc2(self.dropout(self.act(self.fc1(x))))
+
+    def forward(self, x, mask, input_pos):
+        if self.norm_first:  # pre-LN: x + sublayer(LN(x)); trains without warmup tricks
+            x = x + self.dropout(self.self_attn(self.self_attn_layer_norm(x), mask, input_pos))
+            return x + self.dropout(self.feed_forward(self.final_layer_norm(x)))
+        # post-LN, as in the paper: LN(x + dropout(sublayer(x)))
+        x = self.self_attn_layer_norm(x + self.dropout(self.self_attn(x, mask, input_pos)))
+        return self.final_layer_norm(x + self.dropout(self.feed_forward(x)))
+
+
+class Model(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.n_embd),
+            dropout=nn.Dropout(config.dropout),
+            layers=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            # pre-LN leaves the residual stream unnormalised, so it needs a last LayerNorm
+            layer_norm=(nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+                        if config.norm_first else nn.Identity()),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.model.embed_tokens.weight  # shared embedding and pre-softmax weights
+        self.embed_scale = math.sqrt(config.n_embd) if config.scale_embedding else 1.0
+        self.register_buffer("sinusoids", sinusoids(config), persistent=False)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        # with embeddings scaled up by sqrt(d), a N(0, d^-1/2) init keeps their scale near 1 (fairseq)
+        nn.init.normal_(self.model.embed_tokens.weight, mean=0.0, std=config.n_embd ** -0.5)
+
+    def setup_cache(self, batch_size, max_len):
+        """Allocate the KV cache once; decoding then writes into it and allocates nothing."""
+        if max_len > self.config.block_size:
+            raise ValueError(f"max_len {max_len} exceeds block_size {self.config.block_size}")
+        w, c = self.lm_head.weight, self.config
+        for block in self.model.layers:
+            block.self_attn.kv_cache = KVCache(batch_size, c.n_head, max_len, c.n_embd // c.n_head,
+                                               w.dtype, w.device)
+
+    def reorder_cache(self, index):
+        """Keep (or repeat) the cache rows `index` names, e.g. the surviving beams."""
+        for block in self.model.layers:
+            c = block.self_attn.kv_cache
+            c.k, c.v = c.k.index_select(0, index), c.v.index_select(0, index)
+
+    def forward(self, idx, input_pos=None, key_mask=None):
+        """idx [B, T] -> logits [B, T, vocab_size].
+
+        Without input_pos: the whole sequence, causal (training and scoring).
+        With input_pos [T] (cache slots of these tokens): incremental decoding through the cache.
+        key_mask [B, S] (S = cache length, or T without a cache): False marks left padding; each row
+        then counts its positions from its first real token, so padding changes no real logit.
+        """
+        T = idx.size(1)
+        if input_pos is None and T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
+        cache_len = self.model.layers[0].self_attn.kv_cache.k.size(2) if input_pos is not None else None
+        pos, mask = positions_and_mask(T, input_pos, key_mask, cache_len, idx.device)
+        x = self.model.embed_tokens(idx) * self.embed_scale
+        x = self.model.dropout(x + self.sinusoids[pos + self.config.pos_offset].to(x.dtype))
+        for block in self.model.layers:
+            x = block(x, mask, input_pos)
+        return self.lm_head(self.model.layer_norm(x))
+
+
+def positions_and_mask(T, input_pos, key_mask, cache_len, device):
+    """Positions [B|1, T] of the tokens, and the boolean attention mask (None: plain causal)."""
+    slots = input_pos if input_pos is not None else torch.arange(T, device=device)
+    if input_pos is None and key_mask is None:
+        return slots[None], None
+    key_slots = torch.arange(cache_len or T, device=device)
+    mask = key_slots <= slots[:, None]  # causal over cache slots: [T, S]
+    if key_mask is None:
+        return slots[None], mask
+    pos = (key_mask.long().cumsum(1) - 1).clamp(min=0)[:, slots]  # count from each row's first real token
+    # padded keys are hidden; a padded query still sees itself, so no softmax row is empty
+    mask = mask & (key_mask[:, None, :] | (key_slots == slots[:, None]))
+    return pos, mask[:, None]  # [B, 1, T, S]

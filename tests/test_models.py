@@ -1,0 +1,254 @@
+"""The model contract, checked for all five files: shapes, causality, cache == recompute, left
+padding, cache reordering, configs, presets, and that each file stands alone."""
+import ast
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import zoo
+from zoo.registry import PRESETS
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MODEL_FILES = sorted(p for p in (ROOT / "models").glob("*.py") if p.name != "__init__.py")
+
+# One tiny configuration per architecture, covering the options that change the computation.
+TINY = {
+    "bigram": ("bigram", dict(vocab_size=37)),
+    "scratchformer": ("scratchformer", dict(vocab_size=37, block_size=64, n_layer=2, n_head=4, n_embd=32,
+                                            ffn_dim=48, dropout=0.0)),
+    "scratchformer-xglm": ("scratchformer", dict(vocab_size=37, block_size=64, n_layer=2, n_head=4, n_embd=32,
+                                                 ffn_dim=48, dropout=0.0, activation="gelu", norm_first=True,
+                                                 sinusoid="fairseq", pos_offset=2)),
+    "gpt2": ("gpt2", dict(vocab_size=37, block_size=64, n_layer=2, n_head=4, n_embd=32)),
+    "gpt2-nobias": ("gpt2", dict(vocab_size=37, block_size=64, n_layer=2, n_head=4, n_embd=32, bias=False)),
+    "llama-gqa": ("llama", dict(vocab_size=37, block_size=64, n_layer=2, n_head=6, n_kv_head=2, n_embd=48,
+                                ffn_dim=40, tie_embeddings=True)),
+    "llama-mha-llama3": ("llama", dict(vocab_size=37, block_size=64, n_layer=2, n_head=3, n_kv_head=3, n_embd=24,
+                                       ffn_dim=40, rope_theta=500.0, rope_scaling=dict(
+                                           factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                           original_max_position_embeddings=16))),
+    "mqa": ("mqa", dict(vocab_size=37, block_size=64, n_layer=2, n_head=4, n_embd=32, ffn_dim=48)),
+}
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
+
+
+def tiny(name, device="cpu", **overrides):
+    torch.manual_seed(0)
+    arch, cfg = TINY[name]
+    model = zoo.build(arch, {**cfg, **overrides})
+    if arch == "bigram":  # it starts uniform (all zeros); give it something to predict
+        torch.nn.init.normal_(model.table.weight)
+    return model.to(device).eval()
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_shapes_and_dtypes(name, device):
+    model = tiny(name, device)
+    idx = torch.randint(0, 37, (3, 11), device=device)
+    logits = model(idx)
+    assert logits.shape == (3, 11, 37) and logits.dtype == torch.float32
+    assert torch.isfinite(logits).all()
+    assert model(idx[:, :1]).shape == (3, 1, 37)
+    bf16 = model.to(torch.bfloat16)(idx)
+    assert bf16.dtype == torch.bfloat16 and torch.isfinite(bf16.float()).all()
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_config_roundtrip(name):
+    model = tiny(name)
+    clone = type(model)(model.config)  # the contract: the config alone rebuilds the architecture
+    assert clone.config == model.config
+    assert {k: v.shape for k, v in clone.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_causal(name, device):
+    model = tiny(name, device)
+    idx = torch.randint(0, 37, (2, 16), device=device)
+    base = model(idx)
+    for t in (0, 7, 15):
+        changed = idx.clone()
+        changed[:, t] = (changed[:, t] + 1) % 37
+        out = model(changed)
+        torch.testing.assert_close(out[:, :t], base[:, :t], rtol=0, atol=1e-6)
+        assert not torch.allclose(out[:, t], base[:, t]), "the changed token must change its own logits"
+
+
+def greedy_recompute(model, idx, steps):
+    """Greedy decoding that recomputes the full sequence every step: the reference."""
+    logits = []
+    for _ in range(steps):
+        out = model(idx)[:, -1]
+        logits.append(out)
+        idx = torch.cat([idx, out.argmax(-1, keepdim=True)], dim=1)
+    return idx, torch.stack(logits, 1)
+
+
+def greedy_cached(model, idx, steps, key_mask=None):
+    B, T = idx.shape
+    model.setup_cache(B, T + steps)
+    out = model(idx, input_pos=torch.arange(T, device=idx.device), key_mask=key_mask)[:, -1]
+    logits = [out]
+    for t in range(T, T + steps - 1):
+        nxt = out.argmax(-1, keepdim=True)
+        idx = torch.cat([idx, nxt], dim=1)
+        out = model(nxt, input_pos=torch.tensor([t], device=idx.device), key_mask=key_mask)[:, -1]
+        logits.append(out)
+    return torch.cat([idx, out.argmax(-1, keepdim=True)], 1), torch.stack(logits, 1)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_kv_cache_equals_recompute(name, device):
+    model = tiny(name, device)
+    prompt = torch.randint(0, 37, (2, 9), device=device)
+    ref_idx, ref_logits = greedy_recompute(model, prompt, 20)
+    idx, logits = greedy_cached(model, prompt, 20)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-5)
+    assert torch.equal(idx, ref_idx)
+    # training after decoding must not see the cache
+    torch.testing.assert_close(model(ref_idx[:, :12]), model(ref_idx[:, :12].clone()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_left_padding_matches_each_prompt_alone(name, device):
+    model = tiny(name, device)
+    lengths, steps = [9, 4, 6], 20
+    prompts = [torch.randint(0, 37, (n,), device=device) for n in lengths]
+    T = max(lengths)
+    idx = torch.stack([torch.cat([torch.zeros(T - len(p), dtype=torch.long, device=device), p]) for p in prompts])
+    key_mask = torch.ones(len(prompts), T + steps, dtype=torch.bool, device=device)
+    for row, n in enumerate(lengths):
+        key_mask[row, :T - n] = False
+    idx_b, logits_b = greedy_cached(model, idx, steps, key_mask)
+    # the padded batch without a cache (key_mask covers exactly the T prompt tokens)
+    full = model(idx, key_mask=key_mask[:, :T])[:, -1]
+    torch.testing.assert_close(full, logits_b[:, 0], rtol=0, atol=1e-5)
+    for row, p in enumerate(prompts):
+        alone_idx, alone_logits = greedy_recompute(model, p[None], steps)
+        torch.testing.assert_close(logits_b[row], alone_logits[0], rtol=0, atol=1e-5)
+        assert torch.equal(idx_b[row, T:], alone_idx[0, len(p):])
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_reorder_cache(name, device):
+    model = tiny(name, device)
+    prompt = torch.randint(0, 37, (3, 7), device=device)
+    model.setup_cache(3, 16)
+    model(prompt, input_pos=torch.arange(7, device=device))
+    order = torch.tensor([2, 2, 0], device=device)  # beam search keeps some rows, repeats others
+    model.reorder_cache(order)
+    nxt = torch.randint(0, 37, (3, 1), device=device)
+    out = model(nxt, input_pos=torch.tensor([7], device=device))[:, -1]
+    ref = model(torch.cat([prompt[order], nxt], 1))[:, -1]
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch,bad,message", [
+    ("gpt2", dict(n_embd=30, n_head=4), "divisible by n_head"),
+    ("mqa", dict(n_embd=30, n_head=4), "divisible by n_head"),
+    ("scratchformer", dict(n_embd=30, n_head=4), "divisible by n_head"),
+    ("scratchformer", dict(activation="swish"), "activation"),
+    ("llama", dict(n_embd=48, n_head=6, n_kv_head=4), "multiple of n_kv_head"),
+    ("llama", dict(n_embd=48, n_head=6, n_kv_head=0), "multiple of n_kv_head"),
+    ("llama", dict(n_embd=50, n_head=6, n_kv_head=2), "divisible by n_head"),
+    ("bigram", dict(vocab_size=0), "vocab_size"),
+])
+def test_impossible_configs_raise_value_error(arch, bad, message):
+    with pytest.raises(ValueError, match=message):
+        zoo.build(arch, bad)
+
+
+def test_sequence_longer_than_block_size_is_refused():
+    model = tiny("gpt2")
+    with pytest.raises(ValueError, match="exceeds block_size 64"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        model.setup_cache(1, 65)
+
+
+# Published parameter counts of the weights each preset matches (Hugging Face's num_parameters()).
+PUBLISHED = {
+    "gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200,
+    "distilgpt2": 81_912_576, "smollm2-135m": 134_515_008, "smollm2-135m-instruct": 134_515_008,
+    "smollm2-360m": 361_821_120, "smollm2-360m-instruct": 361_821_120, "tinyllama-1.1b": 1_100_048_384,
+    "tiny-starcoder": 164_144_128, "xglm-564m": 564_463_616,
+    "shakespeare-char": 804_096,  # nanoGPT's baby config reports 0.80M
+}
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_build_on_meta(name):
+    preset = PRESETS[name]
+    with torch.device("meta"):
+        model = zoo.load(name).to("meta")  # derived buffers (rope, sinusoids) are built on the CPU
+    n = sum(p.numel() for p in model.parameters())
+    if name in PUBLISHED:
+        assert n == PUBLISHED[name]
+    idx = torch.zeros(2, 5, dtype=torch.long, device="meta")
+    assert model(idx).shape == (2, 5, preset.config["vocab_size"])
+
+
+def test_preset_shapes_the_issue_names():
+    c = zoo.load("scratchformer").config
+    assert (c.n_layer, c.n_head, c.n_embd, c.ffn_dim, c.block_size, c.vocab_size) == (4, 8, 512, 1024, 256, 50257)
+    assert (c.activation, c.norm_first, c.dropout) == ("relu", False, 0.0)
+    c = zoo.load("shakespeare-char").config
+    assert (c.n_layer, c.n_head, c.n_embd, c.block_size, c.vocab_size, c.bias, c.dropout) == (4, 4, 128, 64, 65, False, 0.0)
+    assert zoo.load("bigram").config.vocab_size == 65
+
+
+def test_registry_errors():
+    with pytest.raises(ValueError, match=r"unknown model 'gtp2'; did you mean 'gpt2'.*known: .*smollm2-135m"):
+        zoo.load("gtp2")
+    with pytest.raises(ValueError, match=r"unknown gpt2 config field\(s\) 'n_layr'; valid fields: .*n_layer"):
+        zoo.load("gpt2", n_layr=2)
+    assert "gpt2" in zoo.list() and len(zoo.list()) == len(PRESETS)
+    assert zoo.load("gpt2", n_layer=1, n_embd=64, n_head=2).config.n_layer == 1
+
+
+def test_model_files_import_only_torch_and_stdlib():
+    allowed = set(sys.stdlib_module_names) | {"torch"}
+    for path in MODEL_FILES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                assert node.level == 0, f"{path.name}: relative import"
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] in allowed, f"{path.name} imports {name}"
+        assert len(path.read_text().splitlines()) <= 350, f"{path.name} should read in one sitting"
+
+
+@pytest.mark.parametrize("path", MODEL_FILES, ids=lambda p: p.name)
+def test_model_file_runs_alone(path, tmp_path):
+    """Copy one file into an empty folder and use it from a fresh interpreter that cannot see the repo."""
+    shutil.copy(path, tmp_path / path.name)
+    script = f"""
+import sys
+assert {str(ROOT)!r} not in sys.path
+import torch, {path.stem} as m
+assert 'zoo' not in sys.modules
+cfg = m.Config(**{TINY[path.stem if path.stem != 'llama' else 'llama-gqa'][1]!r})
+model = m.Model(cfg).eval()
+idx = torch.randint(0, 37, (2, 8))
+full = model(idx)
+model.setup_cache(2, 16)
+step = model(idx, input_pos=torch.arange(8))
+assert full.shape == (2, 8, 37) and torch.allclose(full, step, atol=1e-5)
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                            env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
