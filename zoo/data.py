@@ -1,0 +1,127 @@
+"""Training data: text -> a cached token file -> random windows of block_size + 1 tokens.
+
+Text files are tokenized once into a flat token file (numpy memmap, uint16 when the vocabulary
+fits, else uint32) under $ZOO_CACHE/tokens (default ~/.cache/zoo/tokens), named by a hash of the
+files' contents and of the tokenizer, so a changed file or tokenizer never reuses stale tokens.
+Documents (files, dataset rows) are joined with the tokenizer's end-of-text token when it has one.
+
+    train, val = load_splits(["input.txt"], tokenizer)   # val: the last 10% unless val files given
+    x, y = get_batch(train, batch_size, block_size, generator)
+"""
+import hashlib
+import os
+import tempfile
+
+import numpy as np
+import torch
+
+HF_PREFIX = "hf:"  # --data hf:NAME[:CONFIG] reads a Hugging Face dataset's "text" column
+
+
+def cache_dir():
+    return os.path.join(os.environ.get("ZOO_CACHE", os.path.expanduser("~/.cache/zoo")), "tokens")
+
+
+def read_texts(paths):
+    """The documents of each source, as one list of strings."""
+    docs = []
+    for path in paths:
+        if path.startswith(HF_PREFIX):
+            docs.extend(_hf_texts(path))
+        else:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"data file {path!r} does not exist")
+            with open(path, encoding="utf-8") as f:
+                docs.append(f.read())
+    return docs
+
+
+def _hf_texts(spec):
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"{spec!r} is a Hugging Face dataset; reading it needs the `datasets` package and "
+                         "network access: pip install datasets (or pass local text files)") from None
+    name, _, config = spec[len(HF_PREFIX):].partition(":")
+    rows = datasets.load_dataset(name, config or None, split="train")
+    if "text" not in rows.column_names:
+        raise ValueError(f"dataset {name!r} has no 'text' column (columns: {', '.join(rows.column_names)})")
+    return [t for t in rows["text"] if t]
+
+
+def tokenizer_key(tokenizer):
+    """A hash of everything that defines the tokenizer: the files it saves itself as."""
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    with tempfile.TemporaryDirectory() as d:
+        tokenizer.save(d)
+        for root, _, files in sorted(os.walk(d)):
+            for name in sorted(files):
+                h.update(name.encode())
+                with open(os.path.join(root, name), "rb") as f:
+                    h.update(f.read())
+    return h.hexdigest()
+
+
+def tokenize(docs, tokenizer):
+    """Token ids of `docs` joined by end-of-text, as a read-only memmap cached on disk."""
+    dtype = np.uint16 if tokenizer.vocab_size <= 2 ** 16 else np.uint32
+    h = hashlib.sha256(tokenizer_key(tokenizer).encode())
+    for doc in docs:
+        h.update(hashlib.sha256(doc.encode("utf-8")).digest())
+    path = os.path.join(cache_dir(), f"{h.hexdigest()[:32]}.{np.dtype(dtype).name}")
+    if not os.path.exists(path):
+        os.makedirs(cache_dir(), exist_ok=True)
+        eot = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+        fd, tmp = tempfile.mkstemp(dir=cache_dir(), suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:  # one document at a time: memory stays one document's size
+            for i, doc in enumerate(docs):
+                np.array((eot if i else []) + tokenizer.encode(doc), dtype=dtype).tofile(f)
+        os.replace(tmp, path)  # never a half-written cache file under the real name
+    if os.path.getsize(path) == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def load_splits(paths, tokenizer, val_paths=None, block_size=None, vocab_size=None):
+    """(train, val) token arrays; validation is the last 10% of the tokens unless val_paths are given.
+
+    Checks, before any training, that both splits hold at least one window of block_size + 1 tokens
+    and that the tokenizer's ids fit the model's vocabulary.
+    """
+    if vocab_size is not None and tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                         f"{vocab_size}; use --set vocab_size={tokenizer.vocab_size} (or a smaller tokenizer)")
+    tokens = tokenize(read_texts(paths), tokenizer)
+    if val_paths:
+        train, val = tokens, tokenize(read_texts(val_paths), tokenizer)
+    else:
+        n = int(len(tokens) * 0.9)
+        train, val = tokens[:n], tokens[n:]
+    need = (block_size or 1) + 1
+    for name, split in (("training", train), ("validation", val)):
+        if len(split) < need:
+            raise ValueError(f"the {name} split has {len(split)} tokens, fewer than block_size + 1 = {need}; "
+                             "give more text or a smaller --block-size")
+    return train, val
+
+
+def get_batch(data, batch_size, block_size, generator, device="cpu", starts=None):
+    """x, y: [batch_size, block_size] windows at random starts (or the given ones), y = x shifted by one."""
+    if starts is None:
+        starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
+    return windows(data, starts, block_size, device)
+
+
+def windows(data, starts, block_size, device="cpu"):
+    xy = torch.from_numpy(np.stack([data[i:i + block_size + 1] for i in starts.tolist()]).astype(np.int64))
+    if torch.device(device).type == "cuda":  # pinned memory lets the copy overlap the previous step
+        xy = xy.pin_memory().to(device, non_blocking=True)
+    else:
+        xy = xy.to(device)
+    return xy[:, :-1], xy[:, 1:]
+
+
+def eval_starts(data, block_size, n):
+    """n window starts spread evenly over `data`: the same windows every evaluation, so losses compare."""
+    last = len(data) - block_size - 1
+    return torch.linspace(0, last, n).round().long().unique()
