@@ -20,3 +20,9 @@ def load(name, pretrained=False, *, revision=None, device=None, dtype=None, **ov
         return load_preset(name, preset, revision=revision, device=device, dtype=dtype, **overrides)
     model = build(preset.arch, {**preset.config, **overrides})
     return model.to(device=device, dtype=dtype) if (device or dtype) else model
+
+
+def tokenizer(source, **kwargs):
+    """The tokenizer for a source: "gpt2", a .tiktoken/.gguf/tokenizer.json file, a folder, a preset or a hub repo."""
+    from .tokenizers import load_tokenizer
+    return load_tokenizer(source, **kwargs)
