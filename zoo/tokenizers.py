@@ -179,6 +179,7 @@ class TiktokenTokenizer(Tokenizer):
     def save(self, folder):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        # GPT-2's ranks are the ids 0..50255, all below <|endoftext|>
         ranks = (base64.b64encode(self.encoding.decode_single_token_bytes(i)) + b" %d" % i
                  for i in range(self.eos_id))
         _write(folder / "gpt2.tiktoken", b"\n".join(ranks) + b"\n")
@@ -232,14 +233,18 @@ class HFTokenizer(Tokenizer):
 
     def __init__(self, tk, config, extra_eos_ids=()):
         self.tk = tk
-        self.config = config
         self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
-        token_id = lambda key: None if _token_text(config.get(key)) is None else tk.token_to_id(_token_text(config[key]))  # noqa: E731
+
+        def token_id(key):
+            text = _token_text(config.get(key))
+            return None if text is None else tk.token_to_id(text)
+
         self.bos_id, self.eos_id, self.pad_id = token_id("bos_token"), token_id("eos_token"), token_id("pad_token")
         if "zoo_eos_token_ids" in config:  # written by save(): reload exactly what was saved
             self.eos_ids = list(config["zoo_eos_token_ids"])
         else:
-            ends = [i for i, t in sorted(tk.get_added_tokens_decoder().items()) if t.special and t.content in END_TOKENS]
+            added = sorted(tk.get_added_tokens_decoder().items())
+            ends = [i for i, t in added if t.special and t.content in END_TOKENS]
             self.eos_ids = list(dict.fromkeys(i for i in (self.eos_id, *extra_eos_ids, *ends) if i is not None))
         if self.eos_id is None and self.eos_ids:
             self.eos_id = self.eos_ids[0]
@@ -401,9 +406,13 @@ def load_gguf_tokenizer(path):
                            for t, ty in zip(tokens, types) if ty == 3 and spelled(t) is not None])
     tk.add_tokens([AddedToken(t, special=False, normalized=False)
                    for t, ty in zip(tokens, types) if ty == 4 and spelled(t) is not None])
-    name = lambda key: tokens[meta[key]] if key in meta else None  # noqa: E731
-    config = {"bos_token": name("tokenizer.ggml.bos_token_id"), "eos_token": name("tokenizer.ggml.eos_token_id"),
-              "pad_token": name("tokenizer.ggml.padding_token_id"), "chat_template": meta.get("tokenizer.chat_template"),
+
+    def name(key):
+        token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
+        return None if token_id is None else tokens[token_id]
+
+    config = {"bos_token": name("bos"), "eos_token": name("eos"), "pad_token": name("padding"),
+              "chat_template": meta.get("tokenizer.chat_template"),
               # llama.cpp adds BOS to sentencepiece vocabularies unless the file says otherwise
               "add_bos_token": meta.get("tokenizer.ggml.add_bos_token", kind == "llama")}
     extra = [meta[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in meta]
@@ -455,9 +464,9 @@ def _load_hub(repo, revision=None):
         main = hf_hub_download(repo, "tokenizer.json", revision=revision)
     except Exception as e:  # offline, not cached, no such repo or file: all end here
         raise FileNotFoundError(
-            f"could not get tokenizer.json of Hugging Face repository {repo!r} ({type(e).__name__}: {e}). "
-            "Connect to the network (or unset HF_HUB_OFFLINE), or pass a local tokenizer folder or .gguf file"
-        ) from e
+            f"{repo!r} is no local path, and the tokenizer.json of Hugging Face repository {repo!r} could not be "
+            f"fetched ({type(e).__name__}: {e}). Connect to the network (or unset HF_HUB_OFFLINE), or pass a "
+            "local tokenizer folder or .gguf file") from e
     for name in ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja"):
         try:
             hf_hub_download(repo, name, revision=revision)  # lands beside tokenizer.json in the snapshot
