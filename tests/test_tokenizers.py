@@ -303,3 +303,24 @@ def test_saved_char_file_is_plain_json(tmp_path):
     CharTokenizer.from_text("ba\n").save(tmp_path)
     assert json.loads((tmp_path / "char_tokenizer.json").read_text()) == {"chars": ["\n", "a", "b"]}
     assert zoo.tokenizer(tmp_path / "char_tokenizer.json").encode("ab") == [1, 2]
+
+
+@pytest.mark.parametrize("single, bos, starts", [("<s> $A", "<s>", "<s>"), ("</s> $A", "<s>", "</s>"),
+                                                 ("$A </s>", "<s>", None)])
+def test_hf_folder_specials_and_bos(tmp_path, single, bos, starts):
+    from tokenizers import processors
+    tk = train_bpe(["hello world"] * 5, vocab_size=270, special_tokens=["<s>", "</s>", "<|im_end|>", "<pad>"]).tk
+    tk.post_processor = processors.TemplateProcessing(single=single, special_tokens=[("<s>", 0), ("</s>", 1)])
+    tk.save(str(tmp_path / "tokenizer.json"))
+    # The files of an HF repository: AddedToken dicts, a chat_template.jinja and generation_config end tokens.
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"bos_token": {"content": bos}, "eos_token": "</s>"}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<pad>"}))
+    (tmp_path / "chat_template.jinja").write_text("{{ bos_token }}{{ messages[0]['content'] }}")
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 3]}))
+    tok = zoo.tokenizer(tmp_path / "tokenizer.json")
+    assert (tok.eos_id, tok.eos_ids, tok.pad_id) == (1, [1, 3, 2], 3)  # <|im_end|> ends generation too
+    assert tok.add_bos == (starts is not None) and tok.bos_id == tk.token_to_id(starts or bos)
+    ids = tok.encode("hello")
+    assert ids[:1] == ([tok.bos_id] if starts else tk.encode("hello", add_special_tokens=False).ids[:1])
+    rendered = tok.encode(tok.apply_chat_template([{"role": "user", "content": "hello"}]))
+    assert rendered == ([] if starts else [tok.bos_id]) + ids  # the template's BOS, never a second one

@@ -252,11 +252,14 @@ class HFTokenizer(Tokenizer):
         if isinstance(template, list):  # older files keep named templates; "default" is the chat one
             template = {t["name"]: t["template"] for t in template}.get("default")
         self.chat_template = template
-        # Prepend BOS where the source's own tokenizer does: its flag, else its post-processor.
+        # Start text as the source's own tokenizer does: its add_bos_token flag, else its post-processor. A
+        # post-processor's first token is the real BOS even where the config names another (XGLM: </s>, not <s>).
+        plain, full = tk.encode("a", add_special_tokens=False).ids, tk.encode("a", add_special_tokens=True).ids
+        starts = full[0] if plain and full[:1] != plain[:1] else None
+        if starts is not None:
+            self.bos_id = starts
         adds = config.get("add_bos_token")
-        if adds is None:
-            adds = tk.encode("", add_special_tokens=True).ids[:1] == [self.bos_id]
-        self.add_bos = bool(adds) and self.bos_id is not None
+        self.add_bos = bool(starts is not None if adds is None else adds) and self.bos_id is not None
 
     def encode(self, text):
         ids = self.tk.encode(text, add_special_tokens=False).ids
