@@ -90,9 +90,9 @@ class StreamDecoder:
     tok.decode(all ids). Text is held back while it ends in an incomplete UTF-8 character (an emoji
     spread over several byte tokens decodes to U+FFFD until its last byte arrives).
 
-    Decoding is done over a short window of recent ids, and a piece is the text the newest ids add to
-    it: decoding the window alone, not from its start, keeps this O(1) per token, and diffing against
-    the same window keeps decoders that strip a leading space (sentencepiece) correct.
+    Each push decodes a short window of recent ids (the last piece's ids and the new ones), not every id
+    so far, so it costs the same at token 10 and 10,000. A piece is the text the new ids add to the window:
+    diffing within one window keeps decoders that strip a leading space (sentencepiece) correct.
     """
 
     def __init__(self, tokenizer):
