@@ -26,3 +26,21 @@ def tokenizer(source, **kwargs):
     """The tokenizer for a source: "gpt2", a .tiktoken/.gguf/tokenizer.json file, a folder, a preset or a hub repo."""
     from .tokenizers import load_tokenizer
     return load_tokenizer(source, **kwargs)
+
+
+def from_pretrained(source, revision=None, device=None, dtype=None, **overrides):
+    """A model with pretrained weights: a hub repo id, a local folder (HF or zoo layout), a .gguf file or a preset."""
+    from .pretrained import from_pretrained
+    return from_pretrained(source, revision=revision, device=device, dtype=dtype, **overrides)
+
+
+def save_pretrained(model, folder, tokenizer=None):
+    """Write config.json + model.safetensors (+ tokenizer files): HF layout where transformers can load it."""
+    from .pretrained import save_pretrained
+    return save_pretrained(model, folder, tokenizer=tokenizer)
+
+
+def verify(source, text=None, n_tokens=256, revision=None):
+    """Compare zoo's logits with transformers' on the same weights: {max_abs, mean_kl, top1, n_tokens}."""
+    from .verify import verify
+    return verify(source, text=text, n_tokens=n_tokens, revision=revision)

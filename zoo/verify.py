@@ -1,0 +1,70 @@
+"""`zoo verify SOURCE`: zoo's model and transformers' on the same weights and token ids, compared.
+
+    zoo verify smollm2-135m-instruct --text ../shared/data/wikitext-2/valid.txt
+    max |dlogit| 3.1e-05   mean KL 2.0e-11   top-1 agreement 256/256   (256 tokens)
+
+The reference side needs `transformers` (and `accelerate` for GGUF files): pip install "zoo-lm[reference]".
+"""
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from . import hub
+from .pretrained import from_pretrained, preset_source
+from .registry import PRESETS
+
+
+def verify(source, text=None, n_tokens=256, revision=None):
+    """Compare zoo's logits with transformers' for `source` (preset, hub repo, folder or .gguf) in fp32.
+
+    Token ids are the first `n_tokens` of `text` under the source's own tokenizer (transformers'), or
+    seeded random ids without text. Returns {"max_abs", "mean_kl", "top1", "n_tokens"}.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if source in PRESETS and not Path(source).exists():
+        source, _ = preset_source(source, revision=revision)
+    path = hub.resolve(source, revision)
+    # transformers loads a GGUF from its folder plus the file's name
+    folder, kwargs = (path.parent, {"gguf_file": path.name}) if path.suffix == ".gguf" else (path, {})
+    model = from_pretrained(path)
+    if path.is_dir() and json.loads((path / "config.json").read_text()).get("model_type") == "zoo":
+        raise ValueError(f"{path} is in the zoo's own format, which transformers cannot load: nothing to compare")
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs).eval()
+    n_tokens = min(n_tokens, model.config.block_size)
+    if text is not None:
+        ids = AutoTokenizer.from_pretrained(folder, **kwargs)(text[:20 * n_tokens])["input_ids"][:n_tokens]
+        if len(ids) < 2:
+            raise ValueError("the text is too short: it must give at least 2 tokens")
+    else:
+        rng = random.Random(0)
+        ids = [rng.randrange(model.config.vocab_size) for _ in range(n_tokens)]
+    idx = torch.tensor([ids])
+    with torch.no_grad():
+        ours, theirs = model(idx)[0].float(), ref(idx).logits[0].float()
+    log_p, log_q = theirs.log_softmax(-1), ours.log_softmax(-1)
+    return {
+        "max_abs": (ours - theirs).abs().max().item(),
+        "mean_kl": (log_p.exp() * (log_p - log_q)).sum(-1).mean().item(),  # KL(transformers || zoo)
+        "top1": (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item(),
+        "n_tokens": len(ids),
+    }
+
+
+def add_arguments(parser):
+    parser.add_argument("source", help="preset name, hub repo id, local folder or .gguf file")
+    parser.add_argument("--text", type=Path, help="a text file to take the token ids from (default: random ids)")
+    parser.add_argument("--tokens", type=int, default=256, help="number of tokens to compare (default 256)")
+    parser.add_argument("--tol", type=float, default=1e-4, help="largest |dlogit| that passes (default 1e-4)")
+    parser.add_argument("--revision", help="hub revision (branch, tag or commit)")
+
+
+def run(args):
+    text = args.text.read_text(encoding="utf-8") if args.text else None
+    r = verify(args.source, text=text, n_tokens=args.tokens, revision=args.revision)
+    agree = round(r["top1"] * r["n_tokens"])
+    ok = r["max_abs"] <= args.tol
+    print(f"max |dlogit| {r['max_abs']:.2e}   mean KL {r['mean_kl']:.2e}   top-1 agreement "
+          f"{agree}/{r['n_tokens']}   ({'ok' if ok else 'FAIL'}: tolerance {args.tol:g})")
+    return 0 if ok else 1
