@@ -44,3 +44,15 @@ def verify(source, text=None, n_tokens=256, revision=None):
     """Compare zoo's logits with transformers' on the same weights: {max_abs, mean_kl, top1, n_tokens}."""
     from .verify import verify
     return verify(source, text=text, n_tokens=n_tokens, revision=revision)
+
+
+def generate(model, prompts, max_new_tokens, **settings):
+    """New token ids for each prompt (greedy with temperature=0, sampling, or beam search): see zoo.generate."""
+    from .generate import generate
+    return generate(model, prompts, max_new_tokens, **settings)
+
+
+def complete(model, tokenizer, text_or_messages, *, max_new_tokens, **settings):
+    """The model's continuation of a text, or its answer to chat messages; stream=True yields pieces."""
+    from .generate import complete
+    return complete(model, tokenizer, text_or_messages, max_new_tokens=max_new_tokens, **settings)

