@@ -131,11 +131,12 @@ def to_hf_config(arch, config):
                     hidden_act="silu", max_position_embeddings=c.block_size, rms_norm_eps=c.norm_eps,
                     rope_theta=c.rope_theta, rope_scaling=rope_scaling, tie_word_embeddings=c.tie_embeddings,
                     attention_bias=False, mlp_bias=False, attention_dropout=c.dropout)
-    if (arch == "scratchformer" and c.norm_first and c.activation == "gelu" and c.sinusoid == "fairseq"
-            and c.pos_offset == 2 and c.bias and c.norm_eps == 1e-5):  # XGLM (its LayerNorm eps is fixed)
+    # XGLM: pre-LN, fairseq sinusoids from position 2, biases, LayerNorm eps fixed at 1e-5 (GELU or ReLU)
+    if (arch == "scratchformer" and c.norm_first and c.sinusoid == "fairseq" and c.pos_offset == 2 and c.bias
+            and c.norm_eps == 1e-5):
         return dict(architectures=["XGLMForCausalLM"], model_type="xglm", vocab_size=c.vocab_size,
                     max_position_embeddings=c.block_size, d_model=c.n_embd, ffn_dim=c.ffn_dim, num_layers=c.n_layer,
-                    attention_heads=c.n_head, activation_function="gelu", scale_embedding=c.scale_embedding,
+                    attention_heads=c.n_head, activation_function=c.activation, scale_embedding=c.scale_embedding,
                     pad_token_id=1, tie_word_embeddings=True, dropout=c.dropout, attention_dropout=c.dropout,
                     activation_dropout=c.dropout)
     return None

