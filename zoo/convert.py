@@ -5,6 +5,7 @@ tensors, where it comes from in a checkpoint and how: renamed, transposed, conca
 tensors (fused q|k|v, gate|up), un-permuted (llama.cpp's rope row order), tied, or ignored. The same
 map runs backwards to export (concatenations become splits).
 """
+import ctypes
 import dataclasses
 import json
 from importlib import resources
@@ -273,6 +274,7 @@ def load_weights(model, ckpt, wmap, *, device, dtype, where):
         raise ValueError("\n".join(lines))
 
     for ours, parts in plan:
+        _release_freed_memory()
         pieces = []
         for p in parts:
             t = ckpt.read(names[p["from"]])
@@ -288,6 +290,19 @@ def load_weights(model, ckpt, wmap, *, device, dtype, where):
         for name in aliases[ours]:
             module, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(module), leaf, new)
+
+
+def _release_freed_memory():
+    """Hand freed heap memory back to the OS (glibc only; elsewhere a no-op). glibc keeps the scratch
+    of each tensor (raw bytes, dequantization temporaries) in holes between the weights already placed;
+    returning it after every tensor keeps a load's peak near 1.05x the weights instead of 1.3x."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        _malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", lambda pad: 0)
+    _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def export_weights(model, wmap):

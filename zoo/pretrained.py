@@ -37,7 +37,15 @@ def from_pretrained(source, revision=None, device=None, dtype=None, **overrides)
     with torch.device("meta"), _no_init():
         model = model_module(arch).Model(config)
     device = torch.device(device or "cpu")
-    convert.load_weights(model, ckpt, wmap or convert.native_map(model), device=device, dtype=_dtype(dtype), where=where)
+    # Loading is copies and dequantization, bound by memory: one thread is as fast as several, and it
+    # never stalls waiting for a busy core (with 2 threads on a shared 2-core CPU loads took 10x longer).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        convert.load_weights(model, ckpt, wmap or convert.native_map(model), device=device, dtype=_dtype(dtype),
+                             where=where)
+    finally:
+        torch.set_num_threads(threads)
     model.to(device)  # the derived buffers, built on the CPU
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:

