@@ -8,26 +8,23 @@ Settings come from (lowest first) DEFAULTS, the preset's `train` dict, then the 
 so zoo.from_pretrained and `zoo eval` read it) and training_state.pt (optimizer, schedule, RNG
 states, data position), so `--resume` continues exactly where the run stopped.
 """
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
 import time
+from contextlib import nullcontext
+from types import SimpleNamespace
 
-_START = time.time()  # --time-budget counts from here: imports, tokenizing and evaluation included
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-import random  # noqa: E402
-import shutil  # noqa: E402
-import sys  # noqa: E402
-from contextlib import nullcontext  # noqa: E402
-from types import SimpleNamespace  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from . import data  # noqa: E402
-from .registry import PRESETS, arch_of, build, get_preset  # noqa: E402
+from . import data
+from .registry import PRESETS, arch_of, build, get_preset
 
 DEFAULTS = dict(
     tokenizer=None, max_iters=None, batch_size=12, block_size=None, grad_accum=1,
@@ -91,7 +88,8 @@ def settings_from(args):
     s = {**DEFAULTS, **preset.train}
     s.update({k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None})
     s = SimpleNamespace(**s)
-    s.min_lr = s.lr / 10 if s.min_lr is None else s.min_lr
+    # a preset's min_lr must not exceed a lower --lr given on the command line: the decay never rises
+    s.min_lr = s.lr / 10 if s.min_lr is None else min(s.min_lr, s.lr)
     if s.max_iters is None and not s.time_budget:  # with a time budget the budget sets the horizon
         s.max_iters = 5000
     s.device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -296,7 +294,7 @@ def train(args):
 
     # the tokenizer and the token files, checked against the model before any training
     docs = None
-    if ckpt or (args.init and not s.tokenizer):
+    if ckpt or (args.init and not args.tokenizer):  # a pretrained source brings its own
         import zoo
         tokenizer = zoo.tokenizer(ckpt or args.init)
     elif not s.tokenizer:
@@ -414,11 +412,24 @@ def train(args):
     return val_loss
 
 
+def process_start():
+    """When this process started (Linux: from /proc), else now. A --time-budget counts from there, so
+    interpreter start-up and imports are inside the budget too."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, in ticks after boot
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.time()
+
+
 class Budget:
     """Plans a --time-budget run: how many steps fit, given the measured step, eval and checkpoint times."""
 
     def __init__(self, s):
-        self.deadline = _START + s.time_budget
+        self.deadline = process_start() + s.time_budget
         self.s = s
         self.step_seconds = None
         self.eval_seconds = None
