@@ -282,9 +282,9 @@ def test_command_line_train_then_eval(tmp_path, text_file):
 def test_time_budget_bounds_the_whole_command(tmp_path, text_file):
     t = time.time()
     r = zoo_cmd("train", "shakespeare-char", "--data", text_file, "--tokenizer", "char", *TINY,
-                "--time-budget", "12", "--eval-interval", "50", "--out", str(tmp_path / "o"))
+                "--time-budget", "15", "--eval-interval", "50", "--out", str(tmp_path / "o"))
     wall = time.time() - t
-    assert wall < 12.5, wall  # (process start-up before zoo's first import is the 0.5 s slack)
+    assert wall < 15.5, wall  # (the slack: process teardown on a busy machine)
     assert r.stdout.strip().splitlines()[-1].startswith("val_loss ")
     steps = [int(d[5:]) for d in os.listdir(tmp_path / "o") if d.startswith("step-")]
     assert max(steps) > 20  # it trained for most of the budget, not just stopped

@@ -76,6 +76,12 @@ def run(args):
         return 1
     if val_loss is not None:  # rank 0 only
         print(f"val_loss {val_loss:.4f}", flush=True)
+    if args.time_budget or int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        # Everything is written and flushed. Skip the interpreter's teardown: with torch loaded it takes
+        # seconds on a busy machine (outside any time budget), and a gloo job can abort during it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
@@ -123,7 +129,8 @@ def parse_overrides(pairs):
 def load_pretrained(source, **kw):
     """A model from a preset name (its published weights) or anything zoo.from_pretrained reads."""
     import zoo
-    return zoo.load(source, pretrained=True, **kw) if source in PRESETS else zoo.from_pretrained(source, **kw)
+    from .pretrained import from_pretrained
+    return zoo.load(source, pretrained=True, **kw) if source in PRESETS else from_pretrained(source, **kw)
 
 
 def with_config(model, overrides):
@@ -194,11 +201,11 @@ def set_rng_states(r):
 
 def save_checkpoint(out, step, model, tokenizer, optimizer, horizon, batch_rng, s):
     """OUT/step-NNNNNNN: weights + tokenizer (zoo.save_pretrained) and the training state, all-or-nothing."""
-    import zoo
+    from .pretrained import save_pretrained
     final = os.path.join(out, f"step-{step:07d}")
     tmp = os.path.join(out, f".tmp-step-{step:07d}")
     shutil.rmtree(tmp, ignore_errors=True)
-    zoo.save_pretrained(model, tmp, tokenizer=tokenizer)
+    save_pretrained(model, tmp, tokenizer=tokenizer)
     torch.save(dict(step=step, horizon=horizon, optimizer=optimizer.state_dict(), rng=rng_states(),
                     data=batch_rng.get_state(), arch=arch_of(model), config=dataclasses.asdict(model.config),
                     settings=vars(s)), os.path.join(tmp, STATE_FILE))
@@ -427,6 +434,7 @@ def process_start():
 
 class Budget:
     """Plans a --time-budget run: how many steps fit, given the measured step, eval and checkpoint times."""
+    EXIT_SECONDS = 1.5  # after the last checkpoint: the loss plot and the interpreter's teardown
 
     def __init__(self, s):
         self.deadline = process_start() + s.time_budget
@@ -437,16 +445,17 @@ class Budget:
 
     def plan(self, step, step_seconds, eval_interval):
         """(horizon, stop now) from the mean step time of the last log interval."""
-        # a moving average: the machine's speed drifts (shared cores), and one slow interval should not
-        # throw the schedule around
+        first = self.step_seconds is None
         if step <= 2 * self.s.log_interval:  # the first steps are slow (allocation, compilation): skip them
             self.step_seconds = step_seconds
-        else:
-            self.step_seconds = 0.7 * self.step_seconds + 0.3 * step_seconds
+        else:  # a moving average: the machine's speed drifts (shared cores); one slow interval should not
+            self.step_seconds = 0.7 * self.step_seconds + 0.3 * step_seconds  # throw the schedule around
         eval_seconds = self.eval_seconds or 0.5 * self.s.eval_iters * self.step_seconds / self.s.grad_accum
-        left = self.deadline - time.time() - eval_seconds - self.checkpoint_seconds - 0.5
+        left = self.deadline - time.time() - eval_seconds - self.checkpoint_seconds - self.EXIT_SECONDS
         per_step = self.step_seconds + eval_seconds / eval_interval  # evaluations on the way cost time too
         steps = max(0, int(left / per_step))
+        if first and left > 0:  # the first interval's warm-up overstates the step time: look again later
+            steps = max(steps, self.s.log_interval)
         horizon = min(self.s.max_iters or step + steps, step + steps)
         return horizon, steps < self.s.log_interval
 
