@@ -143,6 +143,16 @@ def test_scratchformer_preset_carries_its_reference_recipe():
     assert s.warmup == 8  # the command line wins
 
 
+def test_scratchformer_trains_with_its_recipe(tmp_path, text_file):
+    """GPT-2's BPE, the Noam schedule and label smoothing, on a tiny scratchformer."""
+    zt.train(parse(["scratchformer", "--data", text_file, "--out", str(tmp_path / "o"), "--set", "n_layer=1",
+                    "--set", "n_embd=32", "--set", "n_head=2", "--set", "ffn_dim=64", "--block-size", "32",
+                    "--batch-size", "2", "--max-iters", "3", "--log-interval", "1", "--device", "cpu"]))
+    rows = [json.loads(line) for line in open(tmp_path / "o" / "log.jsonl")]
+    assert [r["lr"] for r in rows if "lr" in r] == pytest.approx([32 ** -0.5 * t * 4000 ** -1.5 for t in (1, 2, 3)])
+    assert zoo.tokenizer(str(tmp_path / "o" / "step-0000003")).vocab_size == 50257
+
+
 def test_weight_decay_only_on_matrices():
     model = zoo.load("shakespeare-char", n_layer=1, bias=True)
     s = zt.settings_from(parse(["shakespeare-char", "--data", "x", "--out", "o"]))

@@ -25,9 +25,10 @@ PRESETS = {
         "scratchformer",
         dict(vocab_size=50257, block_size=256, n_layer=4, n_head=8, n_embd=512, ffn_dim=1024,
              activation="relu", norm_first=False, dropout=0.0),
-        # Vaswani et al.'s recipe: inverse-square-root schedule, 4000 warmup steps, label smoothing 0.1
-        train=dict(tokenizer="gpt2", schedule="noam", warmup=4000, label_smoothing=0.1,
-                   batch_size=10, block_size=256, checkpoint_interval=10000, lr=1.0),
+        # Vaswani et al.'s recipe: inverse-square-root schedule, 4000 warmup steps, label smoothing 0.1,
+        # Adam with beta2 0.98 and no weight decay, 100k steps (lr=1.0: the schedule's own scale)
+        train=dict(tokenizer="gpt2", schedule="noam", warmup=4000, label_smoothing=0.1, lr=1.0, beta2=0.98,
+                   weight_decay=0.0, batch_size=10, block_size=256, max_iters=100_000, checkpoint_interval=10_000),
     ),
     "shakespeare-char": Preset(
         "gpt2",

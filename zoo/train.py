@@ -237,7 +237,7 @@ class Distributed:
         return t
 
     def share(self, values):
-        """rank 0's floats, on every rank (decisions taken on rank 0 must be taken everywhere)."""
+        """rank 0's numbers, on every rank (decisions taken on rank 0 must be taken everywhere)."""
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         if self.world > 1:
             torch.distributed.broadcast(t, 0)
@@ -366,7 +366,7 @@ def train(args):
             steps_logged += 1
 
             if step % s.log_interval == 0 or step == horizon:
-                loss = dist.mean(loss_sum / (steps_logged * dist.world)).item()
+                loss = dist.mean(loss_sum / steps_logged).item()  # (each micro-loss is already scaled to its share)
                 loss_sum.zero_()
                 if not math.isfinite(loss):
                     good = latest_checkpoint(args.out)
@@ -378,18 +378,13 @@ def train(args):
                 if master:
                     log.write(step=step, loss=round(loss, 4), lr=lr, tok_per_s=round(tok_s))
                     bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
-                    if timer:
+                if timer:  # rank 0 plans; every rank must stop at the same step
+                    if master:
                         horizon, stop = timer.plan(step, dt / steps_logged, s.eval_interval)
-                    else:
-                        stop = False
-                    bar.total = horizon
-                else:
-                    stop = False
-                if timer:
-                    horizon, stop = dist.share([horizon, stop])
-                    horizon = int(horizon)
-                    if stop:
-                        horizon = step
+                        horizon = step if stop else horizon
+                    horizon = int(dist.share([horizon])[0])
+                    if master:
+                        bar.total = horizon
                 steps_logged = 0
             if master:
                 bar.update()
