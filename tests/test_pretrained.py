@@ -129,6 +129,18 @@ def test_sharded_base_model_and_bin_checkpoints(tmp_path):
     assert max_diff(zoo.from_pretrained(tmp_path / "bin"), ref) <= 1e-5
 
 
+def test_loaded_weights_do_not_alias_the_file(tmp_path):
+    ref = hf_model("gpt2")
+    ref.save_pretrained(tmp_path)
+    model = zoo.from_pretrained(tmp_path)
+    file = tmp_path / "model.safetensors"
+    header = 8 + int.from_bytes(file.read_bytes()[:8], "little")
+    with open(file, "r+b") as f:  # rewrite every tensor's bytes in place
+        f.seek(header)
+        f.write(bytes(file.stat().st_size - header))
+    assert max_diff(model, ref) <= 1e-5
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_device_and_dtype(device, tmp_path):
     ref = hf_model("llama-gqa-llama3")

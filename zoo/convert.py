@@ -275,9 +275,10 @@ def load_weights(model, ckpt, wmap, *, device, dtype, where):
 
     for ours, parts in plan:
         _release_freed_memory()
-        pieces = []
+        pieces, read = [], set()
         for p in parts:
             t = ckpt.read(names[p["from"]])
+            read.add(t.untyped_storage().data_ptr())
             t = t.to(device=device, dtype=dtype if t.is_floating_point() else None)
             if p.get("transpose"):
                 t = t.t()
@@ -285,6 +286,9 @@ def load_weights(model, ckpt, wmap, *, device, dtype, where):
                 t = unpermute(t, d[p["unpermute"]])
             pieces.append(t)
         t = (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).contiguous()
+        if ckpt.file_backed and t.untyped_storage().data_ptr() in read:
+            # still a view of the file: own a copy, so nothing that later rewrites the file can change it
+            t = t.clone()
         old = targets[ours]
         new = torch.nn.Parameter(t, requires_grad=old.requires_grad) if isinstance(old, torch.nn.Parameter) else t
         for name in aliases[ours]:

@@ -54,9 +54,11 @@ def _download(repo, revision):
 
 
 class Checkpoint:
-    """Tensors by name: `shapes` from the file headers, `read(name)` loads one tensor on the CPU."""
+    """Tensors by name: `shapes` from the file headers, `read(name)` loads one tensor on the CPU.
+    `file_backed`: read tensors are views of a memory-mapped file (copy them before keeping them)."""
 
     shapes: dict
+    file_backed = False
 
     def read(self, name) -> torch.Tensor:
         raise NotImplementedError
@@ -89,8 +91,10 @@ def _corrupt(file, e):
 
 
 class SafetensorsCheckpoint(Checkpoint):
-    """safetensors files, memory-mapped. Each read maps the file anew: a tensor kept as-is (same dtype,
-    on the CPU) stays a view of the file's pages, and a converted one lets those pages go again."""
+    """safetensors files, memory-mapped. Each read maps the file anew, so once a tensor is converted or
+    copied the pages it was read from are let go again."""
+
+    file_backed = True
 
     def __init__(self, files):
         from safetensors import safe_open
@@ -117,19 +121,29 @@ class SafetensorsCheckpoint(Checkpoint):
 
 class TorchBinCheckpoint(Checkpoint):
     """Legacy pytorch_model.bin shards: zip files of pickled tensors, read with weights_only=True (no
-    code from the file ever runs) and memory-mapped."""
+    code from the file ever runs). Shapes come from a memory-mapped pass that reads no data; tensors
+    from one shard loaded into memory at a time."""
 
     def __init__(self, files):
-        self._tensors = {}
+        self.shapes, self._file, self._shard = {}, {}, (None, {})
         for file in files:
-            try:
-                self._tensors.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
-            except Exception as e:
-                raise _corrupt(file, e) from None
-        self.shapes = {name: tuple(t.shape) for name, t in self._tensors.items()}
+            for name, t in self._load(file, mmap=True).items():
+                self.shapes[name], self._file[name] = tuple(t.shape), file
+
+    def _load(self, file, mmap):
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{file}: checkpoint shard missing; download it again") from None
+        except Exception as e:
+            raise _corrupt(file, e) from None
 
     def read(self, name):
-        return self._tensors[name]
+        file = self._file[name]
+        if self._shard[0] != file:
+            self._shard = (None, {})  # let the previous shard go first
+            self._shard = (file, self._load(file, mmap=False))
+        return self._shard[1][name]
 
 
 class GGUFCheckpoint(Checkpoint):
