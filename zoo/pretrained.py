@@ -46,12 +46,11 @@ def from_pretrained(source, revision=None, device=None, dtype=None, **overrides)
                              where=where)
     finally:
         torch.set_num_threads(threads)
-    model.to(device)  # the derived buffers, built on the CPU
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"models/{arch}.py left {', '.join(left)} on the meta device: build derived "
                            f"buffers with device='cpu' so that a meta-device build still computes them")
-    return model.eval()
+    return model.to(device).eval()  # .to: the derived buffers, built on the CPU
 
 
 @contextlib.contextmanager

@@ -28,9 +28,10 @@ def verify(source, text=None, n_tokens=256, revision=None):
     path = hub.resolve(source, revision)
     # transformers loads a GGUF from its folder plus the file's name
     folder, kwargs = (path.parent, {"gguf_file": path.name}) if path.suffix == ".gguf" else (path, {})
-    model = from_pretrained(path)
-    if path.is_dir() and json.loads((path / "config.json").read_text()).get("model_type") == "zoo":
+    config = path / "config.json"
+    if config.is_file() and json.loads(config.read_text()).get("model_type") == "zoo":
         raise ValueError(f"{path} is in the zoo's own format, which transformers cannot load: nothing to compare")
+    model = from_pretrained(path)
     ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs).eval()
     n_tokens = min(n_tokens, model.config.block_size)
     if text is not None:
