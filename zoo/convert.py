@@ -205,20 +205,12 @@ def _targets(model):
     """Our tensors to fill: {name: tensor} (shared tensors once, under their first name), plus, for
     every name, the names sharing its tensor (tied weights are assigned together)."""
     targets, aliases, first = {}, {}, {}
-    named = [*model.named_parameters(remove_duplicate=False),
-             *((n, b) for n, b in model.named_buffers(remove_duplicate=False)
-               if n.rsplit(".", 1)[-1] not in _non_persistent(model, n))]
-    for name, t in named:
+    for name, t in model.state_dict(keep_vars=True).items():  # parameters and persistent buffers
         key = first.setdefault(id(t), name)
         if key == name:
             targets[name] = t
         aliases.setdefault(key, []).append(name)
     return targets, aliases
-
-
-def _non_persistent(model, name):
-    module = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-    return module._non_persistent_buffers_set
 
 
 def unpermute(t, n_head):
