@@ -360,7 +360,8 @@ def write_gguf_llama(path, ref):
         p = f"model.layers.{i}."
         for gguf_name, name in [("attn_norm", "input_layernorm"), ("attn_v", "self_attn.v_proj"),
                                 ("attn_output", "self_attn.o_proj"), ("ffn_norm", "post_attention_layernorm"),
-                                ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"), ("ffn_down", "mlp.down_proj")]:
+                                ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"),
+                                ("ffn_down", "mlp.down_proj")]:
             w.add_tensor(f"blk.{i}.{gguf_name}.weight", sd[p + name + ".weight"])
         w.add_tensor(f"blk.{i}.attn_q.weight", permute(sd[p + "self_attn.q_proj.weight"], c.num_attention_heads))
         w.add_tensor(f"blk.{i}.attn_k.weight", permute(sd[p + "self_attn.k_proj.weight"], c.num_key_value_heads))

@@ -7,7 +7,6 @@ a time keeps the memory a load needs close to the size of the weights it ends wi
 """
 import json
 import mmap
-import os
 import struct
 from pathlib import Path
 
