@@ -6,7 +6,8 @@ files' contents and of the tokenizer, so a changed file or tokenizer never reuse
 Documents (files, dataset rows) are joined with the tokenizer's end-of-text token when it has one.
 
     train, val = load_splits(["input.txt"], tokenizer)   # val: the last 10% unless val files given
-    x, y = get_batch(train, batch_size, block_size, generator)
+    starts = torch.randint(len(train) - block_size, (batch_size,), generator=generator)
+    x, y = windows(train, starts, block_size)            # [batch_size, block_size] each
 """
 import hashlib
 import os
@@ -105,14 +106,8 @@ def load_splits(paths, tokenizer, val_paths=None, block_size=None, vocab_size=No
     return train, val
 
 
-def get_batch(data, batch_size, block_size, generator, device="cpu", starts=None):
-    """x, y: [batch_size, block_size] windows at random starts (or the given ones), y = x shifted by one."""
-    if starts is None:
-        starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
-    return windows(data, starts, block_size, device)
-
-
 def windows(data, starts, block_size, device="cpu"):
+    """x, y: [len(starts), block_size] token windows at `starts`, y = x shifted by one (the next tokens)."""
     xy = torch.from_numpy(np.stack([data[i:i + block_size + 1] for i in starts.tolist()]).astype(np.int64))
     if torch.device(device).type == "cuda":  # pinned memory lets the copy overlap the previous step
         xy = xy.pin_memory().to(device, non_blocking=True)
