@@ -53,7 +53,7 @@ def parse(argv):
 
 
 TINY = ["--set", "n_layer=1", "--set", "n_head=2", "--set", "n_embd=32", "--set", "vocab_size=12",
-        "--block-size", "32", "--batch-size", "4", "--device", "cpu"]
+        "--block-size", "32", "--batch-size", "4", "--device", "cpu", "--no-bf16"]
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -252,7 +252,7 @@ def test_init_starts_from_pretrained_weights(tmp_path, text_file, capsys):
     # one step at a vanishing learning rate: the model (and its validation loss) is the one loaded
     val = zt.train(parse(["shakespeare-char", "--data", text_file, "--init", str(tmp_path / "a" / "step-0000020"),
                           "--max-iters", "1", "--lr", "1e-12", "--warmup", "0", "--block-size", "32",
-                          "--batch-size", "4", "--device", "cpu", "--out", str(tmp_path / "b")]))
+                          "--batch-size", "4", "--device", "cpu", "--no-bf16", "--out", str(tmp_path / "b")]))
     assert val == pytest.approx(before, abs=1e-4) and before < math.log(12)
 
 

@@ -33,8 +33,10 @@ PRESETS = {
     "shakespeare-char": Preset(
         "gpt2",
         dict(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, bias=False, dropout=0.0),
-        train=dict(tokenizer="char", batch_size=12, block_size=64, lr=1e-3, schedule="cosine",
-                   warmup=100, min_lr=1e-4, weight_decay=0.1, beta2=0.99),
+        # nanoGPT's settings with a 3x higher peak lr (best of 1e-3..6e-3 and batch 12..24 at a fixed 2.2M
+        # tokens, what ~90 s on 2 CPU cores trains) and bf16 autocast (bf16 matmuls run 2.2x fp32's here)
+        train=dict(tokenizer="char", batch_size=12, block_size=64, lr=3e-3, schedule="cosine",
+                   warmup=100, min_lr=3e-4, weight_decay=0.1, beta2=0.99, bf16=True),
     ),
     "gpt2": Preset("gpt2", dict(_GPT2, n_layer=12, n_head=12, n_embd=768), "openai-community/gpt2", "mit"),
     "gpt2-medium": Preset("gpt2", dict(_GPT2, n_layer=24, n_head=16, n_embd=1024),

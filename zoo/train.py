@@ -8,6 +8,7 @@ Settings come from (lowest first) DEFAULTS, the preset's `train` dict, then the 
 so zoo.from_pretrained and `zoo eval` read it) and training_state.pt (optimizer, schedule, RNG
 states, data position), so `--resume` continues exactly where the run stopped.
 """
+import argparse
 import dataclasses
 import json
 import math
@@ -57,8 +58,8 @@ def add_arguments(p):
     p.add_argument("--eval-iters", type=int, help="validation batches per evaluation")
     p.add_argument("--log-interval", type=int, help="steps between log lines")
     p.add_argument("--checkpoint-interval", type=int, help="steps between checkpoints")
-    p.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast (CPU and CUDA)")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bfloat16 autocast (CPU and CUDA)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
