@@ -180,6 +180,18 @@ def test_gpt2_matches_tiktoken_r50k_on_wikitext(tmp_path, monkeypatch):
     assert len(ids) > 50_000 and ids == reference.encode(text)
 
 
+@needs_shared
+def test_saved_gpt2_tokenizer_loads_in_transformers(tmp_path):
+    """The saved folder also holds vocab.json + merges.txt rebuilt from the ranks, for AutoTokenizer."""
+    transformers = pytest.importorskip("transformers")
+    tok = zoo.tokenizer("gpt2")
+    tok.save(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    text = WIKITEXT.read_text(encoding="utf-8")[:100_000] + "".join(TEXTS) + "<|endoftext|>"
+    assert hf.encode(text) == tok.encode(text)
+    assert hf.eos_token_id == tok.eos_id == 50256
+
+
 def test_char():
     tok = CharTokenizer.from_text("hello world")
     assert tok.chars == sorted(set("hello world")) and tok.vocab_size == 8

@@ -180,9 +180,40 @@ class TiktokenTokenizer(Tokenizer):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         # GPT-2's ranks are the ids 0..50255, all below <|endoftext|>
-        ranks = (base64.b64encode(self.encoding.decode_single_token_bytes(i)) + b" %d" % i
-                 for i in range(self.eos_id))
-        _write(folder / "gpt2.tiktoken", b"\n".join(ranks) + b"\n")
+        tokens = [self.encoding.decode_single_token_bytes(i) for i in range(self.eos_id)]
+        _write(folder / "gpt2.tiktoken", b"".join(base64.b64encode(t) + b" %d\n" % i for i, t in enumerate(tokens)))
+        # and GPT-2's own files, so that transformers' AutoTokenizer loads the folder too
+        vocab, merges = _gpt2_vocab_and_merges(tokens)
+        eot = self.encoding.decode([self.eos_id])
+        vocab[eot] = self.eos_id
+        _write(folder / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+        _write(folder / "merges.txt", "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+        _write(folder / "tokenizer_config.json", json.dumps({
+            "tokenizer_class": "GPT2Tokenizer", "bos_token": eot, "eos_token": eot, "unk_token": eot,
+            "add_prefix_space": False}))
+
+
+def _gpt2_vocab_and_merges(tokens):
+    """vocab.json and merges.txt from BPE ranks (tokens[i] = the bytes of rank i). A token's merge is the
+    last step of BPE run on its own bytes with only the lower ranks: it leaves exactly two parts."""
+    rank = {t: i for i, t in enumerate(tokens)}
+    # GPT-2 writes bytes as printable characters: printable latin-1 stands for itself, the rest moves up
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in printable]
+    char = {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(shifted)}}
+    show = lambda t: "".join(char[b] for b in t)  # noqa: E731
+    merges = []
+    for i, token in enumerate(tokens):
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:
+            pairs = [(rank.get(a + b, i), j) for j, (a, b) in enumerate(zip(parts, parts[1:]))]
+            r, j = min(pairs)
+            if r >= i:
+                break
+            parts[j:j + 2] = [parts[j] + parts[j + 1]]
+        if len(parts) == 2:
+            merges.append((show(parts[0]), show(parts[1])))
+    return {show(t): i for i, t in enumerate(tokens)}, merges
 
 
 # ---------------------------------------------------------------------------------------------------------
