@@ -84,7 +84,7 @@ def main():
         else:
             print(f"note: no nanoGPT checkout at {args.nanogpt}; zoo alone", file=sys.stderr)
         results["zoo, 2000 iters"] = zoo(os.path.join(work, "zoo-2000"), "--max-iters", "2000", "--batch-size", "12",
-                                         "--block-size", "64")
+                                         "--block-size", "64", "--log-interval", "1")  # per-step times, as nanoGPT
         results["zoo, --time-budget 95"] = zoo(os.path.join(work, "zoo-95s"), "--time-budget", "95")
 
     base = results.get("nanoGPT, 2000 iters", (None,))[0]
