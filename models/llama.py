@@ -65,7 +65,7 @@ def rope_tables(config):
 def apply_rotary(x, cos, sin):
     """Rotate pairs (x_i, x_{i+d/2}): the "rotate_half" layout Hugging Face checkpoints use."""
     x1, x2 = x.chunk(2, dim=-1)
-    return x * cos.to(x.dtype) + torch.cat((-x2, x1), dim=-1) * sin.to(x.dtype)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 class RMSNorm(nn.Module):
@@ -74,9 +74,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
-        x32 = x.float()  # normalise in fp32 as the reference does, then return to x's dtype
-        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+    def forward(self, x):  # normalise in fp32 as the reference does, then return to x's dtype
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 class KVCache(nn.Module):
@@ -106,17 +105,22 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, input_pos):
         B, T, _ = x.shape
-        kv_size = self.n_kv_head * self.head_dim
-        q, k, v = self.qkv_proj(x).split([self.n_head * self.head_dim, kv_size, kv_size], dim=-1)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qkv = self.qkv_proj(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
+        qk = apply_rotary(qkv[:, :self.n_head + self.n_kv_head], cos, sin)  # q and k rotated at once
+        q, k, v = qk[:, :self.n_head], qk[:, self.n_head:], qkv[:, self.n_head + self.n_kv_head:]
         if input_pos is not None:  # decoding: attend over everything cached so far
             k, v = self.kv_cache.update(input_pos, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           dropout_p=self.dropout if self.training else 0.0,
-                                           enable_gqa=self.n_kv_head != self.n_head)
+        n_rep = self.n_head // self.n_kv_head
+        if T == 1 and n_rep > 1:
+            # one new token: the n_rep query heads that share a K/V head attend as n_rep rows of one head,
+            # several times faster on the CPU than SDPA's enable_gqa (which repeats K and V)
+            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_head, n_rep, self.head_dim), k, v,
+                                               attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                                               ).view(B, self.n_head, 1, self.head_dim)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               dropout_p=self.dropout if self.training else 0.0,
+                                               enable_gqa=n_rep > 1)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -175,7 +179,7 @@ class Model(nn.Module):
         """Allocate the KV cache once; decoding then writes into it and allocates nothing."""
         if max_len > self.config.block_size:
             raise ValueError(f"max_len {max_len} exceeds block_size {self.config.block_size}")
-        w, c = self.lm_head.weight, self.config
+        w, c = self.model.embed_tokens.weight, self.config  # the cache holds activations: their dtype
         for block in self.model.layers:
             block.self_attn.kv_cache = KVCache(batch_size, c.n_kv_head, max_len, c.n_embd // c.n_head,
                                                w.dtype, w.device)
@@ -200,7 +204,11 @@ class Model(nn.Module):
         cache_len = self.model.layers[0].self_attn.kv_cache.k.size(2) if input_pos is not None else None
         pos, mask = positions_and_mask(T, input_pos, key_mask, cache_len, idx.device)
         x = self.model.embed_tokens(idx)
-        cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]  # [B|1, 1, T, head_dim]
+        # once per call rather than in every layer: the rotations in x's dtype (as the reference casts them),
+        # and the mask made additive (SDPA would convert a boolean one in each layer)
+        cos, sin = self.rope_cos[pos][:, None].to(x.dtype), self.rope_sin[pos][:, None].to(x.dtype)  # [B|1, 1, T, D]
+        if mask is not None:
+            mask = torch.zeros_like(mask, dtype=x.dtype).masked_fill_(~mask, float("-inf"))
         for block in self.model.layers:
             x = block(x, cos, sin, mask, input_pos)
         return self.lm_head(self.model.norm(x))

@@ -200,13 +200,17 @@ def test_past_block_size_the_window_slides():
     assert generate(model, prompt, 90, temperature=0)[0] == greedy_recompute(model, prompt, 90)
 
 
-def test_training_mode_and_grad_are_restored():
+def test_model_still_trains_and_saves_after_generating(tmp_path):
     model = tiny("llama").train()
+    idx = torch.tensor([[1, 2, 3]])
+    before = model(idx)
     generate(model, [1, 2, 3], 5, temperature=0)
     assert model.training
-    loss = model(torch.tensor([[1, 2, 3]])).sum()
-    loss.backward()  # the cache left behind does not get in the way of training
+    torch.testing.assert_close(model(idx), before, rtol=1e-4, atol=1e-4)  # only the weights' layout changed
+    model(idx).sum().backward()  # the cache left behind does not get in the way of training
     assert model.lm_head.weight.grad is not None
+    zoo.save_pretrained(model, tmp_path / "saved")
+    torch.testing.assert_close(zoo.from_pretrained(tmp_path / "saved")(idx), before, rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------------------

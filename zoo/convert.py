@@ -318,5 +318,7 @@ def export_weights(model, wmap):
                 raise ValueError("weights maps with 'unpermute' (GGUF) are load-only")
             piece = piece.t() if p.get("transpose") else piece
             # safetensors stores each tensor alone: split views and transposes become their own copies
-            out[p["from"]] = piece.contiguous() if len(parts) == 1 else piece.clone()
+            # (contiguous even when the model holds its weights column-major, as zoo.generate does on the CPU)
+            out[p["from"]] = (piece.clone(memory_format=torch.contiguous_format) if len(parts) > 1
+                              else piece.contiguous())
     return out

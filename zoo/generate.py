@@ -136,6 +136,17 @@ class Batch:
         return self.tokens[:, self.prompt_len:self.len]
 
 
+@torch.no_grad()
+def decode_layout(model):
+    """Store fp32 Linear weights on the CPU column-major: same shape, values and names, but the CPU's fp32
+    matrix-vector kernels read that layout about 1.3x faster (bf16's prefer the usual one, so those stay).
+    Done in place, once; a no-op on other devices and dtypes."""
+    for m in model.modules():
+        w = m.weight if isinstance(m, torch.nn.Linear) else None
+        if w is not None and w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous():
+            w.data = w.data.t().contiguous().t()
+
+
 def _prepare(model, prompts, max_new_tokens, opts):
     """Check the settings and prompts; the prompts as a list of lists, and the EOS ids as a list."""
     check_settings(max_new_tokens=max_new_tokens, **{k: opts[k] for k in (
@@ -289,6 +300,7 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_k=None, top
     prompts, eos = _prepare(model, prompts, max_new_tokens, opts)
     if max_new_tokens == 0:
         return [[] for _ in prompts]
+    decode_layout(model)
     if num_beams > 1:
         return _beam_search(model, prompts, max_new_tokens, eos, opts)
     steps = [*_sample_steps(model, prompts, max_new_tokens, eos, opts)]
@@ -327,6 +339,7 @@ def _pieces(model, tokenizer, text_or_messages, max_new_tokens, stop, sampling, 
         ids = [tokenizer.bos_id]
     opts = _options(**{"eos_token_id": tokenizer.eos_ids or None, **sampling})
     prompts, eos = _prepare(model, [ids], max_new_tokens, opts)
+    decode_layout(model)
     stops = [stop] if isinstance(stop, str) else [s for s in stop or [] if s]
     if max_new_tokens == 0:
         tokens = iter([])
