@@ -65,8 +65,14 @@ class CausalSelfAttention(nn.Module):
         k, v = k[:, None], v[:, None]  # [B, 1, T, D]: one head, broadcast over all query heads
         if input_pos is not None:  # decoding: attend over everything cached so far
             k, v = self.kv_cache.update(input_pos, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           dropout_p=self.dropout if self.training else 0.0, enable_gqa=True)
+        dropout_p = self.dropout if self.training else 0.0
+        if T == 1:  # one new token: the query heads, sharing the one K/V head, attend as rows of one head
+            #         (several times faster on the CPU than SDPA's enable_gqa, which repeats K and V)
+            y = F.scaled_dot_product_attention(q.reshape(B, 1, self.n_head, self.head_dim), k, v, attn_mask=mask,
+                                               dropout_p=dropout_p).view(B, self.n_head, 1, self.head_dim)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout_p,
+                                               enable_gqa=True)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -147,6 +153,8 @@ class Model(nn.Module):
         cache_len = self.transformer.h[0].attn.kv_cache.k.size(2) if input_pos is not None else None
         pos, mask = positions_and_mask(T, input_pos, key_mask, cache_len, idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        if mask is not None:  # additive, once per call: SDPA would convert a boolean mask in every layer
+            mask = torch.zeros_like(mask, dtype=x.dtype).masked_fill_(~mask, float("-inf"))
         for block in self.transformer.h:
             x = block(x, mask, input_pos)
         return self.lm_head(self.transformer.ln_f(x))
