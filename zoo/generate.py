@@ -369,34 +369,26 @@ def _timed(steps, stats, prompt_tokens):
 
 
 def _text_stream(tokenizer, tokens, eos, stops):
-    """Decode token ids to text pieces, holding back a tail that could begin a stop string, and end at
-    the first stop string (which is left out)."""
+    """Decode token ids to text pieces as they come, holding back a tail that could begin a stop string,
+    and end before the first stop string."""
     from .tokenizers import StreamDecoder
     decoder, text, sent = StreamDecoder(tokenizer), "", 0
-    for final, token in _with_last((t for t in tokens if t not in eos)):
-        text += decoder.push(token) + (decoder.flush() if final else "")
-        cuts = [i for i in (text.find(s, sent) for s in stops) if i >= 0]
-        if cuts:
-            yield text[sent:min(cuts)]
+    first_stop = lambda: min((i for i in (text.find(s, sent) for s in stops) if i >= 0), default=-1)  # noqa: E731
+    for token in tokens:
+        if token in eos:
+            continue
+        text += decoder.push(token)
+        if (cut := first_stop()) >= 0:
+            yield text[sent:cut]
             return
         held = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        safe = len(text) if final else len(text) - held
-        if safe > sent:
-            yield text[sent:safe]
-            sent = safe
-
-
-def _with_last(items):
-    """(is_last, item) pairs."""
-    it = iter(items)
-    try:
-        prev = next(it)
-    except StopIteration:
-        return
-    for item in it:
-        yield False, prev
-        prev = item
-    yield True, prev
+        if len(text) - held > sent:
+            yield text[sent:len(text) - held]
+            sent = len(text) - held
+    text += decoder.flush()
+    cut = first_stop()
+    if text[sent:cut if cut >= 0 else None]:
+        yield text[sent:cut if cut >= 0 else None]
 
 
 # ---------------------------------------------------------------------------------------------------------
