@@ -41,3 +41,16 @@ except ImportError:
 """
     run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr + run.stdout
+
+
+def test_public_functions_survive_importing_their_modules():
+    """zoo.generate and zoo.verify are functions and also module names; importing the modules (as the
+    command line does) must not rebind the package's attributes."""
+    import importlib
+
+    import zoo
+    for name in ("generate", "complete", "verify", "from_pretrained", "save_pretrained", "tokenizer", "list"):
+        assert callable(getattr(zoo, name)) and not isinstance(getattr(zoo, name), type(zoo)), name
+    for module in ("zoo.generate", "zoo.verify", "zoo.cli"):
+        importlib.import_module(module)
+    assert callable(zoo.generate) and callable(zoo.verify) and not isinstance(zoo.verify, type(zoo))

@@ -14,7 +14,6 @@ nanoGPT's sampler does: positions are absolute, so the cache is refilled with th
 """
 import sys
 import time
-import types
 
 import torch
 
@@ -447,13 +446,3 @@ def run(args):
     print(f"zoo generate: {detail}; {args.dtype} on {device}; model: {used}", file=sys.stderr)
     return 0
 
-
-class _CallableModule(types.ModuleType):
-    """`zoo.generate` names both this module and its main function, and importing the module (as the
-    command line does) rebinds the package's attribute to the module: calling it still generates."""
-
-    def __call__(self, *args, **kwargs):
-        return generate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
