@@ -430,3 +430,16 @@ def test_preset_source_prefers_the_packaged_gguf(monkeypatch):
     assert source == "HuggingFaceTB/SmolLM2-135M-Instruct" and "hub" in description
     with pytest.raises(ValueError, match="no pretrained weights"):
         preset_source("shakespeare-char")
+
+
+def test_source_end_of_text_becomes_generations_default(tmp_path):
+    """zoo.generate stops at the EOS the source defines: generation_config.json over config.json."""
+    ref = hf_model("llama-gqa-llama3")
+    ref.save_pretrained(tmp_path)  # config.json and generation_config.json say eos_token_id 0
+    assert zoo.from_pretrained(tmp_path).eos_token_id == [0]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 7, 5]}))
+    model = zoo.from_pretrained(tmp_path)
+    assert model.eos_token_id == [5, 7]
+    forced = model(torch.tensor([[3, 4]]))[0, -1].argmax().item()  # what greedy writes first
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": forced}))
+    assert zoo.generate(zoo.from_pretrained(tmp_path), [3, 4], 10, temperature=0) == [[forced]]

@@ -50,7 +50,23 @@ def from_pretrained(source, revision=None, device=None, dtype=None, **overrides)
     if left:
         raise RuntimeError(f"models/{arch}.py left {', '.join(left)} on the meta device: build derived "
                            f"buffers with device='cpu' so that a meta-device build still computes them")
+    model.eos_token_id = _eos_ids(path, ckpt)  # zoo.generate's default end of text
     return model.to(device).eval()  # .to: the derived buffers, built on the CPU
+
+
+def _eos_ids(path, ckpt):
+    """The end-of-text token ids the source defines (generation_config.json, config.json or the GGUF
+    metadata), as a list; None when it defines none."""
+    if path.suffix == ".gguf":
+        ids = [ckpt.metadata.get(f"tokenizer.ggml.{key}_token_id") for key in ("eos", "eot")]
+    else:
+        ids = None
+        for name in ("generation_config.json", "config.json"):
+            if ids is None and (path / name).exists():
+                ids = json.loads((path / name).read_text()).get("eos_token_id")
+        ids = ids if isinstance(ids, list) else [ids]
+    ids = [int(i) for i in dict.fromkeys(ids) if i is not None]
+    return ids or None
 
 
 @contextlib.contextmanager
