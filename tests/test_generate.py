@@ -24,14 +24,6 @@ TINY = {  # one small config per architecture; block_size 16 so that the sliding
                             ffn_dim=40, tie_embeddings=True)),
     "mqa": ("mqa", dict(vocab_size=37, block_size=16, n_layer=2, n_head=4, n_embd=32, ffn_dim=48)),
 }
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-@pytest.fixture(params=DEVICES)
-def device(request):
-    return torch.device(request.param)
-
-
 def tiny(name, device="cpu", **overrides):
     """A small random model whose greedy choices vary (the default init is nearly uniform)."""
     torch.manual_seed(0)

@@ -33,14 +33,6 @@ TINY = {
                                            original_max_position_embeddings=16))),
     "mqa": ("mqa", dict(vocab_size=37, block_size=64, n_layer=2, n_head=4, n_embd=32, ffn_dim=48)),
 }
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-@pytest.fixture(params=DEVICES)
-def device(request):
-    return torch.device(request.param)
-
-
 def tiny(name, device="cpu", **overrides):
     torch.manual_seed(0)
     arch, cfg = TINY[name]

@@ -17,7 +17,6 @@ gguf = pytest.importorskip("gguf")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 V = 101  # vocabulary of the tiny models
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -141,13 +140,12 @@ def test_loaded_weights_do_not_alias_the_file(tmp_path):
     assert max_diff(model, ref) <= 1e-5
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_device_and_dtype(device, tmp_path):
     ref = hf_model("llama-gqa-llama3")
     ref.save_pretrained(tmp_path)
     model = zoo.from_pretrained(tmp_path, device=device, dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {device}
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {device.type}
     idx = torch.randint(0, V, (1, 24), device=device)
     with torch.no_grad():
         assert (model(idx).float().cpu() - ref(idx.cpu()).logits).abs().max() < 0.5  # bf16, not fp32
