@@ -401,7 +401,8 @@ def add_arguments(parser):
     parser.add_argument("--prompt", required=True, help="the text to continue (or, with --chat, the user message)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: 0.8)")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0 (the default) is greedy: the same answer every time; e.g. 0.8 samples")
     parser.add_argument("--top-k", type=int)
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--min-p", type=float)
