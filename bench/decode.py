@@ -21,13 +21,13 @@ import torch
 import torch.nn.functional as F
 
 import zoo
-from zoo.tokenizers import smollm2_gguf
+from zoo.pretrained import packaged_gguf
 
 SHARED_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "valid.txt"
 
 
 def load_zoo(dtype):
-    gguf = smollm2_gguf()
+    gguf = packaged_gguf("smollm2-135m-instruct")
     if gguf is None:
         torch.manual_seed(0)
         return zoo.load("smollm2-135m-instruct", dtype=dtype).eval(), None

