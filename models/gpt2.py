@@ -25,10 +25,13 @@ class Config:
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm; False is a little faster and as good
     norm_eps: float = 1e-5
+    activation: str = "gelu_tanh"  # GPT-2's tanh approximation of GELU; "gelu": the exact one (nanoGPT's)
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.activation not in ("gelu_tanh", "gelu"):
+            raise ValueError(f"activation must be 'gelu_tanh' or 'gelu', not {self.activation!r}")
 
 
 class KVCache(nn.Module):
@@ -72,9 +75,10 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):

@@ -149,6 +149,7 @@ def test_reorder_cache(name, device):
     ("mqa", dict(n_embd=30, n_head=4), "divisible by n_head"),
     ("scratchformer", dict(n_embd=30, n_head=4), "divisible by n_head"),
     ("scratchformer", dict(activation="swish"), "activation"),
+    ("gpt2", dict(activation="relu"), "activation"),
     ("llama", dict(n_embd=48, n_head=6, n_kv_head=4), "multiple of n_kv_head"),
     ("llama", dict(n_embd=48, n_head=6, n_kv_head=0), "multiple of n_kv_head"),
     ("llama", dict(n_embd=50, n_head=6, n_kv_head=2), "divisible by n_head"),

@@ -27,6 +27,8 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
 HF_CASES = {
     "gpt2": ("GPT2LMHeadModel", "GPT2Config", dict(n_embd=24, n_layer=2, n_head=3, n_positions=48,
                                                    layer_norm_epsilon=1e-4)),
+    "gpt2-exact-gelu": ("GPT2LMHeadModel", "GPT2Config", dict(n_embd=24, n_layer=2, n_head=3, n_positions=48,
+                                                              activation_function="gelu")),
     "llama-mha-tied": ("LlamaForCausalLM", "LlamaConfig", dict(
         hidden_size=40, intermediate_size=56, num_hidden_layers=2, num_attention_heads=5, num_key_value_heads=5,
         rope_theta=5000.0, rms_norm_eps=1e-4, max_position_embeddings=48, tie_word_embeddings=True)),

@@ -56,13 +56,14 @@ _TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")  # the same tanh approximation, t
 def _from_gpt2(hf, need):
     n_embd = hf["n_embd"]
     need(hf.get("n_inner") in (None, 4 * n_embd), f"n_inner={hf.get('n_inner')} (gpt2.py uses 4*n_embd)")
-    need(hf.get("activation_function", "gelu_new") in _TANH_GELU, f"activation {hf.get('activation_function')!r}")
+    activation = hf.get("activation_function", "gelu_new")
+    need(activation in (*_TANH_GELU, "gelu"), f"activation {activation!r}")
     need(not hf.get("scale_attn_by_inverse_layer_idx"), "scale_attn_by_inverse_layer_idx=true")
     need(hf.get("scale_attn_weights", True), "scale_attn_weights=false")
     need(hf.get("tie_word_embeddings", True), "an untied output layer")
     return dict(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
                 n_head=hf["n_head"], n_embd=n_embd, norm_eps=hf.get("layer_norm_epsilon", 1e-5), bias=True,
-                dropout=0.0)
+                dropout=0.0, activation="gelu" if activation == "gelu" else "gelu_tanh")
 
 
 def _from_gpt_bigcode(hf, need):
@@ -116,7 +117,8 @@ def to_hf_config(arch, config):
     if arch == "gpt2" and c.bias:
         return dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=c.vocab_size,
                     n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head, n_inner=None,
-                    activation_function="gelu_new", layer_norm_epsilon=c.norm_eps, tie_word_embeddings=True,
+                    activation_function="gelu_new" if c.activation == "gelu_tanh" else "gelu",
+                    layer_norm_epsilon=c.norm_eps, tie_word_embeddings=True,
                     resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout)
     if arch == "mqa" and c.bias:
         return dict(architectures=["GPTBigCodeForCausalLM"], model_type="gpt_bigcode", multi_query=True,

@@ -32,7 +32,10 @@ PRESETS = {
     ),
     "shakespeare-char": Preset(
         "gpt2",
-        dict(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, bias=False, dropout=0.0),
+        # nanoGPT's model, exact GELU included (whose forward and backward also run 2.5x faster than the tanh
+        # form's on this CPU)
+        dict(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, bias=False, dropout=0.0,
+             activation="gelu"),
         # nanoGPT's settings with a 3x higher peak lr (best of 1e-3..6e-3 and batch 12..24 at a fixed 2.2M
         # tokens, what ~90 s on 2 CPU cores trains) and bf16 autocast (bf16 matmuls run 2.2x fp32's here)
         train=dict(tokenizer="char", batch_size=12, block_size=64, lr=3e-3, schedule="cosine",

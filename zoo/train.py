@@ -17,7 +17,7 @@ import random
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from types import SimpleNamespace
 
 import numpy as np
@@ -253,14 +253,29 @@ class Distributed:
         sys.stderr.flush()
 
 
+@contextmanager
+def forward_context(s):
+    """Where forward passes run: in bf16 autocast when asked. On the CPU in bf16, short sequences also get
+    SDPA's plain (math) kernel: forward + backward measured 2.0x (64 tokens) and 1.7x (128 tokens) faster
+    there than with the flash kernel, which wins from 256 tokens on, and in fp32."""
+    device = torch.device(s.device).type
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=bool(s.bf16)):
+        if s.bf16 and device == "cpu" and s.block_size <= 128:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            with sdpa_kernel(SDPBackend.MATH):
+                yield
+        else:
+            yield
+
+
 @torch.no_grad()
-def evaluate(model, val, s, starts, autocast):
+def evaluate(model, val, s, starts):
     """Mean next-token loss over fixed validation windows (the same every time, so evaluations compare)."""
     model.eval()
     total, count = torch.zeros((), device=s.device), 0
     for i in range(0, len(starts), s.batch_size):
         x, y = data.windows(val, starts[i:i + s.batch_size], s.block_size, s.device)
-        with autocast:
+        with forward_context(s):
             logits = model(x)
         total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
         count += y.numel()
@@ -328,7 +343,6 @@ def train(args):
     if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel
         net = DistributedDataParallel(net, device_ids=[s.device] if s.device.startswith("cuda") else None)
-    dtype_ctx = torch.autocast(torch.device(s.device).type, dtype=torch.bfloat16, enabled=bool(s.bf16))
     eval_at = data.eval_starts(val_data, s.block_size, s.eval_iters * s.batch_size)
     d_model = getattr(cfg, "n_embd", cfg.vocab_size)
 
@@ -353,7 +367,7 @@ def train(args):
             for micro in range(local_accum):
                 x, y = data.windows(train_data, starts[dist.rank * local_accum + micro], s.block_size, s.device)
                 sync = micro == local_accum - 1 or dist.world == 1
-                with (nullcontext() if sync else net.no_sync()), dtype_ctx:
+                with (nullcontext() if sync else net.no_sync()), forward_context(s):
                     logits = net(x)
                     loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
                                            label_smoothing=s.label_smoothing) / s.grad_accum * dist.world
@@ -392,7 +406,7 @@ def train(args):
             last = step >= horizon
             if master and (step % s.eval_interval == 0 or last):
                 t = time.time()
-                val_loss, last_val_step = evaluate(model, val_data, s, eval_at, dtype_ctx), step
+                val_loss, last_val_step = evaluate(model, val_data, s, eval_at), step
                 log.write(step=step, val_loss=round(val_loss, 4))
                 bar.write(f"step {step}: val_loss {val_loss:.4f}", file=sys.stdout)
                 t_log += time.time() - t  # evaluation time is not training throughput
@@ -411,7 +425,7 @@ def train(args):
             log.plot()
         dist.close()
     if master and last_val_step != step:  # resumed at the very end: nothing left to train
-        val_loss = evaluate(model, val_data, s, eval_at, dtype_ctx)
+        val_loss = evaluate(model, val_data, s, eval_at)
     return val_loss
 
 
