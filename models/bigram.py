@@ -35,6 +35,7 @@ class Model(nn.Module):
     def reorder_cache(self, index):
         """Nothing to reorder."""
 
-    def forward(self, idx, input_pos=None, key_mask=None):
-        """idx [B, T] -> logits [B, T, vocab_size]; input_pos and key_mask change nothing here."""
-        return self.table(idx)
+    def forward(self, idx, input_pos=None, key_mask=None, last_only=False):
+        """idx [B, T] -> logits [B, T, vocab_size] ([B, 1, vocab_size] with last_only); input_pos and
+        key_mask change nothing here."""
+        return self.table(idx[:, -1:] if last_only else idx)

@@ -306,7 +306,7 @@ class Scripted(torch.nn.Module):
     def reorder_cache(self, index):
         pass
 
-    def forward(self, idx, input_pos=None, key_mask=None):
+    def forward(self, idx, input_pos=None, key_mask=None, last_only=False):
         if self.prompt is None:
             self.prompt = idx[0].tolist()
         pos = input_pos if input_pos is not None else torch.arange(idx.size(1))
@@ -314,7 +314,7 @@ class Scripted(torch.nn.Module):
         for i, p in enumerate(pos.tolist()):
             k = p - self.prompt_len + 1
             logits[:, i, self.script[k] if 0 <= k < len(self.script) else 0] = 1.0
-        return logits
+        return logits[:, -1:] if last_only else logits
 
 
 def scripted(tok, prompt, text, end=()):

@@ -111,6 +111,15 @@ def test_kv_cache_equals_recompute(name, device):
 
 
 @pytest.mark.parametrize("name", TINY)
+def test_last_only_is_the_last_position(name, device):
+    model = tiny(name, device)
+    idx = torch.randint(0, 37, (2, 9), device=device)
+    last = model(idx, last_only=True)
+    assert last.shape == (2, 1, model.config.vocab_size)
+    torch.testing.assert_close(last, model(idx)[:, -1:], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", TINY)
 def test_left_padding_matches_each_prompt_alone(name, device):
     model = tiny(name, device)
     lengths, steps = [9, 4, 6], 20

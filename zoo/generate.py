@@ -113,7 +113,8 @@ class Batch:
         """(Re)fill the cache with the last cache_len tokens; the logits [B, V] of the next token."""
         start = max(0, self.len - self.cache_len)
         idx = self.tokens[:, start:self.len]
-        return self.model(idx, input_pos=self.slots[:idx.size(1)], key_mask=self.key_mask(start))[:, -1]
+        return self.model(idx, input_pos=self.slots[:idx.size(1)], key_mask=self.key_mask(start),
+                          last_only=True)[:, -1]
 
     def append(self, next_tokens):
         self.tokens[:, self.len] = next_tokens
