@@ -108,8 +108,9 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
         qk = apply_rotary(qkv[:, :self.n_head + self.n_kv_head], cos, sin)  # q and k rotated at once
         q, k, v = qk[:, :self.n_head], qk[:, self.n_head:], qkv[:, self.n_head + self.n_kv_head:]
-        if input_pos is not None:  # decoding: attend over everything cached so far
+        if input_pos is not None:  # decoding: attend over the cache slots the mask covers
             k, v = self.kv_cache.update(input_pos, k, v)
+            k, v = k[:, :, :mask.size(-1)], v[:, :, :mask.size(-1)]
         n_rep = self.n_head // self.n_kv_head
         if T == 1 and n_rep > 1:
             # one new token: the n_rep query heads that share a K/V head attend as n_rep rows of one head,
@@ -203,8 +204,10 @@ class Model(nn.Module):
         T = idx.size(1)
         if input_pos is None and T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
-        cache_len = self.model.layers[0].self_attn.kv_cache.k.size(2) if input_pos is not None else None
-        pos, mask = positions_and_mask(T, input_pos, key_mask, cache_len, idx.device)
+        key_len = None  # the cache slots to attend over: all of them for a new token, and for a prompt
+        if input_pos is not None:  # only those filled so far (one host sync per prompt, none per token)
+            key_len = int(input_pos.max()) + 1 if T > 1 else self.model.layers[0].self_attn.kv_cache.k.size(2)
+        pos, mask = positions_and_mask(T, input_pos, key_mask, key_len, idx.device)
         x = self.model.embed_tokens(idx)
         # once per call rather than in every layer: the rotations in x's dtype (as the reference casts them),
         # and the mask made additive (SDPA would convert a boolean one in each layer)
@@ -218,15 +221,16 @@ class Model(nn.Module):
         return self.lm_head(self.model.norm(x))
 
 
-def positions_and_mask(T, input_pos, key_mask, cache_len, device):
+def positions_and_mask(T, input_pos, key_mask, key_len, device):
     """Positions [B|1, T] of the tokens, and the boolean attention mask (None: plain causal)."""
     slots = input_pos if input_pos is not None else torch.arange(T, device=device)
     if input_pos is None and key_mask is None:
         return slots[None], None
-    key_slots = torch.arange(cache_len or T, device=device)
+    key_slots = torch.arange(key_len or T, device=device)
     mask = key_slots <= slots[:, None]  # causal over cache slots: [T, S]
     if key_mask is None:
         return slots[None], mask
+    key_mask = key_mask[:, :len(key_slots)]
     pos = (key_mask.long().cumsum(1) - 1).clamp(min=0)[:, slots]  # count from each row's first real token
     # padded keys are hidden; a padded query still sees itself, so no softmax row is empty
     mask = mask & (key_mask[:, None, :] | (key_slots == slots[:, None]))

@@ -63,8 +63,9 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split([C, self.head_dim, self.head_dim], dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k, v = k[:, None], v[:, None]  # [B, 1, T, D]: one head, broadcast over all query heads
-        if input_pos is not None:  # decoding: attend over everything cached so far
+        if input_pos is not None:  # decoding: attend over the cache slots the mask covers
             k, v = self.kv_cache.update(input_pos, k, v)
+            k, v = k[:, :, :mask.size(-1)], v[:, :, :mask.size(-1)]
         dropout_p = self.dropout if self.training else 0.0
         if T == 1:  # one new token: the query heads, sharing the one K/V head, attend as rows of one head
             #         (several times faster on the CPU than SDPA's enable_gqa, which repeats K and V)
@@ -152,8 +153,10 @@ class Model(nn.Module):
         T = idx.size(1)
         if input_pos is None and T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
-        cache_len = self.transformer.h[0].attn.kv_cache.k.size(2) if input_pos is not None else None
-        pos, mask = positions_and_mask(T, input_pos, key_mask, cache_len, idx.device)
+        key_len = None  # the cache slots to attend over: all of them for a new token, and for a prompt
+        if input_pos is not None:  # only those filled so far (one host sync per prompt, none per token)
+            key_len = int(input_pos.max()) + 1 if T > 1 else self.transformer.h[0].attn.kv_cache.k.size(2)
+        pos, mask = positions_and_mask(T, input_pos, key_mask, key_len, idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         if mask is not None:  # additive, once per call: SDPA would convert a boolean mask in every layer
             mask = torch.zeros_like(mask, dtype=x.dtype).masked_fill_(~mask, float("-inf"))
@@ -164,15 +167,16 @@ class Model(nn.Module):
         return self.lm_head(self.transformer.ln_f(x))
 
 
-def positions_and_mask(T, input_pos, key_mask, cache_len, device):
+def positions_and_mask(T, input_pos, key_mask, key_len, device):
     """Positions [B|1, T] of the tokens, and the boolean attention mask (None: plain causal)."""
     slots = input_pos if input_pos is not None else torch.arange(T, device=device)
     if input_pos is None and key_mask is None:
         return slots[None], None
-    key_slots = torch.arange(cache_len or T, device=device)
+    key_slots = torch.arange(key_len or T, device=device)
     mask = key_slots <= slots[:, None]  # causal over cache slots: [T, S]
     if key_mask is None:
         return slots[None], mask
+    key_mask = key_mask[:, :len(key_slots)]
     pos = (key_mask.long().cumsum(1) - 1).clamp(min=0)[:, slots]  # count from each row's first real token
     # padded keys are hidden; a padded query still sees itself, so no softmax row is empty
     mask = mask & (key_mask[:, None, :] | (key_slots == slots[:, None]))

@@ -85,8 +85,9 @@ class MultiHeadAttention(nn.Module):
     def forward(self, x, mask, input_pos):
         B, T, C = x.shape
         q, k, v = self.qkv_proj(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
-        if input_pos is not None:  # decoding: attend over everything cached so far
+        if input_pos is not None:  # decoding: attend over the cache slots the mask covers
             k, v = self.kv_cache.update(input_pos, k, v)
+            k, v = k[:, :, :mask.size(-1)], v[:, :, :mask.size(-1)]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
@@ -168,8 +169,10 @@ class Model(nn.Module):
         T = idx.size(1)
         if input_pos is None and T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
-        cache_len = self.model.layers[0].self_attn.kv_cache.k.size(2) if input_pos is not None else None
-        pos, mask = positions_and_mask(T, input_pos, key_mask, cache_len, idx.device)
+        key_len = None  # the cache slots to attend over: all of them for a new token, and for a prompt
+        if input_pos is not None:  # only those filled so far (one host sync per prompt, none per token)
+            key_len = int(input_pos.max()) + 1 if T > 1 else self.model.layers[0].self_attn.kv_cache.k.size(2)
+        pos, mask = positions_and_mask(T, input_pos, key_mask, key_len, idx.device)
         x = self.model.embed_tokens(idx) * self.embed_scale
         x = self.model.dropout(x + self.sinusoids[pos + self.config.pos_offset].to(x.dtype))
         for block in self.model.layers:
@@ -179,15 +182,16 @@ class Model(nn.Module):
         return self.lm_head(self.model.layer_norm(x))
 
 
-def positions_and_mask(T, input_pos, key_mask, cache_len, device):
+def positions_and_mask(T, input_pos, key_mask, key_len, device):
     """Positions [B|1, T] of the tokens, and the boolean attention mask (None: plain causal)."""
     slots = input_pos if input_pos is not None else torch.arange(T, device=device)
     if input_pos is None and key_mask is None:
         return slots[None], None
-    key_slots = torch.arange(cache_len or T, device=device)
+    key_slots = torch.arange(key_len or T, device=device)
     mask = key_slots <= slots[:, None]  # causal over cache slots: [T, S]
     if key_mask is None:
         return slots[None], mask
+    key_mask = key_mask[:, :len(key_slots)]
     pos = (key_mask.long().cumsum(1) - 1).clamp(min=0)[:, slots]  # count from each row's first real token
     # padded keys are hidden; a padded query still sees itself, so no softmax row is empty
     mask = mask & (key_mask[:, None, :] | (key_slots == slots[:, None]))
