@@ -4,7 +4,8 @@ Batch 1, a 32-token prompt, 128 new tokens, greedy, 2 threads, fp32 and bf16; bo
 process, their runs interleaved so that a busy machine slows both alike. Prints prefill time (time to
 the first token), decode speed, the ratio zoo / transformers, and the bandwidth achieved (weight bytes /
 time per token) against the matrix-vector ceiling (the model's matvecs alone, same kernels). An extra row
-runs zoo with weight-only int8 linears (torch's _weight_int8pack_mm, bf16 activations).
+runs zoo with weight-only int8 linears (torch's _weight_int8pack_mm, bf16 activations). Each zoo row also
+runs with the decode step compiled (generate(..., compile=True)); its one-time compile is printed apart.
 
     flock /tmp/bench.lock python bench/decode.py            # not a test: run it alone, on a quiet machine
 
@@ -126,7 +127,9 @@ def main():
             model = load_zoo(dtype)[0]
             if dtype_name == "int8":
                 model = quantize_int8(model)
-            sides = {"zoo": lambda n, m=model: zoo.generate(m, prompt, n, temperature=0)[0]}
+            sides = {"zoo": lambda n, m=model: zoo.generate(m, prompt, n, temperature=0)[0],
+                     "zoo, compiled decode step": lambda n, m=model: zoo.generate(m, prompt, n, temperature=0,
+                                                                                  compile=True)[0]}
             if dtype_name != "int8":
                 hf = load_transformers(load_zoo(torch.float32)[0], dtype, folder)
                 for cache in ("dynamic", "static"):
@@ -136,8 +139,10 @@ def main():
                         with torch.inference_mode():
                             return hf.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)[0, len(prompt):].tolist()
                     sides[f"transformers ({cache} cache)"] = run
-            for fn in sides.values():  # warm up (allocations, one-time setup)
-                fn(4)
+            for name, fn in sides.items():  # warm up (allocations, one-time setup, compiling)
+                seconds, _ = timed(lambda: fn(4))
+                if "compiled" in name:
+                    print(f"{dtype_name}: compiling the decode step took {seconds:.1f} s (once per batch size)")
             times = {name: ([], []) for name in sides}
             outputs = {}
             for _ in range(args.repeats):
@@ -163,7 +168,7 @@ def main():
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         peers = [p for p in rows if p["dtype"] == (r["dtype"] if r["dtype"] != "int8" else "bfloat16")
-                 and p["side"] != "zoo"]
+                 and p["side"].startswith("transformers")]
         best = max(peers, key=lambda p: p["decode_tok_s"]) if peers else None
         ratio = f"{r['decode_tok_s'] / best['decode_tok_s']:.2f}x" if best else "-"
         pre = f"{r['prefill_ms'] / min(p['prefill_ms'] for p in peers):.2f}x" if peers else "-"

