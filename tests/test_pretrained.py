@@ -4,6 +4,7 @@ dequantization against a reference decoder; the SmolLM2 GGUF against transformer
 import importlib.util
 import json
 import pathlib
+import threading
 
 import numpy as np
 import pytest
@@ -444,3 +445,15 @@ def test_source_end_of_text_becomes_generations_default(tmp_path):
     forced = model(torch.tensor([[3, 4]]))[0, -1].argmax().item()  # what greedy writes first
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": forced}))
     assert zoo.generate(zoo.from_pretrained(tmp_path), [3, 4], 10, temperature=0) == [[forced]]
+
+
+def test_skipped_init_during_a_load_is_this_threads_alone():
+    from zoo.pretrained import _no_init
+    other = torch.zeros(1000)
+    with _no_init():
+        assert torch.nn.init.normal_(torch.zeros(10)).eq(0).all()  # the loading thread skips init
+        worker = threading.Thread(target=torch.nn.init.normal_, args=(other,))
+        worker.start()
+        worker.join()
+    assert other.std() > 0.5  # another thread's init ran
+    assert torch.nn.init.normal_(torch.zeros(1000)).std() > 0.5  # and afterwards this thread's does again

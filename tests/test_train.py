@@ -115,8 +115,30 @@ def test_too_little_data_and_vocab_mismatch_fail_before_training(tmp_path):
 
 def test_hf_dataset_without_datasets_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
-    with pytest.raises(ValueError, match="pip install datasets"):
+    with pytest.raises(ValueError, match=r"pip install 'zoo\[datasets\]'"):
         data.read_texts(["hf:wikitext:wikitext-2-raw-v1"])
+
+
+def test_hf_dataset_splits_train_a_model(tmp_path, monkeypatch):
+    """A local dataset folder read through `datasets` (a hub name takes the same path, online)."""
+    datasets = pytest.importorskip("datasets", reason="the `datasets` package (pip install 'zoo[datasets]') is not "
+                                                      "installed")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")  # away from the user's
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    for split, n in (("train", 30), ("validation", 5)):
+        rows = [{"text": markov_text(200, seed=i)} for i in range(n)] + [{"text": ""}]  # empty rows are dropped
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = f"hf:{folder}"
+    assert data.read_texts([spec]) == [markov_text(200, seed=i) for i in range(30)]
+    assert data.read_texts([spec + "@validation"]) == [markov_text(200, seed=i) for i in range(5)]
+    with pytest.raises(ValueError, match="test"):
+        data.read_texts([spec + "@test"])
+    val_loss = zt.train(parse(["shakespeare-char", "--data", spec, "--val", spec + "@validation", "--tokenizer", "char",
+                               "--out", str(tmp_path / "out"), "--max-iters", "3", *TINY]))
+    assert math.isfinite(val_loss)
 
 
 # ------------------------------------------------------------------------------------------ loop parts

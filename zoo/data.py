@@ -16,7 +16,7 @@ import tempfile
 import numpy as np
 import torch
 
-HF_PREFIX = "hf:"  # --data hf:NAME[:CONFIG] reads a Hugging Face dataset's "text" column
+HF_PREFIX = "hf:"  # hf:NAME[:CONFIG][@SPLIT]: a Hugging Face dataset's "text" column (split "train" by default)
 
 
 def cache_dir():
@@ -38,13 +38,20 @@ def read_texts(paths):
 
 
 def _hf_texts(spec):
+    """The non-empty texts of hf:NAME[:CONFIG][@SPLIT], e.g. hf:wikitext:wikitext-2-raw-v1@validation. NAME is
+    a hub dataset (downloaded and cached by `datasets`; HF_DATASETS_OFFLINE=1 uses the cache alone) or a
+    local folder of data files whose names give the splits (train.jsonl, validation.jsonl, ...)."""
     try:
         import datasets
     except ImportError:
-        raise ValueError(f"{spec!r} is a Hugging Face dataset; reading it needs the `datasets` package and "
-                         "network access: pip install datasets (or pass local text files)") from None
-    name, _, config = spec[len(HF_PREFIX):].partition(":")
-    rows = datasets.load_dataset(name, config or None, split="train")
+        raise ValueError(f"{spec!r} is a Hugging Face dataset; reading it needs the `datasets` package: "
+                         "pip install 'zoo[datasets]' (or pass local text files)") from None
+    spec, _, split = spec[len(HF_PREFIX):].partition("@")
+    name, _, config = spec.partition(":")
+    try:
+        rows = datasets.load_dataset(name, config or None, split=split or "train")
+    except ValueError as e:  # an unknown split names the known ones
+        raise ValueError(f"{spec!r}: {e}") from None
     if "text" not in rows.column_names:
         raise ValueError(f"dataset {name!r} has no 'text' column (columns: {', '.join(rows.column_names)})")
     return [t for t in rows["text"] if t]

@@ -9,11 +9,13 @@ the memory-mapped checkpoint, each converted straight to the target dtype and de
 """
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
 import shutil
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -69,16 +71,29 @@ def _eos_ids(path, ckpt):
     return ids or None
 
 
+_building = threading.local()
+
+
 @contextlib.contextmanager
 def _no_init():
-    """Skip weight initialisation while building on the meta device: it computes nothing there, yet its
-    first calls cost ~1.5 s of dispatcher warm-up, half of a small model's load time."""
+    """Skip weight initialisation while this thread builds on the meta device: it computes nothing there,
+    yet its first calls cost ~1.5 s of dispatcher warm-up, half of a small model's load time. Other
+    threads still initialise: the stand-ins call the real functions for them."""
     saved = {n: f for n, f in vars(torch.nn.init).items() if n.endswith("_") and not n.startswith("_")}
+
+    def skipping(init):
+        @functools.wraps(init)
+        def stand_in(tensor, *args, **kwargs):
+            return tensor if getattr(_building, "active", False) else init(tensor, *args, **kwargs)
+        return stand_in
+
+    _building.active = True
     try:
-        for name in saved:
-            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        for name, f in saved.items():
+            setattr(torch.nn.init, name, skipping(f))
         yield
     finally:
+        _building.active = False
         for name, f in saved.items():
             setattr(torch.nn.init, name, f)
 

@@ -39,7 +39,8 @@ STATE_FILE = "training_state.pt"
 def add_arguments(p):
     p.add_argument("preset", help="preset name: the model config and its default training settings")
     p.add_argument("--data", nargs="+", required=True, metavar="PATH",
-                   help="text files (or hf:NAME[:CONFIG] with `datasets` installed); the last 10%% validates")
+                   help="text files, or Hugging Face datasets as hf:NAME[:CONFIG][@SPLIT] (pip install "
+                        "'zoo[datasets]'); the last 10%% validates unless --val is given")
     p.add_argument("--val", nargs="+", metavar="PATH", help="validation text files instead of the last 10%%")
     p.add_argument("--out", required=True, help="folder for checkpoints, log.jsonl and loss.png")
     p.add_argument("--tokenizer", help="char, gpt2, bpe (trained on --data) or a tokenizer file/folder")
