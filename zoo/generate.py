@@ -379,12 +379,10 @@ def _options(temperature=1.0, top_k=None, top_p=None, min_p=None, repetition_pen
 def _timed(steps, stats, prompt_tokens):
     """Token ids from the decode loop, one int at a time, with timings for the command line's summary."""
     start = time.perf_counter()
-    stats.update(prompt_tokens=prompt_tokens, new_tokens=0)
+    stats.update(prompt_tokens=prompt_tokens, token_s=[])  # when each new token came, prefill included
     for next_tokens in steps:
         token = next_tokens.item()
-        stats["total_s"] = time.perf_counter() - start
-        stats.setdefault("first_token_s", stats["total_s"])  # prefill included
-        stats["new_tokens"] += 1
+        stats["token_s"].append(time.perf_counter() - start)
         yield token
 
 
@@ -462,10 +460,12 @@ def run(args):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
-    if stats.get("new_tokens"):  # sampling: the decode speed, apart from the prompt's prefill
-        n, decode_s = stats["new_tokens"], stats["total_s"] - stats["first_token_s"]
-        speed = f"{(n - 1) / decode_s:.1f} tok/s" if n > 1 and decode_s > 0 else "- tok/s"
-        detail = f"{n} new tokens, {speed} (prefill of {stats['prompt_tokens']} tokens: {stats['first_token_s']:.2f} s)"
+    if stats.get("token_s"):  # sampling: the decode speed, apart from the prompt's prefill (and compiling)
+        t = stats["token_s"]
+        skip = 2 if args.compile and len(t) > 2 else 1  # the first decode step compiles
+        speed = f"{(len(t) - skip) / (t[-1] - t[skip - 1]):.1f} tok/s" if len(t) > skip else "- tok/s"
+        compiled = f" after {t[1] - t[0]:.1f} s compiling the decode step" if skip == 2 else ""
+        detail = f"{len(t)} new tokens, {speed}{compiled} (prefill of {stats['prompt_tokens']} tokens: {t[0]:.2f} s)"
     else:
         detail = f"beam search, {time.perf_counter() - start:.2f} s"
     print(f"zoo generate: {detail}; {args.dtype} on {device}; model: {used}", file=sys.stderr)
