@@ -147,11 +147,15 @@ class Batch:
 
 def compiled_step(model):
     """The model's forward compiled for the one-token decode step: static shapes, one graph, so that
-    inductor fuses the dozens of small operations around each layer's matmuls (measured here: ~15%
-    faster per token on the CPU, after ~20 s of compiling per batch size and per 256 cache slots). Kept
-    with the model, so that later generations reuse it."""
+    inductor fuses the dozens of small operations around each layer's matmuls. On the CPU, inductor's
+    decompose_mm_pass also turns the matrix-vector products into its own multiply-reduce loops, which
+    read the weights faster than the BLAS kernels do here. Measured on SmolLM2-135M: 19.6 -> 12.3 ms per
+    token in bf16 (eager -> compiled), 34 -> 25 ms in fp32, after ~20 s of compiling per batch size and
+    per 256 cache slots. Kept with the model, so that later generations reuse it."""
     if "_compiled_step" not in model.__dict__:  # a plain attribute: not a submodule, not in the state dict
-        model.__dict__["_compiled_step"] = torch.compile(model, dynamic=False, fullgraph=True)
+        cpu = next(model.parameters()).device.type == "cpu"
+        options = {"post_grad_fusion_options": {"decompose_mm_pass": {}}} if cpu else None
+        model.__dict__["_compiled_step"] = torch.compile(model, dynamic=False, fullgraph=True, options=options)
     return model.__dict__["_compiled_step"]
 
 
