@@ -1,4 +1,4 @@
-"""GPT-2 (Radford et al., 2019): learned positions, pre-LayerNorm blocks, tanh-GELU MLP, tied head.
+"""GPT-2 (Radford et al., 2019): learned positions, pre-LayerNorm blocks, GELU MLP, tied head.
 
 One file, torch only. Module names follow Hugging Face's GPT2LMHeadModel (whose Conv1D weights are
 the transpose of our nn.Linear ones), so pretrained checkpoints map over almost by name.
@@ -147,8 +147,8 @@ class Model(nn.Module):
         T = idx.size(1)
         if input_pos is None and T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
-        key_len = None  # the cache slots to attend over: all of them for a new token, and for a prompt
-        if input_pos is not None:  # only those filled so far (one host sync per prompt, none per token)
+        key_len = None  # the cache slots to attend over: all of them for one new token; for several, only
+        if input_pos is not None:  # those filled so far (a host sync, but none in the one-token decode step)
             key_len = int(input_pos.max()) + 1 if T > 1 else self.transformer.h[0].attn.kv_cache.k.size(2)
         pos, mask = positions_and_mask(T, input_pos, key_mask, key_len, idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))

@@ -456,4 +456,7 @@ def test_skipped_init_during_a_load_is_this_threads_alone():
         worker.start()
         worker.join()
     assert other.std() > 0.5  # another thread's init ran
+    with _no_init(), _no_init():  # nested (or concurrent) loads: the last one out restores torch.nn.init
+        pass
+    assert all(not hasattr(f, "__wrapped__") for n, f in vars(torch.nn.init).items() if n.endswith("_"))
     assert torch.nn.init.normal_(torch.zeros(1000)).std() > 0.5  # and afterwards this thread's does again

@@ -126,8 +126,8 @@ def test_hf_dataset_splits_train_a_model(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")  # away from the user's
-    folder = tmp_path / "ds"
-    folder.mkdir()
+    folder = tmp_path / "runs@2" / "ds"  # an "@" in a path is not a split
+    folder.mkdir(parents=True)
     for split, n in (("train", 30), ("validation", 5)):
         rows = [{"text": markov_text(200, seed=i)} for i in range(n)] + [{"text": ""}]  # empty rows are dropped
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -46,10 +46,12 @@ def _hf_texts(spec):
     except ImportError:
         raise ValueError(f"{spec!r} is a Hugging Face dataset; reading it needs the `datasets` package: "
                          "pip install 'zoo[datasets]' (or pass local text files)") from None
-    spec, _, split = spec[len(HF_PREFIX):].partition("@")
-    name, _, config = spec.partition(":")
+    source, at, split = spec[len(HF_PREFIX):].rpartition("@")  # the split: after the last "@", with no "/"
+    if not at or "/" in split:
+        source, split = spec[len(HF_PREFIX):], "train"
+    name, _, config = source.partition(":")
     try:
-        rows = datasets.load_dataset(name, config or None, split=split or "train")
+        rows = datasets.load_dataset(name, config or None, split=split)
     except ValueError as e:  # an unknown split names the known ones
         raise ValueError(f"{spec!r}: {e}") from None
     if "text" not in rows.column_names:

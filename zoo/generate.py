@@ -107,12 +107,14 @@ class Batch:
         for row, p in enumerate(prompts):
             self.tokens[row, T - len(p):T] = torch.tensor(p, device=device)
             self.real[row, :T - len(p)] = False
-        self.padded = any(len(p) < T for p in prompts)  # no padding: no key mask, plain causal attention
+        # no padding: no key mask, plain causal attention; but the compiled step always gets one, so that
+        # padded and unpadded batches share its code
+        self.masked = compile or any(len(p) < T for p in prompts)
         self.slots = torch.arange(self.cache_len, device=device)
         model.setup_cache(B, self.cache_len)
 
     def key_mask(self, start):
-        return self.real[:, start:start + self.cache_len] if self.padded else None
+        return self.real[:, start:start + self.cache_len] if self.masked else None
 
     def prefill(self):
         """(Re)fill the cache with the last cache_len tokens; the logits [B, V] of the next token."""
@@ -146,17 +148,18 @@ class Batch:
 
 
 def compiled_step(model):
-    """The model's forward compiled for the one-token decode step: static shapes, one graph, so that
-    inductor fuses the dozens of small operations around each layer's matmuls. On the CPU, inductor's
-    decompose_mm_pass also turns the matrix-vector products into its own multiply-reduce loops, which
-    read the weights faster than the BLAS kernels do here. Measured on SmolLM2-135M: 19.6 -> 12.3 ms per
-    token in bf16 (eager -> compiled), 34 -> 25 ms in fp32, after ~20 s of compiling per batch size and
-    per 256 cache slots. Kept with the model, so that later generations reuse it."""
-    if "_compiled_step" not in model.__dict__:  # a plain attribute: not a submodule, not in the state dict
-        cpu = next(model.parameters()).device.type == "cpu"
-        options = {"post_grad_fusion_options": {"decompose_mm_pass": {}}} if cpu else None
-        model.__dict__["_compiled_step"] = torch.compile(model, dynamic=False, fullgraph=True, options=options)
-    return model.__dict__["_compiled_step"]
+    """The model's forward compiled for the one-token decode step: static shapes, so that inductor fuses
+    the dozens of small operations around each layer's matmuls. On the CPU, inductor's decompose_mm_pass
+    also turns the matrix-vector products into its own multiply-reduce loops, which read the weights
+    faster than the BLAS kernels do (README: the decoding table). Kept with the model, one per device
+    type, so that later generations reuse it; each new batch size, 256-slot cache length or dtype
+    compiles anew, and past torch's limit of compiled variants (8) the step runs eagerly."""
+    device = next(model.parameters()).device.type
+    steps = model.__dict__.setdefault("_compiled_steps", {})  # a plain attribute: not in the state dict
+    if device not in steps:
+        options = {"post_grad_fusion_options": {"decompose_mm_pass": {}}} if device == "cpu" else None
+        steps[device] = torch.compile(model, dynamic=False, options=options)
+    return steps[device]
 
 
 @torch.no_grad()
@@ -466,9 +469,9 @@ def run(args):
     sys.stdout.write("\n")
     if stats.get("token_s"):  # sampling: the decode speed, apart from the prompt's prefill (and compiling)
         t = stats["token_s"]
-        skip = 2 if args.compile and len(t) > 2 else 1  # the first decode step compiles
+        skip = 2 if args.compile else 1  # the first decode step compiles
         speed = f"{(len(t) - skip) / (t[-1] - t[skip - 1]):.1f} tok/s" if len(t) > skip else "- tok/s"
-        compiled = f" after {t[1] - t[0]:.1f} s compiling the decode step" if skip == 2 else ""
+        compiled = f" after a first decode step of {t[1] - t[0]:.1f} s (compiling)" if args.compile and len(t) > 1 else ""
         detail = f"{len(t)} new tokens, {speed}{compiled} (prefill of {stats['prompt_tokens']} tokens: {t[0]:.2f} s)"
     else:
         detail = f"beam search, {time.perf_counter() - start:.2f} s"

@@ -71,31 +71,44 @@ def _eos_ids(path, ckpt):
     return ids or None
 
 
+_init_lock = threading.Lock()
+_init_loads = 0  # loads in progress, in all threads
+_init_saved = {}  # torch.nn.init's own functions, while stand-ins replace them
 _building = threading.local()
 
 
 @contextlib.contextmanager
 def _no_init():
     """Skip weight initialisation while this thread builds on the meta device: it computes nothing there,
-    yet its first calls cost ~1.5 s of dispatcher warm-up, half of a small model's load time. Other
-    threads still initialise: the stand-ins call the real functions for them."""
-    saved = {n: f for n, f in vars(torch.nn.init).items() if n.endswith("_") and not n.startswith("_")}
-
-    def skipping(init):
-        @functools.wraps(init)
-        def stand_in(tensor, *args, **kwargs):
-            return tensor if getattr(_building, "active", False) else init(tensor, *args, **kwargs)
-        return stand_in
-
+    yet its first calls cost ~1.5 s of dispatcher warm-up, half of a small model's load time. The first
+    load in progress puts stand-ins into torch.nn.init and the last one takes them out; other threads
+    still initialise, as the stand-ins call the real functions for them."""
+    global _init_loads
+    with _init_lock:
+        if _init_loads == 0:
+            _init_saved.update((n, f) for n, f in vars(torch.nn.init).items()
+                               if n.endswith("_") and not n.startswith("_"))
+            for name, f in _init_saved.items():
+                setattr(torch.nn.init, name, _skipping(f))
+        _init_loads += 1
     _building.active = True
     try:
-        for name, f in saved.items():
-            setattr(torch.nn.init, name, skipping(f))
         yield
     finally:
         _building.active = False
-        for name, f in saved.items():
-            setattr(torch.nn.init, name, f)
+        with _init_lock:
+            _init_loads -= 1
+            if _init_loads == 0:
+                for name, f in _init_saved.items():
+                    setattr(torch.nn.init, name, f)
+                _init_saved.clear()
+
+
+def _skipping(init):
+    @functools.wraps(init)
+    def stand_in(tensor, *args, **kwargs):
+        return tensor if getattr(_building, "active", False) else init(tensor, *args, **kwargs)
+    return stand_in
 
 
 def load_preset(name, preset, revision=None, device=None, dtype=None, **overrides):
