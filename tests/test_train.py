@@ -286,6 +286,17 @@ def test_bf16_label_smoothing_grad_accum(tmp_path, text_file, device):
     assert val < math.log(12) - 0.1  # learned something
 
 
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path, text_file, device):
+    """--compile trains the same model: fp32 losses equal the eager run's to float rounding."""
+    args = ["shakespeare-char", "--data", text_file, "--tokenizer", "char", *TINY, "--device", device.type,
+            "--max-iters", "20", "--eval-interval", "10", "--lr", "3e-3"]
+    eager = zt.train(parse([*args, "--out", str(tmp_path / "eager")]))
+    compiled = zt.train(parse([*args, "--compile", "--out", str(tmp_path / "compiled")]))
+    assert compiled == pytest.approx(eager, rel=1e-4) and eager < math.log(12) - 0.1
+    assert zoo.from_pretrained(str(tmp_path / "compiled" / "step-0000020")).config.n_layer == 1  # clean names
+
+
 # ------------------------------------------------------------------------------------------ processes
 
 def zoo_cmd(*args, launcher=(sys.executable, "-m", "zoo"), timeout=300):
