@@ -23,6 +23,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import data
 from .registry import PRESETS, arch_of, build, get_preset
@@ -262,7 +263,6 @@ def forward_context(s):
     device = torch.device(s.device).type
     with torch.autocast(device, dtype=torch.bfloat16, enabled=bool(s.bf16)):
         if s.bf16 and device == "cpu" and s.block_size <= 128:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
             with sdpa_kernel(SDPBackend.MATH):
                 yield
         else:
