@@ -196,12 +196,25 @@ def _prepare(model, prompts, max_new_tokens, opts):
     return prompts, [eos] if isinstance(eos, int) else [*(eos or [])]
 
 
+def _dropout_off(model):
+    """Put the modules in training mode into eval mode, and return them for _dropout_on. Only those are
+    touched: model.eval() sets every module's flag, ~2 ms per call on a 30-layer model."""
+    training = [m for m in model.modules() if m.training]
+    for m in training:
+        m.training = False
+    return training
+
+
+def _dropout_on(modules):
+    for m in modules:
+        m.training = True
+
+
 @torch.inference_mode()  # on a generator, torch enters the mode at each resume and leaves it at each yield
 def _sample_steps(model, prompts, max_new_tokens, eos, opts):
     """The decode loop: yields each step's new tokens [B] (on the device) until max_new_tokens, or until
     every row has produced an EOS."""
-    was_training = model.training
-    model.eval()
+    training = _dropout_off(model)
     try:
         batch = Batch(model, prompts, max_new_tokens, opts["compile"])
         device = batch.tokens.device
@@ -236,7 +249,7 @@ def _sample_steps(model, prompts, max_new_tokens, eos, opts):
             if step + 1 < max_new_tokens:
                 logits = batch.step()
     finally:
-        model.train(was_training)
+        _dropout_on(training)
 
 
 @torch.inference_mode()
@@ -246,8 +259,7 @@ def _beam_search(model, prompts, max_new_tokens, eos, opts):
     sum(log p) / len**length_penalty (len counts the new tokens, EOS included); a prompt is done once
     num_beams hypotheses have finished, and at max_new_tokens its running beams join them. Returns
     the best hypothesis of each prompt."""
-    was_training = model.training
-    model.eval()
+    training = _dropout_off(model)
     try:
         batch = Batch(model, prompts, max_new_tokens, opts["compile"])
         B, K, V = len(prompts), opts["num_beams"], model.config.vocab_size
@@ -306,7 +318,7 @@ def _beam_search(model, prompts, max_new_tokens, eos, opts):
                         finished[b].append((score / max_new_tokens ** lp, new[b * K + k]))
         return [max(hyps, key=lambda h: h[0])[1] for hyps in finished]
     finally:
-        model.train(was_training)
+        _dropout_on(training)
 
 
 def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, min_p=None,
