@@ -111,10 +111,17 @@ class Batch:
         # padded and unpadded batches share its code
         self.masked = compile or any(len(p) < T for p in prompts)
         self.slots = torch.arange(self.cache_len, device=device)
+        self._fix_step_mask()
+        self.newest = None  # the last appended tokens [B, 1]: the decode step's input
         model.setup_cache(B, self.cache_len)
 
     def key_mask(self, start):
         return self.real[:, start:start + self.cache_len] if self.masked else None
+
+    def _fix_step_mask(self):
+        """The decode step's key mask, made once per batch (and beam reordering): a contiguous copy, whose
+        strides do not depend on the batch's length, as the compiled step's guards want."""
+        self.step_mask = None if not self.masked else self.key_mask(0).contiguous()
 
     def prefill(self):
         """(Re)fill the cache with the last cache_len tokens; the logits [B, V] of the next token."""
@@ -125,6 +132,7 @@ class Batch:
 
     def append(self, next_tokens):
         self.tokens[:, self.len] = next_tokens
+        self.newest = next_tokens[:, None]
         self.len += 1
 
     def step(self):
@@ -132,15 +140,12 @@ class Batch:
         if self.len > self.cache_len:  # the window slides: absolute positions shift, so recompute it
             return self.prefill()
         t = self.len - 1
-        idx, key_mask = self.tokens[:, t:t + 1], self.key_mask(0)
-        if self.decode is not self.model:  # the compiled step guards on strides, which slices take from the batch
-            idx = idx.clone(memory_format=torch.contiguous_format)
-            key_mask = None if key_mask is None else key_mask.clone(memory_format=torch.contiguous_format)
-        return self.decode(idx, input_pos=self.slots[t:t + 1], key_mask=key_mask)[:, -1]
+        return self.decode(self.newest, input_pos=self.slots[t:t + 1], key_mask=self.step_mask)[:, -1]
 
     def reorder(self, index):
         """Keep or repeat rows (beam search)."""
         self.tokens, self.real = self.tokens[index], self.real[index]
+        self._fix_step_mask()
         self.model.reorder_cache(index)
 
     def new_tokens(self):
