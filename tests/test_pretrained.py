@@ -12,7 +12,6 @@ import torch
 
 import zoo
 from zoo import convert, hub
-from zoo.pretrained import packaged_gguf
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
