@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 import zoo
-from zoo.evaluate import sliding_window_loss
+from zoo.evaluation import sliding_window_loss
 from zoo.pretrained import packaged_gguf
 
 TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "test.txt"

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import zoo
-from zoo.evaluate import sliding_window_loss, sources
+from zoo.evaluation import sliding_window_loss, sources
 
 WIKITEXT_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "test.txt"
 

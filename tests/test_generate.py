@@ -10,7 +10,7 @@ import torch
 
 import zoo
 from zoo.tokenizers import load_tokenizer
-from zoo.generate import complete, generate, penalize_repetition, process_logits, sample
+from zoo.generation import complete, generate, penalize_repetition, process_logits, sample
 
 TINY = {  # one small config per architecture; block_size 16 so that the sliding window is exercised
     "bigram": ("bigram", dict(vocab_size=37)),

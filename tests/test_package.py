@@ -51,6 +51,6 @@ def test_public_functions_survive_importing_their_modules():
     import zoo
     for name in ("generate", "complete", "verify", "from_pretrained", "save_pretrained", "tokenizer", "list"):
         assert callable(getattr(zoo, name)) and not isinstance(getattr(zoo, name), type(zoo)), name
-    for module in ("zoo.generate", "zoo.verify", "zoo.cli"):
+    for module in ("zoo.generation", "zoo.verification", "zoo.cli"):
         importlib.import_module(module)
     assert callable(zoo.generate) and callable(zoo.verify) and not isinstance(zoo.verify, type(zoo))

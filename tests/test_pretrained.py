@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import zoo
-from zoo import convert, hub
+from zoo import checkpoints, convert
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
@@ -331,7 +331,7 @@ def test_gguf_dequantization(qtype, tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    got = hub.GGUFCheckpoint(tmp_path / "q.gguf").read("t").float().numpy()
+    got = checkpoints.GGUFCheckpoint(tmp_path / "q.gguf").read("t").float().numpy()
     assert got.shape == (rows, cols)
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
     if raw.dtype == np.uint8 and qtype != Q.BF16:  # the torch fast paths are bit-identical to gguf's
@@ -379,7 +379,7 @@ def write_gguf_llama(path, ref):
 def test_gguf_llama_unpermutes_q_and_k(name, tmp_path):
     ref = hf_model(name)
     write_gguf_llama(tmp_path / "m.gguf", ref)
-    ckpt = hub.GGUFCheckpoint(tmp_path / "m.gguf")
+    ckpt = checkpoints.GGUFCheckpoint(tmp_path / "m.gguf")
     reader = gguf.GGUFReader(tmp_path / "m.gguf")  # our lean header parser reads what gguf's reader reads
     for key, field in reader.fields.items():
         if not key.startswith("GGUF."):

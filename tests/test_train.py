@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import zoo
 from zoo import data
-from zoo import train as zt
+from zoo import training as zt
 from zoo.tokenizers import CharTokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

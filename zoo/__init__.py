@@ -10,11 +10,11 @@
 The functions below share their names with the modules that hold them (zoo.generate, zoo.verify):
 importing them here, once, binds the package attributes to the functions for good.
 """
-from .generate import complete, generate
+from .generation import complete, generate
 from .pretrained import from_pretrained, save_pretrained
 from .registry import arch_of, build, list  # noqa: A004  (zoo.list() is the public name)
 from .tokenizers import load_tokenizer as tokenizer
-from .verify import verify
+from .verification import verify
 
 __all__ = ["list", "load", "build", "arch_of", "from_pretrained", "save_pretrained", "tokenizer", "generate",
            "complete", "verify"]

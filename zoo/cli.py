@@ -9,10 +9,10 @@ import sys
 
 COMMANDS = {  # name -> (module, one-line help)
     "list": ("zoo.registry", "list the presets with sizes, weight sources and licences"),
-    "generate": ("zoo.generate", "generate text (default model: smollm2-135m-instruct)"),
-    "train": ("zoo.train", "train or fine-tune a model on text files"),
-    "eval": ("zoo.evaluate", "validation loss and sliding-window perplexity"),
-    "verify": ("zoo.verify", "compare zoo's logits with transformers' on the same weights"),
+    "generate": ("zoo.generation", "generate text (default model: smollm2-135m-instruct)"),
+    "train": ("zoo.training", "train or fine-tune a model on text files"),
+    "eval": ("zoo.evaluation", "validation loss and sliding-window perplexity"),
+    "verify": ("zoo.verification", "compare zoo's logits with transformers' on the same weights"),
 }
 
 

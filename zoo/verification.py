@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from . import hub
+from . import checkpoints
 from .pretrained import from_pretrained, preset_source
 from .registry import PRESETS
 
@@ -25,7 +25,7 @@ def verify(source, text=None, n_tokens=256, revision=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     if source in PRESETS and not Path(source).exists():
         source, _ = preset_source(source, revision=revision)
-    path = hub.resolve(source, revision)
+    path = checkpoints.resolve(source, revision)
     # transformers loads a GGUF from its folder plus the file's name
     folder, kwargs = (path.parent, {"gguf_file": path.name}) if path.suffix == ".gguf" else (path, {})
     config = path / "config.json"

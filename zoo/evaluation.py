@@ -58,7 +58,7 @@ def sources(source):
 
 def load(source, tokenizer_source, device, dtype):
     import zoo
-    from .train import load_pretrained
+    from .training import load_pretrained
     model = load_pretrained(source, device=device, dtype=dtype)
     return model.eval(), zoo.tokenizer(tokenizer_source or source)
 
