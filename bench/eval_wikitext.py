@@ -8,6 +8,7 @@ file (about 300k tokens) once and prints the perplexity, the time taken and the 
 """
 import argparse
 import math
+import os
 import time
 from pathlib import Path
 
@@ -17,7 +18,8 @@ import zoo
 from zoo.evaluation import sliding_window_loss
 from zoo.pretrained import packaged_gguf
 
-TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "test.txt"
+SHARED_DATA = Path(os.environ.get("ZOO_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+TEST = SHARED_DATA / "wikitext-2" / "test.txt"
 
 
 def main():

@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+SHARED_DATA = Path(os.environ.get("ZOO_SHARED_DATA") or ROOT.parent / "shared" / "data")
+TEXT = SHARED_DATA / "tinyshakespeare.txt"
 TOKENS_PER_ITER = 12 * 64
 
 

@@ -31,15 +31,13 @@ class Config:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     dropout: float = 0.0
-    bias: bool = False  # Llama has no biases; kept for the shared contract
+    causal: bool = True  # False: bidirectional attention (a masked LM); such a model cannot decode incrementally
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 1 <= self.n_kv_head <= self.n_head or self.n_head % self.n_kv_head:
             raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
-        if self.bias:
-            raise ValueError("llama has no biases: set bias=False")
 
 
 def rope_tables(config):
@@ -79,7 +77,8 @@ class RMSNorm(nn.Module):
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values [B, H_kv, S, D], written in place at the slots input_pos names."""
+    """Preallocated keys and values [B, H_kv, S, D] (H_kv key/value heads, S = max_len slots), written in
+    place at the slots input_pos names."""
 
     def __init__(self, batch_size, n_kv_head, max_len, head_dim, dtype, device):
         super().__init__()
@@ -88,6 +87,7 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos, k, v):
+        """Write k and v [B, H_kv, T, D] at the slots input_pos [T]; return all the slots [B, H_kv, S, D]."""
         self.k.index_copy_(2, input_pos, k)
         self.v.index_copy_(2, input_pos, v)
         return self.k, self.v
@@ -100,29 +100,29 @@ class Attention(nn.Module):
         self.head_dim = config.n_embd // config.n_head
         self.qkv_proj = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * self.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=False)
-        self.dropout = config.dropout
+        self.dropout, self.causal = config.dropout, config.causal
         self.kv_cache = None
 
     def forward(self, x, cos, sin, mask, input_pos):
-        B, T, _ = x.shape
-        qkv = self.qkv_proj(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
-        qk = apply_rotary(qkv[:, :self.n_head + self.n_kv_head], cos, sin)  # q and k rotated at once
-        q, k, v = qk[:, :self.n_head], qk[:, self.n_head:], qkv[:, self.n_head + self.n_kv_head:]
-        if input_pos is not None:  # decoding: attend over the cache slots the mask covers
-            k, v = self.kv_cache.update(input_pos, k, v)
-            k, v = k[:, :, :mask.size(-1)], v[:, :, :mask.size(-1)]
-        n_rep = self.n_head // self.n_kv_head
+        B, T, _ = x.shape  # batch size, sequence length, n_embd
+        H, H_kv, D = self.n_head, self.n_kv_head, self.head_dim
+        qkv = self.qkv_proj(x).view(B, T, H + 2 * H_kv, D).transpose(1, 2)  # [B, H + 2 H_kv, T, D]
+        qk = apply_rotary(qkv[:, :H + H_kv], cos, sin)  # q and k rotated at once: [B, H + H_kv, T, D]
+        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + H_kv:]  # [B, H, T, D], [B, H_kv, T, D], [B, H_kv, T, D]
+        if input_pos is not None:  # decoding: store the new keys and values, attend over the slots the mask covers
+            k, v = self.kv_cache.update(input_pos, k, v)  # [B, H_kv, max_len, D]
+            k, v = k[:, :, :mask.size(-1)], v[:, :, :mask.size(-1)]  # [B, H_kv, S, D]
+        dropout_p = self.dropout if self.training else 0.0
+        n_rep = H // H_kv
         if T == 1 and n_rep > 1:
             # one new token: the n_rep query heads that share a K/V head attend as n_rep rows of one head,
             # several times faster on the CPU than SDPA's enable_gqa (which repeats K and V)
-            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_head, n_rep, self.head_dim), k, v,
-                                               attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-                                               ).view(B, self.n_head, 1, self.head_dim)
+            y = F.scaled_dot_product_attention(q.reshape(B, H_kv, n_rep, D), k, v, attn_mask=mask,
+                                               dropout_p=dropout_p).view(B, H, 1, D)  # [B, H, 1, D]
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                               dropout_p=self.dropout if self.training else 0.0,
-                                               enable_gqa=n_rep > 1)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and self.causal,
+                                               dropout_p=dropout_p, enable_gqa=n_rep > 1)  # [B, H, T, D]
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))  # [B, T, n_embd]
 
 
 class MLP(nn.Module):
@@ -167,6 +167,7 @@ class Model(nn.Module):
         cos, sin = rope_tables(config)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.cache_len = None  # the KV cache's slots, once setup_cache has made it
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # scaled init of the residual projections (GPT-2)
             if name.endswith(("o_proj.weight", "down_proj.weight")):
@@ -178,12 +179,17 @@ class Model(nn.Module):
 
     def setup_cache(self, batch_size, max_len):
         """Allocate the KV cache once; decoding then writes into it and allocates nothing."""
+        if not self.config.causal:
+            raise ValueError("setup_cache: this model is bidirectional (causal=False), and bidirectional attention "
+                             "has no valid KV cache: every token's output depends on later tokens. Score whole "
+                             "sequences with model(idx), or build the model with causal=True to decode")
         if max_len > self.config.block_size:
             raise ValueError(f"max_len {max_len} exceeds block_size {self.config.block_size}")
-        w, c = self.model.embed_tokens.weight, self.config  # the cache holds activations: their dtype
+        w = self.lm_head.weight  # the cache holds activations: their dtype and device
         for block in self.model.layers:
-            block.self_attn.kv_cache = KVCache(batch_size, c.n_kv_head, max_len, c.n_embd // c.n_head,
-                                               w.dtype, w.device)
+            attn = block.self_attn
+            attn.kv_cache = KVCache(batch_size, attn.n_kv_head, max_len, attn.head_dim, w.dtype, w.device)
+        self.cache_len = max_len
 
     def reorder_cache(self, index):
         """Keep (or repeat) the cache rows `index` names, e.g. the surviving beams."""
@@ -191,47 +197,54 @@ class Model(nn.Module):
             c = block.self_attn.kv_cache
             c.k, c.v = c.k.index_select(0, index), c.v.index_select(0, index)
 
+    def positions_and_mask(self, idx, input_pos, key_mask):
+        """Positions [B|1, T] of the tokens idx [B, T], and the attention mask [B|1, 1, T, S], additive (0 or
+        -inf) in the activations' dtype; None when there is nothing to mask but causality (SDPA's is_causal).
+
+        Made once per call: SDPA would otherwise convert a boolean mask in every layer.
+        """
+        T, causal = idx.size(1), self.config.causal
+        if input_pos is None and T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
+        if input_pos is not None and not causal:
+            raise ValueError("input_pos: this model is bidirectional (causal=False), and bidirectional attention "
+                             "cannot decode incrementally: every token's output depends on later tokens. Call "
+                             "model(idx) on the whole sequence")
+        if input_pos is not None and self.cache_len is None:
+            raise ValueError("input_pos: no KV cache to decode with; call setup_cache(batch_size, max_len) first")
+        slots = input_pos if input_pos is not None else torch.arange(T, device=idx.device)  # [T]
+        if input_pos is None and key_mask is None:
+            return slots[None], None
+        # the keys: without a cache, the T tokens; with one, all its slots for one new token, and for several
+        # only those filled so far (a host sync, but none in the one-token decode step)
+        S = T if input_pos is None else self.cache_len if T == 1 else int(input_pos.max()) + 1
+        key_slots = torch.arange(S, device=idx.device)
+        mask = key_slots <= slots[:, None]  # causal: [T, S]
+        pos = slots[None]
+        if key_mask is not None:
+            key_mask = key_mask[:, :S]
+            pos = (key_mask.long().cumsum(1) - 1).clamp(min=0)[:, slots]  # count from each row's first real token
+            # padded keys are hidden; a padded query still sees itself, so no softmax row is empty
+            keys = (key_mask[:, None, :] | (key_slots == slots[:, None]))[:, None]  # [B, 1, T, S]
+            mask = mask & keys if causal else keys
+        return pos, torch.zeros_like(mask, dtype=self.lm_head.weight.dtype).masked_fill_(~mask, float("-inf"))
+
     def forward(self, idx, input_pos=None, key_mask=None, last_only=False):
         """idx [B, T] -> logits [B, T, vocab_size].
 
-        Without input_pos: the whole sequence, causal (training and scoring).
+        Without input_pos: the whole sequence (training and scoring), causal; bidirectional with causal=False.
         With input_pos [T] (cache slots of these tokens): incremental decoding through the cache.
         key_mask [B, S] (S = cache length, or T without a cache): False marks left padding; each row
         then counts its positions from its first real token, so padding changes no real logit.
         last_only: logits of the last position alone, [B, 1, vocab_size]: all that decoding needs after a
         prompt, without the head's matmul for every other position (a fifth of a small model's FLOPs).
         """
-        T = idx.size(1)
-        if input_pos is None and T > self.config.block_size:
-            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
-        key_len = None  # the cache slots to attend over: all of them for one new token; for several, only
-        if input_pos is not None:  # those filled so far (a host sync, but none in the one-token decode step)
-            key_len = int(input_pos.max()) + 1 if T > 1 else self.model.layers[0].self_attn.kv_cache.k.size(2)
-        pos, mask = positions_and_mask(T, input_pos, key_mask, key_len, idx.device)
-        x = self.model.embed_tokens(idx)
-        # once per call rather than in every layer: the rotations in x's dtype (as the reference casts them),
-        # and the mask made additive (SDPA would convert a boolean one in each layer)
+        pos, mask = self.positions_and_mask(idx, input_pos, key_mask)
+        x = self.model.embed_tokens(idx)  # [B, T, n_embd]
+        # the rotations in x's dtype (as the reference casts them), once per call rather than in every layer
         cos, sin = self.rope_cos[pos][:, None].to(x.dtype), self.rope_sin[pos][:, None].to(x.dtype)  # [B|1, 1, T, D]
-        if mask is not None:
-            mask = torch.zeros_like(mask, dtype=x.dtype).masked_fill_(~mask, float("-inf"))
         for block in self.model.layers:
             x = block(x, cos, sin, mask, input_pos)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))
-
-
-def positions_and_mask(T, input_pos, key_mask, key_len, device):
-    """Positions [B|1, T] of the tokens, and the boolean attention mask (None: plain causal)."""
-    slots = input_pos if input_pos is not None else torch.arange(T, device=device)
-    if input_pos is None and key_mask is None:
-        return slots[None], None
-    key_slots = torch.arange(key_len or T, device=device)
-    mask = key_slots <= slots[:, None]  # causal over cache slots: [T, S]
-    if key_mask is None:
-        return slots[None], mask
-    key_mask = key_mask[:, :len(key_slots)]
-    pos = (key_mask.long().cumsum(1) - 1).clamp(min=0)[:, slots]  # count from each row's first real token
-    # padded keys are hidden; a padded query still sees itself, so no softmax row is empty
-    mask = mask & (key_mask[:, None, :] | (key_slots == slots[:, None]))
-    return pos, mask[:, None]  # [B, 1, T, S]

@@ -26,6 +26,7 @@ class Config:
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm; False is a little faster and as good
     norm_eps: float = 1e-5
+    causal: bool = True  # False: bidirectional attention (a masked LM); such a model cannot decode incrementally
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -33,48 +34,52 @@ class Config:
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values [B, 1, S, D], written in place at the slots input_pos names."""
+    """Preallocated keys and values [B, H_kv, S, D] (H_kv key/value heads, S = max_len slots), written in
+    place at the slots input_pos names."""
 
-    def __init__(self, batch_size, n_head, max_len, head_dim, dtype, device):
+    def __init__(self, batch_size, n_kv_head, max_len, head_dim, dtype, device):
         super().__init__()
-        shape = (batch_size, n_head, max_len, head_dim)
+        shape = (batch_size, n_kv_head, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos, k, v):
+        """Write k and v [B, H_kv, T, D] at the slots input_pos [T]; return all the slots [B, H_kv, S, D]."""
         self.k.index_copy_(2, input_pos, k)
         self.v.index_copy_(2, input_pos, v)
         return self.k, self.v
 
 
-class CausalSelfAttention(nn.Module):
+class SelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.n_head, self.head_dim = config.n_head, config.n_embd // config.n_head
+        self.n_kv_head = 1  # one key/value head, shared by every query head (what the cache holds)
         # n_head query heads, then the one key head and the one value head, in one matmul
         self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * self.head_dim, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.dropout = config.dropout
+        self.dropout, self.causal = config.dropout, config.causal
         self.kv_cache = None
 
     def forward(self, x, mask, input_pos):
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split([C, self.head_dim, self.head_dim], dim=-1)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        B, T, C = x.shape  # batch size, sequence length, n_embd
+        H, D = self.n_head, self.head_dim
+        q, k, v = self.c_attn(x).split([C, D, D], dim=-1)  # [B, T, C], [B, T, D], [B, T, D]
+        q = q.view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
         k, v = k[:, None], v[:, None]  # [B, 1, T, D]: one head, broadcast over all query heads
-        if input_pos is not None:  # decoding: attend over the cache slots the mask covers
-            k, v = self.kv_cache.update(input_pos, k, v)
-            k, v = k[:, :, :mask.size(-1)], v[:, :, :mask.size(-1)]
+        if input_pos is not None:  # decoding: store the new keys and values, attend over the slots the mask covers
+            k, v = self.kv_cache.update(input_pos, k, v)  # [B, 1, max_len, D]
+            k, v = k[:, :, :mask.size(-1)], v[:, :, :mask.size(-1)]  # [B, 1, S, D]
         dropout_p = self.dropout if self.training else 0.0
         if T == 1:  # one new token: the query heads, sharing the one K/V head, attend as rows of one head
             #         (several times faster on the CPU than SDPA's enable_gqa, which repeats K and V)
-            y = F.scaled_dot_product_attention(q.reshape(B, 1, self.n_head, self.head_dim), k, v, attn_mask=mask,
-                                               dropout_p=dropout_p).view(B, self.n_head, 1, self.head_dim)
+            y = F.scaled_dot_product_attention(q.reshape(B, 1, H, D), k, v, attn_mask=mask,
+                                               dropout_p=dropout_p).view(B, H, 1, D)  # [B, H, 1, D]
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout_p,
-                                               enable_gqa=True)
-        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and self.causal,
+                                               dropout_p=dropout_p, enable_gqa=True)  # [B, H, T, D]
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))  # [B, T, C]
 
 
 class MLP(nn.Module):
@@ -92,7 +97,7 @@ class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = SelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
@@ -114,6 +119,7 @@ class Model(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying (Press & Wolf, 2017)
+        self.cache_len = None  # the KV cache's slots, once setup_cache has made it
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
             if name.endswith("c_proj.weight"):
@@ -127,12 +133,17 @@ class Model(nn.Module):
 
     def setup_cache(self, batch_size, max_len):
         """Allocate the KV cache once; decoding then writes into it and allocates nothing."""
+        if not self.config.causal:
+            raise ValueError("setup_cache: this model is bidirectional (causal=False), and bidirectional attention "
+                             "has no valid KV cache: every token's output depends on later tokens. Score whole "
+                             "sequences with model(idx), or build the model with causal=True to decode")
         if max_len > self.config.block_size:
             raise ValueError(f"max_len {max_len} exceeds block_size {self.config.block_size}")
-        w = self.lm_head.weight
+        w = self.lm_head.weight  # the cache holds activations: their dtype and device
         for block in self.transformer.h:
-            block.attn.kv_cache = KVCache(batch_size, 1, max_len,
-                                          self.config.n_embd // self.config.n_head, w.dtype, w.device)
+            attn = block.attn
+            attn.kv_cache = KVCache(batch_size, attn.n_kv_head, max_len, attn.head_dim, w.dtype, w.device)
+        self.cache_len = max_len
 
     def reorder_cache(self, index):
         """Keep (or repeat) the cache rows `index` names, e.g. the surviving beams."""
@@ -140,44 +151,52 @@ class Model(nn.Module):
             c = block.attn.kv_cache
             c.k, c.v = c.k.index_select(0, index), c.v.index_select(0, index)
 
+    def positions_and_mask(self, idx, input_pos, key_mask):
+        """Positions [B|1, T] of the tokens idx [B, T], and the attention mask [B|1, 1, T, S], additive (0 or
+        -inf) in the activations' dtype; None when there is nothing to mask but causality (SDPA's is_causal).
+
+        Made once per call: SDPA would otherwise convert a boolean mask in every layer.
+        """
+        T, causal = idx.size(1), self.config.causal
+        if input_pos is None and T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
+        if input_pos is not None and not causal:
+            raise ValueError("input_pos: this model is bidirectional (causal=False), and bidirectional attention "
+                             "cannot decode incrementally: every token's output depends on later tokens. Call "
+                             "model(idx) on the whole sequence")
+        if input_pos is not None and self.cache_len is None:
+            raise ValueError("input_pos: no KV cache to decode with; call setup_cache(batch_size, max_len) first")
+        slots = input_pos if input_pos is not None else torch.arange(T, device=idx.device)  # [T]
+        if input_pos is None and key_mask is None:
+            return slots[None], None
+        # the keys: without a cache, the T tokens; with one, all its slots for one new token, and for several
+        # only those filled so far (a host sync, but none in the one-token decode step)
+        S = T if input_pos is None else self.cache_len if T == 1 else int(input_pos.max()) + 1
+        key_slots = torch.arange(S, device=idx.device)
+        mask = key_slots <= slots[:, None]  # causal: [T, S]
+        pos = slots[None]
+        if key_mask is not None:
+            key_mask = key_mask[:, :S]
+            pos = (key_mask.long().cumsum(1) - 1).clamp(min=0)[:, slots]  # count from each row's first real token
+            # padded keys are hidden; a padded query still sees itself, so no softmax row is empty
+            keys = (key_mask[:, None, :] | (key_slots == slots[:, None]))[:, None]  # [B, 1, T, S]
+            mask = mask & keys if causal else keys
+        return pos, torch.zeros_like(mask, dtype=self.lm_head.weight.dtype).masked_fill_(~mask, float("-inf"))
+
     def forward(self, idx, input_pos=None, key_mask=None, last_only=False):
         """idx [B, T] -> logits [B, T, vocab_size].
 
-        Without input_pos: the whole sequence, causal (training and scoring).
+        Without input_pos: the whole sequence (training and scoring), causal; bidirectional with causal=False.
         With input_pos [T] (cache slots of these tokens): incremental decoding through the cache.
         key_mask [B, S] (S = cache length, or T without a cache): False marks left padding; each row
         then counts its positions from its first real token, so padding changes no real logit.
         last_only: logits of the last position alone, [B, 1, vocab_size]: all that decoding needs after a
         prompt, without the head's matmul for every other position (a fifth of a small model's FLOPs).
         """
-        T = idx.size(1)
-        if input_pos is None and T > self.config.block_size:
-            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
-        key_len = None  # the cache slots to attend over: all of them for one new token; for several, only
-        if input_pos is not None:  # those filled so far (a host sync, but none in the one-token decode step)
-            key_len = int(input_pos.max()) + 1 if T > 1 else self.transformer.h[0].attn.kv_cache.k.size(2)
-        pos, mask = positions_and_mask(T, input_pos, key_mask, key_len, idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        if mask is not None:  # additive, once per call: SDPA would convert a boolean mask in every layer
-            mask = torch.zeros_like(mask, dtype=x.dtype).masked_fill_(~mask, float("-inf"))
+        pos, mask = self.positions_and_mask(idx, input_pos, key_mask)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # [B, T, n_embd]
         for block in self.transformer.h:
             x = block(x, mask, input_pos)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.transformer.ln_f(x))
-
-
-def positions_and_mask(T, input_pos, key_mask, key_len, device):
-    """Positions [B|1, T] of the tokens, and the boolean attention mask (None: plain causal)."""
-    slots = input_pos if input_pos is not None else torch.arange(T, device=device)
-    if input_pos is None and key_mask is None:
-        return slots[None], None
-    key_slots = torch.arange(key_len or T, device=device)
-    mask = key_slots <= slots[:, None]  # causal over cache slots: [T, S]
-    if key_mask is None:
-        return slots[None], mask
-    key_mask = key_mask[:, :len(key_slots)]
-    pos = (key_mask.long().cumsum(1) - 1).clamp(min=0)[:, slots]  # count from each row's first real token
-    # padded keys are hidden; a padded query still sees itself, so no softmax row is empty
-    mask = mask & (key_mask[:, None, :] | (key_slots == slots[:, None]))
-    return pos, mask[:, None]  # [B, 1, T, S]

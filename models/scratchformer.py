@@ -33,6 +33,7 @@ class Config:
     sinusoid: str = "vaswani"  # "vaswani": interleaved sin/cos; "fairseq": [sin | cos] halves (XGLM)
     pos_offset: int = 0  # the first token's position; XGLM starts at 2 (after its padding index 1)
     norm_eps: float = 1e-5
+    causal: bool = True  # False: bidirectional attention (a masked LM); such a model cannot decode incrementally
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -59,15 +60,17 @@ def sinusoids(config):
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values [B, H, S, D], written in place at the slots input_pos names."""
+    """Preallocated keys and values [B, H_kv, S, D] (H_kv key/value heads, S = max_len slots), written in
+    place at the slots input_pos names."""
 
-    def __init__(self, batch_size, n_head, max_len, head_dim, dtype, device):
+    def __init__(self, batch_size, n_kv_head, max_len, head_dim, dtype, device):
         super().__init__()
-        shape = (batch_size, n_head, max_len, head_dim)
+        shape = (batch_size, n_kv_head, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos, k, v):
+        """Write k and v [B, H_kv, T, D] at the slots input_pos [T]; return all the slots [B, H_kv, S, D]."""
         self.k.index_copy_(2, input_pos, k)
         self.v.index_copy_(2, input_pos, v)
         return self.k, self.v
@@ -77,20 +80,23 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.n_head, self.head_dim = config.n_head, config.n_embd // config.n_head
+        self.n_kv_head = config.n_head  # a key/value head per query head (what the cache holds)
         self.qkv_proj = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # W^Q, W^K, W^V at once
         self.out_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)  # W^O
-        self.dropout = config.dropout
+        self.dropout, self.causal = config.dropout, config.causal
         self.kv_cache = None
 
     def forward(self, x, mask, input_pos):
-        B, T, C = x.shape
-        q, k, v = self.qkv_proj(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
-        if input_pos is not None:  # decoding: attend over the cache slots the mask covers
-            k, v = self.kv_cache.update(input_pos, k, v)
-            k, v = k[:, :, :mask.size(-1)], v[:, :, :mask.size(-1)]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+        B, T, C = x.shape  # batch size, sequence length, d_model
+        qkv = self.qkv_proj(x).view(B, T, 3, self.n_head, self.head_dim)  # [B, T, 3, H, D]
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # [B, H, T, D] each
+        if input_pos is not None:  # decoding: store the new keys and values, attend over the slots the mask covers
+            k, v = self.kv_cache.update(input_pos, k, v)  # [B, H, max_len, D]
+            k, v = k[:, :, :mask.size(-1)], v[:, :, :mask.size(-1)]  # [B, H, S, D]
+        # softmax(Q K^T / sqrt(d_k)) V, the paper's scaled dot-product attention, for all heads at once
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and self.causal,
+                                           dropout_p=self.dropout if self.training else 0.0)  # [B, H, T, D]
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))  # Concat(head_1..head_h) W^O: [B, T, C]
 
 
 class Block(nn.Module):
@@ -133,6 +139,7 @@ class Model(nn.Module):
         self.lm_head.weight = self.model.embed_tokens.weight  # shared embedding and pre-softmax weights
         self.embed_scale = math.sqrt(config.n_embd) if config.scale_embedding else 1.0
         self.register_buffer("sinusoids", sinusoids(config), persistent=False)
+        self.cache_len = None  # the KV cache's slots, once setup_cache has made it
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -143,12 +150,17 @@ class Model(nn.Module):
 
     def setup_cache(self, batch_size, max_len):
         """Allocate the KV cache once; decoding then writes into it and allocates nothing."""
+        if not self.config.causal:
+            raise ValueError("setup_cache: this model is bidirectional (causal=False), and bidirectional attention "
+                             "has no valid KV cache: every token's output depends on later tokens. Score whole "
+                             "sequences with model(idx), or build the model with causal=True to decode")
         if max_len > self.config.block_size:
             raise ValueError(f"max_len {max_len} exceeds block_size {self.config.block_size}")
-        w, c = self.lm_head.weight, self.config
+        w = self.lm_head.weight  # the cache holds activations: their dtype and device
         for block in self.model.layers:
-            block.self_attn.kv_cache = KVCache(batch_size, c.n_head, max_len, c.n_embd // c.n_head,
-                                               w.dtype, w.device)
+            attn = block.self_attn
+            attn.kv_cache = KVCache(batch_size, attn.n_kv_head, max_len, attn.head_dim, w.dtype, w.device)
+        self.cache_len = max_len
 
     def reorder_cache(self, index):
         """Keep (or repeat) the cache rows `index` names, e.g. the surviving beams."""
@@ -156,43 +168,53 @@ class Model(nn.Module):
             c = block.self_attn.kv_cache
             c.k, c.v = c.k.index_select(0, index), c.v.index_select(0, index)
 
+    def positions_and_mask(self, idx, input_pos, key_mask):
+        """Positions [B|1, T] of the tokens idx [B, T], and the attention mask [B|1, 1, T, S], additive (0 or
+        -inf) in the activations' dtype; None when there is nothing to mask but causality (SDPA's is_causal).
+
+        Made once per call: SDPA would otherwise convert a boolean mask in every layer.
+        """
+        T, causal = idx.size(1), self.config.causal
+        if input_pos is None and T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
+        if input_pos is not None and not causal:
+            raise ValueError("input_pos: this model is bidirectional (causal=False), and bidirectional attention "
+                             "cannot decode incrementally: every token's output depends on later tokens. Call "
+                             "model(idx) on the whole sequence")
+        if input_pos is not None and self.cache_len is None:
+            raise ValueError("input_pos: no KV cache to decode with; call setup_cache(batch_size, max_len) first")
+        slots = input_pos if input_pos is not None else torch.arange(T, device=idx.device)  # [T]
+        if input_pos is None and key_mask is None:
+            return slots[None], None
+        # the keys: without a cache, the T tokens; with one, all its slots for one new token, and for several
+        # only those filled so far (a host sync, but none in the one-token decode step)
+        S = T if input_pos is None else self.cache_len if T == 1 else int(input_pos.max()) + 1
+        key_slots = torch.arange(S, device=idx.device)
+        mask = key_slots <= slots[:, None]  # causal: [T, S]
+        pos = slots[None]
+        if key_mask is not None:
+            key_mask = key_mask[:, :S]
+            pos = (key_mask.long().cumsum(1) - 1).clamp(min=0)[:, slots]  # count from each row's first real token
+            # padded keys are hidden; a padded query still sees itself, so no softmax row is empty
+            keys = (key_mask[:, None, :] | (key_slots == slots[:, None]))[:, None]  # [B, 1, T, S]
+            mask = mask & keys if causal else keys
+        return pos, torch.zeros_like(mask, dtype=self.lm_head.weight.dtype).masked_fill_(~mask, float("-inf"))
+
     def forward(self, idx, input_pos=None, key_mask=None, last_only=False):
         """idx [B, T] -> logits [B, T, vocab_size].
 
-        Without input_pos: the whole sequence, causal (training and scoring).
+        Without input_pos: the whole sequence (training and scoring), causal; bidirectional with causal=False.
         With input_pos [T] (cache slots of these tokens): incremental decoding through the cache.
         key_mask [B, S] (S = cache length, or T without a cache): False marks left padding; each row
         then counts its positions from its first real token, so padding changes no real logit.
         last_only: logits of the last position alone, [B, 1, vocab_size]: all that decoding needs after a
         prompt, without the head's matmul for every other position (a fifth of a small model's FLOPs).
         """
-        T = idx.size(1)
-        if input_pos is None and T > self.config.block_size:
-            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
-        key_len = None  # the cache slots to attend over: all of them for one new token; for several, only
-        if input_pos is not None:  # those filled so far (a host sync, but none in the one-token decode step)
-            key_len = int(input_pos.max()) + 1 if T > 1 else self.model.layers[0].self_attn.kv_cache.k.size(2)
-        pos, mask = positions_and_mask(T, input_pos, key_mask, key_len, idx.device)
-        x = self.model.embed_tokens(idx) * self.embed_scale
+        pos, mask = self.positions_and_mask(idx, input_pos, key_mask)
+        x = self.model.embed_tokens(idx) * self.embed_scale  # [B, T, d_model]
         x = self.model.dropout(x + self.sinusoids[pos + self.config.pos_offset].to(x.dtype))
         for block in self.model.layers:
             x = block(x, mask, input_pos)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.layer_norm(x))
-
-
-def positions_and_mask(T, input_pos, key_mask, key_len, device):
-    """Positions [B|1, T] of the tokens, and the boolean attention mask (None: plain causal)."""
-    slots = input_pos if input_pos is not None else torch.arange(T, device=device)
-    if input_pos is None and key_mask is None:
-        return slots[None], None
-    key_slots = torch.arange(key_len or T, device=device)
-    mask = key_slots <= slots[:, None]  # causal over cache slots: [T, S]
-    if key_mask is None:
-        return slots[None], mask
-    key_mask = key_mask[:, :len(key_slots)]
-    pos = (key_mask.long().cumsum(1) - 1).clamp(min=0)[:, slots]  # count from each row's first real token
-    # padded keys are hidden; a padded query still sees itself, so no softmax row is empty
-    mask = mask & (key_mask[:, None, :] | (key_slots == slots[:, None]))
-    return pos, mask[:, None]  # [B, 1, T, S]

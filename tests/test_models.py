@@ -1,6 +1,8 @@
 """The model contract, checked for all five files: shapes, causality, cache == recompute, left
-padding, cache reordering, configs, presets, and that each file stands alone."""
+padding, cache reordering, configs, presets, and that each file stands alone; bidirectional attention
+(causal=False) in the four transformers; and that the helpers those four repeat stay identical copies."""
 import ast
+import difflib
 import pathlib
 import shutil
 import subprocess
@@ -33,6 +35,9 @@ TINY = {
                                            original_max_position_embeddings=16))),
     "mqa": ("mqa", dict(vocab_size=37, block_size=64, n_layer=2, n_head=4, n_embd=32, ffn_dim=48)),
 }
+ATTENTION = [name for name, (arch, _) in TINY.items() if arch != "bigram"]  # the ones with causal: bool
+
+
 def tiny(name, device="cpu", **overrides):
     torch.manual_seed(0)
     arch, cfg = TINY[name]
@@ -75,6 +80,96 @@ def test_causal(name, device):
         assert not torch.allclose(out[:, t], base[:, t]), "the changed token must change its own logits"
 
 
+@pytest.mark.parametrize("name", ATTENTION)
+def test_bidirectional_sees_later_tokens(name, device):
+    """causal=False (a masked LM's attention): a token changes the logits of every earlier one. The weights
+    and positions are the causal model's: its state dict loads unchanged, and one token alone gives the same
+    logits in both."""
+    causal = tiny(name, device)
+    model = tiny(name, device, causal=False)
+    model.load_state_dict(causal.state_dict())
+    idx = torch.randint(0, 37, (2, 16), device=device)
+    torch.testing.assert_close(model(idx[:, :1]), causal(idx[:, :1]), rtol=0, atol=1e-6)
+    base = model(idx)
+    changed = idx.clone()
+    changed[:, 15] = (changed[:, 15] + 1) % 37
+    moved = (model(changed)[:, :15] - base[:, :15]).abs().amax(-1)  # [2, 15]
+    assert (moved > 1e-5).all(), f"the last token must change every earlier position's logits: {moved}"
+
+
+@pytest.mark.parametrize("name", ATTENTION)
+def test_bidirectional_left_padding_matches_each_row_alone(name, device):
+    """The key mask still hides padding when attention is bidirectional: each row of a padded batch gets
+    the logits it gets alone (padding holds random tokens, so that seeing them would show)."""
+    model = tiny(name, device, causal=False)
+    lengths, T = [9, 4, 6], 9
+    rows = [torch.randint(0, 37, (n,), device=device) for n in lengths]
+    idx = torch.randint(0, 37, (len(rows), T), device=device)
+    key_mask = torch.zeros(len(rows), T, dtype=torch.bool, device=device)
+    for row, p in enumerate(rows):
+        idx[row, T - len(p):], key_mask[row, T - len(p):] = p, True
+    batched = model(idx, key_mask=key_mask)
+    for row, p in enumerate(rows):
+        torch.testing.assert_close(batched[row, T - len(p):], model(p[None])[0], rtol=0, atol=1e-5)
+
+
+# transformers' causal LMs attend bidirectionally when given an all-visible 4D attention mask (a 4D mask is
+# used as given), so they are the reference for causal=False: the same checkpoint, loaded with causal=False
+HF_BIDIRECTIONAL = {
+    "gpt2": ("GPT2LMHeadModel", "GPT2Config", dict(n_embd=24, n_layer=2, n_head=3, n_positions=32)),
+    "llama": ("LlamaForCausalLM", "LlamaConfig", dict(
+        hidden_size=48, intermediate_size=40, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+        max_position_embeddings=32)),
+    "gpt_bigcode": ("GPTBigCodeForCausalLM", "GPTBigCodeConfig", dict(
+        n_embd=36, n_layer=2, n_head=3, n_positions=32, n_inner=50, multi_query=True)),
+    "xglm": ("XGLMForCausalLM", "XGLMConfig", dict(
+        d_model=32, ffn_dim=48, num_layers=2, attention_heads=4, max_position_embeddings=32)),
+}
+
+
+@pytest.mark.parametrize("name", HF_BIDIRECTIONAL)
+def test_bidirectional_matches_transformers(name, transformers, tmp_path):
+    cls, config_cls, kwargs = HF_BIDIRECTIONAL[name]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(vocab_size=37, bos_token_id=0, eos_token_id=0, pad_token_id=1,
+                                               **kwargs)
+    ref = getattr(transformers, cls)(config).eval()
+    with torch.no_grad():
+        for p in ref.parameters():  # large enough weights to make logit errors visible
+            p.normal_(0.0, 0.3)
+    ref.save_pretrained(tmp_path)
+    model = zoo.from_pretrained(tmp_path, causal=False)
+    assert model.config.causal is False
+    idx = torch.randint(0, 37, (2, 12))
+    key_mask = torch.ones(2, 12, dtype=torch.bool)
+    key_mask[1, :4] = False  # row 1: 4 tokens of left padding
+    full = torch.zeros(2, 1, 12, 12)  # additive: every query sees every key...
+    padded = full.masked_fill(~key_mask[:, None, None, :], torch.finfo(torch.float32).min)  # ...but padding
+    with torch.no_grad():
+        want = ref(idx, attention_mask=full).logits
+        assert (model(idx) - want).abs().max() <= 1e-5
+        assert (ref(idx).logits - want).abs().max() > 1e-2, "the causal reference must differ, or this shows nothing"
+        want = ref(idx, attention_mask=padded, position_ids=(key_mask.long().cumsum(1) - 1).clamp(min=0)).logits
+        assert (model(idx, key_mask=key_mask) - want)[key_mask].abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("name", ATTENTION)
+def test_bidirectional_refuses_incremental_decoding(name):
+    model = tiny(name, causal=False)
+    why = r"bidirectional \(causal=False\).*every token's output depends on later tokens"
+    with pytest.raises(ValueError, match="setup_cache: this model is " + why):
+        model.setup_cache(1, 16)
+    with pytest.raises(ValueError, match="input_pos: this model is " + why):
+        model(torch.zeros(1, 4, dtype=torch.long), input_pos=torch.arange(4))
+
+
+def test_decoding_needs_a_cache_and_bigram_has_no_causal_field():
+    with pytest.raises(ValueError, match=r"input_pos: no KV cache.*call setup_cache\(batch_size, max_len\) first"):
+        tiny("gpt2")(torch.zeros(1, 4, dtype=torch.long), input_pos=torch.arange(4))
+    with pytest.raises(ValueError, match="unknown bigram config field.*'causal'"):
+        zoo.build("bigram", dict(causal=False))
+
+
 def greedy_recompute(model, idx, steps):
     """Greedy decoding that recomputes the full sequence every step: the reference."""
     logits = []
@@ -106,8 +201,28 @@ def test_kv_cache_equals_recompute(name, device):
     idx, logits = greedy_cached(model, prompt, 20)
     torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-5)
     assert torch.equal(idx, ref_idx)
-    # training after decoding must not see the cache
-    torch.testing.assert_close(model(ref_idx[:, :12]), model(ref_idx[:, :12].clone()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_forward_between_decoding_steps_ignores_the_cache(name, device):
+    """Training or scoring in the middle of decoding (a forward without input_pos) neither reads the cache's
+    keys and values, which belong to another sequence, nor overwrites them, so decoding resumes unharmed."""
+    model = tiny(name, device)
+    prompt = torch.randint(0, 37, (2, 6), device=device)
+    other = torch.randint(0, 37, (2, 16), device=device)  # as long as the cache: reading it would cover every slot
+    key_mask = torch.ones(2, 16, dtype=torch.bool, device=device)
+    key_mask[1, :5] = False
+    before = [model(other), model(other, key_mask=key_mask)]  # no cache exists yet
+    ref_idx, ref_logits = greedy_recompute(model, prompt, 8)
+    model.setup_cache(2, 16)
+    logits = [model(prompt, input_pos=torch.arange(6, device=device))[:, -1]]
+    for t in range(6, 13):
+        if t == 9:  # the cache now holds prompt + 3 decoded tokens; this sequence is another
+            during = [model(other), model(other, key_mask=key_mask)]
+        logits.append(model(ref_idx[:, t:t + 1], input_pos=torch.tensor([t], device=device))[:, -1])
+    for got, want in zip(during, before):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(torch.stack(logits, 1), ref_logits, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -231,6 +346,35 @@ def test_model_files_import_only_torch_and_stdlib():
             for name in names:
                 assert name.split(".")[0] in allowed, f"{path.name} imports {name}"
         assert len(path.read_text().splitlines()) <= 350, f"{path.name} should read in one sitting"
+
+
+# Helpers the four transformer files repeat on purpose (each file must run alone): they must stay copies. The
+# one difference allowed is where each file keeps its layers and their attention (Hugging Face's module names).
+SHARED = ["KVCache", "Model.setup_cache", "Model.reorder_cache", "Model.positions_and_mask"]
+LAYER_PATHS = {"llama": ("self.model.layers", "block.self_attn"), "gpt2": ("self.transformer.h", "block.attn"),
+               "mqa": ("self.transformer.h", "block.attn"), "scratchformer": ("self.model.layers", "block.self_attn")}
+
+
+def shared_source(arch, name):
+    """The source of class or method `name` ("Class.method") in models/<arch>.py, comments included, with
+    the file's path to its layers written LAYERS and to their attention block.ATTN."""
+    source = (ROOT / "models" / f"{arch}.py").read_text()
+    node = ast.parse(source)
+    for part in name.split("."):
+        node = next((n for n in node.body if isinstance(n, (ast.ClassDef, ast.FunctionDef)) and n.name == part), None)
+        assert node is not None, f"models/{arch}.py has no {name}"
+    layers, attn = LAYER_PATHS[arch]
+    return ast.get_source_segment(source, node, padded=True).replace(layers, "LAYERS").replace(attn, "block.ATTN")
+
+
+@pytest.mark.parametrize("name", SHARED)
+def test_repeated_helpers_are_identical_copies(name):
+    reference = shared_source("llama", name)
+    for arch in LAYER_PATHS:
+        copy = shared_source(arch, name)
+        diff = "".join(difflib.unified_diff(reference.splitlines(True), copy.splitlines(True),
+                                            "models/llama.py", f"models/{arch}.py"))
+        assert copy == reference, f"{name}: the copies differ; change all four alike\n{diff}"
 
 
 @pytest.mark.parametrize("path", MODEL_FILES, ids=lambda p: p.name)

@@ -1,6 +1,7 @@
 """Pretrained weights: tiny random transformers models of every architecture load into zoo with the
 same logits and export back; zoo's own format round-trips; bad checkpoints give clear errors; GGUF
 dequantization against a reference decoder; the SmolLM2 GGUF against transformers."""
+import dataclasses
 import importlib.util
 import json
 import pathlib
@@ -17,7 +18,6 @@ transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 V = 101  # vocabulary of the tiny models
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -103,11 +103,110 @@ def test_rope_config_old_and_new_forms_agree():
     ("llama-mqa", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}}, "yarn"),
     ("gpt_bigcode", {"multi_query": False}, "multi_query"),
     ("gpt2", {"architectures": ["MambaForCausalLM"], "model_type": "mamba"}, "not supported"),
+    ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx=true"),
+    ("gpt2", {"tie_word_embeddings": False}, "tie_word_embeddings=false"),
+    ("gpt_bigcode", {"activation_function": "relu"}, 'activation_function="relu"'),
+    ("llama-mqa", {"hidden_act": "gelu"}, 'hidden_act="gelu"'),
+    ("xglm", {"pad_token_id": 5}, "pad_token_id=5"),
+    ("xglm", {"activation_function": "silu"}, 'activation_function="silu"'),
+    ("gpt2", {"n_layer": None}, "no 'n_layer'"),
 ])
 def test_inexpressible_configs_are_clear_errors(name, change, message):
     config = {**hf_model(name).config.to_dict(), **change}
     with pytest.raises(ValueError, match=message):
         convert.from_hf_config(config)
+
+
+def test_inexpressible_config_error_says_file_key_value_and_model_file():
+    config = {**hf_model("gpt2").config.to_dict(), "n_inner": 100}
+    with pytest.raises(ValueError) as e:
+        convert.from_hf_config(config, "m/config.json")
+    assert str(e.value) == "m/config.json: n_inner=100 (expected null or 96), which models/gpt2.py cannot express"
+
+
+MAPS = sorted(p.stem for p in (ROOT / "weights_maps").glob("*.json"))
+
+
+@pytest.mark.parametrize("map_name", [n for n in MAPS if convert.load_map(n)["format"] == "hf"])
+def test_each_hf_map_translates_configs_both_ways(map_name):
+    """HF config -> ours -> HF config keeps every key transformers reads (training dropout aside: loading
+    sets it to 0; token ids aside: they are the tokenizer's, written on save), and ours -> HF -> ours is exact."""
+    wmap = convert.load_map(map_name)
+    cases = [name for name, (cls, _, _) in HF_CASES.items() if cls == wmap["architecture"]]
+    assert cases, f"weights_maps/{map_name}.json: add a tiny {wmap['architecture']} to HF_CASES"
+    for case in cases:
+        cls, config_cls, kwargs = HF_CASES[case]
+        original = getattr(transformers, config_cls)(vocab_size=V, bos_token_id=0, eos_token_id=0, pad_token_id=1,
+                                                     architectures=[cls], **kwargs)
+        arch, values, name = convert.from_hf_config(original.to_dict())
+        assert (arch, name) == (wmap["zoo_arch"], map_name)
+        hf = convert.to_hf_config(arch, zoo.registry.make_config(arch, values))
+        assert hf is not None and hf["architectures"] == [cls], case
+        assert convert.from_hf_config(hf)[1] == values, case
+        before, after = original.to_dict(), type(original)(**hf).to_dict()
+        ignored = {k for k in before if k.endswith(("pdrop", "dropout"))}
+        ignored |= {"bos_token_id", "eos_token_id", "pad_token_id"} - set(hf)
+        assert {k: v for k, v in after.items() if k not in ignored} == \
+               {k: v for k, v in before.items() if k not in ignored}, case
+
+
+@pytest.mark.parametrize("name", ["llama-mha-tied", "llama-mqa"])
+def test_gguf_map_reads_the_config_the_hf_map_reads(name, tmp_path):
+    assert [n for n in MAPS if convert.load_map(n)["format"] == "gguf"] == ["gguf-llama"]  # a new one: test it
+    ref = hf_model(name)
+    write_gguf_llama(tmp_path / "m.gguf", ref)
+    ckpt = checkpoints.GGUFCheckpoint(tmp_path / "m.gguf")
+    arch, values, map_name = convert.from_gguf_metadata(ckpt.metadata, ckpt.shapes, "m.gguf")
+    assert (arch, map_name) == ("llama", "gguf-llama")
+    hf_arch, hf_values, _ = convert.from_hf_config(ref.config.to_dict())
+    got, want = (dataclasses.asdict(zoo.registry.make_config(arch, v)) for v in (values, hf_values))
+    assert got.pop("norm_eps") == pytest.approx(want.pop("norm_eps"))  # float32 in GGUF
+    assert got == want
+
+
+def test_gguf_metadata_errors_name_the_key():
+    meta = {"general.architecture": "llama", "llama.block_count": 2, "llama.embedding_length": 32,
+            "llama.attention.head_count": 4, "llama.feed_forward_length": 40,
+            "llama.attention.layer_norm_rms_epsilon": 1e-5}
+    shapes = {"token_embd.weight": (V, 32)}
+    arch, values, _ = convert.from_gguf_metadata(meta, shapes, "m.gguf")
+    assert zoo.registry.make_config(arch, values) == zoo.registry.make_config("llama", dict(
+        vocab_size=V, block_size=2048, n_layer=2, n_head=4, n_kv_head=4, n_embd=32, ffn_dim=40, rope_theta=1e4,
+        norm_eps=1e-5, tie_embeddings=True))
+    with pytest.raises(ValueError) as e:
+        convert.from_gguf_metadata({**meta, "llama.rope.dimension_count": 4}, shapes, "m.gguf")
+    assert str(e.value) == ("m.gguf: llama.rope.dimension_count=4 (expected 8 or null), "
+                            "which models/llama.py cannot express")
+    with pytest.raises(ValueError, match="m.gguf: rope frequency scaling.*Hugging Face folder"):
+        convert.from_gguf_metadata(meta, {**shapes, "rope_freqs.weight": (4,)}, "m.gguf")
+    with pytest.raises(ValueError, match="m.gguf: no 'llama.block_count'"):
+        convert.from_gguf_metadata({k: v for k, v in meta.items() if k != "llama.block_count"}, shapes, "m.gguf")
+    with pytest.raises(ValueError, match="GGUF architecture 'qwen2' is not supported"):
+        convert.from_gguf_metadata({**meta, "general.architecture": "qwen2"}, shapes, "m.gguf")
+
+
+XGLM_FORM = dict(norm_first=True, sinusoid="fairseq", pos_offset=2, activation="gelu", dropout=0.1)
+SMALL = dict(vocab_size=V, block_size=32, n_layer=1, n_head=2, n_embd=16)
+
+
+@pytest.mark.parametrize("arch, base, change", [
+    ("gpt2", {}, {"bias": False}),
+    ("gpt2", {}, {"causal": False}),
+    ("mqa", {"ffn_dim": 24}, {"bias": False}),
+    ("mqa", {"ffn_dim": 24}, {"causal": False}),
+    ("llama", {"n_kv_head": 1, "ffn_dim": 24}, {"causal": False}),
+    ("scratchformer", {"ffn_dim": 24, **XGLM_FORM}, {"causal": False}),
+    ("scratchformer", {"ffn_dim": 24, **XGLM_FORM}, {"norm_first": False}),
+    ("scratchformer", {"ffn_dim": 24, **XGLM_FORM}, {"sinusoid": "vaswani"}),
+    ("scratchformer", {"ffn_dim": 24, **XGLM_FORM}, {"pos_offset": 0}),
+    ("scratchformer", {"ffn_dim": 24, **XGLM_FORM}, {"norm_eps": 1e-6}),
+    ("scratchformer", {"ffn_dim": 24, **XGLM_FORM}, {"bias": False}),
+])
+def test_export_needs_a_config_the_hf_architecture_expresses(arch, base, change):
+    """A config the map's constants and defaults do not cover has no HF form: it saves in the zoo's own."""
+    config = zoo.registry.make_config(arch, {**SMALL, **base})
+    assert convert.to_hf_config(arch, config) is not None  # the base is expressible (dropout is free)
+    assert convert.to_hf_config(arch, dataclasses.replace(config, **change)) is None
 
 
 def test_sharded_base_model_and_bin_checkpoints(tmp_path):
@@ -158,6 +257,8 @@ def test_device_and_dtype(device, tmp_path):
     ("bigram", dict(vocab_size=V)),
     ("scratchformer", dict(vocab_size=V, block_size=32, n_layer=2, n_head=4, n_embd=32, ffn_dim=48, dropout=0.0)),
     ("gpt2", dict(vocab_size=V, block_size=32, n_layer=2, n_head=4, n_embd=32, bias=False)),
+    ("llama", dict(vocab_size=V, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, ffn_dim=48,
+                   causal=False)),  # bidirectional: no HF causal LM expresses it
 ])
 def test_native_format_round_trip(arch, config, tmp_path):
     torch.manual_seed(0)
@@ -391,15 +492,14 @@ def test_gguf_llama_unpermutes_q_and_k(name, tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_gguf_matches_transformers(capsys, smollm2_gguf):
+def test_smollm2_gguf_matches_transformers(capsys, smollm2_gguf, shared_data):
     path = smollm2_gguf
-    if not WIKITEXT.exists():
-        pytest.skip(f"{WIKITEXT} is absent (the shared data folder)")
     pytest.importorskip("accelerate")
     model = zoo.load("smollm2-135m-instruct", pretrained=True)
     assert str(path) in capsys.readouterr().err  # it says which weights it used
     assert (model.config.n_layer, model.config.n_kv_head, model.config.tie_embeddings) == (30, 3, True)
-    r = zoo.verify(str(path), text=WIKITEXT.read_text(encoding="utf-8"), n_tokens=256)
+    text = (shared_data / "wikitext-2" / "valid.txt").read_text(encoding="utf-8")
+    r = zoo.verify(str(path), text=text, n_tokens=256)
     assert r["n_tokens"] == 256
     assert r["max_abs"] <= 1e-3
     assert r["top1"] == 1.0

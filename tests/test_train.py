@@ -1,13 +1,13 @@
 """Training: token files and batches, schedules, the loop's proofs (bigram entropy, exact resume, DDP),
 checkpoints, and the `zoo train` command line."""
-import argparse
+import dataclasses
 import json
+import logging
 import math
 import os
 import random
 import subprocess
 import sys
-import time
 from collections import Counter
 
 import numpy as np
@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import zoo
+import zoo.registry
 from zoo import data
 from zoo import training as zt
 from zoo.tokenizers import CharTokenizer
@@ -46,14 +47,20 @@ def text_file(tmp_path):
     return str(path)
 
 
-def parse(argv):
-    p = argparse.ArgumentParser()
-    zt.add_arguments(p)
-    return p.parse_args(argv)
+TINY_MODEL = dict(n_layer=1, n_head=2, n_embd=32, vocab_size=12)  # shakespeare-char, shrunk
+TINY = dict(block_size=32, batch_size=4, device="cpu", bf16=False, progress=False)
+TINY_ARGV = ["--set", "n_layer=1", "--set", "n_head=2", "--set", "n_embd=32", "--set", "vocab_size=12",
+             "--block-size", "32", "--batch-size", "4", "--device", "cpu", "--no-bf16", "--no-progress"]
 
 
-TINY = ["--set", "n_layer=1", "--set", "n_head=2", "--set", "n_embd=32", "--set", "vocab_size=12",
-        "--block-size", "32", "--batch-size", "4", "--device", "cpu", "--no-bf16"]
+def tiny(out, text_file, preset="shakespeare-char", overrides=(), **fields):
+    """zoo.train on a tiny character model; `fields` replace TINY's settings."""
+    return zoo.train(preset, [text_file], out, overrides={**TINY_MODEL, **dict(overrides)},
+                     **{**TINY, "tokenizer": "char", **fields})
+
+
+def val_losses(out):
+    return [r["val_loss"] for r in map(json.loads, open(os.path.join(out, "log.jsonl"))) if "val_loss" in r]
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -70,7 +77,7 @@ def test_token_file_is_cached_and_keyed_by_content_and_tokenizer(tmp_path):
     assert len(os.listdir(data.cache_dir())) == 3
 
 
-def test_documents_are_joined_with_end_of_text():
+def test_documents_are_joined_with_end_of_text(gpt2_bpe):
     tok = zoo.tokenizer("gpt2")
     ids = data.tokenize(["Hello world", "Hello world"], tok)
     assert ids.tolist() == [15496, 995, 50256, 15496, 995]
@@ -100,7 +107,7 @@ def test_too_little_data_and_vocab_mismatch_fail_before_training(tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("abcdefghij" * 3)
     tok = CharTokenizer.from_text("abcdefghij")
-    with pytest.raises(ValueError, match="block-size"):
+    with pytest.raises(ValueError, match="block_size"):
         data.load_splits([str(short)], tok, block_size=8)  # validation: 3 tokens < 9
     with pytest.raises(ValueError, match="vocab_size=10"):
         data.load_splits([str(short)], tok, block_size=2, vocab_size=5)
@@ -109,13 +116,13 @@ def test_too_little_data_and_vocab_mismatch_fail_before_training(tmp_path):
     with pytest.raises(ValueError, match="0 tokens"):
         data.load_splits([str(empty)], tok, block_size=2)
     with pytest.raises(ValueError, match="vocab_size"):
-        zt.train(parse(["shakespeare-char", "--data", str(short), "--out", str(tmp_path / "o"),
-                        "--tokenizer", "char", "--set", "vocab_size=4", "--block-size", "2"]))
+        zoo.train("shakespeare-char", [str(short)], tmp_path / "o", tokenizer="char", overrides={"vocab_size": 4},
+                  block_size=2)
 
 
 def test_hf_dataset_without_datasets_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
-    with pytest.raises(ValueError, match=r"pip install 'zoo\[datasets\]'"):
+    with pytest.raises(ValueError, match=r"pip install 'zoo-lm\[datasets\]'"):
         data.read_texts(["hf:wikitext:wikitext-2-raw-v1"])
 
 
@@ -136,21 +143,20 @@ def test_hf_dataset_splits_train_a_model(tmp_path, monkeypatch):
     assert data.read_texts([spec + "@validation"]) == [markov_text(200, seed=i) for i in range(5)]
     with pytest.raises(ValueError, match="test"):
         data.read_texts([spec + "@test"])
-    val_loss = zt.train(parse(["shakespeare-char", "--data", spec, "--val", spec + "@validation", "--tokenizer", "char",
-                               "--out", str(tmp_path / "out"), "--max-iters", "3", *TINY]))
+    val_loss = zoo.train("shakespeare-char", [spec], tmp_path / "out", val=[spec + "@validation"], tokenizer="char",
+                         overrides=TINY_MODEL, max_iters=3, **TINY)
     assert math.isfinite(val_loss)
 
 
 # ------------------------------------------------------------------------------------------ loop parts
 
 def test_noam_and_cosine_schedules():
-    s = zt.settings_from(parse(["scratchformer", "--data", "x", "--out", "o"]))
+    s = zt.TrainConfig.for_preset("scratchformer")
     d = 512
     assert zt.learning_rate(s, 1, None, d) == pytest.approx(d ** -0.5 * 4000 ** -1.5)
     assert zt.learning_rate(s, 4000, None, d) == pytest.approx(d ** -0.5 * 4000 ** -0.5)  # the peak
     assert zt.learning_rate(s, 16000, None, d) == pytest.approx(d ** -0.5 * 16000 ** -0.5)
-    c = zt.settings_from(parse(["shakespeare-char", "--data", "x", "--out", "o", "--lr", "1", "--min-lr", "0.1",
-                                "--warmup", "10"]))
+    c = zt.TrainConfig.for_preset("shakespeare-char", lr=1, min_lr=0.1, warmup=10)
     assert zt.learning_rate(c, 5, 110, 1) == pytest.approx(0.5)
     assert zt.learning_rate(c, 10, 110, 1) == pytest.approx(1.0)
     assert zt.learning_rate(c, 60, 110, 1) == pytest.approx(0.55)
@@ -158,18 +164,36 @@ def test_noam_and_cosine_schedules():
 
 
 def test_scratchformer_preset_carries_its_reference_recipe():
-    s = zt.settings_from(parse(["scratchformer", "--data", "x", "--out", "o"]))
+    s = zt.TrainConfig.for_preset("scratchformer")
     assert (s.schedule, s.warmup, s.label_smoothing, s.batch_size, s.block_size, s.checkpoint_interval,
             s.tokenizer) == ("noam", 4000, 0.1, 10, 256, 10000, "gpt2")
-    s = zt.settings_from(parse(["scratchformer", "--data", "x", "--out", "o", "--warmup", "8"]))
-    assert s.warmup == 8  # the command line wins
+    assert zt.TrainConfig.for_preset("scratchformer", warmup=8).warmup == 8  # the caller wins
 
 
-def test_scratchformer_trains_with_its_recipe(tmp_path, text_file):
+def test_every_preset_trains_with_a_partial_train_config():
+    for name, preset in zoo.registry.PRESETS.items():
+        assert set(preset.train) <= {f.name for f in dataclasses.fields(zt.TrainConfig)}, name
+        zt.TrainConfig(**preset.train)  # valid values
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("batch_size", 0, "batch_size"), ("lr", float("nan"), "lr"), ("lr", -1.0, "lr"), ("beta2", 1.0, "beta2"),
+    ("schedule", "linear", "schedule"), ("warmup", -1, "warmup"), ("max_iters", 0, "max_iters"),
+    ("label_smoothing", 1.0, "label_smoothing"), ("time_budget", 0.0, "time_budget"), ("device", "gpu9", "device"),
+])
+def test_impossible_settings_name_the_field(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        zt.TrainConfig(**{field: value})
+    with pytest.raises(TypeError, match="batch_size"):
+        zt.TrainConfig(batch_size="12")
+    with pytest.raises(TypeError, match="unknown training setting"):
+        zt.TrainConfig.of(zt.TrainConfig(), bacth_size=3)
+
+
+def test_scratchformer_trains_with_its_recipe(tmp_path, text_file, gpt2_bpe):
     """GPT-2's BPE, the Noam schedule and label smoothing, on a tiny scratchformer."""
-    zt.train(parse(["scratchformer", "--data", text_file, "--out", str(tmp_path / "o"), "--set", "n_layer=1",
-                    "--set", "n_embd=32", "--set", "n_head=2", "--set", "ffn_dim=64", "--block-size", "32",
-                    "--batch-size", "2", "--max-iters", "3", "--log-interval", "1", "--device", "cpu"]))
+    zoo.train("scratchformer", [text_file], tmp_path / "o", overrides=dict(n_layer=1, n_embd=32, n_head=2, ffn_dim=64),
+              block_size=32, batch_size=2, max_iters=3, log_interval=1, device="cpu", progress=False)
     rows = [json.loads(line) for line in open(tmp_path / "o" / "log.jsonl")]
     assert [r["lr"] for r in rows if "lr" in r] == pytest.approx([32 ** -0.5 * t * 4000 ** -1.5 for t in (1, 2, 3)])
     assert zoo.tokenizer(str(tmp_path / "o" / "step-0000003")).vocab_size == 50257
@@ -177,7 +201,7 @@ def test_scratchformer_trains_with_its_recipe(tmp_path, text_file):
 
 def test_weight_decay_only_on_matrices():
     model = zoo.load("shakespeare-char", n_layer=1, bias=True)
-    s = zt.settings_from(parse(["shakespeare-char", "--data", "x", "--out", "o"]))
+    s = zt.TrainConfig.for_preset("shakespeare-char")
     decay, no_decay = zt.make_optimizer(model, s, "cpu").param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
@@ -191,23 +215,19 @@ def test_bigram_reaches_the_conditional_entropy(tmp_path, text_file):
     pairs, firsts = Counter(zip(text, text[1:])), Counter(text[:-1])
     n = len(text) - 1
     entropy = -sum(c / n * math.log(c / firsts[a]) for (a, _), c in pairs.items())  # nats per token
-    args = parse(["bigram", "--data", text_file, "--val", text_file, "--out", str(tmp_path / "o"),
-                  "--tokenizer", "char", "--set", "vocab_size=12", "--batch-size", "32", "--block-size", "64",
-                  "--lr", "0.1", "--min-lr", "0.001", "--weight-decay", "0", "--max-iters", "300",
-                  "--warmup", "10", "--eval-interval", "1000", "--device", "cpu"])
-    zt.train(args)
+    zoo.train("bigram", [text_file], tmp_path / "o", val=[text_file], tokenizer="char", overrides={"vocab_size": 12},
+              batch_size=32, block_size=64, lr=0.1, min_lr=0.001, weight_decay=0.0, max_iters=300, warmup=10,
+              eval_interval=1000, device="cpu", progress=False)
     model = zoo.from_pretrained(str(tmp_path / "o" / "step-0000300"))
     ids = torch.tensor(CharTokenizer.from_text(text).encode(text))
     loss = torch.nn.functional.cross_entropy(model(ids[None, :-1])[0], ids[1:]).item()
     assert loss == pytest.approx(entropy, rel=0.01)
 
 
-def test_resume_continues_exactly(tmp_path, text_file, monkeypatch, capsys):
-    common = ["shakespeare-char", "--data", text_file, "--tokenizer", "char", *TINY, "--set", "dropout=0.1",
-              "--max-iters", "12", "--eval-interval", "3", "--checkpoint-interval", "4", "--log-interval", "2",
-              "--warmup", "2", "--seed", "7"]
-    zt.train(parse([*common, "--out", str(tmp_path / "a")]))
-    straight = [line for line in capsys.readouterr().out.splitlines() if "val_loss" in line]
+def test_resume_continues_exactly(tmp_path, text_file, monkeypatch):
+    common = dict(overrides={"dropout": 0.1}, max_iters=12, eval_interval=3, checkpoint_interval=4, log_interval=2,
+                  warmup=2, seed=7)
+    tiny(tmp_path / "a", text_file, **common)
 
     class Crash(Exception):
         pass
@@ -221,23 +241,55 @@ def test_resume_continues_exactly(tmp_path, text_file, monkeypatch, capsys):
         return path
     monkeypatch.setattr(zt, "save_checkpoint", save_then_crash)
     with pytest.raises(Crash):
-        zt.train(parse([*common, "--out", str(tmp_path / "b")]))
+        tiny(tmp_path / "b", text_file, **common)
     monkeypatch.setattr(zt, "save_checkpoint", save)
-    zt.train(parse([*common, "--out", str(tmp_path / "b"), "--resume"]))
-    resumed = [line for line in capsys.readouterr().out.splitlines() if "val_loss" in line]
-    assert len(straight) == 4 and resumed == straight
+    assert val_losses(tmp_path / "b") != val_losses(tmp_path / "a")  # the crash cut it short
+    zoo.train("shakespeare-char", [text_file], tmp_path / "b", resume=True, progress=False)  # its own settings
+    assert len(val_losses(tmp_path / "a")) == 4 and val_losses(tmp_path / "b") == val_losses(tmp_path / "a")
     a = load_file(tmp_path / "a" / "step-0000012" / "model.safetensors")
     b = load_file(tmp_path / "b" / "step-0000012" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
     def rows(run):  # the log without its timings
         return [{k: v for k, v in json.loads(line).items() if k != "tok_per_s"}
                 for line in open(tmp_path / run / "log.jsonl")]
     assert rows("b") == rows("a")
 
 
+def test_resume_with_more_iterations_continues_to_them(tmp_path, text_file, caplog):
+    """30 steps, then resumed to 60, equals 60 straight under a step-only schedule (noam)."""
+    common = dict(schedule="noam", lr=0.5, warmup=10, eval_interval=10, checkpoint_interval=30, log_interval=5)
+    straight = tiny(tmp_path / "straight", text_file, max_iters=60, **common)
+    tiny(tmp_path / "split", text_file, max_iters=30, **common)
+    resumed = zoo.train("shakespeare-char", [text_file], tmp_path / "split", resume=True, max_iters=60)
+    assert resumed == straight and val_losses(tmp_path / "split") == val_losses(tmp_path / "straight")
+    assert sorted(os.listdir(tmp_path / "split")) == sorted(os.listdir(tmp_path / "straight"))
+    # nothing left to do: said, not silently skipped
+    again = zoo.train("shakespeare-char", [text_file], tmp_path / "split", resume=True)
+    assert again == pytest.approx(straight)
+    # with cosine, a longer horizon changes the schedule: it says so
+    tiny(tmp_path / "cos", text_file, max_iters=10, checkpoint_interval=10)
+    zoo.train("shakespeare-char", [text_file], tmp_path / "cos", resume=True, max_iters=20)
+    assert max(int(d[5:]) for d in os.listdir(tmp_path / "cos") if d.startswith("step-")) == 20
+
+
+def test_resume_notes_go_to_the_zoo_logger(tmp_path, text_file, capfd):
+    tiny(tmp_path / "o", text_file, max_iters=4)
+    capfd.readouterr()
+    zoo.train("shakespeare-char", [text_file], tmp_path / "o", resume=True)
+    assert "nothing to train" in capfd.readouterr().err
+    zoo.train("shakespeare-char", [text_file], tmp_path / "o", resume=True, max_iters=6)
+    assert "horizon changed from 4 to 6" in capfd.readouterr().err
+    logging.getLogger("zoo").setLevel(logging.WARNING + 1)  # a Python user silences the notes
+    try:
+        zoo.train("shakespeare-char", [text_file], tmp_path / "o", resume=True)
+        assert "nothing to train" not in capfd.readouterr().err
+    finally:
+        logging.getLogger("zoo").setLevel(logging.INFO)
+
+
 def test_checkpoint_contents_load_with_weights_only(tmp_path, text_file):
-    zt.train(parse(["shakespeare-char", "--data", text_file, "--tokenizer", "char", *TINY, "--max-iters", "2",
-                    "--out", str(tmp_path / "o")]))
+    tiny(tmp_path / "o", text_file, max_iters=2)
     ckpt = tmp_path / "o" / "step-0000002"
     state = torch.load(ckpt / zt.STATE_FILE, weights_only=True)
     assert state["step"] == 2 and state["arch"] == "gpt2" and state["config"]["n_embd"] == 32
@@ -259,40 +311,33 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, text_file, 
         return loss * float("nan") if len(calls) > 4 and torch.is_grad_enabled() else loss
     monkeypatch.setattr(zt.F, "cross_entropy", poisoned)
     with pytest.raises(FloatingPointError, match="step-0000004"):
-        zt.train(parse(["shakespeare-char", "--data", text_file, "--tokenizer", "char", *TINY,
-                        "--max-iters", "10", "--checkpoint-interval", "2", "--log-interval", "1",
-                        "--out", str(tmp_path / "o")]))
+        tiny(tmp_path / "o", text_file, max_iters=10, checkpoint_interval=2, log_interval=1)
     assert sorted(os.listdir(tmp_path / "o")) == ["log.jsonl", "loss.png", "step-0000002", "step-0000004"]
     model = zoo.from_pretrained(str(tmp_path / "o" / "step-0000004"))
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_init_starts_from_pretrained_weights(tmp_path, text_file, capsys):
-    zt.train(parse(["shakespeare-char", "--data", text_file, "--tokenizer", "char", *TINY, "--max-iters", "20",
-                    "--lr", "3e-3", "--out", str(tmp_path / "a")]))
-    before = float(capsys.readouterr().out.split()[-1])
+def test_init_starts_from_pretrained_weights(tmp_path, text_file):
+    before = tiny(tmp_path / "a", text_file, max_iters=20, lr=3e-3)
     # one step at a vanishing learning rate: the model (and its validation loss) is the one loaded
-    val = zt.train(parse(["shakespeare-char", "--data", text_file, "--init", str(tmp_path / "a" / "step-0000020"),
-                          "--max-iters", "1", "--lr", "1e-12", "--warmup", "0", "--block-size", "32",
-                          "--batch-size", "4", "--device", "cpu", "--no-bf16", "--out", str(tmp_path / "b")]))
+    val = zoo.train(None, [text_file], tmp_path / "b", init=tmp_path / "a" / "step-0000020", max_iters=1, lr=1e-12,
+                    warmup=0, **TINY)
     assert val == pytest.approx(before, abs=1e-4) and before < math.log(12)
 
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 def test_bf16_label_smoothing_grad_accum(tmp_path, text_file, device):
-    val = zt.train(parse(["shakespeare-char", "--data", text_file, "--tokenizer", "char", *TINY,
-                          "--device", device, "--bf16", "--label-smoothing", "0.1", "--grad-accum", "2",
-                          "--max-iters", "30", "--lr", "3e-3", "--out", str(tmp_path / "o")]))
+    val = tiny(tmp_path / "o", text_file, device=device, bf16=True, label_smoothing=0.1, grad_accum=2, max_iters=30,
+               lr=3e-3)
     assert val < math.log(12) - 0.1  # learned something
 
 
 @pytest.mark.slow
 def test_compiled_training_matches_eager(tmp_path, text_file, device):
     """--compile trains the same model: fp32 losses equal the eager run's to float rounding."""
-    args = ["shakespeare-char", "--data", text_file, "--tokenizer", "char", *TINY, "--device", device.type,
-            "--max-iters", "20", "--eval-interval", "10", "--lr", "3e-3"]
-    eager = zt.train(parse([*args, "--out", str(tmp_path / "eager")]))
-    compiled = zt.train(parse([*args, "--compile", "--out", str(tmp_path / "compiled")]))
+    args = dict(device=device.type, max_iters=20, eval_interval=10, lr=3e-3)
+    eager = tiny(tmp_path / "eager", text_file, **args)
+    compiled = tiny(tmp_path / "compiled", text_file, compile=True, **args)
     assert compiled == pytest.approx(eager, rel=1e-4) and eager < math.log(12) - 0.1
     assert zoo.from_pretrained(str(tmp_path / "compiled" / "step-0000020")).config.n_layer == 1  # clean names
 
@@ -309,7 +354,7 @@ def zoo_cmd(*args, launcher=(sys.executable, "-m", "zoo"), timeout=300):
 @pytest.mark.slow
 def test_command_line_train_then_eval(tmp_path, text_file):
     out = tmp_path / "o"
-    r = zoo_cmd("train", "shakespeare-char", "--data", text_file, "--tokenizer", "char", *TINY,
+    r = zoo_cmd("train", "shakespeare-char", "--data", text_file, "--tokenizer", "char", *TINY_ARGV,
                 "--max-iters", "6", "--checkpoint-interval", "3", "--out", str(out))
     last = r.stdout.strip().splitlines()[-1]
     assert last.startswith("val_loss ") and float(last.split()[1]) < 3.0
@@ -323,19 +368,19 @@ def test_command_line_train_then_eval(tmp_path, text_file):
 
 @pytest.mark.slow
 def test_time_budget_bounds_the_whole_command(tmp_path, text_file):
-    t = time.time()
-    r = zoo_cmd("train", "shakespeare-char", "--data", text_file, "--tokenizer", "char", *TINY,
+    """The budget plans the horizon from the measured step time and stops by itself (how close it lands to
+    the budget is a timing, measured by bench/train_shakespeare.py, not asserted here)."""
+    r = zoo_cmd("train", "shakespeare-char", "--data", text_file, "--tokenizer", "char", *TINY_ARGV,
                 "--time-budget", "15", "--eval-interval", "50", "--out", str(tmp_path / "o"))
-    wall = time.time() - t
-    assert wall < 15.5, wall  # (the slack: process teardown on a busy machine)
     assert r.stdout.strip().splitlines()[-1].startswith("val_loss ")
     steps = [int(d[5:]) for d in os.listdir(tmp_path / "o") if d.startswith("step-")]
-    assert max(steps) > 20  # it trained for most of the budget, not just stopped
+    rows = [json.loads(line) for line in open(tmp_path / "o" / "log.jsonl")]
+    assert max(steps) == rows[-1]["step"] > 10 and "val_loss" in rows[-1]  # trained on, then stopped cleanly
 
 
 @pytest.mark.slow
 def test_two_processes_match_one_over_the_same_global_batch(tmp_path, text_file):
-    common = ["train", "shakespeare-char", "--data", text_file, "--tokenizer", "char", *TINY,
+    common = ["train", "shakespeare-char", "--data", text_file, "--tokenizer", "char", *TINY_ARGV,
               "--max-iters", "3", "--grad-accum", "2", "--lr", "1e-2", "--warmup", "0"]
     zoo_cmd(*common, "--out", str(tmp_path / "one"))
     zoo_cmd(*common, "--out", str(tmp_path / "two"),

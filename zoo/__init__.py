@@ -3,21 +3,22 @@
     import zoo
     zoo.list()                                            # preset names
     model = zoo.load("shakespeare-char")                  # a fresh model from a preset
-    model = zoo.load("smollm2-135m-instruct", pretrained=True)   # with its published weights
-    tok = zoo.tokenizer("smollm2-135m-instruct")
+    model, tok = zoo.load_source("smollm2-135m-instruct") # published weights and their tokenizer
     print(zoo.complete(model, tok, [{"role": "user", "content": "Hi!"}], max_new_tokens=50))
+    zoo.train("shakespeare-char", ["input.txt"], "out/", max_iters=2000)   # -> final validation loss
 
-The functions below share their names with the modules that hold them (zoo.generate, zoo.verify):
-importing them here, once, binds the package attributes to the functions for good.
+Notes go to logging.getLogger("zoo") (stderr by default; set its level to WARNING to silence them).
 """
 from .generation import complete, generate
-from .pretrained import from_pretrained, save_pretrained
+from .pretrained import from_pretrained, load_source, save_pretrained
 from .registry import arch_of, build, list  # noqa: A004  (zoo.list() is the public name)
+from .sampling import SamplingConfig
 from .tokenizers import load_tokenizer as tokenizer
+from .training import TrainConfig, train
 from .verification import verify
 
-__all__ = ["list", "load", "build", "arch_of", "from_pretrained", "save_pretrained", "tokenizer", "generate",
-           "complete", "verify"]
+__all__ = ["list", "load", "build", "arch_of", "from_pretrained", "load_source", "save_pretrained", "tokenizer",
+           "generate", "complete", "SamplingConfig", "train", "TrainConfig", "verify"]
 
 
 def load(name, pretrained=False, *, revision=None, device=None, dtype=None, **overrides):
@@ -29,7 +30,6 @@ def load(name, pretrained=False, *, revision=None, device=None, dtype=None, **ov
     from .registry import get_preset
     preset = get_preset(name)
     if pretrained:
-        from .pretrained import load_preset
-        return load_preset(name, preset, revision=revision, device=device, dtype=dtype, **overrides)
+        return from_pretrained(name, revision=revision, device=device, dtype=dtype, **overrides)
     model = build(preset.arch, {**preset.config, **overrides})
     return model.to(device=device, dtype=dtype) if (device or dtype) else model

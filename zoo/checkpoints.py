@@ -187,6 +187,12 @@ class GGUFCheckpoint(Checkpoint):
         return torch.from_numpy(out).view(shape)
 
 
+def read_gguf_metadata(path):
+    """A GGUF file's metadata (key -> value: architecture, tokenizer vocabulary, chat template, ...), read
+    from its header alone: no tensor data is touched."""
+    return GGUFCheckpoint(path).metadata
+
+
 def _parse_gguf(buf):
     """(metadata, tensors) from a GGUF header; tensors: name -> (file offset, torch shape, type, bytes)."""
     from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLQuantizationType

@@ -1,32 +1,27 @@
 """The `zoo` command line: `zoo list|generate|train|eval|verify` (also `python -m zoo`).
 
-Each command lives beside the code it drives: its module defines `add_arguments(parser)` and
-`run(args) -> exit code`, and this file only routes to it.
+Each command is a module in zoo/commands/ with `HELP`, `add_arguments(parser)` and `run(args) -> exit
+code`; this file only routes to it, shows the library's notes on stderr, and turns bad input into one
+`zoo COMMAND: error: ...` line with exit status 2.
 """
 import argparse
 import importlib
 import sys
 
-COMMANDS = {  # name -> (module, one-line help)
-    "list": ("zoo.registry", "list the presets with sizes, weight sources and licences"),
-    "generate": ("zoo.generation", "generate text (default model: smollm2-135m-instruct)"),
-    "train": ("zoo.training", "train or fine-tune a model on text files"),
-    "eval": ("zoo.evaluation", "validation loss and sliding-window perplexity"),
-    "verify": ("zoo.verification", "compare zoo's logits with transformers' on the same weights"),
-}
+COMMANDS = ("list", "generate", "train", "eval", "verify")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="zoo", description="single-file PyTorch language models")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     modules = {}
-    for name, (module, help) in COMMANDS.items():
-        modules[name] = importlib.import_module(module)
-        modules[name].add_arguments(sub.add_parser(name, help=help, description=help))
+    for name in COMMANDS:
+        modules[name] = importlib.import_module(f"zoo.commands.{name}")
+        modules[name].add_arguments(sub.add_parser(name, help=modules[name].HELP, description=modules[name].HELP))
     args = parser.parse_args(argv)
     try:
         return modules[args.command].run(args) or 0
-    except (ValueError, FileNotFoundError) as e:  # bad input: say what and how to fix, no traceback
+    except (ValueError, TypeError, FileNotFoundError) as e:  # bad input: say what and how to fix, no traceback
         print(f"zoo {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,29 +1,51 @@
 """Checkpoints <-> zoo models: config translation and one generic loader driven by weights maps.
 
-A weights map (weights_maps/<name>.json, format in weights_maps/README.md) lists, for each of our
-tensors, where it comes from in a checkpoint and how: renamed, transposed, concatenated from several
-tensors (fused q|k|v, gate|up), un-permuted (llama.cpp's rope row order), tied, or ignored. The same
-map runs backwards to export (concatenations become splits).
+A weights map (weights_maps/<name>.json, format in weights_maps/README.md) says which checkpoints it
+reads (its "format" and "architecture"), how their config becomes our Config (a "config" section of
+renamed keys, defaults, constants and value maps, the "requires" the model file needs, and at most one
+named hook for what data cannot say), and, for each of our tensors, where it comes from: renamed,
+transposed, concatenated from several tensors (fused q|k|v, gate|up), un-permuted (llama.cpp's rope row
+order), tied, or ignored. The same map runs backwards to export (concatenations become splits).
 """
+import copy
 import ctypes
 import dataclasses
+import functools
 import json
 from importlib import resources
 
 import torch
 
-HF_ARCHITECTURES = {  # config.json "architectures" -> weights map (named after HF's model_type)
-    "GPT2LMHeadModel": "gpt2",
-    "LlamaForCausalLM": "llama",
-    "GPTBigCodeForCausalLM": "gpt_bigcode",
-    "XGLMForCausalLM": "xglm",
-}
-GGUF_ARCHITECTURES = {"llama": "gguf-llama"}  # GGUF general.architecture -> weights map
+
+_RULE_KEYS = {"from", "default", "map", "value", "load", "to"}  # of a "config" entry (weights_maps/README.md)
+
+
+@functools.cache
+def _maps():
+    """Every map in the zoo.weights_maps package, {name (file stem): map}, checked once."""
+    maps = {f.name.removesuffix(".json"): json.loads(f.read_text())
+            for f in sorted(resources.files("zoo.weights_maps").iterdir(), key=lambda f: f.name)
+            if f.name.endswith(".json")}
+    claimed = {}
+    for name, m in maps.items():
+        where = f"weights_maps/{name}.json"
+        if m.get("format") not in ("hf", "gguf") or not m.get("architecture") or not m.get("zoo_arch"):
+            raise ValueError(f"{where}: needs \"format\" (hf or gguf), \"architecture\" and \"zoo_arch\"")
+        if m.get("hook") is not None and m["hook"] not in HOOKS:
+            raise ValueError(f"{where}: unknown hook {m['hook']!r} (zoo/convert.py has {', '.join(HOOKS)})")
+        for field, rule in m.get("config", {}).items():
+            if not isinstance(rule, str) and set(rule) - _RULE_KEYS:
+                raise ValueError(f"{where}: config.{field}: unknown keys {sorted(set(rule) - _RULE_KEYS)}")
+        other = claimed.setdefault((m["format"], m["architecture"]), name)
+        if other != name:
+            raise ValueError(f"{where}: {m['format']} architecture {m['architecture']!r} is already "
+                             f"weights_maps/{other}.json's")
+    return maps
 
 
 def load_map(name):
-    """A weights map by name: gpt2, llama, gpt_bigcode, xglm, gguf-llama."""
-    return json.loads(resources.files("zoo.weights_maps").joinpath(f"{name}.json").read_text())
+    """A weights map by name (its file stem): gpt2, llama, gpt_bigcode, xglm, gguf-llama, ..."""
+    return copy.deepcopy(_maps()[name])
 
 
 def native_map(model):
@@ -33,137 +55,200 @@ def native_map(model):
 
 # ---------------------------------------------------------------------------------------- configs
 
+def hf_map_name(hf):
+    """The name of the map that reads a Hugging Face config.json dict (by its "architectures", else its
+    "model_type"), or None."""
+    hf_maps = [(name, m) for name, m in _maps().items() if m["format"] == "hf"]
+    for arch in hf.get("architectures") or []:
+        for name, m in hf_maps:
+            if m["architecture"] == arch:
+                return name
+    model_type = hf.get("model_type")
+    return next((name for name, m in hf_maps if model_type and m.get("model_type") == model_type), None)
+
+
 def from_hf_config(hf, where="config.json"):
     """(zoo arch, Config values, weights map name) for a Hugging Face config.json dict."""
-    archs = [a for a in hf.get("architectures") or [] if a in HF_ARCHITECTURES]
-    map_name = HF_ARCHITECTURES[archs[0]] if archs else hf.get("model_type")
-    translate = {"gpt2": _from_gpt2, "llama": _from_llama, "gpt_bigcode": _from_gpt_bigcode, "xglm": _from_xglm}
-    if map_name not in translate:
+    name = hf_map_name(hf)
+    if name is None:
+        loadable = [m["architecture"] for m in _maps().values() if m["format"] == "hf"]
         raise ValueError(f"{where}: architecture {hf.get('architectures') or hf.get('model_type')!r} is not "
-                         f"supported; zoo loads {', '.join(HF_ARCHITECTURES)} and its own format")
-
-    def need(cond, what):
-        if not cond:
-            raise ValueError(f"{where}: {what}, which models/{load_map(map_name)['zoo_arch']}.py cannot express")
-
-    values = translate[map_name](hf, need)
-    return load_map(map_name)["zoo_arch"], values, map_name
-
-
-_TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")  # the same tanh approximation, two names
-
-
-def _from_gpt2(hf, need):
-    n_embd = hf["n_embd"]
-    need(hf.get("n_inner") in (None, 4 * n_embd), f"n_inner={hf.get('n_inner')} (gpt2.py uses 4*n_embd)")
-    activation = hf.get("activation_function", "gelu_new")
-    need(activation in (*_TANH_GELU, "gelu"), f"activation {activation!r}")
-    need(not hf.get("scale_attn_by_inverse_layer_idx"), "scale_attn_by_inverse_layer_idx=true")
-    need(hf.get("scale_attn_weights", True), "scale_attn_weights=false")
-    need(hf.get("tie_word_embeddings", True), "an untied output layer")
-    return dict(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
-                n_head=hf["n_head"], n_embd=n_embd, norm_eps=hf.get("layer_norm_epsilon", 1e-5), bias=True,
-                dropout=0.0, activation="gelu" if activation == "gelu" else "gelu_tanh")
-
-
-def _from_gpt_bigcode(hf, need):
-    n_embd = hf["n_embd"]
-    need(hf.get("multi_query", True), "multi_query=false (one K/V head per query head)")
-    need(hf.get("activation_function", "gelu_pytorch_tanh") in _TANH_GELU,
-         f"activation {hf.get('activation_function')!r}")
-    need(hf.get("scale_attn_weights", True), "scale_attn_weights=false")
-    need(hf.get("tie_word_embeddings", True), "an untied output layer")
-    return dict(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
-                n_head=hf["n_head"], n_embd=n_embd, ffn_dim=hf.get("n_inner") or 4 * n_embd,
-                norm_eps=hf.get("layer_norm_epsilon", 1e-5), bias=True, dropout=0.0)
-
-
-def _from_llama(hf, need):
-    n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
-    need(hf.get("head_dim") in (None, n_embd // n_head),
-         f"head_dim={hf.get('head_dim')} != hidden_size/num_attention_heads={n_embd // n_head}")
-    need(not hf.get("attention_bias") and not hf.get("mlp_bias"), "attention_bias/mlp_bias=true")
-    need(hf.get("hidden_act", "silu") == "silu", f"hidden_act {hf.get('hidden_act')!r}")
-    # transformers >= 5 writes rope_parameters; older configs rope_theta + rope_scaling
-    rope = hf.get("rope_parameters") or {**(hf.get("rope_scaling") or {}), "rope_theta": hf.get("rope_theta", 1e4)}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    need(rope_type in ("default", "llama3"), f"rope type {rope_type!r} (supported: default, llama3)")
-    scaling = None
-    if rope_type == "llama3":
-        scaling = {k: rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                        "original_max_position_embeddings")}
-    return dict(vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 2048),
-                n_layer=hf["num_hidden_layers"], n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head,
-                n_embd=n_embd, ffn_dim=hf["intermediate_size"], rope_theta=float(rope.get("rope_theta", 1e4)),
-                rope_scaling=scaling, norm_eps=hf.get("rms_norm_eps", 1e-6),
-                tie_embeddings=hf.get("tie_word_embeddings", False), dropout=0.0)
-
-
-def _from_xglm(hf, need):
-    need(hf.get("activation_function", "gelu") in ("gelu", "relu"), f"activation {hf.get('activation_function')!r}")
-    need(hf.get("tie_word_embeddings", True), "an untied output layer")
-    # XGLM zeroes the sinusoid row of pad_token_id; with the usual pad id 1 that row is never used
-    need(hf.get("pad_token_id") in (None, 0, 1), f"pad_token_id={hf.get('pad_token_id')} (a zeroed position)")
-    return dict(vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 2048),
-                n_layer=hf["num_layers"], n_head=hf["attention_heads"], n_embd=hf["d_model"],
-                ffn_dim=hf["ffn_dim"], activation=hf.get("activation_function", "gelu"), norm_first=True,
-                scale_embedding=hf.get("scale_embedding", True), sinusoid="fairseq", pos_offset=2,
-                bias=True, norm_eps=1e-5, dropout=0.0)
-
-
-def to_hf_config(arch, config):
-    """The Hugging Face config.json dict for a zoo model, or None when transformers cannot express it."""
-    c = config
-    if arch == "gpt2" and c.bias:
-        return dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=c.vocab_size,
-                    n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head, n_inner=None,
-                    activation_function="gelu_new" if c.activation == "gelu_tanh" else "gelu",
-                    layer_norm_epsilon=c.norm_eps, tie_word_embeddings=True,
-                    resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout)
-    if arch == "mqa" and c.bias:
-        return dict(architectures=["GPTBigCodeForCausalLM"], model_type="gpt_bigcode", multi_query=True,
-                    vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
-                    n_head=c.n_head, n_inner=c.ffn_dim, activation_function="gelu_pytorch_tanh",
-                    layer_norm_epsilon=c.norm_eps, tie_word_embeddings=True, resid_pdrop=c.dropout,
-                    embd_pdrop=c.dropout, attn_pdrop=c.dropout)
-    if arch == "llama":
-        rope_scaling = c.rope_scaling and {"rope_type": "llama3", **c.rope_scaling}
-        return dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=c.vocab_size,
-                    hidden_size=c.n_embd, intermediate_size=c.ffn_dim, num_hidden_layers=c.n_layer,
-                    num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head, head_dim=c.n_embd // c.n_head,
-                    hidden_act="silu", max_position_embeddings=c.block_size, rms_norm_eps=c.norm_eps,
-                    rope_theta=c.rope_theta, rope_scaling=rope_scaling, tie_word_embeddings=c.tie_embeddings,
-                    attention_bias=False, mlp_bias=False, attention_dropout=c.dropout)
-    # XGLM: pre-LN, fairseq sinusoids from position 2, biases, LayerNorm eps fixed at 1e-5 (GELU or ReLU)
-    if (arch == "scratchformer" and c.norm_first and c.sinusoid == "fairseq" and c.pos_offset == 2 and c.bias
-            and c.norm_eps == 1e-5):
-        return dict(architectures=["XGLMForCausalLM"], model_type="xglm", vocab_size=c.vocab_size,
-                    max_position_embeddings=c.block_size, d_model=c.n_embd, ffn_dim=c.ffn_dim, num_layers=c.n_layer,
-                    attention_heads=c.n_head, activation_function=c.activation, scale_embedding=c.scale_embedding,
-                    pad_token_id=1, tie_word_embeddings=True, dropout=c.dropout, attention_dropout=c.dropout,
-                    activation_dropout=c.dropout)
-    return None
+                         f"supported; zoo loads {', '.join(loadable)} and its own format")
+    return _maps()[name]["zoo_arch"], _read(name, hf, where), name
 
 
 def from_gguf_metadata(meta, shapes, where):
     """(zoo arch, Config values, weights map name) from a GGUF file's metadata and tensor shapes."""
     arch = meta.get("general.architecture")
-    if arch not in GGUF_ARCHITECTURES:
-        raise ValueError(f"{where}: GGUF architecture {arch!r} is not supported (supported: "
-                         f"{', '.join(GGUF_ARCHITECTURES)})")
-    p = arch + "."
-    n_embd, n_head = meta[p + "embedding_length"], meta[p + "attention.head_count"]
-    if meta.get(p + "rope.dimension_count", n_embd // n_head) != n_embd // n_head:
-        raise ValueError(f"{where}: rope.dimension_count != head size (partial rotary is not supported)")
-    if "rope_freqs.weight" in shapes or meta.get(p + "rope.scaling.type", "none") != "none":
-        raise ValueError(f"{where}: rope frequency scaling in GGUF form is not supported; load the model's "
-                         f"Hugging Face folder instead (its config.json carries the llama3 rope parameters)")
-    return "llama", dict(
-        vocab_size=shapes["token_embd.weight"][0], block_size=meta.get(p + "context_length", 2048),
-        n_layer=meta[p + "block_count"], n_head=n_head, n_kv_head=meta.get(p + "attention.head_count_kv", n_head),
-        n_embd=n_embd, ffn_dim=meta[p + "feed_forward_length"], rope_theta=float(meta.get(p + "rope.freq_base", 1e4)),
-        norm_eps=meta[p + "attention.layer_norm_rms_epsilon"], tie_embeddings="output.weight" not in shapes,
-        dropout=0.0), GGUF_ARCHITECTURES[arch]
+    names = {m["architecture"]: n for n, m in _maps().items() if m["format"] == "gguf"}
+    if arch not in names:
+        raise ValueError(f"{where}: GGUF architecture {arch!r} is not supported (supported: {', '.join(names)})")
+    name = names[arch]
+    return _maps()[name]["zoo_arch"], _read(name, meta, where, shapes), name
+
+
+def to_hf_config(arch, config):
+    """The Hugging Face config.json dict for a zoo model, or None when no map's architecture can express
+    it: the config the map writes must load back to this very config (dropout aside), so a model outside
+    the map's constants and defaults (gpt2 without biases, a bidirectional causal=False model, ...) is
+    saved in the zoo's own format instead."""
+    ours = dataclasses.asdict(config)
+    for name, m in _maps().items():
+        if m["format"] == "hf" and m["zoo_arch"] == arch:
+            hf = _write(name, ours)
+            if hf is not None and _reads_back(name, hf, config):
+                return hf
+    return None
+
+
+def _read(name, src, where, shapes=None):
+    """Config values from a checkpoint's config (config.json, GGUF metadata) through map `name`."""
+    m = _maps()[name]
+
+    def need(ok, what, fix=None):
+        if not ok:
+            raise ValueError(f"{where}: {what}, which models/{m['zoo_arch']}.py cannot express"
+                             + (f"; {fix}" if fix else ""))
+
+    ours, derived = {}, {}
+    for field, rule in m.get("config", {}).items():
+        rule = {"from": rule} if isinstance(rule, str) else rule
+        if "value" in rule or "load" in rule:  # a constant of the map, or what loading always sets
+            ours[field] = rule.get("value", rule.get("load"))
+            continue
+        key = rule["from"]
+        v = src.get(key)
+        if v is None:  # absent (or null, as transformers writes an unset option)
+            if "default" not in rule:
+                raise ValueError(f"{where}: no {key!r} (weights_maps/{name}.json reads {field} from it)")
+            v = rule["default"]
+            if _is_derived(v):
+                derived[field] = v  # after the fields it is derived from
+                continue
+        if "map" in rule:
+            need(isinstance(v, str) and v in rule["map"], f"{key}={_show(v)} (expected {_either(rule['map'])})")
+            v = rule["map"][v]
+        ours[field] = v
+    ours.update((field, _derive(v, ours)) for field, v in derived.items())
+    for key, allowed in m.get("requires", {}).items():
+        allowed = [_derive(a, ours) for a in allowed]
+        need(src.get(key) in allowed, f"{key}={_show(src.get(key))} (expected {_either(allowed)})")
+    if m.get("hook"):
+        HOOKS[m["hook"]](src, ours, need=need, shapes=shapes)
+    return ours
+
+
+def _write(name, ours):
+    """The config.json dict map `name` writes for our Config values (None when a value has no form)."""
+    m = _maps()[name]
+    hf = {"architectures": [m["architecture"]], "model_type": m.get("model_type")}
+    for field, rule in m.get("config", {}).items():
+        rule = {"from": rule} if isinstance(rule, str) else rule
+        v = ours[field]
+        if "map" in rule:  # the first checkpoint value that maps to ours
+            v = next((k for k, o in rule["map"].items() if o == v), None)
+            if v is None:
+                return None
+        for key in rule.get("to") or ([rule["from"]] if "from" in rule else []):
+            hf[key] = v
+    for key, allowed in m.get("requires", {}).items():
+        hf[key] = _derive(allowed[0], ours)
+    if m.get("hook"):
+        HOOKS[m["hook"]](hf, ours, to_hf=True)
+    return hf
+
+
+def _reads_back(name, hf, config):
+    """Whether `hf` loads back through map `name` to `config`: every field the map sets (constants
+    included) equal, every other field at its default. Fields with a "load" rule (dropout) may differ."""
+    try:
+        back = _read(name, hf, f"weights_maps/{name}.json")
+    except ValueError:  # our values made something the map refuses (a rope_scaling of another kind, ...)
+        return False
+    free = {f for f, rule in _maps()[name].get("config", {}).items() if isinstance(rule, dict) and "load" in rule}
+    for f in dataclasses.fields(config):
+        if f.name in free:
+            continue
+        if f.name in back:
+            want = back[f.name]
+        elif f.default is not dataclasses.MISSING:
+            want = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            want = f.default_factory()
+        else:
+            return False
+        if getattr(config, f.name) != want:
+            return False
+    return True
+
+
+def _is_derived(v):
+    return isinstance(v, dict) and "derived" in v
+
+
+def _derive(v, ours):
+    """`v` itself, or the value of {"derived": "a"}, {"derived": "a * b"} or {"derived": "a // b"}, where
+    a and b are our fields or integers."""
+    if not _is_derived(v):
+        return v
+
+    def term(t):
+        return int(t) if t.isdigit() else ours[t]
+
+    match v["derived"].split():
+        case [a]:
+            return term(a)
+        case [a, "*", b]:
+            return term(a) * term(b)
+        case [a, "//", b]:
+            return term(a) // term(b)
+    raise ValueError(f"derived value {v['derived']!r}: write a, a * b or a // b")
+
+
+def _show(v):
+    return json.dumps(v)  # as config.json writes it: null, true, "gelu"
+
+
+def _either(values):
+    shown = [_show(v) for v in values]
+    return shown[0] if len(shown) == 1 else ", ".join(shown[:-1]) + " or " + shown[-1]
+
+
+# ------------------------------------------------------------------------- hooks: what data cannot say
+# A map's "hook" names one of these (weights_maps/README.md lists them and says why). Loading calls
+# hook(src, ours, need=..., shapes=...) after the data has filled `ours` from the checkpoint's config `src`
+# (`need(ok, what)` raises the standard "cannot express" error; `shapes` are a GGUF file's tensor
+# shapes, else None); exporting calls hook(hf, ours, to_hf=True) after the data has written `hf`.
+
+_LLAMA3 = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def llama_rope(hf, ours, need=None, shapes=None, to_hf=False):
+    """Llama's rotary base and llama3 frequency scaling: transformers >= 5 nests both in one
+    rope_parameters dict, older configs write rope_theta + rope_scaling (whose type key has two
+    spellings); ours are rope_theta and the four llama3 numbers (or None)."""
+    if to_hf:
+        scaling = ours["rope_scaling"]
+        hf.update(rope_theta=ours["rope_theta"], rope_scaling=scaling and {"rope_type": "llama3", **scaling})
+        return
+    rope = hf.get("rope_parameters") or {**(hf.get("rope_scaling") or {}), "rope_theta": hf.get("rope_theta")}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    need(rope_type in ("default", "llama3"), f"rope type {rope_type!r} (supported: default, llama3)")
+    ours["rope_theta"] = float(rope.get("rope_theta") or 1e4)
+    ours["rope_scaling"] = {k: rope[k] for k in _LLAMA3} if rope_type == "llama3" else None
+
+
+def gguf_llama(meta, ours, need=None, shapes=None, to_hf=False):
+    """What a llama GGUF keeps in its tensor list rather than its metadata: the vocabulary size (rows
+    of token_embd), a tied output layer (no output.weight), and llama.cpp's rope scaling (rope_freqs,
+    a table of per-frequency factors), which we refuse with a pointer to the Hugging Face form."""
+    need("rope_freqs.weight" not in shapes and meta.get("llama.rope.scaling.type", "none") == "none",
+         "rope frequency scaling in GGUF form (rope_freqs.weight, llama.rope.scaling.type)",
+         fix="load the model's Hugging Face folder instead (its config.json carries the llama3 rope parameters)")
+    ours.update(vocab_size=shapes["token_embd.weight"][0], tie_embeddings="output.weight" not in shapes)
+
+
+HOOKS = {f.__name__: f for f in (llama_rope, gguf_llama)}
 
 
 def dims(config):

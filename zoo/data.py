@@ -16,6 +16,7 @@ import tempfile
 import numpy as np
 import torch
 
+VAL_FRACTION = 0.1  # without validation files, the last tenth of the tokens validates (training and `zoo eval`)
 HF_PREFIX = "hf:"  # hf:NAME[:CONFIG][@SPLIT]: a Hugging Face dataset's "text" column (split "train" by default)
 
 
@@ -45,7 +46,7 @@ def _hf_texts(spec):
         import datasets
     except ImportError:
         raise ValueError(f"{spec!r} is a Hugging Face dataset; reading it needs the `datasets` package: "
-                         "pip install 'zoo[datasets]' (or pass local text files)") from None
+                         "pip install 'zoo-lm[datasets]' (or pass local text files)") from None
     source, at, split = spec[len(HF_PREFIX):].rpartition("@")  # the split: after the last "@", with no "/"
     if not at or "/" in split:
         source, split = spec[len(HF_PREFIX):], "train"
@@ -93,7 +94,7 @@ def tokenize(docs, tokenizer):
 
 
 def load_splits(paths, tokenizer, val_paths=None, block_size=None, vocab_size=None):
-    """(train, val) token arrays; validation is the last 10% of the tokens unless val_paths are given.
+    """(train, val) token arrays; validation is the last VAL_FRACTION of the tokens unless val_paths are given.
 
     Checks, before any training, that both splits hold at least one window of block_size + 1 tokens
     and that the tokenizer's ids fit the model's vocabulary.
@@ -105,14 +106,19 @@ def load_splits(paths, tokenizer, val_paths=None, block_size=None, vocab_size=No
     if val_paths:
         train, val = tokens, tokenize(read_texts(val_paths), tokenizer)
     else:
-        n = int(len(tokens) * 0.9)
-        train, val = tokens[:n], tokens[n:]
+        train, val = split(tokens)
     need = (block_size or 1) + 1
-    for name, split in (("training", train), ("validation", val)):
-        if len(split) < need:
-            raise ValueError(f"the {name} split has {len(split)} tokens, fewer than block_size + 1 = {need}; "
-                             "give more text or a smaller --block-size")
+    for name, part in (("training", train), ("validation", val)):
+        if len(part) < need:
+            raise ValueError(f"the {name} split has {len(part)} tokens, fewer than block_size + 1 = {need}; "
+                             "give more text or a smaller block_size")
     return train, val
+
+
+def split(tokens):
+    """(train, validation): the tokens before and from the last VAL_FRACTION of them."""
+    n = int(len(tokens) * (1 - VAL_FRACTION))
+    return tokens[:n], tokens[n:]
 
 
 def windows(data, starts, block_size, device="cpu"):

@@ -1,7 +1,8 @@
-"""Generation for every zoo model: the samplers, the KV-cache decode loop, beam search, text completion
-and the `zoo generate` command.
+"""Generation for every zoo model: the KV-cache decode loop, beam search and text completion (the
+samplers and their settings are in sampling.py).
 
     new = zoo.generate(model, [[1, 2, 3], [4, 5]], 50, temperature=0.8, top_k=200, seed=0)  # token ids
+    new = zoo.generate(model, ids, 50, zoo.SamplingConfig(temperature=0.8, top_k=200))     # the same
     text = zoo.complete(model, tok, [{"role": "user", "content": "Hi!"}], max_new_tokens=100)
     for piece in zoo.complete(model, tok, "Once upon", max_new_tokens=100, stream=True):
         print(piece, end="", flush=True)
@@ -12,74 +13,11 @@ token per step. Generated ids stay on the device; the host only looks at them wh
 strings, streaming). Past the model's block_size the context slides over the last block_size tokens, as
 nanoGPT's sampler does: positions are absolute, so the cache is refilled with the window each step.
 """
-import sys
 import time
 
 import torch
 
-# ---------------------------------------------------------------------------------------------------------
-# Samplers: logits [B, V] -> processed logits (removed tokens at -inf) -> one token per row
-
-
-def check_settings(*, temperature=1.0, top_k=None, top_p=None, min_p=None, repetition_penalty=None,
-                   num_beams=1, max_new_tokens=0, min_new_tokens=0):
-    """Raise ValueError naming the first impossible setting."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 (None keeps every token), got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] (None or 1 keeps every token), got {top_p}")
-    if min_p is not None and not 0 <= min_p <= 1:
-        raise ValueError(f"min_p must be in [0, 1] (None or 0 keeps every token), got {min_p}")
-    if repetition_penalty is not None and repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty must be > 0 (1 or None: no penalty), got {repetition_penalty}")
-    if num_beams < 1:
-        raise ValueError(f"num_beams must be >= 1 (1: no beam search), got {num_beams}")
-    if num_beams > 1 and (top_k, top_p, min_p) != (None, None, None):
-        raise ValueError("top_k, top_p and min_p are sampling settings; beam search (num_beams > 1) is "
-                         "deterministic: drop them or use num_beams=1")
-    if max_new_tokens < 0 or min_new_tokens < 0:
-        raise ValueError(f"max_new_tokens ({max_new_tokens}) and min_new_tokens ({min_new_tokens}) must be >= 0")
-
-
-def penalize_repetition(logits, seen, penalty):
-    """CTRL's repetition penalty (Keskar et al., 2019) on the tokens `seen` [B, V] marks: a positive
-    logit is divided by the penalty and a negative one multiplied, so a penalty > 1 always lowers them."""
-    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
-
-
-def process_logits(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=None):
-    """Temperature, top-k, top-p (nucleus), min-p, in that order, on fp32 logits [B, V].
-
-    Removed tokens get -inf. top-k keeps ties with the k-th value; top-p keeps the smallest set of
-    most likely tokens whose probability reaches top_p; min-p keeps tokens whose probability is at
-    least min_p times the most likely one's.
-    """
-    if temperature != 1:
-        logits = logits / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1:
-        probs, order = logits.softmax(-1).sort(-1, descending=True)
-        mass_before = probs.cumsum(-1).roll(1, -1)
-        mass_before[..., 0] = 0  # the most likely token is always kept
-        drop = mass_before >= top_p  # the set already reached top_p without this token
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    if min_p is not None and min_p > 0:
-        probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), float("-inf"))
-    return logits
-
-
-def sample(logits, generator=None):
-    """One token per row from softmax(logits). The exponential race (argmax p / q, q ~ Exp(1)) picks
-    token i with probability p_i, like torch.multinomial, without a sync with the host."""
-    probs = logits.softmax(-1)
-    q = torch.empty_like(probs).exponential_(1, generator=generator)
-    return (probs / q).argmax(-1)
-
+from .sampling import SamplingConfig, next_tokens, penalize_repetition
 
 # ---------------------------------------------------------------------------------------------------------
 # The batch and its cache
@@ -178,10 +116,10 @@ def decode_layout(model):
             w.data = w.data.t().contiguous().t()
 
 
-def _prepare(model, prompts, max_new_tokens, opts):
-    """Check the settings and prompts; the prompts as a list of lists, and the EOS ids as a list."""
-    check_settings(max_new_tokens=max_new_tokens, **{k: opts[k] for k in (
-        "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "num_beams", "min_new_tokens")})
+def _prepare(model, prompts, max_new_tokens, settings):
+    """Check the prompts; the prompts as a list of lists, and the EOS ids as a list."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if not len(prompts) or isinstance(prompts[0], int):
         prompts = [prompts]  # one flat prompt
     prompts = [[int(t) for t in p] for p in prompts]
@@ -195,10 +133,9 @@ def _prepare(model, prompts, max_new_tokens, opts):
                              f"({c.block_size}): keep its last {c.block_size} tokens")
         if not 0 <= min(p) <= max(p) < c.vocab_size:
             raise ValueError(f"prompt {i} has token ids outside the model's vocabulary [0, {c.vocab_size})")
-    eos = opts["eos_token_id"]
-    if eos is None:  # the model's own, where its loader attached one
-        eos = getattr(model, "eos_token_id", None)
-    return prompts, [eos] if isinstance(eos, int) else [*(eos or [])]
+    if settings.eos_token_id is None:  # the model's own, where its loader attached one
+        settings = SamplingConfig.of(settings, eos_token_id=getattr(model, "eos_token_id", None))
+    return prompts, settings.eos_ids
 
 
 def _dropout_off(model):
@@ -216,16 +153,15 @@ def _dropout_on(modules):
 
 
 @torch.inference_mode()  # on a generator, torch enters the mode at each resume and leaves it at each yield
-def _sample_steps(model, prompts, max_new_tokens, eos, opts):
+def _sample_steps(model, prompts, max_new_tokens, eos, settings, compile=False):
     """The decode loop: yields each step's new tokens [B] (on the device) until max_new_tokens, or until
     every row has produced an EOS."""
     training = _dropout_off(model)
     try:
-        batch = Batch(model, prompts, max_new_tokens, opts["compile"])
+        batch = Batch(model, prompts, max_new_tokens, compile)
         device = batch.tokens.device
-        generator = None if opts["seed"] is None else torch.Generator(device).manual_seed(opts["seed"])
-        temperature, penalty = opts["temperature"], opts["repetition_penalty"]
-        filters = {k: opts[k] for k in ("top_k", "top_p", "min_p")}
+        generator = None if settings.seed is None else torch.Generator(device).manual_seed(settings.seed)
+        penalty = settings.repetition_penalty
         eos_ids = torch.tensor(eos, device=device)
         ended = torch.zeros(len(prompts), dtype=torch.bool, device=device)
         seen = None
@@ -237,18 +173,15 @@ def _sample_steps(model, prompts, max_new_tokens, eos, opts):
         for step in range(max_new_tokens):
             if seen is not None:
                 logits = penalize_repetition(logits.float(), seen, penalty)
-            if step < opts["min_new_tokens"] and eos:
+            if step < settings.min_new_tokens and eos:
                 logits = logits.index_fill(-1, eos_ids, float("-inf"))
-            if temperature == 0:
-                next_tokens = logits.argmax(-1)
-            else:
-                next_tokens = sample(process_logits(logits.float(), temperature=temperature, **filters), generator)
-            batch.append(next_tokens)
+            new = next_tokens(logits, settings, generator)
+            batch.append(new)
             if seen is not None:
-                seen.scatter_(1, next_tokens[:, None], True)
-            yield next_tokens
+                seen.scatter_(1, new[:, None], True)
+            yield new
             if eos:  # one host sync per step, only when an EOS can end the rows
-                ended |= torch.isin(next_tokens, eos_ids)
+                ended |= torch.isin(new, eos_ids)
                 if ended.all():
                     return
             if step + 1 < max_new_tokens:
@@ -258,7 +191,7 @@ def _sample_steps(model, prompts, max_new_tokens, eos, opts):
 
 
 @torch.inference_mode()
-def _beam_search(model, prompts, max_new_tokens, eos, opts):
+def _beam_search(model, prompts, max_new_tokens, eos, settings, compile=False):
     """Beam search as Hugging Face's with early_stopping=True: each prompt keeps num_beams running beams;
     an EOS among the best num_beams candidates finishes a hypothesis scored
     sum(log p) / len**length_penalty (len counts the new tokens, EOS included); a prompt is done once
@@ -266,9 +199,9 @@ def _beam_search(model, prompts, max_new_tokens, eos, opts):
     the best hypothesis of each prompt."""
     training = _dropout_off(model)
     try:
-        batch = Batch(model, prompts, max_new_tokens, opts["compile"])
-        B, K, V = len(prompts), opts["num_beams"], model.config.vocab_size
-        device, penalty, lp = batch.tokens.device, opts["repetition_penalty"], opts["length_penalty"]
+        batch = Batch(model, prompts, max_new_tokens, compile)
+        B, K, V = len(prompts), settings.num_beams, model.config.vocab_size
+        device, penalty, lp = batch.tokens.device, settings.repetition_penalty, settings.length_penalty
         logits = batch.prefill().repeat_interleave(K, 0)  # prefill once per prompt, then copy into K beams
         batch.reorder(torch.arange(B, device=device).repeat_interleave(K))
         scores = torch.full((B, K), float("-inf"), device=device)
@@ -283,7 +216,7 @@ def _beam_search(model, prompts, max_new_tokens, eos, opts):
             logits = logits.float()
             if seen is not None:
                 logits = penalize_repetition(logits, seen, penalty)
-            if step < opts["min_new_tokens"] and eos:
+            if step < settings.min_new_tokens and eos:
                 logits[:, eos] = float("-inf")
             cand = (logits.log_softmax(-1).view(B, K, V) + scores[..., None]).view(B, K * V)
             top, flat = cand.topk(min(2 * K, K * V), dim=-1)  # 2K: even if K of them end, K beams go on
@@ -326,28 +259,23 @@ def _beam_search(model, prompts, max_new_tokens, eos, opts):
         _dropout_on(training)
 
 
-def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, min_p=None,
-             repetition_penalty=None, num_beams=1, length_penalty=1.0, eos_token_id=None, min_new_tokens=0,
-             seed=None, compile=False):
+def generate(model, prompts, max_new_tokens, sampling=None, *, compile=False, **settings):
     """New token ids for each prompt (a list of token-id lists, or one flat list), up to max_new_tokens
     each, ending with the EOS token that ended the row, if one did.
 
-    temperature=0 is greedy; otherwise the logits go through the repetition penalty, temperature,
-    top-k, top-p and min-p, and a token is sampled (`seed` makes it reproducible). eos_token_id: an int
-    or a list (None: `model.eos_token_id` if its loader set one, else no EOS); no EOS is accepted
-    before min_new_tokens. num_beams > 1 is beam search (see _beam_search); it ignores temperature.
-    compile=True compiles the decode step (see compiled_step): for long or repeated generation.
+    `sampling` is a SamplingConfig; keyword arguments set or replace its fields (temperature=0 is greedy;
+    see SamplingConfig). eos_token_id None means `model.eos_token_id` if its loader set one, else no
+    EOS. num_beams > 1 is beam search (see _beam_search). compile=True compiles the decode step (see
+    compiled_step): for long or repeated generation.
     """
-    opts = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                repetition_penalty=repetition_penalty, num_beams=num_beams, length_penalty=length_penalty,
-                eos_token_id=eos_token_id, min_new_tokens=min_new_tokens, seed=seed, compile=compile)
-    prompts, eos = _prepare(model, prompts, max_new_tokens, opts)
+    settings = SamplingConfig.of(sampling, **settings)
+    prompts, eos = _prepare(model, prompts, max_new_tokens, settings)
     if max_new_tokens == 0:
         return [[] for _ in prompts]
     decode_layout(model)
-    if num_beams > 1:
-        return _beam_search(model, prompts, max_new_tokens, eos, opts)
-    steps = [*_sample_steps(model, prompts, max_new_tokens, eos, opts)]
+    if settings.num_beams > 1:
+        return _beam_search(model, prompts, max_new_tokens, eos, settings, compile)
+    steps = [*_sample_steps(model, prompts, max_new_tokens, eos, settings, compile)]
     return [_cut_at_eos(row, eos) for row in torch.stack(steps, 1).tolist()]
 
 
@@ -362,42 +290,37 @@ def _cut_at_eos(ids, eos):
 # Text
 
 
-def complete(model, tokenizer, text_or_messages, *, max_new_tokens, stop=None, stream=False, **sampling):
+def complete(model, tokenizer, text_or_messages, *, max_new_tokens, sampling=None, stop=None, stream=False,
+             compile=False, stats=None, **settings):
     """Generate a continuation of a text, or the assistant's answer to chat messages ([{"role", "content"}],
     rendered with the tokenizer's chat template), and return it as text, cut before the first stop
-    string (a str or a list). `sampling` takes generate's settings; eos_token_id defaults to the
-    tokenizer's end tokens. stream=True returns an iterator of text pieces instead, which joined equal
-    the returned text and never split a UTF-8 character.
+    string (a str or a list). `sampling` and keyword settings as in generate; eos_token_id defaults to
+    the tokenizer's end tokens. stream=True returns an iterator of text pieces instead, which joined
+    equal the returned text and never split a UTF-8 character. `stats`, a dict, receives the prompt's
+    token count and each new token's time since the start (the command line's speed summary).
     """
-    pieces = _pieces(model, tokenizer, text_or_messages, max_new_tokens, stop, sampling, stats={})
-    return pieces if stream else "".join(pieces)
-
-
-def _pieces(model, tokenizer, text_or_messages, max_new_tokens, stop, sampling, stats):
-    """Check everything now, then return the generator of text pieces (timings go into `stats`)."""
     text = text_or_messages
     if not isinstance(text, str):
         text = tokenizer.apply_chat_template(text, add_generation_prompt=True)
     ids = tokenizer.encode(text)
     if not ids and tokenizer.bos_id is not None:
         ids = [tokenizer.bos_id]
-    opts = _options(**{"eos_token_id": tokenizer.eos_ids or None, **sampling})
-    prompts, eos = _prepare(model, [ids], max_new_tokens, opts)
-    decode_layout(model)
+    settings = SamplingConfig.of(sampling, **settings)
+    if settings.eos_token_id is None and tokenizer.eos_ids:
+        settings = SamplingConfig.of(settings, eos_token_id=list(tokenizer.eos_ids))
+    prompts, eos = _prepare(model, [ids], max_new_tokens, settings)
     stops = [stop] if isinstance(stop, str) else [s for s in stop or [] if s]
     if max_new_tokens == 0:
         tokens = iter([])
-    elif opts["num_beams"] > 1:
-        tokens = iter(_beam_search(model, prompts, max_new_tokens, eos, opts)[0])
+    elif settings.num_beams > 1:
+        decode_layout(model)
+        tokens = iter(_beam_search(model, prompts, max_new_tokens, eos, settings, compile)[0])
     else:
-        tokens = _timed(_sample_steps(model, prompts, max_new_tokens, eos, opts), stats, len(ids))
-    return _text_stream(tokenizer, tokens, eos, stops)
-
-
-def _options(temperature=1.0, top_k=None, top_p=None, min_p=None, repetition_penalty=None, num_beams=1,
-             length_penalty=1.0, eos_token_id=None, min_new_tokens=0, seed=None, compile=False):
-    """generate's settings with their defaults (a misspelt name is a TypeError, as in a call)."""
-    return locals()
+        decode_layout(model)
+        tokens = _timed(_sample_steps(model, prompts, max_new_tokens, eos, settings, compile),
+                        {} if stats is None else stats, len(ids))
+    pieces = _text_stream(tokenizer, tokens, eos, stops)
+    return pieces if stream else "".join(pieces)
 
 
 def _timed(steps, stats, prompt_tokens):
@@ -431,67 +354,3 @@ def _text_stream(tokenizer, tokens, eos, stops):
     cut = first_stop()
     if text[sent:cut if cut >= 0 else None]:
         yield text[sent:cut if cut >= 0 else None]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# `zoo generate`
-
-
-def add_arguments(parser):
-    parser.add_argument("source", nargs="?", default="smollm2-135m-instruct",
-                        help="a preset name (its pretrained weights), a hub repo id, a folder or a .gguf file "
-                             "(default: smollm2-135m-instruct)")
-    parser.add_argument("--prompt", required=True, help="the text to continue (or, with --chat, the user message)")
-    parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.0,
-                        help="0 (the default) is greedy: the same answer every time; e.g. 0.8 samples")
-    parser.add_argument("--top-k", type=int)
-    parser.add_argument("--top-p", type=float)
-    parser.add_argument("--min-p", type=float)
-    parser.add_argument("--repetition-penalty", type=float)
-    parser.add_argument("--beams", type=int, default=1, help="beam search with this many beams")
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--stop", action="append", help="end the text before this string (repeatable)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument("--compile", action="store_true",
-                        help="compile the decode step: faster per token after ~20 s of compiling (long outputs)")
-    parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available, else cpu)")
-
-
-def run(args):
-    import zoo
-    from .registry import PRESETS
-    check_settings(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                   repetition_penalty=args.repetition_penalty, num_beams=args.beams,
-                   max_new_tokens=args.max_new_tokens)  # before the minutes a download may take
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype)
-    if args.source in PRESETS:
-        from .pretrained import preset_source
-        model = zoo.load(args.source, pretrained=True, device=device, dtype=dtype)
-        used = preset_source(args.source)[0]
-    else:
-        model, used = zoo.from_pretrained(args.source, device=device, dtype=dtype), args.source
-    tokenizer = zoo.tokenizer(args.source)
-    prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
-    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                    repetition_penalty=args.repetition_penalty, num_beams=args.beams, seed=args.seed,
-                    compile=args.compile)
-    stats = {}
-    start = time.perf_counter()
-    for piece in _pieces(model, tokenizer, prompt, args.max_new_tokens, args.stop, sampling, stats):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    if stats.get("token_s"):  # sampling: the decode speed, apart from the prompt's prefill (and compiling)
-        t = stats["token_s"]
-        skip = 2 if args.compile else 1  # the first decode step compiles
-        speed = f"{(len(t) - skip) / (t[-1] - t[skip - 1]):.1f} tok/s" if len(t) > skip else "- tok/s"
-        compiled = f" after a first decode step of {t[1] - t[0]:.1f} s (compiling)" if args.compile and len(t) > 1 else ""
-        detail = f"{len(t)} new tokens, {speed}{compiled} (prefill of {stats['prompt_tokens']} tokens: {t[0]:.2f} s)"
-    else:
-        detail = f"beam search, {time.perf_counter() - start:.2f} s"
-    print(f"zoo generate: {detail}; {args.dtype} on {device}; model: {used}", file=sys.stderr)
-    return 0
-

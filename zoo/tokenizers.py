@@ -1,7 +1,8 @@
 """Tokenizers: one small interface over tiktoken's GPT-2 BPE, characters, byte-level BPE trained with
 Hugging Face `tokenizers`, tokenizer.json folders and GGUF files.
 
-    tok = zoo.tokenizer("gpt2")                    # tiktoken r50k, offline from a local .tiktoken file
+    tok = zoo.tokenizer("gpt2")                    # tiktoken's r50k_base (offline: from tiktoken's cache)
+    tok = zoo.tokenizer("gpt2.tiktoken")           # the same BPE from a ranks file you name
     tok = zoo.tokenizer("model.gguf")              # built from the GGUF's tokens and merges
     tok = CharTokenizer.from_text(text)            # nanoGPT's shakespeare_char vocabulary
     tok = train_bpe(["input.txt"], vocab_size=4096)
@@ -16,9 +17,11 @@ apply_chat_template(messages) and save(folder). StreamDecoder turns ids into tex
 import base64
 import difflib
 import functools
+import hashlib
 import json
 import os
 import re
+import tempfile
 import warnings
 from datetime import datetime
 from pathlib import Path
@@ -134,13 +137,18 @@ def _read_tiktoken_ranks(path):
     return {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in lines if line)}
 
 
-def _default_gpt2_ranks():
-    """A local GPT-2 ranks file: $ZOO_GPT2_TIKTOKEN, else the shared data beside the repository."""
-    if os.environ.get("ZOO_GPT2_TIKTOKEN"):
-        return Path(os.environ["ZOO_GPT2_TIKTOKEN"])
-    shared = Path(os.environ.get("ZOO_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
-    path = shared / "tokenizers" / "gpt2.tiktoken"
-    return path if path.is_file() else None
+# tiktoken's r50k_base is GPT-2's BPE. tiktoken downloads it once into its cache folder and finds it there
+# offline, named by the sha1 of its address (and checked against its sha256, so a wrong file is refetched).
+GPT2_RANKS_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
+GPT2_CACHE_KEY = hashlib.sha1(GPT2_RANKS_URL.encode()).hexdigest()
+
+
+def _tiktoken_cache_dir():
+    """The folder tiktoken caches downloads in (as tiktoken.load.read_file_cached chooses it)."""
+    for var in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
+        if var in os.environ:
+            return os.environ[var]
+    return os.path.join(tempfile.gettempdir(), "data-gym-cache")
 
 
 class TiktokenTokenizer(Tokenizer):
@@ -154,18 +162,22 @@ class TiktokenTokenizer(Tokenizer):
 
     @classmethod
     def gpt2(cls, ranks_file=None):
-        """From a .tiktoken ranks file (offline), else a local default, else tiktoken's download."""
+        """From a .tiktoken ranks file, else tiktoken's r50k_base (its cache, else a download)."""
         import tiktoken
         from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
-        path = ranks_file or _default_gpt2_ranks()
-        if path is None:
-            try:  # r50k_base is GPT-2's BPE; tiktoken caches it under $TIKTOKEN_CACHE_DIR
+        if ranks_file is None:
+            try:
                 return cls(tiktoken.get_encoding("r50k_base"))
-            except OSError as e:
+            except (OSError, ValueError) as e:  # offline and not cached; ValueError: a corrupt download
+                cache = _tiktoken_cache_dir()
+                where = (f"copy a gpt2.tiktoken (r50k_base) file to {os.path.join(cache, GPT2_CACHE_KEY)}" if cache
+                         else f"set TIKTOKEN_CACHE_DIR to a folder holding a gpt2.tiktoken file named {GPT2_CACHE_KEY}")
                 raise FileNotFoundError(
-                    f"could not download GPT-2's BPE ranks ({e}); point ZOO_GPT2_TIKTOKEN at a local "
-                    "gpt2.tiktoken file or pass its path: zoo.tokenizer('path/to/gpt2.tiktoken')") from e
-        ranks = _read_tiktoken_ranks(path)
+                    f"GPT-2's BPE ranks are not in tiktoken's cache and could not be downloaded "
+                    f"({type(e).__name__}: {e}). Connect to the network once, or offline {where} "
+                    "(TIKTOKEN_CACHE_DIR moves the cache), or pass the file's path: "
+                    "zoo.tokenizer('path/to/gpt2.tiktoken')") from e
+        ranks = _read_tiktoken_ranks(ranks_file)
         return cls(tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                                      special_tokens={ENDOFTEXT: len(ranks)}))
 
@@ -419,10 +431,9 @@ def _gguf_sentencepiece(meta):
 def load_gguf_tokenizer(path):
     """The tokenizer a .gguf file describes in its metadata (tokens, merges or scores, token types,
     special ids, chat template)."""
-    from gguf import GGUFReader
     from tokenizers import AddedToken
-    reader = GGUFReader(path)
-    meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+    from .checkpoints import read_gguf_metadata  # the header parser that loading the weights uses
+    meta = read_gguf_metadata(path)
     kind = meta.get("tokenizer.ggml.model")
     builders = {"gpt2": _gguf_byte_level, "llama": _gguf_sentencepiece}
     if kind not in builders:
@@ -498,6 +509,23 @@ def _load_hub(repo, revision=None):
     return _load_hf(Path(main).parent)
 
 
+def _load_preset(name, preset, revision):
+    """The tokenizer `preset.tokenizer` names; None: the one inside the packaged GGUF weights, else the hub
+    repository's."""
+    if preset.tokenizer == "char":
+        raise ValueError(f"preset {name!r} has a character vocabulary built from its training text: use "
+                         "CharTokenizer.from_text(text), or the folder its checkpoint was saved to")
+    if preset.tokenizer is not None:
+        return load_tokenizer(preset.tokenizer)
+    from .pretrained import packaged_gguf
+    if gguf := packaged_gguf(name):
+        return load_gguf_tokenizer(gguf)
+    if preset.repo is None:
+        raise ValueError(f"preset {name!r} names no tokenizer and has no pretrained weights to take one from; "
+                         "pass a tokenizer file, folder or hub repo id instead")
+    return _load_hub(preset.repo, revision)
+
+
 def load_tokenizer(source, *, revision=None):
     """The tokenizer for `source`: "gpt2"; a .tiktoken, .gguf or tokenizer.json file; a folder (HF layout or
     saved by a zoo tokenizer); a preset name; or a Hugging Face repo id ("owner/name")."""
@@ -515,16 +543,7 @@ def load_tokenizer(source, *, revision=None):
         raise FileNotFoundError(f"tokenizer file not found: {path}")
     from .registry import PRESETS
     if source in PRESETS:
-        preset = PRESETS[source]
-        from .pretrained import packaged_gguf
-        if gguf := packaged_gguf(source):  # the tokenizer inside the weights the preset loads
-            return load_gguf_tokenizer(gguf)
-        if preset.config.get("vocab_size") == 50257:  # GPT-2's BPE (gpt2*, distilgpt2, scratchformer): offline
-            return TiktokenTokenizer.gpt2()
-        if preset.repo is None:
-            raise ValueError(f"preset {source!r} has a character vocabulary built from its training text: use "
-                             "CharTokenizer.from_text(text), or the folder its checkpoint was saved to")
-        return _load_hub(preset.repo, revision)
+        return _load_preset(source, PRESETS[source], revision)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", source):
         return _load_hub(source, revision)
     close = difflib.get_close_matches(source, [*PRESETS, "gpt2"], n=3, cutoff=0.6)

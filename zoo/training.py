@@ -1,14 +1,14 @@
-"""`zoo train`: one training loop for every model in the zoo, from scratch or from pretrained weights.
+"""Training: one loop for every model in the zoo, from scratch or from pretrained weights.
 
-    zoo train shakespeare-char --data input.txt --tokenizer char --out out/
+    zoo.train("shakespeare-char", ["input.txt"], "out/", tokenizer="char", max_iters=2000)  # -> val loss
+    zoo train shakespeare-char --data input.txt --tokenizer char --out out/                # the same
     torchrun --nproc_per_node=2 -m zoo train ...     # DistributedDataParallel (gloo on CPU, nccl on CUDA)
 
-Settings come from (lowest first) DEFAULTS, the preset's `train` dict, then the command line. Every
-`checkpoint_interval` steps and at the end, OUT/step-NNNNNNN/ receives the weights (zoo.save_pretrained,
-so zoo.from_pretrained and `zoo eval` read it) and training_state.pt (optimizer, schedule, RNG
-states, data position), so `--resume` continues exactly where the run stopped.
+Settings are a TrainConfig: its defaults, under the preset's `train` settings, under the fields the
+caller gives. Every `checkpoint_interval` steps and at the end, OUT/step-NNNNNNN/ receives the weights
+(save_pretrained, so from_pretrained and `zoo eval` read it) and training_state.pt (optimizer, schedule,
+RNG states, data position, settings), so `resume=True` continues exactly where the run stopped.
 """
-import argparse
 import dataclasses
 import json
 import math
@@ -18,7 +18,7 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from types import SimpleNamespace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -26,137 +26,119 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import data
-from .registry import PRESETS, arch_of, build, get_preset
+from .progress import bar as progress_bar
+from .progress import log as note
+from .registry import arch_of, build, get_preset
 
-DEFAULTS = dict(
-    tokenizer=None, max_iters=None, batch_size=12, block_size=None, grad_accum=1,
-    lr=6e-4, min_lr=None, schedule="cosine", warmup=100, weight_decay=0.1, beta1=0.9, beta2=0.95,
-    grad_clip=1.0, label_smoothing=0.0, eval_interval=250, eval_iters=20, log_interval=10,
-    checkpoint_interval=1000, seed=1337, bf16=False, compile=False, device=None, time_budget=None,
-)
 STATE_FILE = "training_state.pt"
 
 
-def add_arguments(p):
-    p.add_argument("preset", help="preset name: the model config and its default training settings")
-    p.add_argument("--data", nargs="+", required=True, metavar="PATH",
-                   help="text files, or Hugging Face datasets as hf:NAME[:CONFIG][@SPLIT] (pip install "
-                        "'zoo[datasets]'); the last 10%% validates unless --val is given")
-    p.add_argument("--val", nargs="+", metavar="PATH", help="validation text files instead of the last 10%%")
-    p.add_argument("--out", required=True, help="folder for checkpoints, log.jsonl and loss.png")
-    p.add_argument("--tokenizer", help="char, gpt2, bpe (trained on --data) or a tokenizer file/folder")
-    p.add_argument("--max-iters", type=int, help="optimizer steps (default 5000)")
-    p.add_argument("--batch-size", type=int, help="sequences per micro-batch and process")
-    p.add_argument("--block-size", type=int, help="tokens per sequence (default: the model's block_size)")
-    p.add_argument("--grad-accum", type=int, help="micro-batches per step, in total over all processes")
-    p.add_argument("--lr", type=float, help="peak learning rate (noam: the scale factor)")
-    p.add_argument("--min-lr", type=float, help="cosine floor (default lr/10)")
-    p.add_argument("--schedule", choices=["cosine", "noam"], help="warmup+cosine, or inverse square root")
-    p.add_argument("--warmup", type=int, help="warmup steps")
-    p.add_argument("--weight-decay", type=float, help="AdamW weight decay of matrices and embeddings")
-    p.add_argument("--label-smoothing", type=float)
-    p.add_argument("--grad-clip", type=float, help="clip the gradient norm to this (0: off)")
-    p.add_argument("--eval-interval", type=int, help="steps between validation losses")
-    p.add_argument("--eval-iters", type=int, help="validation batches per evaluation")
-    p.add_argument("--log-interval", type=int, help="steps between log lines")
-    p.add_argument("--checkpoint-interval", type=int, help="steps between checkpoints")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bfloat16 autocast (CPU and CUDA)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--init", metavar="SOURCE", help="start from pretrained weights (preset, hub id, folder, .gguf)")
-    p.add_argument("--time-budget", type=float, metavar="SECONDS",
-                   help="wall time of the whole command; the schedule's horizon follows the measured step time")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="model config override")
+def _setting(default, help, **extra):
+    return field(default=default, metadata={"help": help, **extra})
 
 
-def run(args):
-    try:
-        val_loss = train(args)
-    except FloatingPointError as e:  # diverged: say so plainly, the last good checkpoint stays
-        print(f"zoo train: {e}", file=sys.stderr)
-        return 1
-    if val_loss is not None:  # rank 0 only
-        print(f"val_loss {val_loss:.4f}", flush=True)
-    if args.time_budget or int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        # Everything is written and flushed. Skip the interpreter's teardown: with torch loaded it takes
-        # seconds on a busy machine (outside any time budget), and a gloo job can abort during it.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-    return 0
+@dataclass
+class TrainConfig:
+    """The training settings, with their defaults and one line of help each (the `zoo train` flags are
+    made from these). Impossible values raise ValueError naming the field."""
+    tokenizer: str | None = _setting(None, "char, gpt2, bpe (trained on the data) or a tokenizer file/folder "
+                                           "(default: the preset's, or the --init source's own)", type=str)
+    max_iters: int | None = _setting(None, "optimizer steps (default 5000; with a time budget, as many as fit)",
+                                     type=int)
+    batch_size: int = _setting(12, "sequences per micro-batch and process", type=int)
+    block_size: int | None = _setting(None, "tokens per sequence (default: the model's block_size, at most 1024)",
+                                      type=int)
+    grad_accum: int = _setting(1, "micro-batches per step, in total over all processes", type=int)
+    lr: float = _setting(6e-4, "peak learning rate (noam: the scale factor)", type=float)
+    min_lr: float | None = _setting(None, "cosine floor (default lr/10)", type=float)
+    schedule: str = _setting("cosine", "warmup then cosine decay to min_lr; noam: inverse square root; "
+                                       "constant: warmup then lr", type=str, choices=("cosine", "noam", "constant"))
+    warmup: int = _setting(100, "warmup steps", type=int)
+    weight_decay: float = _setting(0.1, "AdamW weight decay of matrices and embeddings", type=float)
+    beta1: float = _setting(0.9, "AdamW beta1", type=float)
+    beta2: float = _setting(0.95, "AdamW beta2", type=float)
+    grad_clip: float = _setting(1.0, "clip the gradient norm to this (0: off)", type=float)
+    label_smoothing: float = _setting(0.0, "label smoothing of the cross-entropy", type=float)
+    eval_interval: int = _setting(250, "steps between validation losses", type=int)
+    eval_iters: int = _setting(20, "validation batches per evaluation", type=int)
+    log_interval: int = _setting(10, "steps between log lines", type=int)
+    checkpoint_interval: int = _setting(1000, "steps between checkpoints", type=int)
+    seed: int = _setting(1337, "seed of every random number generator the run uses", type=int)
+    bf16: bool = _setting(False, "bfloat16 autocast (CPU and CUDA)", type=bool)
+    compile: bool = _setting(False, "torch.compile the model", type=bool)
+    device: str | None = _setting(None, "cpu, cuda, cuda:1, ... (default: cuda when available)", type=str)
+    time_budget: float | None = _setting(None, "wall time of the whole run in seconds; the schedule's horizon "
+                                               "follows the measured step time", type=float)
+    progress: bool = _setting(True, "show a progress bar on stderr", type=bool)
 
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), f.metadata["type"]
+            if value is None and f.default is None:
+                continue
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+                setattr(self, f.name, value)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise TypeError(f"TrainConfig.{f.name} must be {kind.__name__}, not {type(value).__name__} "
+                                f"{value!r}")
+            if kind is float and not math.isfinite(value):
+                raise ValueError(f"TrainConfig.{f.name} must be a finite number, not {value}")
+            if "choices" in f.metadata and value not in f.metadata["choices"]:
+                raise ValueError(f"TrainConfig.{f.name} must be one of {', '.join(f.metadata['choices'])}, "
+                                 f"not {value!r}")
 
-def settings_from(args):
-    """DEFAULTS < the preset's train dict < the flags given on the command line."""
-    preset = get_preset(args.preset)
-    unknown = set(preset.train) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"preset {args.preset!r} has unknown training settings {sorted(unknown)}")
-    s = {**DEFAULTS, **preset.train}
-    s.update({k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None})
-    s = SimpleNamespace(**s)
-    # a preset's min_lr must not exceed a lower --lr given on the command line: the decay never rises
-    s.min_lr = s.lr / 10 if s.min_lr is None else min(s.min_lr, s.lr)
-    if s.max_iters is None and not s.time_budget:  # with a time budget the budget sets the horizon
-        s.max_iters = 5000
-    s.device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    for name in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval",
-                 "checkpoint_interval"):
-        if getattr(s, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(s, name)}")
-    if s.schedule == "noam" and s.warmup < 1:
-        raise ValueError("the noam schedule needs --warmup of at least 1 step")
-    if s.max_iters is not None and s.max_iters < 1:
-        raise ValueError(f"--max-iters must be at least 1, not {s.max_iters}")
-    return s
+        def need(ok, name, what):
+            if not ok:
+                raise ValueError(f"TrainConfig.{name} must be {what}, not {getattr(self, name)}")
 
+        for name in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval",
+                     "checkpoint_interval"):
+            need(getattr(self, name) >= 1, name, "at least 1")
+        for name in ("max_iters", "block_size"):
+            need(getattr(self, name) is None or getattr(self, name) >= 1, name, "at least 1 (or None)")
+        need(self.lr > 0, "lr", "> 0")
+        need(self.min_lr is None or self.min_lr >= 0, "min_lr", ">= 0")
+        need(self.warmup >= (1 if self.schedule == "noam" else 0), "warmup",
+             "at least 1 with the noam schedule" if self.schedule == "noam" else ">= 0")
+        need(self.weight_decay >= 0, "weight_decay", ">= 0")
+        need(0 <= self.beta1 < 1, "beta1", "in [0, 1)")
+        need(0 <= self.beta2 < 1, "beta2", "in [0, 1)")
+        need(self.grad_clip >= 0, "grad_clip", ">= 0 (0: off)")
+        need(0 <= self.label_smoothing < 1, "label_smoothing", "in [0, 1)")
+        need(self.time_budget is None or self.time_budget > 0, "time_budget", "> 0 seconds (or None)")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(f"TrainConfig.device: {self.device!r} is not a device (cpu, cuda, cuda:1, ...)") \
+                    from None
 
-def parse_overrides(pairs):
-    """--set n_layer=2 --set bias=false -> {"n_layer": 2, "bias": False} (JSON values, else strings)."""
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects FIELD=VALUE, got {pair!r}")
-        try:
-            out[key] = json.loads(value.lower() if value.lower() in ("true", "false", "null") else value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+    @classmethod
+    def for_preset(cls, name, **fields):
+        """The preset's training settings (a partial TrainConfig) over the defaults, then `fields`."""
+        return cls.of(cls(), **{**get_preset(name).train, **fields})
+
+    @classmethod
+    def of(cls, base, **fields):
+        """`base` with `fields` replaced; an unknown field name lists the known ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        if unknown := set(fields) - known:
+            raise TypeError(f"unknown training setting(s) {', '.join(sorted(unknown))}; known: "
+                            f"{', '.join(sorted(known))}")
+        return dataclasses.replace(base, **fields)
 
 
 # ---------------------------------------------------------------------------------------- setup
 
-def load_pretrained(source, **kw):
-    """A model from a preset name (its published weights) or anything zoo.from_pretrained reads."""
-    import zoo
-    from .pretrained import from_pretrained
-    return zoo.load(source, pretrained=True, **kw) if source in PRESETS else from_pretrained(source, **kw)
-
-
-def with_config(model, overrides):
-    """The same weights in a model whose config has `overrides` applied (e.g. dropout for fine-tuning)."""
-    if not overrides:
-        return model
-    fields = {f.name for f in dataclasses.fields(model.config)}
-    unknown = set(overrides) - fields
-    if unknown:
-        raise ValueError(f"unknown config field(s) {sorted(unknown)}; valid fields: {', '.join(sorted(fields))}")
-    new = build(arch_of(model), dataclasses.replace(model.config, **overrides))
-    new.load_state_dict(model.state_dict())
-    return new
-
-
 def make_tokenizer(name, docs, vocab_size):
-    import zoo
+    """The tokenizer a run names: "char" and "bpe" are made from the training text, anything else loaded."""
     from . import tokenizers
     if name == "char":
         return tokenizers.CharTokenizer.from_text("".join(docs))
     if name == "bpe":
         return tokenizers.train_bpe(docs, vocab_size)
-    return zoo.tokenizer(name)
+    return tokenizers.load_tokenizer(name)
 
 
 def latest_checkpoint(out):
@@ -170,6 +152,8 @@ def learning_rate(s, step, horizon, d_model):
         return s.lr * d_model ** -0.5 * min(step ** -0.5, step * s.warmup ** -1.5)
     if step <= s.warmup:
         return s.lr * step / s.warmup
+    if s.schedule == "constant":
+        return s.lr
     progress = min(1.0, (step - s.warmup) / max(1, horizon - s.warmup))
     return s.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (s.lr - s.min_lr)
 
@@ -284,49 +268,84 @@ def evaluate(model, val, s, starts):
     return total.item() / count
 
 
-def train(args):
-    """Train as `args` (the `zoo train` namespace) says; returns the final validation loss."""
-    s = settings_from(args)
+def train(source, data_paths, out, *, val=None, init=None, resume=False, overrides=None, config=None, **fields):
+    """Train a model and return its final validation loss (on rank 0; None on the other ranks).
+
+    source: a preset name (the model config and its training settings), or None with `init`.
+    data_paths, val: lists of text files or `hf:` dataset specs; without `val` the last tenth of the
+    data validates. out: the run's folder (checkpoints, log.jsonl, loss.png). init: start from the
+    weights of any source load_source reads. resume: continue from the newest checkpoint in `out`, with
+    its settings (a larger max_iters continues up to it). overrides: model config fields. config: a
+    TrainConfig to start from instead of the preset's settings; fields: TrainConfig fields on top.
+    """
+    if isinstance(data_paths, (str, os.PathLike)):
+        data_paths = [data_paths]
+    if isinstance(val, (str, os.PathLike)):
+        val = [val]
+    data_paths, val, out, overrides = [os.fspath(p) for p in data_paths], val and [os.fspath(p) for p in val], \
+        os.fspath(out), dict(overrides or {})
+    if not data_paths:
+        raise ValueError("no training data: pass one or more text files (or hf: datasets)")
+    if source is None and init is None:
+        raise ValueError("name a preset (the model to build) or an init source (the weights to start from)")
+    ckpt = latest_checkpoint(out) if resume else None
+    if resume and ckpt is None:
+        raise FileNotFoundError(f"resume: no checkpoint (step-*) in {out!r} to continue from")
+    state = torch.load(os.path.join(ckpt, STATE_FILE), weights_only=True) if ckpt else None
+    if config is not None and not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, not {type(config).__name__}")
+    if config is None and state:  # a resumed run keeps its own settings unless told otherwise
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        config = TrainConfig(**{k: v for k, v in state["settings"].items() if k in known})
+    elif config is None:
+        config = TrainConfig.for_preset(source) if source is not None else TrainConfig()
+    s = TrainConfig.of(config, **fields)
+    # a preset's min_lr must not exceed a lower lr given by the caller: the decay never rises
+    s.min_lr = s.lr / 10 if s.min_lr is None else min(s.min_lr, s.lr)
+    if s.max_iters is None and not s.time_budget:  # with a time budget the budget sets the horizon
+        s.max_iters = 5000
+    s.device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
     dist = Distributed(s.device)
     s.device, master = dist.device, dist.rank == 0
     if s.grad_accum % dist.world:
-        raise ValueError(f"--grad-accum {s.grad_accum} must be a multiple of the {dist.world} processes")
+        raise ValueError(f"grad_accum {s.grad_accum} must be a multiple of the {dist.world} processes")
     local_accum = s.grad_accum // dist.world
     torch.manual_seed(s.seed + dist.rank)  # dropout masks differ per rank
     random.seed(s.seed)
     np.random.seed(s.seed)
 
     # the model: a checkpoint to resume, pretrained weights, or a fresh preset
-    overrides = parse_overrides(args.set)
-    ckpt = latest_checkpoint(args.out) if args.resume else None
-    if args.resume and ckpt is None:
-        raise FileNotFoundError(f"--resume: no checkpoint (step-*) in {args.out!r}")
-    state = torch.load(os.path.join(ckpt, STATE_FILE), weights_only=True) if ckpt else None
+    from .pretrained import from_pretrained, load_source
+    tokenizer = None
     if state:
         model = build(state["arch"], state["config"])
-        model.load_state_dict(load_pretrained(ckpt).state_dict())
-    elif args.init:
-        model = with_config(load_pretrained(args.init), overrides)
+        model.load_state_dict(from_pretrained(ckpt).state_dict())
+    elif init is not None:
+        model, tokenizer = load_source(init, **overrides)
     else:
-        preset = get_preset(args.preset)
+        preset = get_preset(source)
         model = build(preset.arch, {**preset.config, **overrides})
     cfg = model.config
     s.block_size = s.block_size or min(cfg.block_size, 1024)
     if s.block_size > cfg.block_size:
-        raise ValueError(f"--block-size {s.block_size} exceeds the model's block_size {cfg.block_size}; "
-                         f"use --set block_size={s.block_size} or a smaller --block-size")
+        raise ValueError(f"block_size {s.block_size} exceeds the model's block_size {cfg.block_size}; "
+                         f"override the model's (--set block_size={s.block_size}) or train on shorter blocks")
 
     # the tokenizer and the token files, checked against the model before any training
     docs = None
-    if ckpt or (args.init and not args.tokenizer):  # a pretrained source brings its own
-        import zoo
-        tokenizer = zoo.tokenizer(ckpt or args.init)
+    if ckpt:  # the run's own tokenizer, saved with its checkpoints
+        from .tokenizers import load_tokenizer
+        tokenizer = load_tokenizer(ckpt)
+    elif tokenizer is not None and not s.tokenizer:
+        pass  # the init source's own
     elif not s.tokenizer:
-        raise ValueError(f"preset {args.preset!r} names no tokenizer: pass --tokenizer char|gpt2|bpe|FILE")
+        raise ValueError(f"preset {source!r} names no tokenizer: pass tokenizer= (--tokenizer) char, gpt2, bpe "
+                         "or a tokenizer file")
     else:
-        docs = data.read_texts(args.data + (args.val or []))
+        docs = data.read_texts(data_paths + (val or []))
         tokenizer = make_tokenizer(s.tokenizer, docs, cfg.vocab_size)
-    train_data, val_data = data.load_splits(args.data, tokenizer, args.val, s.block_size, cfg.vocab_size)
+    train_data, val_data = data.load_splits(data_paths, tokenizer, val, s.block_size, cfg.vocab_size)
     del docs
 
     model.to(s.device)
@@ -336,6 +355,15 @@ def train(args):
     if state:
         optimizer.load_state_dict(state["optimizer"])
         step, horizon = state["step"], state["horizon"]
+        if s.max_iters is not None and s.max_iters != state["settings"].get("max_iters"):
+            if s.schedule == "cosine" and s.max_iters > step:
+                note.warning("zoo: the horizon changed from %d to %d steps: from step %d on, the cosine schedule "
+                             "decays over the new horizon, so the run differs from one planned for %d steps",
+                             horizon, s.max_iters, step, s.max_iters)
+            horizon = s.max_iters
+        if step >= horizon:
+            note.warning("zoo: nothing to train: the checkpoint %s is at step %d and max_iters is %d; give a "
+                         "larger max_iters to continue", ckpt, step, horizon)
         batch_rng.set_state(state["data"])
         set_rng_states(state["rng"])
         if dist.rank:
@@ -347,13 +375,10 @@ def train(args):
     eval_at = data.eval_starts(val_data, s.block_size, s.eval_iters * s.batch_size)
     d_model = getattr(cfg, "n_embd", cfg.vocab_size)
 
-    log = Log(args.out, step) if master else None
+    log = Log(out, step) if master else None
     timer = Budget(s) if s.time_budget else None
     tokens_per_step = s.batch_size * s.block_size * s.grad_accum
-    bar = None
-    if master:
-        from tqdm import tqdm
-        bar = tqdm(total=horizon, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr)
+    bar = progress_bar(total=horizon, initial=step, unit="step", enabled=s.progress) if master else None
     val_loss, last_val_step, loss_sum, t_log, steps_logged = None, None, torch.zeros((), device=s.device), \
         time.time(), 0
     try:
@@ -385,7 +410,7 @@ def train(args):
                 loss = dist.mean(loss_sum / steps_logged).item()  # (each micro-loss is already scaled to its share)
                 loss_sum.zero_()
                 if not math.isfinite(loss):
-                    good = latest_checkpoint(args.out)
+                    good = latest_checkpoint(out)
                     raise FloatingPointError(
                         f"the training loss became {loss} by step {step}; stopped. The last good checkpoint is "
                         f"{good or 'none'}; lower --lr, raise --warmup or set --grad-clip, then --resume")
@@ -409,13 +434,13 @@ def train(args):
                 t = time.time()
                 val_loss, last_val_step = evaluate(model, val_data, s, eval_at), step
                 log.write(step=step, val_loss=round(val_loss, 4))
-                bar.write(f"step {step}: val_loss {val_loss:.4f}", file=sys.stdout)
+                note.info("step %d: val_loss %.4f", step, val_loss)
                 t_log += time.time() - t  # evaluation time is not training throughput
                 if timer:
                     timer.eval_seconds = time.time() - t
             if master and (step % s.checkpoint_interval == 0 or last):
                 t = time.time()
-                save_checkpoint(args.out, step, model, tokenizer, optimizer, horizon, batch_rng, s)
+                save_checkpoint(out, step, model, tokenizer, optimizer, horizon, batch_rng, s)
                 t_log += time.time() - t
                 if timer:
                     timer.checkpoint_seconds = time.time() - t
@@ -495,7 +520,7 @@ class Log:
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
         except ImportError:
-            print("note: matplotlib is not installed, so no loss.png (pip install matplotlib)", file=sys.stderr)
+            note.warning("zoo: matplotlib is not installed, so no loss.png (pip install matplotlib)")
             return
         with open(self.path) as f:
             rows = [json.loads(line) for line in f]

@@ -1,6 +1,6 @@
-"""`zoo verify SOURCE`: zoo's model and transformers' on the same weights and token ids, compared.
+"""Verification (`zoo verify SOURCE`): zoo's model and transformers' on the same weights and token ids, compared.
 
-    zoo verify smollm2-135m-instruct --text ../shared/data/wikitext-2/valid.txt
+    zoo verify smollm2-135m-instruct --text wikitext-2/valid.txt
     max |dlogit| 3.1e-05   mean KL 2.0e-11   top-1 agreement 256/256   (256 tokens)
 
 The reference side needs `transformers` (and `accelerate` for GGUF files): pip install "zoo-lm[reference]".
@@ -11,9 +11,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoints
-from .pretrained import from_pretrained, preset_source
-from .registry import PRESETS
+from .pretrained import from_pretrained, source_path
 
 
 def verify(source, text=None, n_tokens=256, revision=None):
@@ -23,9 +21,7 @@ def verify(source, text=None, n_tokens=256, revision=None):
     seeded random ids without text. Returns {"max_abs", "mean_kl", "top1", "n_tokens"}.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    if source in PRESETS and not Path(source).exists():
-        source, _ = preset_source(source, revision=revision)
-    path = checkpoints.resolve(source, revision)
+    path = source_path(source, revision)
     # transformers loads a GGUF from its folder plus the file's name
     folder, kwargs = (path.parent, {"gguf_file": path.name}) if path.suffix == ".gguf" else (path, {})
     config = path / "config.json"
@@ -51,21 +47,3 @@ def verify(source, text=None, n_tokens=256, revision=None):
         "top1": (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item(),
         "n_tokens": len(ids),
     }
-
-
-def add_arguments(parser):
-    parser.add_argument("source", help="preset name, hub repo id, local folder or .gguf file")
-    parser.add_argument("--text", type=Path, help="a text file to take the token ids from (default: random ids)")
-    parser.add_argument("--tokens", type=int, default=256, help="number of tokens to compare (default 256)")
-    parser.add_argument("--tol", type=float, default=1e-4, help="largest |dlogit| that passes (default 1e-4)")
-    parser.add_argument("--revision", help="hub revision (branch, tag or commit)")
-
-
-def run(args):
-    text = args.text.read_text(encoding="utf-8") if args.text else None
-    r = verify(args.source, text=text, n_tokens=args.tokens, revision=args.revision)
-    agree = round(r["top1"] * r["n_tokens"])
-    ok = r["max_abs"] <= args.tol
-    print(f"max |dlogit| {r['max_abs']:.2e}   mean KL {r['mean_kl']:.2e}   top-1 agreement "
-          f"{agree}/{r['n_tokens']}   ({'ok' if ok else 'FAIL'}: tolerance {args.tol:g})")
-    return 0 if ok else 1

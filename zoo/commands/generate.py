@@ -1,0 +1,61 @@
+"""`zoo generate [SOURCE] --prompt TEXT`: text (or a chat answer) from any zoo source, streamed to stdout."""
+import sys
+import time
+
+import torch
+
+from ..generation import complete
+from ..pretrained import describe_source, load_source
+from ..sampling import SamplingConfig
+
+HELP = "generate text (default model: smollm2-135m-instruct)"
+
+
+def add_arguments(parser):
+    parser.add_argument("source", nargs="?", default="smollm2-135m-instruct",
+                        help="a preset name (its pretrained weights), a hub repo id, a folder or a .gguf file "
+                             "(default: smollm2-135m-instruct)")
+    parser.add_argument("--prompt", required=True, help="the text to continue (or, with --chat, the user message)")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0 (the default) is greedy: the same answer every time; e.g. 0.8 samples")
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--min-p", type=float)
+    parser.add_argument("--repetition-penalty", type=float)
+    parser.add_argument("--beams", type=int, default=1, help="beam search with this many beams")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--stop", action="append", help="end the text before this string (repeatable)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the decode step: faster per token after ~20 s of compiling (long outputs)")
+    parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available, else cpu)")
+
+
+def run(args):
+    # checked before the minutes a download may take
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                              repetition_penalty=args.repetition_penalty, num_beams=args.beams, seed=args.seed)
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, not {args.max_new_tokens}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_source(args.source, device=device, dtype=args.dtype)
+    prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+    stats, start = {}, time.perf_counter()
+    for piece in complete(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                          stop=args.stop, stream=True, compile=args.compile, stats=stats):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if stats.get("token_s"):  # sampling: the decode speed, apart from the prompt's prefill (and compiling)
+        t = stats["token_s"]
+        skip = 2 if args.compile else 1  # the first decode step compiles
+        speed = f"{(len(t) - skip) / (t[-1] - t[skip - 1]):.1f} tok/s" if len(t) > skip else "- tok/s"
+        compiled = f" after a first decode step of {t[1] - t[0]:.1f} s (compiling)" if args.compile and len(t) > 1 else ""
+        detail = f"{len(t)} new tokens, {speed}{compiled} (prefill of {stats['prompt_tokens']} tokens: {t[0]:.2f} s)"
+    else:
+        detail = f"beam search, {time.perf_counter() - start:.2f} s" if args.beams > 1 else "no new tokens"
+    print(f"zoo generate: {detail}; {args.dtype} on {device}; model: {describe_source(args.source)}",
+          file=sys.stderr)
+    return 0

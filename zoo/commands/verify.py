@@ -1,0 +1,24 @@
+"""`zoo verify SOURCE`: zoo's logits against transformers' on the same weights (needs zoo-lm[reference])."""
+from pathlib import Path
+
+from ..verification import verify
+
+HELP = "compare zoo's logits with transformers' on the same weights"
+
+
+def add_arguments(parser):
+    parser.add_argument("source", help="preset name, hub repo id, local folder or .gguf file")
+    parser.add_argument("--text", type=Path, help="a text file to take the token ids from (default: random ids)")
+    parser.add_argument("--tokens", type=int, default=256, help="number of tokens to compare (default 256)")
+    parser.add_argument("--tol", type=float, default=1e-4, help="largest |dlogit| that passes (default 1e-4)")
+    parser.add_argument("--revision", help="hub revision (branch, tag or commit)")
+
+
+def run(args):
+    text = args.text.read_text(encoding="utf-8") if args.text else None
+    r = verify(args.source, text=text, n_tokens=args.tokens, revision=args.revision)
+    agree = round(r["top1"] * r["n_tokens"])
+    ok = r["max_abs"] <= args.tol
+    print(f"max |dlogit| {r['max_abs']:.2e}   mean KL {r['mean_kl']:.2e}   top-1 agreement "
+          f"{agree}/{r['n_tokens']}   ({'ok' if ok else 'FAIL'}: tolerance {args.tol:g})")
+    return 0 if ok else 1

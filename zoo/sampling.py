@@ -1,0 +1,130 @@
+"""Sampling settings and the samplers: logits [B, V] -> processed logits (removed tokens at -inf) -> tokens.
+
+    s = zoo.SamplingConfig(temperature=0.8, top_p=0.95, seed=0)   # checked once, here
+    zoo.generate(model, ids, 50, s)                                # or zoo.generate(model, ids, 50, temperature=0.8)
+
+`generate`, `complete`, beam search, the server and `zoo generate` all take a SamplingConfig, so each
+setting is spelled, defaulted and validated in one place.
+"""
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How the next token is chosen. Impossible values raise ValueError naming the field."""
+    temperature: float = 1.0                 # 0 is greedy; otherwise logits / temperature
+    top_k: int | None = None                 # keep the k most likely tokens (ties with the k-th kept)
+    top_p: float | None = None               # keep the smallest set of most likely tokens reaching p
+    min_p: float | None = None               # keep tokens at least min_p times as likely as the best one
+    repetition_penalty: float | None = None  # CTRL's penalty on tokens already seen (prompt included)
+    num_beams: int = 1                       # > 1: beam search (deterministic; no top-k/p/min-p)
+    length_penalty: float = 1.0              # beam search scores sum(log p) / length ** length_penalty
+    min_new_tokens: int = 0                  # no end-of-text before this many new tokens
+    eos_token_id: int | list | tuple | None = None  # None: the model's (or tokenizer's) own end tokens
+    seed: int | None = None                  # makes sampling reproducible
+
+    def __post_init__(self):
+        def number(name, value, kind=float):
+            if value is None:
+                return
+            if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+                raise TypeError(f"{name} must be {'a number' if kind is float else 'an int'}, "
+                                f"not {type(value).__name__} {value!r}")
+            if kind is float and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, not {value}")
+
+        for f in dataclasses.fields(self):
+            if f.name in ("top_k", "num_beams", "min_new_tokens", "seed"):
+                number(f.name, getattr(self, f.name), int)
+            elif f.name != "eos_token_id":
+                number(f.name, getattr(self, f.name))
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1 (None keeps every token), got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (None or 1 keeps every token), got {self.top_p}")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1] (None or 0 keeps every token), got {self.min_p}")
+        if self.repetition_penalty is not None and self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 or None: no penalty), got {self.repetition_penalty}")
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1 (1: no beam search), got {self.num_beams}")
+        if self.num_beams > 1 and (self.top_k, self.top_p, self.min_p) != (None, None, None):
+            raise ValueError("top_k, top_p and min_p are sampling settings; beam search (num_beams > 1) is "
+                             "deterministic: drop them or use num_beams=1")
+        if self.min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
+        eos = self.eos_token_id
+        ids = [eos] if isinstance(eos, int) else [*(eos or [])]
+        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+            raise ValueError(f"eos_token_id must be a token id or a list of them, not {eos!r}")
+
+    @classmethod
+    def of(cls, settings=None, **fields):
+        """`settings` (a SamplingConfig, or None for the defaults) with `fields` replaced; an unknown field
+        name is a TypeError that lists the known ones."""
+        base = settings if settings is not None else cls()
+        if not isinstance(base, cls):
+            raise TypeError(f"sampling settings must be a {cls.__name__}, not {type(base).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        if unknown := set(fields) - known:
+            raise TypeError(f"unknown sampling setting(s) {', '.join(sorted(unknown))}; known: "
+                            f"{', '.join(sorted(known))}")
+        return dataclasses.replace(base, **fields) if fields else base
+
+    @property
+    def eos_ids(self):
+        """eos_token_id as a list (empty when unset)."""
+        eos = self.eos_token_id
+        return [eos] if isinstance(eos, int) else [*(eos or [])]
+
+
+def penalize_repetition(logits, seen, penalty):
+    """CTRL's repetition penalty (Keskar et al., 2019) on the tokens `seen` [B, V] marks: a positive
+    logit is divided by the penalty and a negative one multiplied, so a penalty > 1 always lowers them."""
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
+def process_logits(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=None):
+    """Temperature, top-k, top-p (nucleus), min-p, in that order, on fp32 logits [B, V].
+
+    Removed tokens get -inf. top-k keeps ties with the k-th value; top-p keeps the smallest set of
+    most likely tokens whose probability reaches top_p; min-p keeps tokens whose probability is at
+    least min_p times the most likely one's.
+    """
+    if temperature != 1:
+        logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        probs, order = logits.softmax(-1).sort(-1, descending=True)
+        mass_before = probs.cumsum(-1).roll(1, -1)
+        mass_before[..., 0] = 0  # the most likely token is always kept
+        drop = mass_before >= top_p  # the set already reached top_p without this token
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    if min_p is not None and min_p > 0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), float("-inf"))
+    return logits
+
+
+def sample(logits, generator=None):
+    """One token per row from softmax(logits). The exponential race (argmax p / q, q ~ Exp(1)) picks
+    token i with probability p_i, like torch.multinomial, without a sync with the host."""
+    probs = logits.softmax(-1)
+    q = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / q).argmax(-1)
+
+
+def next_tokens(logits, settings, generator=None):
+    """One token per row [B] from logits [B, V] under `settings` (after the repetition penalty)."""
+    if settings.temperature == 0:
+        return logits.argmax(-1)
+    return sample(process_logits(logits.float(), temperature=settings.temperature, top_k=settings.top_k,
+                                 top_p=settings.top_p, min_p=settings.min_p), generator)
