@@ -1,5 +1,8 @@
-"""The built wheel: it ships zoo, zoo.models and the weights maps, and claims no top-level `models`."""
+"""The package: the built wheel ships zoo, zoo.commands, zoo.models and the weights maps (no top-level
+`models`); public names are never module names; the library neither parses argv nor prints."""
+import ast
 import pathlib
+import pkgutil
 import subprocess
 import sys
 import zipfile
@@ -20,6 +23,8 @@ def test_wheel_installs_and_runs_outside_the_repository(tmp_path):
     assert top_level == {"zoo"}, f"the wheel must install only the zoo package, not {top_level}"
     for arch in ("bigram", "scratchformer", "gpt2", "llama", "mqa"):
         assert f"zoo/models/{arch}.py" in names
+    commands = {f"zoo/commands/{p.name}" for p in (ROOT / "zoo" / "commands").glob("*.py")}
+    assert commands <= set(names), f"commands missing from the wheel: {commands - set(names)}"
     maps = {f"zoo/weights_maps/{p.name}" for p in (ROOT / "weights_maps").glob("*.json")}
     assert maps <= set(names), f"weights maps missing from the wheel: {maps - set(names)}"
 
@@ -43,14 +48,29 @@ except ImportError:
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr + run.stdout
 
 
-def test_public_functions_survive_importing_their_modules():
-    """zoo.generate and zoo.verify are functions and also module names; importing the modules (as the
-    command line does) must not rebind the package's attributes."""
-    import importlib
-
+def test_no_module_shares_a_name_with_a_public_function():
+    """`import zoo.x` binds the package attribute x to the module: no public name may be a module's too."""
     import zoo
-    for name in ("generate", "complete", "verify", "from_pretrained", "save_pretrained", "tokenizer", "list"):
-        assert callable(getattr(zoo, name)) and not isinstance(getattr(zoo, name), type(zoo)), name
-    for module in ("zoo.generation", "zoo.verification", "zoo.cli"):
-        importlib.import_module(module)
-    assert callable(zoo.generate) and callable(zoo.verify) and not isinstance(zoo.verify, type(zoo))
+    modules = {m.name for m in pkgutil.iter_modules(zoo.__path__)}
+    assert not modules & set(zoo.__all__), modules & set(zoo.__all__)
+    for name in zoo.__all__:
+        assert callable(getattr(zoo, name)), name
+
+
+LIBRARY = sorted(p for p in (ROOT / "zoo").glob("*.py") if p.name not in ("cli.py", "__main__.py"))
+
+
+@pytest.mark.parametrize("path", LIBRARY, ids=lambda p: p.name)
+def test_library_modules_neither_parse_argv_nor_print(path):
+    """The command line lives in zoo/cli.py and zoo/commands/; the library imports no argparse, calls no
+    print (notes go to the "zoo" logger), reaches its siblings without the `zoo` facade, and never looks
+    for files beside the repository."""
+    tree = ast.parse(path.read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+                 and not n.level}
+    assert "argparse" not in imported and "zoo" not in imported, imported
+    prints = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "print"]
+    assert not prints, f"print() on lines {prints}"
+    assert "shared" not in {part for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+                            for part in n.value.replace("\\", "/").split("/")}

@@ -128,7 +128,7 @@ def test_hf_dataset_without_datasets_is_a_clear_error(monkeypatch):
 
 def test_hf_dataset_splits_train_a_model(tmp_path, monkeypatch):
     """A local dataset folder read through `datasets` (a hub name takes the same path, online)."""
-    datasets = pytest.importorskip("datasets", reason="the `datasets` package (pip install 'zoo[datasets]') is not "
+    datasets = pytest.importorskip("datasets", reason="the `datasets` package (pip install 'zoo-lm[datasets]') is not "
                                                       "installed")
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)

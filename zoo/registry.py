@@ -32,7 +32,7 @@ PRESETS = {
         tokenizer="gpt2",
         # Vaswani et al.'s recipe: inverse-square-root schedule, 4000 warmup steps, label smoothing 0.1,
         # Adam with beta2 0.98 and no weight decay, 100k steps (lr=1.0: the schedule's own scale)
-        train=dict(tokenizer="gpt2", schedule="noam", warmup=4000, label_smoothing=0.1, lr=1.0, beta2=0.98,
+        train=dict(schedule="noam", warmup=4000, label_smoothing=0.1, lr=1.0, beta2=0.98,
                    weight_decay=0.0, batch_size=10, block_size=256, max_iters=100_000, checkpoint_interval=10_000),
     ),
     "shakespeare-char": Preset(
@@ -44,7 +44,7 @@ PRESETS = {
         tokenizer="char",
         # nanoGPT's settings with a 3x higher peak lr (best of 1e-3..6e-3 and batch 12..24 at a fixed 2.2M
         # tokens, what ~90 s on 2 CPU cores trains) and bf16 autocast (bf16 matmuls run 2.2x fp32's here)
-        train=dict(tokenizer="char", batch_size=12, block_size=64, lr=3e-3, schedule="cosine",
+        train=dict(batch_size=12, block_size=64, lr=3e-3, schedule="cosine",
                    warmup=100, min_lr=3e-4, weight_decay=0.1, beta2=0.99, bf16=True),
     ),
     "gpt2": Preset("gpt2", dict(_GPT2, n_layer=12, n_head=12, n_embd=768), "openai-community/gpt2", "mit",

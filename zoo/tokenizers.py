@@ -174,7 +174,7 @@ class TiktokenTokenizer(Tokenizer):
                          else f"set TIKTOKEN_CACHE_DIR to a folder holding a gpt2.tiktoken file named {GPT2_CACHE_KEY}")
                 raise FileNotFoundError(
                     f"GPT-2's BPE ranks are not in tiktoken's cache and could not be downloaded "
-                    f"({type(e).__name__}: {e}). Connect to the network once, or offline {where} "
+                    f"({type(e).__name__}: {e}). Connect to the network once, or (offline) {where} "
                     "(TIKTOKEN_CACHE_DIR moves the cache), or pass the file's path: "
                     "zoo.tokenizer('path/to/gpt2.tiktoken')") from e
         ranks = _read_tiktoken_ranks(ranks_file)

@@ -116,8 +116,10 @@ class TrainConfig:
 
     @classmethod
     def for_preset(cls, name, **fields):
-        """The preset's training settings (a partial TrainConfig) over the defaults, then `fields`."""
-        return cls.of(cls(), **{**get_preset(name).train, **fields})
+        """The preset's tokenizer and training settings (a partial TrainConfig) over the defaults, then
+        `fields`."""
+        preset = get_preset(name)
+        return cls.of(cls(), **{"tokenizer": preset.tokenizer, **preset.train, **fields})
 
     @classmethod
     def of(cls, base, **fields):
@@ -337,8 +339,11 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overrid
     if ckpt:  # the run's own tokenizer, saved with its checkpoints
         from .tokenizers import load_tokenizer
         tokenizer = load_tokenizer(ckpt)
-    elif tokenizer is not None and not s.tokenizer:
-        pass  # the init source's own
+    elif tokenizer is not None and "tokenizer" not in fields:
+        pass  # the init source's own, unless the caller names another
+    elif not s.tokenizer and source is not None and (get_preset(source).repo or get_preset(source).gguf):
+        from .tokenizers import load_tokenizer
+        tokenizer = load_tokenizer(source)  # the preset's published weights' own
     elif not s.tokenizer:
         raise ValueError(f"preset {source!r} names no tokenizer: pass tokenizer= (--tokenizer) char, gpt2, bpe "
                          "or a tokenizer file")
