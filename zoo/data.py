@@ -6,8 +6,12 @@ files' contents and of the tokenizer, so a changed file or tokenizer never reuse
 Documents (files, dataset rows) are joined with the tokenizer's end-of-text token when it has one.
 
     train, val = load_splits(["input.txt"], tokenizer)   # val: the last 10% unless val files given
-    starts = torch.randint(len(train) - block_size, (batch_size,), generator=generator)
-    x, y = windows(train, starts, block_size)            # [batch_size, block_size] each
+    batches = Windows(train, block_size)
+    x, y = batches.batch(batches.draw(generator, (batch_size,)))   # [batch_size, block_size] each
+
+Training reads its data through that small interface (draw / fixed / batch), so other kinds of
+examples (padded conversations, masked tokens) plug into the same loop. Targets equal to IGNORE
+count in no loss.
 """
 import hashlib
 import os
@@ -16,6 +20,7 @@ import tempfile
 import numpy as np
 import torch
 
+IGNORE = -100  # a target that no loss counts (F.cross_entropy's default ignore_index)
 VAL_FRACTION = 0.1  # without validation files, the last tenth of the tokens validates (training and `zoo eval`)
 HF_PREFIX = "hf:"  # hf:NAME[:CONFIG][@SPLIT]: a Hugging Face dataset's "text" column (split "train" by default)
 
@@ -135,3 +140,25 @@ def eval_starts(data, block_size, n):
     """n window starts spread evenly over `data`: the same windows every evaluation, so losses compare."""
     last = len(data) - block_size - 1
     return torch.linspace(0, last, n).round().long().unique()
+
+
+class Windows:
+    """Windows of block_size + 1 tokens of one token array, by start position: x, and y = x shifted by one."""
+
+    def __init__(self, tokens, block_size):
+        self.tokens, self.block_size = tokens, block_size
+
+    def __len__(self):  # the number of distinct windows
+        return len(self.tokens) - self.block_size
+
+    def draw(self, generator, shape):
+        """Random window indices of the given shape, from `generator` (the run's data stream)."""
+        return torch.randint(len(self), shape, generator=generator)
+
+    def fixed(self, n):
+        """n indices spread evenly: the same windows at every evaluation, so losses compare."""
+        return eval_starts(self.tokens, self.block_size, n)
+
+    def batch(self, index, device="cpu"):
+        """x, y [len(index), block_size] for a 1-d tensor of indices."""
+        return windows(self.tokens, index, self.block_size, device)

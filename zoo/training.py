@@ -256,18 +256,20 @@ def forward_context(s):
 
 
 @torch.no_grad()
-def evaluate(model, val, s, starts):
-    """Mean next-token loss over fixed validation windows (the same every time, so evaluations compare)."""
+def evaluate(model, val, s, index):
+    """Mean loss per counted target over the validation examples `index` names (the same ones every time,
+    so evaluations compare)."""
     model.eval()
-    total, count = torch.zeros((), device=s.device), 0
-    for i in range(0, len(starts), s.batch_size):
-        x, y = data.windows(val, starts[i:i + s.batch_size], s.block_size, s.device)
+    total, count = torch.zeros((), device=s.device), torch.zeros((), device=s.device)
+    for i in range(0, len(index), s.batch_size):
+        x, y = val.batch(index[i:i + s.batch_size], s.device)
         with forward_context(s):
             logits = model(x)
-        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
-        count += y.numel()
+        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=data.IGNORE,
+                                 reduction="sum")
+        count += (y != data.IGNORE).sum()
     model.train()
-    return total.item() / count
+    return total.item() / count.item()
 
 
 def train(source, data_paths, out, *, val=None, init=None, resume=False, overrides=None, config=None, **fields):
@@ -351,6 +353,7 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overrid
         docs = data.read_texts(data_paths + (val or []))
         tokenizer = make_tokenizer(s.tokenizer, docs, cfg.vocab_size)
     train_data, val_data = data.load_splits(data_paths, tokenizer, val, s.block_size, cfg.vocab_size)
+    train_data, val_data = data.Windows(train_data, s.block_size), data.Windows(val_data, s.block_size)
     del docs
 
     model.to(s.device)
@@ -377,7 +380,7 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overrid
     if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel
         net = DistributedDataParallel(net, device_ids=[s.device] if s.device.startswith("cuda") else None)
-    eval_at = data.eval_starts(val_data, s.block_size, s.eval_iters * s.batch_size)
+    eval_at = val_data.fixed(s.eval_iters * s.batch_size)
     d_model = getattr(cfg, "n_embd", cfg.vocab_size)
 
     log = Log(out, step) if master else None
@@ -393,14 +396,13 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overrid
                 g["lr"] = lr
             # All ranks draw the same indices for the whole global batch and each takes its own slice,
             # so N processes see exactly the batches one process accumulating N times as much would.
-            starts = torch.randint(len(train_data) - s.block_size, (s.grad_accum, s.batch_size),
-                                   generator=batch_rng)
+            index = train_data.draw(batch_rng, (s.grad_accum, s.batch_size))
             for micro in range(local_accum):
-                x, y = data.windows(train_data, starts[dist.rank * local_accum + micro], s.block_size, s.device)
+                x, y = train_data.batch(index[dist.rank * local_accum + micro], s.device)
                 sync = micro == local_accum - 1 or dist.world == 1
                 with (nullcontext() if sync else net.no_sync()), forward_context(s):
                     logits = net(x)
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
+                    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=data.IGNORE,
                                            label_smoothing=s.label_smoothing) / s.grad_accum * dist.world
                 loss.backward()
                 loss_sum += loss.detach()  # no host sync here: the value is read at log steps only
