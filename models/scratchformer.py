@@ -191,8 +191,9 @@ class Model(nn.Module):
         S = T if input_pos is None else self.cache_len if T == 1 else int(input_pos.max()) + 1
         key_slots = torch.arange(S, device=idx.device)
         mask = key_slots <= slots[:, None]  # causal: [T, S]
-        pos = slots[None]
-        if key_mask is not None:
+        if key_mask is None:
+            pos = slots[None]
+        else:
             key_mask = key_mask[:, :S]
             pos = (key_mask.long().cumsum(1) - 1).clamp(min=0)[:, slots]  # count from each row's first real token
             # padded keys are hidden; a padded query still sees itself, so no softmax row is empty

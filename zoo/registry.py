@@ -122,5 +122,6 @@ def build(arch, config):
 
 
 def arch_of(model):
-    """The architecture name of a zoo model (the model file it comes from)."""
-    return type(model).__module__.rsplit(".", 1)[-1]
+    """The architecture name of a zoo model (the model file it comes from), also when FSDP has subclassed it."""
+    cls = next((c for c in type(model).__mro__ if c.__name__ == "Model"), type(model))
+    return cls.__module__.rsplit(".", 1)[-1]

@@ -15,9 +15,8 @@ import math
 import os
 import random
 import shutil
-import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +25,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import data
+from .distributed import (Distributed, checkpoint_blocks, full_state, gradient_sync, load_optimizer_state, shard,
+                          wrap)
 from .progress import bar as progress_bar
 from .progress import log as note
 from .registry import arch_of, build, get_preset
@@ -48,7 +49,8 @@ class TrainConfig:
     batch_size: int = _setting(12, "sequences per micro-batch and process", type=int)
     block_size: int | None = _setting(None, "tokens per sequence (default: the model's block_size, at most 1024)",
                                       type=int)
-    grad_accum: int = _setting(1, "micro-batches per step, in total over all processes", type=int)
+    grad_accum: int | None = _setting(None, "micro-batches per step, in total over all processes (default: one "
+                                            "per process)", type=int)
     lr: float = _setting(6e-4, "peak learning rate (noam: the scale factor)", type=float)
     min_lr: float | None = _setting(None, "cosine floor (default lr/10)", type=float)
     schedule: str = _setting("cosine", "warmup then cosine decay to min_lr; noam: inverse square root; "
@@ -70,6 +72,10 @@ class TrainConfig:
     time_budget: float | None = _setting(None, "wall time of the whole run in seconds; the schedule's horizon "
                                                "follows the measured step time", type=float)
     progress: bool = _setting(True, "show a progress bar on stderr", type=bool)
+    fsdp: bool = _setting(False, "under torchrun: shard parameters, gradients and optimizer state across the "
+                                 "processes (FSDP2) instead of copying them (DDP)", type=bool)
+    grad_checkpoint: bool = _setting(False, "recompute each block's activations in the backward pass (less "
+                                            "memory, ~1/3 more compute)", type=bool)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -92,10 +98,9 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"TrainConfig.{name} must be {what}, not {getattr(self, name)}")
 
-        for name in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval",
-                     "checkpoint_interval"):
+        for name in ("batch_size", "eval_interval", "eval_iters", "log_interval", "checkpoint_interval"):
             need(getattr(self, name) >= 1, name, "at least 1")
-        for name in ("max_iters", "block_size"):
+        for name in ("max_iters", "block_size", "grad_accum"):
             need(getattr(self, name) is None or getattr(self, name) >= 1, name, "at least 1 (or None)")
         need(self.lr > 0, "lr", "> 0")
         need(self.min_lr is None or self.min_lr >= 0, "min_lr", ">= 0")
@@ -188,15 +193,23 @@ def set_rng_states(r):
         torch.cuda.set_rng_state_all(r["cuda"])
 
 
-def save_checkpoint(out, step, model, tokenizer, optimizer, horizon, batch_rng, s):
-    """OUT/step-NNNNNNN: weights + tokenizer (zoo.save_pretrained) and the training state, all-or-nothing."""
+def save_checkpoint(out, step, model, tokenizer, optimizer, horizon, batch_rng, s, master=True):
+    """OUT/step-NNNNNNN: weights + tokenizer (zoo.save_pretrained) and the training state, all-or-nothing,
+    written by rank 0. Under FSDP every rank calls it (the full state is gathered from the shards)."""
     from .pretrained import save_pretrained
+    weights, optimizer_state = full_state(model, optimizer, s.fsdp)
+    if not master:
+        return None
+    arch = arch_of(model)
+    if s.fsdp:  # the gathered tensors, in a plain model of the same config, so the folder reads as any other
+        model = build(arch, model.config)
+        model.load_state_dict(weights)
     final = os.path.join(out, f"step-{step:07d}")
     tmp = os.path.join(out, f".tmp-step-{step:07d}")
     shutil.rmtree(tmp, ignore_errors=True)
     save_pretrained(model, tmp, tokenizer=tokenizer)
-    torch.save(dict(step=step, horizon=horizon, optimizer=optimizer.state_dict(), rng=rng_states(),
-                    data=batch_rng.get_state(), arch=arch_of(model), config=dataclasses.asdict(model.config),
+    torch.save(dict(step=step, horizon=horizon, optimizer=optimizer_state, rng=rng_states(),
+                    data=batch_rng.get_state(), arch=arch, config=dataclasses.asdict(model.config),
                     settings=vars(s)), os.path.join(tmp, STATE_FILE))
     shutil.rmtree(final, ignore_errors=True)  # only when re-running over an older run's checkpoint
     os.replace(tmp, final)  # a crash before this line leaves only the .tmp folder, never a broken step-*
@@ -204,42 +217,6 @@ def save_checkpoint(out, step, model, tokenizer, optimizer, horizon, batch_rng, 
 
 
 # ---------------------------------------------------------------------------------------- the loop
-
-class Distributed:
-    """torchrun's environment, or a single process (rank 0 of 1)."""
-
-    def __init__(self, device):
-        self.world = int(os.environ.get("WORLD_SIZE", 1))
-        self.rank = int(os.environ.get("RANK", 0))
-        self.device = device
-        if self.world > 1:
-            import torch.distributed as dist
-            if device.startswith("cuda"):
-                self.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-                torch.cuda.set_device(self.device)
-            dist.init_process_group("nccl" if self.device.startswith("cuda") else "gloo")
-
-    def mean(self, t):
-        if self.world > 1:
-            torch.distributed.all_reduce(t)
-            t /= self.world
-        return t
-
-    def share(self, values):
-        """rank 0's numbers, on every rank (decisions taken on rank 0 must be taken everywhere)."""
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        if self.world > 1:
-            torch.distributed.broadcast(t, 0)
-        return t.tolist()
-
-    def close(self):
-        # on this machine a gloo job can abort at exit unless every rank gets here before teardown
-        if self.world > 1:
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-
 
 @contextmanager
 def forward_context(s):
@@ -312,10 +289,14 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overrid
 
     dist = Distributed(s.device)
     s.device, master = dist.device, dist.rank == 0
+    s.grad_accum = s.grad_accum or dist.world  # by default each process takes one micro-batch per step
     if s.grad_accum % dist.world:
         raise ValueError(f"grad_accum {s.grad_accum} must be a multiple of the {dist.world} processes")
+    if s.fsdp and dist.world == 1:
+        raise ValueError("fsdp shards the model across processes: run under torchrun (e.g. torchrun "
+                         "--nproc_per_node=2 -m zoo train ... --fsdp), or drop --fsdp")
     local_accum = s.grad_accum // dist.world
-    torch.manual_seed(s.seed + dist.rank)  # dropout masks differ per rank
+    torch.manual_seed(s.seed)  # the same initial weights on every rank (FSDP shards each rank's own copy)
     random.seed(s.seed)
     np.random.seed(s.seed)
 
@@ -330,6 +311,8 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overrid
     else:
         preset = get_preset(source)
         model = build(preset.arch, {**preset.config, **overrides})
+    if dist.rank:
+        torch.manual_seed(s.seed + dist.rank)  # dropout masks differ per rank
     cfg = model.config
     s.block_size = s.block_size or min(cfg.block_size, 1024)
     if s.block_size > cfg.block_size:
@@ -357,11 +340,15 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overrid
     del docs
 
     model.to(s.device)
+    if s.grad_checkpoint:
+        checkpoint_blocks(model)
+    if s.fsdp:
+        shard(model, s.bf16)
     optimizer = make_optimizer(model, s, s.device)
     batch_rng = torch.Generator().manual_seed(s.seed)  # one index stream shared by all ranks (see below)
     horizon, step = s.max_iters or 10 ** 9, 0  # a time budget replaces 10**9 after the first steps
     if state:
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(model, optimizer, state["optimizer"], s.fsdp)
         step, horizon = state["step"], state["horizon"]
         if s.max_iters is not None and s.max_iters != state["settings"].get("max_iters"):
             if s.schedule == "cosine" and s.max_iters > step:
@@ -376,10 +363,7 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overrid
         set_rng_states(state["rng"])
         if dist.rank:
             torch.manual_seed(s.seed + dist.rank + step)
-    net = torch.compile(model) if s.compile else model
-    if dist.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-        net = DistributedDataParallel(net, device_ids=[s.device] if s.device.startswith("cuda") else None)
+    net = wrap(model, s, dist.world)
     eval_at = val_data.fixed(s.eval_iters * s.batch_size)
     d_model = getattr(cfg, "n_embd", cfg.vocab_size)
 
@@ -400,7 +384,7 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overrid
             for micro in range(local_accum):
                 x, y = train_data.batch(index[dist.rank * local_accum + micro], s.device)
                 sync = micro == local_accum - 1 or dist.world == 1
-                with (nullcontext() if sync else net.no_sync()), forward_context(s):
+                with gradient_sync(net, model, sync, s.fsdp), forward_context(s):
                     logits = net(x)
                     loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=data.IGNORE,
                                            label_smoothing=s.label_smoothing) / s.grad_accum * dist.world
@@ -437,29 +421,30 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overrid
             if master:
                 bar.update()
             last = step >= horizon
-            if master and (step % s.eval_interval == 0 or last):
+            if (master or s.fsdp) and (step % s.eval_interval == 0 or last):  # FSDP: every rank gathers
                 t = time.time()
                 val_loss, last_val_step = evaluate(model, val_data, s, eval_at), step
-                log.write(step=step, val_loss=round(val_loss, 4))
-                note.info("step %d: val_loss %.4f", step, val_loss)
+                if master:
+                    log.write(step=step, val_loss=round(val_loss, 4))
+                    note.info("step %d: val_loss %.4f", step, val_loss)
                 t_log += time.time() - t  # evaluation time is not training throughput
                 if timer:
                     timer.eval_seconds = time.time() - t
-            if master and (step % s.checkpoint_interval == 0 or last):
+            if (master or s.fsdp) and (step % s.checkpoint_interval == 0 or last):
                 t = time.time()
-                save_checkpoint(out, step, model, tokenizer, optimizer, horizon, batch_rng, s)
+                save_checkpoint(out, step, model, tokenizer, optimizer, horizon, batch_rng, s, master)
                 t_log += time.time() - t
                 if timer:
                     timer.checkpoint_seconds = time.time() - t
+        if (master or s.fsdp) and last_val_step != step:  # resumed at the very end: nothing left to train
+            val_loss = evaluate(model, val_data, s, eval_at)
     finally:
         if bar is not None:
             bar.close()
         if master:
             log.plot()
         dist.close()
-    if master and last_val_step != step:  # resumed at the very end: nothing left to train
-        val_loss = evaluate(model, val_data, s, eval_at)
-    return val_loss
+    return val_loss if master else None
 
 
 def process_start():
