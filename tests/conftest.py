@@ -72,3 +72,37 @@ def gpt2_bpe():
         pytest.skip(f"GPT-2's BPE ranks are not at {GPT2_RANKS} (set ZOO_SHARED_DATA to the folder holding "
                     "tokenizers/gpt2.tiktoken)")
     return GPT2_RANKS
+
+
+# One tiny configuration per architecture and option that changes the computation; tests import TINY and
+# tiny() from here (`from conftest import TINY, tiny`), so the configs live in one place.
+TINY = {
+    "bigram": ("bigram", dict(vocab_size=37)),
+    "scratchformer": ("scratchformer", dict(vocab_size=37, block_size=64, n_layer=2, n_head=4, n_embd=32,
+                                            ffn_dim=48, dropout=0.0)),
+    "scratchformer-xglm": ("scratchformer", dict(vocab_size=37, block_size=64, n_layer=2, n_head=4, n_embd=32,
+                                                 ffn_dim=48, dropout=0.0, activation="gelu", norm_first=True,
+                                                 sinusoid="fairseq", pos_offset=2)),
+    "gpt2": ("gpt2", dict(vocab_size=37, block_size=64, n_layer=2, n_head=4, n_embd=32)),
+    "gpt2-nobias": ("gpt2", dict(vocab_size=37, block_size=64, n_layer=2, n_head=4, n_embd=32, bias=False)),
+    "llama-gqa": ("llama", dict(vocab_size=37, block_size=64, n_layer=2, n_head=6, n_kv_head=2, n_embd=48,
+                                ffn_dim=40, tie_embeddings=True)),
+    "llama-mha-llama3": ("llama", dict(vocab_size=37, block_size=64, n_layer=2, n_head=3, n_kv_head=3, n_embd=24,
+                                       ffn_dim=40, rope_theta=500.0, rope_scaling=dict(
+                                           factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                           original_max_position_embeddings=16))),
+    "mqa": ("mqa", dict(vocab_size=37, block_size=64, n_layer=2, n_head=4, n_embd=32, ffn_dim=48)),
+}
+
+
+def tiny(name, device="cpu", std=None, **overrides):
+    """A fresh TINY[name] model (seeded), in eval mode. `std` re-initialises its matrices with that spread
+    (the default init is nearly uniform, so greedy choices hardly vary); the bigram always gets one."""
+    import zoo
+    torch.manual_seed(0)
+    arch, cfg = TINY[name]
+    model = zoo.build(arch, {**cfg, **overrides})
+    for p in model.parameters():
+        if arch == "bigram" or (std is not None and p.dim() >= 2):
+            torch.nn.init.normal_(p, std=std or 1.0)
+    return model.to(device).eval()

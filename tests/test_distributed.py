@@ -141,13 +141,14 @@ def free_port():
 
 @pytest.mark.slow
 def test_two_nodes_on_localhost_train_and_exit_cleanly(tmp_path, text_file):
-    """Two torchrun launchers (one process each) meet through c10d rendezvous, as two machines would."""
+    """Two torchrun launchers (one process each) meet through c10d rendezvous, as two machines would (FSDP with
+    activation checkpointing, both at once)."""
     endpoint = f"127.0.0.1:{free_port()}"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
            f"--rdzv-endpoint={endpoint}", "--rdzv-id=zoo-test", "-m", "zoo", "train", "shakespeare-char",
            *MODEL_ARGV, *SETTINGS_ARGV, "--data", text_file, "--out", str(tmp_path / "run"), "--max-iters", "2",
-           "--fsdp"]
+           "--fsdp", "--grad-checkpoint"]
     nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for _ in range(2)]
     outs = [node.communicate(timeout=600) for node in nodes]

@@ -13,27 +13,14 @@ from zoo.tokenizers import load_tokenizer
 from zoo.generation import complete, generate
 from zoo.sampling import SamplingConfig, penalize_repetition, process_logits, sample
 
-TINY = {  # one small config per architecture; block_size 16 so that the sliding window is exercised
-    "bigram": ("bigram", dict(vocab_size=37)),
-    "scratchformer": ("scratchformer", dict(vocab_size=37, block_size=16, n_layer=2, n_head=4, n_embd=32,
-                                            ffn_dim=48, dropout=0.0)),
-    "xglm": ("scratchformer", dict(vocab_size=37, block_size=16, n_layer=2, n_head=4, n_embd=32, ffn_dim=48,
-                                   dropout=0.0, activation="gelu", norm_first=True, sinusoid="fairseq",
-                                   pos_offset=2)),
-    "gpt2": ("gpt2", dict(vocab_size=37, block_size=16, n_layer=2, n_head=4, n_embd=32)),
-    "llama": ("llama", dict(vocab_size=37, block_size=16, n_layer=2, n_head=6, n_kv_head=2, n_embd=48,
-                            ffn_dim=40, tie_embeddings=True)),
-    "mqa": ("mqa", dict(vocab_size=37, block_size=16, n_layer=2, n_head=4, n_embd=32, ffn_dim=48)),
-}
+from conftest import tiny as tiny_model
+
+GENERATORS = ["bigram", "scratchformer", "scratchformer-xglm", "gpt2", "llama-gqa", "mqa"]
+
+
 def tiny(name, device="cpu", **overrides):
-    """A small random model whose greedy choices vary (the default init is nearly uniform)."""
-    torch.manual_seed(0)
-    arch, cfg = TINY[name]
-    model = zoo.build(arch, {**cfg, **overrides})
-    for p in model.parameters():
-        if p.dim() >= 2:
-            torch.nn.init.normal_(p, std=0.5 if arch != "bigram" else 2.0)
-    return model.to(device).eval()
+    """A TINY model whose greedy choices vary; block_size 16, so that the sliding window is exercised."""
+    return tiny_model(name, device, std=0.5 if name != "bigram" else 2.0, **{"block_size": 16, **overrides})
 
 
 def bigram(rows):
@@ -173,7 +160,7 @@ def test_seed_reproduces_the_sample():
 # greedy decoding: batched == alone == full recomputation, sliding past block_size
 
 
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("name", GENERATORS)
 def test_batched_equals_alone_equals_recompute(name, device):
     model = tiny(name, device)
     prompts = [[5, 9, 1, 30, 2, 7, 7], [3, 11, 4], [20, 1, 8, 36, 0]]
@@ -187,7 +174,7 @@ def test_batched_equals_alone_equals_recompute(name, device):
 
 @pytest.mark.slow
 def test_compiled_decode_step_generates_the_same(device):
-    model = tiny("llama", device, block_size=300)  # the cache rounds up to 256 slots: a second call reuses the code
+    model = tiny("llama-gqa", device, block_size=300)  # the cache rounds up to 256 slots: a second call reuses the code
     prompts = [[5, 9, 1, 30, 2, 7, 7], [3, 11, 4]]  # padded: the key mask goes through the compiled step too
     compiled = generate(model, prompts, 12, temperature=0, compile=True)
     assert compiled == generate(model, prompts, 12, temperature=0) == [greedy_recompute(model, p, 12) for p in prompts]
@@ -205,7 +192,7 @@ def test_past_block_size_the_window_slides():
 
 
 def test_model_still_trains_and_saves_after_generating(tmp_path):
-    model = tiny("llama").train()
+    model = tiny("llama-gqa").train()
     idx = torch.tensor([[1, 2, 3]])
     before = model(idx)
     generate(model, [1, 2, 3], 5, temperature=0)
@@ -281,7 +268,7 @@ def test_beam_search_beats_greedy_where_greedy_is_short_sighted():
 
 
 def test_beam_search_batched_equals_alone_and_one_beam_is_greedy():
-    model = tiny("llama")
+    model = tiny("llama-gqa")
     prompts = [[5, 9, 1, 30, 2], [3, 11], [20, 1, 8]]
     batched = generate(model, prompts, 8, num_beams=3, eos_token_id=[3, 17], length_penalty=0.5)
     assert batched == [generate(model, p, 8, num_beams=3, eos_token_id=[3, 17], length_penalty=0.5)[0]

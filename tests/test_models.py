@@ -14,37 +14,12 @@ import torch
 import zoo
 from zoo.registry import PRESETS
 
+from conftest import TINY, tiny
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODEL_FILES = sorted(p for p in (ROOT / "models").glob("*.py") if p.name != "__init__.py")
 
-# One tiny configuration per architecture, covering the options that change the computation.
-TINY = {
-    "bigram": ("bigram", dict(vocab_size=37)),
-    "scratchformer": ("scratchformer", dict(vocab_size=37, block_size=64, n_layer=2, n_head=4, n_embd=32,
-                                            ffn_dim=48, dropout=0.0)),
-    "scratchformer-xglm": ("scratchformer", dict(vocab_size=37, block_size=64, n_layer=2, n_head=4, n_embd=32,
-                                                 ffn_dim=48, dropout=0.0, activation="gelu", norm_first=True,
-                                                 sinusoid="fairseq", pos_offset=2)),
-    "gpt2": ("gpt2", dict(vocab_size=37, block_size=64, n_layer=2, n_head=4, n_embd=32)),
-    "gpt2-nobias": ("gpt2", dict(vocab_size=37, block_size=64, n_layer=2, n_head=4, n_embd=32, bias=False)),
-    "llama-gqa": ("llama", dict(vocab_size=37, block_size=64, n_layer=2, n_head=6, n_kv_head=2, n_embd=48,
-                                ffn_dim=40, tie_embeddings=True)),
-    "llama-mha-llama3": ("llama", dict(vocab_size=37, block_size=64, n_layer=2, n_head=3, n_kv_head=3, n_embd=24,
-                                       ffn_dim=40, rope_theta=500.0, rope_scaling=dict(
-                                           factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                           original_max_position_embeddings=16))),
-    "mqa": ("mqa", dict(vocab_size=37, block_size=64, n_layer=2, n_head=4, n_embd=32, ffn_dim=48)),
-}
 ATTENTION = [name for name, (arch, _) in TINY.items() if arch != "bigram"]  # the ones with causal: bool
-
-
-def tiny(name, device="cpu", **overrides):
-    torch.manual_seed(0)
-    arch, cfg = TINY[name]
-    model = zoo.build(arch, {**cfg, **overrides})
-    if arch == "bigram":  # it starts uniform (all zeros); give it something to predict
-        torch.nn.init.normal_(model.table.weight)
-    return model.to(device).eval()
 
 
 @pytest.mark.parametrize("name", TINY)
