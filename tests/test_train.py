@@ -390,3 +390,52 @@ def test_two_processes_match_one_over_the_same_global_batch(tmp_path, text_file)
     assert one.keys() == two.keys()
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ safety
+
+def snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_an_earlier_run_is_never_overwritten(tmp_path, text_file):
+    out = tmp_path / "o"
+    tiny(out, text_file, max_iters=2)
+    before = snapshot(out)
+    with pytest.raises(ValueError, match="holds an earlier run.*--resume.*--overwrite"):
+        tiny(out, text_file, max_iters=2, seed=3)
+    assert snapshot(out) == before
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(ValueError, match="is a file"):
+        tiny(tmp_path / "file", text_file, max_iters=2)
+    assert (tmp_path / "file").read_text() == "mine"
+    tiny(out, text_file, max_iters=2, seed=3, overwrite=True)  # starts again; the old run moved aside, whole
+    assert snapshot(tmp_path / "o.old-1") == before and snapshot(out) != before
+
+
+def test_resume_skips_a_damaged_newest_checkpoint_and_keeps_it(tmp_path, text_file, capfd):
+    common = dict(max_iters=6, checkpoint_interval=2, eval_interval=2, seed=5)
+    tiny(tmp_path / "a", text_file, **common)
+    tiny(tmp_path / "b", text_file, **common)
+    state = tmp_path / "b" / "step-0000006" / zt.STATE_FILE
+    state.write_bytes(state.read_bytes()[:1000])  # truncated, as by a full disk
+    weights = tmp_path / "b" / "step-0000004" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    damaged = {p: p.read_bytes() for p in (state, weights)}
+    capfd.readouterr()
+    val = zoo.train("shakespeare-char", [text_file], tmp_path / "b", resume=True, max_iters=6)
+    err = capfd.readouterr().err
+    assert str(state) in err and "step-0000004" in err and "resuming from" in err and "step-0000002" in err
+    assert val == pytest.approx(val_losses(tmp_path / "a")[-1], abs=1e-4)  # (the log keeps 4 decimals)
+    assert val_losses(tmp_path / "b") == val_losses(tmp_path / "a")
+    kept = {p: (p.parent.parent / (p.parent.name + ".damaged-1") / p.name).read_bytes() for p in damaged}
+    assert kept == damaged  # never deleted: renamed when the resumed run wrote that step again
+
+
+def test_set_values_are_parsed_by_the_config_fields_type(tmp_path, text_file, capfd):
+    from zoo.cli import main
+    code = main(["train", "shakespeare-char", "--data", text_file, "--out", str(tmp_path / "o"), "--set",
+                 "n_layer=abc", "--no-progress"])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("zoo train: error:") and "n_layer" in err[0]
+    assert not (tmp_path / "o").exists()

@@ -111,6 +111,17 @@ def make_config(arch, values):
     if unknown:
         raise ValueError(f"unknown {arch} config field(s) {', '.join(map(repr, unknown))}; "
                          f"valid fields: {', '.join(fields)}")
+    for f in dataclasses.fields(cls):  # each value of the kind its default is (an int is a float too)
+        default, value = f.default, values.get(f.name, f.default)
+        kind = type(default)
+        if default is None or value is None and default is None:
+            continue
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        ok = ok or (kind is float and isinstance(value, int) and not isinstance(value, bool))
+        if not ok:
+            article = "an" if kind.__name__[0] in "aeiou" else "a"
+            raise ValueError(f"{arch} config field {f.name} takes {article} {kind.__name__} (default {default!r}), "
+                             f"not {type(value).__name__} {value!r}")
     return cls(**values)
 
 

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import time
 from contextlib import contextmanager
@@ -148,9 +149,69 @@ def make_tokenizer(name, docs, vocab_size):
     return tokenizers.load_tokenizer(name)
 
 
+def checkpoints_in(out):
+    """The run's step-NNNNNNN folders, oldest first."""
+    names = os.listdir(out) if os.path.isdir(out) else []
+    return [os.path.join(out, d) for d in sorted(names) if re.fullmatch(r"step-\d+", d)]
+
+
 def latest_checkpoint(out):
-    steps = sorted(d for d in os.listdir(out) if d.startswith("step-")) if os.path.isdir(out) else []
-    return os.path.join(out, steps[-1]) if steps else None
+    found = checkpoints_in(out)
+    return found[-1] if found else None
+
+
+def holds_a_run(out):
+    return os.path.isdir(out) and (os.path.exists(os.path.join(out, "log.jsonl")) or bool(checkpoints_in(out)))
+
+
+def prepare_out(out, resume, overwrite, master):
+    """Refuse to mix a new run into an old one: a folder that holds a run is continued (resume) or moved
+    aside (overwrite, to OUT.old-N, never deleted); a path that is a file is refused."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"out {out!r} is a file, not a folder: name a folder for the run's checkpoints and log")
+    if resume or not holds_a_run(out):
+        return
+    if not overwrite:
+        raise ValueError(f"out {out!r} holds an earlier run (log.jsonl / step-* checkpoints): continue it with "
+                         "resume (--resume), start again with overwrite (--overwrite; the old run is moved aside "
+                         "to OUT.old-N), or name another folder")
+    if master:
+        n = 1
+        while os.path.exists(f"{out.rstrip(os.sep)}.old-{n}"):
+            n += 1
+        aside = f"{out.rstrip(os.sep)}.old-{n}"
+        os.replace(out, aside)
+        note.warning("zoo: the earlier run in %s was moved to %s", out, aside)
+
+
+def load_checkpoint(out):
+    """(folder, training state, model) of the newest intact checkpoint in `out`. A damaged one (weights or
+    training state that do not read) is named on the "zoo" logger and left in place; the one before it is
+    tried. None when there is no checkpoint at all."""
+    from .pretrained import from_pretrained
+    found = checkpoints_in(out)
+    for ckpt in reversed(found):
+        try:
+            state = torch.load(os.path.join(ckpt, STATE_FILE), weights_only=True)
+        except Exception as e:  # a truncated zip, a missing file: torch raises several kinds
+            note.warning("zoo: %s is damaged (%s: %s); trying the checkpoint before it",
+                         os.path.join(ckpt, STATE_FILE), type(e).__name__, (str(e).splitlines() or [""])[0])
+            continue
+        try:
+            model = build(state["arch"], state["config"])
+            model.load_state_dict(from_pretrained(ckpt).state_dict())
+        except (ValueError, FileNotFoundError, RuntimeError, KeyError) as e:
+            note.warning("zoo: the weights in %s are damaged (%s); trying the checkpoint before it", ckpt,
+                         (str(e).splitlines() or [""])[0])
+            continue
+        if ckpt != found[-1]:
+            note.warning("zoo: resuming from %s, the newest intact checkpoint (the damaged ones are left as they "
+                         "are)", ckpt)
+        return ckpt, state, model
+    if found:
+        raise ValueError(f"resume: every checkpoint in {out!r} is damaged ({', '.join(map(os.path.basename, found))})"
+                         "; nothing to continue from")
+    return None
 
 
 def learning_rate(s, step, horizon, d_model):
@@ -211,7 +272,11 @@ def save_checkpoint(out, step, model, tokenizer, optimizer, horizon, batch_rng, 
     torch.save(dict(step=step, horizon=horizon, optimizer=optimizer_state, rng=rng_states(),
                     data=batch_rng.get_state(), arch=arch, config=dataclasses.asdict(model.config),
                     settings=vars(s)), os.path.join(tmp, STATE_FILE))
-    shutil.rmtree(final, ignore_errors=True)  # only when re-running over an older run's checkpoint
+    if os.path.exists(final):  # resumed before a damaged checkpoint: keep it, under another name
+        n = 1
+        while os.path.exists(f"{final}.damaged-{n}"):
+            n += 1
+        os.replace(final, f"{final}.damaged-{n}")
     os.replace(tmp, final)  # a crash before this line leaves only the .tmp folder, never a broken step-*
     return final
 
@@ -249,14 +314,16 @@ def evaluate(model, val, s, index):
     return total.item() / count.item()
 
 
-def train(source, data_paths, out, *, val=None, init=None, resume=False, overrides=None, config=None, **fields):
+def train(source, data_paths, out, *, val=None, init=None, resume=False, overwrite=False, overrides=None, config=None,
+          **fields):
     """Train a model and return its final validation loss (on rank 0; None on the other ranks).
 
     source: a preset name (the model config and its training settings), or None with `init`.
     data_paths, val: lists of text files or `hf:` dataset specs; without `val` the last tenth of the
     data validates. out: the run's folder (checkpoints, log.jsonl, loss.png). init: start from the
-    weights of any source load_source reads. resume: continue from the newest checkpoint in `out`, with
-    its settings (a larger max_iters continues up to it). overrides: model config fields. config: a
+    weights of any source load_source reads. resume: continue from the newest intact checkpoint in `out`,
+    with its settings (a larger max_iters continues up to it). A folder that holds a run is refused unless
+    resume or overwrite (which moves the old run aside to OUT.old-N). overrides: model config fields. config: a
     TrainConfig to start from instead of the preset's settings; fields: TrainConfig fields on top.
     """
     if isinstance(data_paths, (str, os.PathLike)):
@@ -269,10 +336,11 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overrid
         raise ValueError("no training data: pass one or more text files (or hf: datasets)")
     if source is None and init is None:
         raise ValueError("name a preset (the model to build) or an init source (the weights to start from)")
-    ckpt = latest_checkpoint(out) if resume else None
-    if resume and ckpt is None:
+    prepare_out(out, resume, overwrite, master=int(os.environ.get("RANK", 0)) == 0)
+    found = load_checkpoint(out) if resume else None
+    if resume and found is None:
         raise FileNotFoundError(f"resume: no checkpoint (step-*) in {out!r} to continue from")
-    state = torch.load(os.path.join(ckpt, STATE_FILE), weights_only=True) if ckpt else None
+    ckpt, state, resumed = found or (None, None, None)
     if config is not None and not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, not {type(config).__name__}")
     if config is None and state:  # a resumed run keeps its own settings unless told otherwise
@@ -301,11 +369,10 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overrid
     np.random.seed(s.seed)
 
     # the model: a checkpoint to resume, pretrained weights, or a fresh preset
-    from .pretrained import from_pretrained, load_source
+    from .pretrained import load_source
     tokenizer = None
     if state:
-        model = build(state["arch"], state["config"])
-        model.load_state_dict(from_pretrained(ckpt).state_dict())
+        model = resumed
     elif init is not None:
         model, tokenizer = load_source(init, **overrides)
     else:

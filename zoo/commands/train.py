@@ -24,6 +24,9 @@ def add_arguments(p):
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in --out, with its settings (a larger --max-iters "
                         "continues up to it)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again in an --out folder that holds a run: the old run is moved aside to OUT.old-N "
+                        "(not deleted)")
     p.add_argument("--init", metavar="SOURCE", help="start from pretrained weights (preset, hub id, folder, .gguf)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="model config override")
     defaults = TrainConfig()
@@ -60,7 +63,7 @@ def run(args):
     fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
               if getattr(args, f.name) is not None}
     try:
-        val_loss = train(args.preset, args.data, args.out, val=args.val, init=args.init, resume=args.resume,
+        val_loss = train(args.preset, args.data, args.out, val=args.val, init=args.init, resume=args.resume, overwrite=args.overwrite,
                          overrides=parse_overrides(args.set), **fields)
     except FloatingPointError as e:  # diverged: say so plainly, the last good checkpoint stays
         print(f"zoo train: {e}", file=sys.stderr)
