@@ -564,8 +564,8 @@ class Log:
         self.out = out
         rows = []
         if step and os.path.exists(self.path):  # resumed: forget what was logged after the checkpoint
-            with open(self.path) as f:
-                rows = [r for r in map(json.loads, f) if r["step"] <= step]
+            with open(self.path) as f:  # (a kill mid-write leaves at most a partial last line: dropped)
+                rows = [r for r in map(_json_or_none, f) if r is not None and r["step"] <= step]
         with open(self.path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
 
@@ -595,3 +595,10 @@ class Log:
         fig.tight_layout()
         fig.savefig(os.path.join(self.out, "loss.png"), dpi=120)
         plt.close(fig)
+
+
+def _json_or_none(line):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
