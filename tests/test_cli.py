@@ -12,6 +12,7 @@ def zoo_cli(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "zoo", *args], capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_list_shows_presets_sizes_sources_and_licences():
     out = zoo_cli("list")
     assert out.returncode == 0, out.stderr
@@ -23,6 +24,7 @@ def test_list_shows_presets_sizes_sources_and_licences():
     assert {line.split()[0] for line in lines[1:]} == set(zoo.list())
 
 
+@pytest.mark.slow
 def test_generate_refuses_bad_settings_before_loading():
     out = zoo_cli("generate", "--prompt", "hi", "--temperature", "-1")
     assert out.returncode == 2 and "temperature" in out.stderr and "Traceback" not in out.stderr
@@ -30,6 +32,7 @@ def test_generate_refuses_bad_settings_before_loading():
     assert out.returncode != 0 and "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_generate_from_a_local_folder(tmp_path, gpt2_bpe):
     tok = zoo.tokenizer("gpt2")
     torch.manual_seed(0)

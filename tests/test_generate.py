@@ -186,8 +186,8 @@ def test_compiled_decode_step_generates_the_same(device):
 def test_past_block_size_the_window_slides():
     model = tiny("gpt2", block_size=64, n_layer=1)
     prompt = list(range(10))
-    out = generate(model, prompt, 2000, temperature=0.9, seed=0)[0]
-    assert len(out) == 2000
+    out = generate(model, prompt, 300, temperature=0.9, seed=0)[0]
+    assert len(out) == 300
     assert generate(model, prompt, 90, temperature=0)[0] == greedy_recompute(model, prompt, 90)
 
 

@@ -352,6 +352,7 @@ def test_repeated_helpers_are_identical_copies(name):
         assert copy == reference, f"{name}: the copies differ; change all four alike\n{diff}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", MODEL_FILES, ids=lambda p: p.name)
 def test_model_file_runs_alone(path, tmp_path):
     """Copy one file into an empty folder and use it from a fresh interpreter that cannot see the repo."""

@@ -212,6 +212,7 @@ def test_weight_decay_only_on_matrices():
 
 # ------------------------------------------------------------------------------------------ proofs
 
+@pytest.mark.slow
 def test_bigram_reaches_the_conditional_entropy(tmp_path, text_file):
     text = open(text_file).read()
     pairs, firsts = Counter(zip(text, text[1:])), Counter(text[:-1])
@@ -258,6 +259,7 @@ def test_resume_continues_exactly(tmp_path, text_file, monkeypatch):
     assert rows("b") == rows("a")
 
 
+@pytest.mark.slow
 def test_resume_with_more_iterations_continues_to_them(tmp_path, text_file, caplog):
     """30 steps, then resumed to 60, equals 60 straight under a step-only schedule (noam)."""
     common = dict(schedule="noam", lr=0.5, warmup=10, eval_interval=10, checkpoint_interval=30, log_interval=5)
@@ -275,6 +277,7 @@ def test_resume_with_more_iterations_continues_to_them(tmp_path, text_file, capl
     assert max(int(d[5:]) for d in os.listdir(tmp_path / "cos") if d.startswith("step-")) == 20
 
 
+@pytest.mark.slow
 def test_resume_notes_go_to_the_zoo_logger(tmp_path, text_file, capfd):
     tiny(tmp_path / "o", text_file, max_iters=4)
     capfd.readouterr()
@@ -327,6 +330,7 @@ def test_init_starts_from_pretrained_weights(tmp_path, text_file):
     assert val == pytest.approx(before, abs=1e-4) and before < math.log(12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 def test_bf16_label_smoothing_grad_accum(tmp_path, text_file, device):
     val = tiny(tmp_path / "o", text_file, device=device, bf16=True, label_smoothing=0.1, grad_accum=2, max_iters=30,
