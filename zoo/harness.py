@@ -304,7 +304,12 @@ def evaluate(source, tasks, *, include_path=None, num_fewshot=None, limit=None, 
         tasks = [t for t in tasks.split(",") if t]
     if not tasks:
         raise ValueError("no tasks given; name lm-evaluation-harness tasks, e.g. hellaswag,arc_easy")
-    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    manager = None
+    if include_path:  # indexing the harness's own ~15,000 task files takes ~10 s: only when a task needs them
+        manager = TaskManager(include_path=str(include_path), include_defaults=False)
+        if not all(t in manager.all_tasks for t in tasks):
+            manager = None
+    manager = manager or TaskManager(include_path=str(include_path) if include_path else None)
     unknown = [t for t in tasks if t not in manager.all_tasks and not os.path.isfile(t)]  # or a task's YAML file
     if unknown:
         where = f" or in {include_path}" if include_path else " (add --include-path DIR for your own YAML tasks)"
