@@ -13,12 +13,13 @@ from .generation import complete, generate
 from .pretrained import from_pretrained, load_source, save_pretrained
 from .registry import arch_of, build, list  # noqa: A004  (zoo.list() is the public name)
 from .sampling import SamplingConfig
+from .scoring import score, score_rolling
 from .tokenizers import load_tokenizer as tokenizer
 from .training import TrainConfig, train
 from .verification import verify
 
 __all__ = ["list", "load", "build", "arch_of", "from_pretrained", "load_source", "save_pretrained", "tokenizer",
-           "generate", "complete", "SamplingConfig", "train", "TrainConfig", "verify"]
+           "generate", "complete", "SamplingConfig", "score", "score_rolling", "train", "TrainConfig", "verify"]
 
 
 def load(name, pretrained=False, *, revision=None, device=None, dtype=None, **overrides):

@@ -1,10 +1,15 @@
-"""`zoo eval SOURCE --data FILES`: validation loss and sliding-window perplexity.
+"""`zoo eval SOURCE --data FILES`: validation loss and sliding-window perplexity; `zoo eval SOURCE --tasks
+T1,T2`: lm-evaluation-harness's benchmarks (zoo/harness.py; needs pip install 'zoo-lm[eval]').
 
     zoo eval out/step-0002000 --data input.txt          # one training checkpoint
     zoo eval out/ --data input.txt --split val          # every checkpoint in a run, in step order
     zoo eval smollm2-135m-instruct --data test.txt --window 1024 --stride 512
+    zoo eval smollm2-135m-instruct --tasks hellaswag,arc_easy --batch-size 16 --output results.json
+    zoo eval out/ --tasks my_task --include-path my_tasks/ --limit 100   # your own YAML tasks
 """
+import json
 import math
+import os
 
 import torch
 
@@ -17,7 +22,14 @@ HELP = "validation loss and sliding-window perplexity"
 
 def add_arguments(p):
     p.add_argument("source", help="checkpoint folder, folder of checkpoints, preset, hub id, HF folder or .gguf")
-    p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="text files to score")
+    p.add_argument("--data", nargs="+", metavar="PATH", help="text files to score (loss and perplexity)")
+    p.add_argument("--tasks", metavar="T1,T2", help="lm-evaluation-harness tasks instead, e.g. hellaswag,arc_easy")
+    p.add_argument("--include-path", metavar="DIR", help="a folder of your own task YAML files (with --tasks)")
+    p.add_argument("--num-fewshot", type=int, metavar="K", help="few-shot examples per prompt (with --tasks)")
+    p.add_argument("--limit", type=float, metavar="N", help="at most N examples per task, or a fraction < 1 "
+                   "(with --tasks; for trying things out)")
+    p.add_argument("--output", metavar="PATH", help="write the harness's results as JSON (with --tasks)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights' dtype (default float32)")
     p.add_argument("--split", choices=["all", "val"], default="all",
                    help=f"score all the text, or only its last {data.VAL_FRACTION * 100:g}%% (a training run's "
                         "validation split)")
@@ -25,7 +37,8 @@ def add_arguments(p):
     p.add_argument("--stride", type=int, help="tokens between window starts (default: window / 2)")
     p.add_argument("--max-tokens", type=int, help="score only the first N tokens")
     p.add_argument("--tokenizer", help="tokenizer source, when SOURCE has none")
-    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    p.add_argument("--batch-size", type=int, help="windows per forward pass (default 4); with --tasks, requests "
+                   "per batch (default 16)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 weights (faster; perplexity differs slightly)")
 
@@ -35,7 +48,14 @@ def run(args):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if args.bf16 else None
+    dtype = torch.bfloat16 if args.bf16 else getattr(torch, args.dtype) if args.dtype else None
+    if args.tasks:
+        return run_tasks(args, device, dtype)
+    if not args.data:
+        raise ValueError("give --data FILES (loss and perplexity of a text) or --tasks T1,T2 "
+                         "(lm-evaluation-harness benchmarks)")
+    if args.batch_size is None:
+        args.batch_size = 4
     for name, source in sources(args.source):
         model, tokenizer = load_source(source, device=device, dtype=dtype, tokenizer=args.tokenizer)
         tokens = data.tokenize(data.read_texts(args.data), tokenizer)
@@ -46,4 +66,44 @@ def run(args):
         stride = args.stride if args.stride is not None else max(1, window // 2)
         loss = sliding_window_loss(model, tokens, window, stride, args.batch_size, device)
         print(f"{name}loss {loss:.4f} ppl {math.exp(loss):.4f}", flush=True)
+    return 0
+
+
+def run_tasks(args, device, dtype):
+    """lm-evaluation-harness's tasks on each checkpoint of SOURCE: its results table, and --output's JSON."""
+    if args.data:
+        raise ValueError("--data and --tasks are two kinds of evaluation; give one of them")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise ValueError(f"--num-fewshot must be at least 0, not {args.num_fewshot}")
+    if args.limit is not None and args.limit <= 0:
+        raise ValueError(f"--limit must be positive, not {args.limit:g}")
+    if args.output and os.path.exists(args.output):
+        raise ValueError(f"--output {args.output} exists; name a new file (earlier results are not overwritten)")
+    if args.include_path and not os.path.isdir(args.include_path):
+        raise FileNotFoundError(f"--include-path {args.include_path}: no such folder")
+    try:
+        from .. import harness
+        from lm_eval.utils import handle_non_serializable, make_table
+    except ModuleNotFoundError as e:
+        if e.name is None or not e.name.startswith("lm_eval"):
+            raise
+        raise ValueError("--tasks needs lm-evaluation-harness: pip install 'zoo-lm[eval]' (or pip install lm-eval)") from None
+    limit = None if args.limit is None else int(args.limit) if args.limit >= 1 else args.limit
+    everything = {}
+    for name, source in sources(args.source):
+        results = harness.evaluate(source, args.tasks, include_path=args.include_path, num_fewshot=args.num_fewshot,
+                                   limit=limit, batch_size=args.batch_size, dtype=dtype, device=device,
+                                   tokenizer=args.tokenizer)
+        if name:
+            print(name.strip())
+        print(make_table(results))
+        if "groups" in results:
+            print(make_table(results, "groups"))
+        everything[name.strip() or source] = results
+    if args.output:
+        out = everything if len(everything) > 1 else next(iter(everything.values()))
+        tmp = f"{args.output}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(out, f, indent=2, default=handle_non_serializable)
+        os.replace(tmp, args.output)
     return 0
