@@ -227,10 +227,13 @@ class Engine:
         """One turn of the engine: waiting requests join free rows (their first token comes from their
         prefill), then one decode step of every running row. The engine's thread calls it in a loop; call
         it yourself to drive an engine that was not started. Returns whether anything is left to do."""
-        with self.cond:
+        with self.cond:  # rows are taken here, so that submit counts them as busy from now on
             joining = []
-            while self.pending and len(joining) < self.rows.count(None):
-                joining.append(self.pending.popleft())
+            while self.pending and None in self.rows:
+                request = self.pending.popleft()
+                request.row = self.rows.index(None)
+                self.rows[request.row] = request
+                joining.append(request)
         try:
             with torch.inference_mode():
                 for r in self.rows:
@@ -238,7 +241,7 @@ class Engine:
                         self._finish(r, "cancelled")
                 for request in joining:
                     if request.cancelled:
-                        request._emit(finish_reason="cancelled")
+                        self._finish(request, "cancelled")
                     else:
                         self._join(request)
                 if self.running:
@@ -321,7 +324,8 @@ class Engine:
     def _join(self, request):
         """Prefill the request's prompt into a free row (alone, through views of that row) and emit its
         first token."""
-        if not self.running or self.cache_len is None:  # an empty batch starts afresh, in a short cache
+        if all(r is None or r.tokens == [] for r in self.rows) or self.cache_len is None:
+            # nothing is decoding: start afresh, in a short cache
             if self.cache_len != self.first_cache_len:
                 self._setup_cache(self.first_cache_len, keep=False)
             self.t = 0
@@ -330,10 +334,9 @@ class Engine:
         if self.t < P:
             self._room(P)
             self.t = P  # a jump: masked holes in the running rows
-        row = self.rows.index(None)
+        row = request.row
         self.real[row] = False
         self.real[row, self.t - P:self.t] = True
-        request.row, self.rows[row] = row, request
         settings = request.settings
         if settings.seed is not None:
             request.generator = torch.Generator(self.device).manual_seed(settings.seed)
@@ -396,7 +399,8 @@ class Engine:
     def _finish(self, request, reason, piece="", error=None):
         if request.row is not None:
             self.rows[request.row] = None
-            self.real[request.row] = False
+            if self.cache_len is not None:
+                self.real[request.row] = False
             request.row = None
         if reason in ("stop", "length"):
             piece += request.text.flush()
