@@ -129,3 +129,18 @@ def test_compiled_engine_decodes_as_alone(chars):
     run(engine)
     assert [r.tokens for r in requests] == [generate(model, p, 12, GREEDY)[0] for p in PROMPTS[:2]]
     assert torch.equal(torch.tensor(engine.real.shape), torch.tensor([2, 256]))  # static shapes: full batch, 256 slots
+
+
+def test_a_failed_step_fails_only_the_running_requests_and_the_engine_goes_on(chars):
+    model = tiny("llama", block_size=64)
+    engine = Engine(model, chars, max_batch=2)
+    running = engine.submit(PROMPTS[0], 20, GREEDY)
+    engine.step()
+    expected = generate(model, PROMPTS[1], 10, GREEDY)[0]  # replaces the model's cache under the running row
+    engine.step()
+    events = list(running)
+    assert events[-1].finish_reason == "error" and "cache was replaced" in events[-1].error
+    assert engine.running == 0
+    after = engine.submit(PROMPTS[1], 10, GREEDY)  # an idle engine makes its cache anew
+    run(engine)
+    assert after.tokens == expected

@@ -234,8 +234,8 @@ class Engine:
                 request.row = self.rows.index(None)
                 self.rows[request.row] = request
                 joining.append(request)
-        try:
-            with torch.inference_mode():
+        with torch.inference_mode():
+            try:
                 for r in self.rows:
                     if r is not None and r.cancelled:
                         self._finish(r, "cancelled")
@@ -246,12 +246,12 @@ class Engine:
                         self._join(request)
                 if self.running:
                     self._decode()
-        except Exception as e:  # never let one bad step stop the server: fail what was running, go on
-            log.exception("zoo engine: decode step failed")
-            for r in self.rows:
-                if r is not None:
-                    self._finish(r, "error", error=f"{type(e).__name__}: {e}")
-            self.cache_len = None
+            except Exception as e:  # never let one bad step stop the server: fail what was running, go on
+                log.exception("zoo engine: decode step failed")
+                for r in self.rows:
+                    if r is not None:
+                        self._finish(r, "error", error=f"{type(e).__name__}: {e}")
+                self.cache_len = None
         return bool(self.running or self.pending)
 
     def _run(self):
@@ -275,6 +275,7 @@ class Engine:
         self.caches = [m for m in self.model.modules() if isinstance(getattr(m, "k", None), torch.Tensor)
                        and isinstance(getattr(m, "v", None), torch.Tensor) and hasattr(m, "update")]
         self.cache_k, self.cache_v = [c.k for c in self.caches], [c.v for c in self.caches]
+        self.cache_name = next((n for n, m in self.model.named_modules() if self.caches and m is self.caches[0]), None)
         self.real = torch.zeros(self.max_batch, length, dtype=torch.bool, device=self.device)
         if old:
             for k, v, ok, ov in zip(self.cache_k, self.cache_v, old_k, old_v):
@@ -285,6 +286,18 @@ class Engine:
             self.newest = torch.zeros(self.max_batch, 1, dtype=torch.long, device=self.device)
         self.slots = torch.arange(length, device=self.device)
         self.cache_len, self.view = length, None
+
+    def _check_cache(self):
+        if not self._cache_is_ours():
+            raise RuntimeError("the model's KV cache was replaced while requests were decoding (generate() on "
+                               "the engine's model?): leave the model to the engine while it runs")
+
+    def _cache_is_ours(self):
+        """Whether the model still holds the cache the engine made (a generate() call on the same model
+        makes its own)."""
+        if self.cache_len is None:
+            return False
+        return self.cache_name is None or self.model.get_submodule(self.cache_name) is self.caches[0]
 
     def _use_rows(self, rows):
         """Point the model's caches at the rows (a slice) of the full cache: views, so writes land in it."""
@@ -324,12 +337,13 @@ class Engine:
     def _join(self, request):
         """Prefill the request's prompt into a free row (alone, through views of that row) and emit its
         first token."""
-        if all(r is None or r.tokens == [] for r in self.rows) or self.cache_len is None:
-            # nothing is decoding: start afresh, in a short cache
-            if self.cache_len != self.first_cache_len:
+        if all(r is None or r.tokens == [] for r in self.rows):  # nothing is decoding: afresh, in a short cache
+            if self.cache_len != self.first_cache_len or not self._cache_is_ours():
                 self._setup_cache(self.first_cache_len, keep=False)
             self.t = 0
             self.real.zero_()
+        else:
+            self._check_cache()  # raised here, it fails every running request (see step)
         P = len(request.prompt)
         if self.t < P:
             self._room(P)
@@ -363,6 +377,7 @@ class Engine:
 
     def _decode(self):
         """One decode step of every running row: feed each row's newest token at the frontier."""
+        self._check_cache()
         if self.t >= self.cache_len:
             self._pack()
         busy = [i for i, r in enumerate(self.rows) if r is not None]
