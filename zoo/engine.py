@@ -154,8 +154,9 @@ class Engine:
         self.max_batch, self.max_queue, self.compile = max_batch, max_queue, compile
         self.block_size = model.config.block_size
         self.device = next(model.parameters()).device
-        eos = list(tokenizer.eos_ids) if tokenizer is not None and tokenizer.eos_ids else None
-        self.eos = set(SamplingConfig.of(None, eos_token_id=eos or getattr(model, "eos_token_id", None)).eos_ids)
+        # the end tokens of a request that names none: the tokenizer's, else the model's (as zoo.complete)
+        eos = list(tokenizer.eos_ids) or getattr(model, "eos_token_id", None)
+        self.eos = set(SamplingConfig(eos_token_id=eos).eos_ids)
         model.eval()
         decode_layout(model)
         self.forward_step = compiled_step(model) if compile else model  # the decode step's forward
@@ -210,7 +211,7 @@ class Engine:
                                f"context of {self.block_size} tokens: ask for at most "
                                f"{self.block_size - len(prompt)} new tokens, or shorten the prompt", "max_tokens")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        eos = set(settings.eos_ids) or self.eos
+        eos = self.eos if settings.eos_token_id is None else set(settings.eos_ids)  # [] : no end token
         request = Request(prompt, max_tokens, settings, eos, TextStream(self.tokenizer, stops), on_event)
         with self.cond:
             if self.closed:
