@@ -27,6 +27,7 @@ def test_wheel_installs_and_runs_outside_the_repository(tmp_path):
     assert commands <= set(names), f"commands missing from the wheel: {commands - set(names)}"
     maps = {f"zoo/weights_maps/{p.name}" for p in (ROOT / "weights_maps").glob("*.json")}
     assert maps <= set(names), f"weights maps missing from the wheel: {maps - set(names)}"
+    assert "zoo/static/chat.html" in names, "zoo serve's chat page is missing from the wheel"
 
     target = tmp_path / "site"
     install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),

@@ -1,0 +1,51 @@
+"""`zoo serve [SOURCE]`: any zoo source over the OpenAI HTTP API, concurrent requests decoded in one batch,
+with a chat page at / (FastAPI and uvicorn: pip install 'zoo-lm[serve]')."""
+import os
+import sys
+
+import torch
+
+from ..pretrained import describe_source, load_source
+
+HELP = "serve a model over the OpenAI HTTP API, with a chat page (default model: smollm2-135m-instruct)"
+
+
+def add_arguments(parser):
+    parser.add_argument("source", nargs="?", default="smollm2-135m-instruct",
+                        help="a preset name (its pretrained weights), a hub repo id, a folder or a .gguf file "
+                             "(default: smollm2-135m-instruct); clients ask for it by this name")
+    parser.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1; "
+                                                           "0.0.0.0 for every interface)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default: 8)")
+    parser.add_argument("--max-queue", type=int, default=64,
+                        help="requests waiting beyond those, after which the server answers 503 (default: 64)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the decode step: faster per token after a first minute of compiling")
+    parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available, else cpu)")
+    parser.add_argument("--api-key", default=os.environ.get("ZOO_API_KEY"),
+                        help="require this bearer token on /v1/ (default: $ZOO_API_KEY, else none)")
+
+
+def run(args):
+    try:
+        import uvicorn
+
+        from ..server import create_app
+    except ImportError as e:
+        raise ValueError(f"serving needs FastAPI and uvicorn ({e}): pip install 'zoo-lm[serve]'") from None
+    from ..engine import Engine
+
+    if not 0 <= args.port < 65536:
+        raise ValueError(f"--port must be in [0, 65535], not {args.port}")
+    if args.max_batch < 1 or args.max_queue < 0:
+        raise ValueError(f"--max-batch must be >= 1 and --max-queue >= 0, not {args.max_batch} and {args.max_queue}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_source(args.source, device=device, dtype=args.dtype)
+    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, compile=args.compile)
+    app = create_app(engine, args.source, api_key=args.api_key)
+    print(f"zoo serve: {describe_source(args.source)}, {args.dtype} on {device}; OpenAI API at "
+          f"http://{args.host}:{args.port}/v1, chat page at http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0

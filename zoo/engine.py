@@ -1,0 +1,423 @@
+"""Continuous batching: one engine owns a model and decodes every running request in one batch.
+
+    engine = Engine(model, tokenizer, max_batch=8).start()
+    request = engine.submit(tokenizer.encode("Once upon"), max_tokens=50, sampling=SamplingConfig(temperature=0))
+    for event in request:                     # or submit(..., on_event=callback) from another thread's loop
+        print(event.text, end="")             # the last event has finish_reason "stop" or "length"
+
+A request joins the running batch at the next decode step and leaves it when it finishes, freeing its
+row of the KV cache for the next one. It needs nothing from the models beyond their shared contract
+(setup_cache, input_pos, key_mask [B, S] with each row's positions counted from its first real token):
+
+- The cache has `max_batch` rows of L slots, and one write frontier t shared by all rows: each decode
+  step writes every row's newest token at slot t. Row r holds its tokens at slots it marks real in
+  `real[r]`; every other slot is masked, so a row's tokens need not be contiguous and the positions the
+  model derives from the mask count only the row's own tokens: exactly its positions when alone.
+- A new request's prompt (P tokens) is prefilled alone, through views of its own cache row, at slots
+  [t - P, t), so that its first new token goes in at slot t with everyone else's (if t < P the frontier
+  jumps to P, leaving masked holes in the running rows).
+- When the frontier reaches L, every row's real slots are packed to the right of a new, lower frontier
+  (their order kept, so their positions do not change); if that leaves too little room, L doubles, up to
+  block_size. With no request running the cache goes back to its first length, so attention, which reads
+  all L slots each step, stays short.
+- Only rows [0, hi) run, hi = 1 + the highest busy row (new requests take the lowest free row): one
+  client alone pays for one row, not max_batch. With compile=True the batch is always max_batch rows and L
+  a multiple of 256, the static shapes the compiled step wants.
+
+Under greedy decoding each request's tokens are those it gets alone (zoo.complete): the same prompt
+positions and the same keys, other rows and masked slots contributing nothing. This module imports no web
+framework; zoo/server.py puts the OpenAI HTTP API in front of it.
+"""
+import collections
+import dataclasses
+import queue
+import threading
+
+import torch
+
+from .generation import compiled_step, decode_layout
+from .progress import log
+from .sampling import SamplingConfig, next_tokens, penalize_repetition
+from .tokenizers import StreamDecoder
+
+
+class RequestError(ValueError):
+    """A request the engine cannot run; `param` names the setting at fault (OpenAI's error field)."""
+
+    def __init__(self, message, param=None):
+        super().__init__(message)
+        self.param = param
+
+
+class QueueFull(RuntimeError):
+    """max_queue requests are already waiting: try again later."""
+
+
+@dataclasses.dataclass
+class Event:
+    """What a request produced since its last event. The last one has finish_reason: "stop" (an end token
+    or a stop string), "length" (max_tokens), "cancelled", or "error" (then `error` says what happened)."""
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+class TextStream:
+    """A request's new tokens as text pieces, as they come: never splitting a UTF-8 character, holding back
+    a tail that could begin a stop string, and ending before the first stop string (push returns
+    stopped=True); joined, the pieces equal zoo.complete's text for the same tokens and stops."""
+
+    def __init__(self, tokenizer, stops=()):
+        self.decoder, self.stops = StreamDecoder(tokenizer), [s for s in stops if s]
+        self.text, self.sent = "", 0
+
+    def _first_stop(self):
+        return min((i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0), default=-1)
+
+    def push(self, token):
+        """(the next piece, whether a stop string ended the text)"""
+        self.text += self.decoder.push(token)
+        if (cut := self._first_stop()) >= 0:
+            piece, self.sent = self.text[self.sent:cut], cut
+            return piece, True
+        held = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        piece = self.text[self.sent:max(self.sent, len(self.text) - held)]
+        self.sent += len(piece)
+        return piece, False
+
+    def flush(self):
+        """The held-back rest, cut before a stop string: the last piece."""
+        self.text += self.decoder.flush()
+        cut = self._first_stop()
+        piece = self.text[self.sent:cut if cut >= 0 else None]
+        self.sent += len(piece)
+        return piece
+
+
+class Request:
+    """One generation in the engine. Iterate it for its Events (when submitted without on_event), or
+    cancel() it: it leaves the batch at the next step."""
+
+    def __init__(self, prompt, max_tokens, settings, eos, text, on_event):
+        self.prompt, self.max_tokens, self.settings, self.eos = prompt, max_tokens, settings, eos
+        self.text = text
+        self.tokens = []  # the new token ids
+        self.finish_reason = None
+        self.cancelled = False
+        self.row = None
+        self.generator = self.seen = None  # set when it joins the batch, on the model's device
+        self._events = None
+        if on_event is None:
+            self._events = queue.Queue()
+            on_event = self._events.put
+        self._on_event = on_event
+
+    def cancel(self):
+        self.cancelled = True
+
+    def __iter__(self):
+        if self._events is None:
+            raise TypeError("this request reports through its on_event callback")
+        while True:
+            event = self._events.get()
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    def _emit(self, text="", finish_reason=None, error=None):
+        if finish_reason is not None:
+            self.finish_reason = finish_reason
+        if not text and finish_reason is None:
+            return
+        try:
+            self._on_event(Event(text, finish_reason, len(self.prompt), len(self.tokens), error))
+        except Exception:  # a listener that has gone away (e.g. the server shutting down) stops nothing
+            log.debug("zoo engine: an event listener failed", exc_info=True)
+
+
+class Engine:
+    """Decodes submitted requests together, on a thread of its own (start() / close()).
+
+    max_batch: requests decoded at once (rows of the KV cache); max_queue: requests waiting for a row
+    beyond that, after which submit raises QueueFull. compile=True compiles the decode step. cache_len:
+    the cache's slots per row to start with (doubled as long requests need, up to block_size).
+    """
+
+    def __init__(self, model, tokenizer, *, max_batch=8, max_queue=64, compile=False, cache_len=256):
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
+            raise ValueError(f"max_queue must be an int >= 0, got {max_queue!r}")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_queue, self.compile = max_batch, max_queue, compile
+        self.block_size = model.config.block_size
+        self.device = next(model.parameters()).device
+        # the end tokens of a request that names none: the tokenizer's, else the model's (as zoo.complete)
+        eos = list(tokenizer.eos_ids) or getattr(model, "eos_token_id", None)
+        self.eos = set(SamplingConfig(eos_token_id=eos).eos_ids)
+        model.eval()
+        decode_layout(model)
+        self.forward_step = compiled_step(model) if compile else model  # the decode step's forward
+        self.pending = collections.deque()
+        self.rows = [None] * max_batch  # the request in each cache row
+        self.cond = threading.Condition()
+        self.closed = False
+        self.thread = None
+        self.first_cache_len = min(cache_len, self.block_size)
+        self.cache_len = None
+
+    # ---- the public side (any thread)
+
+    def start(self):
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name="zoo-engine", daemon=True)
+            self.thread.start()
+        return self
+
+    def close(self):
+        with self.cond:
+            self.closed = True
+            self.cond.notify()
+        if self.thread is not None:
+            self.thread.join()
+
+    @property
+    def running(self):
+        return sum(r is not None for r in self.rows)
+
+    @property
+    def queued(self):
+        return len(self.pending)
+
+    def submit(self, prompt, max_tokens, sampling=None, *, stop=None, on_event=None):
+        """Queue a generation of up to max_tokens new tokens after the token ids `prompt`; returns its Request.
+        on_event(Event) is called from the engine's thread with each new piece of text, the last time with
+        a finish_reason. Raises RequestError for impossible input, QueueFull when max_queue are waiting."""
+        settings = SamplingConfig.of(sampling)
+        if settings.num_beams != 1:
+            raise RequestError("the engine decodes one sequence per request: num_beams must be 1", "num_beams")
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise RequestError("the prompt is empty: the model needs at least one token", "prompt")
+        if not 0 <= min(prompt) <= max(prompt) < self.model.config.vocab_size:
+            raise RequestError(f"the prompt has token ids outside the vocabulary [0, {self.model.config.vocab_size})",
+                               "prompt")
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise RequestError(f"max_tokens must be an int >= 1, got {max_tokens!r}", "max_tokens")
+        if len(prompt) + max_tokens > self.block_size:
+            raise RequestError(f"the prompt's {len(prompt)} tokens + max_tokens {max_tokens} exceed the model's "
+                               f"context of {self.block_size} tokens: ask for at most "
+                               f"{self.block_size - len(prompt)} new tokens, or shorten the prompt", "max_tokens")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        eos = self.eos if settings.eos_token_id is None else set(settings.eos_ids)  # [] : no end token
+        request = Request(prompt, max_tokens, settings, eos, TextStream(self.tokenizer, stops), on_event)
+        with self.cond:
+            if self.closed:
+                raise RuntimeError("the engine is closed")
+            if len(self.pending) >= self.max_queue + self.max_batch - self.running:
+                raise QueueFull(f"{self.max_queue} requests are already waiting")
+            self.pending.append(request)
+            self.cond.notify()
+        return request
+
+    # ---- the engine's thread
+
+    def step(self):
+        """One turn of the engine: waiting requests join free rows (their first token comes from their
+        prefill), then one decode step of every running row. The engine's thread calls it in a loop; call
+        it yourself to drive an engine that was not started. Returns whether anything is left to do."""
+        with self.cond:  # rows are taken here, so that submit counts them as busy from now on
+            joining = []
+            while self.pending and None in self.rows:
+                request = self.pending.popleft()
+                request.row = self.rows.index(None)
+                self.rows[request.row] = request
+                joining.append(request)
+        with torch.inference_mode():
+            try:
+                for r in self.rows:
+                    if r is not None and r.cancelled:
+                        self._finish(r, "cancelled")
+                for request in joining:
+                    if request.cancelled:
+                        self._finish(request, "cancelled")
+                    else:
+                        self._join(request)
+                if self.running:
+                    self._decode()
+            except Exception as e:  # never let one bad step stop the server: fail what was running, go on
+                log.exception("zoo engine: decode step failed")
+                for r in self.rows:
+                    if r is not None:
+                        self._finish(r, "error", error=f"{type(e).__name__}: {e}")
+                self.cache_len = None
+        return bool(self.running or self.pending)
+
+    def _run(self):
+        while True:
+            with self.cond:
+                while not self.closed and not self.pending and not self.running:
+                    self.cond.wait()
+                if self.closed:
+                    break
+            self.step()
+        for request in [*self.pending, *filter(None, self.rows)]:
+            request._emit(finish_reason="cancelled")
+
+    def _setup_cache(self, length, keep=True):
+        """(Re)allocate the cache with `length` slots per row, keeping what it held if keep."""
+        old = self.cache_len is not None and keep
+        if old:
+            old_k, old_v, old_real, n = self.cache_k, self.cache_v, self.real, self.cache_len
+        self.model.setup_cache(self.max_batch, length)
+        # each model's KVCache: k and v buffers [B, H_kv, S, D] that its attention writes through update()
+        self.caches = [m for m in self.model.modules() if isinstance(getattr(m, "k", None), torch.Tensor)
+                       and isinstance(getattr(m, "v", None), torch.Tensor) and hasattr(m, "update")]
+        self.cache_k, self.cache_v = [c.k for c in self.caches], [c.v for c in self.caches]
+        self.cache_name = next((n for n, m in self.model.named_modules() if self.caches and m is self.caches[0]), None)
+        self.real = torch.zeros(self.max_batch, length, dtype=torch.bool, device=self.device)
+        if old:
+            for k, v, ok, ov in zip(self.cache_k, self.cache_v, old_k, old_v):
+                k[:, :, :n], v[:, :, :n] = ok, ov
+            self.real[:, :n] = old_real
+        else:
+            self.t = 0  # the write frontier
+            self.newest = torch.zeros(self.max_batch, 1, dtype=torch.long, device=self.device)
+        self.slots = torch.arange(length, device=self.device)
+        self.cache_len, self.view = length, None
+
+    def _check_cache(self):
+        if not self._cache_is_ours():
+            raise RuntimeError("the model's KV cache was replaced while requests were decoding (generate() on "
+                               "the engine's model?): leave the model to the engine while it runs")
+
+    def _cache_is_ours(self):
+        """Whether the model still holds the cache the engine made (a generate() call on the same model
+        makes its own)."""
+        if self.cache_len is None:
+            return False
+        return self.cache_name is None or self.model.get_submodule(self.cache_name) is self.caches[0]
+
+    def _use_rows(self, rows):
+        """Point the model's caches at the rows (a slice) of the full cache: views, so writes land in it."""
+        if self.view != rows:
+            for c, k, v in zip(self.caches, self.cache_k, self.cache_v):
+                c.k, c.v = k[rows], v[rows]
+            self.view = rows
+
+    def _room(self, need):
+        """Make sure the cache has more than `need` slots, doubling it (multiples of 256) up to block_size."""
+        length = self.cache_len
+        while length <= need and length < self.block_size:
+            length = min(2 * length, self.block_size)
+        if length != self.cache_len:
+            self._setup_cache(length)
+
+    def _pack(self):
+        """The frontier reached the end: pack each row's real slots, in order, to the right of a new
+        frontier (the longest row's length), and grow the cache when that leaves less than a quarter free."""
+        counts = self.real.sum(1)  # [B]
+        t = int(counts.max())
+        n = self.cache_len
+        # index[r, j]: the slot whose keys go to slot j; row r's i-th real slot goes to t - counts[r] + i
+        rank = self.real.long().cumsum(1) - 1  # [B, n]
+        dest = torch.where(self.real, t - counts[:, None] + rank, n)  # masked slots go to a spare column
+        index = torch.zeros(self.max_batch, n + 1, dtype=torch.long, device=self.device)
+        index.scatter_(1, dest, self.slots.expand(self.max_batch, n))
+        index = index[:, :n]
+        new_real = (self.slots >= t - counts[:, None]) & (self.slots < t)  # [B, n]
+        for k, v in zip(self.cache_k, self.cache_v):
+            i = index[:, None, :, None].expand_as(k)
+            k.copy_(k.gather(2, i)), v.copy_(v.gather(2, i))
+        self.real, self.t = new_real, t
+        if n - t < n // 4:
+            self._room(n)
+
+    def _join(self, request):
+        """Prefill the request's prompt into a free row (alone, through views of that row) and emit its
+        first token."""
+        if all(r is None or r.tokens == [] for r in self.rows):  # nothing is decoding: afresh, in a short cache
+            if self.cache_len != self.first_cache_len or not self._cache_is_ours():
+                self._setup_cache(self.first_cache_len, keep=False)
+            self.t = 0
+            self.real.zero_()
+        else:
+            self._check_cache()  # raised here, it fails every running request (see step)
+        P = len(request.prompt)
+        if self.t < P:
+            self._room(P)
+            self.t = P  # a jump: masked holes in the running rows
+        row = request.row
+        self.real[row] = False
+        self.real[row, self.t - P:self.t] = True
+        settings = request.settings
+        if settings.seed is not None:
+            request.generator = torch.Generator(self.device).manual_seed(settings.seed)
+        if settings.repetition_penalty is not None and settings.repetition_penalty != 1:
+            request.seen = torch.zeros(1, self.model.config.vocab_size, dtype=torch.bool, device=self.device)
+            request.seen[0, request.prompt] = True
+        try:
+            self._use_rows(slice(row, row + 1))
+            idx = torch.tensor([request.prompt], device=self.device)
+            logits = self.model(idx, input_pos=self.slots[self.t - P:self.t], key_mask=self.real[row:row + 1],
+                                last_only=True)[:, -1]  # [1, V]
+            token = self._sample(request, logits)
+            self.newest[row, 0] = token
+            self._take(request, int(token))
+        except Exception as e:  # this request's fault or not, the others go on
+            log.exception("zoo engine: prefill failed")
+            self._finish(request, "error", error=f"{type(e).__name__}: {e}")
+
+    def _sample(self, request, logits):
+        """The request's next token [1] from its logits [1, V], as zoo.generate would choose it alone."""
+        if request.seen is not None:
+            logits = penalize_repetition(logits.float(), request.seen, request.settings.repetition_penalty)
+        return next_tokens(logits, request.settings, request.generator)
+
+    def _decode(self):
+        """One decode step of every running row: feed each row's newest token at the frontier."""
+        self._check_cache()
+        if self.t >= self.cache_len:
+            self._pack()
+        busy = [i for i, r in enumerate(self.rows) if r is not None]
+        hi = self.max_batch if self.compile else busy[-1] + 1
+        self._use_rows(slice(0, hi))
+        self.real[busy, self.t] = True
+        logits = self.forward_step(self.newest[:hi], input_pos=self.slots[self.t:self.t + 1],
+                             key_mask=self.real[:hi])[:, -1]  # [hi, V]
+        self.t += 1
+        new = logits.argmax(-1)  # [hi]: greedy rows' tokens; sampled rows' are replaced below
+        for i in busy:
+            request = self.rows[i]
+            if request.settings.temperature != 0 or request.seen is not None:
+                new[i] = self._sample(request, logits[i:i + 1])[0]
+        self.newest[:hi, 0] = new
+        for i, token in zip(busy, new[busy].tolist()):
+            self._take(self.rows[i], token)
+
+    def _take(self, request, token):
+        """Add a new token to the request: emit its text, and finish it at an end token, a stop string or
+        max_tokens."""
+        request.tokens.append(token)
+        if request.seen is not None:
+            request.seen[0, token] = True
+        if token in request.eos:
+            return self._finish(request, "stop")
+        piece, stopped = request.text.push(token)
+        if stopped:
+            return self._finish(request, "stop", piece)
+        if len(request.tokens) >= request.max_tokens:
+            return self._finish(request, "length", piece)
+        request._emit(piece)
+
+    def _finish(self, request, reason, piece="", error=None):
+        if request.row is not None:
+            self.rows[request.row] = None
+            if self.cache_len is not None:
+                self.real[request.row] = False
+            request.row = None
+        if reason in ("stop", "length"):
+            piece += request.text.flush()
+        request._emit(piece, reason, error)
