@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import data
+from . import data, masking
 from .progress import bar as progress_bar
 from .progress import log as note
 from .registry import arch_of, build, get_preset
@@ -70,6 +70,12 @@ class TrainConfig:
     time_budget: float | None = _setting(None, "wall time of the whole run in seconds; the schedule's horizon "
                                                "follows the measured step time", type=float)
     progress: bool = _setting(True, "show a progress bar on stderr", type=bool)
+    # masked language modelling (zoo/masking.py)
+    objective: str = _setting("causal", "causal: predict the next token; mlm: masked language modelling (BERT's "
+                                        "recipe; bidirectional attention unless --set causal=true)", type=str,
+                              choices=("causal", "mlm"))
+    mask_prob: float = _setting(masking.MASK_PROB, "mlm: the share of tokens selected for prediction (of them "
+                                                   "80% masked, 10% random, 10% unchanged)", type=float)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -107,6 +113,7 @@ class TrainConfig:
         need(self.grad_clip >= 0, "grad_clip", ">= 0 (0: off)")
         need(0 <= self.label_smoothing < 1, "label_smoothing", "in [0, 1)")
         need(self.time_budget is None or self.time_budget > 0, "time_budget", "> 0 seconds (or None)")
+        need(0 < self.mask_prob <= 1, "mask_prob", "in (0, 1]")
         if self.device is not None:
             try:
                 torch.device(self.device)
@@ -322,6 +329,8 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overrid
     # the model: a checkpoint to resume, pretrained weights, or a fresh preset
     from .pretrained import from_pretrained, load_source
     tokenizer = None
+    if s.objective == "mlm" and not state and (init or get_preset(source).arch in masking.TOKEN_EMBEDDING):
+        overrides.setdefault("causal", False)  # MLM: bidirectional attention unless the caller sets causal
     if state:
         model = build(state["arch"], state["config"])
         model.load_state_dict(from_pretrained(ckpt).state_dict())
@@ -330,6 +339,7 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overrid
     else:
         preset = get_preset(source)
         model = build(preset.arch, {**preset.config, **overrides})
+    masking.check_model(model, s.objective)
     cfg = model.config
     s.block_size = s.block_size or min(cfg.block_size, 1024)
     if s.block_size > cfg.block_size:
@@ -352,8 +362,13 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overrid
     else:
         docs = data.read_texts(data_paths + (val or []))
         tokenizer = make_tokenizer(s.tokenizer, docs, cfg.vocab_size)
+    if s.objective == "mlm":  # a mask token, and the model grown by its row when the vocabulary needs it
+        masking.add_mask_token(model, tokenizer)
     train_data, val_data = data.load_splits(data_paths, tokenizer, val, s.block_size, cfg.vocab_size)
     train_data, val_data = data.Windows(train_data, s.block_size), data.Windows(val_data, s.block_size)
+    if s.objective == "mlm":  # windows with BERT's masks drawn from the run's data stream (zoo/masking.py)
+        train_data, val_data = (masking.MaskedWindows(d, tokenizer, s.mask_prob, seed=s.seed)
+                                for d in (train_data, val_data))
     del docs
 
     model.to(s.device)
