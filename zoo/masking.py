@@ -155,6 +155,9 @@ def masked_evaluation(model, tokenizer, tokens, window, batch_size=4, device="cp
     """(loss, accuracy) at the masked positions of `tokens` (1-d), read in consecutive windows of `window`
     tokens (a last partial window is left out), masked with seed `seed`: the same masks every time.
     loss: mean cross-entropy (nats) per selected token; accuracy: the share whose top prediction is right."""
+    if tokenizer.mask_token_id is None:
+        raise ValueError("the tokenizer has no mask token: masked evaluation needs a model trained with the MLM "
+                         "objective (zoo train --objective mlm), whose checkpoint saves its tokenizer with one")
     if window > model.config.block_size:
         raise ValueError(f"window {window} exceeds the model's block_size {model.config.block_size}")
     if len(tokens) <= window:
