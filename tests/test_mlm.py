@@ -329,3 +329,25 @@ def test_only_bidirectional_attention_recovers_the_first_copy(tmp_path):
           f"{accuracy[True]:.1%} (chance {1 / 26:.1%})")
     assert accuracy[False] >= 0.9
     assert accuracy[True] < 0.15
+
+
+@pytest.mark.slow
+def test_two_processes_mask_their_own_shards_as_one_process_does(tmp_path, text_file):
+    """Under DDP every rank draws the same global batch (window starts and mask seeds) and masks only its own
+    rows: two processes train the model one process accumulating both halves trains."""
+    common = ["train", "shakespeare-char", "--data", text_file, "--tokenizer", "char", "--objective", "mlm",
+              "--set", "n_layer=1", "--set", "n_head=2", "--set", "n_embd=32", "--set", "vocab_size=29",
+              "--block-size", "32", "--batch-size", "4", "--device", "cpu", "--no-bf16", "--no-progress",
+              "--max-iters", "3", "--grad-accum", "2", "--lr", "1e-2", "--warmup", "0"]
+    one = zoo_cli(*common, "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                          "zoo", *common, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = load_file(tmp_path / "one" / "step-0000003" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "step-0000003" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
