@@ -351,3 +351,11 @@ def test_two_processes_mask_their_own_shards_as_one_process_does(tmp_path, text_
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+
+
+def test_command_help_shows_the_objective():
+    for command, flags in (("train", ("--objective {causal,mlm}", "--mask-prob")),
+                           ("eval", ("--objective {causal,mlm}", "--mask-prob", "--seed")),
+                           ("fill-mask", ("--text", "--top-k"))):
+        out = zoo_cli(command, "--help")
+        assert out.returncode == 0 and all(f in out.stdout for f in flags), out.stderr

@@ -74,8 +74,8 @@ class TrainConfig:
     objective: str = _setting("causal", "causal: predict the next token; mlm: masked language modelling (BERT's "
                                         "recipe; bidirectional attention unless --set causal=true)", type=str,
                               choices=("causal", "mlm"))
-    mask_prob: float = _setting(masking.MASK_PROB, "mlm: the share of tokens selected for prediction (of them "
-                                                   "80% masked, 10% random, 10% unchanged)", type=float)
+    mask_prob: float = _setting(masking.MASK_PROB, "mlm: the share of tokens selected for prediction (then "
+                                                   "80/10/10: masked, a random token, unchanged)", type=float)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -329,7 +329,7 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overrid
     # the model: a checkpoint to resume, pretrained weights, or a fresh preset
     from .pretrained import from_pretrained, load_source
     tokenizer = None
-    if s.objective == "mlm" and not state and (init or get_preset(source).arch in masking.TOKEN_EMBEDDING):
+    if s.objective == "mlm" and not state and (init or get_preset(source).arch in masking.TRANSFORMERS):
         overrides.setdefault("causal", False)  # MLM: bidirectional attention unless the caller sets causal
     if state:
         model = build(state["arch"], state["config"])
