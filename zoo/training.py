@@ -316,6 +316,8 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overrid
     if s.max_iters is None and not s.time_budget:  # with a time budget the budget sets the horizon
         s.max_iters = 5000
     s.device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if s.objective == "mlm" and not state and (init or get_preset(source).arch in masking.TRANSFORMERS):
+        overrides.setdefault("causal", False)  # MLM: bidirectional attention unless the caller sets causal
 
     dist = Distributed(s.device)
     s.device, master = dist.device, dist.rank == 0
@@ -329,8 +331,6 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overrid
     # the model: a checkpoint to resume, pretrained weights, or a fresh preset
     from .pretrained import from_pretrained, load_source
     tokenizer = None
-    if s.objective == "mlm" and not state and (init or get_preset(source).arch in masking.TRANSFORMERS):
-        overrides.setdefault("causal", False)  # MLM: bidirectional attention unless the caller sets causal
     if state:
         model = build(state["arch"], state["config"])
         model.load_state_dict(from_pretrained(ckpt).state_dict())
@@ -339,8 +339,8 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overrid
     else:
         preset = get_preset(source)
         model = build(preset.arch, {**preset.config, **overrides})
-    masking.check_model(model, s.objective)
     cfg = model.config
+    masking.check_model(model, s.objective)
     s.block_size = s.block_size or min(cfg.block_size, 1024)
     if s.block_size > cfg.block_size:
         raise ValueError(f"block_size {s.block_size} exceeds the model's block_size {cfg.block_size}; "
