@@ -59,6 +59,12 @@ class TrainConfig:
     beta2: float = _setting(0.95, "AdamW beta2", type=float)
     grad_clip: float = _setting(1.0, "clip the gradient norm to this (0: off)", type=float)
     label_smoothing: float = _setting(0.0, "label smoothing of the cross-entropy", type=float)
+    # the objective: next-token prediction, or masked language modelling (zoo/masking.py)
+    objective: str = _setting("causal", "causal: predict the next token; mlm: masked language modelling (BERT's "
+                                        "recipe; bidirectional attention unless --set causal=true)", type=str,
+                              choices=("causal", "mlm"))
+    mask_prob: float = _setting(masking.MASK_PROB, "mlm: the share of tokens selected for prediction (then "
+                                                   "80/10/10: masked, a random token, unchanged)", type=float)
     eval_interval: int = _setting(250, "steps between validation losses", type=int)
     eval_iters: int = _setting(20, "validation batches per evaluation", type=int)
     log_interval: int = _setting(10, "steps between log lines", type=int)
@@ -70,12 +76,6 @@ class TrainConfig:
     time_budget: float | None = _setting(None, "wall time of the whole run in seconds; the schedule's horizon "
                                                "follows the measured step time", type=float)
     progress: bool = _setting(True, "show a progress bar on stderr", type=bool)
-    # masked language modelling (zoo/masking.py)
-    objective: str = _setting("causal", "causal: predict the next token; mlm: masked language modelling (BERT's "
-                                        "recipe; bidirectional attention unless --set causal=true)", type=str,
-                              choices=("causal", "mlm"))
-    mask_prob: float = _setting(masking.MASK_PROB, "mlm: the share of tokens selected for prediction (then "
-                                                   "80/10/10: masked, a random token, unchanged)", type=float)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
