@@ -6,10 +6,12 @@
     model, tok = zoo.load_source("smollm2-135m-instruct") # published weights and their tokenizer
     print(zoo.complete(model, tok, [{"role": "user", "content": "Hi!"}], max_new_tokens=50))
     zoo.train("shakespeare-char", ["input.txt"], "out/", max_iters=2000)   # -> final validation loss
+    zoo.fill_mask(model, tok, "To be or not to <|mask|>e")  # a model trained with objective="mlm"
 
 Notes go to logging.getLogger("zoo") (stderr by default; set its level to WARNING to silence them).
 """
 from .generation import complete, generate
+from .masking import fill_mask
 from .pretrained import from_pretrained, load_source, save_pretrained
 from .registry import arch_of, build, list  # noqa: A004  (zoo.list() is the public name)
 from .sampling import SamplingConfig
@@ -19,7 +21,8 @@ from .training import TrainConfig, train
 from .verification import verify
 
 __all__ = ["list", "load", "build", "arch_of", "from_pretrained", "load_source", "save_pretrained", "tokenizer",
-           "generate", "complete", "SamplingConfig", "score", "score_rolling", "train", "TrainConfig", "verify"]
+           "generate", "complete", "SamplingConfig", "score", "score_rolling", "train", "TrainConfig", "verify",
+           "fill_mask"]
 
 
 def load(name, pretrained=False, *, revision=None, device=None, dtype=None, **overrides):

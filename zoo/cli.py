@@ -1,4 +1,4 @@
-"""The `zoo` command line: `zoo list|generate|train|eval|verify|serve` (also `python -m zoo`).
+"""The `zoo` command line: `zoo list|generate|train|eval|verify|serve|fill-mask` (also `python -m zoo`).
 
 Each command is a module in zoo/commands/ with `HELP`, `add_arguments(parser)` and `run(args) -> exit
 code`; this file only routes to it, shows the library's notes on stderr, and turns bad input into one
@@ -8,7 +8,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("list", "generate", "train", "eval", "verify", "serve")
+COMMANDS = ("list", "generate", "train", "eval", "verify", "serve", "fill-mask")
 
 
 def main(argv=None):
@@ -16,7 +16,7 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     modules = {}
     for name in COMMANDS:
-        modules[name] = importlib.import_module(f"zoo.commands.{name}")
+        modules[name] = importlib.import_module(f"zoo.commands.{name.replace('-', '_')}")
         modules[name].add_arguments(sub.add_parser(name, help=modules[name].HELP, description=modules[name].HELP))
     args = parser.parse_args(argv)
     try:

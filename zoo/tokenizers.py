@@ -13,6 +13,9 @@ Every tokenizer has: encode(text) -> ids (special tokens spelled in the text bec
 decode(ids) -> text, vocab_size, bos_id, eos_id, eos_ids (every token that ends generation), pad_id,
 add_bos (whether encode starts with BOS, as the source's own tokenizer does), chat_template,
 apply_chat_template(messages) and save(folder). StreamDecoder turns ids into text piece by piece.
+
+    tok.add_special_tokens(mask_token=MASK_TOKEN, pad_token=PAD_TOKEN)   # any kind: new ids at the end
+    tok.mask_token, tok.mask_token_id, tok.pad_id                        # saved and reloaded with it
 """
 import base64
 import difflib
@@ -32,6 +35,7 @@ from pathlib import Path
 END_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|end|>",
               "<end_of_turn>", "<EOT>", "</s>")
 CHAR_FILE = "char_tokenizer.json"  # zoo's own format for CharTokenizer; the other formats are standard
+MASK_TOKEN, PAD_TOKEN = "<|mask|>", "<|pad|>"  # the texts zoo gives the special tokens it adds (masked LM)
 
 
 class Tokenizer:
@@ -41,6 +45,7 @@ class Tokenizer:
     eos_id = None
     eos_ids = []
     pad_id = None
+    mask_token_id = None
     add_bos = False
     chat_template = None
 
@@ -51,6 +56,32 @@ class Tokenizer:
         raise NotImplementedError
 
     def save(self, folder):
+        raise NotImplementedError
+
+    # --- special tokens added after the fact (a masked LM's mask token, a pad token) ---
+
+    @property
+    def mask_token(self):
+        """The mask token's text, once there is one (add_special_tokens(mask_token=...))."""
+        return None if self.mask_token_id is None else self.decode([self.mask_token_id])
+
+    def add_special_tokens(self, mask_token=None, pad_token=None):
+        """Make the texts given special tokens and set mask_token_id / pad_id to them. A text the vocabulary
+        holds as a special token (or a single character, for CharTokenizer) keeps its id; any other gets the
+        next id after the vocabulary, is matched whole in text by encode, and is saved and reloaded with the
+        tokenizer. Returns how many ids were added: the rows a model's embedding and head must grow by."""
+        before = self.vocab_size
+        for text in (mask_token, pad_token):
+            if text is not None and (not isinstance(text, str) or not text):
+                raise ValueError(f"a special token is a non-empty string, not {text!r}")
+        if mask_token is not None:
+            self.mask_token_id = self._add_special(mask_token)
+        if pad_token is not None:
+            self.pad_id = self._add_special(pad_token)
+        return self.vocab_size - before
+
+    def _add_special(self, text):
+        """The id of special token `text`, added at the end of the vocabulary unless it is one already."""
         raise NotImplementedError
 
     def apply_chat_template(self, messages, add_generation_prompt=True, **kwargs):
@@ -184,6 +215,28 @@ class TiktokenTokenizer(Tokenizer):
     def encode(self, text):
         return self.encoding.encode(text, allowed_special="all")
 
+    def _add_special(self, text):
+        import tiktoken
+        old = self.encoding
+        if text not in old._special_tokens:  # an Encoding is immutable: the same one plus this special token
+            self.encoding = tiktoken.Encoding(old.name, pat_str=old._pat_str, mergeable_ranks=old._mergeable_ranks,
+                                              special_tokens={**old._special_tokens, text: old.n_vocab})
+            self.vocab_size = self.encoding.n_vocab
+        return self.encoding._special_tokens[text]
+
+    def _restore_specials(self, folder):
+        """The special tokens add_special_tokens added, from the tokenizer_config.json save() wrote."""
+        path = Path(folder) / "tokenizer_config.json"
+        config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        for i, token in sorted((int(i), t) for i, t in config.get("added_tokens_decoder", {}).items()):
+            if i >= self.vocab_size and self._add_special(token["content"]) != i:
+                raise ValueError(f"{path}: added token {token['content']!r} should have id {i}, but the ranks "
+                                 f"give it {self.encoding._special_tokens[token['content']]}")
+        for key, attr in (("mask_token", "mask_token_id"), ("pad_token", "pad_id")):
+            if config.get(key) is not None:
+                setattr(self, attr, self._add_special(_token_text(config[key])))
+        return self
+
     def decode(self, ids):
         return self.encoding.decode(ids, errors="replace")
 
@@ -199,9 +252,17 @@ class TiktokenTokenizer(Tokenizer):
         vocab[eot] = self.eos_id
         _write(folder / "vocab.json", json.dumps(vocab, ensure_ascii=False))
         _write(folder / "merges.txt", "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-        _write(folder / "tokenizer_config.json", json.dumps({
-            "tokenizer_class": "GPT2Tokenizer", "bos_token": eot, "eos_token": eot, "unk_token": eot,
-            "add_prefix_space": False}))
+        config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": eot, "eos_token": eot, "unk_token": eot,
+                  "add_prefix_space": False}
+        added = {i: t for t, i in self.encoding._special_tokens.items() if i > self.eos_id}  # add_special_tokens'
+        if added:  # in the form transformers reads too
+            config["added_tokens_decoder"] = {str(i): {"content": t, "special": True, "normalized": False, "lstrip":
+                                                       False, "rstrip": False, "single_word": False}
+                                              for i, t in sorted(added.items())}
+        for key, i in (("mask_token", self.mask_token_id), ("pad_token", self.pad_id)):
+            if i is not None:
+                config[key] = self.encoding.decode([i])
+        _write(folder / "tokenizer_config.json", json.dumps(config))
 
 
 def _gpt2_vocab_and_merges(tokens):
@@ -231,12 +292,30 @@ def _gpt2_vocab_and_merges(tokens):
 # characters
 
 class CharTokenizer(Tokenizer):
-    """One token per character, ids in sorted order (nanoGPT's shakespeare_char). No special tokens."""
+    """One token per character, ids in sorted order (nanoGPT's shakespeare_char); special tokens (strings such
+    as MASK_TOKEN that add_special_tokens adds) follow the characters and are matched whole in text."""
 
-    def __init__(self, chars):
-        self.chars = list(chars)
-        self.stoi = {c: i for i, c in enumerate(self.chars)}
+    def __init__(self, chars, special_tokens=(), mask_token=None, pad_token=None):
+        self.chars = list(chars)  # id -> text, special tokens included
+        self.special = {c: i for i, c in enumerate(self.chars) if c in set(special_tokens)}
+        self.stoi = {c: i for i, c in enumerate(self.chars) if c not in self.special}
         self.vocab_size = len(self.chars)
+        self._compile()
+        self.add_special_tokens(mask_token, pad_token)
+
+    def _compile(self):
+        # the special tokens, longest first (one that contains another is matched whole), split out of text
+        alternatives = "|".join(map(re.escape, sorted(self.special, key=len, reverse=True)))
+        self._split = re.compile(f"({alternatives})") if self.special else None
+
+    def _add_special(self, text):
+        if text in self.special or text in self.stoi:
+            return self.special.get(text, self.stoi.get(text))
+        self.special[text] = len(self.chars)
+        self.chars.append(text)
+        self.vocab_size = len(self.chars)
+        self._compile()
+        return self.special[text]
 
     @classmethod
     def from_text(cls, text):
@@ -244,7 +323,10 @@ class CharTokenizer(Tokenizer):
 
     def encode(self, text):
         try:
-            return [self.stoi[c] for c in text]
+            if self._split is None:
+                return [self.stoi[c] for c in text]
+            return [i for part in self._split.split(text) if part
+                    for i in ([self.special[part]] if part in self.special else [self.stoi[c] for c in part])]
         except KeyError as e:
             raise ValueError(f"character {e.args[0]!r} is not in this {self.vocab_size}-character vocabulary "
                              "(built from the training text); use text made of the same characters") from None
@@ -258,7 +340,12 @@ class CharTokenizer(Tokenizer):
     def save(self, folder):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        _write(folder / CHAR_FILE, json.dumps({"chars": self.chars}, ensure_ascii=False))
+        content = {"chars": self.chars}
+        if self.special:  # only then: a plain character vocabulary stays {"chars": [...]}
+            content["special_tokens"] = list(self.special)
+            text = lambda i: None if i is None else self.chars[i]  # noqa: E731
+            content.update(mask_token=text(self.mask_token_id), pad_token=text(self.pad_id))
+        _write(folder / CHAR_FILE, json.dumps(content, ensure_ascii=False))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -282,6 +369,7 @@ class HFTokenizer(Tokenizer):
             return None if text is None else tk.token_to_id(text)
 
         self.bos_id, self.eos_id, self.pad_id = token_id("bos_token"), token_id("eos_token"), token_id("pad_token")
+        self.mask_token_id = token_id("mask_token")
         if "zoo_eos_token_ids" in config:  # written by save(): reload exactly what was saved
             self.eos_ids = list(config["zoo_eos_token_ids"])
         else:
@@ -312,6 +400,12 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids):
         return self.tk.decode(list(ids), skip_special_tokens=False)
 
+    def _add_special(self, text):
+        from tokenizers import AddedToken
+        self.tk.add_special_tokens([AddedToken(text, special=True, normalized=False)])
+        self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
+        return self.tk.token_to_id(text)
+
     def save(self, folder):
         """tokenizer.json + tokenizer_config.json: zoo and transformers (AutoTokenizer) both load the folder."""
         folder = Path(folder)
@@ -320,6 +414,8 @@ class HFTokenizer(Tokenizer):
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": text(self.bos_id),
                   "eos_token": text(self.eos_id), "pad_token": text(self.pad_id), "add_bos_token": self.add_bos,
                   "zoo_eos_token_ids": self.eos_ids}
+        if self.mask_token_id is not None:
+            config["mask_token"] = text(self.mask_token_id)
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
         _write(folder / "tokenizer.json", self.tk.to_str())
@@ -470,10 +566,10 @@ def _load_folder(folder):
     if (folder / "tokenizer.json").is_file():
         return _load_hf(folder)
     if (folder / CHAR_FILE).is_file():
-        return CharTokenizer(json.loads((folder / CHAR_FILE).read_text(encoding="utf-8"))["chars"])
+        return CharTokenizer(**json.loads((folder / CHAR_FILE).read_text(encoding="utf-8")))
     ranks = sorted(folder.glob("*.tiktoken"))
     if ranks:
-        return TiktokenTokenizer.gpt2(ranks[0])
+        return TiktokenTokenizer.gpt2(ranks[0])._restore_specials(folder)
     raise FileNotFoundError(f"no tokenizer in {folder}: expected tokenizer.json, {CHAR_FILE} or a .tiktoken file")
 
 

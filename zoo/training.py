@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import data
+from . import data, masking
 from .distributed import (Distributed, checkpoint_blocks, full_state, gradient_sync, load_optimizer_state, shard,
                           wrap)
 from .progress import bar as progress_bar
@@ -62,6 +62,12 @@ class TrainConfig:
     beta2: float = _setting(0.95, "AdamW beta2", type=float)
     grad_clip: float = _setting(1.0, "clip the gradient norm to this (0: off)", type=float)
     label_smoothing: float = _setting(0.0, "label smoothing of the cross-entropy", type=float)
+    # the objective: next-token prediction, or masked language modelling (zoo/masking.py)
+    objective: str = _setting("causal", "causal: predict the next token; mlm: masked language modelling (BERT's "
+                                        "recipe; bidirectional attention unless --set causal=true)", type=str,
+                              choices=("causal", "mlm"))
+    mask_prob: float = _setting(masking.MASK_PROB, "mlm: the share of tokens selected for prediction (then "
+                                                   "80/10/10: masked, a random token, unchanged)", type=float)
     eval_interval: int = _setting(250, "steps between validation losses", type=int)
     eval_iters: int = _setting(20, "validation batches per evaluation", type=int)
     log_interval: int = _setting(10, "steps between log lines", type=int)
@@ -113,6 +119,7 @@ class TrainConfig:
         need(self.grad_clip >= 0, "grad_clip", ">= 0 (0: off)")
         need(0 <= self.label_smoothing < 1, "label_smoothing", "in [0, 1)")
         need(self.time_budget is None or self.time_budget > 0, "time_budget", "> 0 seconds (or None)")
+        need(0 < self.mask_prob <= 1, "mask_prob", "in (0, 1]")
         if self.device is not None:
             try:
                 torch.device(self.device)
@@ -354,6 +361,8 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
     if s.max_iters is None and not s.time_budget:  # with a time budget the budget sets the horizon
         s.max_iters = 5000
     s.device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if s.objective == "mlm" and not state and (init or get_preset(source).arch in masking.TRANSFORMERS):
+        overrides.setdefault("causal", False)  # MLM: bidirectional attention unless the caller sets causal
 
     dist = Distributed(s.device)
     s.device, master = dist.device, dist.rank == 0
@@ -381,6 +390,7 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
     if dist.rank:
         torch.manual_seed(s.seed + dist.rank)  # dropout masks differ per rank
     cfg = model.config
+    masking.check_model(model, s.objective)
     s.block_size = s.block_size or min(cfg.block_size, 1024)
     if s.block_size > cfg.block_size:
         raise ValueError(f"block_size {s.block_size} exceeds the model's block_size {cfg.block_size}; "
@@ -402,8 +412,13 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
     else:
         docs = data.read_texts(data_paths + (val or []))
         tokenizer = make_tokenizer(s.tokenizer, docs, cfg.vocab_size)
+    if s.objective == "mlm":  # a mask token, and the model grown by its row when the vocabulary needs it
+        masking.add_mask_token(model, tokenizer)
     train_data, val_data = data.load_splits(data_paths, tokenizer, val, s.block_size, cfg.vocab_size)
     train_data, val_data = data.Windows(train_data, s.block_size), data.Windows(val_data, s.block_size)
+    if s.objective == "mlm":  # windows with BERT's masks drawn from the run's data stream (zoo/masking.py)
+        train_data, val_data = (masking.MaskedWindows(d, tokenizer, s.mask_prob, seed=s.seed)
+                                for d in (train_data, val_data))
     del docs
 
     model.to(s.device)

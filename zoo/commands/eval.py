@@ -1,11 +1,13 @@
-"""`zoo eval SOURCE --data FILES`: validation loss and sliding-window perplexity; `zoo eval SOURCE --tasks
-T1,T2`: lm-evaluation-harness's benchmarks (zoo/harness.py; needs pip install 'zoo-lm[eval]').
+"""`zoo eval SOURCE --data FILES`: validation loss and sliding-window perplexity (--objective mlm: masked-token
+loss and accuracy); `zoo eval SOURCE --tasks T1,T2`: lm-evaluation-harness's benchmarks (zoo/harness.py;
+needs pip install 'zoo-lm[eval]').
 
     zoo eval out/step-0002000 --data input.txt          # one training checkpoint
     zoo eval out/ --data input.txt --split val          # every checkpoint in a run, in step order
     zoo eval smollm2-135m-instruct --data test.txt --window 1024 --stride 512
     zoo eval smollm2-135m-instruct --tasks hellaswag,arc_easy --batch-size 16 --output results.json
     zoo eval out/ --tasks my_task --include-path my_tasks/ --limit 100   # your own YAML tasks
+    zoo eval out/step-0005000 --data input.txt --objective mlm        # a model trained with --objective mlm
 """
 import json
 import math
@@ -15,9 +17,10 @@ import torch
 
 from .. import data
 from ..evaluation import sliding_window_loss, sources
+from ..masking import MASK_PROB, masked_evaluation
 from ..pretrained import load_source
 
-HELP = "validation loss and sliding-window perplexity"
+HELP = "loss and perplexity of a text (or masked-token accuracy), or lm-evaluation-harness benchmarks"
 
 
 def add_arguments(p):
@@ -41,6 +44,12 @@ def add_arguments(p):
                    "per batch (default 16)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 weights (faster; perplexity differs slightly)")
+    p.add_argument("--objective", choices=["causal", "mlm"], default="causal",
+                   help="causal: next-token loss and perplexity; mlm: loss and accuracy at masked tokens, with the "
+                        "same seeded masks every time (consecutive windows; --stride does not apply)")
+    p.add_argument("--mask-prob", type=float, default=MASK_PROB, help=f"mlm: share of tokens masked (default "
+                                                                      f"{MASK_PROB})")
+    p.add_argument("--seed", type=int, default=0, help="mlm: seed of the masks (default 0)")
 
 
 def run(args):
@@ -63,6 +72,11 @@ def run(args):
             tokens = data.split(tokens)[1]
         tokens = torch.from_numpy(tokens[:args.max_tokens].astype("int64"))
         window = args.window or min(model.config.block_size, 1024)
+        if args.objective == "mlm":
+            loss, accuracy = masked_evaluation(model, tokenizer, tokens, window, args.batch_size, device,
+                                               args.mask_prob, args.seed)
+            print(f"{name}masked_loss {loss:.4f} accuracy {accuracy:.4f}", flush=True)
+            continue
         stride = args.stride if args.stride is not None else max(1, window // 2)
         loss = sliding_window_loss(model, tokens, window, stride, args.batch_size, device)
         print(f"{name}loss {loss:.4f} ppl {math.exp(loss):.4f}", flush=True)
