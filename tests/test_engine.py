@@ -5,7 +5,7 @@ cancelling frees the row; a full queue and impossible requests are refused."""
 import pytest
 import torch
 
-from test_generate import TINY, tiny
+from test_generate import GENERATORS, tiny
 from zoo.engine import Engine, QueueFull, RequestError
 from zoo.generation import complete, generate
 from zoo.sampling import SamplingConfig
@@ -26,7 +26,7 @@ def run(engine):
         pass
 
 
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("name", GENERATORS)
 def test_requests_joining_a_running_batch_decode_as_alone(name, device, chars):
     model = tiny(name, device, block_size=48)
     alone = [generate(model, p, n, GREEDY)[0] for p, n in zip(PROMPTS, STEPS)]
@@ -48,7 +48,7 @@ def test_requests_joining_a_running_batch_decode_as_alone(name, device, chars):
 
 
 def test_sampled_rows_draw_as_alone_beside_greedy_ones(chars):
-    model = tiny("llama", block_size=64)
+    model = tiny("llama-gqa", block_size=64)
     sampled = SamplingConfig(temperature=0.9, top_k=20, top_p=0.95, repetition_penalty=1.3, seed=3, eos_token_id=[])
     engine = Engine(model, chars, max_batch=4)
     a = engine.submit(PROMPTS[0], 20, GREEDY)
@@ -103,7 +103,7 @@ def test_a_cancelled_request_leaves_the_batch_and_frees_its_row(chars):
 
 
 def test_a_full_queue_and_impossible_requests_are_refused(chars):
-    model = tiny("llama", block_size=32)
+    model = tiny("llama-gqa", block_size=32)
     engine = Engine(model, chars, max_batch=1, max_queue=1)
     engine.submit([1], 3, GREEDY), engine.submit([2], 3, GREEDY)  # one for the row, one waiting
     with pytest.raises(QueueFull):
@@ -121,7 +121,7 @@ def test_a_full_queue_and_impossible_requests_are_refused(chars):
 
 @pytest.mark.slow
 def test_compiled_engine_decodes_as_alone(chars):
-    model = tiny("llama", block_size=300)
+    model = tiny("llama-gqa", block_size=300)
     engine = Engine(model, chars, max_batch=2, compile=True)
     requests = [engine.submit(PROMPTS[0], 12, GREEDY)]
     engine.step()
@@ -132,7 +132,7 @@ def test_compiled_engine_decodes_as_alone(chars):
 
 
 def test_a_failed_step_fails_only_the_running_requests_and_the_engine_goes_on(chars):
-    model = tiny("llama", block_size=64)
+    model = tiny("llama-gqa", block_size=64)
     engine = Engine(model, chars, max_batch=2)
     running = engine.submit(PROMPTS[0], 20, GREEDY)
     engine.step()
