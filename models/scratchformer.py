@@ -139,7 +139,7 @@ class Model(nn.Module):
         self.lm_head.weight = self.model.embed_tokens.weight  # shared embedding and pre-softmax weights
         self.embed_scale = math.sqrt(config.n_embd) if config.scale_embedding else 1.0
         self.register_buffer("sinusoids", sinusoids(config), persistent=False)
-        self.cache_len = None  # the KV cache's slots, once setup_cache has made it
+        self.cache_len = self.cache_batch = None  # the KV cache's slots and rows, once setup_cache has made it
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -156,14 +156,19 @@ class Model(nn.Module):
                              "sequences with model(idx), or build the model with causal=True to decode")
         if max_len > self.config.block_size:
             raise ValueError(f"max_len {max_len} exceeds block_size {self.config.block_size}")
+        if batch_size < 1 or max_len < 1:
+            raise ValueError(f"setup_cache needs batch_size and max_len of at least 1, not {batch_size} and {max_len}")
         w = self.lm_head.weight  # the cache holds activations: their dtype and device
         for block in self.model.layers:
             attn = block.self_attn
             attn.kv_cache = KVCache(batch_size, attn.n_kv_head, max_len, attn.head_dim, w.dtype, w.device)
-        self.cache_len = max_len
+        self.cache_len, self.cache_batch = max_len, batch_size
 
     def reorder_cache(self, index):
         """Keep (or repeat) the cache rows `index` names, e.g. the surviving beams."""
+        if self.cache_len is None:
+            raise ValueError("reorder_cache: no KV cache to reorder; call setup_cache(batch_size, max_len) first")
+        self.cache_batch = len(index)
         for block in self.model.layers:
             c = block.self_attn.kv_cache
             c.k, c.v = c.k.index_select(0, index), c.v.index_select(0, index)
@@ -174,21 +179,37 @@ class Model(nn.Module):
 
         Made once per call: SDPA would otherwise convert a boolean mask in every layer.
         """
-        T, causal = idx.size(1), self.config.causal
+        if idx.dim() != 2 or idx.is_floating_point():
+            raise ValueError(f"idx must be token ids [batch, tokens], not {idx.dtype} of shape {list(idx.shape)}")
+        (B, T), causal = idx.shape, self.config.causal
         if input_pos is None and T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
-        if input_pos is not None and not causal:
-            raise ValueError("input_pos: this model is bidirectional (causal=False), and bidirectional attention "
-                             "cannot decode incrementally: every token's output depends on later tokens. Call "
-                             "model(idx) on the whole sequence")
-        if input_pos is not None and self.cache_len is None:
-            raise ValueError("input_pos: no KV cache to decode with; call setup_cache(batch_size, max_len) first")
+        if input_pos is not None:  # the cache's contract, checked on shapes (no device sync)
+            if not causal:
+                raise ValueError("input_pos: this model is bidirectional (causal=False), and bidirectional "
+                                 "attention cannot decode incrementally: every token's output depends on later "
+                                 "tokens. Call model(idx) on the whole sequence")
+            if self.cache_len is None:
+                raise ValueError("input_pos: no KV cache to decode with; call setup_cache(batch_size, max_len) first")
+            if input_pos.shape != (T,):
+                raise ValueError(f"input_pos must hold one cache slot per token of idx, shape [{T}], not "
+                                 f"{list(input_pos.shape)}")
+            if B != self.cache_batch:
+                raise ValueError(f"a batch of {B} rows, but the KV cache holds {self.cache_batch}; call "
+                                 f"setup_cache({B}, max_len) first")
+            # slots past the cache: several tokens read input_pos.max() below anyway; the one-token decode
+            # step is checked only where that costs no device sync (the CPU, outside torch.compile)
+            if T > 1 or input_pos.device.type == "cpu" and not torch.compiler.is_compiling():
+                end = int(input_pos.max()) + 1
+                if end > self.cache_len:
+                    raise ValueError(f"input_pos reaches slot {end - 1}, past the KV cache's {self.cache_len} "
+                                     f"slots; call setup_cache(batch_size, max_len) with max_len >= {end}")
         slots = input_pos if input_pos is not None else torch.arange(T, device=idx.device)  # [T]
         if input_pos is None and key_mask is None:
             return slots[None], None
         # the keys: without a cache, the T tokens; with one, all its slots for one new token, and for several
-        # only those filled so far (a host sync, but none in the one-token decode step)
-        S = T if input_pos is None else self.cache_len if T == 1 else int(input_pos.max()) + 1
+        # only those filled so far (`end`, read above)
+        S = T if input_pos is None else self.cache_len if T == 1 else end
         key_slots = torch.arange(S, device=idx.device)
         mask = key_slots <= slots[:, None]  # causal: [T, S]
         if key_mask is None:

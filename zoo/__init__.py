@@ -31,9 +31,12 @@ def load(name, pretrained=False, *, revision=None, device=None, dtype=None, **ov
     Overrides change config fields: zoo.load("gpt2", n_layer=2) (with pretrained=True, only fields
     that keep the tensors' shapes, such as dropout).
     """
+    from .pretrained import _device, _dtype
     from .registry import get_preset
     preset = get_preset(name)
     if pretrained:
         return from_pretrained(name, revision=revision, device=device, dtype=dtype, **overrides)
+    if device is not None or dtype is not None:  # checked before the build
+        device, dtype = _device(device), _dtype(dtype)
     model = build(preset.arch, {**preset.config, **overrides})
     return model.to(device=device, dtype=dtype) if (device or dtype) else model

@@ -201,7 +201,15 @@ def _parse_gguf(buf):
         raise ValueError("not a GGUF file (bad magic number)")
     if version not in (2, 3):
         raise ValueError(f"GGUF version {version} is not supported (2 and 3 are; big-endian files are not)")
+    # Every count and length read below is bounded by the bytes left in the file, so a damaged header is an
+    # error at once, never a loop over billions of entries or a huge allocation.
+    if max(n_tensors, n_kv) > len(buf):
+        raise ValueError(f"the header claims {n_tensors} tensors and {n_kv} metadata keys in a {len(buf)}-byte file")
     pos = 24
+
+    def fits(n, what):
+        if n > len(buf) - pos:
+            raise ValueError(f"{what} of {n} bytes or entries at byte {pos} runs past the end of the file")
 
     def scalar(fmt):
         nonlocal pos
@@ -212,6 +220,7 @@ def _parse_gguf(buf):
     def string():
         nonlocal pos
         n = scalar("<Q")
+        fits(n, "a string")
         pos += n
         return bytes(buf[pos - n:pos]).decode("utf-8")
 
@@ -221,6 +230,7 @@ def _parse_gguf(buf):
             return string()
         if vtype == 9:  # array: element type, count, elements
             etype, count = scalar("<I"), scalar("<Q")
+            fits(count, "an array")  # every element takes at least a byte
             if etype in _NUMPY_TYPES:  # numbers in one go
                 import numpy as np
                 dt = np.dtype(_NUMPY_TYPES[etype])
@@ -228,6 +238,8 @@ def _parse_gguf(buf):
                 pos += dt.itemsize * count
                 return out
             return [value(etype) for _ in range(count)]
+        if vtype not in _SCALAR_FORMATS:
+            raise ValueError(f"unknown metadata value type {vtype} at byte {pos}")
         return scalar(_SCALAR_FORMATS[vtype])
 
     metadata = {}
@@ -237,16 +249,23 @@ def _parse_gguf(buf):
     infos = []
     for _ in range(n_tensors):
         name, n_dims = string(), scalar("<I")
+        if n_dims > 4:  # GGML_MAX_DIMS
+            raise ValueError(f"tensor {name} has {n_dims} dimensions (GGUF allows at most 4)")
         dims = [scalar("<Q") for _ in range(n_dims)]
         qtype, offset = scalar("<I"), scalar("<Q")
         infos.append((name, dims, qtype, offset))
     align = metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
+    if not isinstance(align, int) or align < 1:
+        raise ValueError(f"general.alignment is {align!r}, not a positive integer")
     data_start = (pos + align - 1) // align * align
     tensors = {}
     for name, dims, qtype, offset in infos:
         if qtype not in GGML_QUANT_SIZES:
             raise ValueError(f"tensor {name} has unknown ggml type {qtype}")
         block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
+        if dims and dims[0] % block:
+            raise ValueError(f"tensor {name}: its rows of {dims[0]} values are not whole blocks of {block} "
+                             f"({GGMLQuantizationType(qtype).name})")
         n = 1
         for d in dims:
             n *= d

@@ -11,8 +11,13 @@ import sys
 COMMANDS = ("list", "generate", "train", "eval", "verify", "serve", "fill-mask")
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # a flag argparse refuses: one line too (--help shows the usage)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="zoo", description="single-file PyTorch language models")
+    parser = Parser(prog="zoo", description="single-file PyTorch language models")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     modules = {}
     for name in COMMANDS:
@@ -21,7 +26,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         return modules[args.command].run(args) or 0
-    except (ValueError, TypeError, FileNotFoundError) as e:  # bad input: say what and how to fix, no traceback
+    # bad input: say what and how to fix, no traceback (OSErrors about the user's paths included)
+    except (ValueError, TypeError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
         print(f"zoo {args.command}: error: {e}", file=sys.stderr)
         return 2
 

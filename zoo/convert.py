@@ -110,6 +110,12 @@ def _read(name, src, where, shapes=None):
             raise ValueError(f"{where}: {what}, which models/{m['zoo_arch']}.py cannot express"
                              + (f"; {fix}" if fix else ""))
 
+    def derive(v):
+        try:
+            return _derive(v, ours)
+        except ZeroDivisionError:  # a zero head count, say, in a damaged file
+            need(False, f"{v['derived']} divides by zero")
+
     ours, derived = {}, {}
     for field, rule in m.get("config", {}).items():
         rule = {"from": rule} if isinstance(rule, str) else rule
@@ -129,9 +135,9 @@ def _read(name, src, where, shapes=None):
             need(isinstance(v, str) and v in rule["map"], f"{key}={_show(v)} (expected {_either(rule['map'])})")
             v = rule["map"][v]
         ours[field] = v
-    ours.update((field, _derive(v, ours)) for field, v in derived.items())
+    ours.update((field, derive(v)) for field, v in derived.items())
     for key, allowed in m.get("requires", {}).items():
-        allowed = [_derive(a, ours) for a in allowed]
+        allowed = [derive(a) for a in allowed]
         need(src.get(key) in allowed, f"{key}={_show(src.get(key))} (expected {_either(allowed)})")
     if m.get("hook"):
         HOOKS[m["hook"]](src, ours, need=need, shapes=shapes)

@@ -32,15 +32,34 @@ def cache_dir():
 def read_texts(paths):
     """The documents of each source, as one list of strings."""
     docs = []
-    for path in paths:
+    for path in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
+        path = os.fspath(path)
         if path.startswith(HF_PREFIX):
             docs.extend(_hf_texts(path))
+        elif os.path.isdir(path):
+            raise ValueError(f"data path {path!r} is a folder; pass the text files in it")
+        elif not os.path.isfile(path):
+            raise FileNotFoundError(f"data file {path!r} does not exist")
         else:
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"data file {path!r} does not exist")
-            with open(path, encoding="utf-8") as f:
-                docs.append(f.read())
+            try:
+                with open(path, encoding="utf-8") as f:
+                    docs.append(f.read())
+            except UnicodeDecodeError:
+                raise _not_utf8(path) from None
     return docs
+
+
+def _not_utf8(path):
+    """The ValueError for a file that is not UTF-8 text, naming the first bad byte and its offset."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        raw.decode("utf-8")
+        where = ""
+    except UnicodeDecodeError as e:  # decoded whole here, so e.start is the offset in the file
+        where = f": byte {raw[e.start]:#04x} at offset {e.start} ({e.reason})"
+    return ValueError(f"data file {path!r} is not UTF-8 text{where}; convert it to UTF-8 (e.g. iconv -f latin1 "
+                      "-t utf-8)")
 
 
 def _hf_texts(spec):

@@ -13,6 +13,7 @@ token per step. Generated ids stay on the device; the host only looks at them wh
 strings, streaming). Past the model's block_size the context slides over the last block_size tokens, as
 nanoGPT's sampler does: positions are absolute, so the cache is refilled with the window each step.
 """
+import operator
 import time
 
 import torch
@@ -118,11 +119,22 @@ def decode_layout(model):
 
 def _prepare(model, prompts, max_new_tokens, settings):
     """Check the prompts; the prompts as a list of lists, and the EOS ids as a list."""
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"model must be a zoo model (zoo.load, zoo.from_pretrained), not {type(model).__name__}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if isinstance(prompts, torch.Tensor):
+        prompts = prompts.tolist()
+    if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__len__"):
+        raise TypeError(f"prompts must be token ids (a list of ints, or a list of such lists), not "
+                        f"{type(prompts).__name__}; for text, use zoo.complete(model, tokenizer, text, ...)")
     if not len(prompts) or isinstance(prompts[0], int):
         prompts = [prompts]  # one flat prompt
-    prompts = [[int(t) for t in p] for p in prompts]
+    try:
+        prompts = [[operator.index(t) for t in p] for p in prompts]
+    except TypeError:
+        raise TypeError("prompts must be token ids: a list of ints, or a list of such lists (one per prompt); "
+                        "for text, use zoo.complete(model, tokenizer, text, ...)") from None
     c = model.config
     for i, p in enumerate(prompts):
         if not p:

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import importlib.util
 import json
+import math
 import os
 import shutil
 import threading
@@ -40,6 +41,9 @@ def load_source(source, *, device=None, dtype=None, revision=None, tokenizer=Non
 def source_path(source, revision=None):
     """The local folder or .gguf file behind a source, downloading it if needed. A preset name stands for
     its packaged GGUF when that package is installed, else its hub repository (logged on the "zoo" logger)."""
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"source must be a preset name, hub repo id, folder or .gguf path, not "
+                        f"{type(source).__name__} {source!r}")
     if source in PRESETS and not Path(source).exists():
         name, (source, description) = source, preset_source(source, revision=revision)
         log.info("zoo: %s: weights from %s", name, description)
@@ -57,18 +61,22 @@ def from_pretrained(source, revision=None, device=None, dtype=None, **overrides)
     """A zoo model with pretrained weights from `source`: a hub repo id ("org/name"), a local folder
     (Hugging Face layout or the zoo's own), a .gguf file, or a preset name. `dtype` defaults to float32,
     `device` to the CPU; `overrides` change config fields that do not change shapes (e.g. dropout)."""
+    device, dtype = _device(device), _dtype(dtype)  # checked before a download
     path = source_path(source, revision)
     ckpt, arch, values, wmap, where = _open(path)
-    config = make_config(arch, {**values, **overrides})
+    try:
+        config = make_config(arch, {**values, **overrides})
+    except (TypeError, ValueError) as e:  # name the checkpoint: its header may be what is wrong
+        raise type(e)(f"{where}: {e}") from None
+    _check_sizes(config, ckpt, where)
     with torch.device("meta"), _no_init():
         model = model_module(arch).Model(config)
-    device = torch.device(device or "cpu")
     # Loading is copies and dequantization, bound by memory: one thread is as fast as several, and it
     # never stalls waiting for a busy core (with 2 threads on a shared 2-core CPU loads took 10x longer).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        convert.load_weights(model, ckpt, wmap or convert.native_map(model), device=device, dtype=_dtype(dtype),
+        convert.load_weights(model, ckpt, wmap or convert.native_map(model), device=device, dtype=dtype,
                              where=where)
     finally:
         torch.set_num_threads(threads)
@@ -78,6 +86,20 @@ def from_pretrained(source, revision=None, device=None, dtype=None, **overrides)
                            f"buffers with device='cpu' so that a meta-device build still computes them")
     model.eos_token_id = _eos_ids(path, ckpt)  # zoo.generate's default end of text
     return model.to(device).eval()  # .to: the derived buffers, built on the CPU
+
+
+def _check_sizes(config, ckpt, where):
+    """Refuse sizes no intact checkpoint has before building anything from them (a damaged header must not
+    cost minutes or gigabytes): every layer has tensors of its own, and the position tables the model file
+    computes (block_size x n_embd values at most) are never many times the size of the weights."""
+    n_layer, n_tensors = getattr(config, "n_layer", 0), len(ckpt.shapes)
+    if n_layer > n_tensors:
+        raise ValueError(f"{where}: n_layer is {n_layer}, but the checkpoint holds {n_tensors} tensors in all; "
+                         "is the file damaged?")
+    weights = sum(math.prod(shape) for shape in ckpt.shapes.values())
+    if config.block_size * getattr(config, "n_embd", 0) > 4 * weights + 2 ** 24:
+        raise ValueError(f"{where}: block_size {config.block_size} with n_embd {config.n_embd} would need position "
+                         f"tables many times larger than the {weights:,} weights; is the file damaged?")
 
 
 def _eos_ids(path, ckpt):
@@ -161,6 +183,14 @@ def preset_source(name, preset=None, revision=None):
         raise ValueError(f"preset {name!r} has no pretrained weights; train it (zoo train {name} ...) or "
                          f"load one of: {', '.join(n for n, p in PRESETS.items() if p.repo)}")
     return preset.repo, f"the Hugging Face hub, {preset.repo}@{revision or 'main'}"
+
+
+def _device(device):
+    """torch.device(device), the CPU for None; a name torch does not know is a ValueError."""
+    try:
+        return torch.device(device or "cpu")
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be cpu, cuda, cuda:1, mps, ... (a torch.device), not {device!r}") from None
 
 
 def _dtype(dtype):

@@ -2,6 +2,7 @@
 import dataclasses
 import difflib
 import importlib
+import math
 from dataclasses import dataclass, field
 
 ARCHITECTURES = ("bigram", "scratchformer", "gpt2", "llama", "mqa")
@@ -104,35 +105,59 @@ def get_preset(name):
 
 
 def make_config(arch, values):
-    """The arch's Config from a dict; an unknown field names the valid ones."""
+    """The arch's Config from a dict; an unknown field names the valid ones, and a value of the wrong type
+    or range (n_layer="abc", n_head=0, dropout=nan) names its field."""
     cls = model_module(arch).Config
-    fields = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in values if k not in fields]
     if unknown:
         raise ValueError(f"unknown {arch} config field(s) {', '.join(map(repr, unknown))}; "
                          f"valid fields: {', '.join(fields)}")
-    for f in dataclasses.fields(cls):  # each value of the kind its default is (an int is a float too)
-        default, value = f.default, values.get(f.name, f.default)
-        kind = type(default)
-        if default is None or value is None and default is None:
-            continue
-        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-        ok = ok or (kind is float and isinstance(value, int) and not isinstance(value, bool))
-        if not ok:
-            article = "an" if kind.__name__[0] in "aeiou" else "a"
-            raise ValueError(f"{arch} config field {f.name} takes {article} {kind.__name__} (default {default!r}), "
-                             f"not {type(value).__name__} {value!r}")
+    for name, value in values.items():
+        _check_field(arch, fields[name], value)
     return cls(**values)
+
+
+def _check_field(arch, f, value):
+    """A config value against its field's annotation (int, float, bool, str, X | None): the type, then
+    numbers' range. Sizes (vocab_size, block_size, n_*, *_dim) are at least 1, other ints at least 0, floats
+    finite and >= 0, dropout below 1. Annotations of other kinds are left to the Config."""
+    kind, what = f.type, f"{arch} config field {f.name}"
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is float:
+        ok = number
+    elif kind is int:
+        ok = number and isinstance(value, int)
+    else:
+        try:
+            ok = isinstance(value, kind)
+        except TypeError:  # not a class or a union of classes (a string or a generic annotation)
+            return
+    if not ok:
+        raise TypeError(f"{what} must be {getattr(kind, '__name__', kind)}, not {type(value).__name__} {value!r}")
+    if not number:
+        return
+    size = f.name in ("vocab_size", "block_size") or f.name.startswith("n_") or f.name.endswith("_dim")
+    if not math.isfinite(value) or value < (1 if size else 0) or f.name == "dropout" and value >= 1:
+        need = "at least 1" if size else "in [0, 1)" if f.name == "dropout" else "a finite number >= 0"
+        raise ValueError(f"{what} must be {need}, not {value}")
 
 
 def build(arch, config):
     """A fresh (randomly initialised) model of `arch` from a Config or a dict of its values."""
     if isinstance(config, dict):
         config = make_config(arch, config)
+    elif not isinstance(config, model_module(arch).Config):
+        raise TypeError(f"config must be a dict of {arch} config values or models/{arch}.py's Config, "
+                        f"not {type(config).__name__}")
     return model_module(arch).Model(config)
 
 
 def arch_of(model):
     """The architecture name of a zoo model (the model file it comes from), also when FSDP has subclassed it."""
     cls = next((c for c in type(model).__mro__ if c.__name__ == "Model"), type(model))
-    return cls.__module__.rsplit(".", 1)[-1]
+    arch = cls.__module__.rsplit(".", 1)[-1]
+    if arch not in ARCHITECTURES:
+        raise TypeError(f"expected a zoo model (zoo.load, zoo.build, zoo.from_pretrained), not "
+                        f"{type(model).__name__}")
+    return arch

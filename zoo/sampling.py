@@ -57,6 +57,8 @@ class SamplingConfig:
         if self.num_beams > 1 and (self.top_k, self.top_p, self.min_p) != (None, None, None):
             raise ValueError("top_k, top_p and min_p are sampling settings; beam search (num_beams > 1) is "
                              "deterministic: drop them or use num_beams=1")
+        if self.seed is not None and not -2 ** 63 <= self.seed < 2 ** 64:
+            raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
         if self.min_new_tokens < 0:
             raise ValueError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
         eos = self.eos_token_id
@@ -86,8 +88,10 @@ class SamplingConfig:
 
 def penalize_repetition(logits, seen, penalty):
     """CTRL's repetition penalty (Keskar et al., 2019) on the tokens `seen` [B, V] marks: a positive
-    logit is divided by the penalty and a negative one multiplied, so a penalty > 1 always lowers them."""
-    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+    logit is divided by the penalty and a negative one multiplied, so a penalty > 1 always lowers them. A tiny
+    penalty (< 1 raises them) stops at the largest finite logit: an infinite one would turn softmax into NaNs."""
+    out = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+    return out.clamp(max=torch.finfo(out.dtype).max)
 
 
 def process_logits(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=None):

@@ -627,6 +627,8 @@ def load_tokenizer(source, *, revision=None):
     saved by a zoo tokenizer); a preset name; or a Hugging Face repo id ("owner/name")."""
     if isinstance(source, Tokenizer):
         return source
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"tokenizer source must be a name, path or repo id, not {type(source).__name__} {source!r}")
     source = os.fspath(source)
     if source == "gpt2":
         return TiktokenTokenizer.gpt2()

@@ -20,6 +20,10 @@ def verify(source, text=None, n_tokens=256, revision=None):
     Token ids are the first `n_tokens` of `text` under the source's own tokenizer (transformers'), or
     seeded random ids without text. Returns {"max_abs", "mean_kl", "top1", "n_tokens"}.
     """
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 2:
+        raise ValueError(f"n_tokens (--tokens) must be an int of at least 2, not {n_tokens!r}")
+    if text is not None and not isinstance(text, str):
+        raise TypeError(f"text must be a str (the text itself), not {type(text).__name__}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = source_path(source, revision)
     # transformers loads a GGUF from its folder plus the file's name

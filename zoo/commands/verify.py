@@ -1,6 +1,8 @@
 """`zoo verify SOURCE`: zoo's logits against transformers' on the same weights (needs zoo-lm[reference])."""
+import math
 from pathlib import Path
 
+from ..data import read_texts
 from ..verification import verify
 
 HELP = "compare zoo's logits with transformers' on the same weights"
@@ -15,7 +17,9 @@ def add_arguments(parser):
 
 
 def run(args):
-    text = args.text.read_text(encoding="utf-8") if args.text else None
+    if not math.isfinite(args.tol) or args.tol < 0:
+        raise ValueError(f"--tol must be a finite number >= 0, not {args.tol}")
+    text = read_texts([args.text])[0] if args.text else None
     r = verify(args.source, text=text, n_tokens=args.tokens, revision=args.revision)
     agree = round(r["top1"] * r["n_tokens"])
     ok = r["max_abs"] <= args.tol
