@@ -1,8 +1,7 @@
 """The catalogue of wrong inputs: through the Python API, the model files and the command line, each gets the
 error type it should (ValueError, TypeError, FileNotFoundError; the CLI: exit status 2 and one
 `zoo COMMAND: error: ...` line, no traceback), a message naming the culprit, and changes no file. Also: the
-run a SIGKILL interrupts resumes to the same result, and (the lead's part of issue 15, xfail until merged)
-output folders are never silently overwritten and a damaged newest checkpoint falls back to an intact one."""
+run a SIGKILL interrupts resumes to the same result, and output folders are never silently overwritten and a damaged newest checkpoint falls back to an intact one."""
 import hashlib
 import json
 import math
@@ -402,12 +401,10 @@ def test_sigkill_during_training_then_resume_gives_the_uninterrupted_result(tmp_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-# ------------------------------------------------------------------------------------------ the lead's part of issue 15
-# Written against the API the lead is adding in zoo/training.py and zoo/commands/train.py (zoo.train(...,
-# overwrite=True), `zoo train --overwrite`, refusing a folder that holds a run, falling back from a damaged
-# newest checkpoint); xfail until that work is merged, so that these pass either way.
+# ------------------------------------------------------------------------------------------ output folders
+# zoo.train(..., overwrite=True) / `zoo train --overwrite`, refusing a folder that holds a run, and falling back
+# from a damaged newest checkpoint.
 
-LEAD = pytest.mark.xfail(reason="lead's part of issue 15", strict=False)
 TINY_RUN = dict(overrides=dict(n_layer=1, n_head=2, n_embd=32), tokenizer="char", block_size=32, batch_size=4,
                 device="cpu", bf16=False, progress=False, schedule="constant", warmup=2, eval_interval=4,
                 eval_iters=2, log_interval=2, checkpoint_interval=4)
@@ -428,7 +425,6 @@ def a_run(tmp_path, monkeypatch):
     return tmp_path / "run", text
 
 
-@LEAD
 @pytest.mark.slow
 def test_train_refuses_a_folder_holding_a_run(a_run):
     out, text = a_run
@@ -439,7 +435,6 @@ def test_train_refuses_a_folder_holding_a_run(a_run):
     assert snapshot(out) == before
 
 
-@LEAD
 @pytest.mark.slow
 def test_train_overwrite_starts_again_without_mixing_runs(a_run):
     out, text = a_run
@@ -448,7 +443,6 @@ def test_train_overwrite_starts_again_without_mixing_runs(a_run):
     assert max(json.loads(line)["step"] for line in open(out / "log.jsonl")) == 4
 
 
-@LEAD
 @pytest.mark.slow
 def test_cli_train_refuses_a_folder_holding_a_run(a_run, capsys):
     out, text = a_run
@@ -460,7 +454,6 @@ def test_cli_train_refuses_a_folder_holding_a_run(a_run, capsys):
     assert snapshot(out) == before
 
 
-@LEAD
 def test_cli_train_out_naming_a_regular_file(ws, capsys):
     before = snapshot(ws)
     code, _, err = run_cli(["train", "shakespeare-char", "--data", ws / "text.txt", "--out", ws / "afile",
@@ -470,7 +463,6 @@ def test_cli_train_out_naming_a_regular_file(ws, capsys):
     assert snapshot(ws) == before
 
 
-@LEAD
 @pytest.mark.slow
 @pytest.mark.parametrize("damaged", ["training_state.pt", "model.safetensors"])
 def test_resume_falls_back_from_a_damaged_newest_checkpoint(a_run, damaged, caplog):

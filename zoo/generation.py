@@ -339,8 +339,8 @@ def _timed(steps, stats, prompt_tokens):
     """Token ids from the decode loop, one int at a time, with timings for the command line's summary."""
     start = time.perf_counter()
     stats.update(prompt_tokens=prompt_tokens, token_s=[])  # when each new token came, prefill included
-    for next_tokens in steps:
-        token = next_tokens.item()
+    for new in steps:
+        token = new.item()
         stats["token_s"].append(time.perf_counter() - start)
         yield token
 

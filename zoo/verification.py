@@ -7,7 +7,6 @@ The reference side needs `transformers` (and `accelerate` for GGUF files): pip i
 """
 import json
 import random
-from pathlib import Path
 
 import torch
 
