@@ -69,9 +69,9 @@ class Batch:
         return self.model(idx, input_pos=self.slots[:idx.size(1)], key_mask=self.key_mask(start),
                           last_only=True)[:, -1]
 
-    def append(self, next_tokens):
-        self.tokens[:, self.len] = next_tokens
-        self.newest = next_tokens[:, None]
+    def append(self, new_tokens):
+        self.tokens[:, self.len] = new_tokens
+        self.newest = new_tokens[:, None]
         self.len += 1
 
     def step(self):
@@ -252,12 +252,12 @@ def _beam_search(model, prompts, max_new_tokens, eos, settings, compile=False):
                     rows.append(beam), tokens.append(token), next_scores.append(score)
             if all(len(f) >= K for f in finished):
                 break
-            index, next_tokens = torch.tensor(rows, device=device), torch.tensor(tokens, device=device)
+            index, chosen = torch.tensor(rows, device=device), torch.tensor(tokens, device=device)
             batch.reorder(index)
-            batch.append(next_tokens)
+            batch.append(chosen)
             scores = torch.tensor(next_scores, device=device).view(B, K)
             if seen is not None:
-                seen = seen[index].scatter_(1, next_tokens[:, None], True)
+                seen = seen[index].scatter_(1, chosen[:, None], True)
             if step + 1 < max_new_tokens:
                 logits = batch.step()
         else:  # max_new_tokens reached: the running beams are hypotheses too
