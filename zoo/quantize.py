@@ -78,6 +78,8 @@ def quantize_tensor(w, bits, group_size):
     """w [N, K] (float) -> Quantized: int4 asymmetric (min and max of each group map to codes 0 and 15,
     as gpt-fast's), int8 symmetric (the largest magnitude of each group maps to +-127)."""
     N, K = w.shape
+    if K % group_size:
+        raise ValueError(f"group_size {group_size} does not divide the matrix's {K} columns")
     g = w.detach().float().reshape(N, K // group_size, group_size)
     if bits == 4:
         lo, hi = g.amin(-1), g.amax(-1)
