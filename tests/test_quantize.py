@@ -65,8 +65,19 @@ def test_bad_settings_raise_value_error():
     odd = zoo.build("llama", dict(vocab_size=100, block_size=32, n_layer=1, n_head=2, n_kv_head=1, n_embd=64,
                                   ffn_dim=128))
     with pytest.raises(ValueError, match="lm_head has 100 outputs"):
-        zoo.quantize(odd, "int4")
-    zoo.quantize(odd, "int8")  # one scale per row: any number of outputs
+        zoo.quantize(odd, "int4", head="int4")
+    with pytest.raises(ValueError, match="head must be 'int8', 'int4' or None"):
+        zoo.quantize(odd, "int4", head="fp8")
+    zoo.quantize(odd, "int4")  # the head in int8, one scale per row: any number of outputs
+    assert isinstance(odd.lm_head, Int8Linear) and isinstance(odd.model.layers[0].mlp.down_proj, Int4Linear)
+
+
+def test_head_and_embeddings_options():
+    model = zoo.quantize(tiny_llama(), "int4", head=None, embeddings=None)
+    assert isinstance(model.lm_head, torch.nn.Linear) and isinstance(model.model.embed_tokens, torch.nn.Embedding)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    model = zoo.quantize(tiny_llama(), "int4", head="int4", embeddings="int4")
+    assert isinstance(model.lm_head, Int4Linear) and model.model.embed_tokens.bits == 4
 
 
 def test_save_pretrained_refuses_a_quantized_model(tmp_path):
@@ -82,8 +93,7 @@ def test_tiny_model_decodes_batches_and_beams_like_itself(mode):
     ref = tiny_llama().to(torch.bfloat16)
     model = zoo.quantize(tiny_llama(), mode)
     assert isinstance(model.model.embed_tokens, QuantEmbedding)
-    if mode == "int8":  # the tied head and embedding share one set of codes
-        assert model.model.embed_tokens.codes is model.lm_head.codes
+    assert model.model.embed_tokens.codes is model.lm_head.codes  # the tied int8 head and embedding: one copy
     prompt = [5, 17, 33, 2, 90]
     new = zoo.generate(model, prompt, 12, temperature=0)[0]
     with torch.inference_mode():
@@ -153,18 +163,24 @@ def smollm2_gguf_path():
 
 @pytest.fixture(scope="module")
 def reference(smollm2_gguf_path, passage):
-    """The dequantized model in bf16 and its logits on the passage."""
-    model = zoo.from_pretrained(str(smollm2_gguf_path), dtype=torch.bfloat16)
+    """Logits on the passage of the dequantized model, in float32 and in bf16."""
     with torch.inference_mode():
-        return model, model(passage).float()[0]
+        return {dtype: zoo.from_pretrained(str(smollm2_gguf_path), dtype=dtype)(passage).float()[0]
+                for dtype in (torch.float32, torch.bfloat16)}
 
 
-def top1_agreement(model, passage, logits):
-    with torch.inference_mode():
-        return (model(passage).float()[0].argmax(-1) == logits.argmax(-1)).float().mean().item()
+def top1_agreement(logits, reference):
+    return (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
 
 
 def test_native_gguf_matches_the_dequantized_model(smollm2_gguf_path, passage, reference):
+    """The native model holds the file's codes: with float32 activations (the fp16 block scales then kept
+    exactly) its logits are the dequantized model's up to summation order. In bf16 (scales rounded,
+    activations rounded between layers) it agrees with the float32 model at least as well as the
+    dequantized bf16 model does (the bf16 rounding alone moves the top-1 token at ~3% of positions)."""
+    with torch.inference_mode():  # 32 tokens: the int4 kernel has no fast float32 path
+        exact = zoo.from_pretrained(str(smollm2_gguf_path), quantize="native", dtype=torch.float32)(passage[:, :32])
+    torch.testing.assert_close(exact.float()[0], reference[torch.float32][:32], rtol=0, atol=2e-3)
     native = zoo.from_pretrained(str(smollm2_gguf_path), quantize="native")
     layers = [native.model.layers[0].self_attn.qkv_proj, native.model.layers[5].mlp.gate_up_proj, native.lm_head]
     assert all(isinstance(m, Int4Linear) for m in layers) and native.lm_head.planes == 2  # Q8_0 as two planes
@@ -172,15 +188,19 @@ def test_native_gguf_matches_the_dequantized_model(smollm2_gguf_path, passage, r
     # kept packed: the weights take about the file's size, not the 2 bytes per weight of bf16
     from zoo.quantize import weight_bytes
     assert weight_bytes(native) < 1.4 * smollm2_gguf_path.stat().st_size
-    agreement = top1_agreement(native, passage, reference[1])
-    assert agreement >= 0.99, agreement
+    with torch.inference_mode():
+        logits = native(passage).float()[0]
+    bf16_baseline = top1_agreement(reference[torch.bfloat16], reference[torch.float32])
+    assert top1_agreement(logits, reference[torch.float32]) >= bf16_baseline >= 0.95
+    assert top1_agreement(logits, reference[torch.bfloat16]) >= 0.97
 
 
 @pytest.mark.parametrize("mode, floor", [("int8", 0.97), ("int4", 0.90)])
 def test_quantized_model_agrees_with_bf16(smollm2_gguf_path, passage, reference, mode, floor):
     model = zoo.from_pretrained(str(smollm2_gguf_path), dtype=torch.bfloat16)
     zoo.quantize(model, mode, group_size=32 if mode == "int4" else None)
-    agreement = top1_agreement(model, passage, reference[1])
+    with torch.inference_mode():
+        agreement = top1_agreement(model(passage).float()[0], reference[torch.bfloat16])
     assert agreement >= floor, agreement
 
 
@@ -199,3 +219,25 @@ def test_native_needs_a_gguf_file(tmp_path):
         zoo.from_pretrained(str(tmp_path / "m"), quantize="native")
     with pytest.raises(ValueError, match="unknown quantization mode"):
         zoo.from_pretrained(str(tmp_path / "m"), quantize="int2")
+
+
+def test_cli_generate_quantize_native(smollm2_gguf):
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "zoo", "generate", "--quantize", "native", "--chat", "--prompt",
+                          "What is the capital of France?", "--max-new-tokens", "20", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
+    assert "bfloat16 (native weights)" in out.stderr.strip().splitlines()[-1]
+
+
+def test_cli_generate_native_refuses_a_folder(tmp_path):
+    import subprocess
+    import sys
+    zoo.save_pretrained(tiny_llama(), tmp_path / "m")
+    out = subprocess.run([sys.executable, "-m", "zoo", "generate", str(tmp_path / "m"), "--quantize", "native",
+                          "--prompt", "hi", "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    assert out.stderr.startswith("zoo generate: error:") and "not a GGUF file" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -453,7 +453,12 @@ def add_arguments(parser):
     parser.add_argument("--beams", type=int, default=1, help="beam search with this many beams")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--stop", action="append", help="end the text before this string (repeatable)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"),
+                        help="the weights' (with --quantize: the activations') dtype (default: float32; "
+                             "bfloat16 with --quantize)")
+    parser.add_argument("--quantize", choices=("int8", "int4", "native"),
+                        help="weight-only quantized matrices (faster decoding); native: a GGUF file's "
+                             "Q4_0/Q4_1/Q8_0 blocks as they are (the fastest for a quantized GGUF)")
     parser.add_argument("--compile", action="store_true",
                         help="compile the decode step: faster per token after ~20 s of compiling (long outputs)")
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available, else cpu)")
@@ -466,13 +471,14 @@ def run(args):
                    repetition_penalty=args.repetition_penalty, num_beams=args.beams,
                    max_new_tokens=args.max_new_tokens)  # before the minutes a download may take
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype)
+    args.dtype = args.dtype or ("bfloat16" if args.quantize else "float32")
+    dtype, quantize = getattr(torch, args.dtype), args.quantize
     if args.source in PRESETS:
         from .pretrained import preset_source
-        model = zoo.load(args.source, pretrained=True, device=device, dtype=dtype)
+        model = zoo.load(args.source, pretrained=True, device=device, dtype=dtype, quantize=quantize)
         used = preset_source(args.source)[0]
     else:
-        model, used = zoo.from_pretrained(args.source, device=device, dtype=dtype), args.source
+        model, used = zoo.from_pretrained(args.source, device=device, dtype=dtype, quantize=quantize), args.source
     tokenizer = zoo.tokenizer(args.source)
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
@@ -492,6 +498,7 @@ def run(args):
         detail = f"{len(t)} new tokens, {speed}{compiled} (prefill of {stats['prompt_tokens']} tokens: {t[0]:.2f} s)"
     else:
         detail = f"beam search, {time.perf_counter() - start:.2f} s"
-    print(f"zoo generate: {detail}; {args.dtype} on {device}; model: {used}", file=sys.stderr)
+    quantized = f" ({args.quantize} weights)" if args.quantize else ""
+    print(f"zoo generate: {detail}; {args.dtype}{quantized} on {device}; model: {used}", file=sys.stderr)
     return 0
 
