@@ -116,7 +116,7 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"])
     ap.add_argument("--modes", nargs="*", default=["int8", "int4", "native"],
                     help="quantized modes to add (bf16 activations); none: --modes")
     args = ap.parse_args()
