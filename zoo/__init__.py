@@ -13,6 +13,7 @@ Notes go to logging.getLogger("zoo") (stderr by default; set its level to WARNIN
 from .generation import complete, generate
 from .masking import fill_mask
 from .pretrained import from_pretrained, load_source, save_pretrained
+from .quantization import quantize
 from .registry import arch_of, build, list  # noqa: A004  (zoo.list() is the public name)
 from .sampling import SamplingConfig
 from .scoring import score, score_rolling
@@ -22,21 +23,25 @@ from .verification import verify
 
 __all__ = ["list", "load", "build", "arch_of", "from_pretrained", "load_source", "save_pretrained", "tokenizer",
            "generate", "complete", "SamplingConfig", "score", "score_rolling", "train", "TrainConfig", "verify",
-           "fill_mask"]
+           "fill_mask", "quantize"]
 
 
-def load(name, pretrained=False, *, revision=None, device=None, dtype=None, **overrides):
+def load(name, pretrained=False, *, revision=None, device=None, dtype=None, quantize=None, **overrides):
     """Build the model a preset names; `pretrained=True` also loads its published weights.
 
     Overrides change config fields: zoo.load("gpt2", n_layer=2) (with pretrained=True, only fields
-    that keep the tensors' shapes, such as dropout).
+    that keep the tensors' shapes, such as dropout). quantize: "int8" or "int4" (see zoo.quantize),
+    or with pretrained GGUF weights "native" (see zoo.from_pretrained).
     """
     from .pretrained import _device, _dtype
     from .registry import get_preset
     preset = get_preset(name)
     if pretrained:
-        return from_pretrained(name, revision=revision, device=device, dtype=dtype, **overrides)
+        return from_pretrained(name, revision=revision, device=device, dtype=dtype, quantize=quantize, **overrides)
     if device is not None or dtype is not None:  # checked before the build
         device, dtype = _device(device), _dtype(dtype)
     model = build(preset.arch, {**preset.config, **overrides})
-    return model.to(device=device, dtype=dtype) if (device or dtype) else model
+    model = model.to(device=device, dtype=dtype) if (device or dtype) else model
+    if quantize is not None:
+        model = quantize(model, quantize, dtype=dtype)
+    return model

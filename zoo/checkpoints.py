@@ -167,14 +167,19 @@ class GGUFCheckpoint(Checkpoint):
             raise _corrupt(self.path, f"tensor data ends at byte {end} but the file has {size}")
         self.shapes = {name: shape for name, (_, shape, _, _) in self._tensors.items()}
 
-    def read(self, name):
-        from gguf import GGMLQuantizationType as Q
+    def read_raw(self, name):
+        """(ggml type, the tensor's bytes as stored (uint8), torch shape): blocks left packed."""
         offset, shape, qtype, nbytes = self._tensors[name]
         raw = torch.empty(nbytes, dtype=torch.uint8)
         with open(self.path, "rb") as f:
             f.seek(offset)
             if f.readinto(raw.numpy()) != nbytes:
                 raise _corrupt(self.path, f"short read of tensor {name}")
+        return qtype, raw, shape
+
+    def read(self, name):
+        from gguf import GGMLQuantizationType as Q
+        qtype, raw, shape = self.read_raw(name)
         if qtype in _TORCH_TYPES:
             return raw.view(_TORCH_TYPES[qtype]).view(shape)
         if qtype in _FAST_DEQUANT:

@@ -312,10 +312,13 @@ def unpermute(t, n_head):
     return t.reshape(n_head, t.shape[0] // n_head // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
 
 
-def load_weights(model, ckpt, wmap, *, device, dtype, where):
+def load_weights(model, ckpt, wmap, *, device, dtype, where, load_packed=None):
     """Fill `model` (built on the meta device) from `ckpt` through `wmap`, one tensor at a time, each
     converted straight to `dtype` on `device`. A checkpoint that does not fit raises one ValueError
-    naming every missing, unexpected and misshaped tensor, before any data is read."""
+    naming every missing, unexpected and misshaped tensor, before any data is read.
+    load_packed(names, parts), if given, may load a tensor itself (quantized blocks kept packed, see
+    zoo/quantize.py) and return True: `names` are ours that share it, `parts` its sources (checkpoint
+    names, "unpermute" as a head count)."""
     d = dims(model.config)
     entries, ignore = _expand(wmap, getattr(model.config, "n_layer", 0))
     targets, aliases = _targets(model)
@@ -360,6 +363,10 @@ def load_weights(model, ckpt, wmap, *, device, dtype, where):
 
     for ours, parts in plan:
         _release_freed_memory()
+        if load_packed is not None and load_packed(aliases[ours], [
+                {**p, "from": names[p["from"]], **({"unpermute": d[p["unpermute"]]} if "unpermute" in p else {})}
+                for p in parts]):
+            continue
         pieces, read = [], set()
         for p in parts:
             t = ckpt.read(names[p["from"]])

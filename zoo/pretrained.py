@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 
 from . import checkpoints, convert
+from .quantization import MODES as QUANT_MODES, check_mode, check_native, gguf_packed_loader, is_quantized
+from .quantization import quantize as quantize_model
 from .registry import PRESETS, arch_of, make_config, model_module
 
 from .progress import log
@@ -57,12 +59,20 @@ def describe_source(source, revision=None):
     return str(source)
 
 
-def from_pretrained(source, revision=None, device=None, dtype=None, **overrides):
+def from_pretrained(source, revision=None, device=None, dtype=None, quantize=None, **overrides):
     """A zoo model with pretrained weights from `source`: a hub repo id ("org/name"), a local folder
-    (Hugging Face layout or the zoo's own), a .gguf file, or a preset name. `dtype` defaults to float32,
-    `device` to the CPU; `overrides` change config fields that do not change shapes (e.g. dropout)."""
+    (Hugging Face layout or the zoo's own), a .gguf file, or a preset name. `dtype` defaults to float32
+    (bfloat16 when quantizing), `device` to the CPU; `overrides` change config fields that do not change
+    shapes (e.g. dropout). quantize: "int8" or "int4" (zoo.quantize after loading), or "native" (a GGUF
+    file's Q4_0/Q4_1/Q8_0 blocks kept packed, not dequantized: see zoo/quantize.py)."""
+    if quantize not in (None, "native"):
+        check_mode(quantize)
+    if quantize is not None and dtype is None:
+        dtype = torch.bfloat16  # the quantized kernels' activations
     device, dtype = _device(device), _dtype(dtype)  # checked before a download
     path = source_path(source, revision)
+    if quantize == "native":
+        check_native(path.suffix == ".gguf", path)
     ckpt, arch, values, wmap, where = _open(path)
     try:
         config = make_config(arch, {**values, **overrides})
@@ -75,9 +85,11 @@ def from_pretrained(source, revision=None, device=None, dtype=None, **overrides)
     # never stalls waiting for a busy core (with 2 threads on a shared 2-core CPU loads took 10x longer).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    packed = (gguf_packed_loader(model, ckpt, device=device, dtype=_dtype(dtype))
+              if quantize == "native" else None)
     try:
         convert.load_weights(model, ckpt, wmap or convert.native_map(model), device=device, dtype=dtype,
-                             where=where)
+                             where=where, load_packed=packed)
     finally:
         torch.set_num_threads(threads)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
@@ -85,7 +97,8 @@ def from_pretrained(source, revision=None, device=None, dtype=None, **overrides)
         raise RuntimeError(f"models/{arch}.py left {', '.join(left)} on the meta device: build derived "
                            f"buffers with device='cpu' so that a meta-device build still computes them")
     model.eos_token_id = _eos_ids(path, ckpt)  # zoo.generate's default end of text
-    return model.to(device).eval()  # .to: the derived buffers, built on the CPU
+    model = model.to(device).eval()  # .to: the derived buffers, built on the CPU
+    return quantize_model(model, quantize, dtype=_dtype(dtype)) if quantize in QUANT_MODES else model
 
 
 def _check_sizes(config, ckpt, where):
@@ -227,6 +240,9 @@ def save_pretrained(model, folder, tokenizer=None):
     zoo's own format (config.json naming the model file and its Config). The folder appears complete or
     not at all: everything is written next to it first, then renamed into place (replacing an older save)."""
     from safetensors.torch import save_file
+    if is_quantized(model):
+        raise ValueError("save_pretrained writes unquantized weights and this model is quantized: save the model "
+                         "before zoo.quantize, and pass quantize= to zoo.from_pretrained when loading it")
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir()) and not (folder / "config.json").exists()):
         raise ValueError(f"{folder} exists and is not a model folder; save to a new or empty folder")

@@ -27,7 +27,12 @@ def add_arguments(parser):
     parser.add_argument("--beams", type=int, default=1, help="beam search with this many beams")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--stop", action="append", help="end the text before this string (repeatable)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"),
+                        help="the weights' (with --quantize: the activations') dtype (default: float32; "
+                             "bfloat16 with --quantize)")
+    parser.add_argument("--quantize", choices=("int8", "int4", "native"),
+                        help="weight-only quantized matrices (faster decoding); native: a GGUF file's "
+                             "Q4_0/Q4_1/Q8_0 blocks as they are (the fastest for a quantized GGUF)")
     parser.add_argument("--compile", action="store_true",
                         help="compile the decode step: faster per token after ~20 s of compiling (long outputs)")
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available, else cpu)")
@@ -40,7 +45,8 @@ def run(args):
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, not {args.max_new_tokens}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_source(args.source, device=device, dtype=args.dtype)
+    args.dtype = args.dtype or ("bfloat16" if args.quantize else "float32")
+    model, tokenizer = load_source(args.source, device=device, dtype=args.dtype, quantize=args.quantize)
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     stats, start = {}, time.perf_counter()
     for piece in complete(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
@@ -56,6 +62,7 @@ def run(args):
         detail = f"{len(t)} new tokens, {speed}{compiled} (prefill of {stats['prompt_tokens']} tokens: {t[0]:.2f} s)"
     else:
         detail = f"beam search, {time.perf_counter() - start:.2f} s" if args.beams > 1 else "no new tokens"
-    print(f"zoo generate: {detail}; {args.dtype} on {device}; model: {describe_source(args.source)}",
+    quantized = f" ({args.quantize} weights)" if args.quantize else ""
+    print(f"zoo generate: {detail}; {args.dtype}{quantized} on {device}; model: {describe_source(args.source)}",
           file=sys.stderr)
     return 0
