@@ -43,5 +43,6 @@ def load(name, pretrained=False, *, revision=None, device=None, dtype=None, quan
     model = build(preset.arch, {**preset.config, **overrides})
     model = model.to(device=device, dtype=dtype) if (device or dtype) else model
     if quantize is not None:
-        model = quantize(model, quantize, dtype=dtype)
+        from .quantization import quantize as quantize_model  # (the argument hides the function here)
+        model = quantize_model(model, quantize, dtype=dtype)
     return model
