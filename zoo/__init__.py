@@ -9,6 +9,7 @@
 
 Notes go to logging.getLogger("zoo") (stderr by default; set its level to WARNING to silence them).
 """
+from .adapters import add_lora, merge_lora, save_adapter
 from .generation import complete, generate
 from .pretrained import from_pretrained, load_source, save_pretrained
 from .registry import arch_of, build, list  # noqa: A004  (zoo.list() is the public name)
@@ -18,7 +19,8 @@ from .training import TrainConfig, train
 from .verification import verify
 
 __all__ = ["list", "load", "build", "arch_of", "from_pretrained", "load_source", "save_pretrained", "tokenizer",
-           "generate", "complete", "SamplingConfig", "train", "TrainConfig", "verify"]
+           "generate", "complete", "SamplingConfig", "train", "TrainConfig", "verify",
+           "add_lora", "merge_lora", "save_adapter"]
 
 
 def load(name, pretrained=False, *, revision=None, device=None, dtype=None, **overrides):

@@ -53,11 +53,16 @@ def describe_source(source, revision=None):
     return str(source)
 
 
-def from_pretrained(source, revision=None, device=None, dtype=None, **overrides):
+def from_pretrained(source, revision=None, device=None, dtype=None, adapter=None, **overrides):
     """A zoo model with pretrained weights from `source`: a hub repo id ("org/name"), a local folder
     (Hugging Face layout or the zoo's own), a .gguf file, or a preset name. `dtype` defaults to float32,
-    `device` to the CPU; `overrides` change config fields that do not change shapes (e.g. dropout)."""
+    `device` to the CPU; `overrides` change config fields that do not change shapes (e.g. dropout).
+    adapter: a PEFT LoRA adapter folder to add (zoo/adapters.py); a LoRA training checkpoint loads its base
+    and its adapter."""
     path = source_path(source, revision)
+    from . import adapters
+    if adapter is None and adapters.is_checkpoint(path):
+        return adapters.load_checkpoint(path, device=device, dtype=dtype, **overrides)
     ckpt, arch, values, wmap, where = _open(path)
     config = make_config(arch, {**values, **overrides})
     with torch.device("meta"), _no_init():
@@ -77,7 +82,8 @@ def from_pretrained(source, revision=None, device=None, dtype=None, **overrides)
         raise RuntimeError(f"models/{arch}.py left {', '.join(left)} on the meta device: build derived "
                            f"buffers with device='cpu' so that a meta-device build still computes them")
     model.eos_token_id = _eos_ids(path, ckpt)  # zoo.generate's default end of text
-    return model.to(device).eval()  # .to: the derived buffers, built on the CPU
+    model = model.to(device).eval()  # .to: the derived buffers, built on the CPU
+    return model if adapter is None else adapters.load_adapter(model, adapter).eval()
 
 
 def _eos_ids(path, ckpt):
