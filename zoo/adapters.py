@@ -256,3 +256,49 @@ def load_checkpoint(path, device=None, dtype=None, **overrides):
     load_adapter(model, path)
     model.zoo_base = base
     return model.eval()
+
+
+def prepare(model, s, init):
+    """The model a training run with settings `s` trains. With s.lora_r: the `init` model (quantized to int8
+    first with s.lora_int8) with adapters added, everything else frozen, and `init` recorded as its base.
+    Without: the model itself, an adapter it came with (from a LoRA checkpoint) merged in."""
+    if lora_layers(model):
+        if s.lora_r or (getattr(model, "zoo_base", None) or {}).get("quantize"):
+            raise ValueError(f"init {init!r} is a LoRA checkpoint; write its merged model first (zoo train ... --merge, "
+                             "or zoo.merge_lora and zoo.save_pretrained) and start from that")
+        return merge_lora(model)
+    if not s.lora_r:
+        return model
+    if init is None:
+        raise ValueError("LoRA adapts pretrained weights: name them with init= (--init SOURCE)")
+    if s.lora_int8:
+        quantize_int8(model)
+    add_lora(model, s.lora_r, s.lora_alpha or 2 * s.lora_r, s.lora_dropout, s.lora_targets)
+    init = os.fspath(init)
+    model.zoo_base = {"source": os.path.abspath(init) if os.path.exists(init) else init,
+                      "quantize": "int8" if s.lora_int8 else None}
+    return model
+
+
+def write_merged(checkpoint, folder):
+    """A LoRA checkpoint's adapter folded into its base (loaded unquantized, in float32), saved to `folder`
+    with zoo.save_pretrained (Hugging Face's layout where transformers can express the model)."""
+    from .pretrained import from_pretrained, save_pretrained
+    from .progress import log
+    from .tokenizers import load_tokenizer
+    base = json.loads((Path(checkpoint) / BASE).read_text())
+    model = merge_lora(from_pretrained(base["source"], adapter=checkpoint))
+    save_pretrained(model, folder, tokenizer=load_tokenizer(checkpoint))
+    log.info("zoo: wrote %s: %s with the adapter of %s merged in", folder, base["source"], checkpoint)
+    return folder
+
+
+def frozen_to(model, dtype):
+    """Store the frozen float matrices of linear layers in `dtype` (bfloat16 for a bf16 LoRA run): autocast
+    would otherwise cast every one of them at every forward pass. Norms and embeddings keep their dtype (the
+    residual stream stays float32), as do weights shared with another module (a tied head)."""
+    shared = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad and id(m.weight) not in shared:
+            m.to(dtype)
+    return model

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import data
+from . import adapters, chat_data, data
 from .progress import bar as progress_bar
 from .progress import log as note
 from .registry import arch_of, build, get_preset
@@ -70,6 +70,19 @@ class TrainConfig:
     time_budget: float | None = _setting(None, "wall time of the whole run in seconds; the schedule's horizon "
                                                "follows the measured step time", type=float)
     progress: bool = _setting(True, "show a progress bar on stderr", type=bool)
+    # LoRA (zoo/lora.py, zoo/adapters.py): adapters on a frozen --init model; checkpoints hold the adapter
+    lora_r: int = _setting(0, "LoRA rank: train low-rank adapters on the frozen --init weights (0: train every "
+                              "weight)", type=int, aliases=("--lora",))
+    lora_alpha: float | None = _setting(None, "LoRA alpha: the adapters' output is scaled by alpha / rank "
+                                              "(default 2 x rank)", type=float)
+    lora_dropout: float = _setting(0.0, "dropout on the adapters' input", type=float)
+    lora_targets: str | None = _setting(None, "comma-separated layer-name patterns to adapt, ours or the "
+                                              "checkpoint's (qkv_proj; q_proj,v_proj; model.layers.2?.*) "
+                                              "(default: every attention and MLP projection)", type=str)
+    lora_int8: bool = _setting(False, "LoRA over the base quantized to int8 (weight-only, bfloat16 compute): the "
+                                      "frozen weights take a quarter of float32's memory", type=bool)
+    merge: bool = _setting(False, "with LoRA: at the end, also write OUT/merged, the base with the adapter "
+                                  "folded in (a full model that transformers loads)", type=bool)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -107,6 +120,11 @@ class TrainConfig:
         need(self.grad_clip >= 0, "grad_clip", ">= 0 (0: off)")
         need(0 <= self.label_smoothing < 1, "label_smoothing", "in [0, 1)")
         need(self.time_budget is None or self.time_budget > 0, "time_budget", "> 0 seconds (or None)")
+        need(self.lora_r >= 0, "lora_r", ">= 0 (0: no LoRA)")
+        need(self.lora_alpha is None or self.lora_alpha > 0, "lora_alpha", "> 0 (or None: 2 x rank)")
+        need(0 <= self.lora_dropout < 1, "lora_dropout", "in [0, 1)")
+        for name in ("lora_targets", "lora_int8", "merge"):
+            need(self.lora_r or not getattr(self, name), name, "left unset without LoRA (set lora_r, --lora RANK)")
         if self.device is not None:
             try:
                 torch.device(self.device)
@@ -190,11 +208,15 @@ def set_rng_states(r):
 
 def save_checkpoint(out, step, model, tokenizer, optimizer, horizon, batch_rng, s):
     """OUT/step-NNNNNNN: weights + tokenizer (zoo.save_pretrained) and the training state, all-or-nothing."""
+    from .adapters import lora_layers, save_adapter
     from .pretrained import save_pretrained
     final = os.path.join(out, f"step-{step:07d}")
     tmp = os.path.join(out, f".tmp-step-{step:07d}")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(model, tmp, tokenizer=tokenizer)
+    if lora_layers(model):  # a LoRA run: the adapter alone (PEFT's layout) and base.json, naming its base
+        save_adapter(model, tmp, tokenizer=tokenizer)
+    else:
+        save_pretrained(model, tmp, tokenizer=tokenizer)
     torch.save(dict(step=step, horizon=horizon, optimizer=optimizer.state_dict(), rng=rng_states(),
                     data=batch_rng.get_state(), arch=arch_of(model), config=dataclasses.asdict(model.config),
                     settings=vars(s)), os.path.join(tmp, STATE_FILE))
@@ -322,14 +344,20 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overrid
     # the model: a checkpoint to resume, pretrained weights, or a fresh preset
     from .pretrained import from_pretrained, load_source
     tokenizer = None
-    if state:
+    if state and adapters.is_checkpoint(ckpt):  # a LoRA run: its base and adapter
+        model = from_pretrained(ckpt)
+    elif state:
         model = build(state["arch"], state["config"])
         model.load_state_dict(from_pretrained(ckpt).state_dict())
     elif init is not None:
-        model, tokenizer = load_source(init, **overrides)
+        model, tokenizer = load_source(init, dtype=torch.bfloat16 if s.lora_int8 else None, **overrides)
     else:
         preset = get_preset(source)
         model = build(preset.arch, {**preset.config, **overrides})
+    if not state:
+        model = adapters.prepare(model, s, init)
+    if s.lora_r and s.bf16:
+        adapters.frozen_to(model, torch.bfloat16)
     cfg = model.config
     s.block_size = s.block_size or min(cfg.block_size, 1024)
     if s.block_size > cfg.block_size:
@@ -352,11 +380,14 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overrid
     else:
         docs = data.read_texts(data_paths + (val or []))
         tokenizer = make_tokenizer(s.tokenizer, docs, cfg.vocab_size)
-    train_data, val_data = data.load_splits(data_paths, tokenizer, val, s.block_size, cfg.vocab_size)
-    train_data, val_data = data.Windows(train_data, s.block_size), data.Windows(val_data, s.block_size)
+    if chat_data.is_chat(data_paths + (val or [])):  # conversations: one padded row each, assistant tokens trained
+        train_data, val_data = chat_data.load_splits(data_paths, tokenizer, val, s.block_size, cfg.vocab_size)
+    else:
+        train_data, val_data = data.load_splits(data_paths, tokenizer, val, s.block_size, cfg.vocab_size)
+        train_data, val_data = data.Windows(train_data, s.block_size), data.Windows(val_data, s.block_size)
     del docs
 
-    model.to(s.device)
+    model.to(s.device).train()
     optimizer = make_optimizer(model, s, s.device)
     batch_rng = torch.Generator().manual_seed(s.seed)  # one index stream shared by all ranks (see below)
     horizon, step = s.max_iters or 10 ** 9, 0  # a time budget replaces 10**9 after the first steps
@@ -459,6 +490,8 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overrid
         dist.close()
     if master and last_val_step != step:  # resumed at the very end: nothing left to train
         val_loss = evaluate(model, val_data, s, eval_at)
+    if master and s.merge:
+        adapters.write_merged(latest_checkpoint(out), os.path.join(out, "merged"))
     return val_loss
 
 
