@@ -225,3 +225,21 @@ def load_splits(paths, tokenizer, val_paths=None, block_size=1024, vocab_size=No
         if not part:
             raise ValueError(f"the {name} split has no examples to train on; give more examples (or --val files)")
     return Conversations(train, pad), Conversations(val, pad)
+
+
+@torch.no_grad()
+def assistant_loss(model, tokenizer, paths, block_size, batch_size=4, device="cpu", split="all"):
+    """Mean loss per assistant token of the conversations in `paths` (split "val": their last VAL_FRACTION,
+    the examples a training run validated on)."""
+    examples = tokenize(read_examples(paths), tokenizer, block_size, model.config.vocab_size)
+    if split == "val":
+        examples = examples[len(examples) - max(1, int(len(examples) * VAL_FRACTION)):]
+    rows = Conversations(examples, next(i for i in (tokenizer.pad_id, tokenizer.eos_id, 0) if i is not None))
+    total, count = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        x, y = rows.batch(torch.arange(i, min(i + batch_size, len(rows))), device)
+        logits = model(x)
+        total += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE,
+                                                   reduction="sum").item()
+        count += int((y != IGNORE).sum())
+    return total / count

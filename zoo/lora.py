@@ -26,6 +26,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def _int8_mm(x, codes, scales):
+    """x [M, K] @ (codes [N, K] * scales[:, None])^T in x's dtype. Torch's int8 kernel reads K in blocks
+    of 16 and crashes on other sizes (torch 2.13, CPU): those take a dequantized copy instead."""
+    if codes.shape[1] % 16 == 0:
+        return torch.ops.aten._weight_int8pack_mm(x, codes, scales)
+    return F.linear(x, codes.to(x.dtype) * scales[:, None])
+
+
 class _Int8Linear(torch.autograd.Function):
     """y = x (codes * scales[:, None])^T through torch's weight-only int8 kernel; the backward gives the
     input's gradient (the weights are frozen) through the same kernel on the transposed codes."""
@@ -33,7 +41,7 @@ class _Int8Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, codes, scales):
         ctx.save_for_backward(codes, scales)
-        return torch.ops.aten._weight_int8pack_mm(x, codes, scales)  # [M, out]
+        return _int8_mm(x, codes, scales)  # [M, out]
 
     @staticmethod
     def backward(ctx, grad):
@@ -41,8 +49,7 @@ class _Int8Linear(torch.autograd.Function):
         # dx = (grad * scales) codes: the kernel again, on codes^T [in, out] (a transient int8 copy) with unit
         # scales; the kernel takes the activations' dtype, so grad arrives in it
         ones = torch.ones(codes.shape[1], dtype=grad.dtype, device=grad.device)
-        dx = torch.ops.aten._weight_int8pack_mm((grad * scales).contiguous(), codes.t().contiguous(), ones)
-        return dx, None, None
+        return _int8_mm((grad * scales).contiguous(), codes.t().contiguous(), ones), None, None
 
 
 def is_int8(module):

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from .. import data
+from .. import chat_data, data
 from ..evaluation import sliding_window_loss, sources
 from ..pretrained import load_source
 
@@ -17,7 +17,8 @@ HELP = "validation loss and sliding-window perplexity"
 
 def add_arguments(p):
     p.add_argument("source", help="checkpoint folder, folder of checkpoints, preset, hub id, HF folder or .gguf")
-    p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="text files to score")
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH",
+                   help="text files to score, or JSONL conversations (scored on the assistant's tokens)")
     p.add_argument("--split", choices=["all", "val"], default="all",
                    help=f"score all the text, or only its last {data.VAL_FRACTION * 100:g}%% (a training run's "
                         "validation split)")
@@ -38,6 +39,11 @@ def run(args):
     dtype = torch.bfloat16 if args.bf16 else None
     for name, source in sources(args.source):
         model, tokenizer = load_source(source, device=device, dtype=dtype, tokenizer=args.tokenizer)
+        if chat_data.is_chat(args.data):  # conversations: the loss on the assistant's tokens, as training counts it
+            loss = chat_data.assistant_loss(model, tokenizer, args.data, args.window or model.config.block_size,
+                                            args.batch_size, device, args.split)
+            print(f"{name}loss {loss:.4f} ppl {math.exp(loss):.4f} (assistant tokens)", flush=True)
+            continue
         tokens = data.tokenize(data.read_texts(args.data), tokenizer)
         if args.split == "val":
             tokens = data.split(tokens)[1]
