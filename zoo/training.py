@@ -312,7 +312,7 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overrid
         os.fspath(out), dict(overrides or {})
     if not data_paths:
         raise ValueError("no training data: pass one or more text files (or hf: datasets)")
-    if source is None and init is None:
+    if source is None and init is None and not resume:  # (a resumed run's checkpoint has its model)
         raise ValueError("name a preset (the model to build) or an init source (the weights to start from)")
     ckpt = latest_checkpoint(out) if resume else None
     if resume and ckpt is None:
