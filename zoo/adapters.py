@@ -43,7 +43,7 @@ def projections(model):
     entries = convert._expand(wmap, getattr(model.config, "n_layer", 0))[0] if wmap else {}
     out = Projections()
     for name, m in model.named_modules():
-        if isinstance(m, (LoRALinear, lora.FrozenInt8)):
+        if isinstance(m, (LoRALinear, lora.Frozen)):
             m = m.base
         elif not lora.adaptable(m) or name.endswith(".base"):
             continue
