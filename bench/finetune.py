@@ -5,8 +5,7 @@ fine-tune and LoRA over an int8 base.
 
 Every row trains the same weights (the packaged GGUF, written once as a Hugging Face folder) on the same
 tokens: batch 8 x 256, bf16 autocast, AdamW, LoRA r 16 / alpha 32 on every attention and MLP projection,
-loss on every position. zoo rows are `zoo.train` itself (its log's tokens/s, the steps after the first
-log interval); the peer is a plain loop over transformers' model (loaded in bf16, as LoRA recipes do;
+loss on every position. zoo rows are `zoo.train` itself (its log's tokens/s of each step after the first); the peer is a plain loop over transformers' model (loaded in bf16, as LoRA recipes do;
 peft keeps its adapters in fp32) with peft's LoRA. Each row runs in a fresh process; rows alternate
 within each round so that the machine's load drifts over all of them alike. Memory: peak RSS (VmHWM)
 minus RSS after the imports, i.e. the model, optimizer and activations.
@@ -52,15 +51,14 @@ def child_zoo(row, base, folder, steps, profile):
     before = rss_mb("VmRSS")
     lora = {} if row == "zoo full fine-tune" else dict(lora_r=R, lora_alpha=ALPHA, lora_int8=row.endswith("int8"))
     out = Path(folder) / row.replace(" ", "-")
-    log_every = 2
-    kwargs = dict(init=base, batch_size=B, block_size=T, bf16=True, max_iters=log_every * (steps // log_every + 1),
-                  log_interval=log_every, eval_interval=10 ** 6, eval_iters=1, checkpoint_interval=10 ** 6,
-                  warmup=1, progress=False, device="cpu", **lora)
+    kwargs = dict(init=base, batch_size=B, block_size=T, bf16=True, max_iters=steps + 1, log_interval=1,
+                  eval_interval=10 ** 6, eval_iters=1, checkpoint_interval=10 ** 6, warmup=1, progress=False,
+                  device="cpu", **lora)
     if profile:
         return profile_zoo(kwargs, [str(text_file(folder))], out)
     zoo.train(None, [str(text_file(folder))], out, **kwargs)
     rows = [json.loads(line) for line in open(out / "log.jsonl")]
-    tok_s = [r["tok_per_s"] for r in rows if "tok_per_s" in r][1:]  # after the first interval's warm-up
+    tok_s = [r["tok_per_s"] for r in rows if "tok_per_s" in r][1:]  # after the first step's warm-up
     return dict(tok_s=statistics.median(tok_s), peak_mb=rss_mb("VmHWM") - before)
 
 
@@ -82,7 +80,7 @@ def child_peft(base, steps):
     ids = torch.tensor(tok(Path(text_file(tempfile.mkdtemp())).read_text())["input_ids"])
     g = torch.Generator().manual_seed(0)
     times = []
-    for step in range(steps + 2):
+    for step in range(steps + 1):
         t0 = time.perf_counter()
         starts = torch.randint(len(ids) - T - 1, (B,), generator=g)
         xy = torch.stack([ids[s:s + T + 1] for s in starts.tolist()])
@@ -94,7 +92,7 @@ def child_peft(base, steps):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
-    return dict(tok_s=B * T / statistics.median(times[2:]), peak_mb=rss_mb("VmHWM") - before)
+    return dict(tok_s=B * T / statistics.median(times[1:]), peak_mb=rss_mb("VmHWM") - before)
 
 
 def profile_zoo(kwargs, data, out):
@@ -112,7 +110,7 @@ def profile_zoo(kwargs, data, out):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=4, help="timed steps per row (after warm-up)")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per row (after one warm-up step)")
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
     p.add_argument("--profile", action="store_true", help="profile zoo's LoRA step instead (top operators)")
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
