@@ -207,14 +207,14 @@ def set_rng_states(r):
 
 
 def save_checkpoint(out, step, model, tokenizer, optimizer, horizon, batch_rng, s):
-    """OUT/step-NNNNNNN: weights + tokenizer (zoo.save_pretrained) and the training state, all-or-nothing."""
-    from .adapters import lora_layers, save_adapter
+    """OUT/step-NNNNNNN: weights + tokenizer (zoo.save_pretrained; a LoRA run's adapter, zoo.save_adapter) and
+    the training state, all-or-nothing."""
     from .pretrained import save_pretrained
     final = os.path.join(out, f"step-{step:07d}")
     tmp = os.path.join(out, f".tmp-step-{step:07d}")
     shutil.rmtree(tmp, ignore_errors=True)
-    if lora_layers(model):  # a LoRA run: the adapter alone (PEFT's layout) and base.json, naming its base
-        save_adapter(model, tmp, tokenizer=tokenizer)
+    if adapters.lora_layers(model):  # a LoRA run: the adapter alone (PEFT's layout) and base.json, naming its base
+        adapters.save_adapter(model, tmp, tokenizer=tokenizer)
     else:
         save_pretrained(model, tmp, tokenizer=tokenizer)
     torch.save(dict(step=step, horizon=horizon, optimizer=optimizer.state_dict(), rng=rng_states(),
