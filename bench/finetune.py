@@ -5,8 +5,9 @@ fine-tune and LoRA over an int8 base.
 
 Every row trains the same weights (the packaged GGUF, written once as a Hugging Face folder) on the same
 tokens: batch 8 x 256, bf16 autocast, AdamW, LoRA r 16 / alpha 32 on every attention and MLP projection,
-loss on every position. zoo rows are `zoo.train` itself (its log's tokens/s of each step after the first); the peer is a plain loop over transformers' model (loaded in bf16, as LoRA recipes do;
-peft keeps its adapters in fp32) with peft's LoRA. Each row runs in a fresh process; rows alternate
+loss on every position. zoo rows are `zoo.train` itself (its log's tokens/s of each step after the
+first); the peer is a plain loop over transformers' model (loaded in bf16, as LoRA recipes do; peft keeps
+its adapters in fp32) with peft's LoRA. Each row runs in a fresh process; rows alternate
 within each round so that the machine's load drifts over all of them alike. Memory: peak RSS (VmHWM)
 minus RSS after the imports, i.e. the model, optimizer and activations.
 
@@ -72,7 +73,8 @@ def child_peft(base, steps):
     before = rss_mb("VmRSS")
     model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
     config = peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, task_type="CAUSAL_LM",
-                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj"])
     model = peft.get_peft_model(model, config).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
@@ -149,7 +151,8 @@ def main():
         mem = sorted(r["peak_mb"] for r in rs)
         print(f"| {row} | {tok[0]:.0f}-{tok[-1]:.0f} | {mem[0]:.0f}-{mem[-1]:.0f} |")
     if "zoo LoRA" in results and "transformers + peft LoRA" in results:
-        ratios = sorted(z["tok_s"] / p["tok_s"] for z, p in zip(results["zoo LoRA"], results["transformers + peft LoRA"]))
+        ratios = sorted(z["tok_s"] / p["tok_s"]
+                        for z, p in zip(results["zoo LoRA"], results["transformers + peft LoRA"]))
         mems = sorted(z["peak_mb"] / p["peak_mb"] for z, p in zip(results["zoo LoRA"],
                                                                   results["transformers + peft LoRA"]))
         print(f"\nzoo LoRA / transformers + peft, same round: tokens/s {ratios[0]:.2f}-{ratios[-1]:.2f}x, "

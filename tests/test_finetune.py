@@ -165,8 +165,8 @@ def test_lora_resume_equals_an_uninterrupted_run(tiny_chat, tmp_path, monkeypatc
     a = load_file(tmp_path / "a" / "step-0000008" / "adapter_model.safetensors")
     b = load_file(tmp_path / "b" / "step-0000008" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    rows = [[{k: v for k, v in json.loads(line).items() if k != "tok_per_s"} for line in open(tmp_path / r / "log.jsonl")]
-            for r in "ab"]
+    rows = [[{k: v for k, v in json.loads(line).items() if k != "tok_per_s"}
+             for line in open(tmp_path / r / "log.jsonl")] for r in "ab"]
     assert rows[0] == rows[1] and any("val_loss" in r for r in rows[0])
 
 

@@ -241,7 +241,8 @@ def _int8_stand_in(model):
 def is_checkpoint(path):
     """Whether `path` is a LoRA training checkpoint (an adapter folder naming its base)."""
     path = Path(path)
-    return path.is_dir() and (path / CONFIG).is_file() and (path / BASE).is_file() and not (path / "config.json").exists()
+    return path.is_dir() and (path / CONFIG).is_file() and (path / BASE).is_file() \
+        and not (path / "config.json").exists()
 
 
 def load_checkpoint(path, device=None, dtype=None, **overrides):
@@ -264,8 +265,8 @@ def prepare(model, s, init):
     Without: the model itself, an adapter it came with (from a LoRA checkpoint) merged in."""
     if lora_layers(model):
         if s.lora_r or (getattr(model, "zoo_base", None) or {}).get("quantize"):
-            raise ValueError(f"init {init!r} is a LoRA checkpoint; write its merged model first (zoo train ... --merge, "
-                             "or zoo.merge_lora and zoo.save_pretrained) and start from that")
+            raise ValueError(f"init {init!r} is a LoRA checkpoint; write its merged model first (zoo train ... "
+                             "--merge, or zoo.merge_lora and zoo.save_pretrained) and start from that")
         return merge_lora(model)
     if not s.lora_r:
         return model
