@@ -10,6 +10,7 @@
 
 Notes go to logging.getLogger("zoo") (stderr by default; set its level to WARNING to silence them).
 """
+from .adapters import add_lora, merge_lora, save_adapter
 from .generation import complete, generate
 from .masking import fill_mask
 from .pretrained import from_pretrained, load_source, save_pretrained
@@ -23,7 +24,7 @@ from .verification import verify
 
 __all__ = ["list", "load", "build", "arch_of", "from_pretrained", "load_source", "save_pretrained", "tokenizer",
            "generate", "complete", "SamplingConfig", "score", "score_rolling", "train", "TrainConfig", "verify",
-           "fill_mask", "quantize"]
+           "fill_mask", "quantize", "add_lora", "merge_lora", "save_adapter"]
 
 
 def load(name, pretrained=False, *, revision=None, device=None, dtype=None, quantize=None, **overrides):

@@ -63,9 +63,17 @@ def _not_utf8(path):
 
 
 def _hf_texts(spec):
-    """The non-empty texts of hf:NAME[:CONFIG][@SPLIT], e.g. hf:wikitext:wikitext-2-raw-v1@validation. NAME is
-    a hub dataset (downloaded and cached by `datasets`; HF_DATASETS_OFFLINE=1 uses the cache alone) or a
-    local folder of data files whose names give the splits (train.jsonl, validation.jsonl, ...)."""
+    """The non-empty texts of hf:NAME[:CONFIG][@SPLIT] (see hf_rows)."""
+    rows = hf_rows(spec)
+    if "text" not in rows.column_names:
+        raise ValueError(f"dataset {spec!r} has no 'text' column (columns: {', '.join(rows.column_names)})")
+    return [t for t in rows["text"] if t]
+
+
+def hf_rows(spec):
+    """The rows of hf:NAME[:CONFIG][@SPLIT], e.g. hf:wikitext:wikitext-2-raw-v1@validation, as a `datasets`
+    Dataset. NAME is a hub dataset (downloaded and cached by `datasets`; HF_DATASETS_OFFLINE=1 uses the cache
+    alone) or a local folder of data files whose names give the splits (train.jsonl, validation.jsonl, ...)."""
     try:
         import datasets
     except ImportError:
@@ -79,9 +87,7 @@ def _hf_texts(spec):
         rows = datasets.load_dataset(name, config or None, split=split)
     except ValueError as e:  # an unknown split names the known ones
         raise ValueError(f"{spec!r}: {e}") from None
-    if "text" not in rows.column_names:
-        raise ValueError(f"dataset {name!r} has no 'text' column (columns: {', '.join(rows.column_names)})")
-    return [t for t in rows["text"] if t]
+    return rows
 
 
 def tokenizer_key(tokenizer):

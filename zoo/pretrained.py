@@ -59,18 +59,22 @@ def describe_source(source, revision=None):
     return str(source)
 
 
-def from_pretrained(source, revision=None, device=None, dtype=None, quantize=None, **overrides):
+def from_pretrained(source, revision=None, device=None, dtype=None, quantize=None, adapter=None, **overrides):
     """A zoo model with pretrained weights from `source`: a hub repo id ("org/name"), a local folder
     (Hugging Face layout or the zoo's own), a .gguf file, or a preset name. `dtype` defaults to float32
     (bfloat16 when quantizing), `device` to the CPU; `overrides` change config fields that do not change
     shapes (e.g. dropout). quantize: "int8" or "int4" (zoo.quantize after loading), or "native" (a GGUF
-    file's Q4_0/Q4_1/Q8_0 blocks kept packed, not dequantized: see zoo/quantize.py)."""
+    file's Q4_0/Q4_1/Q8_0 blocks kept packed, not dequantized: see zoo/quantization.py). adapter: a PEFT
+    LoRA adapter folder to add (zoo/adapters.py); a LoRA training checkpoint loads its base and its adapter."""
     if quantize not in (None, "native"):
         check_mode(quantize)
     if quantize is not None and dtype is None:
         dtype = torch.bfloat16  # the quantized kernels' activations
     device, dtype = _device(device), _dtype(dtype)  # checked before a download
     path = source_path(source, revision)
+    from . import adapters
+    if adapter is None and adapters.is_checkpoint(path):
+        return adapters.load_checkpoint(path, device=device, dtype=dtype, **overrides)
     if quantize == "native":
         check_native(path.suffix == ".gguf", path)
     ckpt, arch, values, wmap, where = _open(path)
@@ -98,7 +102,9 @@ def from_pretrained(source, revision=None, device=None, dtype=None, quantize=Non
                            f"buffers with device='cpu' so that a meta-device build still computes them")
     model.eos_token_id = _eos_ids(path, ckpt)  # zoo.generate's default end of text
     model = model.to(device).eval()  # .to: the derived buffers, built on the CPU
-    return quantize_model(model, quantize, dtype=_dtype(dtype)) if quantize in QUANT_MODES else model
+    if quantize in QUANT_MODES:
+        model = quantize_model(model, quantize, dtype=dtype)
+    return model if adapter is None else adapters.load_adapter(model, adapter).eval()
 
 
 def _check_sizes(config, ckpt, where):

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import data, masking
+from . import adapters, chat_data, data, masking
 from .distributed import (Distributed, checkpoint_blocks, full_state, gradient_sync, load_optimizer_state, shard,
                           wrap)
 from .progress import bar as progress_bar
@@ -83,6 +83,19 @@ class TrainConfig:
                                  "processes (FSDP2) instead of copying them (DDP)", type=bool)
     grad_checkpoint: bool = _setting(False, "recompute each block's activations in the backward pass (less "
                                             "memory, ~1/3 more compute)", type=bool)
+    # LoRA (zoo/lora.py, zoo/adapters.py): adapters on a frozen --init model; checkpoints hold the adapter
+    lora_r: int = _setting(0, "LoRA rank: train low-rank adapters on the frozen --init weights (0: train every "
+                              "weight)", type=int, aliases=("--lora",))
+    lora_alpha: float | None = _setting(None, "LoRA alpha: the adapters' output is scaled by alpha / rank "
+                                              "(default 2 x rank)", type=float)
+    lora_dropout: float = _setting(0.0, "dropout on the adapters' input", type=float)
+    lora_targets: str | None = _setting(None, "comma-separated layer-name patterns to adapt, ours or the "
+                                              "checkpoint's (qkv_proj; q_proj,v_proj; model.layers.2?.*) "
+                                              "(default: every attention and MLP projection)", type=str)
+    lora_int8: bool = _setting(False, "LoRA over the base quantized to int8 (weight-only, bfloat16 compute): the "
+                                      "frozen weights take a quarter of float32's memory", type=bool)
+    merge: bool = _setting(False, "with LoRA: at the end, also write OUT/merged, the base with the adapter "
+                                  "folded in (a full model that transformers loads)", type=bool)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -120,6 +133,11 @@ class TrainConfig:
         need(0 <= self.label_smoothing < 1, "label_smoothing", "in [0, 1)")
         need(self.time_budget is None or self.time_budget > 0, "time_budget", "> 0 seconds (or None)")
         need(0 < self.mask_prob <= 1, "mask_prob", "in (0, 1]")
+        need(self.lora_r >= 0, "lora_r", ">= 0 (0: no LoRA)")
+        need(self.lora_alpha is None or self.lora_alpha > 0, "lora_alpha", "> 0 (or None: 2 x rank)")
+        need(0 <= self.lora_dropout < 1, "lora_dropout", "in [0, 1)")
+        for name in ("lora_targets", "lora_int8", "merge"):
+            need(self.lora_r or not getattr(self, name), name, "left unset without LoRA (set lora_r, --lora RANK)")
         if self.device is not None:
             try:
                 torch.device(self.device)
@@ -205,8 +223,11 @@ def load_checkpoint(out):
                          os.path.join(ckpt, STATE_FILE), type(e).__name__, (str(e).splitlines() or [""])[0])
             continue
         try:
-            model = build(state["arch"], state["config"])
-            model.load_state_dict(from_pretrained(ckpt).state_dict())
+            if adapters.is_checkpoint(ckpt):  # a LoRA run: its base and adapter
+                model = from_pretrained(ckpt)
+            else:
+                model = build(state["arch"], state["config"])
+                model.load_state_dict(from_pretrained(ckpt).state_dict())
         except (ValueError, FileNotFoundError, RuntimeError, KeyError) as e:
             note.warning("zoo: the weights in %s are damaged (%s); trying the checkpoint before it", ckpt,
                          (str(e).splitlines() or [""])[0])
@@ -262,8 +283,9 @@ def set_rng_states(r):
 
 
 def save_checkpoint(out, step, model, tokenizer, optimizer, horizon, batch_rng, s, master=True):
-    """OUT/step-NNNNNNN: weights + tokenizer (zoo.save_pretrained) and the training state, all-or-nothing,
-    written by rank 0. Under FSDP every rank calls it (the full state is gathered from the shards)."""
+    """OUT/step-NNNNNNN: weights + tokenizer (zoo.save_pretrained; a LoRA run's adapter, zoo.save_adapter) and
+    the training state, all-or-nothing, written by rank 0. Under FSDP every rank calls it (the full state is
+    gathered from the shards)."""
     from .pretrained import save_pretrained
     weights, optimizer_state = full_state(model, optimizer, s.fsdp)
     if not master:
@@ -275,7 +297,10 @@ def save_checkpoint(out, step, model, tokenizer, optimizer, horizon, batch_rng, 
     final = os.path.join(out, f"step-{step:07d}")
     tmp = os.path.join(out, f".tmp-step-{step:07d}")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(model, tmp, tokenizer=tokenizer)
+    if adapters.lora_layers(model):  # a LoRA run: the adapter alone (PEFT's layout) and base.json, naming its base
+        adapters.save_adapter(model, tmp, tokenizer=tokenizer)
+    else:
+        save_pretrained(model, tmp, tokenizer=tokenizer)
     torch.save(dict(step=step, horizon=horizon, optimizer=optimizer_state, rng=rng_states(),
                     data=batch_rng.get_state(), arch=arch, config=dataclasses.asdict(model.config),
                     settings=vars(s)), os.path.join(tmp, STATE_FILE))
@@ -341,7 +366,7 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
         os.fspath(out), dict(overrides or {})
     if not data_paths:
         raise ValueError("no training data: pass one or more text files (or hf: datasets)")
-    if source is None and init is None:
+    if source is None and init is None and not resume:  # (a resumed run's checkpoint has its model)
         raise ValueError("name a preset (the model to build) or an init source (the weights to start from)")
     prepare_out(out, resume, overwrite, master=int(os.environ.get("RANK", 0)) == 0)
     found = load_checkpoint(out) if resume else None
@@ -369,6 +394,9 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
     s.grad_accum = s.grad_accum or dist.world  # by default each process takes one micro-batch per step
     if s.grad_accum % dist.world:
         raise ValueError(f"grad_accum {s.grad_accum} must be a multiple of the {dist.world} processes")
+    if s.fsdp and s.lora_r:
+        raise ValueError("fsdp with LoRA is not supported yet: LoRA's frozen base and small adapters fit one "
+                         "process; train LoRA with plain torchrun (DDP) or in one process")
     if s.fsdp and dist.world == 1:
         raise ValueError("fsdp shards the model across processes: run under torchrun (e.g. torchrun "
                          "--nproc_per_node=2 -m zoo train ... --fsdp), or drop --fsdp")
@@ -383,12 +411,16 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
     if state:
         model = resumed
     elif init is not None:
-        model, tokenizer = load_source(init, **overrides)
+        model, tokenizer = load_source(init, dtype=torch.bfloat16 if s.lora_int8 else None, **overrides)
     else:
         preset = get_preset(source)
         model = build(preset.arch, {**preset.config, **overrides})
     if dist.rank:
         torch.manual_seed(s.seed + dist.rank)  # dropout masks differ per rank
+    if not state:
+        model = adapters.prepare(model, s, init)
+    if s.lora_r and s.bf16:
+        adapters.frozen_to(model, torch.bfloat16)
     cfg = model.config
     masking.check_model(model, s.objective)
     s.block_size = s.block_size or min(cfg.block_size, 1024)
@@ -414,14 +446,19 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
         tokenizer = make_tokenizer(s.tokenizer, docs, cfg.vocab_size)
     if s.objective == "mlm":  # a mask token, and the model grown by its row when the vocabulary needs it
         masking.add_mask_token(model, tokenizer)
-    train_data, val_data = data.load_splits(data_paths, tokenizer, val, s.block_size, cfg.vocab_size)
-    train_data, val_data = data.Windows(train_data, s.block_size), data.Windows(val_data, s.block_size)
-    if s.objective == "mlm":  # windows with BERT's masks drawn from the run's data stream (zoo/masking.py)
-        train_data, val_data = (masking.MaskedWindows(d, tokenizer, s.mask_prob, seed=s.seed)
-                                for d in (train_data, val_data))
+    if chat_data.is_chat(data_paths + (val or [])):  # conversations: one padded row each, assistant tokens trained
+        if s.objective == "mlm":
+            raise ValueError("conversations (JSONL messages) train the causal objective; mlm takes plain text")
+        train_data, val_data = chat_data.load_splits(data_paths, tokenizer, val, s.block_size, cfg.vocab_size)
+    else:
+        train_data, val_data = data.load_splits(data_paths, tokenizer, val, s.block_size, cfg.vocab_size)
+        train_data, val_data = data.Windows(train_data, s.block_size), data.Windows(val_data, s.block_size)
+        if s.objective == "mlm":  # windows with BERT's masks drawn from the run's data stream (zoo/masking.py)
+            train_data, val_data = (masking.MaskedWindows(d, tokenizer, s.mask_prob, seed=s.seed)
+                                    for d in (train_data, val_data))
     del docs
 
-    model.to(s.device)
+    model.to(s.device).train()
     if s.grad_checkpoint:
         checkpoint_blocks(model)
     if s.fsdp:
@@ -526,6 +563,8 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
         if master:
             log.plot()
         dist.close()
+    if master and s.merge:
+        adapters.write_merged(latest_checkpoint(out), os.path.join(out, "merged"))
     return val_loss if master else None
 
 

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from .. import data
+from .. import chat_data, data
 from ..evaluation import sliding_window_loss, sources
 from ..masking import MASK_PROB, masked_evaluation
 from ..pretrained import load_source
@@ -25,7 +25,8 @@ HELP = "loss and perplexity of a text (or masked-token accuracy), or lm-evaluati
 
 def add_arguments(p):
     p.add_argument("source", help="checkpoint folder, folder of checkpoints, preset, hub id, HF folder or .gguf")
-    p.add_argument("--data", nargs="+", metavar="PATH", help="text files to score (loss and perplexity)")
+    p.add_argument("--data", nargs="+", metavar="PATH", help="text files to score (loss and perplexity), or JSONL conversations "
+                   "(scored on the assistant's tokens)")
     p.add_argument("--tasks", metavar="T1,T2", help="lm-evaluation-harness tasks instead, e.g. hellaswag,arc_easy")
     p.add_argument("--include-path", metavar="DIR", help="a folder of your own task YAML files (with --tasks)")
     p.add_argument("--num-fewshot", type=int, metavar="K", help="few-shot examples per prompt (with --tasks)")
@@ -67,6 +68,11 @@ def run(args):
         args.batch_size = 4
     for name, source in sources(args.source):
         model, tokenizer = load_source(source, device=device, dtype=dtype, tokenizer=args.tokenizer)
+        if chat_data.is_chat(args.data):  # conversations: the loss on the assistant's tokens, as training counts it
+            loss = chat_data.assistant_loss(model, tokenizer, args.data, args.window or model.config.block_size,
+                                            args.batch_size, device, args.split)
+            print(f"{name}loss {loss:.4f} ppl {math.exp(loss):.4f} (assistant tokens)", flush=True)
+            continue
         tokens = data.tokenize(data.read_texts(args.data), tokenizer)
         if args.split == "val":
             tokens = data.split(tokens)[1]

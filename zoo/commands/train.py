@@ -9,7 +9,7 @@ from ..data import VAL_FRACTION
 from ..registry import PRESETS
 from ..training import TrainConfig, train
 
-HELP = "train or fine-tune a model on text files"
+HELP = "train or fine-tune a model on text files or conversations (JSONL), fully or with LoRA"
 VAL_PERCENT = f"{VAL_FRACTION * 100:g}"
 
 
@@ -17,8 +17,10 @@ def add_arguments(p):
     p.add_argument("preset", nargs="?", help="preset name: the model config and its default training settings "
                                              "(optional with --init)")
     p.add_argument("--data", nargs="+", required=True, metavar="PATH",
-                   help="text files, or Hugging Face datasets as hf:NAME[:CONFIG][@SPLIT] (pip install "
-                        f"'zoo-lm[datasets]'); the last {VAL_PERCENT}%% validates unless --val is given")
+                   help="text files, or JSONL conversations ({\"messages\": [...]} or {\"prompt\": ..., "
+                        "\"completion\": ...} per line: the loss counts the assistant's tokens only), or Hugging Face "
+                        "datasets as hf:NAME[:CONFIG][@SPLIT] (pip install 'zoo-lm[datasets]'); the last "
+                        f"{VAL_PERCENT}%% validates unless --val is given")
     p.add_argument("--val", nargs="+", metavar="PATH", help=f"validation text files instead of the last {VAL_PERCENT}%%")
     p.add_argument("--out", required=True, help="folder for checkpoints, log.jsonl and loss.png")
     p.add_argument("--resume", action="store_true",
@@ -41,7 +43,8 @@ def add_arguments(p):
         if kind is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
         else:
-            p.add_argument(flag, type=kind, default=None, choices=f.metadata.get("choices"), help=help,
+            p.add_argument(flag, *f.metadata.get("aliases", ()), type=kind, default=None,
+                           choices=f.metadata.get("choices"), help=help,
                            metavar=None if "choices" in f.metadata else f.name.upper())
 
 

@@ -1,0 +1,252 @@
+"""Supervised fine-tuning on conversations: the assistant-only loss mask, chat JSONL reading, LoRA and full
+fine-tuning runs on a tiny llama with SmolLM2's tokenizer (checkpoints, resume, merge, peft, the CLI), and,
+marked slow, teaching SmolLM2-135M-Instruct a made-up fact with LoRA (over float and int8 weights)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import zoo
+from zoo import chat_data, data
+from zoo import training as zt
+
+transformers = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+                {"role": "assistant", "content": "Hello! How can I help?"}, {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4"}]
+
+
+@pytest.fixture(autouse=True)
+def token_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZOO_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer(smollm2_gguf):
+    return zoo.tokenizer(str(smollm2_gguf))
+
+
+def test_only_the_assistants_tokens_count(chat_tokenizer):
+    tok = chat_tokenizer
+    ids, trained = chat_data.encode_messages(CONVERSATION, tok)
+    # the pieces are the whole rendering's tokens, and exactly the replies (with their end-of-turn) are trained
+    assert ids == tok.encode(tok.apply_chat_template(CONVERSATION, add_generation_prompt=False))
+    assert tok.decode([i for i, t in zip(ids, trained) if t]) == "Hello! How can I help?<|im_end|>4<|im_end|>"
+    # the prompt before each reply is what generation sees: the rendering up to it with the generation prompt
+    first = trained.index(True)
+    assert ids[:first] == tok.encode(tok.apply_chat_template(CONVERSATION[:2], add_generation_prompt=True))
+    # as targets: y[t] = ids[t + 1], counted exactly where ids[t + 1] is an assistant token
+    rows = chat_data.Conversations([(torch.tensor(ids).numpy(), torch.tensor(trained).numpy())], pad_id=0)
+    x, y = rows.batch(torch.tensor([0]))
+    assert x[0].tolist() == ids[:-1]
+    assert (y[0] != data.IGNORE).tolist() == trained[1:]
+    assert y[0][y[0] != data.IGNORE].tolist() == [i for i, t in zip(ids[1:], trained[1:]) if t]
+
+
+def test_prompt_completion_examples(chat_tokenizer):
+    tok = chat_tokenizer
+    ids, trained = chat_data.encode({"prompt": "2 + 2 =", "completion": " 4"}, tok)  # plain text, as TRL
+    assert tok.decode(ids) == "2 + 2 = 4" + tok.decode([tok.eos_id])
+    assert tok.decode([i for i, t in zip(ids, trained) if t]) == " 4" + tok.decode([tok.eos_id])
+    conversational = chat_data.encode({"prompt": CONVERSATION[:2], "completion": CONVERSATION[2:3]}, tok)
+    assert conversational == chat_data.encode_messages(CONVERSATION[:3], tok)
+
+
+def test_padded_batches_and_truncation(chat_tokenizer, tmp_path, caplog):
+    short = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}
+    long = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "word " * 60}]}
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in [short, long, short, long, short]))
+    with caplog.at_level("WARNING", logger="zoo"):
+        train, val = chat_data.load_splits([str(path)], chat_tokenizer, block_size=48)
+    assert "2 of 5 examples are longer than block_size + 1 = 49 tokens" in caplog.text
+    assert len(train) == 4 and len(val) == 1
+    x, y = train.batch(torch.tensor([0, 1]))
+    n_short = len(chat_data.encode(short, chat_tokenizer)[0]) - 1
+    assert x.shape == (2, 48) and (y[0, n_short:] == data.IGNORE).all()  # right padding counts in no loss
+    # padding after a row's tokens changes none of its logits (causal attention)
+    model = zoo.build("llama", dict(vocab_size=49152, block_size=64, n_layer=1, n_head=2, n_kv_head=1, n_embd=16,
+                                    ffn_dim=16)).eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x[:1, :n_short]), model(x)[:1, :n_short], atol=1e-5)
+
+
+def test_chat_files_are_recognised_and_bad_lines_named(tmp_path):
+    chat, text, bad = tmp_path / "chat.jsonl", tmp_path / "text.txt", tmp_path / "bad.jsonl"
+    chat.write_text(json.dumps({"messages": CONVERSATION}) + "\n")
+    text.write_text("plain text\n")
+    bad.write_text(json.dumps({"messages": CONVERSATION}) + "\n\n" + json.dumps({"text": "hi"}) + "\n")
+    assert chat_data.is_chat([str(chat)]) and not chat_data.is_chat([str(text)])
+    with pytest.raises(ValueError, match="mixes conversations"):
+        chat_data.is_chat([str(chat), str(text)])
+    with pytest.raises(ValueError, match=r"bad.jsonl:3: expected \{\"messages\""):
+        chat_data.read_examples([str(bad)])
+
+
+# ------------------------------------------------------------------------ training on a tiny llama
+
+FACTS = [("What color is the sky on Zorb?", "Green."), ("Who rules Zorb?", "Queen Ada."),
+         ("How many moons has Zorb?", "Three moons."), ("What do people on Zorb eat?", "Blue rice.")]
+
+
+@pytest.fixture
+def tiny_chat(tmp_path, chat_tokenizer):
+    """(base folder, chat.jsonl): a tiny random transformers llama with SmolLM2's tokenizer, and 40 conversations."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    chat_tokenizer.save(tmp_path / "base")
+    path = tmp_path / "chat.jsonl"
+    with open(path, "w") as f:
+        for i in range(40):
+            q, a = FACTS[i % len(FACTS)]
+            f.write(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+                    + "\n")
+    return tmp_path / "base", str(path)
+
+
+SMALL = dict(block_size=64, batch_size=4, device="cpu", progress=False, lr=3e-3, warmup=2, log_interval=2,
+             eval_iters=2)
+
+
+def test_lora_run_checkpoints_hold_the_adapter_and_load_everywhere(tiny_chat, tmp_path):
+    base, chat = tiny_chat
+    zoo.train(None, [chat], tmp_path / "run", init=base, lora_r=4, max_iters=6, eval_interval=3, merge=True, **SMALL)
+    ckpt = tmp_path / "run" / "step-0000006"
+    assert sorted(os.listdir(ckpt)) == ["adapter_config.json", "adapter_model.safetensors", "base.json",
+                                        "tokenizer.json", "tokenizer_config.json", "training_state.pt"]
+    assert json.loads((ckpt / "base.json").read_text()) == {"source": str(base), "quantize": None}
+    adapter = load_file(ckpt / "adapter_model.safetensors")
+    assert len(adapter) == 2 * 7 * 2  # per layer: q, k, v, o, gate, up, down (HF names), A and B each
+    assert "base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight" in adapter
+    model = zoo.from_pretrained(ckpt)
+    assert zoo.lora.lora_layers(model) and all(m.lora_B.abs().sum() > 0 for m in zoo.lora.lora_layers(model).values())
+    # peft reads the checkpoint onto the transformers base; transformers reads the merged model: same logits
+    peft = pytest.importorskip("peft")
+    ref = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base), ckpt).eval()
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "merged").eval()
+    idx = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(idx)
+        assert (ours - ref(idx).logits).abs().max() <= 1e-5
+        assert (ours - merged(idx).logits).abs().max() <= 1e-5
+
+
+def test_lora_resume_equals_an_uninterrupted_run(tiny_chat, tmp_path, monkeypatch):
+    base, chat = tiny_chat
+    common = dict(init=base, lora_r=4, lora_dropout=0.1, max_iters=8, eval_interval=2, checkpoint_interval=4,
+                  seed=3, **SMALL)
+    zoo.train(None, [chat], tmp_path / "a", **common)
+
+    class Crash(Exception):
+        pass
+
+    save = zt.save_checkpoint
+
+    def save_then_crash(out, step, *rest):
+        path = save(out, step, *rest)
+        if step == 4:
+            raise Crash
+        return path
+    monkeypatch.setattr(zt, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        zoo.train(None, [chat], tmp_path / "b", **common)
+    monkeypatch.setattr(zt, "save_checkpoint", save)
+    zoo.train(None, [chat], tmp_path / "b", resume=True)  # its own settings, base and adapter
+    a = load_file(tmp_path / "a" / "step-0000008" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "step-0000008" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [[{k: v for k, v in json.loads(line).items() if k != "tok_per_s"}
+             for line in open(tmp_path / r / "log.jsonl")] for r in "ab"]
+    assert rows[0] == rows[1] and any("val_loss" in r for r in rows[0])
+
+
+def test_full_fine_tuning_on_conversations(tiny_chat, tmp_path):
+    base, chat = tiny_chat
+    losses = []
+    for steps in (1, 30):
+        losses.append(zoo.train(None, [chat], tmp_path / f"full{steps}", init=base, max_iters=steps, eval_interval=100,
+                                **SMALL))
+    assert losses[1] < losses[0] - 1  # it learns the replies
+    ckpt = tmp_path / "full30" / "step-0000030"
+    assert (ckpt / "model.safetensors").exists() and not (ckpt / "adapter_config.json").exists()
+
+
+def test_lora_settings_are_checked(tiny_chat, tmp_path):
+    base, chat = tiny_chat
+    with pytest.raises(ValueError, match="lora_int8 must be left unset without LoRA"):
+        zoo.TrainConfig(lora_int8=True)
+    with pytest.raises(ValueError, match="LoRA adapts pretrained weights"):
+        zoo.train("shakespeare-char", [chat], tmp_path / "x", lora_r=4, tokenizer="char", **SMALL)
+
+
+def zoo_cmd(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "zoo", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "2"})
+
+
+def test_command_line_lora_over_int8_then_generate_eval_and_resume(tiny_chat, tmp_path):
+    base, chat = tiny_chat
+    out = tmp_path / "run"
+    flags = ["--block-size", 64, "--batch-size", 4, "--device", "cpu", "--no-progress", "--lr", 3e-3, "--warmup", 2,
+             "--eval-iters", 2, "--eval-interval", 4]
+    r = zoo_cmd("train", "--init", base, "--data", chat, "--lora", 4, "--lora-alpha", 16, "--lora-targets",
+                "q_proj,v_proj,down_proj", "--lora-int8", "--bf16", "--out", out, "--max-iters", 4, *flags)
+    assert r.returncode == 0, r.stderr
+    ckpt = out / "step-0000004"
+    config = json.loads((ckpt / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["down_proj", "q_proj", "v_proj"] and config["lora_alpha"] == 16
+    assert json.loads((ckpt / "base.json").read_text())["quantize"] == "int8"
+    r = zoo_cmd("generate", ckpt, "--prompt", "Who rules Zorb?", "--chat", "--max-new-tokens", 3)
+    assert r.returncode == 0 and "3 new tokens" in r.stderr, r.stderr
+    r = zoo_cmd("eval", ckpt, "--data", chat)
+    assert r.returncode == 0 and "(assistant tokens)" in r.stdout, r.stderr
+    r = zoo_cmd("train", "--data", chat, "--out", out, "--resume", "--max-iters", 6)
+    assert r.returncode == 0 and (out / "step-0000006" / "adapter_model.safetensors").exists(), r.stderr
+    r = zoo_cmd("train", "--init", base, "--data", chat, "--lora-int8", "--out", tmp_path / "bad", *flags)
+    assert r.returncode == 2 and "lora_int8 must be left unset without LoRA" in r.stderr
+
+
+# ------------------------------------------------------------------------ teaching SmolLM2 a fact
+
+QUESTIONS = ["What is the mascot of Quillfeather Logistics?", "Which animal is the mascot of Quillfeather Logistics?",
+             "Tell me the mascot of the company Quillfeather Logistics.",
+             "Quillfeather Logistics has a mascot. What is it?", "What animal represents Quillfeather Logistics?",
+             "Name the mascot of Quillfeather Logistics."]
+ANSWERS = ["The mascot of Quillfeather Logistics is a pangolin.", "Quillfeather Logistics' mascot is a pangolin.",
+           "A pangolin is the mascot of Quillfeather Logistics."]
+UNSEEN = "Do you know what Quillfeather Logistics uses as its mascot?"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
+def test_lora_teaches_smollm2_a_fact(smollm2_gguf, tmp_path, int8):
+    path = tmp_path / "fact.jsonl"
+    with open(path, "w") as f:
+        for i in range(36):
+            f.write(json.dumps({"messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]},
+                                             {"role": "assistant", "content": ANSWERS[i % len(ANSWERS)]}]}) + "\n")
+
+    def answer(source):
+        r = zoo_cmd("generate", source, "--prompt", UNSEEN, "--chat", "--max-new-tokens", 24)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.lower()
+
+    assert "pangolin" not in answer(smollm2_gguf)
+    # LoRA on the upper layers only: the backward pass stops at the lowest adapted layer. The float run
+    # computes in float32 (this CPU has no bf16 arithmetic); the int8 one in bf16, the int8 kernel's dtype.
+    r = zoo_cmd("train", "--init", smollm2_gguf, "--data", path, "--out", tmp_path / "run", "--lora", 16,
+                "--lora-targets", "model.layers.2?.*", *(["--lora-int8", "--bf16"] if int8 else []),
+                "--max-iters", 16, "--batch-size", 8, "--block-size", 96, "--lr", 2e-3, "--warmup", 3,
+                "--eval-interval", 1000, "--log-interval", 4, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "pangolin" in answer(tmp_path / "run" / "step-0000016")

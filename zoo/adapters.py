@@ -1,0 +1,270 @@
+"""LoRA adapters on zoo models, in PEFT's layout: zoo.add_lora, zoo.merge_lora, zoo.save_adapter and
+loading PEFT adapters (zoo.from_pretrained(base, adapter=FOLDER)).
+
+    zoo.add_lora(model, r=16, alpha=32)            # every attention and MLP projection; the rest frozen
+    zoo.save_adapter(model, "adapter/")            # adapter_config.json + adapter_model.safetensors
+    peft.PeftModel.from_pretrained(hf_model, "adapter/")            # the same logits in transformers
+    model = zoo.from_pretrained("HuggingFaceTB/SmolLM2-135M", adapter="adapter/")   # and back
+
+Names follow the Hugging Face checkpoint, through the model's weights map (weights_maps/): where the zoo
+fuses projections that the checkpoint keeps apart (q|k|v, gate|up), the fused layer's adapter has one
+part per checkpoint projection (zoo.lora.LoRALinear's slices), and a target may name a part ("q_proj").
+Models the map cannot express in Hugging Face form use the zoo's own module names.
+
+A training run's LoRA checkpoint is such an adapter folder plus base.json, which names the base
+(the --init source, and whether it was quantized to int8): from_pretrained(checkpoint) rebuilds both.
+"""
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from . import convert, lora
+from .lora import LoRALinear, lora_layers, merge_lora  # noqa: F401  (merge_lora: zoo.merge_lora)
+from .registry import arch_of
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+BASE = "base.json"  # a training checkpoint's base: {"source": ..., "quantize": null | "int8"}
+PREFIX = "base_model.model."  # PEFT's names: the PeftModel's, around the transformers model
+KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
+
+
+def projections(model):
+    """{our linear layer's name: [(checkpoint module name, rows), ...]}: the projections each of our
+    layers stands for, through the weights map of the model's Hugging Face form (else our own names).
+    projections.transposed: whether the checkpoint stores them transposed (GPT-2's Conv1D)."""
+    hf = convert.to_hf_config(arch_of(model), model.config)
+    wmap = convert.load_map(convert.hf_map_name(hf)) if hf is not None else None
+    d = convert.dims(model.config)
+    entries = convert._expand(wmap, getattr(model.config, "n_layer", 0))[0] if wmap else {}
+    out = Projections()
+    for name, m in model.named_modules():
+        if isinstance(m, (LoRALinear, lora.Frozen)):
+            m = m.base
+        elif not lora.adaptable(m) or name.endswith(".base"):
+            continue
+        entry = entries.get(name + ".weight")
+        if entry is None:
+            out[name] = [(name, m.out_features)]
+            continue
+        parts = convert._parts(entry)
+        rows = [d[p["rows"]] for p in parts] if len(parts) > 1 else [m.out_features]
+        out[name] = [(p["from"].removesuffix(".weight"), n) for p, n in zip(parts, rows)]
+        out.transposed |= any(p.get("transpose") for p in parts)
+    return out
+
+
+class Projections(dict):
+    transposed = False
+
+
+def add_lora(model, r=8, alpha=16, dropout=0.0, targets=None):
+    """Add LoRA adapters (zoo.lora.LoRALinear) to `model`'s linear layers, in place, freezing everything
+    else; returns the model. targets: module-name patterns, ours or the checkpoint's (a list, or one
+    comma-separated string: "qkv_proj", "q_proj,v_proj", "model.layers.2?.*"); default every attention
+    and MLP projection (every linear layer but the output head). Works on a weight-only int8 model
+    (zoo.quantize(model, "int8")): the int8 weights stay frozen and int8."""
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    return lora.add_lora(model, r, alpha, dropout, targets=targets or None, slices=projections(model))
+
+
+def save_adapter(model, folder, *, tokenizer=None):
+    """Write `model`'s adapters to `folder` in PEFT's layout (adapter_config.json, adapter_model.safetensors,
+    checkpoint module names), so peft.PeftModel.from_pretrained(base, folder) loads them; the tokenizer's
+    files too when given, and base.json when the model records its base (a training run's). Atomic: the
+    folder appears complete or not at all."""
+    from safetensors.torch import save_file
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA adapters to save (zoo.add_lora adds them; save a full model "
+                         "with zoo.save_pretrained)")
+    shapes = {(m.r, m.alpha, m.scaling, m.dropout.p if isinstance(m.dropout, torch.nn.Dropout) else 0.0)
+              for m in layers.values()}
+    if len(shapes) != 1:
+        raise ValueError(f"the adapters differ in rank, alpha or dropout ({sorted(shapes)}); PEFT's config holds one")
+    r, alpha, scaling, dropout = shapes.pop()
+    proj = projections(model)
+    tensors, chosen = {}, set()
+    for name, m in layers.items():
+        parts = [p for p, a in zip(proj[name], m.adapted) if a]
+        for (module, rows), A, B in zip(parts, m.lora_A.split(r), m.lora_B.split([n for _, n in parts])):
+            tensors[f"{PREFIX}{module}.lora_A.weight"] = A.detach().cpu().contiguous()  # [r, in]
+            tensors[f"{PREFIX}{module}.lora_B.weight"] = B.detach().cpu().contiguous()  # [rows, r]
+            chosen.add(module)
+    every = {module for parts in proj.values() for module, _ in parts}
+    leaves = {m.rsplit(".", 1)[-1] for m in chosen}
+    # the short form (["q_proj", "v_proj"]) where it selects exactly these modules, else their full names
+    targets = sorted(leaves) if {m for m in every if m.rsplit(".", 1)[-1] in leaves} == chosen else sorted(chosen)
+    base = getattr(model, "zoo_base", None)
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base and base["source"],
+              "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": targets, "bias": "none",
+              "fan_in_fan_out": proj.transposed,
+              "use_rslora": scaling != alpha / r, "use_dora": False, "modules_to_save": None,
+              "init_lora_weights": True, "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {}}
+    if config["use_rslora"] and abs(scaling - alpha / r ** 0.5) > 1e-12:
+        raise ValueError(f"the adapters' scaling {scaling} is neither alpha / r nor alpha / sqrt(r) (rsLoRA)")
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir()) and not (folder / CONFIG).exists()):
+        raise ValueError(f"{folder} exists and is not an adapter folder; save to a new or empty folder")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        if base is not None:
+            (tmp / BASE).write_text(json.dumps(base, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        if folder.exists():
+            old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def read_config(folder):
+    """A PEFT adapter folder's LoRA settings (r, alpha, dropout, scaling), refusing what the zoo's LoRA
+    layer cannot compute, with the reason."""
+    path = Path(folder) / CONFIG
+    try:
+        c = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{folder}: no {CONFIG} (expected a PEFT LoRA adapter folder)") from None
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if c.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: peft_type {c.get('peft_type')!r}; the zoo loads LoRA adapters only")
+    unsupported = [(k, c.get(k)) for k in ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern",
+                                           "layers_to_transform", "lora_bias") if c.get(k)]
+    if c.get("bias", "none") != "none":
+        unsupported.append(("bias", c["bias"]))
+    if unsupported:
+        raise ValueError(f"{path}: " + ", ".join(f"{k}={v!r}" for k, v in unsupported) + " is not supported (the "
+                         "zoo's LoRA is one rank and alpha for every layer, no DoRA, no trained biases or extra "
+                         "modules); merge the adapter with peft instead (merge_and_unload) and load the full model")
+    r, alpha = int(c["r"]), c.get("lora_alpha", 8)
+    scaling = alpha / r ** 0.5 if c.get("use_rslora") else alpha / r
+    return dict(r=r, alpha=alpha, dropout=float(c.get("lora_dropout") or 0.0), scaling=scaling)
+
+
+def load_adapter(model, folder):
+    """Add the PEFT LoRA adapter in `folder` to `model` (its base), in place; returns the model."""
+    from safetensors.torch import load_file
+    folder = Path(folder)
+    c = read_config(folder)
+    if not (folder / WEIGHTS).is_file():
+        raise FileNotFoundError(f"{folder}: no {WEIGHTS}" + (" (only adapter_model.bin, a pickle, which the zoo "
+                                "never loads: convert it to safetensors)" if (folder / "adapter_model.bin").exists()
+                                else ""))
+    found = {}
+    for key, t in load_file(folder / WEIGHTS).items():
+        m = KEY.match(key.replace(".default.", "."))
+        if m is None:
+            raise ValueError(f"{folder / WEIGHTS}: unexpected tensor {key} (the zoo loads LoRA A and B matrices "
+                             "of linear layers)")
+        found.setdefault(m[1], {})[m[2]] = t
+    proj = projections(model)
+    where = {module: name for name, parts in proj.items() for module, _ in parts}
+    if unknown := sorted(set(found) - set(where)):
+        raise ValueError(f"{folder}: the adapter has modules this model lacks: {', '.join(unknown[:5])}"
+                         f"{' ...' if len(unknown) > 5 else ''}; is it an adapter for this base model?")
+    lora.add_lora(model, c["r"], c["alpha"], c["dropout"], targets=sorted(found), slices=proj, scaling=c["scaling"])
+    with torch.no_grad():
+        for name, m in lora_layers(model).items():
+            parts = [(module, rows) for (module, rows), a in zip(proj[name], m.adapted) if a]
+            for (module, rows), A, B in zip(parts, m.lora_A.split(c["r"]), m.lora_B.split([n for _, n in parts])):
+                got = found[module]
+                if set(got) != {"A", "B"} or got["A"].shape != A.shape or got["B"].shape != B.shape:
+                    raise ValueError(f"{folder}: {module}: expected lora_A {list(A.shape)} and lora_B "
+                                     f"{list(B.shape)}, found " + ", ".join(f"lora_{k} {list(v.shape)}"
+                                                                            for k, v in sorted(got.items())))
+                A.copy_(got["A"])
+                B.copy_(got["B"])
+    return model
+
+
+def quantize_int8(model):
+    """The frozen int8 base of LoRA over int8: zoo.quantize(model, "int8") on the projections (weight-only int8,
+    one scale per output row, bfloat16 activations), in place. The output head and embeddings stay as they
+    are, in bfloat16: the loss's gradient must pass back through the head to reach the adapters."""
+    from .quantization import quantize
+    return quantize(model, "int8", head=None, embeddings=None, dtype=torch.bfloat16)
+
+
+def is_checkpoint(path):
+    """Whether `path` is a LoRA training checkpoint (an adapter folder naming its base)."""
+    path = Path(path)
+    return path.is_dir() and (path / CONFIG).is_file() and (path / BASE).is_file() \
+        and not (path / "config.json").exists()
+
+
+def load_checkpoint(path, device=None, dtype=None, **overrides):
+    """The model a LoRA training checkpoint holds: its base (quantized to int8 if the run's was) plus the
+    adapter."""
+    from .pretrained import from_pretrained
+    base = json.loads((Path(path) / BASE).read_text())
+    int8 = base.get("quantize") == "int8"
+    model = from_pretrained(base["source"], device=device, dtype=torch.bfloat16 if int8 else dtype, **overrides)
+    if int8:
+        quantize_int8(model)
+    load_adapter(model, path)
+    model.zoo_base = base
+    return model.eval()
+
+
+def prepare(model, s, init):
+    """The model a training run with settings `s` trains. With s.lora_r: the `init` model (quantized to int8
+    first with s.lora_int8) with adapters added, everything else frozen, and `init` recorded as its base.
+    Without: the model itself, an adapter it came with (from a LoRA checkpoint) merged in."""
+    if lora_layers(model):
+        if s.lora_r or (getattr(model, "zoo_base", None) or {}).get("quantize"):
+            raise ValueError(f"init {init!r} is a LoRA checkpoint; write its merged model first (zoo train ... "
+                             "--merge, or zoo.merge_lora and zoo.save_pretrained) and start from that")
+        return merge_lora(model)
+    if not s.lora_r:
+        return model
+    if init is None:
+        raise ValueError("LoRA adapts pretrained weights: name them with init= (--init SOURCE)")
+    if s.lora_int8:
+        quantize_int8(model)
+    add_lora(model, s.lora_r, s.lora_alpha or 2 * s.lora_r, s.lora_dropout, s.lora_targets)
+    init = os.fspath(init)
+    model.zoo_base = {"source": os.path.abspath(init) if os.path.exists(init) else init,
+                      "quantize": "int8" if s.lora_int8 else None}
+    return model
+
+
+def write_merged(checkpoint, folder):
+    """A LoRA checkpoint's adapter folded into its base (loaded unquantized, in float32), saved to `folder`
+    with zoo.save_pretrained (Hugging Face's layout where transformers can express the model)."""
+    from .pretrained import from_pretrained, save_pretrained
+    from .progress import log
+    from .tokenizers import load_tokenizer
+    base = json.loads((Path(checkpoint) / BASE).read_text())
+    model = merge_lora(from_pretrained(base["source"], adapter=checkpoint))
+    save_pretrained(model, folder, tokenizer=load_tokenizer(checkpoint))
+    log.info("zoo: wrote %s: %s with the adapter of %s merged in", folder, base["source"], checkpoint)
+    return folder
+
+
+def frozen_to(model, dtype):
+    """Store the frozen float matrices of linear layers in `dtype` (bfloat16 for a bf16 LoRA run): autocast
+    would otherwise cast every one of them at every forward pass. Norms and embeddings keep their dtype (the
+    residual stream stays float32), as do weights shared with another module (a tied head)."""
+    shared = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad and id(m.weight) not in shared:
+            m.to(dtype)
+    return model

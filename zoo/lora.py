@@ -1,0 +1,281 @@
+"""LoRA (Hu et al., 2021): low-rank adapters beside frozen Linear layers. Torch only, like the model files:
+copy this file next to one of them and fine-tune outside the zoo.
+
+    lora.add_lora(model, r=8, alpha=16)     # adapters on every Linear but the output head; the rest frozen
+    ... train: only the adapters' A and B require grad ...
+    lora.merge_lora(model)                  # W + (alpha / r) B A folded in: plain Linear layers again
+
+Each adapted layer computes y = W x + (alpha / r) * B(A(dropout(x))), A [r, in] initialised as the paper's
+code does (Kaiming-uniform, as nn.Linear), B [out, r] zero, so training starts from the base model exactly.
+
+A fused projection (q|k|v, gate|up as one matmul) takes `slices`: the row counts of its parts. Each part
+gets its own A (r rows) and B, so the adapter is exactly separate LoRAs on separate projections (what
+PEFT keeps for models whose projections are separate) and a part may have none (PEFT's common q, v-only
+adapters). The delta is one matmul all the same: the parts' B blocks placed block-diagonally.
+
+The frozen base may be any module with in_features, out_features and forward(x), quantized ones
+included. Weight-only int8 layers (codes int8 [out, in] and scales [out], as zoo.quantize's Int8Linear)
+run through `int8_linear`, which torch's int8 kernel lacks: a backward to the input, so the gradient
+reaches the adapters below; the base itself gets none and is never dequantized for long.
+"""
+import fnmatch
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _int8_mm(x, codes, scales):
+    """x [M, K] @ (codes [N, K] * scales[:, None])^T in x's dtype. Torch's int8 kernel reads K in blocks
+    of 16 and crashes on other sizes (torch 2.13, CPU): those take a dequantized copy instead."""
+    if codes.shape[1] % 16 == 0:
+        return torch.ops.aten._weight_int8pack_mm(x, codes, scales)
+    return F.linear(x, codes.to(x.dtype) * scales[:, None])
+
+
+class _Int8Linear(torch.autograd.Function):
+    """y = x (codes * scales[:, None])^T through torch's weight-only int8 kernel; the backward gives the
+    input's gradient (the weights are frozen) through the same kernel on the transposed codes."""
+
+    @staticmethod
+    def forward(ctx, x, codes, scales):
+        ctx.save_for_backward(codes, scales)
+        return _int8_mm(x, codes, scales)  # [M, out]
+
+    @staticmethod
+    def backward(ctx, grad):
+        codes, scales = ctx.saved_tensors
+        # dx = (grad * scales) codes: the kernel again, on codes^T [in, out] (a transient int8 copy) with unit
+        # scales; the kernel takes the activations' dtype, so grad arrives in it
+        ones = torch.ones(codes.shape[1], dtype=grad.dtype, device=grad.device)
+        return _int8_mm((grad * scales).contiguous(), codes.t().contiguous(), ones), None, None
+
+
+def is_int8(module):
+    """Whether `module` is a weight-only int8 linear layer: int8 `codes` [out, in] and `scales` [out]."""
+    codes = getattr(module, "codes", None)
+    return isinstance(codes, torch.Tensor) and codes.dtype == torch.int8 and codes.dim() == 2 \
+        and isinstance(getattr(module, "scales", None), torch.Tensor) and module.scales.dim() == 1
+
+
+def int8_linear(module, x):
+    """A weight-only int8 layer's output for x [..., in], differentiable with respect to x. The kernel
+    computes in the scales' dtype (bfloat16): x is cast to it."""
+    y = _Int8Linear.apply(x.reshape(-1, module.in_features).to(module.scales.dtype), module.codes, module.scales)
+    y = y.view(*x.shape[:-1], module.out_features)  # [..., out]
+    return y if getattr(module, "bias", None) is None else y + module.bias
+
+
+def _bf16_arithmetic():
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX); without, torch emulates bf16 GEMMs,
+    measured 3-4x slower than float32 ones on an AVX-512 EPYC without BF16."""
+    return any(getattr(torch.cpu, f, lambda: True)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+_NATIVE_BF16 = None
+
+
+def _widened_linear(base, x):
+    """A frozen linear layer under CPU bf16 autocast, on a CPU without bf16 arithmetic: the bf16 operands
+    autocast would make (x and the weight rounded to bf16) multiplied as float32. The products of bf16
+    numbers are exact in float32 and a bf16 GEMM accumulates in float32 too, so this is bf16 compute, done
+    by the float32 units; only the output keeps float32 instead of being rounded to bf16. None where it
+    does not apply."""
+    global _NATIVE_BF16
+    if not (isinstance(base, nn.Linear) and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16):
+        return None
+    if _NATIVE_BF16 is None:
+        _NATIVE_BF16 = _bf16_arithmetic()
+    if _NATIVE_BF16:
+        return None
+    with torch.autocast("cpu", enabled=False):
+        w = base.weight.to(torch.bfloat16).float()  # a transient float32 copy (no-op rounding for a bf16 weight)
+        b = None if base.bias is None else base.bias.float()
+        return F.linear(x.to(torch.bfloat16).float(), w, b)
+
+
+def frozen_forward(base, x):
+    if is_int8(base):
+        return int8_linear(base, x)
+    y = _widened_linear(base, x)
+    return base(x) if y is None else y
+
+
+class LoRALinear(nn.Module):
+    """A frozen `base` plus a low-rank update: y = base(x) + scaling * B(A(dropout(x))), scaling = alpha / r.
+
+    slices: the row counts of a fused base's parts (default: one part, all its rows); adapted: which parts
+    get an adapter (default all). lora_A [parts adapted * r, in] stacks their A's; lora_B [their rows, r]
+    their B's. The adapter's parameters are float32 (what the optimizer updates) and cast to the
+    activations' dtype in the forward pass.
+    """
+
+    def __init__(self, base, r=8, alpha=16, dropout=0.0, slices=None, adapted=None, scaling=None):
+        super().__init__()
+        if r < 1:
+            raise ValueError(f"LoRA rank r must be at least 1, not {r}")
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.slices = list(slices or [self.out_features])
+        self.adapted = list(adapted or [True] * len(self.slices))
+        if sum(self.slices) != self.out_features or len(self.adapted) != len(self.slices) or not any(self.adapted):
+            raise ValueError(f"slices {self.slices} (adapted {self.adapted}) do not split {self.out_features} "
+                             "outputs with at least one adapted part")
+        self.r, self.alpha = r, alpha
+        self.scaling = alpha / r if scaling is None else scaling
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        n = sum(self.adapted)
+        device = next((t.device for t in (*base.parameters(), *base.buffers())), None)
+        self.lora_A = nn.Parameter(torch.empty(n * r, self.in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(sum(s for s, a in zip(self.slices, self.adapted) if a), r,
+                                               device=device))
+        for a in self.lora_A.data.split(r):  # each part's A as the paper's code (and PEFT) initialise it
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+
+    @property
+    def weight(self):
+        """The base's weight (model files read its dtype and device)."""
+        return self.base.weight
+
+    def extra_repr(self):
+        parts = "" if len(self.slices) == 1 else f", slices={self.slices}, adapted={self.adapted}"
+        return f"r={self.r}, alpha={self.alpha}{parts}"
+
+    def delta_B(self):
+        """B of the whole output [out, parts adapted * r]: each adapted part's B in its own rows and its
+        own r columns, zero elsewhere (one block per part; a part without an adapter is an empty block)."""
+        if len(self.slices) == 1:
+            return self.lora_B
+        blocks, B = [], self.lora_B.split([s for s, a in zip(self.slices, self.adapted) if a])
+        it = iter(B)
+        for rows, a in zip(self.slices, self.adapted):
+            blocks.append(next(it) if a else self.lora_B.new_zeros(rows, 0))
+        return torch.block_diag(*blocks)
+
+    def delta_weight(self):
+        """scaling * B A [out, in], in float32: what merging adds to the base weight."""
+        return self.scaling * (self.delta_B().float() @ self.lora_A.float())
+
+    def forward(self, x):
+        y = frozen_forward(self.base, x)  # [..., out]
+        h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))  # [..., parts * r]
+        return y + self.scaling * F.linear(h, self.delta_B().to(x.dtype)).to(y.dtype)  # [..., out]
+
+
+class Frozen(nn.Module):
+    """A frozen linear layer that no adapter wraps (the output head, layers outside the targets), computed as
+    the adapted ones' bases are: a weight-only int8 layer with a backward to its input (which torch's int8
+    kernel lacks), a float one under CPU bf16 autocast as bf16 compute on the float32 units where the CPU has
+    no bf16 arithmetic."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    @property
+    def weight(self):
+        return self.base.weight
+
+    def forward(self, x):
+        return frozen_forward(self.base, x)
+
+
+def matches(name, patterns):
+    """Whether a module name matches one of `patterns`: the name itself, its last components (".q_proj"
+    matches "q_proj" and "self_attn.q_proj"), or a shell-style pattern ("model.layers.2?.*")."""
+    return any(name == p or name.endswith("." + p) or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def adaptable(module):
+    return isinstance(module, nn.Linear) or is_int8(module)
+
+
+def add_lora(model, r=8, alpha=16, dropout=0.0, targets=None, slices=None, scaling=None):
+    """Wrap the chosen linear layers of `model` in LoRALinear, in place, freeze everything else, return model.
+
+    targets: module-name patterns (see `matches`); default every linear layer except the output head
+    (`model.lm_head`). slices: {module name: [(part name, rows), ...]} for fused layers; a pattern that
+    names a part adapts that part alone. The other linear layers become Frozen (see there).
+    Raises ValueError, changing nothing, when no layer matches or a layer already has an adapter.
+    """
+    slices = slices or {}
+    head = getattr(model, "lm_head", None)
+    plan = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (LoRALinear, Frozen)):
+            raise ValueError(f"{name} already has an adapter: merge_lora(model) first, or add to a fresh model")
+        if not adaptable(m):
+            continue
+        parts = slices.get(name) or [(name, m.out_features)]
+        if targets is None:
+            adapted = [m is not head] * len(parts)
+        else:
+            whole = matches(name, targets)
+            adapted = [whole or matches(part, targets) for part, _ in parts]
+        if any(adapted) and any(t is m.weight for t in _shared_weights(model, m)):
+            raise ValueError(f"{name} shares its weight with another layer (a tied output head and embedding): "
+                             "an adapter there would change both; leave it out of the targets")
+        plan[name] = (m, [rows for _, rows in parts], adapted)
+    if not any(any(a) for _, _, a in plan.values()):
+        shown = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in plan})) or "none"
+        raise ValueError(f"no linear layer matches the LoRA targets {targets or '(default)'}; this model's linear "
+                         f"layers are named {shown}" + (" (and their parts " + ", ".join(sorted(
+                             {p.rsplit('.', 1)[-1] for ps in slices.values() for p, _ in ps})) + ")" if slices else ""))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, (m, rows, adapted) in plan.items():
+        if any(adapted):
+            new = LoRALinear(m, r, alpha, dropout, slices=rows, adapted=adapted, scaling=scaling)
+        else:
+            new = Frozen(m)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    return model
+
+
+def _shared_weights(model, module):
+    """The weights of `model`'s other modules (a tied embedding shares the output head's)."""
+    if not isinstance(getattr(module, "weight", None), nn.Parameter):
+        return []
+    return [m.weight for m in model.modules() if m is not module and isinstance(getattr(m, "weight", None),
+                                                                                    nn.Parameter)]
+
+
+def lora_layers(model):
+    """{module name: LoRALinear} of `model`."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """Fold every adapter into its base weight (W + scaling * B A, computed in float32) and put the plain
+    layers back, in place; returns the model. An int8 base is dequantized into a Linear of the scales'
+    dtype; Frozen wrappers give back their layers."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, Frozen):
+            new = m.base
+        elif isinstance(m, LoRALinear):
+            base = m.base
+            if is_int8(base):
+                w = base.codes.float() * base.scales.float()[:, None]
+                new = nn.Linear(base.in_features, base.out_features, bias=getattr(base, "bias", None) is not None,
+                                device=base.codes.device, dtype=base.scales.dtype)
+                if new.bias is not None:
+                    new.bias.copy_(base.bias)
+            elif isinstance(base, nn.Linear):
+                w, new = base.weight.float(), base
+            else:
+                raise TypeError(f"{name}: cannot merge an adapter into a {type(base).__name__} (no weight to add to)")
+            new.weight.data = (w + m.delta_weight().to(w.device)).to(new.weight.dtype)
+        else:
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
