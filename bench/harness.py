@@ -91,7 +91,7 @@ def main():
             answers = backend.loglikelihood(reqs, disable_tqdm=True)
             seconds[name] = time.perf_counter() - t
             acc[name] = accuracy(answers, items)
-        print(f"| {r + 1} | {len(reqs) / seconds['zoo']:.1f} | {len(reqs) / seconds['hf']:.1f} | "
+        print(f"| {r + 1} | {len(reqs) / seconds['zoo']:.2f} | {len(reqs) / seconds['hf']:.2f} | "
               f"{seconds['hf'] / seconds['zoo']:.2f}x | {acc['zoo']:.3f} | {acc['hf']:.3f} |", flush=True)
 
 

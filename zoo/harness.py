@@ -230,7 +230,8 @@ class ZooLM(TemplateLM):
         settings = {k: kwargs.pop(k) for k in _SAMPLING_KEYS if k in kwargs}
         if kwargs:
             raise ValueError(f"generation kwargs the zoo model does not know: {', '.join(sorted(kwargs))} "
-                             f"(it reads until, {', '.join(_MAX_TOKEN_KEYS)}, do_sample and {', '.join(_SAMPLING_KEYS)})")
+                             f"(it reads until, {', '.join(_MAX_TOKEN_KEYS)}, do_sample and "
+                             f"{', '.join(_SAMPLING_KEYS)})")
         settings["temperature"] = (temperature or 1.0) if do_sample else 0.0
         if not do_sample:  # greedy: the sampling filters change nothing, as in HF's generate
             for k in ("top_k", "top_p", "min_p"):

@@ -107,7 +107,8 @@ def run_tasks(args, device, dtype):
     except ModuleNotFoundError as e:
         if e.name is None or not e.name.startswith("lm_eval"):
             raise
-        raise ValueError("--tasks needs lm-evaluation-harness: pip install 'zoo-lm[eval]' (or pip install lm-eval)") from None
+        raise ValueError("--tasks needs lm-evaluation-harness: pip install 'zoo-lm[eval]' "
+                         "(or pip install lm-eval)") from None
     limit = None if args.limit is None else int(args.limit) if args.limit >= 1 else args.limit
     everything = {}
     for name, source in sources(args.source):
