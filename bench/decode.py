@@ -193,8 +193,9 @@ def main():
         best = max(peers, key=lambda p: p["decode_tok_s"]) if peers else None
         ratio = f"{r['decode_tok_s'] / best['decode_tok_s']:.2f}x" if best else "-"
         pre = f"{r['prefill_ms'] / min(p['prefill_ms'] for p in peers):.2f}x" if peers else "-"
-        vs_llama = f"{r['decode_tok_s'] / llama['decode_tok_s']:.2f}x" if llama else "-"
-        pre_llama = f"{r['prefill_ms'] / llama['prefill_ms']:.2f}x" if llama else "-"
+        near = llama if llama and llama["dtype"] == r["dtype"] else None  # only within one interleaved group
+        vs_llama = f"{r['decode_tok_s'] / near['decode_tok_s']:.2f}x" if near else "-"
+        pre_llama = f"{r['prefill_ms'] / near['prefill_ms']:.2f}x" if near else "-"
         floor = f"{r['floor_gbs']:.1f}" if r["floor_gbs"] else "-"
         print(f"| {r['dtype']} | {r['side']} | {r['prefill_ms']:.0f} | {r['tok_s']:.1f} | {r['decode_tok_s']:.1f} "
               f"({r['decode_range']:.1f}-{r['decode_best']:.1f}) | {r['ms_token']:.1f} | {r['gbs']:.1f} ({floor}) | "
