@@ -173,6 +173,7 @@ def test_eight_concurrent_clients_each_get_their_sequential_answer(client, url):
     (dict(extra_body={"top_k": 0}), "BadRequestError", "top_k"),
     (dict(extra_body={"mirostat": 2}), "BadRequestError", "mirostat"),
     (dict(messages=[]), "BadRequestError", "messages"),
+    (dict(messages=[{"role": "user", "content": "hi " * 9000}]), "BadRequestError", "messages"),  # past the context
     (dict(messages=[{"role": "tool", "content": "x"}]), "BadRequestError", "messages"),
     (dict(model="gpt-4o"), "NotFoundError", "model"),
 ])

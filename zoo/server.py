@@ -10,6 +10,8 @@ field), 401 for a missing or wrong API key, 404 for an unknown model, 503 with R
 queue is full. A setting the zoo does not implement is refused, never silently ignored.
 """
 import asyncio
+import contextlib
+import hmac
 import json
 import time
 import uuid
@@ -57,6 +59,7 @@ def create_app(engine, model_id, *, api_key=None):
     The app starts the engine's thread when it starts and closes it when it stops."""
     created = int(time.time())
 
+    @contextlib.asynccontextmanager
     async def lifespan(app):
         engine.start()
         yield
@@ -77,7 +80,8 @@ def create_app(engine, model_id, *, api_key=None):
         return APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").response()
 
     def authorize(request: Request):
-        if api_key is not None and request.headers.get("authorization", "") != f"Bearer {api_key}":
+        token = request.headers.get("authorization", "").encode()
+        if api_key is not None and not hmac.compare_digest(token, f"Bearer {api_key}".encode()):
             given = "a wrong API key" if "authorization" in request.headers else "no API key"
             raise APIError(401, f"this server wants an API key (Authorization: Bearer KEY), and the request gave "
                                 f"{given}", code="invalid_api_key")
@@ -191,10 +195,13 @@ def _settings(body, kind, engine, model_id):
         prompt = tokenizer.encode(text)
         if not prompt and tokenizer.bos_id is not None:
             prompt = [tokenizer.bos_id]
+    if len(prompt) >= engine.block_size:
+        raise APIError(400, f"the prompt has {len(prompt)} tokens, and the model's context is {engine.block_size}: "
+                            "shorten it", "messages" if kind == "chat" else "prompt")
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = body.get(name)
     if max_tokens is None:  # as OpenAI's servers do: up to the end of the context
-        max_tokens = max(1, engine.block_size - len(prompt))
+        max_tokens = engine.block_size - len(prompt)
     return prompt, max_tokens, name, sampling, stop
 
 
