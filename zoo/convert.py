@@ -317,7 +317,7 @@ def load_weights(model, ckpt, wmap, *, device, dtype, where, load_packed=None):
     converted straight to `dtype` on `device`. A checkpoint that does not fit raises one ValueError
     naming every missing, unexpected and misshaped tensor, before any data is read.
     load_packed(names, parts), if given, may load a tensor itself (quantized blocks kept packed, see
-    zoo/quantize.py) and return True: `names` are ours that share it, `parts` its sources (checkpoint
+    zoo/quantization.py) and return True: `names` are ours that share it, `parts` its sources (checkpoint
     names, "unpermute" as a head count)."""
     d = dims(model.config)
     entries, ignore = _expand(wmap, getattr(model.config, "n_layer", 0))

@@ -66,10 +66,8 @@ class ZooLM(TemplateLM):
         super().__init__()
         if unknown:
             raise ValueError(f"unknown model_args for the zoo model: {', '.join(sorted(unknown))} (it takes source, "
-                             "dtype, device, tokenizer, revision, batch_size, add_bos_token, prefix_token_id, "
-                             "max_length)")
-        if quantize is not None:
-            raise ValueError(f"quantize={quantize!r}: zoo models load in a floating dtype only (use dtype=bfloat16)")
+                             "dtype, device, quantize, tokenizer, revision, batch_size, add_bos_token, "
+                             "prefix_token_id, max_length)")
         if (source is None) == (model is None):
             raise ValueError("give the zoo model either source=... (model_args 'source=PATH_OR_NAME') or model=, "
                              "not both or neither")
@@ -77,7 +75,7 @@ class ZooLM(TemplateLM):
             from .pretrained import load_source
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
             model, tokenizer = load_source(str(source), device=device, dtype=None if dtype == "auto" else dtype,
-                                           revision=revision, tokenizer=tokenizer)
+                                           revision=revision, tokenizer=tokenizer, quantize=quantize)
         elif tokenizer is None or isinstance(tokenizer, str):
             raise ValueError("with model=, pass its tokenizer object too (tokenizer=zoo.tokenizer(...))")
         else:
