@@ -246,13 +246,13 @@ def save_pretrained(model, folder, tokenizer=None):
     zoo's own format (config.json naming the model file and its Config). The folder appears complete or
     not at all: everything is written next to it first, then renamed into place (replacing an older save)."""
     from safetensors.torch import save_file
+    arch = arch_of(model)  # (a TypeError for anything but a zoo model)
     if is_quantized(model):
         raise ValueError("save_pretrained writes unquantized weights and this model is quantized: save the model "
                          "before zoo.quantize, and pass quantize= to zoo.from_pretrained when loading it")
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir()) and not (folder / "config.json").exists()):
         raise ValueError(f"{folder} exists and is not a model folder; save to a new or empty folder")
-    arch = arch_of(model)
     hf = convert.to_hf_config(arch, model.config)
     if hf is not None:
         tensors = convert.export_weights(model, convert.load_map(convert.hf_map_name(hf)))
