@@ -305,6 +305,7 @@ class Engine:
         if self.view != rows:
             for c, k, v in zip(self.caches, self.cache_k, self.cache_v):
                 c.k, c.v = k[rows], v[rows]
+            self.model.cache_batch = rows.stop - rows.start  # the rows the model's cache now holds
             self.view = rows
 
     def _room(self, need):
