@@ -196,8 +196,9 @@ def _settings(body, kind, engine, model_id):
         if not prompt and tokenizer.bos_id is not None:
             prompt = [tokenizer.bos_id]
     if len(prompt) >= engine.block_size:
-        raise APIError(400, f"the prompt has {len(prompt)} tokens, and the model's context is {engine.block_size}: "
-                            "shorten it", "messages" if kind == "chat" else "prompt")
+        field = "messages" if kind == "chat" else "prompt"
+        raise APIError(400, f"{field}: the prompt has {len(prompt)} tokens, and the model's context is "
+                            f"{engine.block_size}: shorten it", field)
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = body.get(name)
     if max_tokens is None:  # as OpenAI's servers do: up to the end of the context
