@@ -48,8 +48,12 @@ def is_chat(paths):
             continue
         first = None
         if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                first = next((line for line in f if line.strip()), None)
+            try:
+                with open(path, encoding="utf-8") as f:
+                    first = next((line for line in f if line.strip()), None)
+            except UnicodeDecodeError:
+                from .data import not_utf8
+                raise not_utf8(path) from None
         try:
             kinds[path] = first is not None and _example_kind(json.loads(first)) is not None
         except ValueError:

@@ -45,11 +45,11 @@ def read_texts(paths):
                 with open(path, encoding="utf-8") as f:
                     docs.append(f.read())
             except UnicodeDecodeError:
-                raise _not_utf8(path) from None
+                raise not_utf8(path) from None
     return docs
 
 
-def _not_utf8(path):
+def not_utf8(path):
     """The ValueError for a file that is not UTF-8 text, naming the first bad byte and its offset."""
     with open(path, "rb") as f:
         raw = f.read()
