@@ -250,7 +250,7 @@ def test_reorder_cache(name, device):
     ("scratchformer", dict(activation="swish"), "activation"),
     ("gpt2", dict(activation="relu"), "activation"),
     ("llama", dict(n_embd=48, n_head=6, n_kv_head=4), "multiple of n_kv_head"),
-    ("llama", dict(n_embd=48, n_head=6, n_kv_head=0), "n_kv_head"),  # (zoo.build: "at least 1"; the Config alone: "multiple of")
+    ("llama", dict(n_embd=48, n_head=6, n_kv_head=0), "n_kv_head"),  # (the range check comes first)
     ("llama", dict(n_embd=50, n_head=6, n_kv_head=2), "divisible by n_head"),
     ("bigram", dict(vocab_size=0), "vocab_size"),
 ])
