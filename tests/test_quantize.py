@@ -241,3 +241,13 @@ def test_cli_generate_native_refuses_a_folder(tmp_path):
     assert out.returncode == 2
     assert out.stderr.startswith("zoo generate: error:") and "not a GGUF file" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_int8_layer_with_inputs_not_a_multiple_of_16():
+    """torch's int8 kernel crashes on such widths; the layer computes them through the dequantized matrix."""
+    from zoo.quantization import Int8Linear
+    codes = torch.randint(-127, 128, (32, 24), dtype=torch.int8)
+    scales = torch.rand(32, dtype=torch.bfloat16) / 100
+    x = torch.randn(3, 5, 24, dtype=torch.bfloat16)
+    want = torch.nn.functional.linear(x, codes.to(torch.bfloat16) * scales[:, None])
+    torch.testing.assert_close(Int8Linear(codes, scales)(x), want)

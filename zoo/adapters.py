@@ -17,7 +17,6 @@ A training run's LoRA checkpoint is such an adapter folder plus base.json, which
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -111,27 +110,15 @@ def save_adapter(model, folder, *, tokenizer=None):
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir()) and not (folder / CONFIG).exists()):
         raise ValueError(f"{folder} exists and is not an adapter folder; save to a new or empty folder")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    def fill(tmp):
         save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         if base is not None:
             (tmp / BASE).write_text(json.dumps(base, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(tmp)
-        if folder.exists():
-            old = folder.parent / f".{folder.name}.old-{os.getpid()}"
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    from .pretrained import write_folder
+    return write_folder(folder, fill)
 
 
 def read_config(folder):

@@ -262,15 +262,24 @@ def save_pretrained(model, folder, tokenizer=None):
     else:
         tensors = convert.export_weights(model, convert.native_map(model))
         config = {"model_type": "zoo", "zoo_arch": arch, "config": dataclasses.asdict(model.config)}
+    def fill(tmp):
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+    return write_folder(folder, fill)
+
+
+def write_folder(folder, fill):
+    """Make `folder` with `fill(tmp)` writing its files into a folder beside it, then renamed into place
+    (an older folder of that name is swapped aside and removed): it appears complete or not at all."""
+    folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if tokenizer is not None:
-            tokenizer.save(tmp)
+        fill(tmp)
         if folder.exists():  # swap: the old save goes aside, the new one takes its name, the old is removed
             old = folder.parent / f".{folder.name}.old-{os.getpid()}"
             os.replace(folder, old)

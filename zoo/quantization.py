@@ -136,7 +136,11 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8, one scale per row"
 
     def forward(self, x):
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.codes, self.scales)
+        x2 = x.reshape(-1, self.in_features)
+        if self.in_features % 16:  # torch 2.13's CPU kernel reads K in blocks of 16 and crashes otherwise
+            y = F.linear(x2, self.codes.to(x.dtype) * self.scales[:, None].to(x.dtype))
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.codes, self.scales)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
