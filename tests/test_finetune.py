@@ -124,7 +124,7 @@ def test_lora_run_checkpoints_hold_the_adapter_and_load_everywhere(tiny_chat, tm
     ckpt = tmp_path / "run" / "step-0000006"
     assert sorted(os.listdir(ckpt)) == ["adapter_config.json", "adapter_model.safetensors", "base.json",
                                         "tokenizer.json", "tokenizer_config.json", "training_state.pt"]
-    assert json.loads((ckpt / "base.json").read_text()) == {"source": str(base), "quantize": None}
+    assert json.loads((ckpt / "base.json").read_text()) == {"source": str(base), "quantize": None, "dtype": "float32"}
     adapter = load_file(ckpt / "adapter_model.safetensors")
     assert len(adapter) == 2 * 7 * 2  # per layer: q, k, v, o, gate, up, down (HF names), A and B each
     assert "base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight" in adapter

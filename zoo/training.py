@@ -411,7 +411,9 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
     if state:
         model = resumed
     elif init is not None:
-        model, tokenizer = load_source(init, dtype=torch.bfloat16 if s.lora_int8 else None, **overrides)
+        # a LoRA run in bf16 (or over int8) keeps its frozen base in bf16, as LoRA recipes load it
+        bf16_base = s.lora_r and (s.bf16 or s.lora_int8)
+        model, tokenizer = load_source(init, dtype=torch.bfloat16 if bf16_base else None, **overrides)
     else:
         preset = get_preset(source)
         model = build(preset.arch, {**preset.config, **overrides})
@@ -419,8 +421,6 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
         torch.manual_seed(s.seed + dist.rank)  # dropout masks differ per rank
     if not state:
         model = adapters.prepare(model, s, init)
-    if s.lora_r and s.bf16:
-        adapters.frozen_to(model, torch.bfloat16)
     cfg = model.config
     masking.check_model(model, s.objective)
     s.block_size = s.block_size or min(cfg.block_size, 1024)
