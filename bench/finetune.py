@@ -1,5 +1,7 @@
 """Fine-tuning SmolLM2-135M-Instruct: zoo LoRA vs transformers + peft LoRA, side by side, plus zoo's full
-fine-tune and LoRA over an int8 base.
+fine-tune and LoRA over an int8 base, each also with activation checkpointing (--grad-checkpoint: each
+block recomputed in the backward pass, as QLoRA recipes run; peft's prepare_model_for_kbit_training turns
+it on by default).
 
     flock /tmp/bench.lock python bench/finetune.py [--rounds 3] [--steps 4] [--profile]
 
@@ -12,7 +14,7 @@ within each round so that the machine's load drifts over all of them alike. Memo
 minus RSS after the imports, i.e. the model, optimizer and activations.
 
 Goals: zoo LoRA >= 1.5x transformers + peft tokens/s at <= its peak memory; LoRA over int8 <= 0.6x the
-peak memory of zoo's full fine-tune.
+peak memory of zoo's full fine-tune (printed for the same settings and against the plain full fine-tune).
 """
 import argparse
 import json
@@ -25,7 +27,8 @@ import time
 from pathlib import Path
 
 B, T, R, ALPHA = 8, 256, 16, 32
-ROWS = ("zoo LoRA", "transformers + peft LoRA", "zoo full fine-tune", "zoo LoRA over int8")
+ROWS = ("zoo LoRA", "transformers + peft LoRA", "zoo full fine-tune", "zoo LoRA over int8",
+        "zoo full fine-tune, grad checkpoint", "zoo LoRA over int8, grad checkpoint")
 
 
 def rss_mb(field):
@@ -50,11 +53,11 @@ def child_zoo(row, base, folder, steps, profile):
     import zoo
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
     before = rss_mb("VmRSS")
-    lora = {} if row == "zoo full fine-tune" else dict(lora_r=R, lora_alpha=ALPHA, lora_int8=row.endswith("int8"))
-    out = Path(folder) / row.replace(" ", "-")
+    lora = {} if "full" in row else dict(lora_r=R, lora_alpha=ALPHA, lora_int8="int8" in row)
+    out = Path(folder) / row.replace(" ", "-").replace(",", "")
     kwargs = dict(init=base, batch_size=B, block_size=T, bf16=True, max_iters=steps + 1, log_interval=1,
                   eval_interval=10 ** 6, eval_iters=1, checkpoint_interval=10 ** 6, warmup=1, progress=False,
-                  device="cpu", **lora)
+                  device="cpu", grad_checkpoint=row.endswith("grad checkpoint"), **lora)
     if profile:
         return profile_zoo(kwargs, [str(text_file(folder))], out)
     zoo.train(None, [str(text_file(folder))], out, **kwargs)
@@ -157,10 +160,11 @@ def main():
                                                                   results["transformers + peft LoRA"]))
         print(f"\nzoo LoRA / transformers + peft, same round: tokens/s {ratios[0]:.2f}-{ratios[-1]:.2f}x, "
               f"peak memory {mems[0]:.2f}-{mems[-1]:.2f}x (goals: >= 1.5x, <= 1x)")
-    if "zoo LoRA over int8" in results and "zoo full fine-tune" in results:
-        mems = sorted(q["peak_mb"] / f["peak_mb"] for q, f in zip(results["zoo LoRA over int8"],
-                                                                  results["zoo full fine-tune"]))
-        print(f"LoRA over int8 / full fine-tune peak memory: {mems[0]:.2f}-{mems[-1]:.2f}x (goal: <= 0.6x)")
+    for q, f in [("zoo LoRA over int8", "zoo full fine-tune"), ("zoo LoRA over int8, grad checkpoint",
+                 "zoo full fine-tune, grad checkpoint"), ("zoo LoRA over int8, grad checkpoint", "zoo full fine-tune")]:
+        if q in results and f in results:
+            mems = sorted(a["peak_mb"] / b["peak_mb"] for a, b in zip(results[q], results[f]))
+            print(f"{q} / {f} peak memory: {mems[0]:.2f}-{mems[-1]:.2f}x (goal: <= 0.6x)")
 
 
 if __name__ == "__main__":

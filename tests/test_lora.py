@@ -181,6 +181,28 @@ def test_lora_over_int8_keeps_the_base_int8_and_frozen():
     assert (merged.float() - unmerged.float()).abs().max() <= 0.05 * unmerged.float().abs().max()  # bf16 matmuls
 
 
+
+def test_lora_over_int8_with_activation_checkpointing_gives_the_same_gradients():
+    """QLoRA's recipe recomputes each block in the backward pass (what keeps its memory low); the adapters'
+    gradients must not change, the int8 layers' own backward included."""
+    from zoo.distributed import checkpoint_blocks
+    grads = []
+    for ckpt in (False, True):
+        model = randomize_adapters(zoo.add_lora(adapters.quantize_int8(tiny("llama")), r=4))
+        if ckpt:
+            checkpoint_blocks(model)
+        model.train()
+        idx = tokens(seed=4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(idx).float().flatten(0, 1), idx.flatten())
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * 2 * 4  # 2 layers x (qkv, o, gate|up, down)
+    for name, g in grads[0].items():
+        assert g.abs().sum() > 0, name
+        torch.testing.assert_close(grads[1][name], g, rtol=0, atol=0, msg=name)
+
+
 @pytest.fixture
 def hf_base(request, tmp_path):
     model = hf_model(request.param)

@@ -35,10 +35,9 @@ import threading
 
 import torch
 
-from .generation import compiled_step, decode_layout
+from .generation import TextStream, compiled_step, decode_layout
 from .progress import log
 from .sampling import SamplingConfig, next_tokens, penalize_repetition
-from .tokenizers import StreamDecoder
 
 
 class RequestError(ValueError):
@@ -62,38 +61,6 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
-
-
-class TextStream:
-    """A request's new tokens as text pieces, as they come: never splitting a UTF-8 character, holding back
-    a tail that could begin a stop string, and ending before the first stop string (push returns
-    stopped=True); joined, the pieces equal zoo.complete's text for the same tokens and stops."""
-
-    def __init__(self, tokenizer, stops=()):
-        self.decoder, self.stops = StreamDecoder(tokenizer), [s for s in stops if s]
-        self.text, self.sent = "", 0
-
-    def _first_stop(self):
-        return min((i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0), default=-1)
-
-    def push(self, token):
-        """(the next piece, whether a stop string ended the text)"""
-        self.text += self.decoder.push(token)
-        if (cut := self._first_stop()) >= 0:
-            piece, self.sent = self.text[self.sent:cut], cut
-            return piece, True
-        held = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
-        piece = self.text[self.sent:max(self.sent, len(self.text) - held)]
-        self.sent += len(piece)
-        return piece, False
-
-    def flush(self):
-        """The held-back rest, cut before a stop string: the last piece."""
-        self.text += self.decoder.flush()
-        cut = self._first_stop()
-        piece = self.text[self.sent:cut if cut >= 0 else None]
-        self.sent += len(piece)
-        return piece
 
 
 class Request:

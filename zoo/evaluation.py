@@ -12,6 +12,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from .scoring import rolling_windows
+
 
 def sources(source):
     """(label, path) pairs: a folder of step-* checkpoints gives one per checkpoint, in step order."""
@@ -31,22 +33,14 @@ def sliding_window_loss(model, tokens, window, stride, batch_size=4, device="cpu
     n = len(tokens)
     if n < 2:
         raise ValueError(f"the text has {n} token(s); at least 2 are needed to score one")
-    # (begin, end, number of targets) per window: a window scores the tokens after the previous end
-    spans, prev_end = [], 0
-    for begin in range(0, n, stride):
-        end = min(begin + window, n)
-        spans.append((begin, end, end - prev_end))
-        prev_end = end
-        if end == n:
-            break
+    spans = rolling_windows(n, window, stride)  # (begin, end, number of targets) per window
     total, count, i = torch.zeros((), dtype=torch.float64), 0, 0
     while i < len(spans):  # batches of equal-length windows (only the last window can be shorter)
         group = [s for s in spans[i:i + batch_size] if s[1] - s[0] == spans[i][1] - spans[i][0]]
         i += len(group)
         x = torch.stack([tokens[b:e] for b, e, _ in group]).to(device)
         logits = model(x).float()
-        for row, (b, e, k) in enumerate(group):
-            k = min(k, e - b - 1)  # the very first token has no context and is not scored
+        for row, (_, _, k) in enumerate(group):
             total += F.cross_entropy(logits[row, -k - 1:-1], x[row, -k:], reduction="sum").double().cpu()
             count += k
     return (total / count).item()

@@ -19,6 +19,7 @@ import time
 import torch
 
 from .sampling import SamplingConfig, next_tokens, penalize_repetition
+from .tokenizers import StreamDecoder
 
 # ---------------------------------------------------------------------------------------------------------
 # The batch and its cache
@@ -346,23 +347,47 @@ def _timed(steps, stats, prompt_tokens):
 
 
 def _text_stream(tokenizer, tokens, eos, stops):
-    """Decode token ids to text pieces as they come, holding back a tail that could begin a stop string,
-    and end before the first stop string."""
-    from .tokenizers import StreamDecoder
-    decoder, text, sent = StreamDecoder(tokenizer), "", 0
-    first_stop = lambda: min((i for i in (text.find(s, sent) for s in stops) if i >= 0), default=-1)  # noqa: E731
+    """Decode token ids to text pieces as they come (see TextStream); end-of-sequence ids are not text."""
+    stream = TextStream(tokenizer, stops)
     for token in tokens:
         if token in eos:
             continue
-        text += decoder.push(token)
-        if (cut := first_stop()) >= 0:
-            yield text[sent:cut]
+        piece, stopped = stream.push(token)
+        if piece:
+            yield piece
+        if stopped:
             return
-        held = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        if len(text) - held > sent:
-            yield text[sent:len(text) - held]
-            sent = len(text) - held
-    text += decoder.flush()
-    cut = first_stop()
-    if text[sent:cut if cut >= 0 else None]:
-        yield text[sent:cut if cut >= 0 else None]
+    if piece := stream.flush():
+        yield piece
+
+
+class TextStream:
+    """A request's new tokens as text pieces, as they come: never splitting a UTF-8 character, holding back
+    a tail that could begin a stop string, and ending before the first stop string (push returns
+    stopped=True); joined, the pieces equal zoo.complete's text for the same tokens and stops."""
+
+    def __init__(self, tokenizer, stops=()):
+        self.decoder, self.stops = StreamDecoder(tokenizer), [s for s in stops if s]
+        self.text, self.sent = "", 0
+
+    def _first_stop(self):
+        return min((i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0), default=-1)
+
+    def push(self, token):
+        """(the next piece, whether a stop string ended the text)"""
+        self.text += self.decoder.push(token)
+        if (cut := self._first_stop()) >= 0:
+            piece, self.sent = self.text[self.sent:cut], cut
+            return piece, True
+        held = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        piece = self.text[self.sent:max(self.sent, len(self.text) - held)]
+        self.sent += len(piece)
+        return piece, False
+
+    def flush(self):
+        """The held-back rest, cut before a stop string: the last piece."""
+        self.text += self.decoder.flush()
+        cut = self._first_stop()
+        piece = self.text[self.sent:cut if cut >= 0 else None]
+        self.sent += len(piece)
+        return piece

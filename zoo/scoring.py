@@ -168,8 +168,9 @@ def score(model, pairs, *, batch_size=None):
 
 
 def rolling_windows(n, window, stride):
-    """(begin, end, number of scored tokens) of each window over n tokens: `zoo eval`'s sliding windows
-    (evaluation.sliding_window_loss), each scoring the tokens no earlier window scored."""
+    """(begin, end, number of scored tokens) of each window over n tokens, for score_rolling and `zoo eval`'s
+    evaluation.sliding_window_loss: each window scores the tokens no earlier window scored (the very first
+    token, which has no context, none)."""
     spans, prev_end = [], 0
     for begin in range(0, n, stride):
         end = min(begin + window, n)
