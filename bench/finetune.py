@@ -19,6 +19,7 @@ peak memory of zoo's full fine-tune (printed for the same settings and against t
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -54,7 +55,7 @@ def child_zoo(row, base, folder, steps, profile):
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
     before = rss_mb("VmRSS")
     lora = {} if "full" in row else dict(lora_r=R, lora_alpha=ALPHA, lora_int8="int8" in row)
-    out = Path(folder) / row.replace(" ", "-").replace(",", "")
+    out = Path(tempfile.mkdtemp(dir=folder, prefix=row.replace(" ", "-").replace(",", "") + "-"))
     kwargs = dict(init=base, batch_size=B, block_size=T, bf16=True, max_iters=steps + 1, log_interval=1,
                   eval_interval=10 ** 6, eval_iters=1, checkpoint_interval=10 ** 6, warmup=1, progress=False,
                   device="cpu", grad_checkpoint=row.endswith("grad checkpoint"), **lora)
@@ -62,6 +63,7 @@ def child_zoo(row, base, folder, steps, profile):
         return profile_zoo(kwargs, [str(text_file(folder))], out)
     zoo.train(None, [str(text_file(folder))], out, **kwargs)
     rows = [json.loads(line) for line in open(out / "log.jsonl")]
+    shutil.rmtree(out)  # its final checkpoint: up to 0.5 GB a row
     tok_s = [r["tok_per_s"] for r in rows if "tok_per_s" in r][1:]  # after the first step's warm-up
     return dict(tok_s=statistics.median(tok_s), peak_mb=rss_mb("VmHWM") - before)
 

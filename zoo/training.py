@@ -504,8 +504,9 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
                 x, y = train_data.batch(index[dist.rank * local_accum + micro], s.device)
                 sync = micro == local_accum - 1 or dist.world == 1
                 with gradient_sync(net, model, sync, s.fsdp), forward_context(s):
-                    logits = net(x)
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=data.IGNORE,
+                    # one expression: the logits ([B, T, vocab], the step's largest tensor) are freed once the
+                    # loss has its log-softmax, instead of living through the backward pass
+                    loss = F.cross_entropy(net(x).float().flatten(0, 1), y.flatten(), ignore_index=data.IGNORE,
                                            label_smoothing=s.label_smoothing) / s.grad_accum * dist.world
                 loss.backward()
                 loss_sum += loss.detach()  # no host sync here: the value is read at log steps only
