@@ -13,12 +13,14 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from conftest import tiny as tiny_model
 from safetensors.torch import load_file
 
 import zoo
 import zoo.registry
 from zoo import data
 from zoo import training as zt
+from zoo.loss import HeadLoss
 from zoo.tokenizers import CharTokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -197,6 +199,44 @@ def test_scratchformer_trains_with_its_recipe(tmp_path, text_file, gpt2_bpe):
     rows = [json.loads(line) for line in open(tmp_path / "o" / "log.jsonl")]
     assert [r["lr"] for r in rows if "lr" in r] == pytest.approx([32 ** -0.5 * t * 4000 ** -1.5 for t in (1, 2, 3)])
     assert zoo.tokenizer(str(tmp_path / "o" / "step-0000003")).vocab_size == 50257
+
+
+@pytest.mark.parametrize("name", ["bigram", "scratchformer", "gpt2", "llama-gqa", "mqa"])
+@pytest.mark.parametrize("mode", ["fp32", "bf16", "lora-int8"])
+def test_chunked_head_loss_equals_the_logits_loss(name, mode):
+    """zoo/loss.py computes the loss and its gradients a chunk of positions at a time, in the forward pass;
+    the loss and every gradient must equal F.cross_entropy over the whole logits (label smoothing and
+    ignored targets included), for full fine-tuning (a tied head too) and LoRA over an int8 base."""
+    if mode == "lora-int8" and name == "bigram":
+        pytest.skip("the bigram has no linear layer to adapt")
+    x = torch.randint(0, 37, (3, 20), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 37, (3, 20), generator=torch.Generator().manual_seed(2))
+    y[0, :5] = y[2, 7] = data.IGNORE
+    results = []
+    for fused in (False, True):
+        model = tiny_model(name, std=0.3).train()
+        if mode == "lora-int8":
+            model = zoo.add_lora(zoo.adapters.quantize_int8(model), r=4)
+            for n, p in model.named_parameters():  # B starts at zero: give the adapters something to say
+                if "lora_B" in n:
+                    torch.nn.init.normal_(p, std=0.3, generator=torch.Generator().manual_seed(3))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode != "fp32"):
+            if fused:
+                loss = HeadLoss(model, label_smoothing=0.1, chunk=7)(model, x, y)  # 60 positions: 9 chunks
+            else:
+                loss = torch.nn.functional.cross_entropy(model(x).float().flatten(0, 1), y.flatten(),
+                                                         ignore_index=data.IGNORE, label_smoothing=0.1)
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.item(), grads))
+        assert model(x).shape == (3, 20, 37)  # outside a loss call the head gives logits again
+    (plain, plain_grads), (fused, fused_grads) = results
+    assert fused == pytest.approx(plain, rel=1e-6 if mode == "fp32" else 1e-3)
+    assert fused_grads.keys() == plain_grads.keys() and plain_grads
+    for n, g in plain_grads.items():
+        assert g.abs().sum() > 0, n
+        tol = dict(rtol=1e-5, atol=1e-6) if mode == "fp32" else dict(rtol=0.05, atol=0.02 * g.abs().max().item())
+        torch.testing.assert_close(fused_grads[n], g, msg=n, **tol)
 
 
 def test_weight_decay_only_on_matrices():

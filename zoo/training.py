@@ -28,6 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from . import adapters, chat_data, data, masking
 from .distributed import (Distributed, checkpoint_blocks, full_state, gradient_sync, load_optimizer_state, shard,
                           wrap)
+from .loss import HeadLoss
 from .progress import bar as progress_bar
 from .progress import log as note
 from .registry import arch_of, build, get_preset
@@ -482,6 +483,7 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
         set_rng_states(state["rng"])
         if dist.rank:
             torch.manual_seed(s.seed + dist.rank + step)
+    loss_of = HeadLoss(model, s.label_smoothing)  # the loss through the output layer in chunks (zoo/loss.py)
     net = wrap(model, s, dist.world)
     eval_at = val_data.fixed(s.eval_iters * s.batch_size)
     d_model = getattr(cfg, "n_embd", cfg.vocab_size)
@@ -504,10 +506,7 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
                 x, y = train_data.batch(index[dist.rank * local_accum + micro], s.device)
                 sync = micro == local_accum - 1 or dist.world == 1
                 with gradient_sync(net, model, sync, s.fsdp), forward_context(s):
-                    # one expression: the logits ([B, T, vocab], the step's largest tensor) are freed once the
-                    # loss has its log-softmax, instead of living through the backward pass
-                    loss = F.cross_entropy(net(x).float().flatten(0, 1), y.flatten(), ignore_index=data.IGNORE,
-                                           label_smoothing=s.label_smoothing) / s.grad_accum * dist.world
+                    loss = loss_of(net, x, y) / s.grad_accum * dist.world
                 loss.backward()
                 loss_sum += loss.detach()  # no host sync here: the value is read at log steps only
             if s.grad_clip:
