@@ -11,8 +11,9 @@ Liger-Kernel's fused linear cross-entropy). One chunk's logits exist at a time, 
 recomputed; the backward pass only scales the gradients already computed. Same loss and gradients as
 F.cross_entropy(head(hidden).float(), targets) (the chunks' sums added in another order: a test).
 
-    loss_fn = HeadLoss(model, label_smoothing=0.0)    # once, before wrapping (DDP, torch.compile)
-    loss = loss_fn(net, x, y)                          # mean over the targets that are not IGNORE
+    loss_fn = HeadLoss(model)                  # once, before wrapping (DDP, torch.compile)
+    loss = loss_fn(net, x, y)                  # mean over the targets that are not IGNORE
+    total = loss_fn(model, x, y, reduction="sum", label_smoothing=0.1)   # F.cross_entropy's options
 
 The output layer keeps its name and weights (its forward is replaced on the instance, as
 distributed.checkpoint_blocks replaces the blocks'); outside `loss_fn(...)` it returns logits as before.
@@ -40,7 +41,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for i in range(0, hidden.shape[0], chunk):
             h = hidden[i:i + chunk].detach().requires_grad_(want_hidden)
-            with torch.enable_grad():
+            with torch.set_grad_enabled(want_hidden or bool(wanted)):  # (a Function's forward runs without)
                 logits = head(h)  # [chunk, V], in the dtype the model computes in
                 loss = F.cross_entropy(logits.float(), targets[i:i + chunk], ignore_index=IGNORE,
                                        reduction="sum", label_smoothing=label_smoothing)
@@ -67,9 +68,9 @@ class HeadLoss:
     """The mean cross-entropy of a model's output against targets, through its `lm_head` in chunks (see the
     module's docstring); a model without one (the bigram) gets F.cross_entropy of its logits."""
 
-    def __init__(self, model, label_smoothing=0.0, chunk=CHUNK):
-        self.label_smoothing, self.chunk = label_smoothing, chunk
-        self.targets = None
+    def __init__(self, model, chunk=CHUNK):
+        self.chunk = chunk
+        self.targets = self.label_smoothing = self.reduction = None
         self.head = getattr(model, "lm_head", None)
         if isinstance(self.head, nn.Module):
             self.head.forward = self._forward(self.head.forward)
@@ -83,15 +84,18 @@ class HeadLoss:
                 return logits_of(hidden)
             total = _HeadCrossEntropy.apply(hidden.flatten(0, -2), self.targets, logits_of, self.label_smoothing,
                                             self.chunk, *self.head.parameters())
-            return total / (self.targets != IGNORE).sum()
+            return total / (self.targets != IGNORE).sum() if self.reduction == "mean" else total
         return forward
 
-    def __call__(self, net, x, y):
-        """net(x)'s mean loss against y [B, T] (net: the model, or DDP / torch.compile around it)."""
+    def __call__(self, net, x, y, label_smoothing=0.0, reduction="mean"):
+        """net(x)'s loss against y [B, T] (net: the model, or DDP / torch.compile around it): the mean over
+        the targets that are not IGNORE, or their sum."""
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
         if self.head is None:
             return F.cross_entropy(net(x).float().flatten(0, 1), y.flatten(), ignore_index=IGNORE,
-                                   label_smoothing=self.label_smoothing)
-        self.targets = y.flatten()
+                                   reduction=reduction, label_smoothing=label_smoothing)
+        self.targets, self.label_smoothing, self.reduction = y.flatten(), label_smoothing, reduction
         try:
             return net(x)
         finally:

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import adapters, chat_data, data, masking
@@ -331,17 +330,15 @@ def forward_context(s):
 
 
 @torch.no_grad()
-def evaluate(model, val, s, index):
+def evaluate(model, val, s, index, loss_of):
     """Mean loss per counted target over the validation examples `index` names (the same ones every time,
-    so evaluations compare)."""
+    so evaluations compare); loss_of: the run's HeadLoss."""
     model.eval()
     total, count = torch.zeros((), device=s.device), torch.zeros((), device=s.device)
     for i in range(0, len(index), s.batch_size):
         x, y = val.batch(index[i:i + s.batch_size], s.device)
         with forward_context(s):
-            logits = model(x)
-        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=data.IGNORE,
-                                 reduction="sum")
+            total += loss_of(model, x, y, reduction="sum")
         count += (y != data.IGNORE).sum()
     model.train()
     return total.item() / count.item()
@@ -483,7 +480,7 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
         set_rng_states(state["rng"])
         if dist.rank:
             torch.manual_seed(s.seed + dist.rank + step)
-    loss_of = HeadLoss(model, s.label_smoothing)  # the loss through the output layer in chunks (zoo/loss.py)
+    loss_of = HeadLoss(model)  # the loss through the output layer in chunks (zoo/loss.py)
     net = wrap(model, s, dist.world)
     eval_at = val_data.fixed(s.eval_iters * s.batch_size)
     d_model = getattr(cfg, "n_embd", cfg.vocab_size)
@@ -506,7 +503,7 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
                 x, y = train_data.batch(index[dist.rank * local_accum + micro], s.device)
                 sync = micro == local_accum - 1 or dist.world == 1
                 with gradient_sync(net, model, sync, s.fsdp), forward_context(s):
-                    loss = loss_of(net, x, y) / s.grad_accum * dist.world
+                    loss = loss_of(net, x, y, s.label_smoothing) / s.grad_accum * dist.world
                 loss.backward()
                 loss_sum += loss.detach()  # no host sync here: the value is read at log steps only
             if s.grad_clip:
@@ -542,7 +539,7 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
             last = step >= horizon
             if (master or s.fsdp) and (step % s.eval_interval == 0 or last):  # FSDP: every rank gathers
                 t = time.time()
-                val_loss, last_val_step = evaluate(model, val_data, s, eval_at), step
+                val_loss, last_val_step = evaluate(model, val_data, s, eval_at, loss_of), step
                 if master:
                     log.write(step=step, val_loss=round(val_loss, 4))
                     note.info("step %d: val_loss %.4f", step, val_loss)
@@ -556,7 +553,7 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
                 if timer:
                     timer.checkpoint_seconds = time.time() - t
         if (master or s.fsdp) and last_val_step != step:  # resumed at the very end: nothing left to train
-            val_loss = evaluate(model, val_data, s, eval_at)
+            val_loss = evaluate(model, val_data, s, eval_at, loss_of)
     finally:
         if bar is not None:
             bar.close()
