@@ -140,7 +140,11 @@ def _read(name, src, where, shapes=None):
         allowed = [derive(a) for a in allowed]
         need(src.get(key) in allowed, f"{key}={_show(src.get(key))} (expected {_either(allowed)})")
     if m.get("hook"):
-        HOOKS[m["hook"]](src, ours, need=need, shapes=shapes)
+        try:
+            HOOKS[m["hook"]](src, ours, need=need, shapes=shapes)
+        except KeyError as e:  # a tensor the hook reads is missing (a damaged name, say)
+            raise ValueError(f"{where}: no {e.args[0]!r} tensor, which weights_maps/{name}.json needs; the file "
+                             "is damaged or incomplete") from None
     return ours
 
 
