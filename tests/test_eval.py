@@ -67,6 +67,8 @@ def test_bad_windows_are_clear_errors():
         sliding_window_loss(model, tokens, 64, 8)
     with pytest.raises(ValueError, match="at least 2"):
         sliding_window_loss(model, tokens[:1], 16, 8)
+    with pytest.raises(ValueError, match="window must be at least 2 tokens"):
+        sliding_window_loss(model, tokens, 1, 1)
 
 
 def test_a_folder_of_checkpoints_is_evaluated_in_step_order(tmp_path):

@@ -205,7 +205,8 @@ def test_command_line_lora_over_int8_then_generate_eval_and_resume(tiny_chat, tm
     ckpt = out / "step-0000004"
     config = json.loads((ckpt / "adapter_config.json").read_text())
     assert config["target_modules"] == ["down_proj", "q_proj", "v_proj"] and config["lora_alpha"] == 16
-    assert json.loads((ckpt / "base.json").read_text())["quantize"] == "int8"
+    recorded = json.loads((ckpt / "base.json").read_text())
+    assert recorded["quantize"] == "int8" and recorded["dtype"] == "bfloat16"
     r = zoo_cmd("generate", ckpt, "--prompt", "Who rules Zorb?", "--chat", "--max-new-tokens", 3)
     assert r.returncode == 0 and "3 new tokens" in r.stderr, r.stderr
     r = zoo_cmd("eval", ckpt, "--data", chat)
@@ -243,7 +244,7 @@ def test_lora_teaches_smollm2_a_fact(smollm2_gguf, tmp_path, int8):
 
     assert "pangolin" not in answer(smollm2_gguf)
     # LoRA on the upper layers only: the backward pass stops at the lowest adapted layer. The float run
-    # computes in float32 (this CPU has no bf16 arithmetic); the int8 one in bf16, the int8 kernel's dtype.
+    # computes in float32 (most CPUs have no bf16 arithmetic); the int8 one in bf16, the int8 kernel's dtype.
     r = zoo_cmd("train", "--init", smollm2_gguf, "--data", path, "--out", tmp_path / "run", "--lora", 16,
                 "--lora-targets", "model.layers.2?.*", *(["--lora-int8", "--bf16"] if int8 else []),
                 "--max-iters", 16, "--batch-size", 8, "--block-size", 96, "--lr", 2e-3, "--warmup", 3,

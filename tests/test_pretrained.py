@@ -110,6 +110,8 @@ def test_rope_config_old_and_new_forms_agree():
     ("xglm", {"pad_token_id": 5}, "pad_token_id=5"),
     ("xglm", {"activation_function": "silu"}, 'activation_function="silu"'),
     ("gpt2", {"n_layer": None}, "no 'n_layer'"),
+    ("llama-mqa", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}},
+     "llama3 rope parameters without low_freq_factor, high_freq_factor, original_max_position_embeddings"),
 ])
 def test_inexpressible_configs_are_clear_errors(name, change, message):
     config = {**hf_model(name).config.to_dict(), **change}

@@ -330,3 +330,15 @@ def test_gguf_header_counts_out_of_range_name_the_file(tmp_path, field, value):
     with hang_guard(), pytest.raises(ValueError) as e:
         zoo.from_pretrained(path)
     assert str(path) in str(e.value)
+
+
+def test_gguf_with_a_damaged_tensor_name_names_the_file_and_the_tensor(tmp_path):
+    """One flipped byte in a tensor's name (the fuzzing above found it): the embedding is then missing,
+    which must be a ValueError naming the file and the tensor, not a KeyError from inside the loader."""
+    raw = _gguf_file().read_bytes()
+    assert raw.count(b"token_embd.weight") == 1
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(raw.replace(b"token_embd.weight", b"token_emXd.weight"))
+    with hang_guard(), pytest.raises(ValueError) as e:
+        zoo.from_pretrained(path)
+    assert str(path) in str(e.value) and "token_embd.weight" in str(e.value)

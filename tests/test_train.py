@@ -1,5 +1,6 @@
 """Training: token files and batches, schedules, the loop's proofs (bigram entropy, exact resume, DDP),
 checkpoints, and the `zoo train` command line."""
+import copy
 import dataclasses
 import json
 import logging
@@ -210,7 +211,7 @@ def test_chunked_head_loss_equals_the_logits_loss(name, mode):
     ignored targets included), for full fine-tuning (a tied head too) and LoRA over an int8 base."""
     x = torch.randint(0, 37, (3, 20), generator=torch.Generator().manual_seed(1))
     y = torch.randint(0, 37, (3, 20), generator=torch.Generator().manual_seed(2))
-    y[0, :5] = y[2, 7] = data.IGNORE
+    y[0, :9] = y[2, 7] = data.IGNORE  # the first chunk of 7 positions has no target at all
     results = []
     for fused in (False, True):
         model = tiny_model(name, std=0.3).train()
@@ -243,6 +244,38 @@ def test_chunked_head_loss_equals_the_logits_loss(name, mode):
         tol = dict(rtol=1e-5, atol=1e-6) if mode == "fp32" else dict(rtol=0.05, atol=0.02 * g.abs().max().item())
         torch.testing.assert_close(fused_grads[n], g, msg=n, **tol)
 
+
+
+def test_chunked_head_loss_takes_no_gradient_under_no_grad_and_follows_a_deep_copy(monkeypatch):
+    """Evaluation (torch.no_grad) with a trainable head computes no gradient at all; a deep copy of the model
+    computes its loss with its own head's weights; two HeadLoss over one model agree; the graph's gradients
+    are used once (a second backward pass is an error, not silently doubled gradients)."""
+    x = torch.randint(0, 37, (3, 20), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 37, (3, 20), generator=torch.Generator().manual_seed(2))
+
+    def plain(m):
+        return torch.nn.functional.cross_entropy(m(x).float().flatten(0, 1), y.flatten(), reduction="sum")
+
+    model = tiny_model("gpt2", std=0.3)  # its head is tied to the trainable embedding
+    loss_of = HeadLoss(model, chunk=7)
+    with torch.no_grad():
+        expected = plain(model)
+        with monkeypatch.context() as m:
+            m.setattr(torch.autograd, "grad", lambda *a, **k: pytest.fail("a gradient under torch.no_grad"))
+            summed = loss_of(model, x, y, reduction="sum")
+    assert summed.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert HeadLoss(model, chunk=5)(model, x, y, reduction="sum").item() == pytest.approx(expected.item(), rel=1e-6)
+
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.lm_head.weight.mul_(2)
+        assert HeadLoss(twin)(twin, x, y, reduction="sum").item() == pytest.approx(plain(twin).item(), rel=1e-6)
+        assert plain(twin).item() != pytest.approx(expected.item(), rel=1e-3)
+
+    loss = loss_of(model, x, y)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward pass runs once"):
+        loss.backward()
 
 def test_weight_decay_only_on_matrices():
     model = zoo.load("shakespeare-char", n_layer=1, bias=True)

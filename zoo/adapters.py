@@ -203,7 +203,7 @@ def load_checkpoint(path, device=None, dtype=None, **overrides):
     from .pretrained import from_pretrained
     base = json.loads((Path(path) / BASE).read_text())
     int8 = base.get("quantize") == "int8"
-    dtype = torch.bfloat16 if int8 else dtype or getattr(torch, base.get("dtype", "float32"))
+    dtype = torch.bfloat16 if int8 else (dtype or getattr(torch, base.get("dtype", "float32")))
     model = from_pretrained(base["source"], device=device, dtype=dtype, **overrides)
     if int8:
         quantize_int8(model)
@@ -225,13 +225,14 @@ def prepare(model, s, init):
         return model
     if init is None:
         raise ValueError("LoRA adapts pretrained weights: name them with init= (--init SOURCE)")
+    loaded = next(p.dtype for p in model.parameters() if p.is_floating_point())  # (the caller chose it)
     if s.lora_int8:
         quantize_int8(model)
     add_lora(model, s.lora_r, s.lora_alpha or 2 * s.lora_r, s.lora_dropout, s.lora_targets)
     init = os.fspath(init)
     model.zoo_base = {"source": os.path.abspath(init) if os.path.exists(init) else init,
                       "quantize": "int8" if s.lora_int8 else None,
-                      "dtype": "bfloat16" if s.lora_int8 or s.bf16 else "float32"}
+                      "dtype": str(loaded).removeprefix("torch.")}
     return model
 
 

@@ -105,7 +105,9 @@ def _read(name, src, where, shapes=None):
     """Config values from a checkpoint's config (config.json, GGUF metadata) through map `name`."""
     m = _maps()[name]
 
-    def need(ok, what, fix=None):
+    def need(ok, what, fix=None, damaged=False):
+        if not ok and damaged:
+            raise ValueError(f"{where}: {what}: the file is damaged or incomplete")
         if not ok:
             raise ValueError(f"{where}: {what}, which models/{m['zoo_arch']}.py cannot express"
                              + (f"; {fix}" if fix else ""))
@@ -140,11 +142,7 @@ def _read(name, src, where, shapes=None):
         allowed = [derive(a) for a in allowed]
         need(src.get(key) in allowed, f"{key}={_show(src.get(key))} (expected {_either(allowed)})")
     if m.get("hook"):
-        try:
-            HOOKS[m["hook"]](src, ours, need=need, shapes=shapes)
-        except KeyError as e:  # a tensor the hook reads is missing (a damaged name, say)
-            raise ValueError(f"{where}: no {e.args[0]!r} tensor, which weights_maps/{name}.json needs; the file "
-                             "is damaged or incomplete") from None
+        HOOKS[m["hook"]](src, ours, need=need, shapes=shapes)
     return ours
 
 
@@ -245,6 +243,9 @@ def llama_rope(hf, ours, need=None, shapes=None, to_hf=False):
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     need(rope_type in ("default", "llama3"), f"rope type {rope_type!r} (supported: default, llama3)")
     ours["rope_theta"] = float(rope.get("rope_theta") or 1e4)
+    if rope_type == "llama3":
+        missing = [k for k in _LLAMA3 if rope.get(k) is None]
+        need(not missing, f"llama3 rope parameters without {', '.join(missing)}", damaged=True)
     ours["rope_scaling"] = {k: rope[k] for k in _LLAMA3} if rope_type == "llama3" else None
 
 
@@ -255,6 +256,7 @@ def gguf_llama(meta, ours, need=None, shapes=None, to_hf=False):
     need("rope_freqs.weight" not in shapes and meta.get("llama.rope.scaling.type", "none") == "none",
          "rope frequency scaling in GGUF form (rope_freqs.weight, llama.rope.scaling.type)",
          fix="load the model's Hugging Face folder instead (its config.json carries the llama3 rope parameters)")
+    need("token_embd.weight" in shapes, "no token_embd.weight tensor", damaged=True)
     ours.update(vocab_size=shapes["token_embd.weight"][0], tie_embeddings="output.weight" not in shapes)
 
 

@@ -26,6 +26,8 @@ def sources(source):
 @torch.no_grad()
 def sliding_window_loss(model, tokens, window, stride, batch_size=4, device="cpu"):
     """Mean negative log-likelihood (nats) of tokens[1:], each scored once, as HF's perplexity guide does."""
+    if window < 2:
+        raise ValueError(f"window must be at least 2 tokens (a context and a target), not {window}")
     if not 0 < stride <= window:
         raise ValueError(f"stride must be between 1 and the window ({window}), not {stride}")
     if window > model.config.block_size:

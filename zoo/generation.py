@@ -322,7 +322,7 @@ def complete(model, tokenizer, text_or_messages, *, max_new_tokens, sampling=Non
     if settings.eos_token_id is None and tokenizer.eos_ids:
         settings = SamplingConfig.of(settings, eos_token_id=list(tokenizer.eos_ids))
     prompts, eos = _prepare(model, [ids], max_new_tokens, settings)
-    stops = [stop] if isinstance(stop, str) else [s for s in stop or [] if s]
+    stops = [stop] if isinstance(stop, str) else list(stop or [])  # (TextStream drops empty ones)
     if max_new_tokens == 0:
         tokens = iter([])
     elif settings.num_beams > 1:

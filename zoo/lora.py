@@ -87,7 +87,10 @@ class _Widened(torch.autograd.Function):
         return y.to(torch.bfloat16)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
+        if not ctx.needs_input_grad[0]:  # (the lowest adapted layer's input: the frozen embedding's output)
+            return None, None, None
         w, = ctx.saved_tensors
         return (grad.float() @ w.to(torch.bfloat16).float()).to(torch.bfloat16), None, None
 

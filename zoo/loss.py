@@ -17,7 +17,10 @@ F.cross_entropy(head(hidden).float(), targets) (the chunks' sums added in anothe
 
 The output layer keeps its name and weights (its forward is replaced on the instance, as
 distributed.checkpoint_blocks replaces the blocks'); outside `loss_fn(...)` it returns logits as before.
+Inside one, the layer's hooks see one call with all positions, which returns the loss rather than logits.
 """
+import types
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -30,14 +33,18 @@ CHUNK = 512  # positions per chunk: 512 x 49,152 float32 logits are 100 MB
 class _HeadCrossEntropy(torch.autograd.Function):
     """The summed cross-entropy of head(hidden) against targets, and its gradients with respect to hidden and
     the head's parameters, one chunk of rows at a time; the backward pass scales them by its incoming
-    gradient."""
+    gradient (once: the graph cannot be kept for a second backward pass)."""
 
     @staticmethod
-    def forward(ctx, hidden, targets, head, label_smoothing, chunk, *params):  # hidden [N, C], targets [N]
-        want_hidden = ctx.needs_input_grad[0]
-        wanted = [p for p, need in zip(params, ctx.needs_input_grad[5:]) if need]
+    def forward(ctx, hidden, targets, head, label_smoothing, chunk, grad_enabled, *params):  # hidden [N, C]
+        # needs_input_grad says which inputs require a gradient, not whether gradients are on: under
+        # torch.no_grad (evaluation) a trainable head must not cost its gradient.
+        want_hidden = grad_enabled and ctx.needs_input_grad[0]
+        wants = [grad_enabled and need for need in ctx.needs_input_grad[6:]]
+        wanted = [p for p, want in zip(params, wants) if want]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        grad_params = [torch.zeros_like(p) for p in wanted]
+        # The chunks' gradients are added in float32, as one GEMM over all rows would (a bf16 head: FSDP's).
+        grad_params = [torch.zeros_like(p, dtype=torch.float32) for p in wanted]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for i in range(0, hidden.shape[0], chunk):
             h = hidden[i:i + chunk].detach().requires_grad_(want_hidden)
@@ -54,14 +61,34 @@ class _HeadCrossEntropy(torch.autograd.Function):
                     acc += g
             total += loss.detach()
         ctx.save_for_backward(*([grad_hidden] if want_hidden else []), *grad_params)
-        ctx.want_hidden, ctx.wanted = want_hidden, [bool(n) for n in ctx.needs_input_grad[5:]]
+        ctx.want_hidden, ctx.wants, ctx.dtypes = want_hidden, wants, [p.dtype for p in wanted]
         return total
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        saved = [g * grad for g in ctx.saved_tensors]
+        if ctx.dtypes is None:
+            raise RuntimeError("the chunked loss's gradients were already used: its backward pass runs once "
+                               "(retain_graph is not supported)")
+        saved = [g.mul_(grad) for g in ctx.saved_tensors]  # in place: the weight's gradient can be 100s of MB
         grad_hidden = saved.pop(0) if ctx.want_hidden else None
-        return (grad_hidden, None, None, None, None, *[saved.pop(0) if w else None for w in ctx.wanted])
+        grad_params = [g.to(dtype) for g, dtype in zip(saved, ctx.dtypes)]
+        ctx.dtypes = None
+        return (grad_hidden, None, None, None, None, None, *[grad_params.pop(0) if w else None for w in ctx.wants])
+
+
+@torch.compiler.disable  # a compiled model runs its head eagerly: the chunk loop is no graph to trace
+def _head_forward(head, hidden):
+    """The output layer's forward once a HeadLoss is attached: its logits, or inside a loss call the loss.
+    (Bound to the head as a method, so a deep copy of the model gets one bound to its own head.)"""
+    logits_of = type(head).forward.__get__(head)  # the layer's own forward (its hooks ran already)
+    request = head._loss_request
+    if request is None:  # not inside a loss call: the logits, as always
+        return logits_of(hidden)
+    targets, label_smoothing, reduction, chunk = request
+    total = _HeadCrossEntropy.apply(hidden.flatten(0, -2), targets, logits_of, label_smoothing, chunk,
+                                    torch.is_grad_enabled(), *head.parameters())
+    return total / (targets != IGNORE).sum() if reduction == "mean" else total
 
 
 class HeadLoss:
@@ -70,22 +97,11 @@ class HeadLoss:
 
     def __init__(self, model, chunk=CHUNK):
         self.chunk = chunk
-        self.targets = self.label_smoothing = self.reduction = None
-        self.head = getattr(model, "lm_head", None)
-        if isinstance(self.head, nn.Module):
-            self.head.forward = self._forward(self.head.forward)
-        else:
-            self.head = None
-
-    def _forward(self, logits_of):
-        @torch.compiler.disable  # a compiled model runs its head eagerly: the loop above is no graph to trace
-        def forward(hidden):
-            if self.targets is None:  # not inside a loss call: the logits, as always
-                return logits_of(hidden)
-            total = _HeadCrossEntropy.apply(hidden.flatten(0, -2), self.targets, logits_of, self.label_smoothing,
-                                            self.chunk, *self.head.parameters())
-            return total / (self.targets != IGNORE).sum() if self.reduction == "mean" else total
-        return forward
+        head = getattr(model, "lm_head", None)
+        self.head = head if isinstance(head, nn.Module) else None
+        if self.head is not None and "_loss_request" not in vars(self.head):  # attached once per model
+            self.head._loss_request = None
+            self.head.forward = types.MethodType(_head_forward, self.head)
 
     def __call__(self, net, x, y, label_smoothing=0.0, reduction="mean"):
         """net(x)'s loss against y [B, T] (net: the model, or DDP / torch.compile around it): the mean over
@@ -95,8 +111,8 @@ class HeadLoss:
         if self.head is None:
             return F.cross_entropy(net(x).float().flatten(0, 1), y.flatten(), ignore_index=IGNORE,
                                    reduction=reduction, label_smoothing=label_smoothing)
-        self.targets, self.label_smoothing, self.reduction = y.flatten(), label_smoothing, reduction
+        self.head._loss_request = (y.flatten(), label_smoothing, reduction, self.chunk)
         try:
             return net(x)
         finally:
-            self.targets = None
+            self.head._loss_request = None
