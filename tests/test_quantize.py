@@ -204,11 +204,17 @@ def test_quantized_model_agrees_with_bf16(smollm2_gguf_path, passage, reference,
     assert agreement >= floor, agreement
 
 
+# A question whose answer's first token leads by ~1.4 nats (float32). "What is the capital of France?" leads by
+# 0.08, below the resolution of bf16 logits (0.125 from 16 to 32): a bf16 model's greedy answer to it then
+# depends on the CPU's kernels (an AMX CPU ties "L" and "The" and answers "L'Étoile, ...").
+QUESTION = "Name the capital of France."
+
+
 @pytest.mark.parametrize("mode", ["native", "int8", "int4"])
 def test_chat_answers_paris(smollm2_gguf, mode):
     model = zoo.from_pretrained(str(smollm2_gguf), quantize=mode)
     tok = zoo.tokenizer(str(smollm2_gguf))
-    answer = zoo.complete(model, tok, [{"role": "user", "content": "What is the capital of France?"}],
+    answer = zoo.complete(model, tok, [{"role": "user", "content": QUESTION}],
                           max_new_tokens=24, temperature=0)
     assert "Paris" in answer, answer
 
@@ -225,7 +231,7 @@ def test_cli_generate_quantize_native(smollm2_gguf):
     import subprocess
     import sys
     out = subprocess.run([sys.executable, "-m", "zoo", "generate", "--quantize", "native", "--chat", "--prompt",
-                          "What is the capital of France?", "--max-new-tokens", "20", "--device", "cpu"],
+                          QUESTION, "--max-new-tokens", "20", "--device", "cpu"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
