@@ -205,7 +205,8 @@ def test_scratchformer_trains_with_its_recipe(tmp_path, text_file, gpt2_bpe):
 @pytest.mark.parametrize("name,mode", [(n, m) for m in ("fp32", "bf16", "lora-int8") for n in
                                        ("bigram", "scratchformer", "gpt2", "llama-gqa", "mqa")
                                        if (n, m) != ("bigram", "lora-int8")])  # the bigram has no Linear to adapt
-def test_chunked_head_loss_equals_the_logits_loss(name, mode):
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_chunked_head_loss_equals_the_logits_loss(name, mode, smoothing):
     """zoo/loss.py computes the loss and its gradients a chunk of positions at a time, in the forward pass;
     the loss and every gradient must equal F.cross_entropy over the whole logits (label smoothing and
     ignored targets included), for full fine-tuning (a tied head too) and LoRA over an int8 base."""
@@ -222,18 +223,19 @@ def test_chunked_head_loss_equals_the_logits_loss(name, mode):
                     torch.nn.init.normal_(p, std=0.3, generator=torch.Generator().manual_seed(3))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode != "fp32"):
             if fused:
-                loss = HeadLoss(model, chunk=7)(model, x, y, label_smoothing=0.1)  # 60 positions: 9 chunks
+                loss = HeadLoss(model, chunk=7)(model, x, y, label_smoothing=smoothing)  # 60 positions: 9 chunks
             else:
                 loss = torch.nn.functional.cross_entropy(model(x).float().flatten(0, 1), y.flatten(),
-                                                         ignore_index=data.IGNORE, label_smoothing=0.1)
+                                                         ignore_index=data.IGNORE, label_smoothing=smoothing)
         loss.backward()
         grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
         results.append((loss.item(), grads))
         assert model(x).shape == (3, 20, 37)  # outside a loss call the head gives logits again
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode != "fp32"):  # evaluation
-            summed = HeadLoss(model, chunk=7)(model, x, y, reduction="sum") if fused else \
-                torch.nn.functional.cross_entropy(model(x).float().flatten(0, 1), y.flatten(),
-                                                  ignore_index=data.IGNORE, reduction="sum")
+            summed = HeadLoss(model, chunk=7)(model, x, y, reduction="sum", label_smoothing=smoothing) if fused \
+                else torch.nn.functional.cross_entropy(model(x).float().flatten(0, 1), y.flatten(),
+                                                       ignore_index=data.IGNORE, reduction="sum",
+                                                       label_smoothing=smoothing)
         results[-1] += (summed.item(),)
     (plain, plain_grads, plain_sum), (fused, fused_grads, fused_sum) = results
     assert fused == pytest.approx(plain, rel=1e-6 if mode == "fp32" else 1e-3)
@@ -383,14 +385,14 @@ def test_checkpoint_contents_load_with_weights_only(tmp_path, text_file):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, text_file, monkeypatch):
-    real = torch.nn.functional.cross_entropy
+    real = HeadLoss.__call__
     calls = []
 
     def poisoned(*a, **k):  # the training loss turns NaN from the 5th step on
         calls.append(1)
         loss = real(*a, **k)
         return loss * float("nan") if len(calls) > 4 and torch.is_grad_enabled() else loss
-    monkeypatch.setattr(torch.nn.functional, "cross_entropy", poisoned)
+    monkeypatch.setattr(HeadLoss, "__call__", poisoned)
     with pytest.raises(FloatingPointError, match="step-0000004"):
         tiny(tmp_path / "o", text_file, max_iters=10, checkpoint_interval=2, log_interval=1)
     assert sorted(os.listdir(tmp_path / "o")) == ["log.jsonl", "loss.png", "step-0000002", "step-0000004"]

@@ -30,6 +30,32 @@ from .data import IGNORE
 CHUNK = 512  # positions per chunk: 512 x 49,152 float32 logits are 100 MB
 
 
+def _cross_entropy(logits, targets, label_smoothing, want_grad):
+    """F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum", label_smoothing=...)
+    and, if wanted, its gradient with respect to the logits (in their dtype), written out: in place over one
+    float32 copy of the logits [n, V], where autograd's log-softmax and NLL would allocate four, and in as
+    few passes over it as the arithmetic allows (at 100 MB a chunk, each pass costs about 10 ms here)."""
+    eps = label_smoothing  # (PyTorch's: the target's (1 - eps) of the mass, the uniform's eps)
+    z = logits.to(torch.float32, copy=True)  # [n, V]
+    valid = targets != IGNORE  # [n]
+    target = targets.clamp(min=0)[:, None]  # [n, 1]
+    z.sub_(z.amax(-1, keepdim=True))  # logits - their max (the loss is the same; exp cannot overflow)
+    z_target = z.gather(1, target)[:, 0]  # [n]
+    z_mean = z.mean(-1) if eps else 0.0  # [n]
+    total = z.exp_().sum(-1)  # [n]; z is exp(z) from here
+    # -log p(target) = log sum exp z - z_target; smoothing mixes in the mean of -log p over the vocabulary
+    per_row = total.log() - (1 - eps) * z_target - eps * z_mean
+    loss = torch.where(valid, per_row, 0).sum()
+    if not want_grad:
+        return loss, None
+    # softmax - (1 - eps) onehot - eps / V; ignored rows all zero (divided by an infinite total)
+    grad = z.div_(torch.where(valid, total, torch.inf)[:, None])
+    grad.scatter_add_(1, target, torch.where(valid, eps - 1, 0.0)[:, None])
+    if eps:
+        grad.sub_(valid[:, None] * (eps / z.shape[-1]))
+    return loss, grad.to(logits.dtype)
+
+
 class _HeadCrossEntropy(torch.autograd.Function):
     """The summed cross-entropy of head(hidden) against targets, and its gradients with respect to hidden and
     the head's parameters, one chunk of rows at a time; the backward pass scales them by its incoming
@@ -48,13 +74,12 @@ class _HeadCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for i in range(0, hidden.shape[0], chunk):
             h = hidden[i:i + chunk].detach().requires_grad_(want_hidden)
-            with torch.set_grad_enabled(want_hidden or bool(wanted)):  # (a Function's forward runs without)
-                logits = head(h)  # [chunk, V], in the dtype the model computes in
-                loss = F.cross_entropy(logits.float(), targets[i:i + chunk], ignore_index=IGNORE,
-                                       reduction="sum", label_smoothing=label_smoothing)
             inputs = ([h] if want_hidden else []) + wanted
+            with torch.set_grad_enabled(bool(inputs)):  # (a Function's forward runs without)
+                logits = head(h)  # [chunk, V], in the dtype the model computes in
+            loss, grad_logits = _cross_entropy(logits.detach(), targets[i:i + chunk], label_smoothing, bool(inputs))
             if inputs:
-                grads = list(torch.autograd.grad(loss, inputs))
+                grads = list(torch.autograd.grad(logits, inputs, grad_logits))
                 if want_hidden:
                     grad_hidden[i:i + chunk] = grads.pop(0)
                 for acc, g in zip(grad_params, grads):
