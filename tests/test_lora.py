@@ -137,7 +137,12 @@ def test_targets_name_our_layers_or_the_checkpoints_projections():
         zoo.add_lora(zoo.add_lora(tiny("llama")))
 
 
-def test_int8_backward_is_the_dequantized_matmuls():
+@pytest.mark.parametrize("rows", [5, lora.GEMM_ROWS + 3], ids=["int8 kernel", "dequantized GEMM"])
+@pytest.mark.parametrize("native_bf16", [True, False], ids=["bf16 CPU", "float32 CPU"])
+def test_int8_backward_is_the_dequantized_matmuls(rows, native_bf16, monkeypatch):
+    """Both ways of computing an int8 layer (the kernel for a few rows, a dequantized copy's GEMM for many, in
+    bf16 or, on a CPU without bf16 arithmetic, float32), forward and backward, against float32 matmuls."""
+    monkeypatch.setattr(lora, "_native_bf16", lambda: native_bf16)
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48, bias=True)
     model = torch.nn.Sequential(linear)
@@ -145,13 +150,15 @@ def test_int8_backward_is_the_dequantized_matmuls():
     q = model[0]
     assert lora.is_int8(q)
     w = q.codes.float() * q.scales.float()[:, None]  # what the int8 layer computes with
-    x = torch.randn(5, 64, dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(rows, 64, dtype=torch.bfloat16, requires_grad=True)
     y = lora.int8_linear(q, x)
-    y.backward(torch.ones_like(y))
+    grad = torch.randn(rows, 48)
+    y.backward(grad.to(y.dtype))
     ref = x.detach().float().requires_grad_()
-    (ref @ w.t() + q.bias.float()).backward(torch.ones(5, 48))
-    assert torch.allclose(y.float(), ref @ w.t() + q.bias.float(), atol=0.1, rtol=0.02)
-    assert torch.allclose(x.grad.float(), ref.grad, atol=0.05, rtol=0.02)
+    (ref @ w.t() + q.bias.float()).backward(grad)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref @ w.t() + q.bias.float(), atol=0.005, rtol=0.008)  # bf16 rounding
+    torch.testing.assert_close(x.grad.float(), ref.grad, atol=0.005, rtol=0.008)
 
 
 def test_lora_over_int8_keeps_the_base_int8_and_frozen():

@@ -19,6 +19,7 @@ run through `int8_linear`, which torch's int8 kernel lacks: a backward to the in
 reaches the adapters below; the base itself gets none and is never dequantized for long.
 """
 import fnmatch
+import functools
 import math
 
 import torch
@@ -26,17 +27,32 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+GEMM_ROWS = 128  # from this many rows of x on, a dequantized copy's GEMM is faster than the int8 kernel
+
+
 def _int8_mm(x, codes, scales):
-    """x [M, K] @ (codes [N, K] * scales[:, None])^T in x's dtype. Torch's int8 kernel reads K in blocks
-    of 16 and crashes on other sizes (torch 2.13, CPU): those take a dequantized copy instead."""
-    if codes.shape[1] % 16 == 0:
+    """x [M, K] @ (codes [N, K] * scales[:, None])^T in x's dtype. Torch's int8 kernel reads each weight once,
+    as a decode step wants, but its time grows with M (about 15 us a row for a 1728 x 576 layer on 2 cores):
+    for a training step's or a prompt's rows a transient dequantized copy of the weight goes through a GEMM
+    instead (at 2,048 rows: 14x faster in bf16 on a CPU with AMX, 2x in float32 on one without bf16
+    arithmetic). The copy lives for the product only. The kernel also reads K in blocks of 16 and crashes
+    on other sizes (torch 2.13, CPU): those always take the copy."""
+    if x.shape[0] < GEMM_ROWS and codes.shape[1] % 16 == 0:
         return torch.ops.aten._weight_int8pack_mm(x, codes, scales)
-    return F.linear(x, codes.to(x.dtype) * scales[:, None])
+    return _dequantized_mm(x, codes, scales[:, None])
+
+
+def _dequantized_mm(x, codes, scales):
+    """x [M, K] @ (codes * scales)^T, codes int8 [N, K], scales broadcasting to them; the output in x's dtype.
+    bf16 on a CPU without bf16 arithmetic is computed in float32 (see _widened_linear)."""
+    dtype = torch.float32 if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not _native_bf16() \
+        else x.dtype
+    return F.linear(x.to(dtype), codes.to(dtype) * scales.to(dtype)).to(x.dtype)
 
 
 class _Int8Linear(torch.autograd.Function):
-    """y = x (codes * scales[:, None])^T through torch's weight-only int8 kernel; the backward gives the
-    input's gradient (the weights are frozen) through the same kernel on the transposed codes."""
+    """y = x (codes * scales[:, None])^T through torch's weight-only int8 kernel (or a GEMM, see _int8_mm);
+    the backward gives the input's gradient (the weights are frozen) the same way."""
 
     @staticmethod
     def forward(ctx, x, codes, scales):
@@ -44,10 +60,13 @@ class _Int8Linear(torch.autograd.Function):
         return _int8_mm(x, codes, scales)  # [M, out]
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         codes, scales = ctx.saved_tensors
-        # dx = (grad * scales) codes: the kernel again, on codes^T [in, out] (a transient int8 copy) with unit
-        # scales; the kernel takes the activations' dtype, so grad arrives in it
+        if grad.shape[0] >= GEMM_ROWS or codes.shape[0] % 16:  # dx = grad (codes * scales[:, None])
+            return _dequantized_mm(grad, codes.t(), scales), None, None
+        # the kernel again, on codes^T [in, out] (a transient int8 copy) with unit scales; the kernel takes
+        # the activations' dtype, so grad arrives in it
         ones = torch.ones(codes.shape[1], dtype=grad.dtype, device=grad.device)
         return _int8_mm((grad * scales).contiguous(), codes.t().contiguous(), ones), None, None
 
@@ -67,13 +86,11 @@ def int8_linear(module, x):
     return y if getattr(module, "bias", None) is None else y + module.bias
 
 
-def _bf16_arithmetic():
+@functools.cache
+def _native_bf16():
     """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX); without, torch emulates bf16 GEMMs,
     measured 3-4x slower than float32 ones on an AVX-512 EPYC without BF16."""
     return any(getattr(torch.cpu, f, lambda: True)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-
-
-_NATIVE_BF16 = None
 
 
 class _Widened(torch.autograd.Function):
@@ -100,13 +117,10 @@ def _widened_linear(base, x):
     autocast would make (x and the weight rounded to bf16) multiplied by the float32 units. The products of
     bf16 numbers are exact in float32 and a bf16 GEMM accumulates in float32 too, so this is the same bf16
     compute (output rounded to bf16, as autocast's), 3-4x faster there. None where it does not apply."""
-    global _NATIVE_BF16
     if not (isinstance(base, nn.Linear) and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
             and torch.get_autocast_dtype("cpu") == torch.bfloat16):
         return None
-    if _NATIVE_BF16 is None:
-        _NATIVE_BF16 = _bf16_arithmetic()
-    if _NATIVE_BF16:
+    if _native_bf16():
         return None
     with torch.autocast("cpu", enabled=False):
         return _Widened.apply(x.to(torch.bfloat16), base.weight, base.bias)
