@@ -33,7 +33,7 @@ GEMM_ROWS = 128  # from this many rows of x on, a dequantized copy's GEMM is fas
 def _int8_mm(x, codes, scales):
     """x [M, K] @ (codes [N, K] * scales[:, None])^T in x's dtype. Torch's int8 kernel reads each weight once,
     as a decode step wants, but its time grows with M (about 15 us a row for a 1728 x 576 layer on 2 cores):
-    for a training step's or a prompt's rows a transient dequantized copy of the weight goes through a GEMM
+    for a training step's rows (or a prompt's, in a LoRA model) a transient dequantized copy of the weight goes through a GEMM
     instead (at 2,048 rows: 14x faster in bf16 on a CPU with AMX, 2x in float32 on one without bf16
     arithmetic). The copy lives for the product only. The kernel also reads K in blocks of 16 and crashes
     on other sizes (torch 2.13, CPU): those always take the copy."""
@@ -47,7 +47,7 @@ def _dequantized_mm(x, codes, scales):
     bf16 on a CPU without bf16 arithmetic is computed in float32 (see _widened_linear)."""
     dtype = torch.float32 if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not _native_bf16() \
         else x.dtype
-    return F.linear(x.to(dtype), codes.to(dtype) * scales.to(dtype)).to(x.dtype)
+    return F.linear(x.to(dtype), codes.to(dtype).mul_(scales.to(dtype))).to(x.dtype)  # one copy of the weight
 
 
 class _Int8Linear(torch.autograd.Function):
@@ -63,7 +63,8 @@ class _Int8Linear(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         codes, scales = ctx.saved_tensors
-        if grad.shape[0] >= GEMM_ROWS or codes.shape[0] % 16:  # dx = grad (codes * scales[:, None])
+        # dx = grad (codes * scales[:, None]); the kernel's K is N here (codes transposed), hence the % 16
+        if grad.shape[0] >= GEMM_ROWS or codes.shape[0] % 16:
             return _dequantized_mm(grad, codes.t(), scales), None, None
         # the kernel again, on codes^T [in, out] (a transient int8 copy) with unit scales; the kernel takes
         # the activations' dtype, so grad arrives in it

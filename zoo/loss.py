@@ -38,7 +38,7 @@ def _cross_entropy(logits, targets, label_smoothing, want_grad):
     eps = label_smoothing  # (PyTorch's: the target's (1 - eps) of the mass, the uniform's eps)
     z = logits.to(torch.float32, copy=True)  # [n, V]
     valid = targets != IGNORE  # [n]
-    target = targets.clamp(min=0)[:, None]  # [n, 1]
+    target = targets.masked_fill(~valid, 0)[:, None]  # [n, 1] (any other negative target: gather raises)
     z.sub_(z.amax(-1, keepdim=True))  # logits - their max (the loss is the same; exp cannot overflow)
     z_target = z.gather(1, target)[:, 0]  # [n]
     z_mean = z.mean(-1) if eps else 0.0  # [n]
@@ -50,9 +50,9 @@ def _cross_entropy(logits, targets, label_smoothing, want_grad):
         return loss, None
     # softmax - (1 - eps) onehot - eps / V; ignored rows all zero (divided by an infinite total)
     grad = z.div_(torch.where(valid, total, torch.inf)[:, None])
-    grad.scatter_add_(1, target, torch.where(valid, eps - 1, 0.0)[:, None])
+    grad.scatter_add_(1, target, torch.where(valid, eps - 1, 0.0).to(z.dtype)[:, None])
     if eps:
-        grad.sub_(valid[:, None] * (eps / z.shape[-1]))
+        grad.sub_(valid[:, None].to(z.dtype) * (eps / z.shape[-1]))
     return loss, grad.to(logits.dtype)
 
 
