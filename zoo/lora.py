@@ -32,10 +32,10 @@ GEMM_ROWS = 128  # from this many rows of x on, a dequantized copy's GEMM is fas
 
 def _int8_mm(x, codes, scales):
     """x [M, K] @ (codes [N, K] * scales[:, None])^T in x's dtype. Torch's int8 kernel reads each weight once,
-    as a decode step wants, but its time grows with M (about 15 us a row for a 1728 x 576 layer on 2 cores):
-    for a training step's rows (or a prompt's, in a LoRA model) a transient dequantized copy of the weight
-    goes through a GEMM instead (at 2,048 rows: 14x faster in bf16 on a CPU with AMX, 2x in float32 on one
-    without bf16 arithmetic). The copy lives for the product only. The kernel also reads K in blocks of 16
+    as a decode step wants, but its time grows with M: for a training step's rows (or a prompt's, in a LoRA
+    model) a transient dequantized copy of the weight goes through a GEMM instead (bench/int8_matmul.py, 2
+    cores, SmolLM2's layers: at 128 rows 4x faster in bf16 with AMX, 1.5x in float32; at 2,048 rows 12-16x
+    and 2x). The copy lives for the product only. The kernel also reads K in blocks of 16
     and crashes on other sizes (torch 2.13, CPU): those always take the copy."""
     if x.shape[0] < GEMM_ROWS and codes.shape[1] % 16 == 0:
         return torch.ops.aten._weight_int8pack_mm(x, codes, scales)
