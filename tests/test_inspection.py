@@ -194,3 +194,26 @@ def test_bad_names_and_edits_are_clear_errors():
         with zoo.intervene(model, {"model.layers.0": 0}):
             pass
     assert_no_hooks(model)
+
+
+def test_verify_layers_names_the_first_layer_past_tolerance(tmp_path, capsys, monkeypatch, transformers):
+    import zoo.verification
+    from zoo.cli import main
+    hf_model("llama-gqa-llama3").save_pretrained(tmp_path)
+    assert main(["verify", str(tmp_path), "--tokens", "16", "--layers"]) == 0
+    out = capsys.readouterr().out
+    assert "every layer within tolerance" in out and "layer 1 + final norm" in out
+    rows = zoo.verify(str(tmp_path), n_tokens=16, layers=True)["layers"]
+    assert [r["name"] for r in rows] == ["embeddings", "layer 0", "layer 1 + final norm"]
+    assert all(r["max_abs"] <= 1e-5 * r["max_ref"] for r in rows)
+
+    def load_broken(path):  # zoo's model with a disagreement in block 0's MLP
+        model = zoo.from_pretrained(path)
+        with torch.no_grad():
+            model.model.layers[0].mlp.down_proj.weight[0, 0] += 0.1
+        return model
+    monkeypatch.setattr(zoo.verification, "from_pretrained", load_broken)
+    assert main(["verify", str(tmp_path), "--tokens", "16", "--layers"]) == 1
+    out = capsys.readouterr().out
+    assert "first layer past tolerance 0.0001: layer 0\n" in out
+    assert out.splitlines()[1].startswith("embeddings") and "<-" not in out.splitlines()[1]
