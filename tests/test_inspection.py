@@ -217,3 +217,36 @@ def test_verify_layers_names_the_first_layer_past_tolerance(tmp_path, capsys, mo
     out = capsys.readouterr().out
     assert "first layer past tolerance 0.0001: layer 0\n" in out
     assert out.splitlines()[1].startswith("embeddings") and "<-" not in out.splitlines()[1]
+
+
+def test_inspect_command(tmp_path, capsys, gpt2_bpe):
+    pytest.importorskip("matplotlib", reason="zoo inspect's PNGs need matplotlib (pip install 'zoo-lm[plot]')")
+    from zoo.cli import main
+    tok = zoo.tokenizer("gpt2")
+    model = tiny("gpt2", std=0.5, vocab_size=tok.vocab_size)
+    zoo.save_pretrained(model, tmp_path / "tiny", tokenizer=tok)
+    prompt = "The capital of France is"
+    out_dir = tmp_path / "pngs"
+    args = ["inspect", str(tmp_path / "tiny"), "--prompt", prompt, "--out", str(out_dir)]
+    assert main([*args, "--logit-lens", "--attention", "1", "--head", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    ids = tok.encode(prompt)
+    assert [line.split()[0] for line in out[1:4]] == ["embeddings", "layer", "layer"]
+    top = model(torch.tensor([ids]))[0].argmax(-1).tolist()  # the last layer's row: the model's own predictions
+    assert out[3].startswith("layer 1") and all(repr(tok.decode([t])) in out[3] for t in top)
+    pattern = zoo.trace(model, torch.tensor([ids]), ["transformer.h.1"], attention=True)["transformer.h.1.attn.pattern"]
+    j = int(pattern[0, 2, -1].argmax())
+    assert f"layer 1 head 2: the last token attends most to {tok.decode([ids[j]])!r} (position {j}," in out[5]
+    for name in ("logit_lens.png", "attention_layer1_head2.png"):
+        assert (out_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # an earlier PNG is kept unless --force
+    (out_dir / "logit_lens.png").write_bytes(b"mine")
+    assert main([*args, "--logit-lens"]) == 2
+    assert "logit_lens.png exists: pass --force" in capsys.readouterr().err
+    assert (out_dir / "logit_lens.png").read_bytes() == b"mine" and len(list(out_dir.iterdir())) == 2
+    assert main([*args, "--logit-lens", "--force"]) == 0
+    assert (out_dir / "logit_lens.png").read_bytes()[:4] == b"\x89PNG"
+    for bad, message in ((["--attention", "2"], "layers are 0..1"), ([], "nothing to inspect"),
+                         (["--head", "0"], "pass --attention too"), (["--attention", "0", "--head", "4"], "0..3")):
+        assert main([*args, *bad]) == 2
+        assert message in capsys.readouterr().err
