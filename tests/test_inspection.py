@@ -219,6 +219,7 @@ def test_verify_layers_names_the_first_layer_past_tolerance(tmp_path, capsys, mo
     assert out.splitlines()[1].startswith("embeddings") and "<-" not in out.splitlines()[1]
 
 
+@pytest.mark.slow  # matplotlib's import and two figures: ~5-20 s
 def test_inspect_command(tmp_path, capsys, gpt2_bpe):
     pytest.importorskip("matplotlib", reason="zoo inspect's PNGs need matplotlib (pip install 'zoo-lm[plot]')")
     from zoo.cli import main

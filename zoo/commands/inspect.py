@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..inspection import blocks, logit_lens, trace
-from ..pretrained import load_source
+from ..sources import load_source
 
 HELP = "look inside a model: the logit lens, attention patterns (default model: smollm2-135m-instruct)"
 
