@@ -7,12 +7,11 @@
 --attention writes attention_layer<L>.png, one heatmap per head (zoo.trace's patterns). The PNGs need
 matplotlib (pip install "zoo-lm[plot]").
 """
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ..atomic import write_file
 from ..inspection import blocks, logit_lens, trace
 from ..sources import load_source
 
@@ -125,18 +124,11 @@ def _attention_figure(plt, pattern, heads, tokens, layer):
 
 
 def _save(fig, path, force, plt):
-    """Write the PNG through a temporary file and a rename; an existing file only with --force."""
-    if path.exists() and not force:
-        raise ValueError(f"{path} exists: pass --force to replace it, or --out another folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
+    """Write the PNG (atomically); an existing file only with --force."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=90, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        if path.exists() and not force:
+            raise ValueError(f"{path} exists: pass --force to replace it, or --out another folder")
+        write_file(path, lambda f: fig.savefig(f, format="png", dpi=90, bbox_inches="tight"))
     finally:
         plt.close(fig)
     print(f"wrote {path}")
