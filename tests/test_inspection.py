@@ -251,3 +251,32 @@ def test_inspect_command(tmp_path, capsys, gpt2_bpe):
                          (["--head", "0"], "pass --attention too"), (["--attention", "0", "--head", "4"], "0..3")):
         assert main([*args, *bad]) == 2
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_readme_example_on_smollm2(smollm2_gguf):
+    """README's worked example: layer 23's head 4 reads " France", and ablating it with heads 0 and 1 turns
+    " Paris" into " London"; " France"'s residual stream patched into "The capital of Italy is" gives " Paris"."""
+    model, tok = zoo.load_source("smollm2-135m-instruct")
+    prompt = "The capital of France is"
+    idx = torch.tensor([tok.encode(prompt)])
+    acts = zoo.trace(model, idx, ["model.layers.23"], attention=True)
+    assert acts["model.layers.23.self_attn.pattern"][0, 4, -1].argmax() == 3  # " France"
+    assert acts["model.layers.23.self_attn.pattern"][0, 4, -1, 3] > 0.85
+    lens = zoo.logit_lens(model, idx)
+    assert lens.shape == (31, 1, 5, 49152)
+    assert [tok.decode([int(t)]) for t in lens[-3:, 0, -1].argmax(-1)] == [" the", " capital", " Paris"]
+    assert zoo.complete(model, tok, prompt, max_new_tokens=2, temperature=0) == " Paris."
+    with zoo.intervene(model, {"model.layers.23.self_attn.attend": zero_heads(0, 1, 4)}):
+        assert zoo.complete(model, tok, prompt, max_new_tokens=2, temperature=0) == " London."
+    france = zoo.trace(model, idx, ["model.layers.20"])["model.layers.20"]
+
+    def patch(x):
+        x = x.clone()
+        x[:, 3] = france[:, 3]
+        return x
+    italy = torch.tensor([tok.encode("The capital of Italy is")])
+    with torch.no_grad():
+        assert tok.decode([int(model(italy)[0, -1].argmax())]) == " Rome"
+        with zoo.intervene(model, {"model.layers.20": patch}):
+            assert tok.decode([int(model(italy)[0, -1].argmax())]) == " Paris"
