@@ -280,3 +280,42 @@ def test_readme_example_on_smollm2(smollm2_gguf):
         assert tok.decode([int(model(italy)[0, -1].argmax())]) == " Rome"
         with zoo.intervene(model, {"model.layers.20": patch}):
             assert tok.decode([int(model(italy)[0, -1].argmax())]) == " Paris"
+
+
+class SoftCappedAttend(torch.nn.Module):
+    """What a file with soft-capped scores (Gemma 2) passes its attend: the convention plus `softcap`."""
+
+    def forward(self, q, k, v, mask, causal, dropout_p=0.0, scale=None, softcap=None):
+        k, v = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (k, v))
+        scores = q @ k.transpose(-2, -1) * scale
+        scores = softcap * torch.tanh(scores / softcap) + mask
+        return scores.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("case", ["causal", "padded", "sliding window", "scale", "soft-capped"])
+def test_pattern_times_values_is_the_attention_output(case):
+    """attention_pattern recomputes the softmax from attend's arguments: the pattern applied to the values is
+    attend's own output, whatever the mask (causal, padding, a sliding window), scale and soft-cap say."""
+    from zoo.inspection import attention_pattern
+    attend = next(m for m in tiny("llama-gqa").modules() if type(m).__name__ == "Attend")
+    g = torch.Generator().manual_seed(4)
+    B, H, H_kv, T, D = 2, 6, 2, 9, 8
+    q, k, v = (torch.randn(B, n, T, D, generator=g) for n in (H, H_kv, H_kv))
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    keep = {"causal": None, "padded": causal & (torch.arange(T) >= torch.tensor([[3], [0]]))[:, None, None],
+            "sliding window": causal & (torch.arange(T)[:, None] - torch.arange(T) < 3),
+            "scale": causal, "soft-capped": causal}[case]
+    if case == "padded":
+        keep = keep | torch.eye(T, dtype=torch.bool)  # a padded query sees itself (positions_and_mask)
+    mask = None if keep is None else torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    kwargs = {"scale": 0.3} if case in ("scale", "soft-capped") else {}
+    if case == "soft-capped":
+        attend, kwargs = SoftCappedAttend(), {**kwargs, "softcap": 2.0}
+        q = q * 4  # scores past the cap
+    args = (q, k, v, mask, True)
+    y = attend(*args, **kwargs)
+    pattern = attention_pattern(attend, args, kwargs)
+    assert pattern.shape == (B, H, T, T)
+    torch.testing.assert_close(pattern @ v.repeat_interleave(H // H_kv, dim=1), y, atol=1e-5, rtol=0)
+    if keep is not None:
+        assert torch.all(pattern.masked_fill(keep, 0) == 0)  # nothing where the mask hides
