@@ -185,6 +185,39 @@ class Drafter:
             self.fed = 0
 
 
+def verify(logits, drafted, q, settings, generator=None, seen=None, new=None, is_eos=None):
+    """The check of drafted tokens [B, k] against the model's logits [B, k + 1, V] at the last accepted token
+    and each draft: (counts [B]: the drafts kept, last [B]: the model's token after them). q [B, k, V]: the
+    draft's probabilities, None for a deterministic draft. seen [B, V]: the tokens the repetition penalty
+    counts before the drafts; new [B]: the new tokens so far, for min_new_tokens (is_eos [V]: the end tokens)."""
+    B, k1, V = logits.shape
+    k = k1 - 1
+    logits = logits.float()
+    if seen is not None:  # the tokens before each position count as seen, the drafts included
+        hot = torch.zeros(B, k + 1, V, dtype=torch.bool, device=logits.device)
+        hot[:, 1:].scatter_(2, drafted[..., None], True)
+        logits = penalize_repetition(logits, seen[:, None] | hot.cummax(1).values, settings.repetition_penalty)
+    if settings.min_new_tokens and is_eos is not None:  # no end token before min_new_tokens
+        early = new[:, None] + torch.arange(k + 1, device=logits.device) < settings.min_new_tokens  # [B, k + 1]
+        logits = logits.masked_fill(early[..., None] & is_eos, float("-inf"))
+    if settings.temperature == 0:
+        best = logits.argmax(-1)  # [B, k + 1]
+        counts = (drafted == best[:, :k]).cumprod(1).sum(1)  # [B]: drafts kept
+        return counts, best.gather(1, counts[:, None])[:, 0]  # and the model's own token after them
+    p = _processed(logits, settings)  # [B, k + 1, V]
+    p_draft = p[:, :k].gather(2, drafted[..., None])[..., 0]  # [B, k]
+    q_draft = 1.0 if q is None else q.gather(2, drafted[..., None])[..., 0]
+    u = torch.rand(B, k, device=logits.device, generator=generator)
+    counts = (u * q_draft < p_draft).cumprod(1).sum(1)  # each kept with probability min(1, p / q)
+    at = counts[:, None, None].expand(B, 1, V)
+    p_at = p.gather(1, at)[:, 0]  # [B, V]: the model's distribution after the kept drafts
+    if k:
+        q_full = torch.zeros(B, k, V, device=p.device).scatter_(2, drafted[..., None], 1.0) if q is None else q
+        q_at = torch.cat([q_full, torch.zeros_like(q_full[:, :1])], 1).gather(1, at)[:, 0]
+        p_at = residual(p_at, q_at)  # after all k kept, q_at = 0: p itself
+    return counts, _race(p_at, generator)
+
+
 def speculative_steps(model, draft, prompts, max_new_tokens, eos, settings, num_draft, stats, generator=None):
     """The speculative decode loop: yields, each round, the new tokens of every row (a list of B lists; empty
     for rows that have ended), until max_new_tokens or an EOS in every row. `stats` receives "drafted" and
@@ -200,12 +233,10 @@ def speculative_steps(model, draft, prompts, max_new_tokens, eos, settings, num_
     target = Cache(model, B, length)  # holds each row's tokens but the last, which the next check feeds first
     target.fill([p[:-1] for p in prompts])
     drafter = Drafter(draft, prompts, length)
-    eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
     is_eos = torch.zeros(V, dtype=torch.bool, device=device)
-    is_eos[eos_ids] = True
-    penalty = settings.repetition_penalty
+    is_eos[torch.tensor(eos, dtype=torch.long, device=device)] = True
     seen = None
-    if penalty is not None and penalty != 1:  # as in plain decoding, the prompt's tokens count too
+    if settings.repetition_penalty not in (None, 1):  # as in plain decoding, the prompt's tokens count too
         seen = torch.zeros(B, V, dtype=torch.bool, device=device)
         for row, p in enumerate(prompts):
             seen[row, p] = True
@@ -221,32 +252,8 @@ def speculative_steps(model, draft, prompts, max_new_tokens, eos, settings, num_
         target.refill([r[:-1] for r in rows], k + 1)
         tokens = torch.cat([torch.tensor([r[-1] for r in rows], device=device)[:, None], drafted], 1)  # [B, k + 1]
         alive = torch.tensor(live, device=device)[:, None].expand(B, k + 1)
-        logits = target.feed(tokens, alive).float()  # [B, k + 1, V]: p of the token after each
-        if seen is not None:  # the tokens before each position count as seen, the drafts included
-            hot = torch.zeros(B, k + 1, V, dtype=torch.bool, device=device)
-            hot[:, 1:].scatter_(2, drafted[..., None], True)
-            logits = penalize_repetition(logits, seen[:, None] | hot.cummax(1).values, penalty)
-        if settings.min_new_tokens and eos:  # no EOS before min_new_tokens
-            early = torch.tensor(new, device=device)[:, None] + torch.arange(k + 1, device=device) < settings.min_new_tokens
-            logits = logits.masked_fill(early[..., None] & is_eos, float("-inf"))
-        if settings.temperature == 0:
-            best = logits.argmax(-1)  # [B, k + 1]
-            agree = drafted == best[:, :k]
-            counts = agree.cumprod(1).sum(1)  # [B]: drafts kept
-            last = best.gather(1, counts[:, None])[:, 0]  # the model's own token after them
-        else:
-            p = _processed(logits, settings)  # [B, k + 1, V]
-            p_draft = p[:, :k].gather(2, drafted[..., None])[..., 0]  # [B, k]
-            q_draft = 1.0 if q is None else q.gather(2, drafted[..., None])[..., 0]
-            u = torch.rand(B, k, device=device, generator=generator)
-            counts = (u * q_draft < p_draft).cumprod(1).sum(1)  # accept with probability min(1, p / q)
-            at = counts[:, None, None].expand(B, 1, V)
-            p_at = p.gather(1, at)[:, 0]  # [B, V]: the model's distribution after the kept drafts
-            if k:
-                q_full = torch.zeros(B, k, V, device=device).scatter_(2, drafted[..., None], 1.0) if q is None else q
-                q_at = torch.cat([q_full, torch.zeros_like(q_full[:, :1])], 1).gather(1, at)[:, 0]
-                p_at = residual(p_at, q_at)  # after all k kept, q_at = 0: p itself
-            last = _race(p_at, generator)
+        logits = target.feed(tokens, alive)  # [B, k + 1, V]: p of the token after each
+        counts, last = verify(logits, drafted, q, settings, generator, seen, torch.tensor(new, device=device), is_eos)
         target.keep(counts + 1, k + 1)  # the last token fed and the kept drafts; the rest become holes
         if k:
             drafter.accepted(counts)
