@@ -286,20 +286,23 @@ def test_chat_page_streams_answers_in_a_real_browser(url, client, tmp_path):
 
 
 def test_served_model_name_replaces_the_local_path(tmp_path, gpt2_bpe):
-    """--served-model-name (vLLM's flag): clients see and ask for that name; the folder's path shows nowhere."""
+    """--served-model-name (vLLM's flag): clients see and ask for that name; the folder's path shows nowhere.
+    The server speculates by prompt lookup, and its greedy answers are zoo.complete's."""
     tok = zoo.tokenizer("gpt2")
     torch.manual_seed(0)
     model = zoo.build("gpt2", dict(n_layer=1, n_head=2, n_embd=16, block_size=64))
     folder = tmp_path / "my-secret-folder"
     zoo.save_pretrained(model, folder, tokenizer=tok)
-    with serving([str(folder), "--served-model-name", "tiny-gpt2", "--device", "cpu"], tmp_path / "log") as base:
+    with serving([str(folder), "--served-model-name", "tiny-gpt2", "--device", "cpu", "--prompt-lookup"],
+                 tmp_path / "log") as base:
         client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=600)
         assert [m.id for m in client.models.list()] == ["tiny-gpt2"]
         assert client.models.retrieve("tiny-gpt2").id == "tiny-gpt2"
         for path in ("/v1/models", "/health"):
             assert "my-secret-folder" not in httpx.get(base + path).text
-        answer = client.completions.create(model="tiny-gpt2", prompt="Hello", max_tokens=8, temperature=0)
+        prompt = "the cat sat on the mat, the cat sat on the"
+        answer = client.completions.create(model="tiny-gpt2", prompt=prompt, max_tokens=20, temperature=0)
         assert answer.model == "tiny-gpt2"
-        assert answer.choices[0].text == complete(model, tok, "Hello", max_new_tokens=8, temperature=0)
+        assert answer.choices[0].text == complete(model, tok, prompt, max_new_tokens=20, temperature=0)
         with pytest.raises(openai.NotFoundError, match="tiny-gpt2"):  # the path is not a name of it
             client.completions.create(model=str(folder), prompt="Hello", max_tokens=2)
