@@ -19,10 +19,10 @@ GENERATORS = ["bigram", "scratchformer", "scratchformer-xglm", "gpt2", "llama-gq
 PROMPTS = [[5, 9, 1, 30, 2, 7, 7, 5, 9], [3, 11, 4], [20, 1, 8, 36, 0, 20, 1]]  # repeats: lookup finds n-grams
 
 
-def tiny(name, **overrides):
+def tiny(name, device="cpu", **overrides):
     """A TINY model whose greedy choices vary; block_size 40: the caches (prompt + 2 * 24 + k + 1 slots
     wanted) are cut to 40, so the holes fill them and they refill."""
-    return tiny_model(name, std=0.5 if name != "bigram" else 2.0, **{"block_size": 40, **overrides})
+    return tiny_model(name, device, std=0.5 if name != "bigram" else 2.0, **{"block_size": 40, **overrides})
 
 
 def perturbed(model, noise, seed=1):
@@ -35,9 +35,9 @@ def perturbed(model, noise, seed=1):
     return draft
 
 
-def other(name):
+def other(name, device="cpu"):
     """A model of another architecture with the same vocabulary: a draft that mostly disagrees."""
-    return tiny("gpt2" if name != "gpt2" else "llama-gqa")
+    return tiny("gpt2" if name != "gpt2" else "llama-gqa", device)
 
 
 def check_greedy(model, draft, steps=24, **settings):
@@ -54,11 +54,11 @@ def check_greedy(model, draft, steps=24, **settings):
 
 
 @pytest.mark.parametrize("name", GENERATORS)
-def test_greedy_with_any_draft_equals_plain_greedy(name):
-    model = tiny(name)
+def test_greedy_with_any_draft_equals_plain_greedy(name, device):
+    model = tiny(name, device)
     lookup_stats = check_greedy(model, "prompt-lookup")
     near = check_greedy(model, perturbed(model, 0.15))
-    far = check_greedy(model, other(name))
+    far = check_greedy(model, other(name, device))
     for stats in lookup_stats, near, far:
         assert stats["drafted"] > 0
     # rows kept drafts and lost drafts: the rollback was exercised, and the near draft mostly agrees
