@@ -84,12 +84,6 @@ class Cache:
         """Of the last k slots fed, keep the first counts[r] [B] of each row; the rest become holes."""
         self.real[:, self.t - k:self.t] &= torch.arange(k, device=self.device) < counts[:, None]
 
-    def refill(self, rows, room):
-        """Make room for `room` more slots: when the frontier is too near the end, start afresh with each row's
-        tokens `rows` (lists), so that the holes go. The caller keeps len(row) + room <= length."""
-        if self.t + room > self.length:
-            self.fill(rows)
-
     def fill(self, rows):
         """Start afresh with each row's tokens `rows` (lists, left-padded)."""
         self.real.zero_()
@@ -154,7 +148,9 @@ class Drafter:
             width = max(self.lengths)
             return torch.tensor([f + [0] * (width - len(f)) for f in found], dtype=torch.long), None
         cache, device = self.cache, self.cache.device
-        cache.refill([r[:h] for r, h in zip(rows, self.have)], max(len(r) - h for r, h in zip(rows, self.have)) + k)
+        if cache.t + max(len(r) - h for r, h in zip(rows, self.have)) + k - 1 > cache.length:  # no room: afresh,
+            cache.fill([r[:-1] for r in rows])  # each row's tokens but its last (so none has more to feed)
+            self.have = [len(r) - 1 for r in rows]
         pending = [r[h:] if alive else [] for r, h, alive in zip(rows, self.have, live)]
         width = max(map(len, pending))
         tokens = torch.tensor([[0] * (width - len(p)) + p for p in pending], device=device)
@@ -249,7 +245,8 @@ def speculative_steps(model, draft, prompts, max_new_tokens, eos, settings, num_
         k = 0 if drafted is None else drafted.size(1)
         drafted = torch.zeros(B, 0, dtype=torch.long) if drafted is None else drafted.to(device)
         # the check: each row's last token and its drafts, k + 1 positions
-        target.refill([r[:-1] for r in rows], k + 1)
+        if target.t + k + 1 > length:  # no room: afresh, without the holes
+            target.fill([r[:-1] for r in rows])
         tokens = torch.cat([torch.tensor([r[-1] for r in rows], device=device)[:, None], drafted], 1)  # [B, k + 1]
         alive = torch.tensor(live, device=device)[:, None].expand(B, k + 1)
         logits = target.feed(tokens, alive)  # [B, k + 1, V]: p of the token after each
