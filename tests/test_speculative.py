@@ -68,6 +68,7 @@ def test_greedy_with_any_draft_equals_plain_greedy(name, device):
 
 def test_int4_self_draft_equals_plain_greedy():
     model = tiny("llama-gqa", n_head=4, n_embd=64, ffn_dim=64)  # int4 groups of 32 divide every layer's inputs
+    generate(model, [1, 2], 2)  # a model that has generated has its float32 weights in decode layout (column-major)
     draft = zoo.quantize(copy.deepcopy(model), "int4", dtype=torch.float32)
     stats = check_greedy(model, draft)
     assert 0 < stats["accepted"] < stats["drafted"]  # (a tiny random model has many near-ties that 4 bits flip)
@@ -104,6 +105,22 @@ def test_prompt_lookup_finds_the_latest_longest_match():
     assert lookup([1, 2, 3], 4) == []
     assert lookup([5], 4) == []
     assert lookup([4, 4, 4], 3) == [4]  # "4 4" occurs at 0; the token after it
+
+
+@pytest.mark.slow
+def test_smollm2_with_prompt_lookup_and_its_int4_copy_writes_its_greedy_answer(smollm2_gguf, shared_data):
+    """Real weights, where near-ties are real: checking k + 1 tokens in one forward picks the tokens that one at
+    a time does (float32; a copy-editing prompt, so that lookup finds the passage)."""
+    model, tok = zoo.load_source("smollm2-135m-instruct")
+    passage = " ".join((shared_data / "wikitext-2" / "valid.txt").read_text(encoding="utf-8").split()[100:200])
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Correct the spelling and grammar of "
+                                              f"this passage, changing nothing else:\n\n{passage}"}],
+                                             add_generation_prompt=True))
+    plain = generate(model, ids, 48, temperature=0)
+    for draft in ("prompt-lookup", zoo.quantize(copy.deepcopy(model), "int4")):
+        stats = {}
+        assert generate(model, ids, 48, temperature=0, draft=draft, stats=stats) == plain
+        assert stats["accepted"] > 0
 
 
 # ---------------------------------------------------------------------------------------------------------
