@@ -285,6 +285,7 @@ def test_chat_page_streams_answers_in_a_real_browser(url, client, tmp_path):
             browser.close()
 
 
+@pytest.mark.slow
 def test_served_model_name_replaces_the_local_path(tmp_path, gpt2_bpe):
     """--served-model-name (vLLM's flag): clients see and ask for that name; the folder's path shows nowhere.
     The server speculates by prompt lookup, and its greedy answers are zoo.complete's."""
