@@ -129,10 +129,13 @@ class Engine:
         if draft not in (None, PROMPT_LOOKUP):
             raise ValueError(f"the engine drafts by prompt lookup only: draft must be None or {PROMPT_LOOKUP!r}, "
                              f"not {draft!r}"[:300])
-        if draft is None and num_draft is not None:
-            raise ValueError("num_draft is the number of tokens a draft proposes: give draft='prompt-lookup' too")
-        num_draft = DEFAULT_NUM_DRAFT[PROMPT_LOOKUP] if draft and num_draft is None else num_draft or 0
-        if isinstance(num_draft, bool) or not isinstance(num_draft, int) or num_draft < 0 or draft and not num_draft:
+        if draft is None:
+            if num_draft is not None:
+                raise ValueError("num_draft is the number of tokens a draft proposes: give draft='prompt-lookup' too")
+            num_draft = 0  # no speculation
+        elif num_draft is None:
+            num_draft = DEFAULT_NUM_DRAFT[PROMPT_LOOKUP]
+        elif isinstance(num_draft, bool) or not isinstance(num_draft, int) or num_draft < 1:
             raise ValueError(f"num_draft must be an int >= 1 (the tokens drafted per step), got {num_draft!r}")
         self.num_draft, self.stats = num_draft, dict(drafted=0, accepted=0)
         self.block_size = model.config.block_size
