@@ -68,7 +68,7 @@ def test_greedy_with_any_draft_equals_plain_greedy(name, device):
 
 def test_int4_self_draft_equals_plain_greedy():
     model = tiny("llama-gqa", n_head=4, n_embd=64, ffn_dim=64)  # int4 groups of 32 divide every layer's inputs
-    generate(model, [1, 2], 2)  # a model that has generated has its float32 weights in decode layout (column-major)
+    generate(model, [1, 2], 2)  # a model that has generated has its float32 weights column-major
     draft = zoo.quantize(copy.deepcopy(model), "int4", dtype=torch.float32)
     stats = check_greedy(model, draft)
     assert 0 < stats["accepted"] < stats["drafted"]  # (a tiny random model has many near-ties that 4 bits flip)

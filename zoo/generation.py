@@ -110,7 +110,7 @@ def compiled_step(model):
 
 
 @torch.no_grad()
-def decode_layout(model):
+def weights_column_major(model):
     """Store fp32 Linear weights on the CPU column-major: same shape, values and names, but the CPU's fp32
     matrix-vector kernels read that layout about 1.3x faster (bf16's prefer the usual one, so those stay).
     Done in place, once; a no-op on other devices and dtypes."""
@@ -153,8 +153,8 @@ def _prepare(model, prompts, max_new_tokens, settings):
     return prompts, settings.eos_ids
 
 
-def _dropout_off(model):
-    """Put the modules in training mode into eval mode, and return them for _dropout_on. Only those are
+def _eval_mode_on(model):
+    """Put the modules in training mode into eval mode, and return them for _eval_mode_off. Only those are
     touched: model.eval() sets every module's flag, ~2 ms per call on a 30-layer model."""
     training = [m for m in model.modules() if m.training]
     for m in training:
@@ -162,7 +162,7 @@ def _dropout_off(model):
     return training
 
 
-def _dropout_on(modules):
+def _eval_mode_off(modules):
     for m in modules:
         m.training = True
 
@@ -171,7 +171,7 @@ def _dropout_on(modules):
 def _sample_steps(model, prompts, max_new_tokens, eos, settings, compile=False):
     """The decode loop: yields each step's new tokens [B] (on the device) until max_new_tokens, or until
     every row has produced an EOS."""
-    training = _dropout_off(model)
+    training = _eval_mode_on(model)
     try:
         batch = Batch(model, prompts, max_new_tokens, compile)
         device = batch.tokens.device
@@ -202,23 +202,23 @@ def _sample_steps(model, prompts, max_new_tokens, eos, settings, compile=False):
             if step + 1 < max_new_tokens:
                 logits = batch.step()
     finally:
-        _dropout_on(training)
+        _eval_mode_off(training)
 
 
 @torch.inference_mode()
 def _speculative_steps(model, prompts, max_new_tokens, eos, settings, draft, num_draft, stats):
-    """speculative.speculative_steps with dropout off in both models: yields each round's new tokens (B lists)."""
-    training = _dropout_off(model) + (_dropout_off(draft) if isinstance(draft, torch.nn.Module) else [])
+    """speculative.speculative_steps with both models in eval mode: yields each round's new tokens (B lists)."""
+    training = _eval_mode_on(model) + (_eval_mode_on(draft) if isinstance(draft, torch.nn.Module) else [])
     try:
         device = next(model.parameters()).device
         generator = None if settings.seed is None else torch.Generator(device).manual_seed(settings.seed)
         yield from speculative_steps(model, draft, prompts, max_new_tokens, eos, settings, num_draft, stats, generator)
     finally:
-        _dropout_on(training)
+        _eval_mode_off(training)
 
 
 def _check_speculative(model, prompts, max_new_tokens, settings, draft, num_draft, compile):
-    """num_draft checked (see speculative.check_draft), and the draft's weights in decode layout."""
+    """num_draft checked (see speculative.check_draft), and the draft's weights column-major as the model's."""
     if draft is None:
         if num_draft is not None:
             raise ValueError("num_draft is the number of tokens a draft proposes: give a draft too "
@@ -229,7 +229,7 @@ def _check_speculative(model, prompts, max_new_tokens, settings, draft, num_draf
                          "does not use: drop one of them")
     num_draft = check_draft(model, draft, num_draft, settings, prompts, max_new_tokens)
     if isinstance(draft, torch.nn.Module):
-        decode_layout(draft)
+        weights_column_major(draft)
     return num_draft
 
 
@@ -240,7 +240,7 @@ def _beam_search(model, prompts, max_new_tokens, eos, settings, compile=False):
     sum(log p) / len**length_penalty (len counts the new tokens, EOS included); a prompt is done once
     num_beams hypotheses have finished, and at max_new_tokens its running beams join them. Returns
     the best hypothesis of each prompt."""
-    training = _dropout_off(model)
+    training = _eval_mode_on(model)
     try:
         batch = Batch(model, prompts, max_new_tokens, compile)
         B, K, V = len(prompts), settings.num_beams, model.config.vocab_size
@@ -299,7 +299,7 @@ def _beam_search(model, prompts, max_new_tokens, eos, settings, compile=False):
                         finished[b].append((score / max_new_tokens ** lp, new[b * K + k]))
         return [max(hyps, key=lambda h: h[0])[1] for hyps in finished]
     finally:
-        _dropout_on(training)
+        _eval_mode_off(training)
 
 
 def generate(model, prompts, max_new_tokens, sampling=None, *, compile=False, draft=None, num_draft=None,
@@ -322,7 +322,7 @@ def generate(model, prompts, max_new_tokens, sampling=None, *, compile=False, dr
     num_draft = _check_speculative(model, prompts, max_new_tokens, settings, draft, num_draft, compile)
     if max_new_tokens == 0:
         return [[] for _ in prompts]
-    decode_layout(model)
+    weights_column_major(model)
     if draft is not None:
         rows = [[] for _ in prompts]
         for new in _speculative_steps(model, prompts, max_new_tokens, eos, settings, draft, num_draft,
@@ -373,14 +373,14 @@ def complete(model, tokenizer, text_or_messages, *, max_new_tokens, sampling=Non
     if max_new_tokens == 0:
         tokens = iter([])
     elif draft is not None:
-        decode_layout(model)
+        weights_column_major(model)
         rounds = _speculative_steps(model, prompts, max_new_tokens, eos, settings, draft, num_draft, stats)
         tokens = _timed((token for new in rounds for token in new[0]), stats, len(ids))
     elif settings.num_beams > 1:
-        decode_layout(model)
+        weights_column_major(model)
         tokens = iter(_beam_search(model, prompts, max_new_tokens, eos, settings, compile)[0])
     else:
-        decode_layout(model)
+        weights_column_major(model)
         steps = _sample_steps(model, prompts, max_new_tokens, eos, settings, compile)
         tokens = _timed((new.item() for new in steps), stats, len(ids))
     pieces = _text_stream(tokenizer, tokens, eos, stops)

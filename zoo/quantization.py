@@ -82,7 +82,7 @@ def quantize_tensor(w, bits, group_size):
     N, K = w.shape
     if K % group_size:
         raise ValueError(f"group_size {group_size} does not divide the matrix's {K} columns")
-    # contiguous: a column-major weight (generation's decode layout leaves fp32 ones so) would otherwise give
+    # contiguous: a column-major weight (generation.weights_column_major leaves fp32 ones so) would otherwise give
     # column-major codes, which the kernels refuse
     g = w.detach().float().contiguous().reshape(N, K // group_size, group_size)
     if bits == 4:
