@@ -1,0 +1,166 @@
+"""Mixtures of experts (models/moe.py): tiny random transformers models of each family -- Mixtral, OLMoE,
+Qwen2-MoE, Qwen3-MoE, with k = 1, 2 and 4, with and without the shared expert, renormalisation and dense
+layers -- load with the same logits and router logits, export back, and decode through the cache as they
+compute whole; the load-balancing loss is transformers'; bad configs name their field."""
+import json
+import re
+
+import pytest
+import torch
+
+import zoo
+from zoo import convert
+
+transformers = pytest.importorskip("transformers")
+
+V = 101  # vocabulary of the tiny models
+ATTN = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=64)
+# name -> (transformers class, config class, config)
+CASES = {
+    "mixtral-k2": ("MixtralForCausalLM", "MixtralConfig", dict(
+        ATTN, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2, rope_theta=5000.0)),
+    "mixtral-k1-tied": ("MixtralForCausalLM", "MixtralConfig", dict(
+        ATTN, intermediate_size=24, num_local_experts=8, num_experts_per_tok=1, tie_word_embeddings=True)),
+    "olmoe-k4": ("OlmoeForCausalLM", "OlmoeConfig", dict(
+        ATTN, intermediate_size=16, num_experts=8, num_experts_per_tok=4, norm_topk_prob=False)),
+    "olmoe-k2-norm": ("OlmoeForCausalLM", "OlmoeConfig", dict(
+        ATTN, intermediate_size=16, num_experts=6, num_experts_per_tok=2, norm_topk_prob=True, rms_norm_eps=1e-4)),
+    "qwen2_moe-shared-dense": ("Qwen2MoeForCausalLM", "Qwen2MoeConfig", dict(
+        ATTN, intermediate_size=40, moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=6,
+        num_experts_per_tok=2, mlp_only_layers=[1])),
+    "qwen2_moe-step2-k4-norm": ("Qwen2MoeForCausalLM", "Qwen2MoeConfig", dict(
+        ATTN, intermediate_size=40, moe_intermediate_size=16, shared_expert_intermediate_size=20, num_experts=8,
+        num_experts_per_tok=4, decoder_sparse_step=2, norm_topk_prob=True)),
+    "qwen3_moe-head_dim": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig", dict(
+        ATTN, head_dim=12, intermediate_size=40, moe_intermediate_size=16, num_experts=6, num_experts_per_tok=2,
+        norm_topk_prob=True, mlp_only_layers=[0])),
+    "qwen3_moe-k1": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig", dict(
+        ATTN, intermediate_size=40, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=1)),
+}
+
+
+def hf_model(name, seed=0):
+    """A tiny transformers model with random weights large enough to make logit (and routing) errors visible."""
+    cls, config_cls, kwargs = CASES[name]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_cls)(vocab_size=V, bos_token_id=0, eos_token_id=0, pad_token_id=1,
+                                               **kwargs)
+    model = getattr(transformers, cls)(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model
+
+
+def tokens(B=2, T=24, seed=1):
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def router_logits(model):
+    return [b.mlp.router_logits for b in model.model.layers if hasattr(b.mlp, "router_logits")]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_transformers_to_zoo_and_back(name, tmp_path):
+    ref = hf_model(name)
+    ref.save_pretrained(tmp_path / "hf")
+    model = zoo.from_pretrained(tmp_path / "hf")
+    idx = tokens()
+    with torch.no_grad():
+        out, theirs = model(idx), ref(idx, output_router_logits=True)
+    assert (out - theirs.logits).abs().max().item() <= 1e-5
+    ours = router_logits(model)
+    assert len(ours) == len(theirs.router_logits) == 3 - len(model.config.dense_layers)
+    for a, b in zip(ours, theirs.router_logits):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    aux, z, counts = model.router_losses()
+    torch.testing.assert_close(aux, theirs.aux_loss.float(), rtol=1e-6, atol=1e-6)
+    k = model.config.top_k
+    assert (counts.sum(dim=1) == idx.numel() * k).all()
+    assert (counts.max(dim=1).values > 1).all()  # tokens share experts: the grouping is exercised
+
+    zoo.save_pretrained(model, tmp_path / "export")
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["architectures"] == [CASES[name][0]]
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    assert type(back).__name__ == CASES[name][0]
+    with torch.no_grad():
+        assert (back(idx).logits - out).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["mixtral-k2", "qwen2_moe-shared-dense", "qwen3_moe-head_dim"])
+def test_decoding_one_token_reads_only_its_experts(name, tmp_path):
+    """Cache = recomputation, token by token, and a decoding step runs only the k experts the token picks
+    (the others' weights are poisoned with NaN: reading one would show)."""
+    ref = hf_model(name)
+    ref.save_pretrained(tmp_path / "hf")
+    model = zoo.from_pretrained(tmp_path / "hf")
+    idx = tokens(B=1, T=12)
+    with torch.no_grad():
+        whole = model(idx)
+        model.setup_cache(1, 16)
+        model(idx[:, :-1], input_pos=torch.arange(11))
+        picks = {}
+        for i, b in enumerate(model.model.layers):  # where the last token goes, from the whole pass
+            if hasattr(b.mlp, "router_logits"):
+                picks[i] = set()
+        model(idx)  # the whole pass again (no cache) to read each layer's picks for the last token
+        for i in picks:
+            logits = model.model.layers[i].mlp.router_logits[-1]
+            picks[i] = set(logits.topk(model.config.top_k).indices.tolist())
+            experts = model.model.layers[i].mlp.experts
+            for e in set(range(model.config.n_expert)) - picks[i]:
+                experts.gate_up_proj[e] = float("nan")
+                experts.down_proj[e] = float("nan")
+        step = model(idx[:, -1:], input_pos=torch.tensor([11]))
+    assert len(picks) and all(len(p) < model.config.n_expert for p in picks.values())  # experts left unread
+    assert (step[0, -1] - whole[0, -1]).abs().max().item() <= 1e-5
+
+
+def test_left_padding_matches_each_row_alone(tmp_path):
+    ref = hf_model("olmoe-k4")
+    ref.save_pretrained(tmp_path / "hf")
+    model = zoo.from_pretrained(tmp_path / "hf")
+    a, b = tokens(B=1, T=10, seed=2), tokens(B=1, T=6, seed=3)
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], 1)])
+    key_mask = torch.ones(2, 10, dtype=torch.bool)
+    key_mask[1, :4] = False
+    with torch.no_grad():
+        both = model(batch, key_mask=key_mask)
+        torch.testing.assert_close(both[0], model(a)[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(both[1, 4:], model(b)[0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(top_k=5), "top_k (5) must be between 1 and n_expert (4)"),
+    (dict(qk_norm="rows"), "qk_norm must be None, 'proj' or 'head'"),
+    (dict(dense_layers=[2]), "dense_layers [2] must be layer numbers below n_layer (2)"),
+])
+def test_impossible_configs_name_the_field(change, message):
+    base = dict(vocab_size=37, block_size=16, n_layer=2, n_head=2, n_kv_head=2, n_embd=8, n_expert=4, top_k=2,
+                expert_dim=8)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        zoo.build("moe", {**base, **change})
+
+
+def test_expert_count_disagreeing_with_the_checkpoint_is_named(tmp_path):
+    ref = hf_model("olmoe-k2-norm")
+    ref.save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "num_experts": 4}))
+    with pytest.raises(ValueError, match=r"unexpected: .*experts\.5\.") as e:
+        zoo.from_pretrained(tmp_path / "hf")
+    assert "does not fit models/moe.py" in str(e.value)
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "num_experts_per_tok": 7}))
+    with pytest.raises(ValueError, match=r"top_k \(7\) must be between 1 and n_expert \(6\)"):
+        zoo.from_pretrained(tmp_path / "hf")
+
+
+def test_qwen3_moe_reads_either_spelling_of_the_expert_count():
+    base = {"architectures": ["Qwen3MoeForCausalLM"], "vocab_size": V, "hidden_size": 32, "intermediate_size": 40,
+            "moe_intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4}
+    for key in ("num_experts", "num_local_experts"):
+        assert convert.from_hf_config({**base, key: 6})[1]["n_expert"] == 6
+    with pytest.raises(ValueError, match="num_experts=null"):
+        convert.from_hf_config(base)
