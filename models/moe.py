@@ -163,11 +163,11 @@ class Experts(nn.Module):
         order = experts.flatten().argsort(stable=True)  # the N k (token, expert) pairs, grouped by expert: [N k]
         counts = experts.flatten().bincount(minlength=self.gate_up_proj.size(0)).tolist()  # pairs per expert
         token = order // k  # the token of each sorted pair [N k]
-        xs, outs, start = x[token], [], 0  # [N k, D]
-        for e, n in enumerate(counts):
+        xs, outs, start = x[token], [], 0  # [N k, D]; unbind: the backward stacks the E experts' gradients once
+        for n, gate_up_proj, down_proj in zip(counts, self.gate_up_proj.unbind(), self.down_proj.unbind()):
             if n:  # one matmul pair per used expert, over all its tokens; unused experts are never read
-                gate, up = F.linear(xs[start:start + n], self.gate_up_proj[e]).chunk(2, dim=-1)  # [n, F] each
-                outs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))  # [n, D]
+                gate, up = F.linear(xs[start:start + n], gate_up_proj).chunk(2, dim=-1)  # [n, F] each
+                outs.append(F.linear(F.silu(gate) * up, down_proj))  # [n, D]
                 start += n
         y = torch.cat(outs) * weights.flatten()[order, None]  # [N k, D], each scaled by its routing weight
         return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))  # the k outputs of each token summed

@@ -164,3 +164,33 @@ def test_qwen3_moe_reads_either_spelling_of_the_expert_count():
         assert convert.from_hf_config({**base, key: 6})[1]["n_expert"] == 6
     with pytest.raises(ValueError, match="num_experts=null"):
         convert.from_hf_config(base)
+
+
+@pytest.mark.slow
+def test_training_keeps_every_expert_in_use(tmp_path, shared_data):
+    """A short `zoo train moe-shakespeare` (shrunk) logs the router losses apart from the LM loss, and its
+    load-balancing loss leaves no expert of any layer unused."""
+    out = tmp_path / "run"
+    zoo.train("moe-shakespeare", [shared_data / "tinyshakespeare.txt"], out, tokenizer="char",
+              overrides=dict(n_layer=2, n_embd=32, n_head=2, n_kv_head=2, expert_dim=32), max_iters=40,
+              log_interval=10, eval_interval=40, eval_iters=2, block_size=32, batch_size=8, warmup=0,
+              device="cpu", bf16=False, progress=False)
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "aux_loss" in r]
+    assert len(logged) == 4 and all("loss" in r and "z_loss" in r for r in logged)
+    assert all(1.9 < r["aux_loss"] < 2.5 for r in logged)  # top_k = 2 when balanced
+    assert logged[-1]["expert_share_min"] > 0 and logged[-1]["expert_share_max"] < 0.5, logged
+
+
+def test_router_losses_gradient_reaches_the_router():
+    """The load-balancing loss trains the router (its gradient is not cut by the top-k), and the z-loss is
+    the mean squared logsumexp of the router logits."""
+    model = zoo.build("moe", dict(vocab_size=37, block_size=16, n_layer=1, n_head=2, n_kv_head=2, n_embd=16,
+                                  n_expert=4, top_k=2, expert_dim=8))
+    model(tokens(B=2, T=8) % 37)
+    aux, z, counts = model.router_losses()
+    logits = model.model.layers[0].mlp.router_logits
+    torch.testing.assert_close(z, logits.float().logsumexp(-1).square().mean())
+    aux.backward()
+    assert model.model.layers[0].mlp.gate.weight.grad.abs().sum() > 0
+    assert counts.shape == (1, 4) and counts.sum() == 2 * 16

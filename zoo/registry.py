@@ -48,6 +48,16 @@ PRESETS = {
         train=dict(batch_size=12, block_size=64, lr=3e-3, schedule="cosine",
                    warmup=100, min_lr=3e-4, weight_decay=0.1, beta2=0.99, bf16=True),
     ),
+    "moe-shakespeare": Preset(
+        "moe",
+        # shakespeare-char's shape with a routed feed-forward: 8 SwiGLU experts, each token through 2 of them
+        # (the active feed-forward is a 256-wide SwiGLU); the load-balancing loss keeps every expert in use
+        dict(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_kv_head=4, n_embd=128, n_expert=8, top_k=2,
+             expert_dim=128, norm_topk_prob=True, aux_loss_coef=0.01),
+        tokenizer="char",
+        train=dict(batch_size=12, block_size=64, lr=3e-3, schedule="cosine",
+                   warmup=100, min_lr=3e-4, weight_decay=0.1, beta2=0.99, bf16=True),
+    ),
     "gpt2": Preset("gpt2", dict(_GPT2, n_layer=12, n_head=12, n_embd=768), "openai-community/gpt2", "mit",
                    tokenizer="gpt2"),
     "gpt2-medium": Preset("gpt2", dict(_GPT2, n_layer=24, n_head=16, n_embd=1024),
