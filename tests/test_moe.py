@@ -2,6 +2,7 @@
 Qwen2-MoE, Qwen3-MoE, with k = 1, 2 and 4, with and without the shared expert, renormalisation and dense
 layers -- load with the same logits and router logits, export back, and decode through the cache as they
 compute whole; the load-balancing loss is transformers'; bad configs name their field."""
+import dataclasses
 import json
 import re
 
@@ -40,12 +41,12 @@ CASES = {
 }
 
 
-def hf_model(name, seed=0):
+def hf_model(name, seed=0, **changes):
     """A tiny transformers model with random weights large enough to make logit (and routing) errors visible."""
     cls, config_cls, kwargs = CASES[name]
     torch.manual_seed(seed)
     config = getattr(transformers, config_cls)(vocab_size=V, bos_token_id=0, eos_token_id=0, pad_token_id=1,
-                                               **kwargs)
+                                               **{**kwargs, **changes})
     model = getattr(transformers, cls)(config).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -194,3 +195,92 @@ def test_router_losses_gradient_reaches_the_router():
     aux.backward()
     assert model.model.layers[0].mlp.gate.weight.grad.abs().sum() > 0
     assert counts.shape == (1, 4) and counts.sum() == 2 * 16
+
+
+# ------------------------------------------------------------------------------------------ GGUF
+
+def write_gguf(path, ref):
+    """`ref` (a transformers MoE) as llama.cpp's converter writes it: experts stacked into ffn_*_exps tensors
+    [E, rows, cols]; Mixtral as a llama with an expert count and its q/k rows permuted (the other three use
+    the NEOX rotary layout, unpermuted)."""
+    gguf = pytest.importorskip("gguf")
+    c, sd = ref.config, {k: v.numpy() for k, v in ref.state_dict().items()}
+    arch = {"mixtral": "llama", "olmoe": "olmoe", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}[c.model_type]
+    w = gguf.GGUFWriter(path, arch)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_expert_count(c.num_experts)
+    w.add_expert_used_count(c.num_experts_per_tok)
+    w.add_feed_forward_length(c.intermediate_size)
+    if arch in ("qwen2moe", "qwen3moe"):
+        w.add_expert_feed_forward_length(c.moe_intermediate_size)
+    if arch == "qwen2moe":
+        w.add_expert_shared_feed_forward_length(c.shared_expert_intermediate_size)
+    if arch == "qwen3moe":
+        w.add_key_length(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+    w.add_token_list([f"t{i}" for i in range(V)])
+
+    def permute(t, n_head):  # llama.cpp (llama only): interleave the two rotary halves of each head
+        return t.reshape(n_head, 2, t.shape[0] // n_head // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    for i in range(c.num_hidden_layers):
+        p, b = f"model.layers.{i}.", f"blk.{i}."  # transformers' in-memory names: experts stacked, router mlp.gate
+        names = {"attn_norm": "input_layernorm", "attn_output": "self_attn.o_proj",
+                 "ffn_norm": "post_attention_layernorm", "attn_v": "self_attn.v_proj",
+                 "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_q_norm": "self_attn.q_norm",
+                 "attn_k_norm": "self_attn.k_norm", "ffn_gate_inp": "mlp.gate",
+                 "ffn_gate_inp_shexp": "mlp.shared_expert_gate", "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+                 "ffn_up_shexp": "mlp.shared_expert.up_proj", "ffn_down_shexp": "mlp.shared_expert.down_proj"}
+        for g, h in names.items():
+            for kind in ("weight", "bias"):
+                if p + h + "." + kind in sd:
+                    t = sd[p + h + "." + kind]
+                    if arch == "llama" and g in ("attn_q", "attn_k"):
+                        t = permute(t, c.num_attention_heads if g == "attn_q" else c.num_key_value_heads)
+                    w.add_tensor(f"{b}{g}.{kind}", t)
+        gate_up = sd[p + "mlp.experts.gate_up_proj"]  # [E, 2F, D]
+        w.add_tensor(b + "ffn_gate_exps.weight", gate_up[:, :gate_up.shape[1] // 2].copy())
+        w.add_tensor(b + "ffn_up_exps.weight", gate_up[:, gate_up.shape[1] // 2:].copy())
+        w.add_tensor(b + "ffn_down_exps.weight", sd[p + "mlp.experts.down_proj"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    if not c.tie_word_embeddings:
+        w.add_tensor("output.weight", sd["lm_head.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+# llama.cpp's qwen2moe and qwen3moe have no dense layers (and renormalise never and always, as these cases do)
+@pytest.mark.parametrize("name", ["mixtral-k2", "mixtral-k1-tied", "olmoe-k4", "qwen2_moe-shared-dense",
+                                  "qwen3_moe-head_dim"])
+def test_gguf_with_stacked_experts(name, tmp_path):
+    ref = hf_model(name, mlp_only_layers=[]) if name.startswith("qwen") else hf_model(name)
+    write_gguf(tmp_path / "m.gguf", ref)
+    model = zoo.from_pretrained(tmp_path / "m.gguf")
+    # the GGUF map reads the config the Hugging Face map reads (but for what GGUF does not hold)
+    got, want = dataclasses.asdict(model.config), convert.from_hf_config(ref.config.to_dict())[1]
+    assert got.pop("norm_eps") == pytest.approx(want.pop("norm_eps"))  # float32 in GGUF
+    assert {k: v for k, v in got.items() if k in want and k not in ("aux_loss_coef", "ffn_dim")} == \
+           {k: v for k, v in want.items() if k not in ("aux_loss_coef", "ffn_dim")}
+    idx = tokens()
+    with torch.no_grad():
+        assert (model(idx) - ref(idx).logits).abs().max().item() <= 1e-5
+
+
+def test_gguf_dense_llama_and_mixtral_are_told_apart_by_the_expert_count():
+    meta = {"general.architecture": "llama", "llama.block_count": 1, "llama.attention.head_count": 2,
+            "llama.embedding_length": 8, "llama.feed_forward_length": 16,
+            "llama.attention.layer_norm_rms_epsilon": 1e-5}
+    shapes = {"token_embd.weight": (V, 8)}
+    assert convert.from_gguf_metadata(meta, shapes, "m.gguf")[0] == "llama"
+    moe = {**meta, "llama.expert_count": 4, "llama.expert_used_count": 2}
+    assert convert.from_gguf_metadata(moe, shapes, "m.gguf")[0] == "moe"
+    with pytest.raises(ValueError, match="GGUF architecture 'gemma9' is not supported"):
+        convert.from_gguf_metadata({**meta, "general.architecture": "gemma9"}, shapes, "m.gguf")

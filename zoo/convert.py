@@ -36,7 +36,9 @@ def _maps():
         for field, rule in m.get("config", {}).items():
             if not isinstance(rule, str) and set(rule) - _RULE_KEYS:
                 raise ValueError(f"{where}: config.{field}: unknown keys {sorted(set(rule) - _RULE_KEYS)}")
-        other = claimed.setdefault((m["format"], m["architecture"]), name)
+        # a GGUF architecture may have two maps: without experts and with ("experts": true; llama.cpp
+        # writes Mixtral as a llama with {arch}.expert_count)
+        other = claimed.setdefault((m["format"], m["architecture"], bool(m.get("experts"))), name)
         if other != name:
             raise ValueError(f"{where}: {m['format']} architecture {m['architecture']!r} is already "
                              f"weights_maps/{other}.json's")
@@ -80,10 +82,13 @@ def from_hf_config(hf, where="config.json"):
 def from_gguf_metadata(meta, shapes, where):
     """(zoo arch, Config values, weights map name) from a GGUF file's metadata and tensor shapes."""
     arch = meta.get("general.architecture")
-    names = {m["architecture"]: n for n, m in _maps().items() if m["format"] == "gguf"}
-    if arch not in names:
-        raise ValueError(f"{where}: GGUF architecture {arch!r} is not supported (supported: {', '.join(names)})")
-    name = names[arch]
+    names = {(m["architecture"], bool(m.get("experts"))): n for n, m in _maps().items() if m["format"] == "gguf"}
+    key = (arch, bool(meta.get(f"{arch}.expert_count")))
+    if key not in names:
+        supported = sorted({a + (" with experts" if e else "") for a, e in names})
+        raise ValueError(f"{where}: GGUF architecture {arch!r}{' with experts' * key[1]} is not supported "
+                         f"(supported: {', '.join(supported)})")
+    name = names[key]
     return _maps()[name]["zoo_arch"], _read(name, meta, where, shapes), name
 
 
