@@ -159,10 +159,11 @@ class Experts(nn.Module):
 
     def forward(self, x, weights, experts):
         """x [N, D], each token's k routing weights and expert ids [N, k] -> sum of weighted outputs [N, D]."""
-        k = experts.size(1)
+        E, k = self.gate_up_proj.size(0), experts.size(1)
         order = experts.flatten().argsort(stable=True)  # the N k (token, expert) pairs, grouped by expert: [N k]
-        counts = experts.flatten().bincount(minlength=self.gate_up_proj.size(0)).tolist()  # pairs per expert
         token = order // k  # the token of each sorted pair [N k]
+        # pairs per expert; a meta tensor holds no ids, so there they all go to expert 0 (the shapes are right)
+        counts = experts.flatten().bincount(minlength=E).tolist() if not x.is_meta else [len(order)] + [0] * (E - 1)
         xs, outs, start = x[token], [], 0  # [N k, D]; unbind: the backward stacks the E experts' gradients once
         for n, gate_up_proj, down_proj in zip(counts, self.gate_up_proj.unbind(), self.down_proj.unbind()):
             if n:  # one matmul pair per used expert, over all its tokens; unused experts are never read
@@ -233,11 +234,9 @@ class Model(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.cache_len = self.cache_batch = None  # the KV cache's slots and rows, once setup_cache has made it
         for name, p in self.named_parameters():  # GPT-2's init, the residual projections scaled down
-            if p.dim() >= 2:
-                residual = name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj"))
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer) if residual else 0.02)
-            elif name.endswith(".bias"):
-                nn.init.zeros_(p)
+            residual = name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj"))
+            if p.dim() >= 2 or name.endswith(".bias"):  # biases start at zero (std 0)
+                nn.init.normal_(p, std=(0.02 / math.sqrt(2 * config.n_layer) if residual else 0.02) * (p.dim() > 1))
 
     def router_losses(self):
         """After a forward: (load-balancing loss, router z-loss, tokens per expert [MoE layers, E]).

@@ -284,3 +284,24 @@ def test_gguf_dense_llama_and_mixtral_are_told_apart_by_the_expert_count():
     assert convert.from_gguf_metadata(moe, shapes, "m.gguf")[0] == "moe"
     with pytest.raises(ValueError, match="GGUF architecture 'gemma9' is not supported"):
         convert.from_gguf_metadata({**meta, "general.architecture": "gemma9"}, shapes, "m.gguf")
+
+
+# ------------------------------------------------------------------------------- generation, verify
+
+def test_greedy_generation_matches_transformers(tmp_path):
+    """zoo.generate on two prompts of different lengths (one batch, left-padded) = transformers' greedy
+    generate on each prompt alone."""
+    ref = hf_model("qwen2_moe-shared-dense")
+    ref.save_pretrained(tmp_path / "hf")
+    model = zoo.from_pretrained(tmp_path / "hf")
+    prompts = [tokens(B=1, T=7, seed=4)[0].tolist(), tokens(B=1, T=3, seed=5)[0].tolist()]
+    ours = zoo.generate(model, prompts, 8, temperature=0, eos_token_id=[])
+    for prompt, new in zip(prompts, ours):
+        theirs = ref.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, min_new_tokens=8)
+        assert new == theirs[0, len(prompt):].tolist()
+
+
+def test_zoo_verify_on_a_mixture_of_experts(tmp_path):
+    hf_model("olmoe-k4").save_pretrained(tmp_path / "hf")
+    r = zoo.verify(str(tmp_path / "hf"), n_tokens=32)
+    assert r["max_abs"] <= 1e-5 and r["top1"] == 1.0
