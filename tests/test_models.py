@@ -274,6 +274,9 @@ PUBLISHED = {
     "smollm2-360m": 361_821_120, "smollm2-360m-instruct": 361_821_120, "tinyllama-1.1b": 1_100_048_384,
     "tiny-starcoder": 164_144_128, "xglm-564m": 564_463_616,
     "shakespeare-char": 804_096,  # nanoGPT's baby config reports 0.80M
+    # the mixtures of experts, as their cards round them: 6.9B, 14.3B, 30.5B, 46.7B
+    "olmoe-1b-7b": 6_919_161_856, "qwen1.5-moe-a2.7b": 14_315_784_192, "qwen3-30b-a3b": 30_532_122_624,
+    "mixtral-8x7b-instruct": 46_702_792_704,
 }
 
 
