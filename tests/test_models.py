@@ -1,6 +1,6 @@
-"""The model contract, checked for all five files: shapes, causality, cache == recompute, left
+"""The model contract, checked for all six files: shapes, causality, cache == recompute, left
 padding, cache reordering, configs, presets, and that each file stands alone; bidirectional attention
-(causal=False) in the four transformers; and that the helpers those four repeat stay identical copies."""
+(causal=False) in the five transformers; and that the helpers those five repeat stay identical copies."""
 import ast
 import difflib
 import pathlib
@@ -326,7 +326,7 @@ def test_model_files_import_only_torch_and_stdlib():
         assert len(path.read_text().splitlines()) <= 350, f"{path.name} should read in one sitting"
 
 
-# Helpers the four transformer files repeat on purpose (each file must run alone): they must stay copies. The
+# Helpers the five transformer files repeat on purpose (each file must run alone): they must stay copies. The
 # one difference allowed is where each file keeps its layers and their attention (Hugging Face's module names).
 SHARED = ["KVCache", "Model.setup_cache", "Model.reorder_cache", "Model.positions_and_mask"]
 LAYER_PATHS = {"llama": ("self.model.layers", "block.self_attn"), "gpt2": ("self.transformer.h", "block.attn"),
@@ -353,7 +353,7 @@ def test_repeated_helpers_are_identical_copies(name):
         copy = shared_source(arch, name)
         diff = "".join(difflib.unified_diff(reference.splitlines(True), copy.splitlines(True),
                                             "models/llama.py", f"models/{arch}.py"))
-        assert copy == reference, f"{name}: the copies differ; change all four alike\n{diff}"
+        assert copy == reference, f"{name}: the copies differ; change all of them alike\n{diff}"
 
 
 @pytest.mark.slow
