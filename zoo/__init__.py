@@ -13,7 +13,7 @@ Notes go to logging.getLogger("zoo") (stderr by default; set its level to WARNIN
 from . import quantization, registry, sources
 from .adapters import add_lora, merge_lora, save_adapter
 from .generation import complete, generate
-from .masking import fill_mask
+from .mlm import fill_mask
 from .pretrained import save_pretrained
 from .quantization import quantize
 from .registry import arch_of, build, list  # noqa: A004  (zoo.list() is the public name)
