@@ -92,6 +92,15 @@ TINY = {
                                            factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                            original_max_position_embeddings=16))),
     "mqa": ("mqa", dict(vocab_size=37, block_size=64, n_layer=2, n_head=4, n_embd=32, ffn_dim=48)),
+    # Gemma 2 and 3: windows shorter than the tests' sequences, soft-capping, head_dim of its own
+    "gemma2": ("gemma", dict(vocab_size=37, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=28, head_dim=6,
+                             ffn_dim=40, query_pre_attn_scalar=20, attn_softcap=3.0, final_softcap=5.0,
+                             sliding_window=5, layer_types=["sliding_attention", "full_attention"],
+                             sandwich_norms=True)),
+    "gemma3": ("gemma", dict(vocab_size=37, block_size=64, n_layer=3, n_head=3, n_kv_head=1, n_embd=24, head_dim=10,
+                             ffn_dim=40, rope_theta=1e6, rope_local_theta=1e4, rope_scaling_factor=2.0,
+                             sliding_window=4, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                             sandwich_norms=True, qk_norm=True)),
 }
 
 

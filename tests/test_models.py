@@ -327,7 +327,8 @@ def test_model_files_import_only_torch_and_stdlib():
 # one difference allowed is where each file keeps its layers and their attention (Hugging Face's module names).
 SHARED = ["KVCache", "Model.setup_cache", "Model.reorder_cache", "Model.positions_and_mask"]
 LAYER_PATHS = {"llama": ("self.model.layers", "block.self_attn"), "gpt2": ("self.transformer.h", "block.attn"),
-               "mqa": ("self.transformer.h", "block.attn"), "scratchformer": ("self.model.layers", "block.self_attn")}
+               "mqa": ("self.transformer.h", "block.attn"), "scratchformer": ("self.model.layers", "block.self_attn"),
+               "gemma": ("self.model.layers", "block.self_attn")}
 
 
 def shared_source(arch, name):
@@ -362,7 +363,7 @@ import sys
 assert {str(ROOT)!r} not in sys.path
 import torch, {path.stem} as m
 assert 'zoo' not in sys.modules
-cfg = m.Config(**{TINY[path.stem if path.stem != 'llama' else 'llama-gqa'][1]!r})
+cfg = m.Config(**{TINY[{'llama': 'llama-gqa', 'gemma': 'gemma3'}.get(path.stem, path.stem)][1]!r})
 model = m.Model(cfg).eval()
 idx = torch.randint(0, 37, (2, 8))
 full = model(idx)

@@ -260,14 +260,76 @@ def gguf_llama(meta, ours, need=None, shapes=None, to_hf=False):
     ours.update(vocab_size=shapes["token_embd.weight"][0], tie_embeddings="output.weight" not in shapes)
 
 
-HOOKS = {f.__name__: f for f in (llama_rope, gguf_llama)}
+def _gemma(generation, hf, ours, need=None, shapes=None, to_hf=False):
+    """Gemma's rotary bases and layer kinds. transformers >= 5 writes rope_parameters, flat (Gemma 1, 2) or one
+    dict per layer kind (Gemma 3: 10k on the sliding layers, 1M on the global ones, the latter with a linear
+    scaling factor in the 4B+ models); older configs write rope_theta, rope_local_base_freq and rope_scaling.
+    The layer kinds are a layer_types list, or derived from a pattern: every 2nd layer global in Gemma 2, every
+    sliding_window_pattern-th (6) in Gemma 3. Gemma 2's soft-caps are here too: null switches one off, while
+    an absent key means transformers' default (which a map's "default", treating both alike, cannot say)."""
+    if generation == 2:
+        caps = {"attn_softcap": ("attn_logit_softcapping", 50.0), "final_softcap": ("final_logit_softcapping", 30.0)}
+        if to_hf:
+            hf.update({key: ours[field] for field, (key, _) in caps.items()})
+        else:
+            ours.update({field: hf.get(key, default) for field, (key, default) in caps.items()})
+    if to_hf:
+        glob = {"rope_type": "default", "rope_theta": ours["rope_theta"]}
+        if ours["rope_scaling_factor"]:
+            glob.update(rope_type="linear", factor=ours["rope_scaling_factor"])
+        if generation == 3:
+            local = {"rope_type": "default", "rope_theta": ours["rope_local_theta"]}
+            hf.update(rope_parameters={"full_attention": glob, "sliding_attention": local},
+                      rope_local_base_freq=ours["rope_local_theta"])  # and the older form's keys
+        else:
+            hf.update(rope_parameters=glob)
+        hf.update(rope_theta=ours["rope_theta"], rope_scaling=glob if ours["rope_scaling_factor"] else None)
+        if generation > 1:
+            hf["layer_types"] = ours["layer_types"]
+        return
+    rope = hf.get("rope_parameters") or {}
+    if generation == 3:
+        local = rope.get("sliding_attention") or {"rope_theta": hf.get("rope_local_base_freq")}
+        rope = rope.get("full_attention") or {**(hf.get("rope_scaling") or {}), "rope_theta": hf.get("rope_theta")}
+        ours["rope_local_theta"] = float(local.get("rope_theta") or 1e4)
+        need(local.get("rope_type", "default") == "default",
+             f"sliding layers' rope type {local.get('rope_type')!r} (supported: default)")
+    elif not rope:
+        rope = {**(hf.get("rope_scaling") or {}), "rope_theta": hf.get("rope_theta")}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    need(rope_type in ("default", "linear"), f"rope type {rope_type!r} (supported: default, linear)")
+    ours["rope_theta"] = float(rope.get("rope_theta") or (1e6 if generation == 3 else 1e4))
+    ours["rope_scaling_factor"] = float(rope["factor"]) if rope_type == "linear" else None
+    if generation > 1:
+        n, every = ours["n_layer"], 2 if generation == 2 else hf.get("sliding_window_pattern") or 6
+        kinds = hf.get("layer_types") or ["sliding_attention" if (i + 1) % every else "full_attention"
+                                          for i in range(n)]
+        need(len(kinds) == n and set(kinds) <= {"sliding_attention", "full_attention"},
+             f"layer_types={_show(kinds)} (expected sliding_attention or full_attention for each of {n} layers)")
+        ours["layer_types"] = list(kinds)
+
+
+def gemma(*args, **kwargs):
+    return _gemma(1, *args, **kwargs)
+
+
+def gemma2(*args, **kwargs):
+    return _gemma(2, *args, **kwargs)
+
+
+def gemma3(*args, **kwargs):
+    return _gemma(3, *args, **kwargs)
+
+
+HOOKS = {f.__name__: f for f in (llama_rope, gguf_llama, gemma, gemma2, gemma3)}
 
 
 def dims(config):
     """Names a weights map may use for sizes and head counts: Config fields plus derived ones."""
     d = dataclasses.asdict(config)
     if "n_head" in d:
-        d["head_dim"] = config.n_embd // config.n_head
+        d["head_dim"] = d.get("head_dim") or config.n_embd // config.n_head  # a field of its own in Gemma
+        d["q_dim"] = d["n_head"] * d["head_dim"]
         d["kv_dim"] = d.get("n_kv_head", 1) * d["head_dim"]
     return d
 

@@ -5,7 +5,7 @@ import importlib
 import math
 from dataclasses import dataclass, field
 
-ARCHITECTURES = ("bigram", "scratchformer", "gpt2", "llama", "mqa")
+ARCHITECTURES = ("bigram", "scratchformer", "gpt2", "llama", "mqa", "gemma")
 
 
 @dataclass(frozen=True)
