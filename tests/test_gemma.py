@@ -36,8 +36,8 @@ CASES = {
 }
 
 
-def hf_model(name, seed=0):
-    cls, config_cls, kwargs = CASES[name]
+def hf_model(name, seed=0, cases=CASES):
+    cls, config_cls, kwargs = cases[name]
     torch.manual_seed(seed)
     config = getattr(transformers, config_cls)(vocab_size=V, bos_token_id=2, eos_token_id=1, pad_token_id=0,
                                                attn_implementation="eager", **kwargs)
@@ -153,3 +153,74 @@ def test_unsupported_configs_are_refused(change, message):
           "num_hidden_layers": 2, "num_attention_heads": 4, **change}
     with pytest.raises(ValueError, match=message):
         convert.from_hf_config(hf)
+
+
+# The GGUF maps: a tiny transformers model written as llama.cpp's converter writes it (norm weights as 1 + w;
+# the query scale, layer pattern and Gemma 3's local rope base left to llama.cpp's code, so the tiny models
+# use the values it assumes), loaded by zoo, against transformers' logits.
+GGUF_CASES = {
+    "gemma": ("GemmaForCausalLM", "GemmaConfig", dict(
+        hidden_size=36, intermediate_size=52, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1,
+        head_dim=10, max_position_embeddings=64, rms_norm_eps=1e-5)),
+    "gemma2": ("Gemma2ForCausalLM", "Gemma2Config", dict(
+        hidden_size=28, intermediate_size=44, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=12, max_position_embeddings=64, sliding_window=5, query_pre_attn_scalar=12,
+        attn_logit_softcapping=3.0, final_logit_softcapping=4.0)),
+    "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig", dict(
+        hidden_size=28, intermediate_size=40, num_hidden_layers=7, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=14, max_position_embeddings=64, sliding_window=6, query_pre_attn_scalar=14,
+        rope_parameters={SLIDE: {"rope_type": "default", "rope_theta": 10000.0},
+                         FULL: {"rope_type": "default", "rope_theta": 50000.0}})),
+}
+GGUF_NAMES = {"embed_tokens": "token_embd", "norm": "output_norm", "input_layernorm": "attn_norm",
+              "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+              "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
+              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def write_gguf(path, ref, arch):
+    gguf = pytest.importorskip("gguf")
+    c = ref.config
+    w = gguf.GGUFWriter(path, arch)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    if arch != "gemma":
+        w.add_sliding_window(c.sliding_window)
+        rope = c.rope_parameters.get(FULL, c.rope_parameters)
+    else:
+        rope = c.rope_parameters
+    w.add_rope_freq_base(rope["rope_theta"])
+    if arch == "gemma2":
+        w.add_float32("gemma2.attn_logit_softcapping", c.attn_logit_softcapping)
+        w.add_float32("gemma2.final_logit_softcapping", c.final_logit_softcapping)
+    post_attention = "ffn_norm" if arch == "gemma" else "post_attention_norm"  # Gemma 1's is the pre-MLP norm
+    for name, t in ref.state_dict().items():
+        if name == "lm_head.weight":
+            continue  # tied
+        name = name.removeprefix("model.").removesuffix(".weight")
+        layer, _, rest = name.removeprefix("layers.").partition(".")
+        gname = (f"blk.{layer}.{post_attention if rest == 'post_attention_layernorm' else GGUF_NAMES[rest]}"
+                 if name.startswith("layers.") else GGUF_NAMES[name])
+        t = t.float() + 1 if name.endswith("norm") else t.float()  # llama.cpp stores Gemma's norms as 1 + w
+        w.add_tensor(gname + ".weight", t.numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("arch", GGUF_CASES)
+def test_gguf_maps_read_what_llama_cpp_writes(arch, tmp_path):
+    ref = hf_model(arch, cases=GGUF_CASES)
+    write_gguf(tmp_path / "m.gguf", ref, arch)
+    model = zoo.from_pretrained(tmp_path / "m.gguf")
+    assert model.config.layer_types == getattr(ref.config, "layer_types", None)
+    assert max_diff(model, ref, ids()) <= 1e-5
