@@ -169,6 +169,10 @@ class GGUFCheckpoint(Checkpoint):
             raise _corrupt(self.path, f"tensor data ends at byte {end} but the file has {size}")
         self.shapes = {name: shape for name, (_, shape, _, _) in self._tensors.items()}
 
+    def raw_type(self, name):
+        """The ggml type number a tensor is stored as (zoo/ggml_blocks.py's TYPES names them)."""
+        return self._tensors[name][2]
+
     def read_raw(self, name):
         """(ggml type, the tensor's bytes as stored (uint8), torch shape): blocks left packed."""
         offset, shape, qtype, nbytes = self._tensors[name]

@@ -51,7 +51,7 @@ def q4_1(raw):  # d, m, nibbles; q d + m
     return _f16(b[:, :2]) * q + _f16(b[:, 2:4])
 
 
-def _q5(b, at):  # the 5-bit codes of Q5_0/Q5_1: 4 bytes of high bits at `at` (bit j: weight j), then nibbles
+def q5_codes(b, at):  # the 5-bit codes of Q5_0/Q5_1: 4 bytes of high bits at `at` (bit j: weight j), then nibbles
     qh = _bits(b[:, at:at + 4].reshape(-1, 4, 1, 1), tuple(range(8)), 1).view(-1, 32)  # byte-major: [n, 32]
     ql = _bits(b[:, None, None, at + 4:], (0, 4), 15).view(-1, 32)
     return ql | (qh << 4)
@@ -59,12 +59,12 @@ def _q5(b, at):  # the 5-bit codes of Q5_0/Q5_1: 4 bytes of high bits at `at` (b
 
 def q5_0(raw):  # d, qh, nibbles; (q - 16) d
     b = _blocks(raw, 22)
-    return _f16(b[:, :2]) * (_q5(b, 2).to(torch.int8) - 16).float()
+    return _f16(b[:, :2]) * (q5_codes(b, 2).to(torch.int8) - 16).float()
 
 
 def q5_1(raw):  # d, m, qh, nibbles; q d + m
     b = _blocks(raw, 24)
-    return _f16(b[:, :2]) * _q5(b, 4).float() + _f16(b[:, 2:4])
+    return _f16(b[:, :2]) * q5_codes(b, 4).float() + _f16(b[:, 2:4])
 
 
 def q8_0(raw):  # d, 32 int8; q d
