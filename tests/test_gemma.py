@@ -224,3 +224,18 @@ def test_gguf_maps_read_what_llama_cpp_writes(arch, tmp_path):
     model = zoo.from_pretrained(tmp_path / "m.gguf")
     assert model.config.layer_types == getattr(ref.config, "layer_types", None)
     assert max_diff(model, ref, ids()) <= 1e-5
+
+
+def test_generate_batched_equals_alone_equals_transformers(pair):
+    """zoo.generate, greedy, past the window: a batch of prompts of different lengths gives each one's tokens
+    alone, which are transformers' greedy tokens; beam search with one beam is greedy too."""
+    _, ref, model, _ = pair
+    prompts = [ids(1, n, seed=10 + n)[0].tolist() for n in (11, 4, 7)]
+    steps = 20
+    batched = zoo.generate(model, prompts, steps, temperature=0, eos_token_id=None)
+    alone = [zoo.generate(model, p, steps, temperature=0, eos_token_id=None)[0] for p in prompts]
+    with torch.no_grad():
+        want = [ref.generate(torch.tensor([p]), max_new_tokens=steps, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    assert batched == alone == want
+    assert len({tuple(w) for w in want}) > 1 and any(len(set(w)) > 1 for w in want), "degenerate test"
