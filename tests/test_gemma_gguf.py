@@ -29,7 +29,7 @@ def ours(gemma3_gguf):
 
 
 def test_the_preset_reads_the_packaged_file(gemma3_gguf, ours):
-    from zoo.pretrained import preset_source
+    from zoo.registry import preset_source
     assert preset_source("gemma-3-270m")[0] == str(gemma3_gguf)
     c = ours[0].config
     assert (c.n_layer, c.n_embd, c.head_dim, c.sliding_window, c.rope_local_theta, c.vocab_size) == \

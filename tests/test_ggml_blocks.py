@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from zoo import checkpoints, ggml_blocks
+from zoo import ggml_blocks, weight_files
 
 gguf = pytest.importorskip("gguf")
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # noqa: E402
@@ -47,7 +47,7 @@ def test_an_unread_type_is_an_error_naming_tensor_and_type(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    ckpt = checkpoints.GGUFCheckpoint(tmp_path / "m.gguf")
+    ckpt = weight_files.GGUFCheckpoint(tmp_path / "m.gguf")
     assert ckpt.shapes["blk.0.ffn_up.weight"] == (2, 64)
     with pytest.raises(ValueError, match=r"m.gguf: tensor blk.0.ffn_up.weight is stored as IQ4_NL, which zoo does "
                                          r"not read \(it reads F32, F16, Q4_0.*\); convert"):

@@ -35,7 +35,7 @@ import threading
 
 import torch
 
-from .generation import TextStream, compiled_step, decode_layout
+from .generation import TextStream, compiled_step, weights_column_major
 from .progress import log
 from .sampling import SamplingConfig, next_tokens, penalize_repetition
 
@@ -125,7 +125,7 @@ class Engine:
         eos = list(tokenizer.eos_ids) or getattr(model, "eos_token_id", None)
         self.eos = set(SamplingConfig(eos_token_id=eos).eos_ids)
         model.eval()
-        decode_layout(model)
+        weights_column_major(model)
         self.forward_step = compiled_step(model) if compile else model  # the decode step's forward
         self.pending = collections.deque()
         self.rows = [None] * max_batch  # the request in each cache row

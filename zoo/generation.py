@@ -108,7 +108,7 @@ def compiled_step(model):
 
 
 @torch.no_grad()
-def decode_layout(model):
+def weights_column_major(model):
     """Store fp32 Linear weights on the CPU column-major: same shape, values and names, but the CPU's fp32
     matrix-vector kernels read that layout about 1.3x faster (bf16's prefer the usual one, so those stay).
     Done in place, once; a no-op on other devices and dtypes."""
@@ -151,8 +151,8 @@ def _prepare(model, prompts, max_new_tokens, settings):
     return prompts, settings.eos_ids
 
 
-def _dropout_off(model):
-    """Put the modules in training mode into eval mode, and return them for _dropout_on. Only those are
+def _eval_mode_on(model):
+    """Put the modules in training mode into eval mode, and return them for _eval_mode_off. Only those are
     touched: model.eval() sets every module's flag, ~2 ms per call on a 30-layer model."""
     training = [m for m in model.modules() if m.training]
     for m in training:
@@ -160,7 +160,7 @@ def _dropout_off(model):
     return training
 
 
-def _dropout_on(modules):
+def _eval_mode_off(modules):
     for m in modules:
         m.training = True
 
@@ -169,7 +169,7 @@ def _dropout_on(modules):
 def _sample_steps(model, prompts, max_new_tokens, eos, settings, compile=False):
     """The decode loop: yields each step's new tokens [B] (on the device) until max_new_tokens, or until
     every row has produced an EOS."""
-    training = _dropout_off(model)
+    training = _eval_mode_on(model)
     try:
         batch = Batch(model, prompts, max_new_tokens, compile)
         device = batch.tokens.device
@@ -200,7 +200,7 @@ def _sample_steps(model, prompts, max_new_tokens, eos, settings, compile=False):
             if step + 1 < max_new_tokens:
                 logits = batch.step()
     finally:
-        _dropout_on(training)
+        _eval_mode_off(training)
 
 
 @torch.inference_mode()
@@ -210,7 +210,7 @@ def _beam_search(model, prompts, max_new_tokens, eos, settings, compile=False):
     sum(log p) / len**length_penalty (len counts the new tokens, EOS included); a prompt is done once
     num_beams hypotheses have finished, and at max_new_tokens its running beams join them. Returns
     the best hypothesis of each prompt."""
-    training = _dropout_off(model)
+    training = _eval_mode_on(model)
     try:
         batch = Batch(model, prompts, max_new_tokens, compile)
         B, K, V = len(prompts), settings.num_beams, model.config.vocab_size
@@ -269,7 +269,7 @@ def _beam_search(model, prompts, max_new_tokens, eos, settings, compile=False):
                         finished[b].append((score / max_new_tokens ** lp, new[b * K + k]))
         return [max(hyps, key=lambda h: h[0])[1] for hyps in finished]
     finally:
-        _dropout_on(training)
+        _eval_mode_off(training)
 
 
 def generate(model, prompts, max_new_tokens, sampling=None, *, compile=False, **settings):
@@ -285,7 +285,7 @@ def generate(model, prompts, max_new_tokens, sampling=None, *, compile=False, **
     prompts, eos = _prepare(model, prompts, max_new_tokens, settings)
     if max_new_tokens == 0:
         return [[] for _ in prompts]
-    decode_layout(model)
+    weights_column_major(model)
     if settings.num_beams > 1:
         return _beam_search(model, prompts, max_new_tokens, eos, settings, compile)
     steps = [*_sample_steps(model, prompts, max_new_tokens, eos, settings, compile)]
@@ -326,10 +326,10 @@ def complete(model, tokenizer, text_or_messages, *, max_new_tokens, sampling=Non
     if max_new_tokens == 0:
         tokens = iter([])
     elif settings.num_beams > 1:
-        decode_layout(model)
+        weights_column_major(model)
         tokens = iter(_beam_search(model, prompts, max_new_tokens, eos, settings, compile)[0])
     else:
-        decode_layout(model)
+        weights_column_major(model)
         tokens = _timed(_sample_steps(model, prompts, max_new_tokens, eos, settings, compile),
                         {} if stats is None else stats, len(ids))
     pieces = _text_stream(tokenizer, tokens, eos, stops)

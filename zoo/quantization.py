@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ggml_blocks
+from .convert import unpermute
 
 log = logging.getLogger("zoo")
 
@@ -400,7 +401,6 @@ def gguf_packed_loader(model, ckpt, *, device, dtype):
     is made of is stored in GGUF_BLOCK_TYPES blocks, it builds the quantized modules (Linear, and the
     token embedding) from the blocks as they are, and returns True; else False (loaded as usual). Its
     `summary()` says, per ggml type, how many matrices were kept packed and how many dequantized."""
-    from .convert import unpermute
     kept, dequantized = {}, {}
 
     def load(names, parts):
