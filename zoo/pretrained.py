@@ -20,6 +20,7 @@ import torch
 
 from . import convert, weight_files
 from .atomic import write_folder
+from .progress import log
 from .quantization import MODES as QUANT_MODES, check_mode, check_native, gguf_packed_loader, is_quantized
 from .quantization import quantize as quantize_model
 from .registry import arch_of, make_config, model_module
