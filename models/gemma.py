@@ -1,15 +1,13 @@
 """Gemma 1, 2 and 3 (text) (Gemma Team, 2024, 2025): Llama's skeleton with Gemma's own choices.
 
-One file, torch only. Runs Gemma 2B, Gemma 2 2B and Gemma 3 270M/1B weights. Module names follow
-Hugging Face's Gemma*ForCausalLM, except that q/k/v and gate/up are fused into one matmul each (as
-in models/llama.py). What differs from Llama, and in which generation:
-- all: RMSNorm scales by (1 + w), computed in float32 and then cast; embeddings are multiplied by
-  sqrt(n_embd) rounded to the weights' dtype; a GeGLU MLP (tanh GELU); head_dim is its own field.
-- Gemma 2: a norm after each sublayer too ("sandwich"); attention logits scaled by
-  query_pre_attn_scalar ** -0.5 and soft-capped, cap * tanh(x / cap), as are the final logits;
-  a sliding window of attention on every other layer.
-- Gemma 3: RMSNorm on each head's queries and keys; five sliding-window layers to one global; a
-  rotary base of 10k on the sliding layers and 1M (optionally scaled) on the global ones.
+One file, torch only. Runs Gemma 2B, Gemma 2 2B, Gemma 3 270M/1B. Module names are Hugging Face's, with q/k/v
+and gate/up fused into one matmul each (as in models/llama.py). What differs from Llama, and where:
+- all: RMSNorm scales by (1 + w) in float32, then casts; embeddings are multiplied by sqrt(n_embd) rounded
+  to the weights' dtype; a GeGLU MLP (tanh GELU); head_dim is a field of its own.
+- Gemma 2: norms after each sublayer too ("sandwich"); scores scaled by query_pre_attn_scalar ** -0.5 and
+  soft-capped, cap * tanh(x / cap), as are the final logits; a sliding window on every other layer.
+- Gemma 3: RMSNorm on each head's queries and keys; five sliding-window layers to one global, with rotary
+  bases of 10k and 1M (optionally scaled).
 
     model = Model(Config(n_layer=18, n_head=4, n_kv_head=1, n_embd=640, ffn_dim=2048, ...))
     logits = model(idx)                              # [B, T] -> [B, T, vocab_size]
@@ -71,11 +69,9 @@ def inv_freq(config, local, device):
 
 
 def rotation(pos, freq, dtype):
-    """cos and sin [B|1, 1, T, head_dim] of the positions pos [B|1, T], computed in fp32 and cast to the
-    activations' dtype, as the reference does (computed per call: a table for Gemma 3's 32k positions
-    would hold 64 MB, and a buffer would be rounded by model.to(bfloat16))."""
-    angles = pos[..., None].float() * freq  # [B|1, T, head_dim / 2]
-    angles = torch.cat((angles, angles), dim=-1)[:, None]
+    """cos and sin [B|1, 1, T, head_dim] of positions pos [B|1, T] in fp32, cast as the reference does (per call:
+    a table of Gemma 3's 32k positions would take 64 MB, and model.to(bfloat16) would round a buffer)."""
+    angles = torch.cat((pos[..., None].float() * freq,) * 2, dim=-1)[:, None]  # [B|1, 1, T, head_dim]
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -85,13 +81,12 @@ def apply_rotary(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def softcap(x, cap):
-    return x if cap is None else torch.tanh(x / cap) * cap  # the reference's order: divide, tanh, multiply
+def softcap(x, cap):  # Gemma 2's final logits: the reference's order (divide, tanh, multiply)
+    return x if cap is None else torch.tanh(x / cap) * cap
 
 
 class RMSNorm(nn.Module):
-    """Gemma's RMSNorm: the weight is stored as an offset from 1, and multiplies in fp32 before the cast
-    back (Llama's casts first); both differences change bf16 results."""
+    """The weight is an offset from 1, applied in fp32 before the cast back (Llama's casts first): bf16 differs."""
 
     def __init__(self, dim, eps):
         super().__init__()
@@ -99,8 +94,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x):
-        y = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps) * (1.0 + self.weight.float())
-        return y.to(x.dtype)
+        return (F.rms_norm(x.float(), x.shape[-1:], eps=self.eps) * (1.0 + self.weight.float())).to(x.dtype)
 
 
 class KVCache(nn.Module):
@@ -119,6 +113,38 @@ class KVCache(nn.Module):
         self.v.index_copy_(2, input_pos, v)
         return self.k, self.v
 
+class Attend(nn.Module):
+    """softmax(q kᵀ * scale + mask) v of query heads q [B, H, T, D] over key/value heads k, v [B, H_kv, S, D] (H a
+    multiple of H_kv), by SDPA. A module of its own so that zoo.trace can read its inputs and recompute the
+    attention pattern, only when asked (see models/__init__.py); other forwards pay for one module call."""
+
+    def forward(self, q, k, v, mask, causal, dropout_p=0.0, scale=None):
+        (B, H, T, D), H_kv = q.shape, k.size(1)
+        if T == 1 and H > H_kv:
+            # one new token: the query heads that share a K/V head attend as rows of one head, several times
+            # faster on the CPU than SDPA's enable_gqa (which repeats K and V)
+            y = F.scaled_dot_product_attention(q.reshape(B, H_kv, H // H_kv, D), k, v, attn_mask=mask,
+                                               dropout_p=dropout_p, scale=scale)  # [B, H_kv, H / H_kv, D]
+            return y.view(B, H, 1, D)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and causal,
+                                              dropout_p=dropout_p, scale=scale, enable_gqa=H > H_kv)
+
+class CappedAttend(nn.Module):
+    """Attend's computation with Gemma 2's soft-capped scores, softmax(cap * tanh(q kᵀ * scale / cap) + mask) v,
+    written out (SDPA cannot cap), as the reference's eager attention computes it (softmax in fp32)."""
+
+    def forward(self, q, k, v, mask, causal, dropout_p=0.0, scale=None, softcap=None):
+        (B, H, T, D), (H_kv, S) = q.shape, k.shape[1:3]
+        q = q.view(B, H_kv, H // H_kv, T, D)  # the query heads that share a K/V head, side by side
+        scores = torch.tanh(q @ k[:, :, None].transpose(-1, -2) * (scale or D ** -0.5) / softcap) * softcap
+        if mask is not None:  # [T, S] or [B|1, 1, T, S]
+            scores = scores + (mask if mask.dim() == 2 else mask[:, :, None])  # [B, H_kv, H / H_kv, T, S]
+        elif causal:
+            scores = scores.masked_fill(torch.ones(T, S, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        p = F.dropout(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), dropout_p, dropout_p > 0)
+        return (p @ v[:, :, None]).view(B, H, T, D)  # [B, H, T, D]
+
+
 class Attention(nn.Module):
     def __init__(self, config, sliding):
         super().__init__()
@@ -131,6 +157,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
         self.scale = (config.query_pre_attn_scalar or config.head_dim) ** -0.5
         self.softcap, self.dropout, self.causal = config.attn_softcap, config.dropout, config.causal
+        self.attend = Attend() if self.softcap is None else CappedAttend()
         self.kv_cache = None
 
     def forward(self, x, cos, sin, mask, input_pos):
@@ -145,24 +172,8 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(input_pos, k, v)  # [B, H_kv, max_len, D]
             k, v = k[:, :, :mask.size(-1)], v[:, :, :mask.size(-1)]  # [B, H_kv, S, D]
         dropout_p = self.dropout if self.training else 0.0
-        n_rep = H // H_kv
-        if self.softcap is not None:  # SDPA cannot cap the scores: attention written out, as the reference's eager
-            q = q.view(B, H_kv, n_rep, T, D)  # the n_rep query heads that share a K/V head, side by side
-            scores = softcap(q @ k[:, :, None].transpose(-1, -2) * self.scale, self.softcap)  # [B, H_kv, n_rep, T, S]
-            if mask is not None:  # [T, S] or [B|1, 1, T, S]
-                scores = scores + (mask if mask.dim() == 2 else mask[:, :, None])
-            elif self.causal:
-                scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
-            p = F.dropout(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), dropout_p, self.training)
-            y = (p @ v[:, :, None]).view(B, H, T, D)  # [B, H, T, D]
-        elif T == 1 and n_rep > 1:
-            # one new token: the n_rep query heads that share a K/V head attend as n_rep rows of one head,
-            # several times faster on the CPU than SDPA's enable_gqa (which repeats K and V)
-            y = F.scaled_dot_product_attention(q.reshape(B, H_kv, n_rep, D), k, v, attn_mask=mask,
-                                               dropout_p=dropout_p, scale=self.scale).view(B, H, 1, D)  # [B, H, 1, D]
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and self.causal,
-                                               dropout_p=dropout_p, scale=self.scale, enable_gqa=n_rep > 1)
+        capped = {} if self.softcap is None else {"softcap": self.softcap}  # Gemma 2: CappedAttend
+        y = self.attend(q, k, v, mask, self.causal, dropout_p, self.scale, **capped)  # [B, H, T, D]
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))  # [B, T, n_embd]
 
 
@@ -182,15 +193,13 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config, sliding):
         super().__init__()
-        eps = config.norm_eps
-        self.input_layernorm = RMSNorm(config.n_embd, eps)
+        d, eps, self.sandwich = config.n_embd, config.norm_eps, config.sandwich_norms
+        self.input_layernorm = RMSNorm(d, eps)
         self.self_attn = Attention(config, sliding)
         # Gemma 1: the norm before the MLP; Gemma 2 and 3: the one after attention (Hugging Face's names)
-        self.post_attention_layernorm = RMSNorm(config.n_embd, eps)
-        if config.sandwich_norms:
-            self.pre_feedforward_layernorm = RMSNorm(config.n_embd, eps)
-            self.post_feedforward_layernorm = RMSNorm(config.n_embd, eps)
-        self.sandwich = config.sandwich_norms
+        self.post_attention_layernorm = RMSNorm(d, eps)
+        if self.sandwich:
+            self.pre_feedforward_layernorm, self.post_feedforward_layernorm = RMSNorm(d, eps), RMSNorm(d, eps)
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -328,12 +337,10 @@ class Model(nn.Module):
         pos, mask = self.positions_and_mask(idx, input_pos, key_mask)
         x = self.model.embed_tokens(idx)  # [B, T, n_embd]
         x = x * torch.tensor(c.n_embd ** 0.5).to(x.dtype)  # the scale rounded to the weights' dtype first, as HF
-        rope = {False: rotation(pos, inv_freq(c, False, idx.device), x.dtype)}  # [B|1, 1, T, head_dim] each
-        if SLIDING in (c.layer_types or []):
-            rope[True] = rotation(pos, inv_freq(c, True, idx.device), x.dtype)
-            masks = {False: mask, True: self.window(mask, input_pos, idx.size(1), idx.device)}
-        else:
-            masks = {False: mask}
+        sliding = SLIDING in (c.layer_types or [])  # the rotations [B|1, 1, T, head_dim] and mask of each kind
+        rope = {False: rotation(pos, inv_freq(c, False, idx.device), x.dtype),
+                True: rotation(pos, inv_freq(c, True, idx.device), x.dtype) if sliding else None}
+        masks = {False: mask, True: self.window(mask, input_pos, idx.size(1), idx.device) if sliding else None}
         for block in self.model.layers:
             sliding = block.self_attn.sliding
             x = block(x, *rope[sliding], masks[sliding], input_pos)
