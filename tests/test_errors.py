@@ -225,7 +225,7 @@ MODEL = [
     ("sequence-longer-than-block-size", lambda a: tiny(a)(ids(1, 65)), "block_size"),
     ("bidirectional-setup-cache", lambda a: tiny(a, causal=False).setup_cache(1, 8), "causal=False"),
 ]
-ARCHS = ["gpt2", "llama-gqa", "mqa", "scratchformer"]
+ARCHS = ["gpt2", "llama-gqa", "mqa", "scratchformer", "gemma2"]
 
 
 @pytest.mark.parametrize("call, error, culprit", [c[1:] for c in API], ids=[c[0] for c in API])

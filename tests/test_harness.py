@@ -40,6 +40,9 @@ ARCHS = {
     "gpt2": dict(n_layer=2, n_head=2, n_embd=32, block_size=48, vocab_size=300),
     "llama": dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=48, vocab_size=300),
     "mqa": dict(n_layer=2, n_head=4, n_embd=32, block_size=48, vocab_size=300),
+    "gemma": dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, head_dim=8, ffn_dim=40, block_size=48, vocab_size=300,
+                  sliding_window=6, layer_types=["sliding_attention", "full_attention"], attn_softcap=20.0,
+                  final_softcap=30.0, sandwich_norms=True),
     "bigram": dict(vocab_size=300, block_size=48),
 }
 

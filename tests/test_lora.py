@@ -20,6 +20,9 @@ TINY = {  # zoo arch -> config of a small model with every kind of projection
                   tie_embeddings=True),
     "mqa": dict(vocab_size=V, block_size=32, n_layer=2, n_head=4, n_embd=16, ffn_dim=24),
     "scratchformer": dict(vocab_size=V, block_size=32, n_layer=2, n_head=2, n_embd=16, ffn_dim=24),
+    "gemma": dict(vocab_size=V, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, head_dim=6, ffn_dim=24,
+                  sliding_window=5, layer_types=["sliding_attention", "full_attention"], sandwich_norms=True,
+                  qk_norm=True, rope_local_theta=1e4),
 }
 HF = {  # name -> (transformers class, config class, config)
     "gpt2": ("GPT2LMHeadModel", "GPT2Config", dict(n_embd=24, n_layer=2, n_head=3, n_positions=32)),
@@ -29,10 +32,14 @@ HF = {  # name -> (transformers class, config class, config)
     "llama-gqa": ("LlamaForCausalLM", "LlamaConfig", dict(
         hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
         max_position_embeddings=32, tie_word_embeddings=False)),
+    "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig", dict(
+        hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=6, max_position_embeddings=32, sliding_window=5, layer_types=["sliding_attention", "full_attention"])),
 }
 # PEFT's usual targets for each: every projection, and (llama) the q, v-only adapters of PEFT's default
 PEFT_TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"], "llama-gqa-tied": ["q_proj", "k_proj", "v_proj", "o_proj",
-                "gate_proj", "up_proj", "down_proj"], "llama-gqa": ["q_proj", "v_proj", "up_proj"]}
+                "gate_proj", "up_proj", "down_proj"], "llama-gqa": ["q_proj", "v_proj", "up_proj"],
+                "gemma3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 
 
 def tiny(arch, seed=0):

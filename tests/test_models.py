@@ -272,7 +272,9 @@ PUBLISHED = {
     "gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200,
     "distilgpt2": 81_912_576, "smollm2-135m": 134_515_008, "smollm2-135m-instruct": 134_515_008,
     "smollm2-360m": 361_821_120, "smollm2-360m-instruct": 361_821_120, "tinyllama-1.1b": 1_100_048_384,
-    "tiny-starcoder": 164_144_128, "xglm-564m": 564_463_616,
+    "tiny-starcoder": 164_144_128, "xglm-564m": 564_463_616, "gemma-3-270m": 268_098_176, "gemma-3-270m-it": 268_098_176,
+    "gemma-3-1b": 999_885_952, "gemma-3-1b-it": 999_885_952, "gemma-2-2b": 2_614_341_888,
+    "gemma-2-2b-it": 2_614_341_888, "gemma-2b": 2_506_172_416,
     "shakespeare-char": 804_096,  # nanoGPT's baby config reports 0.80M
     # the mixtures of experts, as their cards round them: 6.9B, 14.3B, 30.5B, 46.7B
     "olmoe-1b-7b": 6_919_161_856, "qwen1.5-moe-a2.7b": 14_315_784_192, "qwen3-30b-a3b": 30_532_122_624,
@@ -331,6 +333,7 @@ def test_model_files_import_only_torch_and_stdlib():
 SHARED = ["Attend", "KVCache", "Model.setup_cache", "Model.reorder_cache", "Model.positions_and_mask"]
 LAYER_PATHS = {"llama": ("self.model.layers", "block.self_attn"), "gpt2": ("self.transformer.h", "block.attn"),
                "mqa": ("self.transformer.h", "block.attn"), "scratchformer": ("self.model.layers", "block.self_attn"),
+               "gemma": ("self.model.layers", "block.self_attn"),
                "moe": ("self.model.layers", "block.self_attn")}
 
 
@@ -366,7 +369,7 @@ import sys
 assert {str(ROOT)!r} not in sys.path
 import torch, {path.stem} as m
 assert 'zoo' not in sys.modules
-cfg = m.Config(**{TINY[path.stem if path.stem != 'llama' else 'llama-gqa'][1]!r})
+cfg = m.Config(**{TINY[{'llama': 'llama-gqa', 'gemma': 'gemma3'}.get(path.stem, path.stem)][1]!r})
 model = m.Model(cfg).eval()
 idx = torch.randint(0, 37, (2, 8))
 full = model(idx)

@@ -13,6 +13,7 @@ import torch
 
 import zoo
 from zoo import convert, weight_files
+from test_gemma import CASES as GEMMA_CASES  # Gemma's tiny models
 from test_moe import CASES as MOE_CASES  # the mixtures of experts' tiny models
 
 transformers = pytest.importorskip("transformers")
@@ -135,7 +136,7 @@ def test_each_hf_map_translates_configs_both_ways(map_name):
     """HF config -> ours -> HF config keeps every key transformers reads (training dropout aside: loading
     sets it to 0; token ids aside: they are the tokenizer's, written on save), and ours -> HF -> ours is exact."""
     wmap = convert.load_map(map_name)
-    every = {**HF_CASES, **MOE_CASES}
+    every = {**HF_CASES, **GEMMA_CASES, **MOE_CASES}
     cases = [name for name, (cls, _, _) in every.items() if cls == wmap["architecture"]]
     assert cases, f"weights_maps/{map_name}.json: add a tiny {wmap['architecture']} to HF_CASES"
     for case in cases:
@@ -150,6 +151,10 @@ def test_each_hf_map_translates_configs_both_ways(map_name):
         before, after = original.to_dict(), type(original)(**hf).to_dict()
         ignored = {k for k in before if k.endswith(("pdrop", "dropout"))}
         ignored |= {"bos_token_id", "eos_token_id", "pad_token_id"} - set(hf)
+        if cls == "Gemma3ForCausalLM":  # transformers reads neither: layer_types carries the pattern, and Gemma 3
+            ignored |= {"attn_logit_softcapping", "sliding_window_pattern", "_sliding_window_pattern"}  # has no cap
+        if not before.get("use_bidirectional_attention"):  # Gemma 2/3: None and False both mean causal
+            ignored.add("use_bidirectional_attention")
         assert {k: v for k, v in after.items() if k not in ignored} == \
                {k: v for k, v in before.items() if k not in ignored}, case
 
@@ -157,7 +162,8 @@ def test_each_hf_map_translates_configs_both_ways(map_name):
 @pytest.mark.parametrize("name", ["llama-mha-tied", "llama-mqa"])
 def test_gguf_map_reads_the_config_the_hf_map_reads(name, tmp_path):
     gguf_maps = [n for n in MAPS if convert.load_map(n)["format"] == "gguf" and not convert.load_map(n).get("experts")]
-    assert gguf_maps == ["gguf-llama"]  # a new one: test it (the mixtures of experts': tests/test_moe.py)
+    # a new one: test it (tests/test_gemma.py tests the gemma ones against transformers; tests/test_moe.py the experts')
+    assert gguf_maps == ["gguf-gemma", "gguf-gemma2", "gguf-gemma3", "gguf-llama"]
     ref = hf_model(name)
     write_gguf_llama(tmp_path / "m.gguf", ref)
     ckpt = weight_files.GGUFCheckpoint(tmp_path / "m.gguf")

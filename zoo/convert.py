@@ -303,7 +303,96 @@ def qwen_moe(hf, ours, need=None, shapes=None, to_hf=False):
     ours["dense_layers"] = dense(ours["n_layer"], hf.get("decoder_sparse_step") or 1, hf.get("mlp_only_layers") or [])
 
 
-HOOKS = {f.__name__: f for f in (llama_rope, gguf_llama, moe_rope, qwen_moe)}
+
+
+def _gemma(generation, hf, ours, need=None, shapes=None, to_hf=False):
+    """Gemma's rotary bases and layer kinds. transformers >= 5 writes rope_parameters, flat (Gemma 1, 2) or one
+    dict per layer kind (Gemma 3: 10k on the sliding layers, 1M on the global ones, the latter with a linear
+    scaling factor in the 4B+ models); older configs write rope_theta, rope_local_base_freq and rope_scaling.
+    The layer kinds are a layer_types list, or derived from a pattern: every 2nd layer global in Gemma 2, every
+    sliding_window_pattern-th (6) in Gemma 3. Gemma 2's soft-caps are here too: null switches one off, while
+    an absent key means transformers' default (which a map's "default", treating both alike, cannot say)."""
+    if generation == 2:
+        caps = {"attn_softcap": ("attn_logit_softcapping", 50.0), "final_softcap": ("final_logit_softcapping", 30.0)}
+        if to_hf:
+            hf.update({key: ours[field] for field, (key, _) in caps.items()})
+        else:
+            ours.update({field: hf.get(key, default) for field, (key, default) in caps.items()})
+    if to_hf:
+        glob = {"rope_type": "default", "rope_theta": ours["rope_theta"]}
+        if ours["rope_scaling_factor"]:
+            glob.update(rope_type="linear", factor=ours["rope_scaling_factor"])
+        if generation == 3:
+            local = {"rope_type": "default", "rope_theta": ours["rope_local_theta"]}
+            hf.update(rope_parameters={"full_attention": glob, "sliding_attention": local},
+                      rope_local_base_freq=ours["rope_local_theta"])  # and the older form's keys
+        else:
+            hf.update(rope_parameters=glob)
+        hf.update(rope_theta=ours["rope_theta"], rope_scaling=glob if ours["rope_scaling_factor"] else None)
+        if generation > 1:
+            hf["layer_types"] = ours["layer_types"]
+        return
+    rope = hf.get("rope_parameters") or {}
+    if generation == 3:
+        local = rope.get("sliding_attention") or {"rope_theta": hf.get("rope_local_base_freq")}
+        rope = rope.get("full_attention") or {**(hf.get("rope_scaling") or {}), "rope_theta": hf.get("rope_theta")}
+        ours["rope_local_theta"] = float(local.get("rope_theta") or 1e4)
+        need(local.get("rope_type", "default") == "default",
+             f"sliding layers' rope type {local.get('rope_type')!r} (supported: default)")
+    elif not rope:
+        rope = {**(hf.get("rope_scaling") or {}), "rope_theta": hf.get("rope_theta")}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    need(rope_type in ("default", "linear"), f"rope type {rope_type!r} (supported: default, linear)")
+    ours["rope_theta"] = float(rope.get("rope_theta") or (1e6 if generation == 3 else 1e4))
+    ours["rope_scaling_factor"] = float(rope["factor"]) if rope_type == "linear" else None
+    if generation > 1:
+        n, every = ours["n_layer"], 2 if generation == 2 else hf.get("sliding_window_pattern") or 6
+        kinds = hf.get("layer_types") or ["sliding_attention" if (i + 1) % every else "full_attention"
+                                          for i in range(n)]
+        need(len(kinds) == n and set(kinds) <= {"sliding_attention", "full_attention"},
+             f"layer_types={_show(kinds)} (expected sliding_attention or full_attention for each of {n} layers)")
+        ours["layer_types"] = list(kinds)
+
+
+def gemma(*args, **kwargs):
+    return _gemma(1, *args, **kwargs)
+
+
+def gemma2(*args, **kwargs):
+    return _gemma(2, *args, **kwargs)
+
+
+def gemma3(*args, **kwargs):
+    return _gemma(3, *args, **kwargs)
+
+
+def gguf_gemma(meta, ours, need=None, shapes=None, to_hf=False):
+    """What a gemma, gemma2 or gemma3 GGUF leaves to llama.cpp's code rather than its metadata, set as llama.cpp
+    sets it: the vocabulary (token_embd's rows) and the tied head (no output.weight), as in gguf_llama; the
+    attention scale, 1/sqrt(head_dim) except in the 27B models, 1/sqrt(n_embd / n_head) (LLM_TYPE_27B:
+    62 layers in Gemma 3, 46 in Gemma 2); the layer pattern (every 2nd layer global in Gemma 2, every 6th in
+    Gemma 3) and Gemma 3's rotary base of 10k on the sliding layers and linear scaling on the global ones;
+    Gemma 2's soft-caps."""
+    arch = meta["general.architecture"]
+    need("token_embd.weight" in shapes, "no token_embd.weight tensor", damaged=True)
+    ours.update(vocab_size=shapes["token_embd.weight"][0], tie_embeddings="output.weight" not in shapes)
+    if arch == "gemma":
+        return
+    n, big = ours["n_layer"], {"gemma2": 46, "gemma3": 62}[arch]
+    ours["query_pre_attn_scalar"] = ours["n_embd"] // ours["n_head"] if n == big else ours["head_dim"]
+    every = 2 if arch == "gemma2" else 6
+    ours["layer_types"] = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n)]
+    if arch == "gemma2":
+        ours["attn_softcap"] = meta.get("gemma2.attn_logit_softcapping", 50.0)
+        ours["final_softcap"] = meta.get("gemma2.final_logit_softcapping", 30.0)
+        return
+    scaling = meta.get("gemma3.rope.scaling.type", "none")
+    need(scaling in ("none", "linear"), f"gemma3.rope.scaling.type={_show(scaling)} (expected \"none\" or \"linear\")")
+    ours["rope_local_theta"] = 10000.0
+    ours["rope_scaling_factor"] = float(meta["gemma3.rope.scaling.factor"]) if scaling == "linear" else None
+
+
+HOOKS = {f.__name__: f for f in (llama_rope, gguf_llama, moe_rope, qwen_moe, gemma, gemma2, gemma3, gguf_gemma)}
 
 
 def dims(config):
@@ -318,7 +407,7 @@ def dims(config):
 # ---------------------------------------------------------------------------------------- weights
 
 def _parts(entry):
-    """An entry as a list of source parts {"from", "transpose", "rows", "unpermute"}."""
+    """An entry as a list of source parts {"from", "transpose", "rows", "unpermute", "add"}."""
     if isinstance(entry, str):
         return [{"from": entry}]
     if "concat" in entry:
@@ -440,6 +529,8 @@ def load_weights(model, ckpt, wmap, *, device, dtype, where, load_packed=None):
             for n in p["sources"]:
                 t = ckpt.read(names[n])
                 read.add(t.untyped_storage().data_ptr())
+                if "add" in p:  # in the file's float32, before any cast (llama.cpp's Gemma norms store 1 + w)
+                    t = t.float() + p["add"]
                 t = t.to(device=device, dtype=dtype if t.is_floating_point() else None)
                 if p.get("transpose"):
                     t = t.t()
@@ -489,6 +580,7 @@ def export_weights(model, wmap):
                 raise ValueError("weights maps with 'unpermute' (GGUF) are load-only")
             for name, piece in zip(_sources(entry, p, d), piece.unbind() if "{e}" in p["from"] else [piece]):
                 piece = piece.t() if p.get("transpose") else piece
+                piece = piece - p["add"] if "add" in p else piece
                 # safetensors stores each tensor alone: split views and transposes become their own copies
                 # (contiguous even when the model holds its weights column-major, as zoo.generate does on the CPU)
                 out[name] = (piece.clone(memory_format=torch.contiguous_format) if len(parts) > 1 or axis

@@ -26,7 +26,7 @@ SEED_RANGE = 2 ** 62  # per-example mask seeds are drawn below this
 # Where each model file keeps its token embedding (the output head is `lm_head` in all of them), and the
 # standard deviation its own init draws the rows from, used for rows added to a vocabulary.
 TOKEN_EMBEDDING = {"gpt2": ("transformer.wte", lambda c: 0.02), "mqa": ("transformer.wte", lambda c: 0.02),
-                   "llama": ("model.embed_tokens", lambda c: 0.02),
+                   "llama": ("model.embed_tokens", lambda c: 0.02), "gemma": ("model.embed_tokens", lambda c: 0.02),
                    "scratchformer": ("model.embed_tokens", lambda c: c.n_embd ** -0.5)}
 TRANSFORMERS = tuple(TOKEN_EMBEDDING)  # the model files with attention, whose Config has `causal`
 

@@ -20,6 +20,7 @@ import torch
 
 from . import convert, weight_files
 from .atomic import write_folder
+from .progress import log
 from .quantization import MODES as QUANT_MODES, check_mode, check_native, gguf_packed_loader, is_quantized
 from .quantization import quantize as quantize_model
 from .registry import arch_of, make_config, model_module
@@ -51,6 +52,8 @@ def load_pretrained(path, *, device, dtype, quantize=None, **overrides):
                              where=where, load_packed=packed)
     finally:
         torch.set_num_threads(threads)
+    if packed is not None:
+        log.info(packed.summary())
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"models/{arch}.py left {', '.join(left)} on the meta device: build derived "

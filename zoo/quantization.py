@@ -16,7 +16,11 @@ and per group of `group_size` inputs a scale s and a zero point z, with
 
 which is the int4 kernels' formula. GGUF's blocks of 32 weights map onto it exactly: Q4_0 (q - 8) * d
 is u = q, s = d, z = 0; Q4_1 q * d + m is u = q, s = d, z = m + 8 d; Q8_0 q * d is u = q + 128, s = d,
-z = 0. Only the fp16 block scales change, rounded to the activations' dtype that the kernels take.
+z = 0; the 5-bit Q5_0 (q - 16) d and Q5_1 q d + m as 8-bit codes u = q + 112 and u = q + 128. The K-quants'
+sub-blocks of 32 are the same affine grid: Q4_K (d sc) q - dmin m is u = q, s = d sc, z = 8 s - dmin m,
+and Q5_K u = q + 128, s = d sc, z = -dmin m. Only the block scales change, rounded to the activations'
+dtype that the kernels take. Q2_K, Q3_K and Q6_K (sub-blocks of 16, narrower than the kernels' groups
+of 32) are dequantized, and loading says so, per type.
 
 8-bit codes in groups (Q8_0, or int8 with a group size) have no kernel of their own; they run through the
 int4 kernel as two 4-bit planes: u = 16 h + l, so w = 16 s (h - 8) + s (l - 8) + (8 s + z), one matmul
@@ -34,13 +38,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import ggml_blocks
 from .convert import unpermute
 
 log = logging.getLogger("zoo")
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernels accept
-GGUF_BLOCK_TYPES = {2: "Q4_0", 3: "Q4_1", 8: "Q8_0"}  # ggml types kept packed by quantize="native"
+# ggml types kept packed by quantize="native": those whose groups of 32 are an affine grid of codes (below)
+GGUF_BLOCK_TYPES = {2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K"}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -71,6 +77,12 @@ class Quantized:
         return Quantized(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
                          torch.cat([p.zero for p in parts]), parts[0].bits, parts[0].group_size)
 
+    def widened(self, bits):
+        """The same matrix with codes of `bits` >= self.bits: u + 2**(bits-1) - 2**(self.bits-1), exact."""
+        shift = 2 ** (bits - 1) - 2 ** (self.bits - 1)
+        codes = self.codes if shift == 0 else (self.codes.short() + shift).to(torch.uint8)
+        return Quantized(codes, self.scale, self.zero, bits, self.group_size)
+
     def rows(self, fn):
         """The same matrix with `fn` (a permutation of rows, e.g. convert.unpermute) applied to its rows."""
         return Quantized(fn(self.codes), fn(self.scale), fn(self.zero), self.bits, self.group_size)
@@ -98,14 +110,34 @@ def quantize_tensor(w, bits, group_size):
 
 
 def from_gguf_blocks(qtype, raw, shape):
-    """A GGUF tensor's raw Q4_0 / Q4_1 / Q8_0 blocks (uint8 bytes) -> Quantized with groups of 32, the
-    4- or 8-bit codes exactly the file's (see the module's docstring for the mapping)."""
+    """A GGUF tensor's raw blocks (uint8 bytes) of a type in GGUF_BLOCK_TYPES -> Quantized with groups of 32,
+    the codes exactly the file's (see the module's docstring for the mapping). 5-bit codes are stored as
+    8-bit ones (run as two 4-bit planes); Q4_K and Q5_K's groups are their sub-blocks of 32, whose scale
+    d * sc and minimum dmin * m (w = scale q - minimum) are computed as dequantization computes them."""
     N, K = shape
+    g = K // 32
+
+    def grid(u, bits, d, zero):
+        return Quantized(u.reshape(N, K), d.reshape(N, g), zero.reshape(N, g), bits, 32)
+
+    if qtype in (12, 13):  # Q4_K, Q5_K: w = d q - m per sub-block of 32
+        b = raw.view(-1, 144 if qtype == 12 else 176)
+        d, m = (t.reshape(-1) for t in ggml_blocks.k_sub_blocks(b))
+        if qtype == 12:
+            return grid(ggml_blocks.q4_k_codes(b), 4, d, 8 * d - m)
+        return grid((ggml_blocks.q5_k_codes(b).short() + 128).to(torch.uint8), 8, d, -m)
+    if qtype in (6, 7):  # Q5_0 (q - 16) d: u = q + 112; Q5_1 q d + m: u = q + 128
+        b = raw.view(-1, 22 if qtype == 6 else 24)
+        at = 2 if qtype == 6 else 4
+        q = ggml_blocks.q5_codes(b, at).short() + (112 if qtype == 6 else 128)
+        dm = b[:, :at].contiguous().view(torch.float16).float()
+        zero = dm[:, 1] if qtype == 7 else torch.zeros_like(dm[:, 0])
+        return grid(q.to(torch.uint8), 8, dm[:, 0], zero)
     if qtype == 8:  # Q8_0: fp16 d, 32 int8 q; w = q * d
         blocks = raw.view(-1, 34)
         d = blocks[:, :2].contiguous().view(torch.float16).float()[:, 0]
         u = (blocks[:, 2:].view(torch.int8).short() + 128).to(torch.uint8)
-        return Quantized(u.reshape(N, K), d.view(N, -1), torch.zeros(N, K // 32), 8, 32)
+        return grid(u, 8, d, torch.zeros_like(d))
     head = {2: 2, 3: 4}[qtype]  # Q4_0: fp16 d; Q4_1: fp16 d, fp16 m
     blocks = raw.view(-1, head + 16)
     dm = blocks[:, :head].contiguous().view(torch.float16).float()
@@ -113,7 +145,7 @@ def from_gguf_blocks(qtype, raw, shape):
     u = torch.stack((qs & 15, qs >> 4), 1)  # low nibbles are weights 0-15 of the block, high ones 16-31
     d = dm[:, 0]
     zero = dm[:, 1] + 8 * d if qtype == 3 else torch.zeros_like(d)
-    return Quantized(u.reshape(N, K), d.view(N, -1), zero.view(N, -1), 4, 32)
+    return grid(u, 4, d, zero)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -368,29 +400,43 @@ def weight_bytes(model):
 
 def gguf_packed_loader(model, ckpt, *, device, dtype):
     """The hook that convert.load_weights calls for each of our tensors: where every checkpoint tensor it
-    is made of is stored in Q4_0, Q4_1 or Q8_0 blocks, it builds the quantized modules (Linear, and the
-    token embedding) from the blocks as they are, and returns True; else False (loaded as usual)."""
+    is made of is stored in GGUF_BLOCK_TYPES blocks, it builds the quantized modules (Linear, and the
+    token embedding) from the blocks as they are, and returns True; else False (loaded as usual). Its
+    `summary()` says, per ggml type, how many matrices were kept packed and how many dequantized."""
+    kept, dequantized = {}, {}
 
     def load(names, parts):
         modules = [model.get_submodule(n.rpartition(".")[0]) for n in names]
-        if any("transpose" in p for p in parts) or not all(isinstance(m, (nn.Linear, nn.Embedding)) for m in modules):
+        if any("transpose" in p or "add" in p for p in parts) or \
+                not all(isinstance(m, (nn.Linear, nn.Embedding)) for m in modules):
             return False
-        raws = [ckpt.read_raw(p["from"]) for p in parts]
-        if not all(qtype in GGUF_BLOCK_TYPES for qtype, _, _ in raws) or len({q for q, _, _ in raws}) != 1:
+        types = [ckpt.raw_type(p["from"]) for p in parts]
+        tally = kept if all(t in GGUF_BLOCK_TYPES for t in types) else dequantized
+        for t in types:
+            tally[t] = tally.get(t, 0) + 1
+        if tally is dequantized:
             return False
         pieces = []
-        for p, (qtype, raw, shape) in zip(parts, raws):
-            q = from_gguf_blocks(qtype, raw, shape)
+        for p in parts:
+            q = from_gguf_blocks(*ckpt.read_raw(p["from"]))
             if p.get("unpermute"):
                 q = q.rows(lambda t, n=p["unpermute"]: unpermute(t, n))
             pieces.append(q)
-        q = pieces[0] if len(pieces) == 1 else Quantized.cat(pieces)
+        bits = max(q.bits for q in pieces)  # a fused matrix of 4- and 8-bit parts (Q4_K q, Q8_0 v): 8-bit codes
+        q = pieces[0] if len(pieces) == 1 else Quantized.cat([q.widened(bits) for q in pieces])
         q = Quantized(q.codes.to(device), q.scale.to(device), q.zero.to(device), q.bits, q.group_size)
         shared = {}
         for name, old in zip(names, modules):
             _replace(model, name.rpartition(".")[0], _module_for(old, q, dtype, shared))
         return True
 
+    def summary():
+        def show(tally):
+            return ", ".join(f"{ggml_blocks.TYPES.get(t, t)} x{n}" for t, n in sorted(tally.items())) or "none"
+        return (f"quantize='native': matrices kept packed: {show(kept)}; dequantized to {str(dtype)[6:]} "
+                f"(no exact packed form): {show(dequantized)}")
+
+    load.summary = summary
     return load
 
 

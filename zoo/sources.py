@@ -57,8 +57,9 @@ def from_pretrained(source, revision=None, device=None, dtype=None, quantize=Non
     (Hugging Face layout or the zoo's own), a .gguf file, or a preset name. `dtype` defaults to float32
     (bfloat16 when quantizing), `device` to the CPU; `overrides` change config fields that do not change
     shapes (e.g. dropout). quantize: "int8" or "int4" (zoo.quantize after loading), or "native" (a GGUF
-    file's Q4_0/Q4_1/Q8_0 blocks kept packed, not dequantized: see zoo/quantization.py). adapter: a PEFT
-    LoRA adapter folder to add (zoo/adapters.py); a LoRA training checkpoint loads its base and its adapter."""
+    file's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K blocks kept packed, not dequantized: see zoo/quantization.py).
+    adapter: a PEFT LoRA adapter folder to add (zoo/adapters.py); a LoRA training checkpoint loads its base
+    and its adapter."""
     if quantize not in (None, "native"):
         check_mode(quantize)
     if quantize is not None and dtype is None:

