@@ -4,6 +4,7 @@ dequantization against a reference decoder; the SmolLM2 GGUF against transformer
 import dataclasses
 import importlib.util
 import json
+import math
 import pathlib
 import threading
 
@@ -38,6 +39,31 @@ HF_CASES = {
     "llama-mqa": ("LlamaForCausalLM", "LlamaConfig", dict(
         hidden_size=24, intermediate_size=32, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1,
         max_position_embeddings=48)),
+    # Llama's relatives: windows (5, 6) shorter than the 40 tokens compared, head widths of their own, partial
+    # rotary, LongRoPE (its short factors, within the original context)
+    "qwen2-window": ("Qwen2ForCausalLM", "Qwen2Config", dict(
+        hidden_size=40, intermediate_size=56, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=48, use_sliding_window=True, sliding_window=5, max_window_layers=1)),
+    "qwen2.5-tied": ("Qwen2ForCausalLM", "Qwen2Config", dict(
+        hidden_size=36, intermediate_size=44, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1,
+        max_position_embeddings=48, rope_theta=1e6, tie_word_embeddings=True)),
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", dict(
+        hidden_size=40, intermediate_size=56, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=12, max_position_embeddings=48, tie_word_embeddings=True)),
+    "mistral-window": ("MistralForCausalLM", "MistralConfig", dict(
+        hidden_size=40, intermediate_size=56, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=14, max_position_embeddings=48, sliding_window=6, rope_theta=1e6)),
+    "phi3-partial-window": ("Phi3ForCausalLM", "Phi3Config", dict(
+        hidden_size=48, intermediate_size=40, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1,
+        max_position_embeddings=48, partial_rotary_factor=0.75, sliding_window=7, tie_word_embeddings=True)),
+    "phi3-longrope": ("Phi3ForCausalLM", "Phi3Config", dict(
+        hidden_size=48, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=1024, original_max_position_embeddings=48, partial_rotary_factor=0.5,
+        rope_parameters=dict(rope_type="longrope", rope_theta=1e4, partial_rotary_factor=0.5,
+                             short_factor=[1.0, 1.5, 2.0], long_factor=[4.0, 8.0, 16.0]))),
+    "olmo2": ("Olmo2ForCausalLM", "Olmo2Config", dict(
+        hidden_size=40, intermediate_size=56, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=48, rms_norm_eps=1e-6)),
     "gpt_bigcode": ("GPTBigCodeForCausalLM", "GPTBigCodeConfig", dict(
         n_embd=36, n_layer=2, n_head=3, n_positions=48, n_inner=50, multi_query=True, layer_norm_epsilon=1e-4)),
     "xglm": ("XGLMForCausalLM", "XGLMConfig", dict(
@@ -148,6 +174,10 @@ def test_each_hf_map_translates_configs_both_ways(map_name):
         before, after = original.to_dict(), type(original)(**hf).to_dict()
         ignored = {k for k in before if k.endswith(("pdrop", "dropout"))}
         ignored |= {"bos_token_id", "eos_token_id", "pad_token_id"} - set(hf)
+        if case == "phi3-longrope":  # the zoo runs within the original context: block_size capped there, and the
+            ignored |= {"max_position_embeddings", "rope_parameters"}  # attention factor the cap loses written out
+            assert hf["rope_parameters"]["attention_factor"] == pytest.approx(math.sqrt(1 + math.log(1024 / 48)
+                                                                                        / math.log(48)))
         assert {k: v for k, v in after.items() if k not in ignored} == \
                {k: v for k, v in before.items() if k not in ignored}, case
 
