@@ -300,20 +300,20 @@ class Model(nn.Module):
             mask = mask & keys if causal else keys
         return pos, torch.zeros_like(mask, dtype=self.lm_head.weight.dtype).masked_fill_(~mask, float("-inf"))
 
-    def window_mask(self, idx, input_pos, mask):
+    def window_mask(self, pos, mask, key_mask, T):
         """The sliding-window layers' mask: `mask` [B|1, 1, T, S] (None: causal alone) that also hides the keys
-        sliding_window or more cache slots behind each query (slots, not positions: a left-padded row's tokens
-        are consecutive slots too). `mask` itself when no key is that far back."""
-        W, T = self.config.sliding_window, idx.size(1)
+        sliding_window or more positions behind each query (positions [B|1, T], counted over real tokens, so a
+        row's padding or holes take no room in its window); `mask` itself while no key can be that far back."""
+        W = self.config.sliding_window
         S = T if mask is None else mask.size(-1)  # the keys: T tokens, or the cache's slots
         if W is None or S <= W:
             return mask
-        slots = input_pos if input_pos is not None else torch.arange(T, device=idx.device)  # [T]
-        key_slots = torch.arange(S, device=idx.device)
-        if mask is None:
-            mask = torch.zeros(T, S, dtype=self.lm_head.weight.dtype, device=idx.device)
-            mask = mask.masked_fill_(key_slots > slots[:, None], float("-inf"))  # causal: [T, S]
-        return mask.masked_fill(key_slots <= slots[:, None] - W, float("-inf"))  # [B|1, 1, T, S] or [T, S]
+        key_pos = torch.arange(S, device=pos.device)[None]  # [1, S]; with a key mask, as positions_and_mask counts
+        key_pos = key_pos if key_mask is None else (key_mask[:, :S].long().cumsum(1) - 1).clamp(min=0)  # [B, S]
+        if mask is None:  # causal alone, over T tokens
+            mask = torch.zeros(T, S, dtype=self.lm_head.weight.dtype, device=pos.device)
+            mask = mask.masked_fill_(key_pos > pos[0, :, None], float("-inf"))[None, None]  # [1, 1, T, S]
+        return mask.masked_fill((key_pos[:, None, :] <= pos[:, :, None] - W)[:, None], float("-inf"))
 
     def forward(self, idx, input_pos=None, key_mask=None, last_only=False):
         """idx [B, T] -> logits [B, T, vocab_size].
@@ -326,7 +326,7 @@ class Model(nn.Module):
         prompt, without the head's matmul for every other position (a fifth of a small model's FLOPs).
         """
         pos, mask = self.positions_and_mask(idx, input_pos, key_mask)
-        window_mask = self.window_mask(idx, input_pos, mask)
+        window_mask = self.window_mask(pos, mask, key_mask, idx.size(1))
         x = self.model.embed_tokens(idx)  # [B, T, n_embd]
         # the rotations in x's dtype (as the reference casts them), once per call rather than in every layer
         cos, sin = self.rope_cos[pos][:, None].to(x.dtype), self.rope_sin[pos][:, None].to(x.dtype)  # [B|1, 1, T, D]

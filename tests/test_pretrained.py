@@ -111,6 +111,55 @@ def test_transformers_to_zoo_and_back(name, tmp_path):
         assert back.config.rope_parameters["rope_type"] == "llama3"
 
 
+FAMILIES = [name for name, (cls, _, _) in HF_CASES.items() if cls.startswith(("Qwen", "Mistral", "Phi3", "Olmo2"))]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_decodes_left_padded_through_the_cache_as_transformers_alone(name, tmp_path):
+    """Llama's relatives, past their sliding windows: a left-padded batch prefilled into the cache and then
+    decoded a token at a time gives, on each row, transformers' logits for that row alone."""
+    ref = hf_model(name)
+    ref.save_pretrained(tmp_path)
+    model = zoo.from_pretrained(tmp_path)
+    g = torch.Generator().manual_seed(2)
+    rows, T, prefill = [torch.randint(0, V, (n,), generator=g) for n in (40, 23)], 40, 28
+    idx = torch.zeros(len(rows), T, dtype=torch.long)
+    key_mask = torch.zeros(len(rows), T, dtype=torch.bool)
+    for r, row in enumerate(rows):
+        idx[r, T - len(row):], key_mask[r, T - len(row):] = row, True
+    model.setup_cache(len(rows), T)
+    with torch.no_grad():
+        steps = [model(idx[:, :prefill], input_pos=torch.arange(prefill), key_mask=key_mask)]
+        steps += [model(idx[:, t:t + 1], input_pos=torch.tensor([t]), key_mask=key_mask) for t in range(prefill, T)]
+        got = torch.cat(steps, 1)  # [B, T, V]
+        for r, row in enumerate(rows):
+            assert (got[r, T - len(row):] - ref(row[None]).logits[0]).abs().max() <= 1e-5, r
+    assert getattr(model.config, "sliding_window", None) in (None, 5, 6, 7)  # windows all shorter than the rows
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_verify_passes_on_each_family(name, tmp_path):
+    hf_model(name).save_pretrained(tmp_path)
+    r = zoo.verify(str(tmp_path), n_tokens=40)
+    assert r["n_tokens"] == 40 and r["max_abs"] <= 1e-5 and r["top1"] == 1.0
+
+
+@pytest.mark.parametrize("name, change, message", [
+    ("qwen3", {"model_type": "qwen9", "architectures": ["Qwen9ForCausalLM"]}, "'Qwen9ForCausalLM'.* is not supported"),
+    ("phi3-longrope", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "long_factor": [1.0] * 3}},
+     "longrope rope parameters without short_factor"),
+    ("phi3-longrope", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 5,
+                                           "long_factor": [1.0] * 5}}, "short_factor of 5 numbers .expected one per"),
+    ("qwen2-window", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}}, "rope type 'yarn'"),
+    ("qwen2-window", {"layer_types": ["sliding_attention"] * 3}, "layer_types="),
+    ("qwen3", {"attention_bias": True}, "attention_bias=true"),
+])
+def test_family_configs_the_file_cannot_run_are_clear_errors(name, change, message):
+    config = {**hf_model(name).config.to_dict(), **change}
+    with pytest.raises(ValueError, match=message):
+        convert.from_hf_config(config, "m/config.json")
+
+
 def test_rope_config_old_and_new_forms_agree():
     new = {"architectures": ["LlamaForCausalLM"], "vocab_size": V, "hidden_size": 32, "intermediate_size": 40,
            "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
