@@ -233,7 +233,8 @@ def test_each_hf_map_translates_configs_both_ways(map_name):
 
 @pytest.mark.parametrize("name", ["llama-mha-tied", "llama-mqa"])
 def test_gguf_map_reads_the_config_the_hf_map_reads(name, tmp_path):
-    assert [n for n in MAPS if convert.load_map(n)["format"] == "gguf"] == ["gguf-llama"]  # a new one: test it
+    assert {convert.load_map(n)["architecture"] for n in MAPS if convert.load_map(n)["format"] == "gguf"} == \
+        set(GGUF_ARCH.values())  # a new one: test it
     ref = hf_model(name)
     write_gguf_llama(tmp_path / "m.gguf", ref)
     ckpt = checkpoints.GGUFCheckpoint(tmp_path / "m.gguf")
@@ -256,14 +257,18 @@ def test_gguf_metadata_errors_name_the_key():
         norm_eps=1e-5, tie_embeddings=True))
     with pytest.raises(ValueError) as e:
         convert.from_gguf_metadata({**meta, "llama.rope.dimension_count": 4}, shapes, "m.gguf")
-    assert str(e.value) == ("m.gguf: llama.rope.dimension_count=4 (expected 8 or null), "
-                            "which models/llama.py cannot express")
+    assert str(e.value) == "m.gguf: llama.rope.dimension_count=4 (expected 8), which models/llama.py cannot express"
     with pytest.raises(ValueError, match="m.gguf: rope frequency scaling.*Hugging Face folder"):
         convert.from_gguf_metadata(meta, {**shapes, "rope_freqs.weight": (4,)}, "m.gguf")
     with pytest.raises(ValueError, match="m.gguf: no 'llama.block_count'"):
         convert.from_gguf_metadata({k: v for k, v in meta.items() if k != "llama.block_count"}, shapes, "m.gguf")
-    with pytest.raises(ValueError, match="GGUF architecture 'qwen2' is not supported"):
-        convert.from_gguf_metadata({**meta, "general.architecture": "qwen2"}, shapes, "m.gguf")
+    with pytest.raises(ValueError, match="GGUF architecture 'mamba' is not supported"):
+        convert.from_gguf_metadata({**meta, "general.architecture": "mamba"}, shapes, "m.gguf")
+    phi3 = {k.replace("llama.", "phi3."): v for k, v in {**meta, "general.architecture": "phi3"}.items()}
+    with pytest.raises(ValueError, match=r"rope frequency scaling in GGUF form \(rope_factors_long.weight\)"):
+        convert.from_gguf_metadata(phi3, {**shapes, "rope_factors_long.weight": (4,)}, "m.gguf")
+    with pytest.raises(ValueError, match="phi3.rope.dimension_count=9 .expected 8 or an even number below it"):
+        convert.from_gguf_metadata({**phi3, "phi3.rope.dimension_count": 9}, shapes, "m.gguf")
 
 
 XGLM_FORM = dict(norm_first=True, sinusoid="fairseq", pos_offset=2, activation="gelu", dropout=0.1)
@@ -520,10 +525,15 @@ def test_gguf_dequantization(qtype, tmp_path):
         np.testing.assert_array_equal(got, gguf.quants.dequantize(raw, qtype))
 
 
-def write_gguf_llama(path, ref):
-    """`ref` (a transformers Llama) as llama.cpp's converter writes it: GGUF names, q/k rows permuted."""
-    c = ref.config
-    w = gguf.GGUFWriter(path, "llama")
+GGUF_ARCH = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+             "Qwen3ForCausalLM": "qwen3", "Phi3ForCausalLM": "phi3", "Olmo2ForCausalLM": "olmo2"}
+
+
+def write_gguf(path, ref):
+    """`ref` (a transformers Llama or relative) as llama.cpp's converter writes it: GGUF names, and for the
+    llama architecture (Llama, Mistral) q/k rows permuted."""
+    c, arch = ref.config, GGUF_ARCH[type(ref).__name__]
+    w = gguf.GGUFWriter(path, arch)
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
@@ -532,22 +542,40 @@ def write_gguf_llama(path, ref):
     w.add_head_count_kv(c.num_key_value_heads)
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    if getattr(c, "head_dim", None):
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    w.add_rope_dimension_count(int(head_dim * c.rope_parameters.get("partial_rotary_factor", 1.0)))
+    if getattr(c, "sliding_window", None):
+        w.add_sliding_window(c.sliding_window)
     w.add_token_list([f"t{i}" for i in range(V)])
 
     def permute(t, n_head):  # llama.cpp: interleave the two rotary halves of each head
+        if arch != "llama":
+            return t
         return t.reshape(n_head, 2, t.shape[0] // n_head // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
 
     sd = {k: v.numpy() for k, v in ref.state_dict().items()}
+    names = {"input_layernorm": "attn_norm", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "post_attention_layernorm": "post_attention_norm" if arch == "olmo2" else "ffn_norm",
+             "post_feedforward_layernorm": "post_ffw_norm", "mlp.gate_proj": "ffn_gate", "mlp.down_proj": "ffn_down",
+             "mlp.up_proj": "ffn_up", "mlp.gate_up_proj": "ffn_up", "self_attn.qkv_proj": "attn_qkv",
+             "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
     w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}."
-        for gguf_name, name in [("attn_norm", "input_layernorm"), ("attn_v", "self_attn.v_proj"),
-                                ("attn_output", "self_attn.o_proj"), ("ffn_norm", "post_attention_layernorm"),
-                                ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"),
-                                ("ffn_down", "mlp.down_proj")]:
-            w.add_tensor(f"blk.{i}.{gguf_name}.weight", sd[p + name + ".weight"])
-        w.add_tensor(f"blk.{i}.attn_q.weight", permute(sd[p + "self_attn.q_proj.weight"], c.num_attention_heads))
-        w.add_tensor(f"blk.{i}.attn_k.weight", permute(sd[p + "self_attn.k_proj.weight"], c.num_key_value_heads))
+        for name, t in sd.items():
+            if not name.startswith(p):
+                continue
+            hf, kind = name[len(p):].rsplit(".", 1)
+            if hf in names:
+                w.add_tensor(f"blk.{i}.{names[hf]}.{kind}", t)
+            elif hf in ("self_attn.q_proj", "self_attn.k_proj"):
+                heads = c.num_attention_heads if hf == "self_attn.q_proj" else c.num_key_value_heads
+                w.add_tensor(f"blk.{i}.attn_{hf[10]}.{kind}", permute(t, heads))
+            else:
+                raise AssertionError(f"no GGUF name for {name}")
     w.add_tensor("output_norm.weight", sd["model.norm.weight"])
     if not c.tie_word_embeddings:
         w.add_tensor("output.weight", sd["lm_head.weight"])
@@ -555,6 +583,21 @@ def write_gguf_llama(path, ref):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+write_gguf_llama = write_gguf
+
+
+# qwen2-window: llama.cpp's qwen2 has no sliding window (no Qwen2.5 checkpoint uses one); phi3-longrope: the
+# factors are GGUF tensors, refused (test_gguf_metadata_errors_name_the_key)
+@pytest.mark.parametrize("name", [n for n in FAMILIES if n not in ("qwen2-window", "phi3-longrope")])
+def test_gguf_of_each_family_loads_to_transformers_logits(name, tmp_path):
+    ref = hf_model(name)
+    write_gguf(tmp_path / "m.gguf", ref)
+    model = zoo.from_pretrained(tmp_path / "m.gguf")
+    assert model.config.tie_embeddings == ref.config.tie_word_embeddings
+    assert model.config.sliding_window == getattr(ref.config, "sliding_window", None)
+    assert max_diff(model, ref) <= 1e-5
 
 
 @pytest.mark.parametrize("name", ["llama-mha-tied", "llama-mqa"])

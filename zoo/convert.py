@@ -252,14 +252,25 @@ def llama_rope(hf, ours, need=None, shapes=None, to_hf=False):
 
 
 def gguf_llama(meta, ours, need=None, shapes=None, to_hf=False):
-    """What a llama GGUF keeps in its tensor list rather than its metadata: the vocabulary size (rows
-    of token_embd), a tied output layer (no output.weight), and llama.cpp's rope scaling (rope_freqs,
-    a table of per-frequency factors), which we refuse with a pointer to the Hugging Face form."""
-    need("rope_freqs.weight" not in shapes and meta.get("llama.rope.scaling.type", "none") == "none",
-         "rope frequency scaling in GGUF form (rope_freqs.weight, llama.rope.scaling.type)",
-         fix="load the model's Hugging Face folder instead (its config.json carries the llama3 rope parameters)")
+    """What a GGUF of the Llama family (llama, qwen2, qwen3, phi3, olmo2) keeps outside its config keys or
+    in a form of its own: the vocabulary size (rows of token_embd), a tied output layer (no output.weight),
+    a partial rotary (rope.dimension_count below the head width: Phi-3/4), and llama.cpp's rope scaling
+    (rope_freqs or LongRoPE's rope_factors tables), which we refuse with a pointer to the Hugging Face form."""
+    arch = meta["general.architecture"]
+    tables = [n for n in ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight") if n in shapes]
+    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+    need(not tables and scaling == "none", f"rope frequency scaling in GGUF form ({', '.join(tables) or scaling})",
+         fix="load the model's Hugging Face folder instead (its config.json carries the rope parameters)")
     need("token_embd.weight" in shapes, "no token_embd.weight tensor", damaged=True)
     ours.update(vocab_size=shapes["token_embd.weight"][0], tie_embeddings="output.weight" not in shapes)
+    head_dim = ours.get("head_dim") or ours["n_embd"] // max(ours["n_head"], 1)
+    if head_dim == ours["n_embd"] // max(ours["n_head"], 1):
+        ours["head_dim"] = None  # attention.key_length written though it is the usual width: as if absent
+    rotated = meta.get(f"{arch}.rope.dimension_count", head_dim)
+    need(0 < rotated <= head_dim and rotated % 2 == 0 and (arch != "llama" or rotated == head_dim),
+         f"{arch}.rope.dimension_count={rotated} (expected {head_dim}"
+         + (")" if arch == "llama" else f" or an even number below it)"))
+    ours["rotary_fraction"] = rotated / head_dim
 
 
 def qwen_window(hf, ours, need=None, shapes=None, to_hf=False):
