@@ -274,6 +274,9 @@ PUBLISHED = {
     "distilgpt2": 81_912_576, "smollm2-135m": 134_515_008, "smollm2-135m-instruct": 134_515_008,
     "smollm2-360m": 361_821_120, "smollm2-360m-instruct": 361_821_120, "tinyllama-1.1b": 1_100_048_384,
     "tiny-starcoder": 164_144_128, "xglm-564m": 564_463_616,
+    "qwen2.5-0.5b": 494_032_768, "qwen2.5-0.5b-instruct": 494_032_768, "qwen2.5-1.5b-instruct": 1_543_714_304,
+    "qwen3-0.6b": 596_049_920, "phi-4-mini-instruct": 3_836_021_760,
+    "olmo-2-1b": 1_484_916_736, "olmo-2-1b-instruct": 1_484_916_736, "mistral-7b-instruct": 7_248_023_552,
     "shakespeare-char": 804_096,  # nanoGPT's baby config reports 0.80M
 }
 
