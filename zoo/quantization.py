@@ -34,6 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .convert import unpermute
+
 log = logging.getLogger("zoo")
 
 MODES = ("int8", "int4")
@@ -366,7 +368,6 @@ def gguf_packed_loader(model, ckpt, *, device, dtype):
     """The hook that convert.load_weights calls for each of our tensors: where every checkpoint tensor it
     is made of is stored in Q4_0, Q4_1 or Q8_0 blocks, it builds the quantized modules (Linear, and the
     token embedding) from the blocks as they are, and returns True; else False (loaded as usual)."""
-    from .convert import unpermute
 
     def load(names, parts):
         modules = [model.get_submodule(n.rpartition(".")[0]) for n in names]

@@ -24,13 +24,15 @@ import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import adapters, chat_data, data, masking
+from . import adapters, chat_data, data, masking, tokenizers
 from .distributed import (Distributed, checkpoint_blocks, full_state, gradient_sync, load_optimizer_state, shard,
                           wrap)
 from .loss import HeadLoss
 from .progress import bar as progress_bar
 from .progress import log as note
+from .pretrained import save_pretrained
 from .registry import arch_of, build, get_preset
+from .sources import from_pretrained, load_source, write_merged
 
 STATE_FILE = "training_state.pt"
 
@@ -166,7 +168,6 @@ class TrainConfig:
 
 def make_tokenizer(name, docs, vocab_size):
     """The tokenizer a run names: "char" and "bpe" are made from the training text, anything else loaded."""
-    from . import tokenizers
     if name == "char":
         return tokenizers.CharTokenizer.from_text("".join(docs))
     if name == "bpe":
@@ -213,7 +214,6 @@ def load_checkpoint(out):
     """(folder, training state, model) of the newest intact checkpoint in `out`. A damaged one (weights or
     training state that do not read) is named on the "zoo" logger and left in place; the one before it is
     tried. None when there is no checkpoint at all."""
-    from .pretrained import from_pretrained
     found = checkpoints_in(out)
     for ckpt in reversed(found):
         try:
@@ -223,7 +223,7 @@ def load_checkpoint(out):
                          os.path.join(ckpt, STATE_FILE), type(e).__name__, (str(e).splitlines() or [""])[0])
             continue
         try:
-            if adapters.is_checkpoint(ckpt):  # a LoRA run: its base and adapter
+            if adapters.is_lora_run(ckpt):  # a LoRA run: its base and adapter
                 model = from_pretrained(ckpt)
             else:
                 model = build(state["arch"], state["config"])
@@ -286,7 +286,6 @@ def save_checkpoint(out, step, model, tokenizer, optimizer, horizon, batch_rng, 
     """OUT/step-NNNNNNN: weights + tokenizer (zoo.save_pretrained; a LoRA run's adapter, zoo.save_adapter) and
     the training state, all-or-nothing, written by rank 0. Under FSDP every rank calls it (the full state is
     gathered from the shards)."""
-    from .pretrained import save_pretrained
     weights, optimizer_state = full_state(model, optimizer, s.fsdp)
     if not master:
         return None
@@ -404,7 +403,6 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
     np.random.seed(s.seed)
 
     # the model: a checkpoint to resume, pretrained weights, or a fresh preset
-    from .pretrained import load_source
     tokenizer = None
     if state:
         model = resumed
@@ -429,13 +427,11 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
     # the tokenizer and the token files, checked against the model before any training
     docs = None
     if ckpt:  # the run's own tokenizer, saved with its checkpoints
-        from .tokenizers import load_tokenizer
-        tokenizer = load_tokenizer(ckpt)
+        tokenizer = tokenizers.load_tokenizer(ckpt)
     elif tokenizer is not None and "tokenizer" not in fields:
         pass  # the init source's own, unless the caller names another
     elif not s.tokenizer and source is not None and (get_preset(source).repo or get_preset(source).gguf):
-        from .tokenizers import load_tokenizer
-        tokenizer = load_tokenizer(source)  # the preset's published weights' own
+        tokenizer = tokenizers.load_tokenizer(source)  # the preset's published weights' own
     elif not s.tokenizer:
         raise ValueError(f"preset {source!r} names no tokenizer: pass tokenizer= (--tokenizer) char, gpt2, bpe "
                          "or a tokenizer file")
@@ -561,7 +557,7 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
             log.plot()
         dist.close()
     if master and s.merge:
-        adapters.write_merged(latest_checkpoint(out), os.path.join(out, "merged"))
+        write_merged(latest_checkpoint(out), os.path.join(out, "merged"))
     return val_loss if master else None
 
 

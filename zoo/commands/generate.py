@@ -5,7 +5,7 @@ import time
 import torch
 
 from ..generation import complete
-from ..pretrained import describe_source, load_source
+from ..sources import describe_source, load_source
 from ..sampling import SamplingConfig
 
 HELP = "generate text (default model: smollm2-135m-instruct)"

@@ -5,7 +5,8 @@ import sys
 
 import torch
 
-from ..pretrained import describe_source, load_source
+from ..engine import Engine
+from ..sources import describe_source, load_source
 
 HELP = "serve a model over the OpenAI HTTP API, with a chat page (default model: smollm2-135m-instruct)"
 
@@ -35,7 +36,6 @@ def run(args):
         from ..server import create_app
     except ImportError as e:
         raise ValueError(f"serving needs FastAPI and uvicorn ({e}): pip install 'zoo-lm[serve]'") from None
-    from ..engine import Engine
 
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in [0, 65535], not {args.port}")
