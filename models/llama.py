@@ -52,6 +52,11 @@ class Config:
                 raise ValueError(f"{field} must be one of {allowed}, not {value!r}")
         if self.sliding_window is not None and (self.sliding_window < 1 or not self.causal):
             raise ValueError(f"sliding_window ({self.sliding_window}) must be >= 1, in a causal model")
+        if "short_factor" in (s := self.rope_scaling or {}) and self.block_size > s["original_max_position_embeddings"]:
+            raise ValueError(f"LongRoPE runs within its original context: block_size ({self.block_size}) must be <= "
+                             f"original_max_position_embeddings ({s['original_max_position_embeddings']})")
+        if int(self.rotary_fraction * (self.head_dim or self.n_embd // self.n_head)) % 2:
+            raise ValueError(f"rotary_fraction ({self.rotary_fraction}) must rotate an even number of each head's dims")
         if not 1 <= self.n_kv_head <= self.n_head or self.n_head % self.n_kv_head:
             raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
 

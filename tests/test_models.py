@@ -253,6 +253,13 @@ def test_reorder_cache(name, device):
     ("llama", dict(n_embd=48, n_head=6, n_kv_head=4), "multiple of n_kv_head"),
     ("llama", dict(n_embd=48, n_head=6, n_kv_head=0), "n_kv_head"),  # (the range check comes first)
     ("llama", dict(n_embd=50, n_head=6, n_kv_head=2), "divisible by n_head"),
+    ("llama", dict(n_embd=48, n_head=6, n_kv_head=2, qk_norm="layer"), "qk_norm must be one of"),
+    ("llama", dict(n_embd=48, n_head=6, n_kv_head=2, norm_position="sandwich"), "norm_position must be one of"),
+    ("llama", dict(n_embd=48, n_head=6, n_kv_head=2, rotary_fraction=0.375), "even number"),  # 3 of 8 dims
+    ("llama", dict(n_embd=48, n_head=6, n_kv_head=2, causal=False, sliding_window=4), "causal model"),
+    ("llama", dict(n_embd=48, n_head=6, n_kv_head=2, block_size=64, rope_scaling=dict(
+        short_factor=[1.0] * 4, long_factor=[1.0] * 4, attention_factor=1.0, original_max_position_embeddings=32)),
+     "block_size .64. must be <= original_max_position_embeddings .32."),
     ("bigram", dict(vocab_size=0), "vocab_size"),
 ])
 def test_impossible_configs_raise_value_error(arch, bad, message):
