@@ -236,7 +236,7 @@ def test_gguf_map_reads_the_config_the_hf_map_reads(name, tmp_path):
     assert {convert.load_map(n)["architecture"] for n in MAPS if convert.load_map(n)["format"] == "gguf"} == \
         set(GGUF_ARCH.values())  # a new one: test it
     ref = hf_model(name)
-    write_gguf_llama(tmp_path / "m.gguf", ref)
+    write_gguf(tmp_path / "m.gguf", ref)
     ckpt = checkpoints.GGUFCheckpoint(tmp_path / "m.gguf")
     arch, values, map_name = convert.from_gguf_metadata(ckpt.metadata, ckpt.shapes, "m.gguf")
     assert (arch, map_name) == ("llama", "gguf-llama")
@@ -585,9 +585,6 @@ def write_gguf(path, ref):
     w.close()
 
 
-write_gguf_llama = write_gguf
-
-
 # qwen2-window: llama.cpp's qwen2 has no sliding window (no Qwen2.5 checkpoint uses one); phi3-longrope: the
 # factors are GGUF tensors, refused (test_gguf_metadata_errors_name_the_key)
 @pytest.mark.parametrize("name", [n for n in FAMILIES if n not in ("qwen2-window", "phi3-longrope")])
@@ -603,7 +600,7 @@ def test_gguf_of_each_family_loads_to_transformers_logits(name, tmp_path):
 @pytest.mark.parametrize("name", ["llama-mha-tied", "llama-mqa"])
 def test_gguf_llama_unpermutes_q_and_k(name, tmp_path):
     ref = hf_model(name)
-    write_gguf_llama(tmp_path / "m.gguf", ref)
+    write_gguf(tmp_path / "m.gguf", ref)
     ckpt = checkpoints.GGUFCheckpoint(tmp_path / "m.gguf")
     reader = gguf.GGUFReader(tmp_path / "m.gguf")  # our lean header parser reads what gguf's reader reads
     for key, field in reader.fields.items():
