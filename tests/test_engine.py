@@ -116,7 +116,9 @@ def test_a_full_queue_and_impossible_requests_are_refused(chars):
     with pytest.raises(RequestError, match="num_beams"):
         engine.submit([1], 3, SamplingConfig(num_beams=2))
     run(engine)
-    assert engine.submit([3], 3, GREEDY)  # room again
+    again = engine.submit([3], 3, GREEDY)  # room again: accepted (no QueueFull) and run to its end
+    run(engine)
+    assert again.finish_reason == "length" and len(again.tokens) == 3
 
 
 @pytest.mark.slow

@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import zoo
-from zoo import data, masking
-from zoo import training as zt
+from zoo import data, masking, runs
 from zoo.tokenizers import MASK_TOKEN, PAD_TOKEN, CharTokenizer, load_tokenizer, train_bpe
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -188,7 +187,7 @@ def test_mlm_run_builds_a_bidirectional_model_with_a_mask_token(tmp_path, text_f
     model, tok = zoo.load_source(tmp_path / "o" / "step-0000004")
     assert model.config.causal is False and model.config.vocab_size == 29
     assert (tok.mask_token, tok.mask_token_id) == (MASK_TOKEN, 28)
-    state = torch.load(tmp_path / "o" / "step-0000004" / zt.STATE_FILE, weights_only=True)
+    state = torch.load(tmp_path / "o" / "step-0000004" / runs.STATE_FILE, weights_only=True)
     assert state["settings"]["objective"] == "mlm" and state["settings"]["mask_prob"] == 0.15
     # --set causal=true: the decoder-style variant, same objective
     tiny(tmp_path / "c", text_file, overrides={"causal": True}, max_iters=2)
@@ -203,17 +202,17 @@ def test_mlm_resume_continues_exactly(tmp_path, text_file, monkeypatch):
     class Crash(Exception):
         pass
 
-    save = zt.save_checkpoint
+    save = runs.save_checkpoint
 
     def save_then_crash(out, step, *rest, **kw):
         path = save(out, step, *rest, **kw)
         if step == 8:
             raise Crash
         return path
-    monkeypatch.setattr(zt, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(runs, "save_checkpoint", save_then_crash)
     with pytest.raises(Crash):
         tiny(tmp_path / "b", text_file, **common)
-    monkeypatch.setattr(zt, "save_checkpoint", save)
+    monkeypatch.setattr(runs, "save_checkpoint", save)
     zoo.train("shakespeare-char", [text_file], tmp_path / "b", resume=True, progress=False)  # its own settings
     assert len(val_losses(tmp_path / "a")) == 4 and val_losses(tmp_path / "b") == val_losses(tmp_path / "a")
     a = load_file(tmp_path / "a" / "step-0000012" / "model.safetensors")
