@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import zoo
-from zoo import data, masking, runs
+from zoo import data, mlm, runs
 from zoo.tokenizers import MASK_TOKEN, PAD_TOKEN, CharTokenizer, load_tokenizer, train_bpe
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -48,7 +48,7 @@ def test_bert_proportions_and_only_selected_positions_count():
     tok.add_special_tokens(mask_token=MASK_TOKEN, pad_token=PAD_TOKEN)
     tokens = torch.randint(200, (20_000,), generator=torch.Generator().manual_seed(0))
     tokens[::50] = tok.pad_id  # special tokens are never selected
-    examples = masking.MaskedWindows(data.Windows(tokens.numpy(), 100), tok, mask_prob=0.15)
+    examples = mlm.MaskedWindows(data.Windows(tokens.numpy(), 100), tok, mask_prob=0.15)
     index = examples.draw(torch.Generator().manual_seed(1), (400,))
     x, y = examples.batch(index)
     original, _ = data.Windows(tokens.numpy(), 100).batch(index[:, 0])
@@ -142,12 +142,12 @@ def test_resize_vocab_keeps_the_old_tokens(arch, config):
     model = zoo.build(arch, dict(config, vocab_size=40, block_size=16))
     idx = torch.randint(40, (2, 10))
     before = model(idx)
-    masking.resize_vocab(model, 43)
+    mlm.resize_vocab(model, 43)
     after = model(idx)
     assert after.shape == (2, 10, 43) and model.config.vocab_size == 43
     torch.testing.assert_close(after[..., :40], before, rtol=0, atol=0)  # the old logits, bit for bit
     head = model.lm_head.weight
-    assert head.shape == (43, 16) and (head is model.get_submodule(masking.TOKEN_EMBEDDING[arch][0]).weight) == \
+    assert head.shape == (43, 16) and (head is model.get_submodule(mlm.TOKEN_EMBEDDING[arch][0]).weight) == \
         (arch == "gpt2")
     new = torch.cat([p[40:].flatten() for p in {id(p): p for p in model.parameters() if p.shape[0] == 43}.values()])
     assert 0.01 < new.std().item() < 0.04  # drawn like the model's own init, N(0, 0.02)
@@ -277,12 +277,12 @@ def zoo_cli(*args):
 def test_eval_and_fill_mask_commands(mlm_checkpoint, text_file):
     model, tok = zoo.load_source(mlm_checkpoint)
     tokens = torch.from_numpy(data.tokenize(data.read_texts([text_file]), tok).astype(np.int64))
-    loss, accuracy = masking.masked_evaluation(model, tok, tokens, 32, batch_size=4, seed=0)
+    loss, accuracy = mlm.masked_evaluation(model, tok, tokens, 32, batch_size=4, seed=0)
     args = ["eval", str(mlm_checkpoint), "--data", text_file, "--objective", "mlm", "--window", "32"]
     first, second = zoo_cli(*args), zoo_cli(*args)
     assert first.returncode == 0, first.stderr
     assert first.stdout == second.stdout == f"masked_loss {loss:.4f} accuracy {accuracy:.4f}\n"  # the same masks
-    assert masking.masked_evaluation(model, tok, tokens, 32, seed=1) != (loss, accuracy)
+    assert mlm.masked_evaluation(model, tok, tokens, 32, seed=1) != (loss, accuracy)
 
     out = zoo_cli("fill-mask", str(mlm_checkpoint), "--text", f"ab{MASK_TOKEN}d", "--top-k", "2")
     assert out.returncode == 0, out.stderr

@@ -336,7 +336,7 @@ def test_model_files_import_only_torch_and_stdlib():
 
 # Helpers the four transformer files repeat on purpose (each file must run alone): they must stay copies. The
 # one difference allowed is where each file keeps its layers and their attention (Hugging Face's module names).
-SHARED = ["KVCache", "Model.setup_cache", "Model.reorder_cache", "Model.positions_and_mask"]
+SHARED = ["Attend", "KVCache", "Model.setup_cache", "Model.reorder_cache", "Model.positions_and_mask"]
 LAYER_PATHS = {"llama": ("self.model.layers", "block.self_attn"), "gpt2": ("self.transformer.h", "block.attn"),
                "mqa": ("self.transformer.h", "block.attn"), "scratchformer": ("self.model.layers", "block.self_attn")}
 

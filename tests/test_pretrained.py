@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import zoo
-from zoo import checkpoints, convert
+from zoo import convert, weight_files
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
@@ -237,7 +237,7 @@ def test_gguf_map_reads_the_config_the_hf_map_reads(name, tmp_path):
         set(GGUF_ARCH.values())  # a new one: test it
     ref = hf_model(name)
     write_gguf(tmp_path / "m.gguf", ref)
-    ckpt = checkpoints.GGUFCheckpoint(tmp_path / "m.gguf")
+    ckpt = weight_files.GGUFCheckpoint(tmp_path / "m.gguf")
     arch, values, map_name = convert.from_gguf_metadata(ckpt.metadata, ckpt.shapes, "m.gguf")
     assert (arch, map_name) == ("llama", "gguf-llama")
     hf_arch, hf_values, _ = convert.from_hf_config(ref.config.to_dict())
@@ -518,7 +518,7 @@ def test_gguf_dequantization(qtype, tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    got = checkpoints.GGUFCheckpoint(tmp_path / "q.gguf").read("t").float().numpy()
+    got = weight_files.GGUFCheckpoint(tmp_path / "q.gguf").read("t").float().numpy()
     assert got.shape == (rows, cols)
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
     if raw.dtype == np.uint8 and qtype != Q.BF16:  # the torch fast paths are bit-identical to gguf's
@@ -601,7 +601,7 @@ def test_gguf_of_each_family_loads_to_transformers_logits(name, tmp_path):
 def test_gguf_llama_unpermutes_q_and_k(name, tmp_path):
     ref = hf_model(name)
     write_gguf(tmp_path / "m.gguf", ref)
-    ckpt = checkpoints.GGUFCheckpoint(tmp_path / "m.gguf")
+    ckpt = weight_files.GGUFCheckpoint(tmp_path / "m.gguf")
     reader = gguf.GGUFReader(tmp_path / "m.gguf")  # our lean header parser reads what gguf's reader reads
     for key, field in reader.fields.items():
         if not key.startswith("GGUF."):

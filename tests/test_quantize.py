@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import zoo
-from zoo.checkpoints import GGUFCheckpoint
+from zoo.weight_files import GGUFCheckpoint
 from zoo.quantization import Int4Linear, Int8Linear, QuantEmbedding, Quantized, from_gguf_blocks, linear_from, \
     quantize_tensor
 

@@ -29,7 +29,7 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from .generation import _prepare, _sample_steps, decode_layout
+from .generation import _prepare, _sample_steps, weights_column_major
 from .progress import bar, log
 from .sampling import SamplingConfig
 from .scoring import DEFAULT_BATCH_SIZE, score
@@ -245,7 +245,7 @@ class ZooLM(TemplateLM):
         prompts, eos = _prepare(self.model, prompts, max_new, settings)
         new = [[] for _ in prompts]
         if max_new > 0:
-            decode_layout(self.model)
+            weights_column_major(self.model)
             done = [False] * len(prompts)
             steps = _sample_steps(self.model, prompts, max_new, eos, settings)
             for tokens in steps:

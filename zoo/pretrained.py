@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoints, convert
+from . import convert, weight_files
 from .atomic import write_folder
 from .quantization import MODES as QUANT_MODES, check_mode, check_native, gguf_packed_loader, is_quantized
 from .quantization import quantize as quantize_model
@@ -134,7 +134,7 @@ def _skipping(init):
 def _open(path):
     """(checkpoint, arch, Config values, weights map or None for our own format, description)."""
     if path.suffix == ".gguf":
-        ckpt = checkpoints.GGUFCheckpoint(path)
+        ckpt = weight_files.GGUFCheckpoint(path)
         arch, values, map_name = convert.from_gguf_metadata(ckpt.metadata, ckpt.shapes, path)
         return ckpt, arch, values, convert.load_map(map_name), str(path)
     config_file = path / "config.json"
@@ -144,7 +144,7 @@ def _open(path):
         raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face or zoo model folder)") from None
     except ValueError as e:
         raise ValueError(f"{config_file}: not valid JSON ({e})") from None
-    ckpt = checkpoints.open_checkpoint(path)
+    ckpt = weight_files.open_checkpoint(path)
     if hf.get("model_type") == "zoo":  # our own format: our names, so the map is the identity (None)
         return ckpt, hf["zoo_arch"], hf["config"], None, str(path)
     arch, values, map_name = convert.from_hf_config(hf, config_file)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import adapters, checkpoints
+from . import adapters, weight_files
 from .lora import merge_lora
 from .pretrained import load_pretrained, save_pretrained
 from .progress import log
@@ -42,7 +42,7 @@ def source_path(source, revision=None):
     if source in PRESETS and not Path(source).exists():
         name, (source, description) = source, preset_source(source, revision=revision)
         log.info("zoo: %s: weights from %s", name, description)
-    return checkpoints.resolve(source, revision)
+    return weight_files.resolve(source, revision)
 
 
 def describe_source(source, revision=None):

@@ -29,7 +29,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .atomic import write_file
-from .checkpoints import read_gguf_metadata  # the header parser that loading the weights uses
+from .weight_files import read_gguf_metadata  # the header parser that loading the weights uses
 from .registry import PRESETS, packaged_gguf
 
 # Special tokens that end a turn or a document. Like llama.cpp, we stop generation on any of these

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import adapters, chat_data, data, masking, runs, tokenizers
+from . import adapters, chat_data, data, mlm, runs, tokenizers
 from .distributed import (Distributed, checkpoint_blocks, gradient_sync, load_optimizer_state, shard,
                           wrap)
 from .loss import HeadLoss
@@ -60,11 +60,11 @@ class TrainConfig:
     beta2: float = _setting(0.95, "AdamW beta2", type=float)
     grad_clip: float = _setting(1.0, "clip the gradient norm to this (0: off)", type=float)
     label_smoothing: float = _setting(0.0, "label smoothing of the cross-entropy", type=float)
-    # the objective: next-token prediction, or masked language modelling (zoo/masking.py)
+    # the objective: next-token prediction, or masked language modelling (zoo/mlm.py)
     objective: str = _setting("causal", "causal: predict the next token; mlm: masked language modelling (BERT's "
                                         "recipe; bidirectional attention unless --set causal=true)", type=str,
                               choices=("causal", "mlm"))
-    mask_prob: float = _setting(masking.MASK_PROB, "mlm: the share of tokens selected for prediction (then "
+    mask_prob: float = _setting(mlm.MASK_PROB, "mlm: the share of tokens selected for prediction (then "
                                                    "80/10/10: masked, a random token, unchanged)", type=float)
     eval_interval: int = _setting(250, "steps between validation losses", type=int)
     eval_iters: int = _setting(20, "validation batches per evaluation", type=int)
@@ -263,7 +263,7 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
     if s.max_iters is None and not s.time_budget:  # with a time budget the budget sets the horizon
         s.max_iters = 5000
     s.device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if s.objective == "mlm" and not state and (init or get_preset(source).arch in masking.TRANSFORMERS):
+    if s.objective == "mlm" and not state and (init or get_preset(source).arch in mlm.TRANSFORMERS):
         overrides.setdefault("causal", False)  # MLM: bidirectional attention unless the caller sets causal
 
     dist = Distributed(s.device)
@@ -298,7 +298,7 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
     if not state:
         model = adapters.prepare(model, s, init)
     cfg = model.config
-    masking.check_model(model, s.objective)
+    mlm.check_model(model, s.objective)
     s.block_size = s.block_size or min(cfg.block_size, 1024)
     if s.block_size > cfg.block_size:
         raise ValueError(f"block_size {s.block_size} exceeds the model's block_size {cfg.block_size}; "
@@ -319,7 +319,7 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
         docs = data.read_texts(data_paths + (val or []))
         tokenizer = make_tokenizer(s.tokenizer, docs, cfg.vocab_size)
     if s.objective == "mlm":  # a mask token, and the model grown by its row when the vocabulary needs it
-        masking.add_mask_token(model, tokenizer)
+        mlm.add_mask_token(model, tokenizer)
     if chat_data.is_chat(data_paths + (val or [])):  # conversations: one padded row each, assistant tokens trained
         if s.objective == "mlm":
             raise ValueError("conversations (JSONL messages) train the causal objective; mlm takes plain text")
@@ -327,8 +327,8 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
     else:
         train_data, val_data = data.load_splits(data_paths, tokenizer, val, s.block_size, cfg.vocab_size)
         train_data, val_data = data.Windows(train_data, s.block_size), data.Windows(val_data, s.block_size)
-        if s.objective == "mlm":  # windows with BERT's masks drawn from the run's data stream (zoo/masking.py)
-            train_data, val_data = (masking.MaskedWindows(d, tokenizer, s.mask_prob, seed=s.seed)
+        if s.objective == "mlm":  # windows with BERT's masks drawn from the run's data stream (zoo/mlm.py)
+            train_data, val_data = (mlm.MaskedWindows(d, tokenizer, s.mask_prob, seed=s.seed)
                                     for d in (train_data, val_data))
     del docs
 

@@ -18,7 +18,7 @@ import torch
 from .. import chat_data, data
 from ..atomic import write_file
 from ..evaluation import sliding_window_loss, sources
-from ..masking import MASK_PROB, masked_evaluation
+from ..mlm import MASK_PROB, masked_evaluation
 from ..sources import load_source
 
 HELP = "loss and perplexity of a text (or masked-token accuracy), or lm-evaluation-harness benchmarks"

@@ -5,7 +5,7 @@ with `zoo train --objective mlm`).
 """
 import torch
 
-from ..masking import fill_mask
+from ..mlm import fill_mask
 from ..sources import load_source
 
 HELP = "the most probable tokens at each mask token of a text (masked language models)"
