@@ -15,7 +15,8 @@ from zoo.sampling import SamplingConfig, penalize_repetition, process_logits, sa
 
 from conftest import tiny as tiny_model
 
-GENERATORS = ["bigram", "scratchformer", "scratchformer-xglm", "gpt2", "llama-gqa", "llama-qwen2-window", "mqa"]
+GENERATORS = ["bigram", "scratchformer", "scratchformer-xglm", "gpt2", "llama-gqa", "llama-qwen2-window", "mqa",
+              "moe"]
 
 
 def tiny(name, device="cpu", **overrides):
