@@ -1,8 +1,10 @@
 """Llama (Touvron et al., 2023): RMSNorm, rotary positions, SwiGLU MLP, grouped-query attention.
 
-One file, torch only. Runs Llama 2/3, TinyLlama and SmolLM2 weights. Module names follow Hugging
-Face's LlamaForCausalLM, except that q/k/v and gate/up are fused into one matmul each (as vLLM
-names them: qkv_proj, gate_up_proj), which decodes faster on small batches.
+One file, torch only. Runs Llama 2/3, TinyLlama and SmolLM2 weights, and through a few config fields
+its close relatives: Qwen2/2.5 (q/k/v biases), Qwen3 (per-head q/k norm), Mistral (sliding window),
+Phi-3/4 (partial rotary, LongRoPE) and OLMo 2 (norms after each sublayer, full q/k norm). Module names
+follow Hugging Face's LlamaForCausalLM, except that q/k/v and gate/up are fused into one matmul each
+(as vLLM and Phi-3 name them: qkv_proj, gate_up_proj), which decodes faster on small batches.
 
     model = Model(Config(n_layer=30, n_head=9, n_kv_head=3, n_embd=576, ffn_dim=1536))
     logits = model(idx)                              # [B, T] -> [B, T, vocab_size]
@@ -26,28 +28,52 @@ class Config:
     n_embd: int = 2048
     ffn_dim: int = 5632
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # "llama3" scaling: {factor, low_freq_factor, high_freq_factor,
-    #                                    original_max_position_embeddings}
+    rope_scaling: dict | None = None  # llama3: {factor, low_freq_factor, high_freq_factor, original_max_position_
+    #   embeddings}; Phi-3's LongRoPE: {short_factor, long_factor, attention_factor, original_max_position_embeddings}
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     dropout: float = 0.0
     causal: bool = True  # False: bidirectional attention (a masked LM); such a model cannot decode incrementally
+    head_dim: int | None = None  # width of a head; None: n_embd // n_head (Qwen3 and Mistral may differ)
+    qkv_bias: bool = False  # Qwen2: biases on q, k and v (not o)
+    qk_norm: str | None = None  # RMSNorm on q and k before rotary: "head" (Qwen3) or "full" (OLMo 2: all heads)
+    norm_position: str = "pre"  # "post": OLMo 2 normalises each sublayer's output before the residual add
+    rotary_fraction: float = 1.0  # Phi-3/4: rotate this fraction of each head's dims, pass the rest unrotated
+    sliding_window: int | None = None  # a query sees the last sliding_window tokens only (Mistral, Phi-3, Qwen2)
+    full_attention_layers: int = 0  # ...except in the first layers, which see all (Qwen2's max_window_layers)
 
     def __post_init__(self):
-        if self.n_embd % self.n_head:
+        if self.head_dim is None and self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        for field, value, allowed in (("qk_norm", self.qk_norm, (None, "head", "full")),
+                                      ("norm_position", self.norm_position, ("pre", "post"))):
+            if value not in allowed:
+                raise ValueError(f"{field} must be one of {allowed}, not {value!r}")
+        if self.sliding_window is not None and (self.sliding_window < 1 or not self.causal):
+            raise ValueError(f"sliding_window ({self.sliding_window}) must be >= 1, in a causal model")
+        if "short_factor" in (s := self.rope_scaling or {}) and self.block_size > s["original_max_position_embeddings"]:
+            raise ValueError(f"LongRoPE runs within its original context: block_size ({self.block_size}) must be <= "
+                             f"original_max_position_embeddings ({s['original_max_position_embeddings']})")
+        if int(self.rotary_fraction * (self.head_dim or self.n_embd // self.n_head)) % 2:
+            raise ValueError(f"rotary_fraction ({self.rotary_fraction}) must rotate an even number of each head's dims")
         if not 1 <= self.n_kv_head <= self.n_head or self.n_head % self.n_kv_head:
             raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
 
 
 def rope_tables(config):
-    """cos and sin of every position's rotation angles [block_size, head_dim], computed in fp32.
+    """cos and sin of every position's rotation angles [block_size, rotary dims], computed in fp32.
 
     Built on the CPU even inside a meta-device context: they are derived, never loaded.
     """
-    head_dim = config.n_embd // config.n_head
-    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, head_dim, 2, device="cpu").float() / head_dim)
-    if (s := config.rope_scaling) is not None:
+    dim = int((config.head_dim or config.n_embd // config.n_head) * config.rotary_fraction)  # rotated dims
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, dim, 2, device="cpu").float() / dim)
+    scale = 1.0
+    if (s := config.rope_scaling) is not None and "short_factor" in s:
+        # LongRoPE (Phi-3): each frequency slowed by its own factor; cos and sin scaled by attention_factor.
+        # Within the original context (block_size <= original_max_position_embeddings) the short factors apply.
+        inv_freq = inv_freq / torch.tensor(s["short_factor"], device="cpu").float()
+        scale = s["attention_factor"]
+    elif s is not None:
         # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between blended
         wavelen = 2 * math.pi / inv_freq
         old_ctx = s["original_max_position_embeddings"]
@@ -57,11 +83,15 @@ def rope_tables(config):
                                torch.where(wavelen < old_ctx / s["high_freq_factor"], inv_freq, blended))
     angles = torch.arange(config.block_size, device="cpu").float()[:, None] * inv_freq
     angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos(), angles.sin()
+    return angles.cos() * scale, angles.sin() * scale
 
 
 def apply_rotary(x, cos, sin):
-    """Rotate pairs (x_i, x_{i+d/2}): the "rotate_half" layout Hugging Face checkpoints use."""
+    """Rotate pairs (x_i, x_{i+d/2}) of the first d = cos.size(-1) dims: the "rotate_half" layout Hugging Face
+    checkpoints use; dims past d (Phi-3's partial rotary) pass unrotated."""
+    if cos.size(-1) < x.size(-1):
+        d = cos.size(-1)
+        return torch.cat((apply_rotary(x[..., :d], cos, sin), x[..., d:]), dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -111,12 +141,17 @@ class Attend(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, sliding):
         super().__init__()
-        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
-        self.head_dim = config.n_embd // config.n_head
-        self.qkv_proj = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=False)
+        self.n_head, self.n_kv_head = H, H_kv = config.n_head, config.n_kv_head
+        self.head_dim = D = config.head_dim or config.n_embd // config.n_head
+        self.qkv_proj = nn.Linear(config.n_embd, (H + 2 * H_kv) * D, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(H * D, config.n_embd, bias=False)
+        self.qk_norm = config.qk_norm
+        if config.qk_norm is not None:  # over one head (Qwen3) or over all of q's and all of k's heads (OLMo 2)
+            self.q_norm = RMSNorm(D if config.qk_norm == "head" else H * D, config.norm_eps)
+            self.k_norm = RMSNorm(D if config.qk_norm == "head" else H_kv * D, config.norm_eps)
+        self.sliding = sliding  # whether this layer attends within config.sliding_window
         self.dropout, self.causal = config.dropout, config.causal
         self.attend = Attend()
         self.kv_cache = None
@@ -124,7 +159,15 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, input_pos):
         B, T, _ = x.shape  # batch size, sequence length, n_embd
         H, H_kv, D = self.n_head, self.n_kv_head, self.head_dim
-        qkv = self.qkv_proj(x).view(B, T, H + 2 * H_kv, D).transpose(1, 2)  # [B, H + 2 H_kv, T, D]
+        qkv = self.qkv_proj(x)  # [B, T, (H + 2 H_kv) D]
+        if self.qk_norm == "full":
+            q, k, v = qkv.split((H * D, H_kv * D, H_kv * D), dim=-1)
+            qkv = torch.cat((self.q_norm(q), self.k_norm(k), v), dim=-1)
+        qkv = qkv.view(B, T, H + 2 * H_kv, D)
+        if self.qk_norm == "head":
+            q, k, v = qkv.split((H, H_kv, H_kv), dim=2)
+            qkv = torch.cat((self.q_norm(q), self.k_norm(k), v), dim=2)
+        qkv = qkv.transpose(1, 2)  # [B, H + 2 H_kv, T, D]
         qk = apply_rotary(qkv[:, :H + H_kv], cos, sin)  # q and k rotated at once: [B, H + H_kv, T, D]
         q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + H_kv:]  # [B, H, T, D], [B, H_kv, T, D], [B, H_kv, T, D]
         if input_pos is not None:  # decoding: store the new keys and values, attend over the slots the mask covers
@@ -148,17 +191,24 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, sliding=False):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.n_embd, config.norm_eps)
-        self.self_attn = Attention(config)
-        self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.pre_norm = config.norm_position == "pre"
+        if self.pre_norm:  # Llama: x + attn(norm(x)), then x + mlp(norm(x))
+            self.input_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.self_attn = Attention(config, sliding)
+        self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)  # before the MLP, or after attn
         self.mlp = MLP(config)
+        if not self.pre_norm:  # OLMo 2: x + norm(attn(x)), then x + norm(mlp(x))
+            self.post_feedforward_layernorm = RMSNorm(config.n_embd, config.norm_eps)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, cos, sin, mask, input_pos):
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos))
-        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+        if self.pre_norm:
+            x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos))
+            return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+        x = x + self.dropout(self.post_attention_layernorm(self.self_attn(x, cos, sin, mask, input_pos)))
+        return x + self.dropout(self.post_feedforward_layernorm(self.mlp(x)))
 
 
 class Model(nn.Module):
@@ -167,7 +217,8 @@ class Model(nn.Module):
         self.config = config
         self.model = nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(config.vocab_size, config.n_embd),
-            layers=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            layers=nn.ModuleList(Block(config, sliding=config.sliding_window is not None
+                                       and i >= config.full_attention_layers) for i in range(config.n_layer)),
             norm=RMSNorm(config.n_embd, config.norm_eps),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -185,6 +236,8 @@ class Model(nn.Module):
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def setup_cache(self, batch_size, max_len):
         """Allocate the KV cache once; decoding then writes into it and allocates nothing."""
@@ -260,6 +313,21 @@ class Model(nn.Module):
             mask = mask & keys if causal else keys
         return pos, torch.zeros_like(mask, dtype=self.lm_head.weight.dtype).masked_fill_(~mask, float("-inf"))
 
+    def window_mask(self, pos, mask, key_mask, T):
+        """The sliding-window layers' mask: `mask` [B|1, 1, T, S] (None: causal alone) that also hides the keys
+        sliding_window or more positions behind each query (positions [B|1, T], counted over real tokens, so a
+        row's padding or holes take no room in its window); `mask` itself while no key can be that far back."""
+        W = self.config.sliding_window
+        S = T if mask is None else mask.size(-1)  # the keys: T tokens, or the cache's slots
+        if W is None or S <= W:
+            return mask
+        key_pos = torch.arange(S, device=pos.device)[None]  # [1, S]; with a key mask, as positions_and_mask counts
+        key_pos = key_pos if key_mask is None else (key_mask[:, :S].long().cumsum(1) - 1).clamp(min=0)  # [B, S]
+        if mask is None:  # causal alone, over T tokens
+            mask = torch.zeros(T, S, dtype=self.lm_head.weight.dtype, device=pos.device)
+            mask = mask.masked_fill_(key_pos > pos[0, :, None], float("-inf"))[None, None]  # [1, 1, T, S]
+        return mask.masked_fill((key_pos[:, None, :] <= pos[:, :, None] - W)[:, None], float("-inf"))
+
     def forward(self, idx, input_pos=None, key_mask=None, last_only=False):
         """idx [B, T] -> logits [B, T, vocab_size].
 
@@ -271,11 +339,12 @@ class Model(nn.Module):
         prompt, without the head's matmul for every other position (a fifth of a small model's FLOPs).
         """
         pos, mask = self.positions_and_mask(idx, input_pos, key_mask)
+        window_mask = self.window_mask(pos, mask, key_mask, idx.size(1))
         x = self.model.embed_tokens(idx)  # [B, T, n_embd]
         # the rotations in x's dtype (as the reference casts them), once per call rather than in every layer
         cos, sin = self.rope_cos[pos][:, None].to(x.dtype), self.rope_sin[pos][:, None].to(x.dtype)  # [B|1, 1, T, D]
         for block in self.model.layers:
-            x = block(x, cos, sin, mask, input_pos)
+            x = block(x, cos, sin, window_mask if block.self_attn.sliding else mask, input_pos)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))

@@ -103,6 +103,16 @@ TINY = {
                                        ffn_dim=40, rope_theta=500.0, rope_scaling=dict(
                                            factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                            original_max_position_embeddings=16))),
+    # Llama's relatives through its config fields: Qwen2 (biases, a window on the upper layer), Qwen3 (per-head
+    # q/k norm, a head width of its own), Phi-3 (partial rotary, a window on every layer), OLMo 2 (post-norm)
+    "llama-qwen2-window": ("llama", dict(vocab_size=37, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                                         ffn_dim=40, qkv_bias=True, sliding_window=5, full_attention_layers=1)),
+    "llama-qwen3": ("llama", dict(vocab_size=37, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=40,
+                                  head_dim=12, ffn_dim=40, qk_norm="head", tie_embeddings=True)),
+    "llama-phi3-window": ("llama", dict(vocab_size=37, block_size=64, n_layer=2, n_head=3, n_kv_head=3, n_embd=24,
+                                        ffn_dim=40, rotary_fraction=0.75, sliding_window=6)),
+    "llama-olmo2": ("llama", dict(vocab_size=37, block_size=64, n_layer=2, n_head=4, n_kv_head=4, n_embd=32,
+                                  ffn_dim=40, norm_position="post", qk_norm="full")),
     "mqa": ("mqa", dict(vocab_size=37, block_size=64, n_layer=2, n_head=4, n_embd=32, ffn_dim=48)),
     # Qwen-shaped: shared expert, q/k/v biases, per-head q/k norm, head_dim apart from n_embd // n_head, a dense layer
     "moe": ("moe", dict(vocab_size=37, block_size=64, n_layer=3, n_head=4, n_kv_head=2, n_embd=32, head_dim=12,

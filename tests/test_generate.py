@@ -15,7 +15,8 @@ from zoo.sampling import SamplingConfig, penalize_repetition, process_logits, sa
 
 from conftest import tiny as tiny_model
 
-GENERATORS = ["bigram", "scratchformer", "scratchformer-xglm", "gpt2", "llama-gqa", "mqa", "moe"]
+GENERATORS = ["bigram", "scratchformer", "scratchformer-xglm", "gpt2", "llama-gqa", "llama-qwen2-window", "mqa",
+              "moe"]
 
 
 def tiny(name, device="cpu", **overrides):
@@ -267,8 +268,9 @@ def test_beam_search_beats_greedy_where_greedy_is_short_sighted():
     assert generate(model, [0], 2, num_beams=2) == [[2, 3]]
 
 
-def test_beam_search_batched_equals_alone_and_one_beam_is_greedy():
-    model = tiny("llama-gqa")
+@pytest.mark.parametrize("name", ["llama-gqa", "llama-phi3-window"])  # the window (6) shorter than the beams
+def test_beam_search_batched_equals_alone_and_one_beam_is_greedy(name):
+    model = tiny(name)
     prompts = [[5, 9, 1, 30, 2], [3, 11], [20, 1, 8]]
     batched = generate(model, prompts, 8, num_beams=3, eos_token_id=[3, 17], length_penalty=0.5)
     assert batched == [generate(model, p, 8, num_beams=3, eos_token_id=[3, 17], length_penalty=0.5)[0]

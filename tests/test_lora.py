@@ -32,6 +32,16 @@ HF = {  # name -> (transformers class, config class, config)
     "llama-gqa": ("LlamaForCausalLM", "LlamaConfig", dict(
         hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
         max_position_embeddings=32, tie_word_embeddings=False)),
+    # Llama's relatives: q/k/v biases (Qwen2), per-head q/k norms (Qwen3), Phi-3's fused projections
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", dict(
+        hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=32)),
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", dict(
+        hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=12, max_position_embeddings=32, tie_word_embeddings=True)),
+    "phi3": ("Phi3ForCausalLM", "Phi3Config", dict(
+        hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=32, partial_rotary_factor=0.5, pad_token_id=None)),
     "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig", dict(
         hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         head_dim=6, max_position_embeddings=32, sliding_window=5, layer_types=["sliding_attention", "full_attention"])),
@@ -39,6 +49,8 @@ HF = {  # name -> (transformers class, config class, config)
 # PEFT's usual targets for each: every projection, and (llama) the q, v-only adapters of PEFT's default
 PEFT_TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"], "llama-gqa-tied": ["q_proj", "k_proj", "v_proj", "o_proj",
                 "gate_proj", "up_proj", "down_proj"], "llama-gqa": ["q_proj", "v_proj", "up_proj"],
+                "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                "qwen3": ["q_proj", "v_proj", "down_proj"], "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
                 "gemma3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 
 

@@ -19,7 +19,8 @@ from conftest import TINY, tiny
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODEL_FILES = sorted(p for p in (ROOT / "models").glob("*.py") if p.name != "__init__.py")
 
-ATTENTION = [name for name, (arch, _) in TINY.items() if arch != "bigram"]  # the ones with causal: bool
+# the ones with causal: bool (a sliding window is a causal model's)
+ATTENTION = [name for name, (arch, cfg) in TINY.items() if arch != "bigram" and "sliding_window" not in cfg]
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -252,6 +253,13 @@ def test_reorder_cache(name, device):
     ("llama", dict(n_embd=48, n_head=6, n_kv_head=4), "multiple of n_kv_head"),
     ("llama", dict(n_embd=48, n_head=6, n_kv_head=0), "n_kv_head"),  # (the range check comes first)
     ("llama", dict(n_embd=50, n_head=6, n_kv_head=2), "divisible by n_head"),
+    ("llama", dict(n_embd=48, n_head=6, n_kv_head=2, qk_norm="layer"), "qk_norm must be one of"),
+    ("llama", dict(n_embd=48, n_head=6, n_kv_head=2, norm_position="sandwich"), "norm_position must be one of"),
+    ("llama", dict(n_embd=48, n_head=6, n_kv_head=2, rotary_fraction=0.375), "even number"),  # 3 of 8 dims
+    ("llama", dict(n_embd=48, n_head=6, n_kv_head=2, causal=False, sliding_window=4), "causal model"),
+    ("llama", dict(n_embd=48, n_head=6, n_kv_head=2, block_size=64, rope_scaling=dict(
+        short_factor=[1.0] * 4, long_factor=[1.0] * 4, attention_factor=1.0, original_max_position_embeddings=32)),
+     "block_size .64. must be <= original_max_position_embeddings .32."),
     ("bigram", dict(vocab_size=0), "vocab_size"),
 ])
 def test_impossible_configs_raise_value_error(arch, bad, message):
@@ -272,7 +280,11 @@ PUBLISHED = {
     "gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200,
     "distilgpt2": 81_912_576, "smollm2-135m": 134_515_008, "smollm2-135m-instruct": 134_515_008,
     "smollm2-360m": 361_821_120, "smollm2-360m-instruct": 361_821_120, "tinyllama-1.1b": 1_100_048_384,
-    "tiny-starcoder": 164_144_128, "xglm-564m": 564_463_616, "gemma-3-270m": 268_098_176, "gemma-3-270m-it": 268_098_176,
+    "tiny-starcoder": 164_144_128, "xglm-564m": 564_463_616,
+    "qwen2.5-0.5b": 494_032_768, "qwen2.5-0.5b-instruct": 494_032_768, "qwen2.5-1.5b-instruct": 1_543_714_304,
+    "qwen3-0.6b": 596_049_920, "phi-4-mini-instruct": 3_836_021_760,
+    "olmo-2-1b": 1_484_916_736, "olmo-2-1b-instruct": 1_484_916_736, "mistral-7b-instruct": 7_248_023_552,
+    "gemma-3-270m": 268_098_176, "gemma-3-270m-it": 268_098_176,
     "gemma-3-1b": 999_885_952, "gemma-3-1b-it": 999_885_952, "gemma-2-2b": 2_614_341_888,
     "gemma-2-2b-it": 2_614_341_888, "gemma-2b": 2_506_172_416,
     "shakespeare-char": 804_096,  # nanoGPT's baby config reports 0.80M

@@ -4,6 +4,7 @@ dequantization against a reference decoder; the SmolLM2 GGUF against transformer
 import dataclasses
 import importlib.util
 import json
+import math
 import pathlib
 import threading
 
@@ -40,6 +41,31 @@ HF_CASES = {
     "llama-mqa": ("LlamaForCausalLM", "LlamaConfig", dict(
         hidden_size=24, intermediate_size=32, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1,
         max_position_embeddings=48)),
+    # Llama's relatives: windows (5, 6) shorter than the 40 tokens compared, head widths of their own, partial
+    # rotary, LongRoPE (its short factors, within the original context)
+    "qwen2-window": ("Qwen2ForCausalLM", "Qwen2Config", dict(
+        hidden_size=40, intermediate_size=56, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=48, use_sliding_window=True, sliding_window=5, max_window_layers=1)),
+    "qwen2.5-tied": ("Qwen2ForCausalLM", "Qwen2Config", dict(
+        hidden_size=36, intermediate_size=44, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1,
+        max_position_embeddings=48, rope_theta=1e6, tie_word_embeddings=True)),
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", dict(
+        hidden_size=40, intermediate_size=56, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=12, max_position_embeddings=48, tie_word_embeddings=True)),
+    "mistral-window": ("MistralForCausalLM", "MistralConfig", dict(
+        hidden_size=40, intermediate_size=56, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=14, max_position_embeddings=48, sliding_window=6, rope_theta=1e6)),
+    "phi3-partial-window": ("Phi3ForCausalLM", "Phi3Config", dict(
+        hidden_size=48, intermediate_size=40, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1,
+        max_position_embeddings=48, partial_rotary_factor=0.75, sliding_window=7, tie_word_embeddings=True)),
+    "phi3-longrope": ("Phi3ForCausalLM", "Phi3Config", dict(
+        hidden_size=48, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=1024, original_max_position_embeddings=48, partial_rotary_factor=0.5,
+        rope_parameters=dict(rope_type="longrope", rope_theta=1e4, partial_rotary_factor=0.5,
+                             short_factor=[1.0, 1.5, 2.0], long_factor=[4.0, 8.0, 16.0]))),
+    "olmo2": ("Olmo2ForCausalLM", "Olmo2Config", dict(
+        hidden_size=40, intermediate_size=56, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=48, rms_norm_eps=1e-6)),
     "gpt_bigcode": ("GPTBigCodeForCausalLM", "GPTBigCodeConfig", dict(
         n_embd=36, n_layer=2, n_head=3, n_positions=48, n_inner=50, multi_query=True, layer_norm_epsilon=1e-4)),
     "xglm": ("XGLMForCausalLM", "XGLMConfig", dict(
@@ -85,6 +111,55 @@ def test_transformers_to_zoo_and_back(name, tmp_path):
     if name == "llama-gqa-llama3":  # the scaling survives both directions
         assert model.config.rope_scaling["factor"] == 8.0
         assert back.config.rope_parameters["rope_type"] == "llama3"
+
+
+FAMILIES = [name for name, (cls, _, _) in HF_CASES.items() if cls.startswith(("Qwen", "Mistral", "Phi3", "Olmo2"))]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_decodes_left_padded_through_the_cache_as_transformers_alone(name, tmp_path):
+    """Llama's relatives, past their sliding windows: a left-padded batch prefilled into the cache and then
+    decoded a token at a time gives, on each row, transformers' logits for that row alone."""
+    ref = hf_model(name)
+    ref.save_pretrained(tmp_path)
+    model = zoo.from_pretrained(tmp_path)
+    g = torch.Generator().manual_seed(2)
+    rows, T, prefill = [torch.randint(0, V, (n,), generator=g) for n in (40, 23)], 40, 28
+    idx = torch.zeros(len(rows), T, dtype=torch.long)
+    key_mask = torch.zeros(len(rows), T, dtype=torch.bool)
+    for r, row in enumerate(rows):
+        idx[r, T - len(row):], key_mask[r, T - len(row):] = row, True
+    model.setup_cache(len(rows), T)
+    with torch.no_grad():
+        steps = [model(idx[:, :prefill], input_pos=torch.arange(prefill), key_mask=key_mask)]
+        steps += [model(idx[:, t:t + 1], input_pos=torch.tensor([t]), key_mask=key_mask) for t in range(prefill, T)]
+        got = torch.cat(steps, 1)  # [B, T, V]
+        for r, row in enumerate(rows):
+            assert (got[r, T - len(row):] - ref(row[None]).logits[0]).abs().max() <= 1e-5, r
+    assert getattr(model.config, "sliding_window", None) in (None, 5, 6, 7)  # windows all shorter than the rows
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_verify_passes_on_each_family(name, tmp_path):
+    hf_model(name).save_pretrained(tmp_path)
+    r = zoo.verify(str(tmp_path), n_tokens=40)
+    assert r["n_tokens"] == 40 and r["max_abs"] <= 1e-5 and r["top1"] == 1.0
+
+
+@pytest.mark.parametrize("name, change, message", [
+    ("qwen3", {"model_type": "qwen9", "architectures": ["Qwen9ForCausalLM"]}, "'Qwen9ForCausalLM'.* is not supported"),
+    ("phi3-longrope", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "long_factor": [1.0] * 3}},
+     "longrope rope parameters without short_factor"),
+    ("phi3-longrope", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 5,
+                                           "long_factor": [1.0] * 5}}, "short_factor of 5 numbers .expected one per"),
+    ("qwen2-window", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}}, "rope type 'yarn'"),
+    ("qwen2-window", {"layer_types": ["sliding_attention"] * 3}, "layer_types="),
+    ("qwen3", {"attention_bias": True}, "attention_bias=true"),
+])
+def test_family_configs_the_file_cannot_run_are_clear_errors(name, change, message):
+    config = {**hf_model(name).config.to_dict(), **change}
+    with pytest.raises(ValueError, match=message):
+        convert.from_hf_config(config, "m/config.json")
 
 
 def test_rope_config_old_and_new_forms_agree():
@@ -155,17 +230,22 @@ def test_each_hf_map_translates_configs_both_ways(map_name):
             ignored |= {"attn_logit_softcapping", "sliding_window_pattern", "_sliding_window_pattern"}  # has no cap
         if not before.get("use_bidirectional_attention"):  # Gemma 2/3: None and False both mean causal
             ignored.add("use_bidirectional_attention")
+        if case == "phi3-longrope":  # the zoo runs within the original context: block_size capped there, and the
+            ignored |= {"max_position_embeddings", "rope_parameters"}  # attention factor the cap loses written out
+            assert hf["rope_parameters"]["attention_factor"] == pytest.approx(math.sqrt(1 + math.log(1024 / 48)
+                                                                                        / math.log(48)))
         assert {k: v for k, v in after.items() if k not in ignored} == \
                {k: v for k, v in before.items() if k not in ignored}, case
 
 
 @pytest.mark.parametrize("name", ["llama-mha-tied", "llama-mqa"])
 def test_gguf_map_reads_the_config_the_hf_map_reads(name, tmp_path):
-    gguf_maps = [n for n in MAPS if convert.load_map(n)["format"] == "gguf" and not convert.load_map(n).get("experts")]
-    # a new one: test it (tests/test_gemma.py tests the gemma ones against transformers; tests/test_moe.py the experts')
-    assert gguf_maps == ["gguf-gemma", "gguf-gemma2", "gguf-gemma3", "gguf-llama"]
+    gguf_maps = {convert.load_map(n)["architecture"] for n in MAPS
+                 if convert.load_map(n)["format"] == "gguf" and not convert.load_map(n).get("experts")}
+    gemma = {"gemma", "gemma2", "gemma3"}  # tests/test_gemma.py tests these against transformers
+    assert gguf_maps == set(GGUF_ARCH.values()) | gemma  # a new one: test it (the mixtures of experts': tests/test_moe.py)
     ref = hf_model(name)
-    write_gguf_llama(tmp_path / "m.gguf", ref)
+    write_gguf(tmp_path / "m.gguf", ref)
     ckpt = weight_files.GGUFCheckpoint(tmp_path / "m.gguf")
     arch, values, map_name = convert.from_gguf_metadata(ckpt.metadata, ckpt.shapes, "m.gguf")
     assert (arch, map_name) == ("llama", "gguf-llama")
@@ -186,14 +266,18 @@ def test_gguf_metadata_errors_name_the_key():
         norm_eps=1e-5, tie_embeddings=True))
     with pytest.raises(ValueError) as e:
         convert.from_gguf_metadata({**meta, "llama.rope.dimension_count": 4}, shapes, "m.gguf")
-    assert str(e.value) == ("m.gguf: llama.rope.dimension_count=4 (expected 8 or null), "
-                            "which models/llama.py cannot express")
+    assert str(e.value) == "m.gguf: llama.rope.dimension_count=4 (expected 8), which models/llama.py cannot express"
     with pytest.raises(ValueError, match="m.gguf: rope frequency scaling.*Hugging Face folder"):
         convert.from_gguf_metadata(meta, {**shapes, "rope_freqs.weight": (4,)}, "m.gguf")
     with pytest.raises(ValueError, match="m.gguf: no 'llama.block_count'"):
         convert.from_gguf_metadata({k: v for k, v in meta.items() if k != "llama.block_count"}, shapes, "m.gguf")
-    with pytest.raises(ValueError, match="GGUF architecture 'qwen2' is not supported"):
-        convert.from_gguf_metadata({**meta, "general.architecture": "qwen2"}, shapes, "m.gguf")
+    with pytest.raises(ValueError, match="GGUF architecture 'mamba' is not supported"):
+        convert.from_gguf_metadata({**meta, "general.architecture": "mamba"}, shapes, "m.gguf")
+    phi3 = {k.replace("llama.", "phi3."): v for k, v in {**meta, "general.architecture": "phi3"}.items()}
+    with pytest.raises(ValueError, match=r"rope frequency scaling in GGUF form \(rope_factors_long.weight\)"):
+        convert.from_gguf_metadata(phi3, {**shapes, "rope_factors_long.weight": (4,)}, "m.gguf")
+    with pytest.raises(ValueError, match="phi3.rope.dimension_count=9 .expected 8 or an even number below it"):
+        convert.from_gguf_metadata({**phi3, "phi3.rope.dimension_count": 9}, shapes, "m.gguf")
 
 
 XGLM_FORM = dict(norm_first=True, sinusoid="fairseq", pos_offset=2, activation="gelu", dropout=0.1)
@@ -450,10 +534,15 @@ def test_gguf_dequantization(qtype, tmp_path):
         np.testing.assert_array_equal(got, gguf.quants.dequantize(raw, qtype))
 
 
-def write_gguf_llama(path, ref):
-    """`ref` (a transformers Llama) as llama.cpp's converter writes it: GGUF names, q/k rows permuted."""
-    c = ref.config
-    w = gguf.GGUFWriter(path, "llama")
+GGUF_ARCH = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+             "Qwen3ForCausalLM": "qwen3", "Phi3ForCausalLM": "phi3", "Olmo2ForCausalLM": "olmo2"}
+
+
+def write_gguf(path, ref):
+    """`ref` (a transformers Llama or relative) as llama.cpp's converter writes it: GGUF names, and for the
+    llama architecture (Llama, Mistral) q/k rows permuted."""
+    c, arch = ref.config, GGUF_ARCH[type(ref).__name__]
+    w = gguf.GGUFWriter(path, arch)
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
@@ -462,22 +551,40 @@ def write_gguf_llama(path, ref):
     w.add_head_count_kv(c.num_key_value_heads)
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    if getattr(c, "head_dim", None):
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    w.add_rope_dimension_count(int(head_dim * c.rope_parameters.get("partial_rotary_factor", 1.0)))
+    if getattr(c, "sliding_window", None):
+        w.add_sliding_window(c.sliding_window)
     w.add_token_list([f"t{i}" for i in range(V)])
 
     def permute(t, n_head):  # llama.cpp: interleave the two rotary halves of each head
+        if arch != "llama":
+            return t
         return t.reshape(n_head, 2, t.shape[0] // n_head // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
 
     sd = {k: v.numpy() for k, v in ref.state_dict().items()}
+    names = {"input_layernorm": "attn_norm", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "post_attention_layernorm": "post_attention_norm" if arch == "olmo2" else "ffn_norm",
+             "post_feedforward_layernorm": "post_ffw_norm", "mlp.gate_proj": "ffn_gate", "mlp.down_proj": "ffn_down",
+             "mlp.up_proj": "ffn_up", "mlp.gate_up_proj": "ffn_up", "self_attn.qkv_proj": "attn_qkv",
+             "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
     w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}."
-        for gguf_name, name in [("attn_norm", "input_layernorm"), ("attn_v", "self_attn.v_proj"),
-                                ("attn_output", "self_attn.o_proj"), ("ffn_norm", "post_attention_layernorm"),
-                                ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"),
-                                ("ffn_down", "mlp.down_proj")]:
-            w.add_tensor(f"blk.{i}.{gguf_name}.weight", sd[p + name + ".weight"])
-        w.add_tensor(f"blk.{i}.attn_q.weight", permute(sd[p + "self_attn.q_proj.weight"], c.num_attention_heads))
-        w.add_tensor(f"blk.{i}.attn_k.weight", permute(sd[p + "self_attn.k_proj.weight"], c.num_key_value_heads))
+        for name, t in sd.items():
+            if not name.startswith(p):
+                continue
+            hf, kind = name[len(p):].rsplit(".", 1)
+            if hf in names:
+                w.add_tensor(f"blk.{i}.{names[hf]}.{kind}", t)
+            elif hf in ("self_attn.q_proj", "self_attn.k_proj"):
+                heads = c.num_attention_heads if hf == "self_attn.q_proj" else c.num_key_value_heads
+                w.add_tensor(f"blk.{i}.attn_{hf[10]}.{kind}", permute(t, heads))
+            else:
+                raise AssertionError(f"no GGUF name for {name}")
     w.add_tensor("output_norm.weight", sd["model.norm.weight"])
     if not c.tie_word_embeddings:
         w.add_tensor("output.weight", sd["lm_head.weight"])
@@ -487,10 +594,22 @@ def write_gguf_llama(path, ref):
     w.close()
 
 
+# qwen2-window: llama.cpp's qwen2 has no sliding window (no Qwen2.5 checkpoint uses one); phi3-longrope: the
+# factors are GGUF tensors, refused (test_gguf_metadata_errors_name_the_key)
+@pytest.mark.parametrize("name", [n for n in FAMILIES if n not in ("qwen2-window", "phi3-longrope")])
+def test_gguf_of_each_family_loads_to_transformers_logits(name, tmp_path):
+    ref = hf_model(name)
+    write_gguf(tmp_path / "m.gguf", ref)
+    model = zoo.from_pretrained(tmp_path / "m.gguf")
+    assert model.config.tie_embeddings == ref.config.tie_word_embeddings
+    assert model.config.sliding_window == getattr(ref.config, "sliding_window", None)
+    assert max_diff(model, ref) <= 1e-5
+
+
 @pytest.mark.parametrize("name", ["llama-mha-tied", "llama-mqa"])
 def test_gguf_llama_unpermutes_q_and_k(name, tmp_path):
     ref = hf_model(name)
-    write_gguf_llama(tmp_path / "m.gguf", ref)
+    write_gguf(tmp_path / "m.gguf", ref)
     ckpt = weight_files.GGUFCheckpoint(tmp_path / "m.gguf")
     reader = gguf.GGUFReader(tmp_path / "m.gguf")  # our lean header parser reads what gguf's reader reads
     for key, field in reader.fields.items():

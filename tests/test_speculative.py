@@ -66,6 +66,15 @@ def test_greedy_with_any_draft_equals_plain_greedy(name, device):
     assert far["accepted"] < far["drafted"] / 2
 
 
+def test_drafts_on_a_sliding_window_model_equal_plain_greedy():
+    """Rejected drafts leave holes in the cache rows; a window (5 tokens) counts real tokens only, so a
+    windowed model decodes through the holes as plain greedy does."""
+    model = tiny("llama-qwen2-window")
+    for draft in ("prompt-lookup", perturbed(model, 0.15)):
+        stats = check_greedy(model, draft)
+        assert stats["accepted"] < stats["drafted"]  # some drafts were rejected: there were holes
+
+
 def test_int4_self_draft_equals_plain_greedy():
     model = tiny("llama-gqa", n_head=4, n_embd=64, ffn_dim=64)  # int4 groups of 32 divide every layer's inputs
     generate(model, [1, 2], 2)  # a model that has generated has its float32 weights column-major

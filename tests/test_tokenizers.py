@@ -350,3 +350,86 @@ def test_hf_folder_specials_and_bos(tmp_path, single, bos, starts):
     assert ids[:1] == ([tok.bos_id] if starts else tk.encode("hello", add_special_tokens=False).ids[:1])
     rendered = tok.encode(tok.apply_chat_template([{"role": "user", "content": "hello"}]))
     assert rendered == ([] if starts else [tok.bos_id]) + ids  # the template's BOS, never a second one
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tokenizer.ggml.pre: a GGUF's byte-level vocabulary split as llama.cpp does for each name gives the ids of
+# the tokenizer.json form the models ship (transformers' spelling of the same pre-tokenization)
+
+PRE_TEXT = ("Hello, World! I'm here; YOU'LL see it's 'S fine. Ünïcödé façade naïve — “quotes” ½ ٣٤ 1234567 3.14159\n"
+            "日本語のテキストと中文 한국어 текст на русском 12,345 ñandú CamelCaseWord HTTPServer\n\n\n"
+            "def f(x):\n    return x ** 2  # comment\n\tif a==b  and c!=d:  pass\r\n   \n  trailing   ")
+_CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
+_CL100K = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_O200K = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+          r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+          r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+HF_PRE = {  # name: (the models' tokenizer.json pre-tokenizer, BPE ignore_merges)
+    "qwen2": (lambda p, R: p.Sequence([p.Split(R(_CL100K.replace(r"\p{N}{1,3}", r"\p{N}")), "isolated"),
+                                       p.ByteLevel(add_prefix_space=False, use_regex=False)]), False),  # Qwen2.5, Qwen3
+    "llama-bpe": (lambda p, R: p.Sequence([p.Split(R(_CL100K), "isolated"),
+                                           p.ByteLevel(add_prefix_space=False, use_regex=False)]), True),  # Llama 3
+    "smollm": (lambda p, R: p.Sequence([p.Digits(individual_digits=True),
+                                        p.ByteLevel(add_prefix_space=False, use_regex=True)]), False),  # SmolLM2
+    "olmo": (lambda p, R: p.ByteLevel(add_prefix_space=False, use_regex=True), False),  # OLMo's GPT-NeoX BPE
+    "gpt-4o": (lambda p, R: p.Sequence([p.Split(R(_O200K), "isolated"),
+                                        p.ByteLevel(add_prefix_space=False, use_regex=False)]), False),  # Phi-4
+}
+
+
+@pytest.fixture(scope="module")
+def pre_vocab():
+    """A byte-level BPE trained on PRE_TEXT without any pre-split, so that its merges join digits, spaces,
+    letters and punctuation across every boundary a pre-tokenizer draws: each split shows in the ids."""
+    from tokenizers import Tokenizer as TkTokenizer, models, pre_tokenizers, trainers
+    tk = TkTokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.train_from_iterator([PRE_TEXT] * 3, trainers.BpeTrainer(
+        vocab_size=700, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    model = json.loads(tk.to_str())["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    return model["vocab"], merges
+
+
+def pre_gguf(path, vocab, merges, pre):
+    import gguf
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("gpt2")
+    if pre is not None:
+        w.add_tokenizer_pre(pre)
+    w.add_token_list(sorted(vocab, key=vocab.get))
+    w.add_token_merges(merges)
+    w.add_token_types([1] * len(vocab))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("pre", HF_PRE)
+def test_gguf_pre_tokenizer_gives_the_model_tokenizers_ids(pre, pre_vocab, tmp_path):
+    from tokenizers import Regex, Tokenizer as TkTokenizer, models, pre_tokenizers
+    vocab, merges = pre_vocab
+    pre_tokenizer, ignore_merges = HF_PRE[pre]
+    hf = TkTokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges],
+                                ignore_merges=ignore_merges))
+    hf.pre_tokenizer = pre_tokenizer(pre_tokenizers, Regex)
+    tok = load_tokenizer(pre_gguf(tmp_path / "t.gguf", vocab, merges, pre))
+    want = hf.encode(PRE_TEXT).ids
+    assert tok.encode(PRE_TEXT) == want
+    assert tok.decode(want) == PRE_TEXT
+    # the test can tell the names apart: every other split gives other ids on this text
+    for other, (other_pre, other_ignore) in HF_PRE.items():
+        if other != pre:
+            tk = TkTokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges],
+                                        ignore_merges=other_ignore))
+            tk.pre_tokenizer = other_pre(pre_tokenizers, Regex)
+            assert tk.encode(PRE_TEXT).ids != want, (pre, other)
+
+
+def test_unknown_gguf_pre_tokenizer_is_refused_by_name(pre_vocab, tmp_path):
+    path = pre_gguf(tmp_path / "t.gguf", *pre_vocab, "brand-new-bpe")
+    with pytest.raises(ValueError, match=r"t.gguf: GGUF pre-tokenizer 'brand-new-bpe' \(tokenizer.ggml.pre\) is not "
+                                         r"known to zoo \(known: .*qwen2.*\); load the model's tokenizer.json"):
+        load_tokenizer(path)

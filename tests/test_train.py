@@ -203,7 +203,8 @@ def test_scratchformer_trains_with_its_recipe(tmp_path, text_file, gpt2_bpe):
 
 
 @pytest.mark.parametrize("name,mode", [(n, m) for m in ("fp32", "bf16", "lora-int8") for n in
-                                       ("bigram", "scratchformer", "gpt2", "llama-gqa", "mqa")
+                                       ("bigram", "scratchformer", "gpt2", "llama-gqa", "llama-qwen2-window",
+                                        "llama-olmo2", "mqa")
                                        if (n, m) != ("bigram", "lora-int8")])  # the bigram has no Linear to adapt
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_chunked_head_loss_equals_the_logits_loss(name, mode, smoothing):
@@ -403,6 +404,18 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, text_file, 
 def test_init_starts_from_pretrained_weights(tmp_path, text_file):
     before = tiny(tmp_path / "a", text_file, max_iters=20, lr=3e-3)
     # one step at a vanishing learning rate: the model (and its validation loss) is the one loaded
+    val = zoo.train(None, [text_file], tmp_path / "b", init=tmp_path / "a" / "step-0000020", max_iters=1, lr=1e-12,
+                    warmup=0, **TINY)
+    assert val == pytest.approx(before, abs=1e-4) and before < math.log(12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset, fields", [("qwen3-0.6b", dict(head_dim=8)),
+                                            ("olmo-2-1b", dict(sliding_window=8, full_attention_layers=1))])
+def test_llama_relatives_train_from_scratch_and_init(tmp_path, text_file, preset, fields):
+    """A relative's preset, shrunk, learns the characters and --init resumes from its weights."""
+    shrunk = dict(n_layer=2, n_head=2, n_kv_head=1, n_embd=32, ffn_dim=48, vocab_size=12, **fields)
+    before = tiny(tmp_path / "a", text_file, preset=preset, overrides=shrunk, max_iters=20, lr=3e-3)
     val = zoo.train(None, [text_file], tmp_path / "b", init=tmp_path / "a" / "step-0000020", max_iters=1, lr=1e-12,
                     warmup=0, **TINY)
     assert val == pytest.approx(before, abs=1e-4) and before < math.log(12)

@@ -12,6 +12,7 @@ import ctypes
 import dataclasses
 import functools
 import json
+import math
 from importlib import resources
 
 import torch
@@ -165,7 +166,8 @@ def _write(name, ours):
         for key in rule.get("to") or ([rule["from"]] if "from" in rule else []):
             hf[key] = v
     for key, allowed in m.get("requires", {}).items():
-        hf[key] = _derive(allowed[0], ours)
+        if allowed[0] is not None:  # null first: absent is what the checkpoint's config class expects
+            hf[key] = _derive(allowed[0], ours)
     if m.get("hook"):
         HOOKS[m["hook"]](hf, ours, to_hf=True)
     return hf
@@ -255,14 +257,80 @@ def llama_rope(hf, ours, need=None, shapes=None, to_hf=False):
 
 
 def gguf_llama(meta, ours, need=None, shapes=None, to_hf=False):
-    """What a llama GGUF keeps in its tensor list rather than its metadata: the vocabulary size (rows
-    of token_embd), a tied output layer (no output.weight), and llama.cpp's rope scaling (rope_freqs,
-    a table of per-frequency factors), which we refuse with a pointer to the Hugging Face form."""
-    need("rope_freqs.weight" not in shapes and meta.get("llama.rope.scaling.type", "none") == "none",
-         "rope frequency scaling in GGUF form (rope_freqs.weight, llama.rope.scaling.type)",
-         fix="load the model's Hugging Face folder instead (its config.json carries the llama3 rope parameters)")
+    """What a GGUF of the Llama family (llama, qwen2, qwen3, phi3, olmo2, and the mixtures of experts) keeps
+    outside its config keys or in a form of its own: the vocabulary size (rows of token_embd), a tied output
+    layer (no output.weight), Phi-3/4's partial rotary (phi3.rope.dimension_count below the head width), and
+    llama.cpp's rope scaling (rope_freqs or LongRoPE's rope_factors tables), which we refuse with a pointer to
+    the Hugging Face form."""
+    arch = meta["general.architecture"]
+    tables = [n for n in ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight") if n in shapes]
+    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+    need(not tables and scaling == "none", f"rope frequency scaling in GGUF form ({', '.join(tables) or scaling})",
+         fix="load the model's Hugging Face folder instead (its config.json carries the rope parameters)")
     need("token_embd.weight" in shapes, "no token_embd.weight tensor", damaged=True)
     ours.update(vocab_size=shapes["token_embd.weight"][0], tie_embeddings="output.weight" not in shapes)
+    head_dim = ours.get("head_dim") or ours["n_embd"] // max(ours["n_head"], 1)
+    if head_dim == ours["n_embd"] // max(ours["n_head"], 1):
+        ours["head_dim"] = None  # attention.key_length written though it is the usual width: as if absent
+    rotated = meta.get(f"{arch}.rope.dimension_count", head_dim)
+    need(rotated == head_dim or arch == "phi3" and 0 < rotated < head_dim and rotated % 2 == 0,
+         f"{arch}.rope.dimension_count={rotated} (expected {head_dim}"
+         + (" or an even number below it)" if arch == "phi3" else ")"))
+    if rotated != head_dim:
+        ours["rotary_fraction"] = rotated / head_dim
+
+
+def qwen_window(hf, ours, need=None, shapes=None, to_hf=False):
+    """Qwen2/3's sliding window: used only when use_sliding_window says so, on the layers from
+    max_window_layers up (ours: full_attention_layers); transformers >= 5 also lists each layer's kind in
+    layer_types, which must follow that pattern. The rotary part is Llama's."""
+    llama_rope(hf, ours, need=need, shapes=shapes, to_hf=to_hf)
+    n, window, full = ours["n_layer"], ours.get("sliding_window"), ours["full_attention_layers"]
+    if to_hf:
+        hf.update(use_sliding_window=window is not None, sliding_window=window, layer_types=[
+            "sliding_attention" if window is not None and i >= full else "full_attention" for i in range(n)])
+        return
+    window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+    pattern = ["sliding_attention" if window is not None and i >= full else "full_attention" for i in range(n)]
+    need(hf.get("layer_types") in (None, pattern), f"layer_types={_show(hf.get('layer_types'))} (expected "
+         f"{_show(pattern)}: full attention below max_window_layers={full}, the window above)")
+    ours["sliding_window"] = window
+
+
+def phi3_rope(hf, ours, need=None, shapes=None, to_hf=False):
+    """Phi-3's rotary: partial (partial_rotary_factor, in rope_parameters or at the top level) and LongRoPE
+    (per-frequency short and long factors). Ours runs LongRoPE within the original context, where the short
+    factors and an attention factor apply, so loading caps block_size at original_max_position_embeddings
+    (past it transformers switches to the long factors, which would change every cached key)."""
+    if to_hf:
+        s, fraction = ours["rope_scaling"], ours["rotary_fraction"]
+        rope = {"rope_type": "longrope", **s} if s else {"rope_type": "default"}
+        hf.update(rope_parameters={**rope, "rope_theta": ours["rope_theta"], "partial_rotary_factor": fraction},
+                  partial_rotary_factor=fraction)
+        if s:
+            hf["original_max_position_embeddings"] = s["original_max_position_embeddings"]
+        return
+    rope = hf.get("rope_parameters") or {**(hf.get("rope_scaling") or {}), "rope_theta": hf.get("rope_theta")}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    rope_type = "longrope" if rope_type in ("su", "yarn") else rope_type  # Phi-3's older names (as transformers)
+    need(rope_type in ("default", "longrope"), f"rope type {rope_type!r} (supported: default, longrope)")
+    ours["rope_theta"] = float(rope.get("rope_theta") or 1e4)
+    ours["rotary_fraction"] = float(rope.get("partial_rotary_factor") or hf.get("partial_rotary_factor") or 1.0)
+    ours["rope_scaling"] = None
+    if rope_type == "longrope":
+        missing = [k for k in ("short_factor", "long_factor") if not rope.get(k)]
+        need(not missing, f"longrope rope parameters without {', '.join(missing)}", damaged=True)
+        original = rope.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
+        need(original, "longrope without original_max_position_embeddings", damaged=True)
+        rotated = int((ours.get("head_dim") or ours["n_embd"] // ours["n_head"]) * ours["rotary_fraction"])
+        need(len(rope["short_factor"]) == rotated // 2, f"longrope short_factor of {len(rope['short_factor'])} "
+             f"numbers (expected one per rotated frequency, {rotated // 2})", damaged=True)
+        factor = rope.get("factor") or hf.get("max_position_embeddings", original) / original
+        attention = rope.get("attention_factor") or (
+            1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original)))
+        ours["rope_scaling"] = dict(short_factor=rope["short_factor"], long_factor=rope["long_factor"],
+                                    attention_factor=attention, original_max_position_embeddings=original)
+        ours["block_size"] = min(ours["block_size"], original)
 
 
 def moe_rope(hf, ours, need=None, shapes=None, to_hf=False):
@@ -392,7 +460,8 @@ def gguf_gemma(meta, ours, need=None, shapes=None, to_hf=False):
     ours["rope_scaling_factor"] = float(meta["gemma3.rope.scaling.factor"]) if scaling == "linear" else None
 
 
-HOOKS = {f.__name__: f for f in (llama_rope, gguf_llama, moe_rope, qwen_moe, gemma, gemma2, gemma3, gguf_gemma)}
+HOOKS = {f.__name__: f for f in (llama_rope, gguf_llama, qwen_window, phi3_rope, moe_rope, qwen_moe, gemma, gemma2, gemma3,
+                                  gguf_gemma)}
 
 
 def dims(config):

@@ -170,7 +170,10 @@ def save_pretrained(model, folder, tokenizer=None):
     hf = convert.to_hf_config(arch, model.config)
     if hf is not None:
         tensors = convert.export_weights(model, convert.load_map(convert.hf_map_name(hf)))
-        config = {**hf, "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+        # token ids are the tokenizer's: null without one (not transformers' per-family defaults, such as
+        # Phi-3's pad 32000, which may lie outside this vocabulary)
+        config = {**hf, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                  "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
         if tokenizer is not None:
             config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
     else:

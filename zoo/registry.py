@@ -29,6 +29,11 @@ _OLMOE = dict(vocab_size=50304, block_size=4096, n_layer=16, n_head=16, n_kv_hea
               expert_dim=1024, norm_topk_prob=False, qk_norm="proj", rope_theta=10000.0, norm_eps=1e-5,
               aux_loss_coef=0.01)
 _SMOLLM2 = dict(vocab_size=49152, block_size=8192, rope_theta=100000.0, norm_eps=1e-5, tie_embeddings=True)
+_QWEN2_5 = dict(vocab_size=151936, block_size=32768, rope_theta=1e6, norm_eps=1e-6, tie_embeddings=True, qkv_bias=True)
+_QWEN3 = dict(vocab_size=151936, block_size=40960, rope_theta=1e6, norm_eps=1e-6, tie_embeddings=True, head_dim=128,
+              qk_norm="head", n_layer=28, n_head=16, n_kv_head=8)
+_OLMO2_1B = dict(vocab_size=100352, block_size=4096, n_layer=16, n_head=16, n_kv_head=16, n_embd=2048, ffn_dim=8192,
+                 rope_theta=500000.0, norm_eps=1e-6, norm_position="post", qk_norm="full")
 
 def _gemma3(n_layer, n_embd, ffn_dim):  # Gemma 3's small text models: 4 query heads on one K/V head, 5:1 windows
     return dict(vocab_size=262144, block_size=32768, n_layer=n_layer, n_head=4, n_kv_head=1, n_embd=n_embd,
@@ -101,6 +106,29 @@ PRESETS = {
         "llama", dict(vocab_size=32000, block_size=2048, n_layer=22, n_head=32, n_kv_head=4, n_embd=2048,
                       ffn_dim=5632, rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False),
         "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "apache-2.0"),
+    # Llama's relatives (models/llama.py's config fields); their configs as the checkpoints' config.json
+    "qwen2.5-0.5b": Preset("llama", dict(_QWEN2_5, n_layer=24, n_head=14, n_kv_head=2, n_embd=896, ffn_dim=4864),
+                           "Qwen/Qwen2.5-0.5B", "apache-2.0"),
+    "qwen2.5-0.5b-instruct": Preset(
+        "llama", dict(_QWEN2_5, n_layer=24, n_head=14, n_kv_head=2, n_embd=896, ffn_dim=4864),
+        "Qwen/Qwen2.5-0.5B-Instruct", "apache-2.0"),
+    "qwen2.5-1.5b-instruct": Preset(
+        "llama", dict(_QWEN2_5, n_layer=28, n_head=12, n_kv_head=2, n_embd=1536, ffn_dim=8960),
+        "Qwen/Qwen2.5-1.5B-Instruct", "apache-2.0"),
+    "qwen3-0.6b": Preset("llama", dict(_QWEN3, n_embd=1024, ffn_dim=3072), "Qwen/Qwen3-0.6B", "apache-2.0"),
+    "qwen3-1.7b": Preset("llama", dict(_QWEN3, n_embd=2048, ffn_dim=6144), "Qwen/Qwen3-1.7B", "apache-2.0"),
+    # LongRoPE: the checkpoint's config.json carries the per-frequency factors; built from scratch it is plain
+    # partial rotary within the original 4096-token context
+    "phi-4-mini-instruct": Preset(
+        "llama", dict(vocab_size=200064, block_size=4096, n_layer=32, n_head=24, n_kv_head=8, n_embd=3072,
+                      ffn_dim=8192, rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=True, rotary_fraction=0.75),
+        "microsoft/Phi-4-mini-instruct", "mit"),
+    "olmo-2-1b": Preset("llama", _OLMO2_1B, "allenai/OLMo-2-0425-1B", "apache-2.0"),
+    "olmo-2-1b-instruct": Preset("llama", _OLMO2_1B, "allenai/OLMo-2-0425-1B-Instruct", "apache-2.0"),
+    "mistral-7b-instruct": Preset(
+        "llama", dict(vocab_size=32768, block_size=32768, n_layer=32, n_head=32, n_kv_head=8, n_embd=4096,
+                      ffn_dim=14336, rope_theta=1e6, norm_eps=1e-5, head_dim=128),
+        "mistralai/Mistral-7B-Instruct-v0.3", "apache-2.0"),
     # mixtures of experts (models/moe.py); the configs are the repositories' config.json through weights_maps/
     "olmoe-1b-7b": Preset("moe", _OLMOE, "allenai/OLMoE-1B-7B-0924", "apache-2.0"),
     "olmoe-1b-7b-instruct": Preset("moe", _OLMOE, "allenai/OLMoE-1B-7B-0924-Instruct", "apache-2.0"),

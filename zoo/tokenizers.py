@@ -25,7 +25,6 @@ import json
 import os
 import re
 import tempfile
-import warnings
 from datetime import datetime
 from pathlib import Path
 
@@ -469,33 +468,50 @@ def train_bpe(texts_or_files, vocab_size, special_tokens=("<|endoftext|>",)):
 
 # GGUF ------------------------------------------------------------------------------------------------------
 
-# How llama.cpp's `tokenizer.ggml.pre` splits text before BPE, where it differs from GPT-2's regex (the
-# ByteLevel default). "smollm"/"starcoder" split digits one by one, but their merges join no digits, so
-# GPT-2's regex gives the same tokens.
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_GGUF_SPLITS = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT}
-_GPT2_LIKE = {None, "default", "gpt2", "smollm", "starcoder"}
+# How llama.cpp splits text before BPE, by the name in `tokenizer.ggml.pre`: regexes applied in turn, each
+# splitting the pieces the one before left (llama.cpp's llama-vocab.cpp; the same pre-tokenization as the
+# model's own tokenizer.json). A file without the key is split with GPT-2's regex.
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"  # any case, as (?i:'s|'t|...)
+_LLAMA3_SPLIT = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                 r"|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # digits one by one
+_UPPER, _LOWER = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]", r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"
+_GPT4O_SPLIT = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+{_CONTRACTIONS}?"
+                rf"|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*{_CONTRACTIONS}?"
+                r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_GGUF_SPLITS = {
+    **dict.fromkeys([None, "gpt-2", "gpt2", "phi-2", "olmo", "mpt", "jais", "exaone4"], [_GPT2_SPLIT]),
+    **dict.fromkeys(["llama3", "llama-v3", "llama-bpe", "falcon3", "dbrx", "smaug-bpe"], [_LLAMA3_SPLIT]),
+    **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"], [_QWEN2_SPLIT]),
+    # digits one by one, then GPT-2's regex
+    **dict.fromkeys(["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"],
+                    [r"\p{N}", _GPT2_SPLIT]),
+    **dict.fromkeys(["gpt-4o", "llama4"], [_GPT4O_SPLIT]),  # Phi-4-mini's o200k vocabulary, Llama 4
+    "default": [r"[\p{P}\$\+<=>\^~\|]+", _GPT2_SPLIT, r"\p{N}+", "[0-9][0-9][0-9]"],
+}
+# Llama 3's vocabularies take a piece that is a token whole, merges or not (as its tokenizer.json's ignore_merges)
+_IGNORE_MERGES = {"llama3", "llama-v3", "llama-bpe", "falcon3"}
 
 
 def _gguf_byte_level(meta):
-    """tokenizer.ggml.model "gpt2": byte-level BPE from the file's tokens and merges."""
+    """tokenizer.ggml.model "gpt2": byte-level BPE from the file's tokens and merges, split as its
+    tokenizer.ggml.pre names (an unknown name is refused: another split would give other ids)."""
     from tokenizers import Regex, Tokenizer as TkTokenizer, decoders, models, pre_tokenizers
+    pre = meta.get("tokenizer.ggml.pre")
+    if pre not in _GGUF_SPLITS:
+        known = ", ".join(sorted(k for k in _GGUF_SPLITS if k))
+        raise ValueError(f"GGUF pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not known to zoo (known: {known}); "
+                         f"load the model's tokenizer.json folder instead")
     to_bytes = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     alphabet = set(pre_tokenizers.ByteLevel.alphabet())
     # Tokens are spelled in GPT-2's byte alphabet; a few files write some in plain UTF-8 instead.
     vocab = {(t if set(t) <= alphabet else to_bytes.pre_tokenize_str(t)[0][0]): i
              for i, t in enumerate(meta["tokenizer.ggml.tokens"])}
     merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
-    tk = TkTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-    pre = meta.get("tokenizer.ggml.pre")
-    if pre in _GGUF_SPLITS:
-        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_GGUF_SPLITS[pre]), "isolated"),
-                                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    else:
-        if pre not in _GPT2_LIKE:
-            warnings.warn(f"GGUF pre-tokenizer {pre!r} is not known to zoo; splitting text with GPT-2's regex")
-        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk = TkTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, ignore_merges=pre in _IGNORE_MERGES))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r), "isolated") for r in _GGUF_SPLITS[pre]]
+                                               + [to_bytes])
     tk.decoder = decoders.ByteLevel()
     return tk
 
@@ -531,7 +547,10 @@ def load_gguf_tokenizer(path):
     if kind not in builders:
         raise ValueError(f"{path}: GGUF tokenizer model {kind!r} is not supported; zoo reads "
                          f"{' and '.join(builders)} vocabularies (or pass the model's tokenizer.json folder)")
-    tk = builders[kind](meta)
+    try:
+        tk = builders[kind](meta)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     tokens = meta["tokenizer.ggml.tokens"]
     types = meta.get("tokenizer.ggml.token_type") or []
     # Control tokens (type 3) become special tokens and user-defined ones (type 4) plain added tokens, so both
