@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from .modes import eval_mode
 from .sampling import SamplingConfig, next_tokens, penalize_repetition
 from .tokenizers import StreamDecoder
 
@@ -118,8 +119,9 @@ def weights_column_major(model):
             w.data = w.data.t().contiguous().t()
 
 
-def _prepare(model, prompts, max_new_tokens, settings):
-    """Check the prompts; the prompts as a list of lists, and the EOS ids as a list."""
+def check_prompts(model, prompts, max_new_tokens, settings):
+    """Check the prompts (the one place that does); the prompts as a list of lists, and the end-token ids as a
+    list (settings' own, else the model's, where its loader attached some)."""
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
         raise TypeError(f"model must be a zoo model (zoo.load, zoo.from_pretrained), not {type(model).__name__}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -151,26 +153,11 @@ def _prepare(model, prompts, max_new_tokens, settings):
     return prompts, settings.eos_ids
 
 
-def _eval_mode_on(model):
-    """Put the modules in training mode into eval mode, and return them for _eval_mode_off. Only those are
-    touched: model.eval() sets every module's flag, ~2 ms per call on a 30-layer model."""
-    training = [m for m in model.modules() if m.training]
-    for m in training:
-        m.training = False
-    return training
-
-
-def _eval_mode_off(modules):
-    for m in modules:
-        m.training = True
-
-
 @torch.inference_mode()  # on a generator, torch enters the mode at each resume and leaves it at each yield
 def _sample_steps(model, prompts, max_new_tokens, eos, settings, compile=False):
     """The decode loop: yields each step's new tokens [B] (on the device) until max_new_tokens, or until
     every row has produced an EOS."""
-    training = _eval_mode_on(model)
-    try:
+    with eval_mode(model):
         batch = Batch(model, prompts, max_new_tokens, compile)
         device = batch.tokens.device
         generator = None if settings.seed is None else torch.Generator(device).manual_seed(settings.seed)
@@ -199,8 +186,6 @@ def _sample_steps(model, prompts, max_new_tokens, eos, settings, compile=False):
                     return
             if step + 1 < max_new_tokens:
                 logits = batch.step()
-    finally:
-        _eval_mode_off(training)
 
 
 @torch.inference_mode()
@@ -210,8 +195,7 @@ def _beam_search(model, prompts, max_new_tokens, eos, settings, compile=False):
     sum(log p) / len**length_penalty (len counts the new tokens, EOS included); a prompt is done once
     num_beams hypotheses have finished, and at max_new_tokens its running beams join them. Returns
     the best hypothesis of each prompt."""
-    training = _eval_mode_on(model)
-    try:
+    with eval_mode(model):
         batch = Batch(model, prompts, max_new_tokens, compile)
         B, K, V = len(prompts), settings.num_beams, model.config.vocab_size
         device, penalty, lp = batch.tokens.device, settings.repetition_penalty, settings.length_penalty
@@ -268,8 +252,6 @@ def _beam_search(model, prompts, max_new_tokens, eos, settings, compile=False):
                     if len(finished[b]) < K and score > float("-inf"):
                         finished[b].append((score / max_new_tokens ** lp, new[b * K + k]))
         return [max(hyps, key=lambda h: h[0])[1] for hyps in finished]
-    finally:
-        _eval_mode_off(training)
 
 
 def generate(model, prompts, max_new_tokens, sampling=None, *, compile=False, **settings):
@@ -282,7 +264,7 @@ def generate(model, prompts, max_new_tokens, sampling=None, *, compile=False, **
     compiled_step): for long or repeated generation.
     """
     settings = SamplingConfig.of(sampling, **settings)
-    prompts, eos = _prepare(model, prompts, max_new_tokens, settings)
+    prompts, eos = check_prompts(model, prompts, max_new_tokens, settings)
     if max_new_tokens == 0:
         return [[] for _ in prompts]
     weights_column_major(model)
@@ -290,6 +272,21 @@ def generate(model, prompts, max_new_tokens, sampling=None, *, compile=False, **
         return _beam_search(model, prompts, max_new_tokens, eos, settings, compile)
     steps = [*_sample_steps(model, prompts, max_new_tokens, eos, settings, compile)]
     return [_cut_at_eos(row, eos) for row in torch.stack(steps, 1).tolist()]
+
+
+def token_stream(model, prompts, max_new_tokens, sampling=None, *, compile=False, **settings):
+    """generate's decode loop as it goes, for callers that watch the rows (stop strings, streaming): an
+    iterator of each step's new tokens, a LongTensor [B] on the model's device (entry b for prompt b), for
+    max_new_tokens steps or until every row has produced an end token (a row that ended earlier goes on
+    getting tokens, to be ignored). Arguments as in generate, without beam search; they are checked here, not
+    at the first step. close() the iterator to stop early."""
+    settings = SamplingConfig.of(sampling, **settings)
+    if settings.num_beams > 1:
+        raise ValueError("token_stream decodes one sequence per prompt: num_beams must be 1 (generate does "
+                         "beam search)")
+    prompts, eos = check_prompts(model, prompts, max_new_tokens, settings)
+    weights_column_major(model)
+    return _sample_steps(model, prompts, max_new_tokens, eos, settings, compile)
 
 
 def _cut_at_eos(ids, eos):
@@ -321,7 +318,7 @@ def complete(model, tokenizer, text_or_messages, *, max_new_tokens, sampling=Non
     settings = SamplingConfig.of(sampling, **settings)
     if settings.eos_token_id is None and tokenizer.eos_ids:
         settings = SamplingConfig.of(settings, eos_token_id=list(tokenizer.eos_ids))
-    prompts, eos = _prepare(model, [ids], max_new_tokens, settings)
+    prompts, eos = check_prompts(model, [ids], max_new_tokens, settings)
     stops = [stop] if isinstance(stop, str) else list(stop or [])  # (TextStream drops empty ones)
     if max_new_tokens == 0:
         tokens = iter([])
