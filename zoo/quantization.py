@@ -84,7 +84,9 @@ def quantize_tensor(w, bits, group_size):
     N, K = w.shape
     if K % group_size:
         raise ValueError(f"group_size {group_size} does not divide the matrix's {K} columns")
-    g = w.detach().float().reshape(N, K // group_size, group_size)
+    # contiguous: a column-major weight (generation.weights_column_major leaves fp32 ones so) would otherwise give
+    # column-major codes, which the kernels refuse
+    g = w.detach().float().contiguous().reshape(N, K // group_size, group_size)
     if bits == 4:
         lo, hi = g.amin(-1), g.amax(-1)
         scale = ((hi - lo) / 15).clamp(min=1e-12)
