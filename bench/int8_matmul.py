@@ -1,5 +1,5 @@
 """An int8 weight-only layer's product by row count: torch's int8 kernel against a GEMM over a transient
-dequantized copy of the weight (what zoo/lora.py's _int8_mm picks from GEMM_ROWS rows on), in bf16 and
+dequantized copy of the weight (what zoo/quantization.py's int8_mm picks from GEMM_ROWS rows on), in bf16 and
 in float32 (the path on CPUs without bf16 arithmetic). SmolLM2-135M's layer shapes, bf16 activations.
 
     flock /tmp/bench.lock python bench/int8_matmul.py [--rows 1 32 128 2048] [--repeats 20]

@@ -101,6 +101,19 @@ def test_fsdp_without_torchrun_is_refused(tmp_path, text_file):
         zoo.train("shakespeare-char", [text_file], tmp_path / "o", overrides=MODEL, fsdp=True, **SETTINGS)
 
 
+def saved_tensors(model):
+    """How many tensors a forward pass saves for the backward."""
+    count = 0
+
+    def pack(t):
+        nonlocal count
+        count += 1
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(torch.randint(0, 50, (3, 32)))
+    return count
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "mqa", "scratchformer"])
 def test_activation_checkpointing_gives_the_same_losses_and_gradients(arch):
     config = dict(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
@@ -114,6 +127,8 @@ def test_activation_checkpointing_gives_the_same_losses_and_gradients(arch):
     ckpt.load_state_dict(plain.state_dict())
     zt.checkpoint_blocks(ckpt)
     assert [n for n, _ in ckpt.named_parameters()] == [n for n, _ in plain.named_parameters()]  # same names
+    assert not any("forward" in vars(b) for b in blocks(ckpt))  # the blocks untouched: hooks, no patched forward
+    assert saved_tensors(ckpt) < saved_tensors(plain) / 2  # and their activations are not kept
     x = torch.randint(0, 50, (3, 32))
     losses = []
     for model in (plain, ckpt):

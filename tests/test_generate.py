@@ -10,7 +10,7 @@ import torch
 
 import zoo
 from zoo.tokenizers import load_tokenizer
-from zoo.generation import complete, generate
+from zoo.generation import complete, generate, token_stream
 from zoo.sampling import SamplingConfig, penalize_repetition, process_logits, sample
 
 from conftest import tiny as tiny_model
@@ -440,6 +440,26 @@ def test_bad_prompts_raise_value_error():
         generate(model, [], 5)
     with pytest.raises(ValueError, match="vocabulary"):
         generate(model, [1, 37], 5)
+
+
+def test_token_stream_is_generates_loop_checked_on_the_call():
+    """The public token stream (what the harness watches for stop strings) yields generate's tokens step by
+    step, checks its arguments when called (not at the first step), and stops when closed."""
+    model = tiny("gpt2")
+    prompts = [[5, 17, 33], [2, 9]]
+    steps = token_stream(model, prompts, 6, temperature=0)
+    assert torch.stack(list(steps), 1).tolist() == generate(model, prompts, 6, temperature=0)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        token_stream(model, [[1], []], 5)
+    with pytest.raises(ValueError, match="num_beams must be 1"):
+        token_stream(model, prompts, 5, num_beams=2)
+    steps = token_stream(model, prompts, 6, temperature=0)
+    first = next(steps)
+    steps.close()
+    assert first.shape == (2,) and list(steps) == []
+    model.train()
+    list(token_stream(model, prompts, 2))
+    assert all(m.training for m in model.modules())  # and gives a training model back in training mode
 
 
 def test_flat_list_is_one_prompt_and_zero_tokens_is_empty():

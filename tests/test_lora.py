@@ -156,32 +156,6 @@ def test_targets_name_our_layers_or_the_checkpoints_projections():
         zoo.add_lora(zoo.add_lora(tiny("llama")))
 
 
-@pytest.mark.parametrize("rows", [5, lora.GEMM_ROWS + 3], ids=["int8 kernel", "dequantized GEMM"])
-@pytest.mark.parametrize("native_bf16", [True, False], ids=["bf16 CPU", "float32 CPU"])
-@pytest.mark.parametrize("shape", [(64, 48), (40, 24)], ids=["multiples of 16", "not"])  # the kernel's K blocks
-def test_int8_backward_is_the_dequantized_matmuls(rows, native_bf16, shape, monkeypatch):
-    """Both ways of computing an int8 layer (the kernel for a few rows, a dequantized copy's GEMM for many, in
-    bf16 or, on a CPU without bf16 arithmetic, float32), forward and backward, against float32 matmuls."""
-    monkeypatch.setattr(lora, "_native_bf16", lambda: native_bf16)
-    torch.manual_seed(0)
-    linear = torch.nn.Linear(*shape, bias=True)
-    model = torch.nn.Sequential(linear)
-    adapters.quantize_int8(model)
-    q = model[0]
-    assert lora.is_int8(q)
-    w = q.codes.float() * q.scales.float()[:, None]  # what the int8 layer computes with
-    x = torch.randn(rows, shape[0], dtype=torch.bfloat16, requires_grad=True)
-    y = lora.int8_linear(q, x)
-    grad = torch.randn(rows, shape[1], dtype=torch.bfloat16)
-    y.backward(grad)
-    grad = grad.float()
-    ref = x.detach().float().requires_grad_()
-    (ref @ w.t() + q.bias.float()).backward(grad)
-    assert y.dtype == torch.bfloat16
-    torch.testing.assert_close(y.float(), ref @ w.t() + q.bias.float(), atol=0.005, rtol=0.008)  # bf16 rounding
-    torch.testing.assert_close(x.grad.float(), ref.grad, atol=0.005, rtol=0.008)
-
-
 def test_lora_over_int8_keeps_the_base_int8_and_frozen():
     model = adapters.quantize_int8(tiny("llama"))
     zoo.add_lora(model, r=4)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import zoo
+from zoo import quantization
 from zoo.weight_files import GGUFCheckpoint
 from zoo.quantization import Int4Linear, Int8Linear, QuantEmbedding, Quantized, from_gguf_blocks, linear_from, \
     quantize_tensor
@@ -42,6 +43,32 @@ def test_linear_computes_the_dequantized_matrix(bits, group_size):
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
     # and the codes round the matrix they quantize to the nearest step
     assert ((q.dequantize() - w).abs() <= q.scale.repeat_interleave(group_size, 1) / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("rows", [5, quantization.GEMM_ROWS + 3], ids=["int8 kernel", "dequantized GEMM"])
+@pytest.mark.parametrize("native_bf16", [True, False], ids=["bf16 CPU", "float32 CPU"])
+@pytest.mark.parametrize("shape", [(64, 48), (40, 24)], ids=["multiples of 16", "not"])  # the kernel's K blocks
+def test_int8_forward_and_backward_are_the_dequantized_matmuls(rows, native_bf16, shape, monkeypatch):
+    """Both ways of computing an int8 layer (the kernel for a few rows, a dequantized copy's GEMM for many, in
+    bf16 or, on a CPU without bf16 arithmetic, float32), in inference and forward and backward (LoRA over
+    int8 needs the input's gradient), against float32 matmuls."""
+    monkeypatch.setattr(quantization, "native_bf16", lambda: native_bf16)
+    torch.manual_seed(0)
+    q = zoo.quantize(torch.nn.Sequential(torch.nn.Linear(*shape, bias=True)), "int8", head=None)[0]
+    assert isinstance(q, Int8Linear)
+    w = q.codes.float() * q.scales.float()[:, None]  # what the int8 layer computes with
+    x = torch.randn(rows, shape[0], dtype=torch.bfloat16, requires_grad=True)
+    ref = x.detach().float().requires_grad_()
+    want = ref @ w.t() + q.bias.float()
+    with torch.inference_mode():
+        torch.testing.assert_close(q(x).float(), want.detach(), atol=0.005, rtol=0.008)  # bf16 rounding
+    y = q(x)
+    grad = torch.randn(rows, shape[1], dtype=torch.bfloat16)
+    y.backward(grad)
+    want.backward(grad.float())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), want.detach(), atol=0.005, rtol=0.008)
+    torch.testing.assert_close(x.grad.float(), ref.grad, atol=0.005, rtol=0.008)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -201,11 +228,25 @@ def top1_agreement(logits, reference):
     return (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
 
 
+# Top-1 agreement with the float32 model over the passage's 256 positions. The top-1 token moves where the two
+# leading logits lie closer than a perturbation moves them. Rounding to bf16 alone (the weights, the activations
+# between layers) moves 1-2% of them: the baseline, measured in the test, since CPUs round differently (AVX-512
+# BF16 and AMX kernels). A quantized model carries that rounding and its weights' own error on top, so its floor
+# is the baseline less a margin for that error, a little above the share of positions the mode alone moved
+# (measured against the dequantized bf16 model, AVX-512 BF16 EPYC: native 5, int8 9, int4 5 of 256):
+#   native: the file's own codes; only the fp16 block scales are rounded to bf16: 3% (8 positions);
+#   int8: one symmetric scale per row, steps of max|w| / 127: 5% (13 positions);
+#   int4: groups of 32 weights in 16 levels (the head stays int8): 6% (16 positions).
+# Measured there against float32: baseline 0.984, native 0.980, int8 0.973, int4 0.988. A broken kernel lands
+# far below: one projection's scales 10% off in every layer gave 0.87-0.89 (native, int8, int4), a 0.9-1.1
+# ramp over the int8 head's scales 0.85.
+MARGIN = {"native": 0.03, "int8": 0.05, "int4": 0.06}
+
+
 def test_native_gguf_matches_the_dequantized_model(smollm2_gguf_path, passage, reference):
     """The native model holds the file's codes: with float32 activations (the fp16 block scales then kept
-    exactly) its logits are the dequantized model's up to summation order. In bf16 (scales rounded,
-    activations rounded between layers) it agrees with the float32 model at least as well as the
-    dequantized bf16 model does (the bf16 rounding alone moves the top-1 token at ~3% of positions)."""
+    exactly) its logits are the dequantized model's up to summation order; it keeps them packed; in bf16 it
+    agrees with the float32 model to within MARGIN["native"] of the dequantized bf16 model's agreement."""
     with torch.inference_mode():  # 32 tokens: the int4 kernel has no fast float32 path
         exact = zoo.from_pretrained(str(smollm2_gguf_path), quantize="native", dtype=torch.float32)(passage[:, :32])
     torch.testing.assert_close(exact.float()[0], reference[torch.float32][:32], rtol=0, atol=2e-3)
@@ -218,18 +259,22 @@ def test_native_gguf_matches_the_dequantized_model(smollm2_gguf_path, passage, r
     assert weight_bytes(native) < 1.4 * smollm2_gguf_path.stat().st_size
     with torch.inference_mode():
         logits = native(passage).float()[0]
-    bf16_baseline = top1_agreement(reference[torch.bfloat16], reference[torch.float32])
-    assert top1_agreement(logits, reference[torch.float32]) >= bf16_baseline >= 0.95
-    assert top1_agreement(logits, reference[torch.bfloat16]) >= 0.97
+    baseline = top1_agreement(reference[torch.bfloat16], reference[torch.float32])
+    assert baseline >= 0.95, baseline
+    agreement = top1_agreement(logits, reference[torch.float32])
+    assert agreement >= baseline - MARGIN["native"], (agreement, baseline)
 
 
-@pytest.mark.parametrize("mode, floor", [("int8", 0.97), ("int4", 0.90)])
-def test_quantized_model_agrees_with_bf16(smollm2_gguf_path, passage, reference, mode, floor):
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_model_agrees_with_float32(smollm2_gguf_path, passage, reference, mode):
+    """zoo.quantize's modes (256 rows: the int8 layers take the dequantized GEMM) agree with the float32 model to
+    within MARGIN[mode] of the dequantized bf16 model's agreement."""
     model = zoo.from_pretrained(str(smollm2_gguf_path), dtype=torch.bfloat16)
     zoo.quantize(model, mode, group_size=32 if mode == "int4" else None)
     with torch.inference_mode():
-        agreement = top1_agreement(model(passage).float()[0], reference[torch.bfloat16])
-    assert agreement >= floor, agreement
+        agreement = top1_agreement(model(passage).float()[0], reference[torch.float32])
+    baseline = top1_agreement(reference[torch.bfloat16], reference[torch.float32])
+    assert agreement >= baseline - MARGIN[mode], (agreement, baseline)
 
 
 # A question whose answer's first token leads by ~1.4 nats (float32). "What is the capital of France?" leads by

@@ -8,11 +8,10 @@ folders read the same whichever engine trained it.
 """
 import os
 import sys
-import types
 from contextlib import nullcontext
 
 import torch
-from torch.utils.checkpoint import checkpoint
+from torch.distributed._composable import checkpoint as checkpoint_module
 
 
 class Distributed:
@@ -59,16 +58,11 @@ def blocks(model):
 
 def checkpoint_blocks(model):
     """Recompute each block's activations during the backward pass (non-reentrant torch.utils.checkpoint):
-    the same gradients, with one block's activations alive at a time instead of all of them. The blocks keep
-    their names (the forward is replaced on the instance, not wrapped in a new module)."""
+    the same gradients, with one block's activations alive at a time instead of all of them. Through torch's
+    composable checkpoint, which works by module hooks (as fully_shard does, and composes with it): the
+    blocks keep their class, forward and names. In evaluation (no grad) there is nothing to save."""
     for block in blocks(model):
-        forward = block.forward
-
-        def checkpointed(self, *args, _forward=forward, **kwargs):
-            if not torch.is_grad_enabled():  # evaluation: nothing to save, nothing to recompute
-                return _forward(*args, **kwargs)
-            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
-        block.forward = types.MethodType(checkpointed, block)
+        checkpoint_module(block)
     return model
 
 

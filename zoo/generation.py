@@ -14,11 +14,13 @@ token per step. Generated ids stay on the device; the host only looks at them wh
 strings, streaming). Past the model's block_size the context slides over the last block_size tokens, as
 nanoGPT's sampler does: positions are absolute, so the cache is refilled with the window each step.
 """
+import contextlib
 import operator
 import time
 
 import torch
 
+from .modes import eval_mode
 from .sampling import SamplingConfig, next_tokens, penalize_repetition
 from .speculative import check_draft, speculative_steps
 from .tokenizers import StreamDecoder
@@ -120,8 +122,9 @@ def weights_column_major(model):
             w.data = w.data.t().contiguous().t()
 
 
-def _prepare(model, prompts, max_new_tokens, settings):
-    """Check the prompts; the prompts as a list of lists, and the EOS ids as a list."""
+def check_prompts(model, prompts, max_new_tokens, settings):
+    """Check the prompts (the one place that does); the prompts as a list of lists, and the end-token ids as a
+    list (settings' own, else the model's, where its loader attached some)."""
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
         raise TypeError(f"model must be a zoo model (zoo.load, zoo.from_pretrained), not {type(model).__name__}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -153,26 +156,11 @@ def _prepare(model, prompts, max_new_tokens, settings):
     return prompts, settings.eos_ids
 
 
-def _eval_mode_on(model):
-    """Put the modules in training mode into eval mode, and return them for _eval_mode_off. Only those are
-    touched: model.eval() sets every module's flag, ~2 ms per call on a 30-layer model."""
-    training = [m for m in model.modules() if m.training]
-    for m in training:
-        m.training = False
-    return training
-
-
-def _eval_mode_off(modules):
-    for m in modules:
-        m.training = True
-
-
 @torch.inference_mode()  # on a generator, torch enters the mode at each resume and leaves it at each yield
 def _sample_steps(model, prompts, max_new_tokens, eos, settings, compile=False):
     """The decode loop: yields each step's new tokens [B] (on the device) until max_new_tokens, or until
     every row has produced an EOS."""
-    training = _eval_mode_on(model)
-    try:
+    with eval_mode(model):
         batch = Batch(model, prompts, max_new_tokens, compile)
         device = batch.tokens.device
         generator = None if settings.seed is None else torch.Generator(device).manual_seed(settings.seed)
@@ -201,20 +189,16 @@ def _sample_steps(model, prompts, max_new_tokens, eos, settings, compile=False):
                     return
             if step + 1 < max_new_tokens:
                 logits = batch.step()
-    finally:
-        _eval_mode_off(training)
 
 
 @torch.inference_mode()
 def _speculative_steps(model, prompts, max_new_tokens, eos, settings, draft, num_draft, stats):
     """speculative.speculative_steps with both models in eval mode: yields each round's new tokens (B lists)."""
-    training = _eval_mode_on(model) + (_eval_mode_on(draft) if isinstance(draft, torch.nn.Module) else [])
-    try:
+    draft_mode = eval_mode(draft) if isinstance(draft, torch.nn.Module) else contextlib.nullcontext()
+    with eval_mode(model), draft_mode:
         device = next(model.parameters()).device
         generator = None if settings.seed is None else torch.Generator(device).manual_seed(settings.seed)
         yield from speculative_steps(model, draft, prompts, max_new_tokens, eos, settings, num_draft, stats, generator)
-    finally:
-        _eval_mode_off(training)
 
 
 def _check_speculative(model, prompts, max_new_tokens, settings, draft, num_draft, compile):
@@ -240,8 +224,7 @@ def _beam_search(model, prompts, max_new_tokens, eos, settings, compile=False):
     sum(log p) / len**length_penalty (len counts the new tokens, EOS included); a prompt is done once
     num_beams hypotheses have finished, and at max_new_tokens its running beams join them. Returns
     the best hypothesis of each prompt."""
-    training = _eval_mode_on(model)
-    try:
+    with eval_mode(model):
         batch = Batch(model, prompts, max_new_tokens, compile)
         B, K, V = len(prompts), settings.num_beams, model.config.vocab_size
         device, penalty, lp = batch.tokens.device, settings.repetition_penalty, settings.length_penalty
@@ -298,8 +281,6 @@ def _beam_search(model, prompts, max_new_tokens, eos, settings, compile=False):
                     if len(finished[b]) < K and score > float("-inf"):
                         finished[b].append((score / max_new_tokens ** lp, new[b * K + k]))
         return [max(hyps, key=lambda h: h[0])[1] for hyps in finished]
-    finally:
-        _eval_mode_off(training)
 
 
 def generate(model, prompts, max_new_tokens, sampling=None, *, compile=False, draft=None, num_draft=None,
@@ -318,7 +299,7 @@ def generate(model, prompts, max_new_tokens, sampling=None, *, compile=False, dr
     `stats`, a dict, then receives the counts of drafted and accepted tokens and of rounds.
     """
     settings = SamplingConfig.of(sampling, **settings)
-    prompts, eos = _prepare(model, prompts, max_new_tokens, settings)
+    prompts, eos = check_prompts(model, prompts, max_new_tokens, settings)
     num_draft = _check_speculative(model, prompts, max_new_tokens, settings, draft, num_draft, compile)
     if max_new_tokens == 0:
         return [[] for _ in prompts]
@@ -334,6 +315,21 @@ def generate(model, prompts, max_new_tokens, sampling=None, *, compile=False, dr
         return _beam_search(model, prompts, max_new_tokens, eos, settings, compile)
     steps = [*_sample_steps(model, prompts, max_new_tokens, eos, settings, compile)]
     return [_cut_at_eos(row, eos) for row in torch.stack(steps, 1).tolist()]
+
+
+def token_stream(model, prompts, max_new_tokens, sampling=None, *, compile=False, **settings):
+    """generate's decode loop as it goes, for callers that watch the rows (stop strings, streaming): an
+    iterator of each step's new tokens, a LongTensor [B] on the model's device (entry b for prompt b), for
+    max_new_tokens steps or until every row has produced an end token (a row that ended earlier goes on
+    getting tokens, to be ignored). Arguments as in generate, without beam search; they are checked here, not
+    at the first step. close() the iterator to stop early."""
+    settings = SamplingConfig.of(sampling, **settings)
+    if settings.num_beams > 1:
+        raise ValueError("token_stream decodes one sequence per prompt: num_beams must be 1 (generate does "
+                         "beam search)")
+    prompts, eos = check_prompts(model, prompts, max_new_tokens, settings)
+    weights_column_major(model)
+    return _sample_steps(model, prompts, max_new_tokens, eos, settings, compile)
 
 
 def _cut_at_eos(ids, eos):
@@ -366,7 +362,7 @@ def complete(model, tokenizer, text_or_messages, *, max_new_tokens, sampling=Non
     settings = SamplingConfig.of(sampling, **settings)
     if settings.eos_token_id is None and tokenizer.eos_ids:
         settings = SamplingConfig.of(settings, eos_token_id=list(tokenizer.eos_ids))
-    prompts, eos = _prepare(model, [ids], max_new_tokens, settings)
+    prompts, eos = check_prompts(model, [ids], max_new_tokens, settings)
     num_draft = _check_speculative(model, prompts, max_new_tokens, settings, draft, num_draft, compile)
     stops = [stop] if isinstance(stop, str) else list(stop or [])  # (TextStream drops empty ones)
     stats = {} if stats is None else stats

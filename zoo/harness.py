@@ -29,7 +29,7 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from .generation import _prepare, _sample_steps, weights_column_major
+from .generation import TextStream, token_stream
 from .progress import bar, log
 from .sampling import SamplingConfig
 from .scoring import DEFAULT_BATCH_SIZE, score
@@ -235,36 +235,30 @@ class ZooLM(TemplateLM):
             for k in ("top_k", "top_p", "min_p"):
                 settings.pop(k, None)
         # generation ends at the source's own end tokens (as hf's generation_config), else at the tokenizer's EOS
-        if getattr(self.model, "eos_token_id", None) is None and self.eot_token_id is not None:
-            settings.setdefault("eos_token_id", [self.eot_token_id])
+        own = getattr(self.model, "eos_token_id", None)
+        settings.setdefault("eos_token_id", own if own is not None else
+                            [self.eot_token_id] if self.eot_token_id is not None else [])
         return until, max_new, SamplingConfig(**settings)
 
     def _generate(self, prompts, until, max_new, settings):
-        """The texts of greedy or sampled continuations of the prompts (token ids), each cut at its first stop
-        string; decoding stops early once every row has ended or holds a stop string."""
-        prompts, eos = _prepare(self.model, prompts, max_new, settings)
-        new = [[] for _ in prompts]
-        if max_new > 0:
-            weights_column_major(self.model)
-            done = [False] * len(prompts)
-            steps = _sample_steps(self.model, prompts, max_new, eos, settings)
-            for tokens in steps:
-                for row, t in enumerate(tokens.tolist()):
-                    if not done[row]:
-                        new[row].append(t)
-                        done[row] = t in eos or any(s in self.tok_decode(new[row]) for s in until if s)
-                if all(done):
-                    steps.close()
-                    break
-        texts = []
-        for ids in new:
-            cut = next((k for k, t in enumerate(ids) if t in eos), len(ids))
-            text = self.tok_decode(ids[:cut])
-            for s in until:  # as lm_eval's postprocess_generated_text: text before any stop string
-                if s:
-                    text = text.split(s)[0]
-            texts.append(text)
-        return texts
+        """The texts of greedy or sampled continuations of the prompts (token ids), each cut before its first
+        end token or stop string (as lm_eval's postprocessing cuts at the stop strings); decoding stops early
+        once every row has ended. BOS and padding ids are not text (as the hf backend's decode skips them)."""
+        eos, skipped = set(settings.eos_ids), {self.tokenizer.bos_id, self.tokenizer.pad_id}
+        streams = [TextStream(self.tokenizer, until) for _ in prompts]
+        texts, done = [""] * len(prompts), [False] * len(prompts)
+        steps = token_stream(self.model, prompts, max_new, settings)
+        for tokens in steps:
+            for row, t in enumerate(tokens.tolist()):
+                if done[row] or t in skipped:
+                    continue
+                piece, done[row] = ("", True) if t in eos else streams[row].push(t)
+                texts[row] += piece
+            if all(done):
+                steps.close()
+                break
+        # the held-back rest (cut before a stop string) of each row that did not end at a stop string
+        return [text + stream.flush() for text, stream in zip(texts, streams)]
 
     def generate_until(self, requests, disable_tqdm=False):
         groups = {}  # requests with the same generation settings are batched together

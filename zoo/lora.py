@@ -1,5 +1,4 @@
-"""LoRA (Hu et al., 2021): low-rank adapters beside frozen Linear layers. Torch only, like the model files:
-copy this file next to one of them and fine-tune outside the zoo.
+"""LoRA (Hu et al., 2021): low-rank adapters beside frozen Linear layers.
 
     lora.add_lora(model, r=8, alpha=16)     # adapters on every Linear but the output head; the rest frozen
     ... train: only the adapters' A and B require grad ...
@@ -14,85 +13,17 @@ PEFT keeps for models whose projections are separate) and a part may have none (
 adapters). The delta is one matmul all the same: the parts' B blocks placed block-diagonally.
 
 The frozen base may be any module with in_features, out_features and forward(x), quantized ones
-included. Weight-only int8 layers (codes int8 [out, in] and scales [out], as zoo.quantize's Int8Linear)
-run through `int8_linear`, which torch's int8 kernel lacks: a backward to the input, so the gradient
-reaches the adapters below; the base itself gets none and is never dequantized for long.
+included: zoo.quantize's Int8Linear passes the gradient back to its input (to the adapters below) while
+the base itself gets none and is never dequantized for long.
 """
 import fnmatch
-import functools
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-GEMM_ROWS = 128  # from this many rows of x on, a dequantized copy's GEMM is faster than the int8 kernel
-
-
-def _int8_mm(x, codes, scales):
-    """x [M, K] @ (codes [N, K] * scales[:, None])^T in x's dtype. Torch's int8 kernel reads each weight once,
-    as a decode step wants, but its time grows with M: for a training step's rows (or a prompt's, in a LoRA
-    model) a transient dequantized copy of the weight goes through a GEMM instead (bench/int8_matmul.py, 2
-    cores, SmolLM2's layers: at 128 rows 4x faster in bf16 with AMX, 1.5x in float32; at 2,048 rows 12-16x
-    and 2x). The copy lives for the product only. The kernel also reads K in blocks of 16
-    and crashes on other sizes (torch 2.13, CPU): those always take the copy."""
-    if x.shape[0] < GEMM_ROWS and codes.shape[1] % 16 == 0:
-        return torch.ops.aten._weight_int8pack_mm(x, codes, scales)
-    return _dequantized_mm(x, codes, scales[:, None])
-
-
-def _dequantized_mm(x, codes, scales):
-    """x [M, K] @ (codes * scales)^T, codes int8 [N, K], scales broadcasting to them; the output in x's dtype.
-    bf16 on a CPU without bf16 arithmetic is computed in float32 (see _widened_linear)."""
-    dtype = torch.float32 if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not _native_bf16() \
-        else x.dtype
-    return F.linear(x.to(dtype), codes.to(dtype).mul_(scales.to(dtype))).to(x.dtype)  # one copy of the weight
-
-
-class _Int8Linear(torch.autograd.Function):
-    """y = x (codes * scales[:, None])^T through torch's weight-only int8 kernel (or a GEMM, see _int8_mm);
-    the backward gives the input's gradient (the weights are frozen) the same way."""
-
-    @staticmethod
-    def forward(ctx, x, codes, scales):
-        ctx.save_for_backward(codes, scales)
-        return _int8_mm(x, codes, scales)  # [M, out]
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        codes, scales = ctx.saved_tensors
-        # dx = grad (codes * scales[:, None]); the kernel's K is N here (codes transposed), hence the % 16
-        if grad.shape[0] >= GEMM_ROWS or codes.shape[0] % 16:
-            return _dequantized_mm(grad, codes.t(), scales), None, None
-        # the kernel again, on codes^T [in, out] (a transient int8 copy) with unit scales; the kernel takes
-        # the activations' dtype, so grad arrives in it
-        ones = torch.ones(codes.shape[1], dtype=grad.dtype, device=grad.device)
-        return _int8_mm((grad * scales).contiguous(), codes.t().contiguous(), ones), None, None
-
-
-def is_int8(module):
-    """Whether `module` is a weight-only int8 linear layer: int8 `codes` [out, in] and `scales` [out]."""
-    codes = getattr(module, "codes", None)
-    return isinstance(codes, torch.Tensor) and codes.dtype == torch.int8 and codes.dim() == 2 \
-        and isinstance(getattr(module, "scales", None), torch.Tensor) and module.scales.dim() == 1
-
-
-def int8_linear(module, x):
-    """A weight-only int8 layer's output for x [..., in], differentiable with respect to x. The kernel
-    computes in the scales' dtype (bfloat16): x is cast to it."""
-    y = _Int8Linear.apply(x.reshape(-1, module.in_features).to(module.scales.dtype), module.codes, module.scales)
-    y = y.view(*x.shape[:-1], module.out_features)  # [..., out]
-    return y if getattr(module, "bias", None) is None else y + module.bias
-
-
-@functools.cache
-def _native_bf16():
-    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX); without, torch emulates bf16 GEMMs,
-    measured 3-4x slower than float32 ones on an AVX-512 EPYC without BF16."""
-    return any(getattr(torch.cpu, f, lambda: True)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-
+from .quantization import Int8Linear, native_bf16
 
 class _Widened(torch.autograd.Function):
     """y = x w^T + b for bf16 x and a frozen w, computed by float32 GEMMs, output rounded to bf16. The
@@ -121,15 +52,13 @@ def _widened_linear(base, x):
     if not (isinstance(base, nn.Linear) and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
             and torch.get_autocast_dtype("cpu") == torch.bfloat16):
         return None
-    if _native_bf16():
+    if native_bf16():
         return None
     with torch.autocast("cpu", enabled=False):
         return _Widened.apply(x.to(torch.bfloat16), base.weight, base.bias)
 
 
 def frozen_forward(base, x):
-    if is_int8(base):
-        return int8_linear(base, x)
     y = _widened_linear(base, x)
     return base(x) if y is None else y
 
@@ -199,9 +128,8 @@ class LoRALinear(nn.Module):
 
 class Frozen(nn.Module):
     """A frozen linear layer that no adapter wraps (the output head, layers outside the targets), computed as
-    the adapted ones' bases are: a weight-only int8 layer with a backward to its input (which torch's int8
-    kernel lacks), a float one under CPU bf16 autocast as bf16 compute on the float32 units where the CPU has
-    no bf16 arithmetic."""
+    the adapted ones' bases are: a float one under CPU bf16 autocast as bf16 compute on the float32 units
+    where the CPU has no bf16 arithmetic (see _widened_linear)."""
 
     def __init__(self, base):
         super().__init__()
@@ -223,7 +151,7 @@ def matches(name, patterns):
 
 
 def adaptable(module):
-    return isinstance(module, nn.Linear) or is_int8(module)
+    return isinstance(module, (nn.Linear, Int8Linear))
 
 
 def add_lora(model, r=8, alpha=16, dropout=0.0, targets=None, slices=None, scaling=None):
@@ -292,7 +220,7 @@ def merge_lora(model):
             new = m.base
         elif isinstance(m, LoRALinear):
             base = m.base
-            if is_int8(base):
+            if isinstance(base, Int8Linear):
                 w = base.codes.float() * base.scales.float()[:, None]
                 new = nn.Linear(base.in_features, base.out_features, bias=getattr(base, "bias", None) is not None,
                                 device=base.codes.device, dtype=base.scales.dtype)

@@ -15,8 +15,8 @@ F.cross_entropy(head(hidden).float(), targets) (the chunks' sums added in anothe
     loss = loss_fn(net, x, y)                  # mean over the targets that are not IGNORE
     total = loss_fn(model, x, y, reduction="sum", label_smoothing=0.1)   # F.cross_entropy's options
 
-The output layer keeps its name and weights (its forward is replaced on the instance, as
-distributed.checkpoint_blocks replaces the blocks'); outside `loss_fn(...)` it returns logits as before.
+The output layer keeps its name and weights (its forward is replaced on the instance); outside
+`loss_fn(...)` it returns logits as before.
 Inside one, the layer's hooks see one call with all positions, which returns the loss rather than logits.
 """
 import types

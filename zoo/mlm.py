@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import data
+from .modes import eval_mode
 from .progress import log
 from .registry import arch_of
 from .tokenizers import MASK_TOKEN
@@ -166,17 +167,15 @@ def masked_evaluation(model, tokenizer, tokens, window, batch_size=4, device="cp
                          f"({window}); pass a smaller --window or more text")
     examples = MaskedWindows(data.Windows(tokens, window), tokenizer, mask_prob, seed)
     index = examples.at(torch.arange(0, len(tokens) - window, window))
-    training = model.training
-    model.eval()
     total, correct, count = torch.zeros((), dtype=torch.float64), 0, 0
-    for i in range(0, len(index), batch_size):
-        x, y = examples.batch(index[i:i + batch_size], device)
-        logits = model(x).float()[y != data.IGNORE]  # [selected, vocab]
-        targets = y[y != data.IGNORE]
-        total += nn.functional.cross_entropy(logits, targets, reduction="sum").double().cpu()
-        correct += (logits.argmax(-1) == targets).sum().item()
-        count += len(targets)
-    model.train(training)
+    with eval_mode(model):
+        for i in range(0, len(index), batch_size):
+            x, y = examples.batch(index[i:i + batch_size], device)
+            logits = model(x).float()[y != data.IGNORE]  # [selected, vocab]
+            targets = y[y != data.IGNORE]
+            total += nn.functional.cross_entropy(logits, targets, reduction="sum").double().cpu()
+            correct += (logits.argmax(-1) == targets).sum().item()
+            count += len(targets)
     return (total / count).item(), correct / count
 
 
@@ -201,10 +200,8 @@ def fill_mask(model, tokenizer, text, top_k=5):
         raise ValueError(f"the text is {len(ids)} tokens long, more than the model's block_size "
                          f"{model.config.block_size}")
     device = next(model.parameters()).device
-    training = model.training
-    model.eval()
-    logits = model(torch.tensor([ids], device=device))[0, where].float()  # [masks, model's vocab_size]
-    model.train(training)
+    with eval_mode(model):
+        logits = model(torch.tensor([ids], device=device))[0, where].float()  # [masks, model's vocab_size]
     probs = logits[:, :tokenizer.vocab_size].softmax(-1)  # over the tokens the tokenizer can write
     p, top = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
     return [[(tokenizer.decode([t]), prob) for t, prob in zip(row_ids, row_p)]

@@ -6,8 +6,9 @@
 Decoding one token reads every weight once, so its speed is set by the bytes of weights read: 16 bits
 per weight in bfloat16, 8 in int8, 4 (+ 1 for the group scales and zero points) in int4. The matmuls
 are PyTorch's own weight-only kernels: on the CPU `_weight_int8pack_mm` (int8, one scale per output
-row) and `_weight_int4pack_mm_for_cpu` (int4, groups of 32-256 weights along the input with a scale and
-a zero point each); on CUDA `_weight_int8pack_mm` and tinygemm's `_weight_int4pack_mm`.
+row; many rows at once, a prompt's or a training step's, take a GEMM over a transient dequantized copy
+instead: `int8_mm`) and `_weight_int4pack_mm_for_cpu` (int4, groups of 32-256 weights along the input
+with a scale and a zero point each); on CUDA `_weight_int8pack_mm` and tinygemm's `_weight_int4pack_mm`.
 
 One plain form describes every quantized matrix here (`Quantized`): unsigned codes u of `bits` bits,
 and per group of `group_size` inputs a scale s and a zero point z, with
@@ -31,6 +32,7 @@ scale per row); otherwise the embedding keeps its own row-major codes for the lo
 the bfloat16 table each). A quantized model generates, batches, beam-searches and compiles like any
 other; `save_pretrained` refuses it (save the unquantized model and quantize when loading).
 """
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -152,8 +154,62 @@ def from_gguf_blocks(qtype, raw, shape):
 # Modules
 
 
+GEMM_ROWS = 128  # from this many rows of x on, a GEMM over a dequantized copy is faster than the int8 kernel
+
+
+def int8_mm(x, codes, scales):
+    """x [M, K] @ (codes [N, K] * scales[:, None])^T in x's dtype (x and scales of one dtype). Torch's int8
+    kernel reads each weight once, as a decode step wants, but its time grows with M: for a prompt's rows,
+    a scored text's or a training step's, a transient dequantized copy of the weight goes through a GEMM
+    instead (bench/int8_matmul.py, 2 cores, SmolLM2's layers: at 128 rows 4x faster in bf16 with AMX, 1.5x
+    in float32; at 2,048 rows 12-16x and 2x). The copy lives for the product only. The kernel also reads K
+    in blocks of 16 and crashes on other sizes (torch 2.13, CPU): those always take the copy."""
+    if x.shape[0] < GEMM_ROWS and codes.shape[1] % 16 == 0:
+        return torch.ops.aten._weight_int8pack_mm(x, codes, scales)
+    return dequantized_mm(x, codes, scales[:, None])
+
+
+def dequantized_mm(x, codes, scales):
+    """x [M, K] @ (codes * scales)^T, codes int8 [N, K], scales broadcasting to them; the output in x's dtype.
+    bf16 on a CPU without bf16 arithmetic is computed in float32 (the same products, exact in float32, and
+    accumulated in float32 as a bf16 GEMM does; torch emulates bf16 GEMMs there, 3-4x slower)."""
+    dtype = torch.float32 if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not native_bf16() \
+        else x.dtype
+    return F.linear(x.to(dtype), codes.to(dtype).mul_(scales.to(dtype))).to(x.dtype)  # one copy of the weight
+
+
+@functools.cache
+def native_bf16():
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX); without, torch emulates bf16 GEMMs,
+    measured 3-4x slower than float32 ones on an AVX-512 EPYC without BF16."""
+    return any(getattr(torch.cpu, f, lambda: True)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+class _Int8Matmul(torch.autograd.Function):
+    """int8_mm with a backward to the input, which torch's int8 kernel lacks (the weights are frozen): LoRA
+    over an int8 base needs the gradient to pass through the base to the adapters below."""
+
+    @staticmethod
+    def forward(ctx, x, codes, scales):
+        ctx.save_for_backward(codes, scales)
+        return int8_mm(x, codes, scales)  # [M, N]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        codes, scales = ctx.saved_tensors
+        # dx = grad (codes * scales[:, None]); the kernel's K is N here (codes transposed), hence the % 16
+        if grad.shape[0] >= GEMM_ROWS or codes.shape[0] % 16:
+            return dequantized_mm(grad, codes.t(), scales), None, None
+        # the kernel again, on codes^T [K, N] (a transient int8 copy) with unit scales; the kernel takes the
+        # activations' dtype, so grad arrives in it
+        ones = torch.ones(codes.shape[1], dtype=grad.dtype, device=grad.device)
+        return int8_mm((grad * scales).contiguous(), codes.t().contiguous(), ones), None, None
+
+
 class Int8Linear(nn.Module):
-    """y = x W^T (+ b) with W int8 [N, K] and one scale per output row (torch's _weight_int8pack_mm)."""
+    """y = x W^T (+ b) with W int8 [N, K] and one scale per output row: torch's _weight_int8pack_mm for a few
+    rows of x, a dequantized copy's GEMM for many (int8_mm); differentiable with respect to x."""
 
     def __init__(self, codes, scales, bias=None):
         super().__init__()
@@ -172,12 +228,12 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8, one scale per row"
 
     def forward(self, x):
-        x2 = x.reshape(-1, self.in_features)
-        if self.in_features % 16:  # torch 2.13's CPU kernel reads K in blocks of 16 and crashes otherwise
-            y = F.linear(x2, self.codes.to(x.dtype) * self.scales[:, None].to(x.dtype))
+        x2 = x.reshape(-1, self.in_features).to(self.scales.dtype)  # [M, K]: the kernel computes in the scales'
+        if torch.is_grad_enabled() and x2.requires_grad:
+            y = _Int8Matmul.apply(x2, self.codes, self.scales)
         else:
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.codes, self.scales)
-        y = y.view(*x.shape[:-1], self.out_features)
+            y = int8_mm(x2, self.codes, self.scales)
+        y = y.view(*x.shape[:-1], self.out_features)  # [..., N]
         return y if self.bias is None else y + self.bias
 
 

@@ -18,6 +18,8 @@ import contextlib
 
 import torch
 
+from .modes import eval_mode
+
 DEFAULT_BATCH_SIZE = 16
 
 
@@ -152,16 +154,10 @@ def score(model, pairs, *, batch_size=None):
     check_causal(model, "score")
     requests = _requests(model, pairs)
     device = next(model.parameters()).device
-    training = [m for m in model.modules() if m.training]
-    for m in training:  # dropout off while scoring (as generation does), on again after
-        m.training = False
     results = {}
-    try:
+    with eval_mode(model):
         for batch in _batches(requests, batch_size, model.config.block_size):
             results.update(_score_batch(model, requests, batch, device))
-    finally:
-        for m in training:
-            m.training = True
     return [results[i] for i in range(len(requests))]
 
 

@@ -27,6 +27,7 @@ from . import adapters, chat_data, data, mlm, runs, tokenizers
 from .distributed import (Distributed, checkpoint_blocks, gradient_sync, load_optimizer_state, shard,
                           wrap)
 from .loss import HeadLoss
+from .modes import eval_mode
 from .progress import bar as progress_bar
 from .progress import log as note
 from .registry import build, get_preset
@@ -213,14 +214,13 @@ def forward_context(s):
 def evaluate(model, val, s, index, loss_of):
     """Mean loss per counted target over the validation examples `index` names (the same ones every time,
     so evaluations compare); loss_of: the run's HeadLoss."""
-    model.eval()
     total, count = torch.zeros((), device=s.device), torch.zeros((), device=s.device)
-    for i in range(0, len(index), s.batch_size):
-        x, y = val.batch(index[i:i + s.batch_size], s.device)
-        with forward_context(s):
-            total += loss_of(model, x, y, reduction="sum")
-        count += (y != data.IGNORE).sum()
-    model.train()
+    with eval_mode(model):
+        for i in range(0, len(index), s.batch_size):
+            x, y = val.batch(index[i:i + s.batch_size], s.device)
+            with forward_context(s):
+                total += loss_of(model, x, y, reduction="sum")
+            count += (y != data.IGNORE).sum()
     return total.item() / count.item()
 
 
