@@ -478,7 +478,7 @@ def train_bpe(texts_or_files, vocab_size, special_tokens=("<|endoftext|>",)):
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _GGUF_SPLITS = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT}
-_GPT2_LIKE = {None, "default", "gpt2", "smollm", "starcoder"}
+_GPT2_LIKE = {None, "default", "gpt2", "gpt-2", "smollm", "starcoder"}
 
 
 def _gguf_byte_level(meta):
@@ -489,7 +489,10 @@ def _gguf_byte_level(meta):
     # Tokens are spelled in GPT-2's byte alphabet; a few files write some in plain UTF-8 instead.
     vocab = {(t if set(t) <= alphabet else to_bytes.pre_tokenize_str(t)[0][0]): i
              for i, t in enumerate(meta["tokenizer.ggml.tokens"])}
-    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    # A merge whose parts or result are no tokens never yields a token (llama.cpp requires a merges list, so a
+    # vocabulary without merges, such as an exported character vocabulary, holds one such): leave it out.
+    merges = [(a, b) for a, b in (m.split(" ", 1) for m in meta["tokenizer.ggml.merges"])
+              if a in vocab and b in vocab and a + b in vocab]
     tk = TkTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
     pre = meta.get("tokenizer.ggml.pre")
     if pre in _GGUF_SPLITS:
@@ -556,7 +559,9 @@ def load_gguf_tokenizer(path):
               # llama.cpp adds BOS to sentencepiece vocabularies unless the file says otherwise
               "add_bos_token": meta.get("tokenizer.ggml.add_bos_token", kind == "llama")}
     extra = [meta[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in meta]
-    return HFTokenizer(tk, config, extra)
+    tok = HFTokenizer(tk, config, extra)
+    tok.ggml_pre = meta.get("tokenizer.ggml.pre") if kind == "gpt2" else None
+    return tok
 
 
 # ---------------------------------------------------------------------------------------------------------
