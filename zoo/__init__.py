@@ -11,7 +11,7 @@
 Notes go to logging.getLogger("zoo") (stderr by default; set its level to WARNING to silence them).
 """
 from .adapters import add_lora, merge_lora, save_adapter
-from .export import save_gguf
+from .export import save_gguf, save_gguf_adapter
 from .generation import complete, generate
 from .masking import fill_mask
 from .pretrained import from_pretrained, load_source, save_pretrained
@@ -23,7 +23,7 @@ from .tokenizers import load_tokenizer as tokenizer
 from .training import TrainConfig, train
 from .verification import verify
 
-__all__ = ["list", "load", "build", "arch_of", "from_pretrained", "load_source", "save_pretrained", "save_gguf", "tokenizer",
+__all__ = ["list", "load", "build", "arch_of", "from_pretrained", "load_source", "save_pretrained", "save_gguf", "save_gguf_adapter", "tokenizer",
            "generate", "complete", "SamplingConfig", "score", "score_rolling", "train", "TrainConfig", "verify",
            "fill_mask", "quantize", "add_lora", "merge_lora", "save_adapter"]
 

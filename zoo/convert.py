@@ -469,7 +469,8 @@ def export_weights(model, wmap):
         if ours not in targets:  # tied to another tensor, which is stored
             continue
         parts = _parts(entry)
-        t = targets[ours].detach().cpu()
+        t = targets[ours].detach()
+        t = t if t.is_meta else t.cpu()  # (a meta-device model gives the shapes alone)
         pieces = t.split([d[p["rows"]] for p in parts]) if len(parts) > 1 else [t]
         for p, piece in zip(parts, pieces):
             if p.get("unpermute"):  # loading undoes llama.cpp's permutation: export redoes it

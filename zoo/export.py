@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from . import convert, gguf_quants
+from .lora import lora_layers
 from .progress import log
 from .quantization import is_quantized
 from .registry import arch_of, model_module
@@ -68,40 +69,37 @@ def save_gguf(model, path, tokenizer=None, dtype="f16", name=None):
     for tensor_name, t in tensors.items():
         qtype = tensor_type(tensor_name, t, dtype)
         writer.add_tensor(tensor_name, _encode(t, qtype).numpy(), raw_dtype=GGMLQuantizationType[qtype.upper()])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    _write(writer, tmp, path)
     return path
 
 
 def llama_cpp_form(model):
     """`model`, or the model llama.cpp's architecture computes in its place: a gpt2/mqa model without
     biases has biases of zero, and GPT-2's exact GELU becomes the tanh form llama.cpp's gpt2 runs (the one
-    change that is not exact: logged, with the largest activation difference, ~3e-4 per unit)."""
-    config, changes = model.config, {}
-    if getattr(config, "bias", True) is False:
-        changes["bias"] = True
-    if arch_of(model) == "gpt2" and config.activation == "gelu":
-        changes["activation"] = "gelu_tanh"
+    change that is not exact: logged; the activations differ by less than 3e-4)."""
+    changes = _llama_cpp_changes(model)
+    if not changes:
+        return model
+    if "activation" in changes:
         log.warning("zoo: llama.cpp's gpt2 computes GELU in its tanh form; this model was trained with the exact "
                     "GELU, so the GGUF file (in llama.cpp and read back by the zoo) computes the tanh form "
                     "(|difference| < 3e-4 per activation)")
-    if not changes:
-        return model
-    twin = model_module(arch_of(model)).Model(dataclasses.replace(config, **changes))
-    state = model.state_dict()
-    missing, unexpected = twin.load_state_dict(state, strict=False)
+    twin = model_module(arch_of(model)).Model(dataclasses.replace(model.config, **changes))
+    missing, unexpected = twin.load_state_dict(model.state_dict(), strict=False)
     assert not unexpected and all(n.endswith(".bias") for n in missing), (missing, unexpected)
     with torch.no_grad():
         for n in missing:  # the biases the model did not have
             twin.get_parameter(n).zero_()
     return twin.to(next(model.parameters()).dtype).eval()
+
+
+def _llama_cpp_changes(model):
+    config, changes = model.config, {}
+    if getattr(config, "bias", True) is False:
+        changes["bias"] = True
+    if arch_of(model) == "gpt2" and config.activation == "gelu":
+        changes["activation"] = "gelu_tanh"
+    return changes
 
 
 def gguf_form(model):
@@ -116,6 +114,64 @@ def gguf_form(model):
     if map_name is None:
         raise ValueError(f"this {arch} model has no GGUF form: {meta}")
     return map_name, meta, tensors[map_name]
+
+
+def save_gguf_adapter(model, path, name=None):
+    """Write the LoRA adapters of `model` (zoo.add_lora, a LoRA training run) to `path` as llama.cpp's LoRA
+    GGUF (general.type = adapter, adapter.type = lora, adapter.lora.alpha; for each adapted tensor of the
+    base GGUF, <name>.lora_a [r, in] and <name>.lora_b [out, r] in float32, q/k rows in llama.cpp's rotary
+    order), to be applied at run time to the base model's GGUF (`llama-cli -m base.gguf --lora this.gguf`)."""
+    from gguf import GGUFWriter
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA adapters (zoo.add_lora adds them; zoo.save_gguf writes a full model)")
+    arch = arch_of(model)
+    if arch in NO_LLAMA_CPP:
+        raise ValueError(f"models/{arch}.py is {NO_LLAMA_CPP[arch]}, which no llama.cpp architecture computes")
+    alphas = {m.scaling * m.r for m in layers.values()}  # llama.cpp scales each pair by alpha / r
+    if len(alphas) != 1:
+        raise ValueError(f"the adapters' alpha / r differ ({sorted(alphas)}); llama.cpp's adapter file holds one alpha")
+    with torch.device("meta"):  # the base's GGUF form, shapes only
+        base = model_module(arch).Model(dataclasses.replace(model.config, **_llama_cpp_changes(model)))
+    map_name, meta, _ = gguf_form(base)
+    entries, _ = convert._expand(convert.load_map(map_name), model.config.n_layer)
+    d = convert.dims(model.config)
+    tensors = {}
+    for layer_name, m in layers.items():
+        parts = convert._parts(entries[layer_name + ".weight"])
+        if len(parts) != len(m.slices):
+            raise ValueError(f"{layer_name}: its adapter has {len(m.slices)} parts but the GGUF tensor list "
+                             f"{len(parts)} ({', '.join(p['from'] for p in parts)})")
+        adapted = [p for p, a in zip(parts, m.adapted) if a]
+        rows = [d[p["rows"]] if "rows" in p else m.out_features for p in adapted]
+        for p, A, B in zip(adapted, m.lora_A.detach().float().cpu().split(m.r), m.lora_B.detach().float().cpu().split(rows)):
+            if p.get("unpermute"):
+                B = convert.permute(B, d[p["unpermute"]])
+            tensors[p["from"] + ".lora_a"], tensors[p["from"] + ".lora_b"] = A.contiguous(), B.contiguous()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    writer = GGUFWriter(tmp, meta["general.architecture"])
+    writer.add_name(name or path.stem)
+    writer.add_type("adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", alphas.pop())
+    for tensor_name, t in tensors.items():
+        writer.add_tensor(tensor_name, t.numpy())
+    _write(writer, tmp, path)
+    return path
+
+
+def _write(writer, tmp, path):
+    """Write the file beside `path`, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def tensor_type(name, t, dtype):

@@ -358,7 +358,10 @@ def _token_text(value):
 class HFTokenizer(Tokenizer):
     """A `tokenizers.Tokenizer` plus what tokenizer_config.json says about it: the special tokens
     (bos_token, eos_token, pad_token), add_bos_token and chat_template. `extra_eos_ids` are further end
-    tokens, e.g. from generation_config.json."""
+    tokens, e.g. from generation_config.json. `ggml_pre`: llama.cpp's name for its pre-tokenizer, when it
+    was read from a GGUF file (GGUF export writes it back)."""
+
+    ggml_pre = None
 
     def __init__(self, tk, config, extra_eos_ids=()):
         self.tk = tk
