@@ -213,6 +213,30 @@ def test_smollm2_tokenizer_with_chat_template(smollm2_gguf, tmp_path):
         assert out[key] == src[key], key
 
 
+
+def test_sentencepiece_vocabulary_from_a_gguf(tmp_path):
+    """A sentencepiece GGUF vocabulary (tokenizer.ggml.model "llama": scores, byte tokens, no merges) goes
+    back into the exported file as it was, and encodes the same."""
+    pieces = ["\u2581", "a", "b", "c", "t", "h", "e", "\u2581t", "th", "\u2581th", "\u2581the", "ab", "\u2581a", "bc"]
+    tokens = ["<unk>", "<s>", "</s>", *[f"<0x{i:02X}>" for i in range(256)], *pieces]
+    writer = gguf.GGUFWriter(tmp_path / "spm.gguf", "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0, 0.0, 0.0, *[0.0] * 256, *[-float(i) for i in range(len(pieces))]])
+    writer.add_token_types([2, 3, 3, *[6] * 256, *[1] * len(pieces)])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tok = zoo.tokenizer(tmp_path / "spm.gguf")
+    assert tok.encode("the") == [1, tokens.index("\u2581the")]  # BOS (sentencepiece's default), merged by score
+    _, path = _round_trip(tok, tmp_path, ["the cab", "abc the\nthe", "é"])
+    src, out = (zoo.checkpoints.read_gguf_metadata(p) for p in (tmp_path / "spm.gguf", path))
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+        assert out[key] == src[key], key
+
 # ----------------------------------------------------------------------------------------------- LoRA
 
 @pytest.mark.parametrize("name", ["llama-mha", "gpt2"])

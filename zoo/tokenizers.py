@@ -359,9 +359,11 @@ class HFTokenizer(Tokenizer):
     """A `tokenizers.Tokenizer` plus what tokenizer_config.json says about it: the special tokens
     (bos_token, eos_token, pad_token), add_bos_token and chat_template. `extra_eos_ids` are further end
     tokens, e.g. from generation_config.json. `ggml_pre`: llama.cpp's name for its pre-tokenizer, when it
-    was read from a GGUF file (GGUF export writes it back)."""
+    was read from a GGUF file (GGUF export writes it back); `ggml_vocab`: a sentencepiece GGUF vocabulary's
+    tokens, scores and types as the file had them."""
 
     ggml_pre = None
+    ggml_vocab = None
 
     def __init__(self, tk, config, extra_eos_ids=()):
         self.tk = tk
@@ -564,6 +566,10 @@ def load_gguf_tokenizer(path):
     extra = [meta[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in meta]
     tok = HFTokenizer(tk, config, extra)
     tok.ggml_pre = meta.get("tokenizer.ggml.pre") if kind == "gpt2" else None
+    if kind == "llama":  # a sentencepiece vocabulary: GGUF export writes its scores and token types back
+        tok.ggml_vocab = {k: meta[k] for k in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.scores",
+                                               "tokenizer.ggml.token_type", "tokenizer.ggml.add_space_prefix")
+                          if k in meta}
     return tok
 
 
