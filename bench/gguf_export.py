@@ -77,8 +77,9 @@ def compare(label, path, tok, prompts, passage, args, lora=None, zoo_model=None)
     from llama_cpp import Llama
     t = time.perf_counter()
     model = zoo_model if zoo_model is not None else zoo.from_pretrained(path)
-    llm = Llama(model_path=str(path), lora_path=lora and str(lora), n_ctx=args.window + args.new + 64,
-                n_batch=args.window, n_threads=args.threads, logits_all=True, verbose=False)
+    window = min(args.window, model.config.block_size)  # (shakespeare-char: 64 positions)
+    llm = Llama(model_path=str(path), lora_path=lora and str(lora), n_batch=window, n_threads=args.threads,
+                n_ctx=min(max(window, 64 + args.new), model.config.block_size), logits_all=True, verbose=False)
     agree, total = 0, 0
     for p in prompts:
         ids = tok.encode(p)
@@ -89,7 +90,7 @@ def compare(label, path, tok, prompts, passage, args, lora=None, zoo_model=None)
             print(f"    {label}: {p!r} differs at token {same}: zoo {tok.decode(ours[same:same + 8])!r} "
                   f"llama.cpp {tok.decode(theirs[same:same + 8])!r}")
     ids = tok.encode(passage)[:args.tokens]
-    ppl_zoo, ppl_llama = zoo_ppl(model, ids, args.window), llama_ppl(llm, ids, args.window)
+    ppl_zoo, ppl_llama = zoo_ppl(model, ids, window), llama_ppl(llm, ids, window)
     size = Path(path).stat().st_size / 2 ** 20
     print(f"| {label} | {size:.0f} MiB | {agree}/{total} | {ppl_zoo:.3f} | {ppl_llama:.3f} | "
           f"{100 * (ppl_llama / ppl_zoo - 1):+.2f}% | {time.perf_counter() - t:.0f} s |", flush=True)
@@ -126,7 +127,7 @@ def main():
         if "shakespeare" in only:
             out = tmp / "shakespeare"
             loss = zoo.train("shakespeare-char", [shakespeare], out, max_iters=args.iters, eval_interval=args.iters,
-                             checkpoint_interval=args.iters)
+                             eval_iters=20, checkpoint_interval=args.iters, progress=False)
             model, ctok = zoo.load_source(str(out / f"step-{args.iters:07d}"))
             print(f"    shakespeare-char: {args.iters} steps, validation loss {loss:.3f}")
             text = shakespeare.read_text()
@@ -137,7 +138,7 @@ def main():
             out = tmp / "lora"
             zoo.train(None, [SHARED_DATA / "wikitext-2" / "valid.txt"], out, init=src, lora_r=8,
                       max_iters=args.lora_iters, eval_interval=args.lora_iters, checkpoint_interval=args.lora_iters,
-                      batch_size=4, block_size=256)
+                      batch_size=4, block_size=256, eval_iters=5, progress=False)
             tuned = zoo.from_pretrained(out / f"step-{args.lora_iters:07d}")
             zoo.save_gguf(base, tmp / "base-f16.gguf", tokenizer=tok, dtype="f16")
             zoo.save_gguf_adapter(tuned, tmp / "adapter.gguf")

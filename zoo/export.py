@@ -49,7 +49,7 @@ def save_gguf(model, path, tokenizer=None, dtype="f16", name=None):
                          "model before zoo.quantize (dtype='q8_0' or 'q4_0' quantizes for GGUF)")
     if any(".lora_" in n for n, _ in model.named_parameters()):
         raise ValueError("this model carries LoRA adapters: merge them first (zoo.merge_lora(model)), or write "
-                         "the adapter alone with zoo.save_gguf_adapter(model, base_gguf, path)")
+                         "the adapter alone with zoo.save_gguf_adapter(model, path)")
     if arch in NO_LLAMA_CPP:
         raise ValueError(f"models/{arch}.py is {NO_LLAMA_CPP[arch]}, which no llama.cpp architecture computes; "
                          "GGUF export covers gpt2, llama and mqa (GPTBigCode) models")
