@@ -31,11 +31,7 @@ CHAR_PROMPTS = ["ROMEO:\n", "First Citizen:\nWe are", "KING HENRY"]
 
 
 def zoo_greedy(model, ids, n):
-    ids = list(ids)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids[-model.config.block_size:]]))[0, -1].argmax()))
-    return ids[-n:]
+    return zoo.generate(model, [list(ids)], n, temperature=0.0, eos_token_id=[])[0]  # (no end token: n tokens)
 
 
 def llama_greedy(llm, ids, n):
@@ -98,11 +94,12 @@ def compare(label, path, tok, prompts, passage, args, lora=None, zoo_model=None)
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--new", type=int, default=32, help="greedy tokens per prompt")
-    parser.add_argument("--tokens", type=int, default=1024, help="perplexity passage length (tokens)")
-    parser.add_argument("--window", type=int, default=512)
-    parser.add_argument("--iters", type=int, default=300, help="shakespeare-char training steps")
-    parser.add_argument("--lora-iters", type=int, default=30, help="LoRA fine-tuning steps on SmolLM2")
+    parser.add_argument("--new", type=int, default=24, help="greedy tokens per prompt")
+    parser.add_argument("--tokens", type=int, default=512, help="perplexity passage length (tokens)")
+    parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--types", default="f16,q8_0,q4_0", help="SmolLM2's exported types")
+    parser.add_argument("--iters", type=int, default=150, help="shakespeare-char training steps")
+    parser.add_argument("--lora-iters", type=int, default=12, help="LoRA fine-tuning steps on SmolLM2")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", help="comma-separated: smollm2, shakespeare, lora")
     args = parser.parse_args()
@@ -121,7 +118,7 @@ def main():
         if "smollm2" in only or "lora" in only:
             base, tok = zoo.load_source(src)
         if "smollm2" in only:
-            for dtype in ("f16", "q8_0", "q4_0"):
+            for dtype in args.types.split(","):
                 path = zoo.save_gguf(base, tmp / f"smollm2-{dtype}.gguf", tokenizer=tok, dtype=dtype)
                 compare(f"SmolLM2-135M {dtype}", path, tok, PROMPTS, wiki[:20000], args)
         if "shakespeare" in only:

@@ -3,8 +3,8 @@ reason where it is not importable; `pip install llama-cpp-python` builds it from
 
 Tiny models of each exported architecture, in f32 (so llama.cpp computes with the zoo's weights, its KV cache
 in f32 too): the same logits at every position (<= 1e-4; gpt2/starcoder's GELU: see _tolerance), the same
-tokenization, and a LoRA adapter GGUF applied at run time equal to the merged model. bench/gguf_export.py does the same on SmolLM2 and a trained
-shakespeare-char model, with perplexity and greedy decoding."""
+tokenization, and a LoRA adapter GGUF applied at run time equal to the merged model. bench/gguf_export.py
+does the same on SmolLM2 and a trained shakespeare-char model, with perplexity and greedy decoding."""
 import string
 
 import numpy as np

@@ -23,7 +23,8 @@ from .tokenizers import load_tokenizer as tokenizer
 from .training import TrainConfig, train
 from .verification import verify
 
-__all__ = ["list", "load", "build", "arch_of", "from_pretrained", "load_source", "save_pretrained", "save_gguf", "save_gguf_adapter", "tokenizer",
+__all__ = ["list", "load", "build", "arch_of", "from_pretrained", "load_source", "save_pretrained", "save_gguf",
+           "save_gguf_adapter", "tokenizer",
            "generate", "complete", "SamplingConfig", "score", "score_rolling", "train", "TrainConfig", "verify",
            "fill_mask", "quantize", "add_lora", "merge_lora", "save_adapter"]
 

@@ -145,7 +145,8 @@ def save_gguf_adapter(model, path, name=None):
                              f"{len(parts)} ({', '.join(p['from'] for p in parts)})")
         adapted = [p for p, a in zip(parts, m.adapted) if a]
         rows = [d[p["rows"]] if "rows" in p else m.out_features for p in adapted]
-        for p, A, B in zip(adapted, m.lora_A.detach().float().cpu().split(m.r), m.lora_B.detach().float().cpu().split(rows)):
+        A_parts, B_parts = m.lora_A.detach().float().cpu().split(m.r), m.lora_B.detach().float().cpu().split(rows)
+        for p, A, B in zip(adapted, A_parts, B_parts):
             if p.get("unpermute"):
                 B = convert.permute(B, d[p["unpermute"]])
             tensors[p["from"] + ".lora_a"], tensors[p["from"] + ".lora_b"] = A.contiguous(), B.contiguous()
@@ -220,11 +221,12 @@ _LLAMA3_REGEX_START = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}
 
 def tokenizer_metadata(tok, vocab_size):
     """The tokenizer.* metadata llama.cpp reads for `tok`, or a ValueError naming what it cannot express."""
+    n_tokens = tok.vocab_size
     if isinstance(tok, TiktokenTokenizer):
         meta = _tiktoken(tok)
     elif isinstance(tok, CharTokenizer):
         meta = _chars(tok)
-    elif isinstance(tok, HFTokenizer) and tok.ggml_vocab and tok.vocab_size == len(tok.ggml_vocab["tokenizer.ggml.tokens"]):
+    elif isinstance(tok, HFTokenizer) and tok.ggml_vocab and len(tok.ggml_vocab["tokenizer.ggml.tokens"]) == n_tokens:
         meta = dict(tok.ggml_vocab)  # a sentencepiece vocabulary from a GGUF file: its tokens, scores, types
     elif isinstance(tok, HFTokenizer):
         meta = _hf_bpe(tok)
