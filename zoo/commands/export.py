@@ -28,7 +28,7 @@ def run(args):
     if not str(args.out).endswith(".gguf"):
         raise ValueError(f"the output file should end in .gguf, not {args.out!r}")
     path = source_path(args.source)
-    model = from_pretrained(args.source)
+    model = from_pretrained(path)  # (resolved once: a preset says where its weights come from once)
     if args.adapter_only:
         if not lora_layers(model):
             raise ValueError(f"{args.source} holds no LoRA adapter (--adapter-only is for a LoRA training output)")
