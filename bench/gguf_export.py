@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import zoo
-from zoo.pretrained import packaged_gguf
+from zoo.registry import packaged_gguf
 
 SHARED_DATA = Path(os.environ.get("ZOO_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]

@@ -185,20 +185,20 @@ def test_char_vocabulary(shared_data, tmp_path):
     back = zoo.tokenizer(path)
     sample = text[:2000]
     assert back.encode(sample) == tok.encode(sample) and back.decode(tok.encode(sample)) == sample
-    meta = zoo.checkpoints.read_gguf_metadata(path)
+    meta = zoo.weight_files.read_gguf_metadata(path)
     assert meta["tokenizer.ggml.eos_token_id"] == tok.stoi["\n"]  # llama.cpp always has one: the end of a line
 
 
 def test_trained_bpe(tmp_path):
     tok = train_bpe(["the quick brown fox jumps over the lazy dog 0123456789\n" * 20, *TEXTS], vocab_size=300)
     _, path = _round_trip(tok, tmp_path)
-    assert zoo.checkpoints.read_gguf_metadata(path)["tokenizer.ggml.pre"] == "gpt-2"
+    assert zoo.weight_files.read_gguf_metadata(path)["tokenizer.ggml.pre"] == "gpt-2"
 
 
 def test_gpt2_bpe(gpt2_bpe, tmp_path):
     tok = zoo.tokenizer(gpt2_bpe)
     back, path = _round_trip(tok, tmp_path, TEXTS + ["<|endoftext|>naïve café 🙂 'll've"])
-    meta = zoo.checkpoints.read_gguf_metadata(path)
+    meta = zoo.weight_files.read_gguf_metadata(path)
     assert meta["tokenizer.ggml.pre"] == "gpt-2" and len(meta["tokenizer.ggml.merges"]) == 50000
 
 
@@ -207,7 +207,7 @@ def test_smollm2_tokenizer_with_chat_template(smollm2_gguf, tmp_path):
     tok = zoo.tokenizer(smollm2_gguf)
     chat = tok.apply_chat_template([{"role": "user", "content": "Hi there 42!"}])
     back, path = _round_trip(tok, tmp_path, TEXTS + [chat])
-    src, out = (zoo.checkpoints.read_gguf_metadata(p) for p in (smollm2_gguf, path))
+    src, out = (zoo.weight_files.read_gguf_metadata(p) for p in (smollm2_gguf, path))
     for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
                 "tokenizer.ggml.pre", "tokenizer.chat_template", "tokenizer.ggml.eos_token_id"):
         assert out[key] == src[key], key
@@ -233,7 +233,7 @@ def test_sentencepiece_vocabulary_from_a_gguf(tmp_path):
     tok = zoo.tokenizer(tmp_path / "spm.gguf")
     assert tok.encode("the") == [1, tokens.index("\u2581the")]  # BOS (sentencepiece's default), merged by score
     _, path = _round_trip(tok, tmp_path, ["the cab", "abc the\nthe", "é"])
-    src, out = (zoo.checkpoints.read_gguf_metadata(p) for p in (tmp_path / "spm.gguf", path))
+    src, out = (zoo.weight_files.read_gguf_metadata(p) for p in (tmp_path / "spm.gguf", path))
     for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
         assert out[key] == src[key], key
 

@@ -3,7 +3,7 @@ from pathlib import Path
 
 from ..export import TYPES, save_gguf, save_gguf_adapter
 from ..lora import lora_layers, merge_lora
-from ..pretrained import from_pretrained, source_path
+from ..sources import from_pretrained, source_path
 from ..registry import PRESETS
 from ..tokenizers import load_tokenizer
 
