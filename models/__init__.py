@@ -11,10 +11,23 @@ What the package relies on (tests/test_models.py checks it; a new file copies ll
   padding; last_only: the last position's logits alone, [B, 1, vocab_size].
 - The transformer files: `config.causal`, `config.block_size`, an output layer named `lm_head` (zoo/loss.py
   computes the training loss through it in chunks; zoo/scoring.py applies it to chosen positions only), and
-  `setup_cache(batch_size, max_len)`, `reorder_cache(index)`, `positions_and_mask` and `KVCache` as
-  identical copies across files (test_repeated_helpers_are_identical_copies).
+  `setup_cache(batch_size, max_len)`, `reorder_cache(index)`, `positions_and_mask`, `KVCache` and `Attend`
+  as identical copies across files (test_repeated_helpers_are_identical_copies).
 - The cache, as zoo/engine.py uses it: after setup_cache, every attention module's `kv_cache` is a KVCache
   whose tensors `k` and `v` are [B, H_kv, S, D]; the model's `cache_batch` and `cache_len` give B and S.
   The engine may point `k` and `v` at views of a subset of rows (and set `cache_batch` to match): the model
   reads and writes its cache only through those two attributes.
+
+What zoo.trace, zoo.intervene and zoo.logit_lens (zoo/inspection.py) rely on, from outside, by forward hooks:
+- Module names are Hugging Face's where the files share them (model.layers.3.mlp, transformer.h.3.attn).
+- The blocks are the model's first nn.ModuleList; the last module of the container holding it is the final
+  norm, and forward ends with `lm_head(final_norm(x))`.
+- Each attention module computes its softmax in a child module named `attend` (the class Attend, a copy in
+  each file), called as `attend(q, k, v, mask, causal, dropout_p=0.0, scale=None)` with queries q [B, H, T, D],
+  keys and values [B, H_kv, S, D] (H a multiple of H_kv; query head h reads key/value head h // (H / H_kv)),
+  an additive mask [B|1, 1, T, S] (0 or -inf; sliding windows and padding go in it) or None with `causal`
+  meaning SDPA's is_causal. It returns softmax(q kᵀ * scale + mask) v [B, H, T, D], scale defaulting to D^-1/2.
+  A file whose attention soft-caps its scores (Gemma 2) adds `softcap=None` to the call: softmax(softcap *
+  tanh(q kᵀ * scale / softcap) + mask) v. zoo.trace(..., attention=True) recomputes the pattern, the softmax,
+  from exactly these arguments, so a file that follows them needs nothing else to be inspectable.
 """

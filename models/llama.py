@@ -93,6 +93,23 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+class Attend(nn.Module):
+    """softmax(q kᵀ * scale + mask) v of query heads q [B, H, T, D] over key/value heads k, v [B, H_kv, S, D] (H a
+    multiple of H_kv), by SDPA. A module of its own so that zoo.trace can read its inputs and recompute the
+    attention pattern, only when asked (see models/__init__.py); other forwards pay for one module call."""
+
+    def forward(self, q, k, v, mask, causal, dropout_p=0.0, scale=None):
+        (B, H, T, D), H_kv = q.shape, k.size(1)
+        if T == 1 and H > H_kv:
+            # one new token: the query heads that share a K/V head attend as rows of one head, several times
+            # faster on the CPU than SDPA's enable_gqa (which repeats K and V)
+            y = F.scaled_dot_product_attention(q.reshape(B, H_kv, H // H_kv, D), k, v, attn_mask=mask,
+                                               dropout_p=dropout_p, scale=scale)  # [B, H_kv, H / H_kv, D]
+            return y.view(B, H, 1, D)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and causal,
+                                              dropout_p=dropout_p, scale=scale, enable_gqa=H > H_kv)  # [B, H, T, D]
+
+
 class Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -101,6 +118,7 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * self.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=False)
         self.dropout, self.causal = config.dropout, config.causal
+        self.attend = Attend()
         self.kv_cache = None
 
     def forward(self, x, cos, sin, mask, input_pos):
@@ -112,16 +130,7 @@ class Attention(nn.Module):
         if input_pos is not None:  # decoding: store the new keys and values, attend over the slots the mask covers
             k, v = self.kv_cache.update(input_pos, k, v)  # [B, H_kv, max_len, D]
             k, v = k[:, :, :mask.size(-1)], v[:, :, :mask.size(-1)]  # [B, H_kv, S, D]
-        dropout_p = self.dropout if self.training else 0.0
-        n_rep = H // H_kv
-        if T == 1 and n_rep > 1:
-            # one new token: the n_rep query heads that share a K/V head attend as n_rep rows of one head,
-            # several times faster on the CPU than SDPA's enable_gqa (which repeats K and V)
-            y = F.scaled_dot_product_attention(q.reshape(B, H_kv, n_rep, D), k, v, attn_mask=mask,
-                                               dropout_p=dropout_p).view(B, H, 1, D)  # [B, H, 1, D]
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and self.causal,
-                                               dropout_p=dropout_p, enable_gqa=n_rep > 1)  # [B, H, T, D]
+        y = self.attend(q, k, v, mask, self.causal, self.dropout if self.training else 0.0)  # [B, H, T, D]
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))  # [B, T, n_embd]
 
 

@@ -92,6 +92,13 @@ TINY = {
                                            factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                            original_max_position_embeddings=16))),
     "mqa": ("mqa", dict(vocab_size=37, block_size=64, n_layer=2, n_head=4, n_embd=32, ffn_dim=48)),
+    # Qwen-shaped: shared expert, q/k/v biases, per-head q/k norm, head_dim apart from n_embd // n_head, a dense layer
+    "moe": ("moe", dict(vocab_size=37, block_size=64, n_layer=3, n_head=4, n_kv_head=2, n_embd=32, head_dim=12,
+                        n_expert=6, top_k=2, expert_dim=16, norm_topk_prob=True, shared_expert_dim=24,
+                        dense_layers=[1], ffn_dim=40, qk_norm="head", qkv_bias=True)),
+    # OLMoE-shaped: q/k norm over the whole projection, one expert per token
+    "moe-olmoe": ("moe", dict(vocab_size=37, block_size=64, n_layer=2, n_head=4, n_kv_head=4, n_embd=32,
+                              n_expert=4, top_k=1, expert_dim=24, qk_norm="proj", tie_embeddings=True)),
 }
 
 

@@ -15,7 +15,7 @@ from zoo.sampling import SamplingConfig, penalize_repetition, process_logits, sa
 
 from conftest import tiny as tiny_model
 
-GENERATORS = ["bigram", "scratchformer", "scratchformer-xglm", "gpt2", "llama-gqa", "mqa"]
+GENERATORS = ["bigram", "scratchformer", "scratchformer-xglm", "gpt2", "llama-gqa", "mqa", "moe"]
 
 
 def tiny(name, device="cpu", **overrides):

@@ -1,6 +1,6 @@
-"""The model contract, checked for all five files: shapes, causality, cache == recompute, left
+"""The model contract, checked for all six files: shapes, causality, cache == recompute, left
 padding, cache reordering, configs, presets, and that each file stands alone; bidirectional attention
-(causal=False) in the four transformers; and that the helpers those four repeat stay identical copies."""
+(causal=False) in the five transformers; and that the helpers those five repeat stay identical copies."""
 import ast
 import difflib
 import pathlib
@@ -274,6 +274,9 @@ PUBLISHED = {
     "smollm2-360m": 361_821_120, "smollm2-360m-instruct": 361_821_120, "tinyllama-1.1b": 1_100_048_384,
     "tiny-starcoder": 164_144_128, "xglm-564m": 564_463_616,
     "shakespeare-char": 804_096,  # nanoGPT's baby config reports 0.80M
+    # the mixtures of experts, as their cards round them: 6.9B, 14.3B, 30.5B, 46.7B
+    "olmoe-1b-7b": 6_919_161_856, "qwen1.5-moe-a2.7b": 14_315_784_192, "qwen3-30b-a3b": 30_532_122_624,
+    "mixtral-8x7b-instruct": 46_702_792_704,
 }
 
 
@@ -323,11 +326,12 @@ def test_model_files_import_only_torch_and_stdlib():
         assert len(path.read_text().splitlines()) <= 350, f"{path.name} should read in one sitting"
 
 
-# Helpers the four transformer files repeat on purpose (each file must run alone): they must stay copies. The
+# Helpers the five transformer files repeat on purpose (each file must run alone): they must stay copies. The
 # one difference allowed is where each file keeps its layers and their attention (Hugging Face's module names).
-SHARED = ["KVCache", "Model.setup_cache", "Model.reorder_cache", "Model.positions_and_mask"]
+SHARED = ["Attend", "KVCache", "Model.setup_cache", "Model.reorder_cache", "Model.positions_and_mask"]
 LAYER_PATHS = {"llama": ("self.model.layers", "block.self_attn"), "gpt2": ("self.transformer.h", "block.attn"),
-               "mqa": ("self.transformer.h", "block.attn"), "scratchformer": ("self.model.layers", "block.self_attn")}
+               "mqa": ("self.transformer.h", "block.attn"), "scratchformer": ("self.model.layers", "block.self_attn"),
+               "moe": ("self.model.layers", "block.self_attn")}
 
 
 def shared_source(arch, name):
@@ -349,7 +353,7 @@ def test_repeated_helpers_are_identical_copies(name):
         copy = shared_source(arch, name)
         diff = "".join(difflib.unified_diff(reference.splitlines(True), copy.splitlines(True),
                                             "models/llama.py", f"models/{arch}.py"))
-        assert copy == reference, f"{name}: the copies differ; change all four alike\n{diff}"
+        assert copy == reference, f"{name}: the copies differ; change all of them alike\n{diff}"
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@
     print(zoo.complete(model, tok, [{"role": "user", "content": "Hi!"}], max_new_tokens=50))
     zoo.train("shakespeare-char", ["input.txt"], "out/", max_iters=2000)   # -> final validation loss
     zoo.fill_mask(model, tok, "To be or not to <|mask|>e")  # a model trained with objective="mlm"
+    zoo.trace(model, idx, ["model.layers.*"])             # activations by module path (zoo/inspection.py)
 
 Notes go to logging.getLogger("zoo") (stderr by default; set its level to WARNING to silence them).
 """
@@ -14,6 +15,7 @@ from . import quantization, registry, sources
 from .adapters import add_lora, merge_lora, save_adapter
 from .export import save_gguf, save_gguf_adapter
 from .generation import complete, generate
+from .inspection import intervene, logit_lens, trace
 from .mlm import fill_mask
 from .pretrained import save_pretrained
 from .quantization import quantize
@@ -28,7 +30,7 @@ from .verification import verify
 __all__ = ["list", "load", "build", "arch_of", "from_pretrained", "load_source", "save_pretrained", "save_gguf",
            "save_gguf_adapter", "tokenizer",
            "generate", "complete", "SamplingConfig", "score", "score_rolling", "train", "TrainConfig", "verify",
-           "fill_mask", "quantize", "add_lora", "merge_lora", "save_adapter"]
+           "fill_mask", "quantize", "add_lora", "merge_lora", "save_adapter", "trace", "intervene", "logit_lens"]
 
 
 def load(name, pretrained=False, *, revision=None, device=None, dtype=None, quantize=None, **overrides):

@@ -37,7 +37,9 @@ def _maps():
         for field, rule in m.get("config", {}).items():
             if not isinstance(rule, str) and set(rule) - _RULE_KEYS:
                 raise ValueError(f"{where}: config.{field}: unknown keys {sorted(set(rule) - _RULE_KEYS)}")
-        other = claimed.setdefault((m["format"], m["architecture"]), name)
+        # a GGUF architecture may have two maps: without experts and with ("experts": true; llama.cpp
+        # writes Mixtral as a llama with {arch}.expert_count)
+        other = claimed.setdefault((m["format"], m["architecture"], bool(m.get("experts"))), name)
         if other != name:
             raise ValueError(f"{where}: {m['format']} architecture {m['architecture']!r} is already "
                              f"weights_maps/{other}.json's")
@@ -81,10 +83,13 @@ def from_hf_config(hf, where="config.json"):
 def from_gguf_metadata(meta, shapes, where):
     """(zoo arch, Config values, weights map name) from a GGUF file's metadata and tensor shapes."""
     arch = meta.get("general.architecture")
-    names = {m["architecture"]: n for n, m in _maps().items() if m["format"] == "gguf"}
-    if arch not in names:
-        raise ValueError(f"{where}: GGUF architecture {arch!r} is not supported (supported: {', '.join(names)})")
-    name = names[arch]
+    names = {(m["architecture"], bool(m.get("experts"))): n for n, m in _maps().items() if m["format"] == "gguf"}
+    key = (arch, bool(meta.get(f"{arch}.expert_count")))
+    if key not in names:
+        supported = sorted({a + (" with experts" if e else "") for a, e in names})
+        raise ValueError(f"{where}: GGUF architecture {arch!r}{' with experts' * key[1]} is not supported "
+                         f"(supported: {', '.join(supported)})")
+    name = names[key]
     return _maps()[name]["zoo_arch"], _read(name, meta, where, shapes), name
 
 
@@ -307,15 +312,54 @@ def gguf_vocab(meta, ours, need=None, shapes=None, to_hf=False):
         ours["vocab_size"] = shapes["token_embd.weight"][0]
 
 
-HOOKS = {f.__name__: f for f in (llama_rope, gguf_llama, gguf_vocab)}
+
+def moe_rope(hf, ours, need=None, shapes=None, to_hf=False):
+    """The rotary base of a mixture of experts (models/moe.py): rope_parameters (transformers >= 5) or
+    top-level rope_theta; scaled ropes are refused (the model file has none). And head_dim: absent from
+    the config when it is n_embd // n_head (OLMoE's and Qwen's attention read a null one as is), None in ours."""
+    if to_hf:
+        hf.update(rope_theta=ours["rope_theta"])
+        if hf.get("head_dim", 0) is None:
+            del hf["head_dim"]
+        return
+    rope = hf.get("rope_parameters") or {**(hf.get("rope_scaling") or {}), "rope_theta": hf.get("rope_theta")}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    need(rope_type == "default", f"rope type {rope_type!r} (supported: default)")
+    ours["rope_theta"] = float(rope.get("rope_theta") or 1e4)
+    if ours.get("head_dim") == ours["n_embd"] // ours["n_head"]:
+        ours["head_dim"] = None  # one config for one model
+
+
+def qwen_moe(hf, ours, need=None, shapes=None, to_hf=False):
+    """Qwen-MoE's layer plan: a layer is sparse unless mlp_only_layers names it or (layer + 1) is no multiple
+    of decoder_sparse_step; ours lists the dense layers (export writes a step where one gives them). The
+    expert count is num_experts, which transformers 5 writes as num_local_experts for Qwen3-MoE."""
+    moe_rope(hf, ours, need, shapes, to_hf)
+
+    def dense(n_layer, step, only):
+        return [i for i in range(n_layer) if i in only or (i + 1) % step]
+
+    if to_hf:
+        n, want = ours["n_layer"], list(ours["dense_layers"])
+        step = next((s for s in range(1, n + 1) if dense(n, s, []) == want), 1)
+        hf.update(decoder_sparse_step=step, mlp_only_layers=[] if dense(n, step, []) == want else want)
+        return
+    if ours["n_expert"] is None:
+        ours["n_expert"] = hf.get("num_local_experts")
+    need(isinstance(ours["n_expert"], int) and ours["n_expert"] > 0,
+         f"num_experts={_show(ours['n_expert'])} (a mixture of experts needs at least one)")
+    ours["dense_layers"] = dense(ours["n_layer"], hf.get("decoder_sparse_step") or 1, hf.get("mlp_only_layers") or [])
+
+
+HOOKS = {f.__name__: f for f in (llama_rope, gguf_llama, gguf_vocab, moe_rope, qwen_moe)}
 
 
 def dims(config):
     """Names a weights map may use for sizes and head counts: Config fields plus derived ones."""
     d = dataclasses.asdict(config)
     if "n_head" in d:
-        d["head_dim"] = config.n_embd // config.n_head
-        d["kv_dim"] = d.get("n_kv_head", 1) * d["head_dim"]
+        d["head_dim"] = d.get("head_dim") or config.n_embd // config.n_head
+        d["q_dim"], d["kv_dim"] = d["n_head"] * d["head_dim"], d.get("n_kv_head", 1) * d["head_dim"]
     return d
 
 
@@ -328,6 +372,14 @@ def _parts(entry):
     if "concat" in entry:
         return [{"from": p} if isinstance(p, str) else p for p in entry["concat"]]
     return [entry]
+
+
+def _sources(entry, part, d):
+    """The checkpoint names of one part: one name, or, for a stacked-experts entry whose part names one
+    tensor per expert ("{e}"), the n_expert names to stack."""
+    if isinstance(entry, dict) and "experts" in entry and "{e}" in part["from"]:
+        return [part["from"].replace("{e}", str(e)) for e in range(d[entry["experts"]])]
+    return [part["from"]]
 
 
 def _expand(wmap, n_layer):
@@ -395,20 +447,30 @@ def load_weights(model, ckpt, wmap, *, device, dtype, where, load_packed=None):
                 used.update(p["from"] for p in _parts(entry))  # the model shares it: a stored copy is not used
             continue
         parts = _parts(entry)
-        absent = [p["from"] for p in parts if p["from"] not in shapes]
-        used.update(p["from"] for p in parts)
+        for p in parts:
+            p["sources"] = _sources(entry, p, d)
+        srcs = [n for p in parts for n in p["sources"]]
+        absent = [n for n in srcs if n not in shapes]
+        used.update(srcs)
         if absent:
             missing.append(", ".join(absent) + (f" (for {ours})" if absent != [ours] else ""))
             continue
-        got = [shapes[p["from"]][::-1] if p.get("transpose") else shapes[p["from"]] for p in parts]
+        got = [[shapes[n][::-1] if p.get("transpose") else shapes[n] for n in p["sources"]] for p in parts]
+        if any(len(set(g)) > 1 for g in got):  # one expert's tensor shaped unlike its siblings
+            misshaped.append(f"{ours}: its experts' tensors differ in shape ({', '.join(map(str, got[0]))})")
+            continue
+        # stacked experts: per-expert tensors gain a leading expert axis, and concat joins rows along axis 1
+        got = [(len(g),) * (len(g) > 1 or "{e}" in p["from"]) + tuple(g[0]) for p, g in zip(parts, got)]
+        axis = int(isinstance(entry, dict) and "experts" in entry)
         rows = [d[p["rows"]] for p in parts if "rows" in p]
         want = tuple(targets[ours].shape)
-        if (len(parts) > 1 and ([g[0] for g in got] != rows or any(g[1:] != want[1:] for g in got))
+        if (len(parts) > 1 and ([g[axis] for g in got] != rows
+                                or any(g[:axis] + g[axis + 1:] != want[:axis] + want[axis + 1:] for g in got))
                 or len(parts) == 1 and tuple(got[0]) != want):
             srcs = " + ".join(f"{p['from']} {list(g)}" for p, g in zip(parts, got))
             misshaped.append(f"{srcs} -> {ours} {list(want)}")
             continue
-        plan.append((ours, parts))
+        plan.append((ours, parts, axis))
     missing += [f"{n} (no entry in the weights map)" for n in targets if n not in entries]
     unexpected = [names[n] for n in shapes if n not in used]
     if missing or unexpected or misshaped:
@@ -419,23 +481,26 @@ def load_weights(model, ckpt, wmap, *, device, dtype, where, load_packed=None):
             lines += [f"  {title}: {item}" for item in items]
         raise ValueError("\n".join(lines))
 
-    for ours, parts in plan:
+    for ours, parts, axis in plan:
         _release_freed_memory()
-        if load_packed is not None and load_packed(aliases[ours], [
+        if load_packed is not None and not axis and load_packed(aliases[ours], [
                 {**p, "from": names[p["from"]], **({"unpermute": d[p["unpermute"]]} if "unpermute" in p else {})}
                 for p in parts]):
             continue
         pieces, read = [], set()
         for p in parts:
-            t = ckpt.read(names[p["from"]])
-            read.add(t.untyped_storage().data_ptr())
-            t = t.to(device=device, dtype=dtype if t.is_floating_point() else None)
-            if p.get("transpose"):
-                t = t.t()
-            if p.get("unpermute"):
-                t = unpermute(t, d[p["unpermute"]])
-            pieces.append(t)
-        t = (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).contiguous()
+            stack = []
+            for n in p["sources"]:
+                t = ckpt.read(names[n])
+                read.add(t.untyped_storage().data_ptr())
+                t = t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+                if p.get("transpose"):
+                    t = t.t()
+                if p.get("unpermute"):
+                    t = unpermute(t, d[p["unpermute"]])
+                stack.append(t)
+            pieces.append(torch.stack(stack) if "{e}" in p["from"] else stack[0])
+        t = (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=axis)).contiguous()
         if ckpt.file_backed and t.untyped_storage().data_ptr() in read:
             # still a view of the file: own a copy, so nothing that later rewrites the file can change it
             t = t.clone()
@@ -471,13 +536,17 @@ def export_weights(model, wmap):
         parts = _parts(entry)
         t = targets[ours].detach()
         t = t if t.is_meta else t.cpu()  # (a meta-device model gives the shapes alone)
-        pieces = t.split([d[p["rows"]] for p in parts]) if len(parts) > 1 else [t]
+        axis = int(isinstance(entry, dict) and "experts" in entry)  # stacked experts: rows are axis 1
+        pieces = t.split([d[p["rows"]] for p in parts], dim=axis) if len(parts) > 1 else [t]
         for p, piece in zip(parts, pieces):
             if p.get("unpermute"):  # loading undoes llama.cpp's permutation: export redoes it
+                if axis:
+                    raise ValueError("'unpermute' on stacked experts is not supported on export")
                 piece = permute(piece, d[p["unpermute"]])
-            piece = piece.t() if p.get("transpose") else piece
-            # safetensors stores each tensor alone: split views and transposes become their own copies
-            # (contiguous even when the model holds its weights column-major, as zoo.generate does on the CPU)
-            out[p["from"]] = (piece.clone(memory_format=torch.contiguous_format) if len(parts) > 1
-                              else piece.contiguous())
+            for name, piece in zip(_sources(entry, p, d), piece.unbind() if "{e}" in p["from"] else [piece]):
+                piece = piece.t() if p.get("transpose") else piece
+                # safetensors stores each tensor alone: split views and transposes become their own copies
+                # (contiguous even when the model holds its weights column-major, as zoo.generate does on the CPU)
+                out[name] = (piece.clone(memory_format=torch.contiguous_format) if len(parts) > 1 or axis
+                             else piece.contiguous())
     return out

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ARCHITECTURES = ("bigram", "scratchformer", "gpt2", "llama", "mqa")
+ARCHITECTURES = ("bigram", "scratchformer", "gpt2", "llama", "mqa", "moe")
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,9 @@ class Preset:
 
 
 _GPT2 = dict(vocab_size=50257, block_size=1024)
+_OLMOE = dict(vocab_size=50304, block_size=4096, n_layer=16, n_head=16, n_kv_head=16, n_embd=2048, n_expert=64, top_k=8,
+              expert_dim=1024, norm_topk_prob=False, qk_norm="proj", rope_theta=10000.0, norm_eps=1e-5,
+              aux_loss_coef=0.01)
 _SMOLLM2 = dict(vocab_size=49152, block_size=8192, rope_theta=100000.0, norm_eps=1e-5, tie_embeddings=True)
 
 PRESETS = {
@@ -47,6 +50,16 @@ PRESETS = {
         tokenizer="char",
         # nanoGPT's settings with a 3x higher peak lr (best of 1e-3..6e-3 and batch 12..24 at a fixed 2.2M
         # tokens, what ~90 s on 2 CPU cores trains) and bf16 autocast (bf16 matmuls run 2.2x fp32's here)
+        train=dict(batch_size=12, block_size=64, lr=3e-3, schedule="cosine",
+                   warmup=100, min_lr=3e-4, weight_decay=0.1, beta2=0.99, bf16=True),
+    ),
+    "moe-shakespeare": Preset(
+        "moe",
+        # shakespeare-char's shape with a routed feed-forward: 8 SwiGLU experts, each token through 2 of them
+        # (the active feed-forward is a 256-wide SwiGLU); the load-balancing loss keeps every expert in use
+        dict(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_kv_head=4, n_embd=128, n_expert=8, top_k=2,
+             expert_dim=128, norm_topk_prob=True, aux_loss_coef=0.01),
+        tokenizer="char",
         train=dict(batch_size=12, block_size=64, lr=3e-3, schedule="cosine",
                    warmup=100, min_lr=3e-4, weight_decay=0.1, beta2=0.99, bf16=True),
     ),
@@ -75,6 +88,24 @@ PRESETS = {
         "llama", dict(vocab_size=32000, block_size=2048, n_layer=22, n_head=32, n_kv_head=4, n_embd=2048,
                       ffn_dim=5632, rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False),
         "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "apache-2.0"),
+    # mixtures of experts (models/moe.py); the configs are the repositories' config.json through weights_maps/
+    "olmoe-1b-7b": Preset("moe", _OLMOE, "allenai/OLMoE-1B-7B-0924", "apache-2.0"),
+    "olmoe-1b-7b-instruct": Preset("moe", _OLMOE, "allenai/OLMoE-1B-7B-0924-Instruct", "apache-2.0"),
+    "qwen1.5-moe-a2.7b": Preset(
+        "moe", dict(vocab_size=151936, block_size=8192, n_layer=24, n_head=16, n_kv_head=16, n_embd=2048,
+                    n_expert=60, top_k=4, expert_dim=1408, norm_topk_prob=False, shared_expert_dim=5632,
+                    ffn_dim=5632, qkv_bias=True, rope_theta=1000000.0, norm_eps=1e-6, aux_loss_coef=0.001),
+        "Qwen/Qwen1.5-MoE-A2.7B", "tongyi-qianwen"),
+    "qwen3-30b-a3b": Preset(
+        "moe", dict(vocab_size=151936, block_size=40960, n_layer=48, n_head=32, n_kv_head=4, n_embd=2048,
+                    head_dim=128, n_expert=128, top_k=8, expert_dim=768, norm_topk_prob=True, ffn_dim=6144,
+                    qk_norm="head", rope_theta=1000000.0, norm_eps=1e-6, aux_loss_coef=0.001),
+        "Qwen/Qwen3-30B-A3B", "apache-2.0"),
+    "mixtral-8x7b-instruct": Preset(
+        "moe", dict(vocab_size=32000, block_size=32768, n_layer=32, n_head=32, n_kv_head=8, n_embd=4096,
+                    n_expert=8, top_k=2, expert_dim=14336, norm_topk_prob=True, rope_theta=1000000.0,
+                    norm_eps=1e-5, aux_loss_coef=0.001),
+        "mistralai/Mixtral-8x7B-Instruct-v0.1", "apache-2.0"),
     "tiny-starcoder": Preset("mqa", dict(vocab_size=49152, block_size=8192, n_layer=20, n_head=12, n_embd=768,
                                          ffn_dim=3072), "bigcode/tiny_starcoder_py", "bigcode-openrail-m"),
     "xglm-564m": Preset(

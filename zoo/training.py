@@ -30,6 +30,7 @@ from .loss import HeadLoss
 from .progress import bar as progress_bar
 from .progress import log as note
 from .registry import build, get_preset
+from .routing import RouterLoss
 from .sources import load_source, write_merged
 
 
@@ -357,6 +358,7 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
         if dist.rank:
             torch.manual_seed(s.seed + dist.rank + step)
     loss_of = HeadLoss(model)  # the loss through the output layer in chunks (zoo/loss.py)
+    router = RouterLoss(model)  # a mixture of experts' load-balancing losses (zoo/routing.py)
     net = wrap(model, s, dist.world)
     eval_at = val_data.fixed(s.eval_iters * s.batch_size)
     d_model = getattr(cfg, "n_embd", cfg.vocab_size)
@@ -380,7 +382,8 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
                 sync = micro == local_accum - 1 or dist.world == 1
                 with gradient_sync(net, model, sync, s.fsdp), forward_context(s):
                     loss = loss_of(net, x, y, s.label_smoothing) / s.grad_accum * dist.world
-                loss.backward()
+                    routed = loss + router.loss(dist.world / s.grad_accum)  # the LM loss is logged alone
+                routed.backward()
                 loss_sum += loss.detach()  # no host sync here: the value is read at log steps only
             if s.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
@@ -400,7 +403,7 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
                 dt, t_log = time.time() - t_log, time.time()
                 tok_s = tokens_per_step * steps_logged / dt
                 if master:
-                    log.write(step=step, loss=round(loss, 4), lr=lr, tok_per_s=round(tok_s))
+                    log.write(step=step, loss=round(loss, 4), lr=lr, tok_per_s=round(tok_s), **router.report())
                     bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
                 if timer:  # rank 0 plans; every rank must stop at the same step
                     if master:

@@ -1,0 +1,350 @@
+"""Sparse mixture-of-experts Llama (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE): a router sends every token to its top-k
+of n_expert SwiGLU experts (Shazeer et al., 2017; Fedus et al., 2021); Qwen2-MoE adds one shared expert.
+
+One file, torch only. Module names follow transformers 5's (each layer's experts stacked into gate_up_proj
+[E, 2F, D] and down_proj [E, D, F]), q/k/v fused as in models/llama.py. The (token, expert) pairs run sorted
+by expert, one matmul per expert over its tokens, so decoding one token reads only its k experts.
+
+    model = Model(Config(n_layer=16, n_head=16, n_embd=2048, n_expert=64, top_k=8, expert_dim=1024))
+    logits = model(idx)                              # [B, T] -> [B, T, vocab_size]
+    aux, z, counts = model.router_losses()           # after a forward: load balancing (train with them)
+"""
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class Config:
+    vocab_size: int = 50304
+    block_size: int = 4096  # maximum context
+    n_layer: int = 16
+    n_head: int = 16
+    n_kv_head: int = 16  # grouped-query attention: n_head / n_kv_head query heads share a K/V head
+    n_embd: int = 2048
+    head_dim: int | None = None  # None: n_embd // n_head (Qwen3-MoE sets it apart)
+    n_expert: int = 64
+    top_k: int = 8  # experts per token
+    expert_dim: int = 1024  # each expert's hidden size (moe_intermediate_size)
+    norm_topk_prob: bool = False  # renormalise the k routing weights to sum to 1 (Mixtral always does)
+    shared_expert_dim: int | None = None  # Qwen2-MoE: one expert every token uses, behind a sigmoid gate
+    dense_layers: list = field(default_factory=list)  # layers with a dense MLP instead (Qwen's mlp_only_layers)
+    ffn_dim: int | None = None  # the dense layers' hidden size
+    qk_norm: str | None = None  # RMSNorm of q and k: "proj" over the whole projection (OLMoE), "head" per head (Qwen3)
+    qkv_bias: bool = False  # Qwen2-MoE
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    dropout: float = 0.0
+    aux_loss_coef: float = 0.01  # training: weight of the load-balancing loss (Switch Transformer's)
+    z_loss_coef: float = 0.0  # training: weight of the router z-loss (ST-MoE's), 0: off
+    causal: bool = True  # False: bidirectional attention (a masked LM); such a model cannot decode incrementally
+
+    def __post_init__(self):
+        if self.head_dim is None and self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}), or set head_dim")
+        if not 1 <= self.n_kv_head <= self.n_head or self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        if not 1 <= self.top_k <= self.n_expert:
+            raise ValueError(f"top_k ({self.top_k}) must be between 1 and n_expert ({self.n_expert})")
+        if self.qk_norm not in (None, "proj", "head"):
+            raise ValueError(f"qk_norm must be None, 'proj' or 'head', not {self.qk_norm!r}")
+        if any(not 0 <= i < self.n_layer for i in self.dense_layers) or self.dense_layers and not self.ffn_dim:
+            raise ValueError(f"dense_layers {self.dense_layers} must be layer numbers below n_layer ({self.n_layer}) "
+                             f"and need an ffn_dim (it is {self.ffn_dim})")
+
+
+def rope_tables(config):
+    """cos and sin of every position's rotation angles [block_size, head_dim], computed in fp32 on the CPU."""
+    D = config.head_dim or config.n_embd // config.n_head
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, D, 2, device="cpu").float() / D)
+    angles = torch.arange(config.block_size, device="cpu").float()[:, None] * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate pairs (x_i, x_{i+d/2}): the "rotate_half" layout Hugging Face checkpoints use."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):  # normalise in fp32 as the reference does, then return to x's dtype
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values [B, H_kv, S, D] (H_kv key/value heads, S = max_len slots), written in
+    place at the slots input_pos names."""
+
+    def __init__(self, batch_size, n_kv_head, max_len, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos, k, v):
+        """Write k and v [B, H_kv, T, D] at the slots input_pos [T]; return all the slots [B, H_kv, S, D]."""
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
+        return self.k, self.v
+
+
+class Attend(nn.Module):
+    """softmax(q kᵀ * scale + mask) v of query heads q [B, H, T, D] over key/value heads k, v [B, H_kv, S, D] (H a
+    multiple of H_kv), by SDPA. A module of its own so that zoo.trace can read its inputs and recompute the
+    attention pattern, only when asked (see models/__init__.py); other forwards pay for one module call."""
+
+    def forward(self, q, k, v, mask, causal, dropout_p=0.0, scale=None):
+        (B, H, T, D), H_kv = q.shape, k.size(1)
+        if T == 1 and H > H_kv:
+            # one new token: the query heads that share a K/V head attend as rows of one head, several times
+            # faster on the CPU than SDPA's enable_gqa (which repeats K and V)
+            y = F.scaled_dot_product_attention(q.reshape(B, H_kv, H // H_kv, D), k, v, attn_mask=mask,
+                                               dropout_p=dropout_p, scale=scale)  # [B, H_kv, H / H_kv, D]
+            return y.view(B, H, 1, D)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and causal,
+                                              dropout_p=dropout_p, scale=scale, enable_gqa=H > H_kv)  # [B, H, T, D]
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = D = config.head_dim or config.n_embd // config.n_head
+        self.qkv_proj = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * D, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(config.n_head * D, config.n_embd, bias=False)
+        self.qk_norm = config.qk_norm
+        if config.qk_norm:  # OLMoE normalises the whole q (and k) projection, Qwen3-MoE each head alone
+            q_dim, k_dim = (config.n_head * D, config.n_kv_head * D) if config.qk_norm == "proj" else (D, D)
+            self.q_norm, self.k_norm = RMSNorm(q_dim, config.norm_eps), RMSNorm(k_dim, config.norm_eps)
+        self.dropout, self.causal = config.dropout, config.causal
+        self.attend = Attend()
+        self.kv_cache = None
+
+    def forward(self, x, cos, sin, mask, input_pos):
+        B, T, _ = x.shape  # batch size, sequence length, n_embd
+        H, H_kv, D = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.qkv_proj(x).split((H * D, H_kv * D, H_kv * D), dim=-1)  # [B, T, H D], 2 x [B, T, H_kv D]
+        if self.qk_norm == "proj":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.view(B, T, H, D), k.view(B, T, H_kv, D), v.view(B, T, H_kv, D)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rotary(q.transpose(1, 2), cos, sin)  # [B, H, T, D]
+        k, v = apply_rotary(k.transpose(1, 2), cos, sin), v.transpose(1, 2)  # [B, H_kv, T, D] each
+        if input_pos is not None:  # decoding: store the new keys and values, attend over the slots the mask covers
+            k, v = self.kv_cache.update(input_pos, k, v)  # [B, H_kv, max_len, D]
+            k, v = k[:, :, :mask.size(-1)], v[:, :, :mask.size(-1)]  # [B, H_kv, S, D]
+        y = self.attend(q, k, v, mask, self.causal, self.dropout if self.training else 0.0)  # [B, H, T, D]
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))  # [B, T, n_embd]
+
+
+class MLP(nn.Module):
+    """SwiGLU (Shazeer, 2020): down(silu(gate(x)) * up(x)), gate and up as one matmul."""
+
+    def __init__(self, n_embd, hidden):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(n_embd, 2 * hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, n_embd, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Experts(nn.Module):
+    """n_expert SwiGLU MLPs, their weights stacked: expert e is down_proj[e](silu(g) * u), g|u = gate_up_proj[e] x."""
+
+    def __init__(self, config):
+        super().__init__()
+        E, D, F_ = config.n_expert, config.n_embd, config.expert_dim
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * F_, D))  # [E, 2F, D]: rows of gate, then of up
+        self.down_proj = nn.Parameter(torch.empty(E, D, F_))  # [E, D, F]
+
+    def forward(self, x, weights, experts):
+        """x [N, D], each token's k routing weights and expert ids [N, k] -> sum of weighted outputs [N, D]."""
+        E, k = self.gate_up_proj.size(0), experts.size(1)
+        order = experts.flatten().argsort(stable=True)  # the N k (token, expert) pairs, grouped by expert: [N k]
+        token = order // k  # the token of each sorted pair [N k]
+        # pairs per expert; a meta tensor holds no ids, so there they all go to expert 0 (the shapes are right)
+        counts = experts.flatten().bincount(minlength=E).tolist() if not x.is_meta else [len(order)] + [0] * (E - 1)
+        xs, outs, start = x[token], [], 0  # [N k, D]; unbind: the backward stacks the E experts' gradients once
+        for n, gate_up_proj, down_proj in zip(counts, self.gate_up_proj.unbind(), self.down_proj.unbind()):
+            if n:  # one matmul pair per used expert, over all its tokens; unused experts are never read
+                gate, up = F.linear(xs[start:start + n], gate_up_proj).chunk(2, dim=-1)  # [n, F] each
+                outs.append(F.linear(F.silu(gate) * up, down_proj))  # [n, D]
+                start += n
+        y = torch.cat(outs) * weights.flatten()[order, None]  # [N k, D], each scaled by its routing weight
+        return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))  # the k outputs of each token summed
+
+
+class MoE(nn.Module):
+    """Router (a linear gate, softmax in fp32, top-k) over the experts, plus the optional shared expert; keeps
+    its last router_logits [N, E] for the load-balancing loss."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.top_k, self.norm_topk_prob = config.top_k, config.norm_topk_prob
+        self.gate = nn.Linear(config.n_embd, config.n_expert, bias=False)
+        self.experts = Experts(config)
+        if config.shared_expert_dim:
+            self.shared_expert = MLP(config.n_embd, config.shared_expert_dim)
+            self.shared_expert_gate = nn.Linear(config.n_embd, 1, bias=False)
+        self.router_logits = None
+
+    def forward(self, x):
+        B, T, D = x.shape
+        x = x.reshape(B * T, D)  # [N, D], N = B T tokens
+        self.router_logits = logits = self.gate(x)  # [N, E]
+        probs = logits.float().softmax(dim=-1)  # in fp32, as the reference does
+        weights, experts = probs.topk(self.top_k, dim=-1)  # [N, k] each
+        weights = weights / weights.sum(dim=-1, keepdim=True) if self.norm_topk_prob else weights  # Mixtral: always
+        y = self.experts(x, weights.to(x.dtype), experts)  # [N, D]
+        if hasattr(self, "shared_expert"):
+            y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return y.view(B, T, D)
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = MLP(config.n_embd, config.ffn_dim) if layer in config.dense_layers else MoE(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, mask, input_pos):
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class Model(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.n_embd),
+            layers=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+            norm=RMSNorm(config.n_embd, config.norm_eps),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        cos, sin = rope_tables(config)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.cache_len = self.cache_batch = None  # the KV cache's slots and rows, once setup_cache has made it
+        for name, p in self.named_parameters():  # GPT-2's init, the residual projections scaled down
+            residual = name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj"))
+            if p.dim() >= 2 or name.endswith(".bias"):  # biases start at zero (std 0)
+                nn.init.normal_(p, std=(0.02 / (2 * config.n_layer) ** 0.5 if residual else 0.02) * (p.dim() > 1))
+
+    def router_losses(self):
+        """After a forward: (load-balancing loss, router z-loss, tokens per expert [MoE layers, E]). The first is
+        Switch Transformer's (Fedus et al., 2021) in transformers' Mixtral form, E * sum_e f_e P_e (f_e the share of
+        top-k picks going to expert e, P_e its mean router probability, over every MoE layer's tokens; k when
+        balanced); the z-loss (Zoph et al., 2022), the mean squared logsumexp of the router logits."""
+        logits = [b.mlp.router_logits for b in self.model.layers if isinstance(b.mlp, MoE)]  # L x [N, E]
+        if not logits or logits[0] is None:
+            raise ValueError("router_losses: no router logits yet; run a forward pass first")
+        E, k = self.config.n_expert, self.config.top_k
+        probs = torch.stack(logits).float().softmax(dim=-1)  # [L, N, E]
+        picks = F.one_hot(probs.topk(k, dim=-1).indices, E).sum(dim=2)  # [L, N, E]: 1 where a token picked e
+        f, P = picks.float().mean(dim=(0, 1)), probs.mean(dim=(0, 1))  # [E] each
+        z = torch.stack(logits).float().logsumexp(dim=-1).square().mean()
+        return E * (f * P).sum(), z, picks.sum(dim=1)
+
+    def setup_cache(self, batch_size, max_len):
+        """Allocate the KV cache once; decoding then writes into it and allocates nothing."""
+        if not self.config.causal:
+            raise ValueError("setup_cache: this model is bidirectional (causal=False), and bidirectional attention "
+                             "has no valid KV cache: every token's output depends on later tokens. Score whole "
+                             "sequences with model(idx), or build the model with causal=True to decode")
+        if max_len > self.config.block_size:
+            raise ValueError(f"max_len {max_len} exceeds block_size {self.config.block_size}")
+        if batch_size < 1 or max_len < 1:
+            raise ValueError(f"setup_cache needs batch_size and max_len of at least 1, not {batch_size} and {max_len}")
+        w = self.lm_head.weight  # the cache holds activations: their dtype and device
+        for block in self.model.layers:
+            attn = block.self_attn
+            attn.kv_cache = KVCache(batch_size, attn.n_kv_head, max_len, attn.head_dim, w.dtype, w.device)
+        self.cache_len, self.cache_batch = max_len, batch_size
+
+    def reorder_cache(self, index):
+        """Keep (or repeat) the cache rows `index` names, e.g. the surviving beams."""
+        if self.cache_len is None:
+            raise ValueError("reorder_cache: no KV cache to reorder; call setup_cache(batch_size, max_len) first")
+        self.cache_batch = len(index)
+        for block in self.model.layers:
+            c = block.self_attn.kv_cache
+            c.k, c.v = c.k.index_select(0, index), c.v.index_select(0, index)
+
+    def positions_and_mask(self, idx, input_pos, key_mask):
+        """Positions [B|1, T] of the tokens idx [B, T], and the attention mask [B|1, 1, T, S], additive (0 or
+        -inf) in the activations' dtype; None when there is nothing to mask but causality (SDPA's is_causal).
+
+        Made once per call: SDPA would otherwise convert a boolean mask in every layer.
+        """
+        if idx.dim() != 2 or idx.is_floating_point():
+            raise ValueError(f"idx must be token ids [batch, tokens], not {idx.dtype} of shape {list(idx.shape)}")
+        (B, T), causal = idx.shape, self.config.causal
+        if input_pos is None and T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
+        if input_pos is not None:  # the cache's contract, checked on shapes (no device sync)
+            if not causal:
+                raise ValueError("input_pos: this model is bidirectional (causal=False), and bidirectional "
+                                 "attention cannot decode incrementally: every token's output depends on later "
+                                 "tokens. Call model(idx) on the whole sequence")
+            if self.cache_len is None:
+                raise ValueError("input_pos: no KV cache to decode with; call setup_cache(batch_size, max_len) first")
+            if input_pos.shape != (T,):
+                raise ValueError(f"input_pos must hold one cache slot per token of idx, shape [{T}], not "
+                                 f"{list(input_pos.shape)}")
+            if B != self.cache_batch:
+                raise ValueError(f"a batch of {B} rows, but the KV cache holds {self.cache_batch}; call "
+                                 f"setup_cache({B}, max_len) first")
+            # slots past the cache: several tokens read input_pos.max() below anyway; the one-token decode
+            # step is checked only where that costs no device sync (the CPU, outside torch.compile)
+            if T > 1 or input_pos.device.type == "cpu" and not torch.compiler.is_compiling():
+                end = int(input_pos.max()) + 1
+                if end > self.cache_len:
+                    raise ValueError(f"input_pos reaches slot {end - 1}, past the KV cache's {self.cache_len} "
+                                     f"slots; call setup_cache(batch_size, max_len) with max_len >= {end}")
+        slots = input_pos if input_pos is not None else torch.arange(T, device=idx.device)  # [T]
+        if input_pos is None and key_mask is None:
+            return slots[None], None
+        # the keys: without a cache, the T tokens; with one, all its slots for one new token, and for several
+        # only those filled so far (`end`, read above)
+        S = T if input_pos is None else self.cache_len if T == 1 else end
+        key_slots = torch.arange(S, device=idx.device)
+        mask = key_slots <= slots[:, None]  # causal: [T, S]
+        if key_mask is None:
+            pos = slots[None]
+        else:
+            key_mask = key_mask[:, :S]
+            pos = (key_mask.long().cumsum(1) - 1).clamp(min=0)[:, slots]  # count from each row's first real token
+            # padded keys are hidden; a padded query still sees itself, so no softmax row is empty
+            keys = (key_mask[:, None, :] | (key_slots == slots[:, None]))[:, None]  # [B, 1, T, S]
+            mask = mask & keys if causal else keys
+        return pos, torch.zeros_like(mask, dtype=self.lm_head.weight.dtype).masked_fill_(~mask, float("-inf"))
+
+    def forward(self, idx, input_pos=None, key_mask=None, last_only=False):
+        """idx [B, T] -> logits [B, T, vocab_size]. input_pos [T]: these tokens' cache slots (decoding through the
+        cache); key_mask [B, S]: False marks left padding (each row counts positions from its first real token,
+        so padding changes no real logit); last_only: the last position's logits alone, [B, 1, vocab_size]."""
+        pos, mask = self.positions_and_mask(idx, input_pos, key_mask)
+        x = self.model.embed_tokens(idx)  # [B, T, n_embd]
+        cos, sin = self.rope_cos[pos][:, None].to(x.dtype), self.rope_sin[pos][:, None].to(x.dtype)  # [B|1, 1, T, D]
+        for block in self.model.layers:
+            x = block(x, cos, sin, mask, input_pos)
+        return self.lm_head(self.model.norm(x[:, -1:] if last_only else x))
