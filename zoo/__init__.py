@@ -13,6 +13,7 @@ Notes go to logging.getLogger("zoo") (stderr by default; set its level to WARNIN
 """
 from . import quantization, registry, sources
 from .adapters import add_lora, merge_lora, save_adapter
+from .export import save_gguf, save_gguf_adapter
 from .generation import complete, generate
 from .inspection import intervene, logit_lens, trace
 from .mlm import fill_mask
@@ -26,7 +27,8 @@ from .tokenizers import load_tokenizer as tokenizer
 from .training import TrainConfig, train
 from .verification import verify
 
-__all__ = ["list", "load", "build", "arch_of", "from_pretrained", "load_source", "save_pretrained", "tokenizer",
+__all__ = ["list", "load", "build", "arch_of", "from_pretrained", "load_source", "save_pretrained", "save_gguf",
+           "save_gguf_adapter", "tokenizer",
            "generate", "complete", "SamplingConfig", "score", "score_rolling", "train", "TrainConfig", "verify",
            "fill_mask", "quantize", "add_lora", "merge_lora", "save_adapter", "trace", "intervene", "logit_lens"]
 

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import json
 import math
+import struct
 from importlib import resources
 
 import torch
@@ -93,6 +94,31 @@ def from_gguf_metadata(meta, shapes, where):
     return _maps()[name]["zoo_arch"], _read(name, meta, where, shapes), name
 
 
+def to_gguf_metadata(arch, config, shapes):
+    """(weights map name, GGUF metadata dict) for a zoo model, or (None, why) when no GGUF map of its
+    architecture expresses it. `shapes`: the GGUF tensors' shapes under each map ({map name: {name: shape}}),
+    which carry part of the config (vocabulary size, tied output). Floats are rounded to float32, as the file
+    stores them; the metadata must load back to this very config (dropout aside)."""
+    ours, why = dataclasses.asdict(config), f"no weights map writes GGUF for models/{arch}.py"
+    for name, m in _maps().items():
+        if m["format"] == "gguf" and m["zoo_arch"] == arch:
+            meta = _write(name, ours)
+            if meta is None:
+                why = f"a value of models/{arch}.py's Config has no form in GGUF architecture {m['architecture']!r}"
+                continue
+            meta = {k: _f32(v) for k, v in meta.items() if v is not None}
+            differ = _differences(name, meta, config, shapes[name])
+            if not differ:
+                return name, meta
+            why = (f"GGUF architecture {m['architecture']!r} (weights_maps/{name}.json) cannot express "
+                   + ", ".join(differ))
+    return None, why
+
+
+def _f32(v):
+    return struct.unpack("<f", struct.pack("<f", v))[0] if isinstance(v, float) else v
+
+
 def to_hf_config(arch, config):
     """The Hugging Face config.json dict for a zoo model, or None when no map's architecture can express
     it: the config the map writes must load back to this very config (dropout aside), so a model outside
@@ -153,9 +179,11 @@ def _read(name, src, where, shapes=None):
 
 
 def _write(name, ours):
-    """The config.json dict map `name` writes for our Config values (None when a value has no form)."""
+    """The config.json dict (or GGUF metadata) map `name` writes for our Config values (None when a value
+    has no form)."""
     m = _maps()[name]
-    hf = {"architectures": [m["architecture"]], "model_type": m.get("model_type")}
+    hf = ({"general.architecture": m["architecture"]} if m["format"] == "gguf"
+          else {"architectures": [m["architecture"]], "model_type": m.get("model_type")})
     for field, rule in m.get("config", {}).items():
         rule = {"from": rule} if isinstance(rule, str) else rule
         v = ours[field]
@@ -176,11 +204,18 @@ def _write(name, ours):
 def _reads_back(name, hf, config):
     """Whether `hf` loads back through map `name` to `config`: every field the map sets (constants
     included) equal, every other field at its default. Fields with a "load" rule (dropout) may differ."""
+    return not _differences(name, hf, config)
+
+
+def _differences(name, hf, config, shapes=None):
+    """The fields of `config` that `hf` does not load back to through map `name` ("field=value" each), or
+    the reason the map refuses `hf`. Floats compare as float32 (GGUF stores them so)."""
     try:
-        back = _read(name, hf, f"weights_maps/{name}.json")
-    except ValueError:  # our values made something the map refuses (a rope_scaling of another kind, ...)
-        return False
+        back = _read(name, hf, f"weights_maps/{name}.json", shapes)
+    except ValueError as e:  # our values made something the map refuses (a rope_scaling of another kind, ...)
+        return [str(e)]
     free = {f for f, rule in _maps()[name].get("config", {}).items() if isinstance(rule, dict) and "load" in rule}
+    differ = []
     for f in dataclasses.fields(config):
         if f.name in free:
             continue
@@ -191,10 +226,12 @@ def _reads_back(name, hf, config):
         elif f.default_factory is not dataclasses.MISSING:
             want = f.default_factory()
         else:
-            return False
-        if getattr(config, f.name) != want:
-            return False
-    return True
+            differ.append(f"{f.name} (no value)")
+            continue
+        have = getattr(config, f.name)
+        if have != want and not (isinstance(have, float) and isinstance(want, float) and _f32(have) == _f32(want)):
+            differ.append(f"{f.name}={have!r}")
+    return differ
 
 
 def _is_derived(v):
@@ -261,7 +298,9 @@ def gguf_llama(meta, ours, need=None, shapes=None, to_hf=False):
     outside its config keys or in a form of its own: the vocabulary size (rows of token_embd), a tied output
     layer (no output.weight), Phi-3/4's partial rotary (phi3.rope.dimension_count below the head width), and
     llama.cpp's rope scaling (rope_freqs or LongRoPE's rope_factors tables), which we refuse with a pointer to
-    the Hugging Face form."""
+    the Hugging Face form. Export: the tensors say it all (a tied model writes no output.weight)."""
+    if to_hf:
+        return
     arch = meta["general.architecture"]
     tables = [n for n in ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight") if n in shapes]
     scaling = meta.get(f"{arch}.rope.scaling.type", "none")
@@ -331,6 +370,14 @@ def phi3_rope(hf, ours, need=None, shapes=None, to_hf=False):
         ours["rope_scaling"] = dict(short_factor=rope["short_factor"], long_factor=rope["long_factor"],
                                     attention_factor=attention, original_max_position_embeddings=original)
         ours["block_size"] = min(ours["block_size"], original)
+
+
+def gguf_vocab(meta, ours, need=None, shapes=None, to_hf=False):
+    """The vocabulary size of a GGUF file: the rows of token_embd (GGUF metadata does not hold it)."""
+    if not to_hf:
+        need("token_embd.weight" in shapes, "no token_embd.weight tensor", damaged=True)
+        ours["vocab_size"] = shapes["token_embd.weight"][0]
+
 
 
 def moe_rope(hf, ours, need=None, shapes=None, to_hf=False):
@@ -440,7 +487,9 @@ def gguf_gemma(meta, ours, need=None, shapes=None, to_hf=False):
     attention scale, 1/sqrt(head_dim) except in the 27B models, 1/sqrt(n_embd / n_head) (LLM_TYPE_27B:
     62 layers in Gemma 3, 46 in Gemma 2); the layer pattern (every 2nd layer global in Gemma 2, every 6th in
     Gemma 3) and Gemma 3's rotary base of 10k on the sliding layers and linear scaling on the global ones;
-    Gemma 2's soft-caps."""
+    Gemma 2's soft-caps. Export: the metadata says it all."""
+    if to_hf:
+        return
     arch = meta["general.architecture"]
     need("token_embd.weight" in shapes, "no token_embd.weight tensor", damaged=True)
     ours.update(vocab_size=shapes["token_embd.weight"][0], tie_embeddings="output.weight" not in shapes)
@@ -460,8 +509,8 @@ def gguf_gemma(meta, ours, need=None, shapes=None, to_hf=False):
     ours["rope_scaling_factor"] = float(meta["gemma3.rope.scaling.factor"]) if scaling == "linear" else None
 
 
-HOOKS = {f.__name__: f for f in (llama_rope, gguf_llama, qwen_window, phi3_rope, moe_rope, qwen_moe, gemma, gemma2, gemma3,
-                                  gguf_gemma)}
+HOOKS = {f.__name__: f for f in (llama_rope, gguf_llama, gguf_vocab, qwen_window, phi3_rope, moe_rope, qwen_moe,
+                                  gemma, gemma2, gemma3, gguf_gemma)}
 
 
 def dims(config):
@@ -519,6 +568,11 @@ def _targets(model):
             targets[name] = t
         aliases.setdefault(key, []).append(name)
     return targets, aliases
+
+
+def permute(t, n_head):
+    """llama.cpp's rope permutation of q/k rows (the inverse of unpermute), as its converter writes them."""
+    return t.reshape(n_head, 2, t.shape[0] // n_head // 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
 
 
 def unpermute(t, n_head):
@@ -641,12 +695,15 @@ def export_weights(model, wmap):
         if ours not in targets:  # tied to another tensor, which is stored
             continue
         parts = _parts(entry)
-        t = targets[ours].detach().cpu()
+        t = targets[ours].detach()
+        t = t if t.is_meta else t.cpu()  # (a meta-device model gives the shapes alone)
         axis = int(isinstance(entry, dict) and "experts" in entry)  # stacked experts: rows are axis 1
         pieces = t.split([d[p["rows"]] for p in parts], dim=axis) if len(parts) > 1 else [t]
         for p, piece in zip(parts, pieces):
-            if p.get("unpermute"):
-                raise ValueError("weights maps with 'unpermute' (GGUF) are load-only")
+            if p.get("unpermute"):  # loading undoes llama.cpp's permutation: export redoes it
+                if axis:
+                    raise ValueError("'unpermute' on stacked experts is not supported on export")
+                piece = permute(piece, d[p["unpermute"]])
             for name, piece in zip(_sources(entry, p, d), piece.unbind() if "{e}" in p["from"] else [piece]):
                 piece = piece.t() if p.get("transpose") else piece
                 piece = piece - p["add"] if "add" in p else piece

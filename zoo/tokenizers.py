@@ -354,7 +354,12 @@ def _token_text(value):
 class HFTokenizer(Tokenizer):
     """A `tokenizers.Tokenizer` plus what tokenizer_config.json says about it: the special tokens
     (bos_token, eos_token, pad_token), add_bos_token and chat_template. `extra_eos_ids` are further end
-    tokens, e.g. from generation_config.json."""
+    tokens, e.g. from generation_config.json. `ggml_pre`: llama.cpp's name for its pre-tokenizer, when it
+    was read from a GGUF file (GGUF export writes it back); `ggml_vocab`: a sentencepiece GGUF vocabulary's
+    tokens, scores and types as the file had them."""
+
+    ggml_pre = None
+    ggml_vocab = None
 
     def __init__(self, tk, config, extra_eos_ids=()):
         self.tk = tk
@@ -508,7 +513,10 @@ def _gguf_byte_level(meta):
     # Tokens are spelled in GPT-2's byte alphabet; a few files write some in plain UTF-8 instead.
     vocab = {(t if set(t) <= alphabet else to_bytes.pre_tokenize_str(t)[0][0]): i
              for i, t in enumerate(meta["tokenizer.ggml.tokens"])}
-    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    # A merge whose parts or result are no tokens never yields a token (llama.cpp requires a merges list, so a
+    # vocabulary without merges, such as an exported character vocabulary, holds one such): leave it out.
+    merges = [(a, b) for a, b in (m.split(" ", 1) for m in meta["tokenizer.ggml.merges"])
+              if a in vocab and b in vocab and a + b in vocab]
     tk = TkTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, ignore_merges=pre in _IGNORE_MERGES))
     tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r), "isolated") for r in _GGUF_SPLITS[pre]]
                                                + [to_bytes])
@@ -571,7 +579,13 @@ def load_gguf_tokenizer(path):
               # llama.cpp adds BOS to sentencepiece vocabularies unless the file says otherwise
               "add_bos_token": meta.get("tokenizer.ggml.add_bos_token", kind == "llama")}
     extra = [meta[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in meta]
-    return HFTokenizer(tk, config, extra)
+    tok = HFTokenizer(tk, config, extra)
+    tok.ggml_pre = meta.get("tokenizer.ggml.pre") if kind == "gpt2" else None
+    if kind == "llama":  # a sentencepiece vocabulary: GGUF export writes its scores and token types back
+        tok.ggml_vocab = {k: meta[k] for k in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.scores",
+                                               "tokenizer.ggml.token_type", "tokenizer.ggml.add_space_prefix")
+                          if k in meta}
+    return tok
 
 
 # ---------------------------------------------------------------------------------------------------------

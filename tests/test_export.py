@@ -1,0 +1,282 @@
+"""GGUF export (zoo.save_gguf, `zoo export`): read back by the zoo, by gguf's reader and by transformers'
+GGUF loader; quantized blocks bit-equal to gguf.quants'; tokenizers that reproduce their source's ids."""
+import dataclasses
+import string
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny
+
+import zoo
+from zoo import export, gguf_quants
+from zoo.tokenizers import CharTokenizer, train_bpe
+
+gguf = pytest.importorskip("gguf")
+Q = gguf.GGMLQuantizationType
+
+# TINY models with rows that are whole 32-value blocks, so every matrix is quantized
+BLOCKY = {"gpt2": {}, "mqa": {}, "llama-gqa": dict(n_head=4, n_kv_head=2, n_embd=64, ffn_dim=96),
+          "llama-mha": dict(n_head=4, n_kv_head=4, n_embd=64, ffn_dim=64, tie_embeddings=False)}
+TEXTS = ["Hello world, 12345 times!\n", "  two  spaces\tand a tab", "the quick brown fox.\n\nend"]
+
+
+def _tiny(name, **overrides):
+    base = "llama-gqa" if name.startswith("llama") else name
+    return tiny(base, std=0.2, **{**BLOCKY[name], **overrides})
+
+
+def _stored(model, dtype):
+    """A copy of `model` whose weights are what a `dtype` file stores, dequantized with gguf.quants (matrices
+    in `dtype`, or f16 where rows are not whole blocks; 1-D tensors and position tables in f32). Blocks run
+    along rows, so splitting fused tensors and permuting q/k rows on export changes no block."""
+    import copy
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if p.dim() < 2 or ".wpe." in name or dtype == "f32":
+                continue
+            qtype = "f16" if dtype in gguf_quants.QUANTIZERS and p.shape[-1] % 32 else dtype
+            data = gguf.quants.quantize(p.numpy(), Q[qtype.upper()])
+            p.copy_(torch.from_numpy(gguf.quants.dequantize(data, Q[qtype.upper()]).astype(np.float32)).view(p.shape))
+    return ref
+
+
+@pytest.mark.parametrize("name", list(BLOCKY))
+@pytest.mark.parametrize("dtype", export.TYPES)
+def test_read_back_by_the_zoo(name, dtype, tmp_path):
+    """The zoo reads its file back to the same model: f32 bit for bit, the other types to the model whose
+    weights are their stored values (gguf.quants' dequantization)."""
+    model = _tiny(name)
+    path = zoo.save_gguf(model, tmp_path / "m.gguf", dtype=dtype)
+    back = zoo.from_pretrained(path)
+    assert {f: v for f, v in dataclasses.asdict(back.config).items() if f != "norm_eps"} == \
+        {f: v for f, v in dataclasses.asdict(model.config).items() if f != "norm_eps"}
+    assert back.config.norm_eps == pytest.approx(model.config.norm_eps, rel=1e-6)
+    idx = torch.randint(0, model.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(back(idx), _stored(model, dtype)(idx), rtol=0, atol=1e-6)
+        if dtype == "f32":
+            assert torch.equal(back(idx), model(idx))
+
+
+@pytest.mark.parametrize("dtype", ["q8_0", "q4_0", "q4_1", "bf16"])
+def test_blocks_equal_gguf_quants(dtype):
+    """The torch quantizers write the very bytes gguf.quants.quantize writes (ggml's reference quantizers),
+    over random rows, all-zero blocks, constant blocks and blocks whose extremes tie in magnitude."""
+    torch.manual_seed(0)
+    x = torch.randn(48, 256) * torch.logspace(-4, 2, 48).unsqueeze(1)
+    x[0, :32] = 0
+    x[1, :32] = 0.7
+    x[2, :32] = torch.linspace(-1, 1, 32)  # -1 and 1 tie: the first wins
+    x[3, 32:64] = -x[3, 32:64].abs()
+    ours = (gguf_quants.bf16(x) if dtype == "bf16" else gguf_quants.QUANTIZERS[dtype](x)).numpy()
+    assert np.array_equal(ours, gguf.quants.quantize(x.numpy(), Q[dtype.upper()]))
+
+
+def test_gguf_reader_sees_what_was_written(tmp_path):
+    """gguf's own reader: llama.cpp's metadata keys and values, every tensor's name, type, shape and bytes."""
+    model = _tiny("llama-mha")
+    path = zoo.save_gguf(model, tmp_path / "m.gguf", dtype="q8_0")
+    reader = gguf.GGUFReader(path)
+    field = lambda key: reader.fields[key].contents()  # noqa: E731
+    c = model.config
+    assert field("general.architecture") == "llama"
+    assert field("general.file_type") == gguf.LlamaFileType.MOSTLY_Q8_0
+    assert field("general.quantization_version") == 2
+    assert (field("llama.block_count"), field("llama.context_length"), field("llama.embedding_length"),
+            field("llama.feed_forward_length"), field("llama.attention.head_count"),
+            field("llama.attention.head_count_kv"), field("llama.rope.dimension_count")) == \
+        (c.n_layer, c.block_size, c.n_embd, c.ffn_dim, c.n_head, c.n_kv_head, c.n_embd // c.n_head)
+    assert field("llama.rope.freq_base") == pytest.approx(c.rope_theta)
+    _, _, tensors = export.gguf_form(model)
+    assert {t.name for t in reader.tensors} == set(tensors) and "output.weight" in tensors
+    for t in reader.tensors:
+        qtype = export.tensor_type(t.name, tensors[t.name], "q8_0")
+        assert t.tensor_type == Q[qtype.upper()]
+        assert tuple(reversed(t.shape.tolist())) == tuple(tensors[t.name].shape)
+        assert np.array_equal(np.asarray(t.data).reshape(-1).view(np.uint8),
+                              export._encode(tensors[t.name], qtype).numpy().reshape(-1).view(np.uint8))
+
+
+def test_llama_rows_in_llama_cpp_rope_order(tmp_path):
+    """q and k rows are written in llama.cpp's rotary order (its converter's permutation of the Hugging Face
+    rows), so the zoo's loader, which undoes it, gets the model back; a tied model writes no output.weight."""
+    model = _tiny("llama-gqa")
+    _, _, tensors = export.gguf_form(model)
+    c = model.config
+    q = model.model.layers[0].self_attn.qkv_proj.weight[:c.n_embd]
+    hd = c.n_embd // c.n_head
+    want = q.reshape(c.n_head, 2, hd // 2, c.n_embd).transpose(1, 2).reshape(c.n_embd, c.n_embd)
+    assert torch.equal(tensors["blk.0.attn_q.weight"], want)
+    assert "output.weight" not in tensors
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa"])
+def test_transformers_reads_the_file(name, transformers, tmp_path):
+    """transformers' GGUF loader (a second reader) gives the zoo's logits (f32, <= 1e-4)."""
+    tok = CharTokenizer.from_text(string.ascii_lowercase + " .,\n!?01234")  # 37 tokens: transformers takes the
+    model = _tiny(name, block_size=1024, vocab_size=37) if name == "gpt2" else _tiny(name)  # vocab size from them
+    zoo.save_gguf(model, tmp_path / "m.gguf", tokenizer=tok, dtype="f32")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)
+    idx = torch.randint(0, 37, (2, 20))
+    with torch.no_grad():
+        assert (hf(idx).logits - model(idx)).abs().max() <= 1e-4
+
+
+def test_gpt2_without_biases_and_exact_gelu(tmp_path, caplog):
+    """shakespeare-char's form (no biases, exact GELU) exports as llama.cpp's gpt2 computes it: zero biases
+    (exact) and the tanh GELU (logged); the zoo reads back that model."""
+    model = tiny("gpt2-nobias", std=0.2, activation="gelu")
+    path = zoo.save_gguf(model, tmp_path / "m.gguf", dtype="f32")
+    assert "tanh" in caplog.text
+    back = zoo.from_pretrained(path)
+    assert back.config.bias and back.config.activation == "gelu_tanh"
+    twin = export.llama_cpp_form(model)
+    idx = torch.randint(0, 37, (1, 30))
+    assert torch.equal(back(idx), twin(idx))
+    assert 0 < (back(idx) - model(idx)).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("name, what", [("bigram", "bigram table"), ("scratchformer", "sinusoidal"),
+                                        ("scratchformer-xglm", "sinusoidal")])
+def test_architectures_llama_cpp_cannot_run_are_refused(name, what, tmp_path):
+    with pytest.raises(ValueError, match=f"{what}.*no llama.cpp architecture"):
+        zoo.save_gguf(tiny(name), tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refusals_write_nothing_and_keep_the_old_file(tmp_path):
+    old = tmp_path / "m.gguf"
+    old.write_bytes(b"earlier work")
+    for model, match in [(tiny("llama-mha-llama3"), "rope_scaling"),
+                         (zoo.quantize(_tiny("gpt2"), "int8"), "quantized"),
+                         (tiny("gpt2", causal=False), "causal")]:
+        with pytest.raises(ValueError, match=match):
+            zoo.save_gguf(model, old)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        zoo.save_gguf(_tiny("gpt2"), old, dtype="q3_k")
+    with pytest.raises(ValueError, match="37 tokens|vocab_size"):
+        zoo.save_gguf(_tiny("gpt2"), old, tokenizer=CharTokenizer.from_text("abc"))
+    with pytest.raises(ValueError, match="more than one UTF-8 byte"):
+        zoo.save_gguf(_tiny("gpt2", vocab_size=3), old, tokenizer=CharTokenizer.from_text("abé"))
+    assert old.read_bytes() == b"earlier work" and [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
+
+
+# ------------------------------------------------------------------------------------------- tokenizers
+
+def _round_trip(tok, tmp_path, texts=TEXTS):
+    model = _tiny("gpt2", vocab_size=tok.vocab_size)
+    path = zoo.save_gguf(model, tmp_path / "t.gguf", tokenizer=tok, dtype="f16")
+    back = zoo.tokenizer(path)
+    for text in texts:
+        assert back.encode(text) == tok.encode(text), text
+        assert back.decode(tok.encode(text)) == tok.decode(tok.encode(text))
+    assert (back.bos_id, back.eos_id, back.add_bos, back.chat_template) == \
+        (tok.bos_id, tok.eos_id, tok.add_bos, tok.chat_template)
+    return back, path
+
+
+def test_char_vocabulary(shared_data, tmp_path):
+    text = (shared_data / "tinyshakespeare.txt").read_text()
+    tok = CharTokenizer.from_text(text)
+    model = _tiny("gpt2", vocab_size=tok.vocab_size)
+    path = zoo.save_gguf(model, tmp_path / "t.gguf", tokenizer=tok)
+    back = zoo.tokenizer(path)
+    sample = text[:2000]
+    assert back.encode(sample) == tok.encode(sample) and back.decode(tok.encode(sample)) == sample
+    meta = zoo.weight_files.read_gguf_metadata(path)
+    assert meta["tokenizer.ggml.eos_token_id"] == tok.stoi["\n"]  # llama.cpp always has one: the end of a line
+
+
+def test_trained_bpe(tmp_path):
+    tok = train_bpe(["the quick brown fox jumps over the lazy dog 0123456789\n" * 20, *TEXTS], vocab_size=300)
+    _, path = _round_trip(tok, tmp_path)
+    assert zoo.weight_files.read_gguf_metadata(path)["tokenizer.ggml.pre"] == "gpt-2"
+
+
+def test_gpt2_bpe(gpt2_bpe, tmp_path):
+    tok = zoo.tokenizer(gpt2_bpe)
+    back, path = _round_trip(tok, tmp_path, TEXTS + ["<|endoftext|>naïve café 🙂 'll've"])
+    meta = zoo.weight_files.read_gguf_metadata(path)
+    assert meta["tokenizer.ggml.pre"] == "gpt-2" and len(meta["tokenizer.ggml.merges"]) == 50000
+
+
+def test_smollm2_tokenizer_with_chat_template(smollm2_gguf, tmp_path):
+    """A GGUF tokenizer (SmolLM2's): the same tokens, merges, pre-tokenizer, special tokens and template."""
+    tok = zoo.tokenizer(smollm2_gguf)
+    chat = tok.apply_chat_template([{"role": "user", "content": "Hi there 42!"}])
+    back, path = _round_trip(tok, tmp_path, TEXTS + [chat])
+    src, out = (zoo.weight_files.read_gguf_metadata(p) for p in (smollm2_gguf, path))
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                "tokenizer.ggml.pre", "tokenizer.chat_template", "tokenizer.ggml.eos_token_id"):
+        assert out[key] == src[key], key
+
+
+
+def test_sentencepiece_vocabulary_from_a_gguf(tmp_path):
+    """A sentencepiece GGUF vocabulary (tokenizer.ggml.model "llama": scores, byte tokens, no merges) goes
+    back into the exported file as it was, and encodes the same."""
+    pieces = ["\u2581", "a", "b", "c", "t", "h", "e", "\u2581t", "th", "\u2581th", "\u2581the", "ab", "\u2581a", "bc"]
+    tokens = ["<unk>", "<s>", "</s>", *[f"<0x{i:02X}>" for i in range(256)], *pieces]
+    writer = gguf.GGUFWriter(tmp_path / "spm.gguf", "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0, 0.0, 0.0, *[0.0] * 256, *[-float(i) for i in range(len(pieces))]])
+    writer.add_token_types([2, 3, 3, *[6] * 256, *[1] * len(pieces)])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tok = zoo.tokenizer(tmp_path / "spm.gguf")
+    assert tok.encode("the") == [1, tokens.index("\u2581the")]  # BOS (sentencepiece's default), merged by score
+    _, path = _round_trip(tok, tmp_path, ["the cab", "abc the\nthe", "é"])
+    src, out = (zoo.weight_files.read_gguf_metadata(p) for p in (tmp_path / "spm.gguf", path))
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+        assert out[key] == src[key], key
+
+# ----------------------------------------------------------------------------------------------- LoRA
+
+@pytest.mark.parametrize("name", ["llama-mha", "gpt2"])
+def test_lora_adapter_file(name, tmp_path):
+    """The adapter alone, as llama.cpp's LoRA GGUF: for every adapted tensor, base + alpha / r * (b @ a) in
+    the file's own layout equals the merged model's export (q/k rows permuted alike)."""
+    model = _tiny(name)
+    _, _, before = export.gguf_form(model)
+    zoo.add_lora(model, r=4, alpha=12)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)
+    path = zoo.save_gguf_adapter(model, tmp_path / "adapter.gguf")
+    reader = gguf.GGUFReader(path)
+    field = lambda key: reader.fields[key].contents()  # noqa: E731
+    assert (field("general.type"), field("adapter.type"), field("adapter.lora.alpha")) == ("adapter", "lora", 12.0)
+    assert field("general.architecture") == {"gpt2": "gpt2"}.get(name, "llama")
+    pairs = {t.name: torch.from_numpy(np.array(t.data)).reshape(tuple(reversed(t.shape.tolist())))
+             for t in reader.tensors}
+    _, _, after = export.gguf_form(zoo.merge_lora(model))
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed == {k.removesuffix(".lora_a") for k in pairs if k.endswith(".lora_a")} and changed
+    for k in changed:
+        a, b = pairs[k + ".lora_a"], pairs[k + ".lora_b"]  # [r, in], [out, r]
+        assert a.shape[0] == b.shape[1] == 4
+        torch.testing.assert_close(before[k] + 12 / 4 * (b @ a), after[k], rtol=0, atol=1e-6)
+
+
+def test_cli_export(tmp_path, shared_data):
+    """`zoo export` writes a model folder with its tokenizer; a bad output name is one error line, exit 2."""
+    from test_cli import zoo_cli
+    text = (shared_data / "tinyshakespeare.txt").read_text()[:5000]
+    tok = CharTokenizer.from_text(text)
+    zoo.save_pretrained(tiny("gpt2-nobias", vocab_size=tok.vocab_size), tmp_path / "m", tokenizer=tok)
+    r = zoo_cli("export", str(tmp_path / "m"), str(tmp_path / "m.gguf"), "--type", "q8_0")
+    assert r.returncode == 0, r.stderr
+    back = zoo.tokenizer(tmp_path / "m.gguf")
+    assert back.encode(text[:500]) == tok.encode(text[:500])
+    assert zoo.from_pretrained(tmp_path / "m.gguf").config.n_layer == 2
+    r = zoo_cli("export", str(tmp_path / "m"), str(tmp_path / "m.bin"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "error: the output file should end in .gguf" in r.stderr

@@ -1,0 +1,112 @@
+"""llama.cpp itself runs what zoo.save_gguf writes (llama-cpp-python, an optional test oracle: skipped with a
+reason where it is not importable; `pip install llama-cpp-python` builds it from source in minutes).
+
+Tiny models of each exported architecture, in f32 (so llama.cpp computes with the zoo's weights, its KV cache
+in f32 too): the same logits at every position (<= 1e-4; gpt2/starcoder's GELU: see _tolerance), the same
+tokenization, and a LoRA adapter GGUF applied at run time equal to the merged model. bench/gguf_export.py
+does the same on SmolLM2 and a trained shakespeare-char model, with perplexity and greedy decoding."""
+import string
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny
+
+import zoo
+from zoo.tokenizers import CharTokenizer
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python: "
+                                                    "it builds llama.cpp from source, ~10 minutes)")
+VOCAB = CharTokenizer.from_text(string.ascii_lowercase + string.ascii_uppercase + " .,;:!?'\n-")  # 62 tokens
+MODELS = {"gpt2": ("gpt2", {}), "gpt2-nobias": ("gpt2-nobias", {}), "mqa": ("mqa", {}),
+          "llama-gqa": ("llama-gqa", dict(n_head=4, n_kv_head=2, n_embd=64, ffn_dim=96)),
+          "llama-untied": ("llama-gqa", dict(n_head=4, n_kv_head=4, n_embd=64, ffn_dim=64, tie_embeddings=False))}
+TEXT = "The quick brown fox, jumping; then: what?\nNothing, dog!"  # < 64 characters: the tiny block_size
+
+
+def _llama(path, lora=None):
+    return llama_cpp.Llama(model_path=str(path), lora_path=lora and str(lora), n_ctx=64, n_batch=64, n_threads=2,
+                           logits_all=True, verbose=False, type_k=0, type_v=0)  # an f32 KV cache (GGML_TYPE_F32)
+
+
+def _ggml_gelu(model):
+    """`model` computing GELU as ggml's CPU backend does for gpt2 and starcoder: the tanh form looked up in a
+    float16 table (input and output rounded to float16; 0 below -10, the identity above 10). A test-only
+    stand-in, through hooks on this test's own model: the difference it accounts for is ~3e-3 in the logits."""
+    def stash(c_fc, args, h):
+        c_fc.parent_h = h
+
+    def replace(c_proj, args):
+        h = c_proj.c_fc.parent_h
+        x = h.half().float()
+        y = (0.5 * x * (1 + torch.tanh(0.7978845608028654 * x * (1 + 0.044715 * x * x)))).half().float()
+        return (torch.where(h <= -10, 0.0, torch.where(h >= 10, h, y)),)
+
+    for block in model.transformer.h:
+        block.mlp.c_fc.register_forward_hook(stash)
+        block.mlp.c_proj.c_fc = block.mlp.c_fc
+        block.mlp.c_proj.register_forward_pre_hook(replace)
+    return model
+
+
+def _tolerance(base):
+    """1e-4, and 2e-3 where ggml's GELU table is used: an activation near a float16 rounding boundary may round
+    the other way there than in torch (tanhf and torch.tanh differ in the last bit; measured up to 1.1e-3 in
+    gpt2's logits; a wrong layout or scale gives differences of 0.1 and more)."""
+    return 1e-4 if base.startswith("llama") else 2e-3
+
+
+def _logits(llm, ids):
+    llm.reset()
+    llm.eval(ids)
+    return torch.from_numpy(np.array(llm.scores[:len(ids)], dtype=np.float32))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_llama_cpp_computes_the_zoos_logits(name, tmp_path):
+    base, overrides = MODELS[name]
+    model = tiny(base, std=0.3, vocab_size=VOCAB.vocab_size, **overrides)
+    path = zoo.save_gguf(model, tmp_path / "m.gguf", tokenizer=VOCAB, dtype="f32")
+    llm = _llama(path)
+    ids = VOCAB.encode(TEXT)
+    assert llm.tokenize(TEXT.encode(), add_bos=False, special=True) == ids
+    assert llm.detokenize(ids).decode() == TEXT
+    with torch.no_grad():
+        ours = (model if base.startswith("llama") else _ggml_gelu(model))(torch.tensor([ids]))[0]
+    assert (_logits(llm, ids) - ours).abs().max() <= _tolerance(base)
+
+
+@pytest.mark.parametrize("name", ["llama-untied", "gpt2"])
+def test_llama_cpp_applies_the_lora_adapter(name, tmp_path):
+    """base.gguf + adapter.gguf in llama.cpp = the merged model (in the zoo and in llama.cpp)."""
+    base, overrides = MODELS[name]
+    model = tiny(base, std=0.3, vocab_size=VOCAB.vocab_size, **overrides)
+    zoo.save_gguf(model, tmp_path / "base.gguf", tokenizer=VOCAB, dtype="f32")
+    zoo.add_lora(model, r=4, alpha=8)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.2)
+    zoo.save_gguf_adapter(model, tmp_path / "adapter.gguf")
+    ids = VOCAB.encode(TEXT)
+    merged = zoo.merge_lora(model)
+    merged = merged if base.startswith("llama") else _ggml_gelu(merged)
+    with torch.no_grad():
+        ours = merged(torch.tensor([ids]))[0]
+    llm = _llama(tmp_path / "base.gguf", lora=tmp_path / "adapter.gguf")
+    theirs = _logits(llm, ids)
+    assert (theirs - ours).abs().max() <= _tolerance(base)
+    plain = _logits(_llama(tmp_path / "base.gguf"), ids)
+    assert (plain - ours).abs().max() > 1e-2  # the adapter changed something
+
+
+def test_llama_cpp_tokenizes_smollm2_as_the_zoo(smollm2_gguf, tmp_path):
+    """SmolLM2's tokenizer, exported with a model: llama.cpp's token ids = the zoo's (digits, spaces, special
+    tokens, the chat template's text)."""
+    tok = zoo.tokenizer(smollm2_gguf)
+    model = tiny("llama-gqa", vocab_size=tok.vocab_size, n_layer=1)
+    path = zoo.save_gguf(model, tmp_path / "m.gguf", tokenizer=tok, dtype="f16")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, verbose=False, vocab_only=True)
+    chat = tok.apply_chat_template([{"role": "user", "content": "What is 1234 + 5678?  Tabs\tand  spaces"}])
+    for text in [TEXT, chat, "naïve café 🙂 don't 3.14159"]:
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok.encode(text), text

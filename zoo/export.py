@@ -1,0 +1,338 @@
+"""GGUF export: a zoo model and its tokenizer as one llama.cpp / Ollama file.
+
+    zoo.save_gguf(model, "model.gguf", tokenizer=tok, dtype="q8_0")   # f32 f16 bf16 q8_0 q4_0 q4_1
+    zoo.from_pretrained("model.gguf")                                  # and back, to the same logits
+
+The weights map that reads a GGUF architecture (weights_maps/gguf-*.json) writes it too: its "config"
+rules give the metadata (llama.context_length, ...), its "tensors" the names, splits of fused tensors and
+llama.cpp's rotary row order. A model is exported only when that metadata loads back to its very Config.
+Tensor types follow llama.cpp's converter: 1-D tensors, norms and position tables in F32, the other
+matrices in the type asked for (a quantized type falls back to F16 for rows that are not whole blocks).
+The tokenizer goes into the file as llama.cpp spells it: byte-level BPE (tokens, merges, the pre-tokenizer
+llama.cpp must split text with), a character vocabulary as BPE without merges, and a sentencepiece
+vocabulary read from a GGUF file as it was (tokens, scores, types).
+The file is written beside its destination and renamed into place: it appears complete or not at all.
+"""
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from . import convert, gguf_quants
+from .lora import lora_layers
+from .progress import log
+from .quantization import is_quantized
+from .registry import arch_of, model_module
+from .tokenizers import CharTokenizer, HFTokenizer, TiktokenTokenizer, _gpt2_vocab_and_merges
+
+TYPES = ("f32", "f16", "bf16", *gguf_quants.QUANTIZERS)
+# Architectures no llama.cpp architecture computes, and why.
+NO_LLAMA_CPP = {
+    "bigram": "a bigram table (next-token logits looked up from the current token alone)",
+    "scratchformer": "fixed sinusoidal positions added to scaled embeddings (and post-LN blocks in its default form)",
+}
+
+
+def save_gguf(model, path, tokenizer=None, dtype="f16", name=None):
+    """Write `model` (and `tokenizer`: its vocabulary, special tokens and chat template) to the GGUF file
+    `path` for llama.cpp, Ollama and the zoo itself. dtype: f32, f16, bf16 (the matrices; norms and biases
+    stay f32), or q8_0, q4_0, q4_1 (blocks quantized as llama.cpp's quantizers would). Every check runs
+    before anything is written; an existing file at `path` is replaced only once the new one is complete."""
+    from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
+    arch = arch_of(model)
+    if dtype not in TYPES:
+        raise ValueError(f"dtype must be one of {', '.join(TYPES)}, not {dtype!r}")
+    if is_quantized(model):
+        raise ValueError("save_gguf writes from unquantized weights and this model is quantized: export the "
+                         "model before zoo.quantize (dtype='q8_0' or 'q4_0' quantizes for GGUF)")
+    if any(".lora_" in n for n, _ in model.named_parameters()):
+        raise ValueError("this model carries LoRA adapters: merge them first (zoo.merge_lora(model)), or write "
+                         "the adapter alone with zoo.save_gguf_adapter(model, path)")
+    if arch in NO_LLAMA_CPP:
+        raise ValueError(f"models/{arch}.py is {NO_LLAMA_CPP[arch]}, which no llama.cpp architecture computes; "
+                         "GGUF export covers gpt2, llama and mqa (GPTBigCode) models")
+    model = llama_cpp_form(model)
+    map_name, meta, tensors = gguf_form(model)
+    vocab = tokenizer_metadata(tokenizer, model.config.vocab_size) if tokenizer is not None else {}
+
+    gguf_arch = meta.pop("general.architecture")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    writer = GGUFWriter(tmp, gguf_arch)
+    writer.add_name(name or path.stem)
+    for key, value in {**meta, **vocab}.items():
+        _add(writer, key, value)
+    writer.add_file_type(getattr(LlamaFileType, {"f32": "ALL_F32"}.get(dtype, f"MOSTLY_{dtype.upper()}")))
+    if dtype in gguf_quants.QUANTIZERS:
+        writer.add_quantization_version(2)  # GGML_QNT_VERSION
+    for tensor_name, t in tensors.items():
+        qtype = tensor_type(tensor_name, t, dtype)
+        writer.add_tensor(tensor_name, _encode(t, qtype).numpy(), raw_dtype=GGMLQuantizationType[qtype.upper()])
+    _write(writer, tmp, path)
+    return path
+
+
+def llama_cpp_form(model):
+    """`model`, or the model llama.cpp's architecture computes in its place: a gpt2/mqa model without
+    biases has biases of zero, and GPT-2's exact GELU becomes the tanh form llama.cpp's gpt2 runs (the one
+    change that is not exact: logged; the activations differ by at most 4.8e-4)."""
+    changes = _llama_cpp_changes(model)
+    if not changes:
+        return model
+    if "activation" in changes:
+        log.warning("zoo: llama.cpp's gpt2 computes GELU in its tanh form; this model was trained with the exact "
+                    "GELU, so the GGUF file (in llama.cpp and read back by the zoo) computes the tanh form "
+                    "(each activation differs by at most 4.8e-4)")
+    twin = model_module(arch_of(model)).Model(dataclasses.replace(model.config, **changes))
+    missing, unexpected = twin.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all(n.endswith(".bias") for n in missing), (missing, unexpected)
+    with torch.no_grad():
+        for n in missing:  # the biases the model did not have
+            twin.get_parameter(n).zero_()
+    return twin.to(next(model.parameters()).dtype).eval()
+
+
+def _llama_cpp_changes(model):
+    config, changes = model.config, {}
+    if getattr(config, "bias", True) is False:
+        changes["bias"] = True
+    if arch_of(model) == "gpt2" and config.activation == "gelu":
+        changes["activation"] = "gelu_tanh"
+    return changes
+
+
+def gguf_form(model):
+    """(weights map name, GGUF metadata, {GGUF tensor name: tensor}) for a zoo model, through the first GGUF
+    weights map of its architecture whose metadata loads back to its Config."""
+    arch = arch_of(model)
+    maps = {n: convert.load_map(n) for n, m in convert._maps().items()
+            if m["format"] == "gguf" and m["zoo_arch"] == arch}
+    tensors = {n: convert.export_weights(model, m) for n, m in maps.items()}
+    shapes = {n: {k: tuple(t.shape) for k, t in ts.items()} for n, ts in tensors.items()}
+    map_name, meta = convert.to_gguf_metadata(arch, model.config, shapes)
+    if map_name is None:
+        raise ValueError(f"this {arch} model has no GGUF form: {meta}")
+    return map_name, meta, tensors[map_name]
+
+
+def save_gguf_adapter(model, path, name=None):
+    """Write the LoRA adapters of `model` (zoo.add_lora, a LoRA training run) to `path` as llama.cpp's LoRA
+    GGUF (general.type = adapter, adapter.type = lora, adapter.lora.alpha; for each adapted tensor of the
+    base GGUF, <name>.lora_a [r, in] and <name>.lora_b [out, r] in float32, q/k rows in llama.cpp's rotary
+    order), to be applied at run time to the base model's GGUF (`llama-cli -m base.gguf --lora this.gguf`)."""
+    from gguf import GGUFWriter
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA adapters (zoo.add_lora adds them; zoo.save_gguf writes a full model)")
+    arch = arch_of(model)
+    if arch in NO_LLAMA_CPP:
+        raise ValueError(f"models/{arch}.py is {NO_LLAMA_CPP[arch]}, which no llama.cpp architecture computes")
+    alphas = {m.scaling * m.r for m in layers.values()}  # llama.cpp scales each pair by alpha / r
+    if len(alphas) != 1:
+        raise ValueError(f"the adapters' alpha / r differ ({sorted(alphas)}); llama.cpp's adapter file holds one alpha")
+    with torch.device("meta"):  # the base's GGUF form, shapes only
+        base = model_module(arch).Model(dataclasses.replace(model.config, **_llama_cpp_changes(model)))
+    map_name, meta, _ = gguf_form(base)
+    entries, _ = convert._expand(convert.load_map(map_name), model.config.n_layer)
+    d = convert.dims(model.config)
+    tensors = {}
+    for layer_name, m in layers.items():
+        parts = convert._parts(entries[layer_name + ".weight"])
+        if len(parts) != len(m.slices):
+            raise ValueError(f"{layer_name}: its adapter has {len(m.slices)} parts but the GGUF tensor list "
+                             f"{len(parts)} ({', '.join(p['from'] for p in parts)})")
+        adapted = [p for p, a in zip(parts, m.adapted) if a]
+        rows = [d[p["rows"]] if "rows" in p else m.out_features for p in adapted]
+        A_parts, B_parts = m.lora_A.detach().float().cpu().split(m.r), m.lora_B.detach().float().cpu().split(rows)
+        for p, A, B in zip(adapted, A_parts, B_parts):
+            if p.get("unpermute"):
+                B = convert.permute(B, d[p["unpermute"]])
+            tensors[p["from"] + ".lora_a"], tensors[p["from"] + ".lora_b"] = A.contiguous(), B.contiguous()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    writer = GGUFWriter(tmp, meta["general.architecture"])
+    writer.add_name(name or path.stem)
+    writer.add_type("adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", alphas.pop())
+    for tensor_name, t in tensors.items():
+        writer.add_tensor(tensor_name, t.numpy())
+    _write(writer, tmp, path)
+    return path
+
+
+def _write(writer, tmp, path):
+    """Write the file beside `path`, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def tensor_type(name, t, dtype):
+    """The type a tensor is stored in, as llama.cpp's converter chooses: F32 for 1-D tensors, norms and
+    position tables; F16 for a matrix a block type cannot hold (rows that are not whole blocks)."""
+    if t.dim() <= 1 or name.endswith("_norm.weight") or name.startswith("position_embd."):
+        return "f32"
+    if dtype in gguf_quants.QUANTIZERS and t.shape[-1] % gguf_quants.BLOCK:
+        return "f16"
+    return dtype
+
+
+def _encode(t, qtype):
+    """A tensor as the bytes (or float array) the GGUF writer stores for type `qtype`."""
+    if qtype in gguf_quants.QUANTIZERS:
+        return gguf_quants.QUANTIZERS[qtype](t.float())
+    if qtype == "bf16":
+        return gguf_quants.bf16(t)
+    return t.detach().to(torch.float32 if qtype == "f32" else torch.float16).contiguous()
+
+
+def _add(writer, key, value):
+    """One metadata entry, in the types llama.cpp reads: u32 counts, f32 reals, bool, string, arrays."""
+    from gguf import GGUFValueType as V
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, int):
+        writer.add_uint32(key, value)
+    elif isinstance(value, float):
+        writer.add_float32(key, value)
+    elif isinstance(value, str):
+        writer.add_string(key, value)
+    elif isinstance(value, (list, tuple)):
+        kind = V.STRING if isinstance(value[0], str) else V.FLOAT32 if isinstance(value[0], float) else V.INT32
+        writer.add_key_value(key, list(value), V.ARRAY, sub_type=kind)
+    else:
+        raise TypeError(f"metadata {key}: no GGUF type for {type(value).__name__}")
+
+
+# ------------------------------------------------------------------------------------- the tokenizer
+
+NORMAL, CONTROL, USER_DEFINED = 1, 3, 4  # llama.cpp's token types (gguf.TokenType)
+_LLAMA3_REGEX_START = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+"
+
+
+def tokenizer_metadata(tok, vocab_size):
+    """The tokenizer.* metadata llama.cpp reads for `tok`, or a ValueError naming what it cannot express."""
+    n_tokens = tok.vocab_size
+    if isinstance(tok, TiktokenTokenizer):
+        meta = _tiktoken(tok)
+    elif isinstance(tok, CharTokenizer):
+        meta = _chars(tok)
+    elif isinstance(tok, HFTokenizer) and tok.ggml_vocab and len(tok.ggml_vocab["tokenizer.ggml.tokens"]) == n_tokens:
+        meta = dict(tok.ggml_vocab)  # a sentencepiece vocabulary from a GGUF file: its tokens, scores, types
+    elif isinstance(tok, HFTokenizer):
+        meta = _hf_bpe(tok)
+    else:
+        raise ValueError(f"no GGUF form for a {type(tok).__name__}")
+    n = len(meta["tokenizer.ggml.tokens"])
+    if n != vocab_size:
+        raise ValueError(f"the tokenizer has {n} tokens but the model's vocab_size is {vocab_size}; llama.cpp "
+                         "needs one token per embedding row (pass the tokenizer the model was trained with)")
+    for key, i in (("bos", tok.bos_id), ("eos", tok.eos_id), ("padding", tok.pad_id)):
+        if i is not None:
+            meta[f"tokenizer.ggml.{key}_token_id"] = i
+    meta["tokenizer.ggml.add_bos_token"] = bool(tok.add_bos)
+    meta["tokenizer.ggml.add_eos_token"] = False
+    if tok.chat_template:
+        meta["tokenizer.chat_template"] = tok.chat_template
+    return meta
+
+
+def _bpe(tokens, types, merges, pre):
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges}
+
+
+def _tiktoken(tok):
+    """GPT-2's ranks: tokens in GPT-2's byte alphabet, the merges that rebuild them, <|endoftext|> a
+    control token (and any special token added since)."""
+    enc = tok.encoding
+    ranks = [enc.decode_single_token_bytes(i) for i in range(len(enc._mergeable_ranks))]
+    vocab, merges = _gpt2_vocab_and_merges(ranks)
+    tokens, types = list(vocab), [NORMAL] * len(vocab)
+    for text, i in sorted(enc._special_tokens.items(), key=lambda s: s[1]):
+        if i != len(tokens):
+            raise ValueError(f"special token {text!r} has id {i}, not the next id {len(tokens)}")
+        tokens.append(text)
+        types.append(CONTROL)
+    return _bpe(tokens, types, [f"{a} {b}" for a, b in merges], "gpt-2")
+
+
+def _chars(tok):
+    """A character vocabulary as byte-level BPE without merges: each character is its own token, spelled in
+    GPT-2's byte alphabet (a space is "Ġ", a newline "Ċ"). Only characters of one UTF-8 byte: llama.cpp
+    splits any other into byte tokens, which this vocabulary lacks. llama.cpp requires a merges list, so it
+    holds one merge that can never apply (its left part is no token and no merge makes it). Every
+    vocabulary has an end-of-text token in llama.cpp (id 11 unless named): the newline is named, so
+    generation stops at the end of a line rather than at whatever character id 11 is."""
+    from tokenizers import pre_tokenizers
+    wide = [c for c in tok.chars if c not in tok.special and len(c.encode("utf-8")) != 1]
+    if wide:
+        raise ValueError(f"llama.cpp cannot express this character vocabulary: {''.join(wide[:10])!r} "
+                         f"{'and others are' if len(wide) > 1 else 'is'} more than one UTF-8 byte, which "
+                         "llama.cpp's byte-level BPE splits into byte tokens this vocabulary does not have; "
+                         "train on ASCII text (or with a BPE tokenizer: zoo.tokenizers.train_bpe)")
+    spell = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokens = [c if c in tok.special else spell.pre_tokenize_str(c)[0][0] for c in tok.chars]
+    types = [CONTROL if c in tok.special else NORMAL for c in tok.chars]
+    plain = next(t for t, ty in zip(tokens, types) if ty == NORMAL)
+    meta = _bpe(tokens, types, [f"{plain}{plain} {plain}"], "default")
+    newline = tok.stoi.get("\n")
+    if newline is not None and tok.eos_id is None:
+        meta["tokenizer.ggml.eos_token_id"] = meta["tokenizer.ggml.bos_token_id"] = newline
+    return meta
+
+
+# tokenizer.json pre-tokenizers -> llama.cpp's name for the same split (convert_hf_to_gguf.py's table
+# identifies them by the ids they give a test text; these are the ones the zoo meets)
+def _pre_name(pre):
+    kind = pre and pre.get("type")
+    if kind == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    if kind == "Sequence":
+        steps = [p.get("type") for p in pre["pretokenizers"]]
+        if steps == ["Digits", "ByteLevel"] and pre["pretokenizers"][0].get("individual_digits"):
+            return "smollm"  # (starcoder's split too: GPT-2's regex after single digits)
+        if (steps == ["Split", "ByteLevel"]
+                and pre["pretokenizers"][0].get("pattern", {}).get("Regex", "").startswith(_LLAMA3_REGEX_START)):
+            return "llama-bpe"
+    return None
+
+
+def _hf_bpe(tok):
+    """A byte-level BPE tokenizer.json (trained here, a Hugging Face folder's, or read from a GGUF)."""
+    spec = json.loads(tok.tk.to_str())
+    model = spec["model"]
+    if model.get("type") != "BPE" or model.get("byte_fallback") or not _is_byte_level(spec.get("decoder")):
+        raise ValueError(f"only byte-level BPE tokenizers export to GGUF so far; this one is a {model.get('type')} "
+                         f"model{' with byte fallback (sentencepiece)' if model.get('byte_fallback') else ''}")
+    pre = tok.ggml_pre or _pre_name(spec.get("pre_tokenizer"))
+    if pre is None:
+        raise ValueError(f"llama.cpp has no name for this tokenizer's pre-tokenizer "
+                         f"{json.dumps(spec.get('pre_tokenizer'))[:200]}; it knows GPT-2's regex, llama-3's, "
+                         "and single digits before GPT-2's")
+    n = tok.tk.get_vocab_size(with_added_tokens=True)
+    tokens, types = [None] * n, [NORMAL] * n
+    for text, i in model["vocab"].items():
+        tokens[i] = text
+    for added in spec.get("added_tokens", []):
+        tokens[added["id"]] = added["content"]
+        types[added["id"]] = CONTROL if added["special"] else USER_DEFINED
+    holes = [i for i, t in enumerate(tokens) if t is None]
+    if holes:
+        raise ValueError(f"the tokenizer has no token for ids {holes[:10]}; llama.cpp needs every id to be one")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    return _bpe(tokens, types, merges, pre)
+
+
+def _is_byte_level(decoder):
+    return decoder is not None and (decoder.get("type") == "ByteLevel" or decoder.get("type") == "Sequence"
+                                    and any(d.get("type") == "ByteLevel" for d in decoder["decoders"]))
