@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 import zoo
 from zoo import preference
+from zoo import training as zt
 from zoo.data import IGNORE
 
 transformers = pytest.importorskip("transformers")
@@ -217,3 +218,68 @@ def test_cdpo_is_the_label_flip_mixture():
     flipped, _, _ = preference.dpo_loss(torch.cat(logps.chunk(2)[::-1]), torch.cat(ref.chunk(2)[::-1]), counts, beta)
     torch.testing.assert_close(smoothed, (1 - eps) * plain + eps * flipped)
     torch.testing.assert_close(cr, beta * (logps - ref)[:2])
+
+
+# ------------------------------------------------------------------------------------- training runs
+
+SMALL = dict(block_size=48, batch_size=2, device="cpu", progress=False, lr=3e-3, warmup=2, log_interval=2,
+             eval_iters=1)
+
+
+@pytest.fixture
+def prefs(tmp_path):
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps(pair(i, conversational=i % 3 != 0)) + "\n" for i in range(30)))
+    return str(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora_r,reference", [(0, "live"), (4, "live"), (0, "precomputed")],
+                         ids=["full-copy", "lora-adapters-off", "full-precomputed"])
+def test_dpo_runs_log_the_metrics_and_resume_exactly(tiny_base, prefs, tmp_path, monkeypatch, reference, lora_r):
+    common = dict(init=tiny_base, objective="dpo", beta=0.5, lora_r=lora_r, dpo_reference=reference, max_iters=4,
+                  eval_interval=2, checkpoint_interval=2, seed=3, **SMALL)
+    zoo.train(None, [prefs], tmp_path / "a", **common)
+    rows = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl")]
+    train_rows, val_rows = [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
+    assert set(train_rows[0]) == {"step", "loss", "lr", "tok_per_s", "reward_margin", "reward_accuracy",
+                                  "reward_chosen", "reward_rejected", "logps_chosen", "logps_rejected"}
+    assert [r["step"] for r in val_rows] == [2, 4] and "val_reward_accuracy" in val_rows[0]
+    assert val_rows[-1]["val_reward_margin"] > 0  # it learns to prefer the chosen answers
+    ckpt = tmp_path / "a" / "step-0000004"
+    assert (ckpt / ("adapter_model.safetensors" if lora_r else "model.safetensors")).exists()
+
+    class Crash(Exception):
+        pass
+
+    save = zt.save_checkpoint
+
+    def save_then_crash(out, step, *rest, **kw):
+        path = save(out, step, *rest, **kw)
+        if step == 2:
+            raise Crash
+        return path
+    monkeypatch.setattr(zt, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        zoo.train(None, [prefs], tmp_path / "b", **common)
+    monkeypatch.setattr(zt, "save_checkpoint", save)
+    zoo.train(None, [prefs], tmp_path / "b", resume=True)  # its own settings, base and reference
+    name = "adapter_model.safetensors" if lora_r else "model.safetensors"
+    a, b = (load_file(tmp_path / r / "step-0000004" / name) for r in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    logs = [[{k: v for k, v in json.loads(line).items() if k != "tok_per_s"}
+             for line in open(tmp_path / r / "log.jsonl")] for r in "ab"]
+    assert logs[0] == logs[1]
+
+
+def test_dpo_settings_and_data_are_checked(tiny_base, prefs, tmp_path):
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 0.5\) with dpo"):
+        zoo.TrainConfig(objective="dpo", label_smoothing=0.5)
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        zoo.TrainConfig(beta=0.0)
+    with pytest.raises(ValueError, match=r"holds preference pairs .* \(--objective dpo\)"):
+        zoo.train(None, [prefs], tmp_path / "x", init=tiny_base, **SMALL)
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}]}) + "\n")
+    with pytest.raises(ValueError, match=r"chat.jsonl:1: expected \{\"prompt\": ..., \"chosen\""):
+        zoo.train(None, [str(chat)], tmp_path / "y", init=tiny_base, objective="dpo", **SMALL)

@@ -31,6 +31,8 @@ the mean reward margin, the reward accuracy (the share of pairs whose chosen ans
 reward) and the mean log-probabilities of the chosen and the rejected answers.
 """
 import copy
+import json
+import os
 from typing import NamedTuple
 
 import numpy as np
@@ -39,6 +41,7 @@ import torch.nn.functional as F
 
 from . import chat_data, lora
 from .data import IGNORE, VAL_FRACTION
+from .pretrained import load_source
 from .progress import log
 
 LOSSES = ("sigmoid", "ipo")
@@ -57,8 +60,12 @@ def is_preference(paths):
 def _first_keys(path):
     if path.startswith(chat_data.HF_PREFIX):
         return set(chat_data.hf_rows(path).column_names)
-    rows = chat_data.read_rows([path])
-    return set(rows[0][1]) if rows and isinstance(rows[0][1], dict) else set()
+    try:
+        with open(path, encoding="utf-8") as f:
+            row = json.loads(next((line for line in f if line.strip()), "null"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return set()  # (not a JSONL file: the text reader says what is wrong with it)
+    return set(row) if isinstance(row, dict) else set()
 
 
 def read_pairs(paths):
@@ -221,9 +228,11 @@ class Reference:
     """The reference model's log-probabilities of a batch: the model itself with its LoRA adapters off, or a
     frozen copy of it as it is now (a model without adapters)."""
 
-    def __init__(self, model):
+    def __init__(self, model, keep=True):
+        """keep: hold a frozen copy of a model without adapters (its weights are about to change); False: use
+        the model as it is (a reference read before training starts)."""
         self.adapted = bool(lora.lora_layers(model))
-        self.model = model if self.adapted else copy.deepcopy(model).eval().requires_grad_(False)
+        self.model = copy.deepcopy(model).eval().requires_grad_(False) if keep and not self.adapted else model
 
     @torch.no_grad()
     def __call__(self, x, y):
@@ -264,7 +273,7 @@ class Metrics:
         sums = reduce(self.sums.clone()) if reduce else self.sums
         means = (sums[:-1] / sums[-1].clamp(min=1)).tolist()
         self.sums.zero_()
-        return {prefix + name: round(v, 4) for name, v in zip(METRICS, means)}
+        return {prefix + name: v for name, v in zip(METRICS, means)}
 
 
 class DPOLoss:
@@ -297,3 +306,24 @@ def evaluate(model, pairs, batch_size, device, index, loss_of, context):
             loss_of(model, x, targets, metrics=metrics)
     model.train()
     return metrics.read(prefix="val_")
+
+
+def prepare(model, s, train, val, saved, init, context):
+    """(the run's DPOLoss, its state for checkpoints) for `model`, as it starts training with settings `s`
+    (beta, label_smoothing, dpo_loss, dpo_reference, batch_size, device). saved: the state a resumed run's
+    checkpoint holds (else None); init: the source the run started from. A resumed run keeps its reference:
+    the precomputed log-probabilities it saved, the adapters off, or (full fine-tuning) its init source
+    loaded again. context: where forward passes run (the run's autocast)."""
+    resumed, saved = saved is not None, saved or {"init": None if init is None else os.fspath(init)}
+    if s.dpo_reference == "precomputed" and "ref" in saved:
+        train.ref, val.ref = saved["ref"]
+        return DPOLoss(None, s.beta, s.label_smoothing, s.dpo_loss, s.device), saved
+    base = model
+    if resumed and not lora.lora_layers(model):  # resumed full fine-tuning: the weights it started from
+        base = load_source(saved["init"])[0].to(s.device).eval()
+    reference = Reference(base, keep=s.dpo_reference == "live" and base is model)
+    if s.dpo_reference == "precomputed":
+        for pairs in (train, val):
+            precompute(reference, pairs, s.batch_size, s.device, context)
+        saved, reference = {**saved, "ref": [train.ref, val.ref]}, None
+    return DPOLoss(reference, s.beta, s.label_smoothing, s.dpo_loss, s.device), saved
