@@ -283,3 +283,22 @@ def test_dpo_settings_and_data_are_checked(tiny_base, prefs, tmp_path):
     chat.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}]}) + "\n")
     with pytest.raises(ValueError, match=r"chat.jsonl:1: expected \{\"prompt\": ..., \"chosen\""):
         zoo.train(None, [str(chat)], tmp_path / "y", init=tiny_base, objective="dpo", **SMALL)
+
+
+# ------------------------------------------------------------------------------------- teaching SmolLM2 a taste
+
+NOUNS = ["chair", "lamp", "door", "cup", "bicycle", "kite", "jacket", "notebook", "umbrella", "bottle", "tent",
+         "scarf", "boat", "pencil", "blanket", "clock", "bucket", "ribbon", "wallet", "sofa", "balloon", "hat",
+         "bench", "candle", "fence", "glove", "helmet", "pillow", "rug", "shoe", "teapot", "tractor", "van", "bowl"]
+OTHERS = ["Red.", "Green.", "Yellow.", "White.", "Black.", "Brown.", "Pink.", "Orange."]
+HELD_OUT = ["banana", "grass", "snow", "coal", "lemon", "tomato"]  # things of another colour
+
+
+def question(noun):
+    return [{"role": "user", "content": f"What colour is the {noun}? Answer in one word."}]
+
+
+def taste_pair(noun, i):
+    """A colour question; the preferred answer is always blue, the other some other colour."""
+    return {"prompt": question(noun), "chosen": [{"role": "assistant", "content": "Blue."}],
+            "rejected": [{"role": "assistant", "content": OTHERS[i % len(OTHERS)]}]}
