@@ -4,6 +4,8 @@ import contextlib
 import copy
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -302,3 +304,38 @@ def taste_pair(noun, i):
     """A colour question; the preferred answer is always blue, the other some other colour."""
     return {"prompt": question(noun), "chosen": [{"role": "assistant", "content": "Blue."}],
             "rejected": [{"role": "assistant", "content": OTHERS[i % len(OTHERS)]}]}
+
+
+def zoo_cmd(*args, timeout=900):
+    return subprocess.run([sys.executable, "-m", "zoo", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "2"})
+
+
+@pytest.mark.slow
+def test_dpo_teaches_smollm2_a_preference(smollm2_gguf, tmp_path):
+    """Pairs that always prefer "Blue." as the colour of things: SmolLM2's reward accuracy on held-out things
+    goes from about chance to >= 90%, and its greedy answers for them become blue."""
+    train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    train.write_text("".join(json.dumps(taste_pair(n, i)) + "\n" for i, n in enumerate(NOUNS)))
+    val.write_text("".join(json.dumps(taste_pair(n, i)) + "\n" for i, n in enumerate(HELD_OUT * 2)))
+    model, tok = zoo.load_source(smollm2_gguf)
+    pairs = preference.load_splits([str(val)], tok, [str(val)], 64)[1]
+    with torch.no_grad():
+        x, targets = pairs.batch(torch.arange(len(pairs)))
+        chosen, rejected = preference.sequence_logps(model, x, targets.y)[0].chunk(2)
+    before = (chosen > rejected).float().mean().item()
+    assert 0.2 <= before <= 0.8, before  # about chance: the base model has no such taste
+
+    def answers(model):
+        return [zoo.complete(model, tok, question(n), max_new_tokens=6, temperature=0).lower() for n in HELD_OUT]
+    assert sum("blue" in a for a in answers(model)) <= 1
+    out = tmp_path / "run"
+    r = zoo_cmd("train", "--init", smollm2_gguf, "--data", train, "--val", val, "--objective", "dpo", "--beta", 0.1,
+                "--lora", 16, "--lora-targets", "model.layers.2?.*", "--max-iters", 8, "--batch-size", 8,
+                "--block-size", 64, "--lr", 3e-3, "--warmup", 2, "--eval-interval", 8, "--log-interval", 4,
+                "--no-progress", "--out", out)
+    assert r.returncode == 0, r.stderr
+    last = [json.loads(line) for line in open(out / "log.jsonl")][-1]
+    assert last["val_reward_accuracy"] >= 0.9 and last["val_reward_margin"] > 0, last
+    tuned, _ = zoo.load_source(out / "step-0000008")
+    assert all("blue" in a for a in answers(tuned)), answers(tuned)

@@ -3,7 +3,7 @@
 Each answer streams as it is generated; the conversation is kept across turns and, when it would no longer
 fit the context with room for an answer, its oldest turns are dropped. Ctrl-C stops an answer (what came
 so far stays in the conversation), Ctrl-D or /exit leaves; /help lists the commands. Line editing and
-history come from prompt_toolkit when standard input is a terminal. Otherwise each line read is one user
+history come from prompt_toolkit (else readline) when standard input is a terminal. Otherwise each line read is one user
 turn (or a command) and each answer is printed on its own line, so a conversation can be scripted:
 
     printf 'My name is Ada.\\nWhat is my name?\\n' | zoo chat
@@ -104,12 +104,16 @@ def lines(interactive):
         for line in sys.stdin:
             yield line.rstrip("\n")
         return
-    from prompt_toolkit import PromptSession
-    from prompt_toolkit.history import InMemoryHistory
-    session = PromptSession(history=InMemoryHistory())
+    try:
+        from prompt_toolkit import PromptSession
+        from prompt_toolkit.history import InMemoryHistory
+        read = PromptSession(history=InMemoryHistory()).prompt
+    except ImportError:  # (pip install 'zoo-lm[chat]'): Python's input(), with readline's editing where it exists
+        import readline  # noqa: F401  (imported, it gives input() line editing and history)
+        read = input
     while True:
         try:
-            yield session.prompt(">>> ")
+            yield read(">>> ")
         except KeyboardInterrupt:  # Ctrl-C at the prompt: a new line, as a shell does
             continue
         except EOFError:  # Ctrl-D
