@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import zoo
-from zoo.pretrained import packaged_gguf
+from zoo.registry import packaged_gguf
 from zoo.quantization import Int4Linear, Int8Linear
 
 SHARED_DATA = Path(os.environ.get("ZOO_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")

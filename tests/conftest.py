@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from zoo.pretrained import packaged_gguf
+from zoo.registry import packaged_gguf
 from zoo.tokenizers import GPT2_CACHE_KEY
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

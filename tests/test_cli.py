@@ -58,6 +58,29 @@ def test_generate_from_a_local_folder(tmp_path, gpt2_bpe):
 
 
 @pytest.mark.slow
+def test_generate_with_a_draft_writes_the_plain_greedy_text(tmp_path, gpt2_bpe):
+    tok = zoo.tokenizer("gpt2")
+    for seed, name in ((0, "tiny"), (1, "draft")):
+        torch.manual_seed(seed)
+        zoo.save_pretrained(zoo.build("gpt2", dict(n_layer=1, n_head=2, n_embd=16, block_size=64)), tmp_path / name,
+                            tokenizer=tok)
+    prompt = "the cat sat on the mat, the cat sat on the"
+    expected = zoo.complete(zoo.from_pretrained(tmp_path / "tiny"), tok, prompt, max_new_tokens=30, temperature=0)
+    base = ["generate", str(tmp_path / "tiny"), "--prompt", prompt, "--max-new-tokens", "30", "--device", "cpu"]
+    for draft in (["--prompt-lookup"], ["--draft", str(tmp_path / "draft"), "--num-draft", "3"],
+                  ["--draft", str(tmp_path / "tiny"), "--draft-quantize", "int8"]):
+        out = zoo_cli(*base, *draft)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout == expected + "\n"
+        assert "drafted tokens accepted" in out.stderr.strip().splitlines()[-1]
+    for bad, message in ((["--prompt-lookup", "--num-draft", "0"], "--num-draft must be >= 1"),
+                         (["--num-draft", "3"], "add --draft SOURCE or --prompt-lookup"),
+                         (["--draft-quantize", "int4"], "add --draft SOURCE")):
+        out = zoo_cli(*base, *bad)
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+@pytest.mark.slow
 def test_generate_chat_answers_paris(smollm2_gguf):
     """README's first command: greedy by default, so the answer is the same every time."""
     out = zoo_cli("generate", "--chat", "--prompt", "What is the capital of France?", "--max-new-tokens", "30",

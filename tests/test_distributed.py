@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import zoo
+from zoo import runs
 from zoo import training as zt
 from zoo.distributed import blocks
 
@@ -77,7 +78,7 @@ def test_fsdp_matches_one_process_and_resumes_exactly(tmp_path, text_file):
     loaded = zoo.from_pretrained(str(fsdp / "step-0000006")).state_dict()
     for name, t in weights(fsdp, 6).items():  # the folder reads back as the gathered tensors
         assert torch.equal(loaded[name], t), name
-    state = torch.load(fsdp / "step-0000006" / zt.STATE_FILE, weights_only=True)
+    state = torch.load(fsdp / "step-0000006" / runs.STATE_FILE, weights_only=True)
     assert state["settings"]["fsdp"] and "transformer.wte.weight" in state["optimizer"]["state"]  # full, by name
 
     split = tmp_path / "split"

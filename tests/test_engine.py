@@ -116,7 +116,9 @@ def test_a_full_queue_and_impossible_requests_are_refused(chars):
     with pytest.raises(RequestError, match="num_beams"):
         engine.submit([1], 3, SamplingConfig(num_beams=2))
     run(engine)
-    assert engine.submit([3], 3, GREEDY)  # room again
+    again = engine.submit([3], 3, GREEDY)  # room again: accepted (no QueueFull) and run to its end
+    run(engine)
+    assert again.finish_reason == "length" and len(again.tokens) == 3
 
 
 @pytest.mark.slow
@@ -144,3 +146,43 @@ def test_a_failed_step_fails_only_the_running_requests_and_the_engine_goes_on(ch
     after = engine.submit(PROMPTS[1], 10, GREEDY)  # an idle engine makes its cache anew
     run(engine)
     assert after.tokens == expected
+
+
+@pytest.mark.parametrize("name", GENERATORS)
+def test_prompt_lookup_requests_decode_as_alone(name, chars):
+    """Speculative decoding in the engine: rows keep different numbers of drafts (holes in the cache), requests
+    join and leave, the cache packs and grows, and every request's tokens are still those it gets alone."""
+    model = tiny(name, block_size=48)
+    prompts = PROMPTS[:3] + [[1, 2, 3] * 6, [2], [4, 5, 6, 7, 4, 5, 6, 7, 4]]  # repeats: lookups find n-grams
+    alone = [generate(model, p, n, GREEDY)[0] for p, n in zip(prompts, STEPS)]
+    engine = Engine(model, chars, max_batch=3, max_queue=10, cache_len=8, draft="prompt-lookup", num_draft=4)
+    requests = [engine.submit(prompts[0], STEPS[0], GREEDY)]
+    engine.step(), engine.step()
+    requests += [engine.submit(p, n, GREEDY) for p, n in zip(prompts[1:], STEPS[1:])]
+    run(engine)
+    assert [r.tokens for r in requests] == alone
+    assert [r.finish_reason for r in requests] == ["length"] * len(prompts)
+    accepted, drafted = engine.stats["accepted"], engine.stats["drafted"]
+    # (a bigram's next token depends on the last alone, so its lookups are always right)
+    assert 0 < accepted <= drafted if name == "bigram" else 0 < accepted < drafted, engine.stats
+    assert engine.cache_len > 8
+
+
+def test_prompt_lookup_with_end_tokens_penalties_and_sampling(chars):
+    model = tiny("llama-gqa", block_size=64)
+    prompt = [4, 5, 6, 7, 4, 5, 6, 7, 4]
+    ids = generate(model, prompt, 24, GREEDY)[0]
+    cases = [SamplingConfig(temperature=0, eos_token_id=ids[6]),
+             SamplingConfig(temperature=0, eos_token_id=ids[6], min_new_tokens=8),
+             SamplingConfig(temperature=0, repetition_penalty=1.3, eos_token_id=[])]
+    engine = Engine(model, chars, max_batch=4, draft="prompt-lookup")
+    requests = [engine.submit(prompt, 24, s) for s in cases]
+    sampled = engine.submit(prompt, 24, SamplingConfig(temperature=0.8, seed=1, eos_token_id=[]))
+    run(engine)
+    for request, settings in zip(requests, cases):
+        assert request.tokens == generate(model, prompt, 24, settings)[0]
+    assert len(sampled.tokens) == 24 and sampled.finish_reason == "length"
+    with pytest.raises(ValueError, match="prompt lookup only"):
+        Engine(model, chars, draft=model)
+    with pytest.raises(ValueError, match="num_draft must be an int >= 1"):
+        Engine(model, chars, draft="prompt-lookup", num_draft=0)

@@ -38,7 +38,7 @@ def hf_guide_loss(logits_of, tokens, window, stride):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("window,stride,batch", [(16, 6, 3), (32, 32, 2), (32, 8, 1), (20, 1, 7)])
+@pytest.mark.parametrize("window,stride,batch", [(16, 6, 3), (32, 31, 2), (32, 8, 1), (20, 1, 7)])
 def test_sliding_window_matches_the_hf_guide(window, stride, batch):
     model = tiny_model()
     tokens = torch.randint(50, (101,), generator=torch.Generator().manual_seed(1))
@@ -67,8 +67,36 @@ def test_bad_windows_are_clear_errors():
         sliding_window_loss(model, tokens, 64, 8)
     with pytest.raises(ValueError, match="at least 2"):
         sliding_window_loss(model, tokens[:1], 16, 8)
-    with pytest.raises(ValueError, match="window must be at least 2 tokens"):
+    with pytest.raises(ValueError, match="window must be between 2"):
         sliding_window_loss(model, tokens, 1, 1)
+
+
+def test_a_stride_of_a_whole_window_is_refused_by_both_scorers():
+    """A window's first token is only context: with stride == window each later window's first token would
+    never be scored (the sliding window once accepted it and silently skipped them). One rule for both."""
+    model = tiny_model()
+    tokens = torch.arange(40) % 50
+    with pytest.raises(ValueError, match="stride must be between 1 and window - 1"):
+        sliding_window_loss(model, tokens, 16, 16)
+    with pytest.raises(ValueError, match="stride must be between 1 and window - 1"):
+        zoo.score_rolling(model, tokens.tolist(), window=16, stride=16)
+
+
+def test_a_bidirectional_model_is_refused_by_both_scorers():
+    """A masked-LM model sees the token it is scored on: its causal loss is meaningless (near zero)."""
+    model = zoo.load("shakespeare-char", n_layer=1, n_head=2, n_embd=16, vocab_size=50, block_size=32,
+                     causal=False).eval()
+    tokens = torch.arange(40) % 50
+    with pytest.raises(ValueError, match="bidirectional"):
+        sliding_window_loss(model, tokens, 16, 8)
+    with pytest.raises(ValueError, match="bidirectional"):
+        zoo.score_rolling(model, tokens.tolist(), window=16, stride=8)
+
+
+def test_damaged_checkpoints_set_aside_by_resume_are_not_evaluated(tmp_path):
+    for name in ("step-0000020", "step-0000040", "step-0000040.damaged-1", ".tmp-step-0000060"):
+        (tmp_path / name).mkdir()
+    assert [label for label, _ in sources(str(tmp_path))] == ["step-0000020 ", "step-0000040 "]
 
 
 def test_a_folder_of_checkpoints_is_evaluated_in_step_order(tmp_path):

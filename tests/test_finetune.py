@@ -11,8 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import zoo
-from zoo import chat_data, data
-from zoo import training as zt
+from zoo import chat_data, data, runs
 
 transformers = pytest.importorskip("transformers")
 
@@ -150,17 +149,17 @@ def test_lora_resume_equals_an_uninterrupted_run(tiny_chat, tmp_path, monkeypatc
     class Crash(Exception):
         pass
 
-    save = zt.save_checkpoint
+    save = runs.save_checkpoint
 
     def save_then_crash(out, step, *rest):
         path = save(out, step, *rest)
         if step == 4:
             raise Crash
         return path
-    monkeypatch.setattr(zt, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(runs, "save_checkpoint", save_then_crash)
     with pytest.raises(Crash):
         zoo.train(None, [chat], tmp_path / "b", **common)
-    monkeypatch.setattr(zt, "save_checkpoint", save)
+    monkeypatch.setattr(runs, "save_checkpoint", save)
     zoo.train(None, [chat], tmp_path / "b", resume=True)  # its own settings, base and adapter
     a = load_file(tmp_path / "a" / "step-0000008" / "adapter_model.safetensors")
     b = load_file(tmp_path / "b" / "step-0000008" / "adapter_model.safetensors")

@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import zoo
-from zoo import data, masking
-from zoo import training as zt
+from zoo import data, mlm, runs
 from zoo.tokenizers import MASK_TOKEN, PAD_TOKEN, CharTokenizer, load_tokenizer, train_bpe
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -49,7 +48,7 @@ def test_bert_proportions_and_only_selected_positions_count():
     tok.add_special_tokens(mask_token=MASK_TOKEN, pad_token=PAD_TOKEN)
     tokens = torch.randint(200, (20_000,), generator=torch.Generator().manual_seed(0))
     tokens[::50] = tok.pad_id  # special tokens are never selected
-    examples = masking.MaskedWindows(data.Windows(tokens.numpy(), 100), tok, mask_prob=0.15)
+    examples = mlm.MaskedWindows(data.Windows(tokens.numpy(), 100), tok, mask_prob=0.15)
     index = examples.draw(torch.Generator().manual_seed(1), (400,))
     x, y = examples.batch(index)
     original, _ = data.Windows(tokens.numpy(), 100).batch(index[:, 0])
@@ -143,12 +142,12 @@ def test_resize_vocab_keeps_the_old_tokens(arch, config):
     model = zoo.build(arch, dict(config, vocab_size=40, block_size=16))
     idx = torch.randint(40, (2, 10))
     before = model(idx)
-    masking.resize_vocab(model, 43)
+    mlm.resize_vocab(model, 43)
     after = model(idx)
     assert after.shape == (2, 10, 43) and model.config.vocab_size == 43
     torch.testing.assert_close(after[..., :40], before, rtol=0, atol=0)  # the old logits, bit for bit
     head = model.lm_head.weight
-    assert head.shape == (43, 16) and (head is model.get_submodule(masking.TOKEN_EMBEDDING[arch][0]).weight) == \
+    assert head.shape == (43, 16) and (head is model.get_submodule(mlm.TOKEN_EMBEDDING[arch][0]).weight) == \
         (arch == "gpt2")
     new = torch.cat([p[40:].flatten() for p in {id(p): p for p in model.parameters() if p.shape[0] == 43}.values()])
     assert 0.01 < new.std().item() < 0.04  # drawn like the model's own init, N(0, 0.02)
@@ -188,7 +187,7 @@ def test_mlm_run_builds_a_bidirectional_model_with_a_mask_token(tmp_path, text_f
     model, tok = zoo.load_source(tmp_path / "o" / "step-0000004")
     assert model.config.causal is False and model.config.vocab_size == 29
     assert (tok.mask_token, tok.mask_token_id) == (MASK_TOKEN, 28)
-    state = torch.load(tmp_path / "o" / "step-0000004" / zt.STATE_FILE, weights_only=True)
+    state = torch.load(tmp_path / "o" / "step-0000004" / runs.STATE_FILE, weights_only=True)
     assert state["settings"]["objective"] == "mlm" and state["settings"]["mask_prob"] == 0.15
     # --set causal=true: the decoder-style variant, same objective
     tiny(tmp_path / "c", text_file, overrides={"causal": True}, max_iters=2)
@@ -203,17 +202,17 @@ def test_mlm_resume_continues_exactly(tmp_path, text_file, monkeypatch):
     class Crash(Exception):
         pass
 
-    save = zt.save_checkpoint
+    save = runs.save_checkpoint
 
     def save_then_crash(out, step, *rest, **kw):
         path = save(out, step, *rest, **kw)
         if step == 8:
             raise Crash
         return path
-    monkeypatch.setattr(zt, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(runs, "save_checkpoint", save_then_crash)
     with pytest.raises(Crash):
         tiny(tmp_path / "b", text_file, **common)
-    monkeypatch.setattr(zt, "save_checkpoint", save)
+    monkeypatch.setattr(runs, "save_checkpoint", save)
     zoo.train("shakespeare-char", [text_file], tmp_path / "b", resume=True, progress=False)  # its own settings
     assert len(val_losses(tmp_path / "a")) == 4 and val_losses(tmp_path / "b") == val_losses(tmp_path / "a")
     a = load_file(tmp_path / "a" / "step-0000012" / "model.safetensors")
@@ -278,12 +277,12 @@ def zoo_cli(*args):
 def test_eval_and_fill_mask_commands(mlm_checkpoint, text_file):
     model, tok = zoo.load_source(mlm_checkpoint)
     tokens = torch.from_numpy(data.tokenize(data.read_texts([text_file]), tok).astype(np.int64))
-    loss, accuracy = masking.masked_evaluation(model, tok, tokens, 32, batch_size=4, seed=0)
+    loss, accuracy = mlm.masked_evaluation(model, tok, tokens, 32, batch_size=4, seed=0)
     args = ["eval", str(mlm_checkpoint), "--data", text_file, "--objective", "mlm", "--window", "32"]
     first, second = zoo_cli(*args), zoo_cli(*args)
     assert first.returncode == 0, first.stderr
     assert first.stdout == second.stdout == f"masked_loss {loss:.4f} accuracy {accuracy:.4f}\n"  # the same masks
-    assert masking.masked_evaluation(model, tok, tokens, 32, seed=1) != (loss, accuracy)
+    assert mlm.masked_evaluation(model, tok, tokens, 32, seed=1) != (loss, accuracy)
 
     out = zoo_cli("fill-mask", str(mlm_checkpoint), "--text", f"ab{MASK_TOKEN}d", "--top-k", "2")
     assert out.returncode == 0, out.stderr

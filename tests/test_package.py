@@ -75,3 +75,67 @@ def test_library_modules_neither_parse_argv_nor_print(path):
     assert not prints, f"print() on lines {prints}"
     assert "shared" not in {part for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
                             for part in n.value.replace("\\", "/").split("/")}
+
+
+# The optional extras: imported where they are used, so that the package works without their dependencies
+OPTIONAL = {"zoo.server", "zoo.harness"}
+
+
+def _sibling_imports(path):
+    """[(zoo module imported, at module level?)] for every import of a zoo module in `path`: `from . import x`
+    and `from .x import y` resolved against the package; names imported from a module count as the module."""
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+    package = package.removesuffix(".__init__") if path.name == "__init__.py" else package.rpartition(".")[0]
+    modules = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+               for p in (ROOT / "zoo").rglob("*.py")}
+    tree = ast.parse(path.read_text())
+    nested = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+              for n in ast.walk(f)}
+    found = []
+    for n in ast.walk(tree):
+        if isinstance(n, ast.ImportFrom) and n.level:
+            base = package.rsplit(".", n.level - 1)[0] if n.level > 1 else package
+            base = f"{base}.{n.module}" if n.module else base
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in n.names]
+        elif isinstance(n, (ast.Import, ast.ImportFrom)):
+            names = [n.module] if isinstance(n, ast.ImportFrom) else [a.name for a in n.names]
+            targets = [m for m in names if m and m.split(".")[0] == "zoo"]
+        else:
+            continue
+        found += [(t, id(n) not in nested) for t in dict.fromkeys(targets) if t in modules]
+    return found
+
+
+PACKAGE = sorted((ROOT / "zoo").rglob("*.py"))
+
+
+def test_imports_go_one_way_down():
+    """The package is layered (README's layout): each module imports its siblings at the top, so that what it
+    depends on is visible, and no two modules depend on each other through any chain of imports. The only
+    function-level imports of siblings are the optional extras (server, harness), whose dependencies are
+    optional installs."""
+    graph, late = {}, []
+    for path in PACKAGE:
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for target, module_level in _sibling_imports(path):
+            if module_level:
+                graph.setdefault(name, set()).add(target)
+            elif target not in OPTIONAL:
+                late.append(f"{name} imports {target} inside a function")
+    assert not late, late
+    graph = {m: {t for t in ts if t != "zoo" and t != m} for m, ts in graph.items() if m != "zoo"}
+    done, path = set(), []
+
+    def visit(m):  # depth-first: a module met again while on the current path closes a circle
+        if m in path:
+            raise AssertionError("import circle: " + " -> ".join(path[path.index(m):] + [m]))
+        if m in done:
+            return
+        path.append(m)
+        for t in sorted(graph.get(m, ())):
+            visit(t)
+        path.pop()
+        done.add(m)
+    for m in sorted(graph):
+        visit(m)
+    assert {"zoo.sources", "zoo.pretrained", "zoo.registry"} <= done | set(graph)  # (the test sees the package)

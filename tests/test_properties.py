@@ -311,7 +311,7 @@ def test_damaged_gguf_loads_or_names_the_file(data):
 def test_gguf_header_counts_out_of_range_name_the_file(tmp_path, field, value):
     """Numbers in a well-formed header that no model can have: a clear error, not a huge allocation."""
     import gguf
-    from zoo.checkpoints import GGUFCheckpoint
+    from zoo.weight_files import GGUFCheckpoint
     meta = GGUFCheckpoint(_gguf_file()).metadata
     assert field in meta or field == "general.alignment"
     path = tmp_path / "bad.gguf"

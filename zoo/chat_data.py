@@ -25,7 +25,7 @@ import os
 import numpy as np
 import torch
 
-from .data import HF_PREFIX, IGNORE, VAL_FRACTION, hf_rows
+from .data import HF_PREFIX, IGNORE, VAL_FRACTION, hf_rows, not_utf8
 from .progress import log
 
 
@@ -52,7 +52,6 @@ def is_chat(paths):
                 with open(path, encoding="utf-8") as f:
                     first = next((line for line in f if line.strip()), None)
             except UnicodeDecodeError:
-                from .data import not_utf8
                 raise not_utf8(path) from None
         try:
             kinds[path] = first is not None and _example_kind(json.loads(first)) is not None

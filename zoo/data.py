@@ -20,6 +20,8 @@ import tempfile
 import numpy as np
 import torch
 
+from .atomic import write_file
+
 IGNORE = -100  # a target that no loss counts (F.cross_entropy's default ignore_index)
 VAL_FRACTION = 0.1  # without validation files, the last tenth of the tokens validates (training and `zoo eval`)
 HF_PREFIX = "hf:"  # hf:NAME[:CONFIG][@SPLIT]: a Hugging Face dataset's "text" column (split "train" by default)
@@ -111,13 +113,11 @@ def tokenize(docs, tokenizer):
         h.update(hashlib.sha256(doc.encode("utf-8")).digest())
     path = os.path.join(cache_dir(), f"{h.hexdigest()[:32]}.{np.dtype(dtype).name}")
     if not os.path.exists(path):
-        os.makedirs(cache_dir(), exist_ok=True)
         eot = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-        fd, tmp = tempfile.mkstemp(dir=cache_dir(), suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:  # one document at a time: memory stays one document's size
+        def fill(f):  # one document at a time: memory stays one document's size
             for i, doc in enumerate(docs):
                 np.array((eot if i else []) + tokenizer.encode(doc), dtype=dtype).tofile(f)
-        os.replace(tmp, path)  # never a half-written cache file under the real name
+        write_file(path, fill)  # never a half-written cache file under the real name
     if os.path.getsize(path) == 0:
         return np.zeros(0, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r")

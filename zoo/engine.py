@@ -23,6 +23,9 @@ row of the KV cache for the next one. It needs nothing from the models beyond th
 - Only rows [0, hi) run, hi = 1 + the highest busy row (new requests take the lowest free row): one
   client alone pays for one row, not max_batch. With compile=True the batch is always max_batch rows and L
   a multiple of 256, the static shapes the compiled step wants.
+- With draft="prompt-lookup" (speculative decoding, see speculative.py) a step feeds each row's newest token
+  and up to num_draft tokens looked up in its text, at slots [t, t + k + 1); a row keeps the drafts the model
+  agrees with and masks the rest, holes like any other.
 
 Under greedy decoding each request's tokens are those it gets alone (zoo.complete): the same prompt
 positions and the same keys, other rows and masked slots contributing nothing. This module imports no web
@@ -35,9 +38,10 @@ import threading
 
 import torch
 
-from .generation import TextStream, compiled_step, decode_layout
+from .generation import TextStream, compiled_step, weights_column_major
 from .progress import log
 from .sampling import SamplingConfig, next_tokens, penalize_repetition
+from .speculative import DEFAULT_NUM_DRAFT, PROMPT_LOOKUP, lookup, verify
 
 
 class RequestError(ValueError):
@@ -110,22 +114,37 @@ class Engine:
     max_batch: requests decoded at once (rows of the KV cache); max_queue: requests waiting for a row
     beyond that, after which submit raises QueueFull. compile=True compiles the decode step. cache_len:
     the cache's slots per row to start with (doubled as long requests need, up to block_size).
+    draft="prompt-lookup": speculative decoding by prompt lookup, num_draft tokens per step at most
+    (`stats` counts the drafted and accepted tokens).
     """
 
-    def __init__(self, model, tokenizer, *, max_batch=8, max_queue=64, compile=False, cache_len=256):
+    def __init__(self, model, tokenizer, *, max_batch=8, max_queue=64, compile=False, cache_len=256, draft=None,
+                 num_draft=None):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
             raise ValueError(f"max_queue must be an int >= 0, got {max_queue!r}")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue, self.compile = max_batch, max_queue, compile
+        if draft not in (None, PROMPT_LOOKUP):
+            raise ValueError(f"the engine drafts by prompt lookup only: draft must be None or {PROMPT_LOOKUP!r}, "
+                             f"not {draft!r}"[:300])
+        if draft is None:
+            if num_draft is not None:
+                raise ValueError("num_draft is the number of tokens a draft proposes: give draft='prompt-lookup' too")
+            num_draft = 0  # no speculation
+        elif num_draft is None:
+            num_draft = DEFAULT_NUM_DRAFT[PROMPT_LOOKUP]
+        elif isinstance(num_draft, bool) or not isinstance(num_draft, int) or num_draft < 1:
+            raise ValueError(f"num_draft must be an int >= 1 (the tokens drafted per step), got {num_draft!r}")
+        self.num_draft, self.stats = num_draft, dict(drafted=0, accepted=0)
         self.block_size = model.config.block_size
         self.device = next(model.parameters()).device
         # the end tokens of a request that names none: the tokenizer's, else the model's (as zoo.complete)
         eos = list(tokenizer.eos_ids) or getattr(model, "eos_token_id", None)
         self.eos = set(SamplingConfig(eos_token_id=eos).eos_ids)
         model.eval()
-        decode_layout(model)
+        weights_column_major(model)
         self.forward_step = compiled_step(model) if compile else model  # the decode step's forward
         self.pending = collections.deque()
         self.rows = [None] * max_batch  # the request in each cache row
@@ -345,11 +364,19 @@ class Engine:
         return next_tokens(logits, request.settings, request.generator)
 
     def _decode(self):
-        """One decode step of every running row: feed each row's newest token at the frontier."""
+        """One decode step of every running row: feed each row's newest token at the frontier (and its drafts)."""
         self._check_cache()
-        if self.t >= self.cache_len:
-            self._pack()
         busy = [i for i, r in enumerate(self.rows) if r is not None]
+        drafts = {}
+        for i in busy if self.num_draft else ():  # no more than the request may still take after its next token
+            r = self.rows[i]
+            if (most := min(self.num_draft, r.max_tokens - len(r.tokens) - 1)) > 0:
+                drafts[i] = lookup(r.prompt + r.tokens, most)
+        k = max(map(len, drafts.values()), default=0)
+        if self.t + k >= self.cache_len:
+            self._pack()
+        if (k := min(k, self.cache_len - self.t - 1)) > 0:
+            return self._check_drafts(busy, drafts, k)
         hi = self.max_batch if self.compile else busy[-1] + 1
         self._use_rows(slice(0, hi))
         self.real[busy, self.t] = True
@@ -364,6 +391,38 @@ class Engine:
         self.newest[:hi, 0] = new
         for i, token in zip(busy, new[busy].tolist()):
             self._take(self.rows[i], token)
+
+    def _check_drafts(self, busy, drafts, k):
+        """Feed each row's newest token and k drafted ones (rows with fewer: padded, drafts the model may keep
+        too); each request keeps the drafts the model agrees with (speculative.verify) and its next token."""
+        hi = busy[-1] + 1
+        self._use_rows(slice(0, hi))
+        drafted = torch.zeros(hi, k, dtype=torch.long)
+        for i, d in drafts.items():
+            drafted[i, :len(d[:k])] = torch.tensor(d[:k], dtype=torch.long)
+        drafted = drafted.to(self.device)
+        t = self.t
+        self.real[busy, t:t + k + 1] = True
+        logits = self.model(torch.cat([self.newest[:hi], drafted], 1), input_pos=self.slots[t:t + k + 1],
+                            key_mask=self.real[:hi])  # [hi, k + 1, V]
+        self.t += k + 1
+        for i in busy:
+            request = self.rows[i]
+            is_eos = None
+            if request.settings.min_new_tokens and request.eos:
+                is_eos = torch.zeros(logits.size(-1), dtype=torch.bool, device=self.device)
+                is_eos[list(request.eos)] = True
+            counts, last = verify(logits[i:i + 1], drafted[i:i + 1], None, request.settings, request.generator,
+                                  request.seen, torch.tensor([len(request.tokens)], device=self.device), is_eos)
+            n = int(counts[0])
+            self.stats["drafted"] += len(drafts.get(i, ())[:k])
+            self.stats["accepted"] += min(n, len(drafts.get(i, ())))
+            self.real[i, t + 1 + n:t + k + 1] = False  # the drafts it did not keep: holes
+            self.newest[i, 0] = last[0]
+            for token in drafted[i, :n].tolist() + [int(last[0])]:
+                self._take(request, token)
+                if request.row is None:  # finished
+                    break
 
     def _take(self, request, token):
         """Add a new token to the request: emit its text, and finish it at an end token, a stop string or

@@ -6,6 +6,7 @@ samplers and their settings are in sampling.py).
     text = zoo.complete(model, tok, [{"role": "user", "content": "Hi!"}], max_new_tokens=100)
     for piece in zoo.complete(model, tok, "Once upon", max_new_tokens=100, stream=True):
         print(piece, end="", flush=True)
+    new = zoo.generate(model, ids, 50, temperature=0, draft="prompt-lookup")  # speculative (speculative.py)
 
 The loop is gpt-fast's: prompts are left-padded into one batch (a key mask hides the padding, so each
 row decodes exactly as it would alone), prefilled into the model's preallocated cache, and then fed one
@@ -19,6 +20,7 @@ import time
 import torch
 
 from .sampling import SamplingConfig, next_tokens, penalize_repetition
+from .speculative import check_draft, speculative_steps
 from .tokenizers import StreamDecoder
 
 # ---------------------------------------------------------------------------------------------------------
@@ -108,7 +110,7 @@ def compiled_step(model):
 
 
 @torch.no_grad()
-def decode_layout(model):
+def weights_column_major(model):
     """Store fp32 Linear weights on the CPU column-major: same shape, values and names, but the CPU's fp32
     matrix-vector kernels read that layout about 1.3x faster (bf16's prefer the usual one, so those stay).
     Done in place, once; a no-op on other devices and dtypes."""
@@ -151,8 +153,8 @@ def _prepare(model, prompts, max_new_tokens, settings):
     return prompts, settings.eos_ids
 
 
-def _dropout_off(model):
-    """Put the modules in training mode into eval mode, and return them for _dropout_on. Only those are
+def _eval_mode_on(model):
+    """Put the modules in training mode into eval mode, and return them for _eval_mode_off. Only those are
     touched: model.eval() sets every module's flag, ~2 ms per call on a 30-layer model."""
     training = [m for m in model.modules() if m.training]
     for m in training:
@@ -160,7 +162,7 @@ def _dropout_off(model):
     return training
 
 
-def _dropout_on(modules):
+def _eval_mode_off(modules):
     for m in modules:
         m.training = True
 
@@ -169,7 +171,7 @@ def _dropout_on(modules):
 def _sample_steps(model, prompts, max_new_tokens, eos, settings, compile=False):
     """The decode loop: yields each step's new tokens [B] (on the device) until max_new_tokens, or until
     every row has produced an EOS."""
-    training = _dropout_off(model)
+    training = _eval_mode_on(model)
     try:
         batch = Batch(model, prompts, max_new_tokens, compile)
         device = batch.tokens.device
@@ -200,7 +202,35 @@ def _sample_steps(model, prompts, max_new_tokens, eos, settings, compile=False):
             if step + 1 < max_new_tokens:
                 logits = batch.step()
     finally:
-        _dropout_on(training)
+        _eval_mode_off(training)
+
+
+@torch.inference_mode()
+def _speculative_steps(model, prompts, max_new_tokens, eos, settings, draft, num_draft, stats):
+    """speculative.speculative_steps with both models in eval mode: yields each round's new tokens (B lists)."""
+    training = _eval_mode_on(model) + (_eval_mode_on(draft) if isinstance(draft, torch.nn.Module) else [])
+    try:
+        device = next(model.parameters()).device
+        generator = None if settings.seed is None else torch.Generator(device).manual_seed(settings.seed)
+        yield from speculative_steps(model, draft, prompts, max_new_tokens, eos, settings, num_draft, stats, generator)
+    finally:
+        _eval_mode_off(training)
+
+
+def _check_speculative(model, prompts, max_new_tokens, settings, draft, num_draft, compile):
+    """num_draft checked (see speculative.check_draft), and the draft's weights column-major as the model's."""
+    if draft is None:
+        if num_draft is not None:
+            raise ValueError("num_draft is the number of tokens a draft proposes: give a draft too "
+                             "(draft='prompt-lookup' or a draft model)")
+        return None
+    if compile:
+        raise ValueError("compile=True compiles the one-token decode step, which speculative decoding (draft=...) "
+                         "does not use: drop one of them")
+    num_draft = check_draft(model, draft, num_draft, settings, prompts, max_new_tokens)
+    if isinstance(draft, torch.nn.Module):
+        weights_column_major(draft)
+    return num_draft
 
 
 @torch.inference_mode()
@@ -210,7 +240,7 @@ def _beam_search(model, prompts, max_new_tokens, eos, settings, compile=False):
     sum(log p) / len**length_penalty (len counts the new tokens, EOS included); a prompt is done once
     num_beams hypotheses have finished, and at max_new_tokens its running beams join them. Returns
     the best hypothesis of each prompt."""
-    training = _dropout_off(model)
+    training = _eval_mode_on(model)
     try:
         batch = Batch(model, prompts, max_new_tokens, compile)
         B, K, V = len(prompts), settings.num_beams, model.config.vocab_size
@@ -269,10 +299,11 @@ def _beam_search(model, prompts, max_new_tokens, eos, settings, compile=False):
                         finished[b].append((score / max_new_tokens ** lp, new[b * K + k]))
         return [max(hyps, key=lambda h: h[0])[1] for hyps in finished]
     finally:
-        _dropout_on(training)
+        _eval_mode_off(training)
 
 
-def generate(model, prompts, max_new_tokens, sampling=None, *, compile=False, **settings):
+def generate(model, prompts, max_new_tokens, sampling=None, *, compile=False, draft=None, num_draft=None,
+             stats=None, **settings):
     """New token ids for each prompt (a list of token-id lists, or one flat list), up to max_new_tokens
     each, ending with the EOS token that ended the row, if one did.
 
@@ -280,12 +311,25 @@ def generate(model, prompts, max_new_tokens, sampling=None, *, compile=False, **
     see SamplingConfig). eos_token_id None means `model.eos_token_id` if its loader set one, else no
     EOS. num_beams > 1 is beam search (see _beam_search). compile=True compiles the decode step (see
     compiled_step): for long or repeated generation.
+
+    draft: speculative decoding (see speculative.py), the same tokens faster: "prompt-lookup" (n-grams of
+    the text so far, for output that repeats its input) or a model sharing this one's tokenizer (a smaller
+    one, or this one's int4 quantization), proposing num_draft tokens per round (default 10 and 5).
+    `stats`, a dict, then receives the counts of drafted and accepted tokens and of rounds.
     """
     settings = SamplingConfig.of(sampling, **settings)
     prompts, eos = _prepare(model, prompts, max_new_tokens, settings)
+    num_draft = _check_speculative(model, prompts, max_new_tokens, settings, draft, num_draft, compile)
     if max_new_tokens == 0:
         return [[] for _ in prompts]
-    decode_layout(model)
+    weights_column_major(model)
+    if draft is not None:
+        rows = [[] for _ in prompts]
+        for new in _speculative_steps(model, prompts, max_new_tokens, eos, settings, draft, num_draft,
+                                      {} if stats is None else stats):
+            for row, tokens in zip(rows, new):
+                row += tokens
+        return rows
     if settings.num_beams > 1:
         return _beam_search(model, prompts, max_new_tokens, eos, settings, compile)
     steps = [*_sample_steps(model, prompts, max_new_tokens, eos, settings, compile)]
@@ -304,13 +348,14 @@ def _cut_at_eos(ids, eos):
 
 
 def complete(model, tokenizer, text_or_messages, *, max_new_tokens, sampling=None, stop=None, stream=False,
-             compile=False, stats=None, **settings):
+             compile=False, draft=None, num_draft=None, stats=None, **settings):
     """Generate a continuation of a text, or the assistant's answer to chat messages ([{"role", "content"}],
     rendered with the tokenizer's chat template), and return it as text, cut before the first stop
     string (a str or a list). `sampling` and keyword settings as in generate; eos_token_id defaults to
     the tokenizer's end tokens. stream=True returns an iterator of text pieces instead, which joined
     equal the returned text and never split a UTF-8 character. `stats`, a dict, receives the prompt's
-    token count and each new token's time since the start (the command line's speed summary).
+    token count and each new token's time since the start (the command line's speed summary), and with a
+    draft (speculative decoding, as in generate) the counts of drafted and accepted tokens.
     """
     text = text_or_messages
     if not isinstance(text, str):
@@ -322,26 +367,31 @@ def complete(model, tokenizer, text_or_messages, *, max_new_tokens, sampling=Non
     if settings.eos_token_id is None and tokenizer.eos_ids:
         settings = SamplingConfig.of(settings, eos_token_id=list(tokenizer.eos_ids))
     prompts, eos = _prepare(model, [ids], max_new_tokens, settings)
+    num_draft = _check_speculative(model, prompts, max_new_tokens, settings, draft, num_draft, compile)
     stops = [stop] if isinstance(stop, str) else list(stop or [])  # (TextStream drops empty ones)
+    stats = {} if stats is None else stats
     if max_new_tokens == 0:
         tokens = iter([])
+    elif draft is not None:
+        weights_column_major(model)
+        rounds = _speculative_steps(model, prompts, max_new_tokens, eos, settings, draft, num_draft, stats)
+        tokens = _timed((token for new in rounds for token in new[0]), stats, len(ids))
     elif settings.num_beams > 1:
-        decode_layout(model)
+        weights_column_major(model)
         tokens = iter(_beam_search(model, prompts, max_new_tokens, eos, settings, compile)[0])
     else:
-        decode_layout(model)
-        tokens = _timed(_sample_steps(model, prompts, max_new_tokens, eos, settings, compile),
-                        {} if stats is None else stats, len(ids))
+        weights_column_major(model)
+        steps = _sample_steps(model, prompts, max_new_tokens, eos, settings, compile)
+        tokens = _timed((new.item() for new in steps), stats, len(ids))
     pieces = _text_stream(tokenizer, tokens, eos, stops)
     return pieces if stream else "".join(pieces)
 
 
-def _timed(steps, stats, prompt_tokens):
-    """Token ids from the decode loop, one int at a time, with timings for the command line's summary."""
+def _timed(tokens, stats, prompt_tokens):
+    """Token ids (ints) from a decode loop, with timings for the command line's summary."""
     start = time.perf_counter()
     stats.update(prompt_tokens=prompt_tokens, token_s=[])  # when each new token came, prefill included
-    for new in steps:
-        token = new.item()
+    for token in tokens:
         stats["token_s"].append(time.perf_counter() - start)
         yield token
 

@@ -29,10 +29,11 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from .generation import _prepare, _sample_steps, decode_layout
+from .generation import _prepare, _sample_steps, weights_column_major
 from .progress import bar, log
 from .sampling import SamplingConfig
 from .scoring import DEFAULT_BATCH_SIZE, score
+from .sources import load_source
 
 MAX_GEN_TOKS = 256  # the harness's default when a task names none (as the hf backend's)
 _MAX_TOKEN_KEYS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")  # in priority order
@@ -72,7 +73,6 @@ class ZooLM(TemplateLM):
             raise ValueError("give the zoo model either source=... (model_args 'source=PATH_OR_NAME') or model=, "
                              "not both or neither")
         if model is None:
-            from .pretrained import load_source
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
             model, tokenizer = load_source(str(source), device=device, dtype=None if dtype == "auto" else dtype,
                                            revision=revision, tokenizer=tokenizer, quantize=quantize)
@@ -245,7 +245,7 @@ class ZooLM(TemplateLM):
         prompts, eos = _prepare(self.model, prompts, max_new, settings)
         new = [[] for _ in prompts]
         if max_new > 0:
-            decode_layout(self.model)
+            weights_column_major(self.model)
             done = [False] * len(prompts)
             steps = _sample_steps(self.model, prompts, max_new, eos, settings)
             for tokens in steps:

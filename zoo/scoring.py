@@ -149,9 +149,7 @@ def score(model, pairs, *, batch_size=None):
         batch_size = DEFAULT_BATCH_SIZE
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, not {batch_size!r}")
-    if not getattr(model.config, "causal", True):
-        raise ValueError("score: this model is bidirectional (causal=False); a continuation's log-probability "
-                         "needs a causal language model")
+    check_causal(model, "score")
     requests = _requests(model, pairs)
     device = next(model.parameters()).device
     training = [m for m in model.modules() if m.training]
@@ -167,10 +165,26 @@ def score(model, pairs, *, batch_size=None):
     return [results[i] for i in range(len(requests))]
 
 
-def rolling_windows(n, window, stride):
-    """(begin, end, number of scored tokens) of each window over n tokens, for score_rolling and `zoo eval`'s
-    evaluation.sliding_window_loss: each window scores the tokens no earlier window scored (the very first
-    token, which has no context, none)."""
+def check_causal(model, what):
+    """Refuse a bidirectional model (causal=False): it sees the very tokens it would be scored on."""
+    if not getattr(model.config, "causal", True):
+        raise ValueError(f"{what}: this model is bidirectional (causal=False); a token's log-probability given the "
+                         "text before it needs a causal language model (a masked-LM checkpoint is evaluated with "
+                         "zoo eval --objective mlm)")
+
+
+def rolling_windows(n, window, stride, block_size):
+    """(begin, end, number of scored tokens) of each window over n tokens, the one windowing of score_rolling
+    and `zoo eval`'s evaluation.sliding_window_loss: windows of `window` tokens start every `stride` tokens and
+    each scores the tokens no earlier window scored (the very first token, which has no context, none). A
+    window's first token is its context only, so stride < window keeps every token after the first scored."""
+    if not 1 < window <= block_size:
+        raise ValueError(f"window must be between 2 and the model's block_size ({block_size}), not {window}")
+    if not 0 < stride < window:
+        raise ValueError(f"stride must be between 1 and window - 1 ({window - 1}), not {stride}: a window's first "
+                         "token is only context, so a stride of a whole window would never score it")
+    if n < 2:
+        raise ValueError(f"the text has {n} token(s); at least 2 are needed to score one")
     spans, prev_end = [], 0
     for begin in range(0, n, stride):
         end = min(begin + window, n)
@@ -190,11 +204,5 @@ def score_rolling(model, ids, *, window=None, stride=None, batch_size=None):
     block = model.config.block_size
     window = block if window is None else window
     stride = max(1, window // 2) if stride is None else stride
-    if not 1 < window <= block:
-        raise ValueError(f"window must be between 2 and the model's block_size ({block}), not {window}")
-    if not 0 < stride < window:
-        raise ValueError(f"stride must be between 1 and window - 1 ({window - 1}), not {stride}")
-    if len(ids) < 2:
-        raise ValueError(f"the text has {len(ids)} token(s); at least 2 are needed to score one")
-    pairs = [(ids[b:e - k], ids[e - k:e]) for b, e, k in rolling_windows(len(ids), window, stride)]
+    pairs = [(ids[b:e - k], ids[e - k:e]) for b, e, k in rolling_windows(len(ids), window, stride, block)]
     return sum(logp for logp, _ in score(model, pairs, batch_size=batch_size))

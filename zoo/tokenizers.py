@@ -29,6 +29,10 @@ import warnings
 from datetime import datetime
 from pathlib import Path
 
+from .atomic import write_file
+from .weight_files import read_gguf_metadata  # the header parser that loading the weights uses
+from .registry import PRESETS, packaged_gguf
+
 # Special tokens that end a turn or a document. Like llama.cpp, we stop generation on any of these
 # that a vocabulary marks special, besides its EOS: SmolLM2-Instruct ends a turn with <|im_end|> (its
 # EOS) but may also emit <|endoftext|>.
@@ -151,13 +155,6 @@ class StreamDecoder:
         return new[len(old):]
 
 
-def _write(path, data):
-    # Write beside, then rename: an interrupted save never leaves a half-written file.
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # tiktoken: GPT-2's BPE
 
@@ -245,13 +242,13 @@ class TiktokenTokenizer(Tokenizer):
         folder.mkdir(parents=True, exist_ok=True)
         # GPT-2's ranks are the ids 0..50255, all below <|endoftext|>
         tokens = [self.encoding.decode_single_token_bytes(i) for i in range(self.eos_id)]
-        _write(folder / "gpt2.tiktoken", b"".join(base64.b64encode(t) + b" %d\n" % i for i, t in enumerate(tokens)))
+        write_file(folder / "gpt2.tiktoken", b"".join(base64.b64encode(t) + b" %d\n" % i for i, t in enumerate(tokens)))
         # and GPT-2's own files, so that transformers' AutoTokenizer loads the folder too
         vocab, merges = _gpt2_vocab_and_merges(tokens)
         eot = self.encoding.decode([self.eos_id])
         vocab[eot] = self.eos_id
-        _write(folder / "vocab.json", json.dumps(vocab, ensure_ascii=False))
-        _write(folder / "merges.txt", "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+        write_file(folder / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+        write_file(folder / "merges.txt", "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
         config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": eot, "eos_token": eot, "unk_token": eot,
                   "add_prefix_space": False}
         added = {i: t for t, i in self.encoding._special_tokens.items() if i > self.eos_id}  # add_special_tokens'
@@ -262,7 +259,7 @@ class TiktokenTokenizer(Tokenizer):
         for key, i in (("mask_token", self.mask_token_id), ("pad_token", self.pad_id)):
             if i is not None:
                 config[key] = self.encoding.decode([i])
-        _write(folder / "tokenizer_config.json", json.dumps(config))
+        write_file(folder / "tokenizer_config.json", json.dumps(config))
 
 
 def _gpt2_vocab_and_merges(tokens):
@@ -345,7 +342,7 @@ class CharTokenizer(Tokenizer):
             content["special_tokens"] = list(self.special)
             text = lambda i: None if i is None else self.chars[i]  # noqa: E731
             content.update(mask_token=text(self.mask_token_id), pad_token=text(self.pad_id))
-        _write(folder / CHAR_FILE, json.dumps(content, ensure_ascii=False))
+        write_file(folder / CHAR_FILE, json.dumps(content, ensure_ascii=False))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -418,8 +415,8 @@ class HFTokenizer(Tokenizer):
             config["mask_token"] = text(self.mask_token_id)
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
-        _write(folder / "tokenizer.json", self.tk.to_str())
-        _write(folder / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
+        write_file(folder / "tokenizer.json", self.tk.to_str())
+        write_file(folder / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
 
 
 def _load_hf(folder, tokenizer_file=None):
@@ -528,7 +525,6 @@ def load_gguf_tokenizer(path):
     """The tokenizer a .gguf file describes in its metadata (tokens, merges or scores, token types,
     special ids, chat template)."""
     from tokenizers import AddedToken
-    from .checkpoints import read_gguf_metadata  # the header parser that loading the weights uses
     meta = read_gguf_metadata(path)
     kind = meta.get("tokenizer.ggml.model")
     builders = {"gpt2": _gguf_byte_level, "llama": _gguf_sentencepiece}
@@ -613,7 +609,6 @@ def _load_preset(name, preset, revision):
                          "CharTokenizer.from_text(text), or the folder its checkpoint was saved to")
     if preset.tokenizer is not None:
         return load_tokenizer(preset.tokenizer)
-    from .pretrained import packaged_gguf
     if gguf := packaged_gguf(name):
         return load_gguf_tokenizer(gguf)
     if preset.repo is None:
@@ -639,7 +634,6 @@ def load_tokenizer(source, *, revision=None):
         return _load_file(path)
     if path.suffix in (".tiktoken", ".gguf", ".json"):
         raise FileNotFoundError(f"tokenizer file not found: {path}")
-    from .registry import PRESETS
     if source in PRESETS:
         return _load_preset(source, PRESETS[source], revision)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", source):

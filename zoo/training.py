@@ -7,15 +7,14 @@
 Settings are a TrainConfig: its defaults, under the preset's `train` settings, under the fields the
 caller gives. Every `checkpoint_interval` steps and at the end, OUT/step-NNNNNNN/ receives the weights
 (save_pretrained, so from_pretrained and `zoo eval` read it) and training_state.pt (optimizer, schedule,
-RNG states, data position, settings), so `resume=True` continues exactly where the run stopped.
+RNG states, data position, settings), so `resume=True` continues exactly where the run stopped (the
+output folder and its checkpoints: zoo/runs.py).
 """
 import dataclasses
 import json
 import math
 import os
 import random
-import re
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,15 +23,14 @@ import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import adapters, chat_data, data, masking, preference
-from .distributed import (Distributed, checkpoint_blocks, full_state, gradient_sync, load_optimizer_state, shard,
+from . import adapters, chat_data, data, mlm, preference, runs, tokenizers
+from .distributed import (Distributed, checkpoint_blocks, gradient_sync, load_optimizer_state, shard,
                           wrap)
 from .loss import HeadLoss
 from .progress import bar as progress_bar
 from .progress import log as note
-from .registry import arch_of, build, get_preset
-
-STATE_FILE = "training_state.pt"
+from .registry import build, get_preset
+from .sources import load_source, write_merged
 
 
 def _setting(default, help, **extra):
@@ -63,7 +61,7 @@ class TrainConfig:
     grad_clip: float = _setting(1.0, "clip the gradient norm to this (0: off)", type=float)
     label_smoothing: float = _setting(0.0, "label smoothing of the cross-entropy; dpo: the chance that a pair's "
                                            "labels are flipped (cDPO, below 0.5)", type=float)
-    # the objective: next-token prediction, masked language modelling (zoo/masking.py), preferences (preference.py)
+    # the objective: next-token prediction, masked language modelling (zoo/mlm.py), preferences (preference.py)
     objective: str = _setting("causal", "causal: predict the next token; mlm: masked language modelling (BERT's "
                                         "recipe; bidirectional attention unless --set causal=true); dpo: preference "
                                         "tuning on {prompt, chosen, rejected} pairs", type=str,
@@ -75,7 +73,7 @@ class TrainConfig:
     dpo_reference: str = _setting("live", "dpo: the reference model's log-probabilities computed each step (LoRA: "
                                           "adapters off; else a frozen copy), or precomputed for every pair before "
                                           "training (no copy)", type=str, choices=preference.REFERENCES)
-    mask_prob: float = _setting(masking.MASK_PROB, "mlm: the share of tokens selected for prediction (then "
+    mask_prob: float = _setting(mlm.MASK_PROB, "mlm: the share of tokens selected for prediction (then "
                                                    "80/10/10: masked, a random token, unchanged)", type=float)
     eval_interval: int = _setting(250, "steps between validation losses", type=int)
     eval_iters: int = _setting(20, "validation batches per evaluation", type=int)
@@ -177,80 +175,11 @@ class TrainConfig:
 
 def make_tokenizer(name, docs, vocab_size):
     """The tokenizer a run names: "char" and "bpe" are made from the training text, anything else loaded."""
-    from . import tokenizers
     if name == "char":
         return tokenizers.CharTokenizer.from_text("".join(docs))
     if name == "bpe":
         return tokenizers.train_bpe(docs, vocab_size)
     return tokenizers.load_tokenizer(name)
-
-
-def checkpoints_in(out):
-    """The run's step-NNNNNNN folders, oldest first."""
-    names = os.listdir(out) if os.path.isdir(out) else []
-    return [os.path.join(out, d) for d in sorted(names) if re.fullmatch(r"step-\d+", d)]
-
-
-def latest_checkpoint(out):
-    found = checkpoints_in(out)
-    return found[-1] if found else None
-
-
-def holds_a_run(out):
-    return os.path.isdir(out) and (os.path.exists(os.path.join(out, "log.jsonl")) or bool(checkpoints_in(out)))
-
-
-def prepare_out(out, resume, overwrite, master):
-    """Refuse to mix a new run into an old one: a folder that holds a run is continued (resume) or moved
-    aside (overwrite, to OUT.old-N, never deleted); a path that is a file is refused."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"out {out!r} is a file, not a folder: name a folder for the run's checkpoints and log")
-    if resume or not holds_a_run(out):
-        return
-    if not overwrite:
-        raise ValueError(f"out {out!r} holds an earlier run (log.jsonl / step-* checkpoints): continue it with "
-                         "resume (--resume), start again with overwrite (--overwrite; the old run is moved aside "
-                         "to OUT.old-N), or name another folder")
-    if master:
-        n = 1
-        while os.path.exists(f"{out.rstrip(os.sep)}.old-{n}"):
-            n += 1
-        aside = f"{out.rstrip(os.sep)}.old-{n}"
-        os.replace(out, aside)
-        note.warning("zoo: the earlier run in %s was moved to %s", out, aside)
-
-
-def load_checkpoint(out):
-    """(folder, training state, model) of the newest intact checkpoint in `out`. A damaged one (weights or
-    training state that do not read) is named on the "zoo" logger and left in place; the one before it is
-    tried. None when there is no checkpoint at all."""
-    from .pretrained import from_pretrained
-    found = checkpoints_in(out)
-    for ckpt in reversed(found):
-        try:
-            state = torch.load(os.path.join(ckpt, STATE_FILE), weights_only=True)
-        except Exception as e:  # a truncated zip, a missing file: torch raises several kinds
-            note.warning("zoo: %s is damaged (%s: %s); trying the checkpoint before it",
-                         os.path.join(ckpt, STATE_FILE), type(e).__name__, (str(e).splitlines() or [""])[0])
-            continue
-        try:
-            if adapters.is_checkpoint(ckpt):  # a LoRA run: its base and adapter
-                model = from_pretrained(ckpt)
-            else:
-                model = build(state["arch"], state["config"])
-                model.load_state_dict(from_pretrained(ckpt).state_dict())
-        except (ValueError, FileNotFoundError, RuntimeError, KeyError) as e:
-            note.warning("zoo: the weights in %s are damaged (%s); trying the checkpoint before it", ckpt,
-                         (str(e).splitlines() or [""])[0])
-            continue
-        if ckpt != found[-1]:
-            note.warning("zoo: resuming from %s, the newest intact checkpoint (the damaged ones are left as they "
-                         "are)", ckpt)
-        return ckpt, state, model
-    if found:
-        raise ValueError(f"resume: every checkpoint in {out!r} is damaged ({', '.join(map(os.path.basename, found))})"
-                         "; nothing to continue from")
-    return None
 
 
 def learning_rate(s, step, horizon, d_model):
@@ -272,56 +201,6 @@ def make_optimizer(model, s, device):
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
     fused = torch.device(device).type in ("cpu", "cuda")  # one kernel per step instead of many small ones
     return torch.optim.AdamW(groups, lr=s.lr, betas=(s.beta1, s.beta2), fused=fused or None)
-
-
-def rng_states():
-    """Every RNG the run touches, as lists and tensors so torch.load(weights_only=True) reads them."""
-    version, state, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return dict(python=[version, list(state), gauss], numpy=[name, torch.from_numpy(keys.astype(np.int64)),
-                                                             pos, has_gauss, cached],
-                torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-
-
-def set_rng_states(r):
-    random.setstate((r["python"][0], tuple(r["python"][1]), r["python"][2]))
-    name, keys, pos, has_gauss, cached = r["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(r["torch"])
-    if r["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(r["cuda"])
-
-
-def save_checkpoint(out, step, model, tokenizer, optimizer, horizon, batch_rng, s, master=True, dpo=None):
-    """OUT/step-NNNNNNN: weights + tokenizer (zoo.save_pretrained; a LoRA run's adapter, zoo.save_adapter) and
-    the training state (with a DPO run's reference: preference.prepare), all-or-nothing, written by rank 0. Under FSDP every rank calls it (the full state is
-    gathered from the shards)."""
-    from .pretrained import save_pretrained
-    weights, optimizer_state = full_state(model, optimizer, s.fsdp)
-    if not master:
-        return None
-    arch = arch_of(model)
-    if s.fsdp:  # the gathered tensors, in a plain model of the same config, so the folder reads as any other
-        model = build(arch, model.config)
-        model.load_state_dict(weights)
-    final = os.path.join(out, f"step-{step:07d}")
-    tmp = os.path.join(out, f".tmp-step-{step:07d}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if adapters.lora_layers(model):  # a LoRA run: the adapter alone (PEFT's layout) and base.json, naming its base
-        adapters.save_adapter(model, tmp, tokenizer=tokenizer)
-    else:
-        save_pretrained(model, tmp, tokenizer=tokenizer)
-    torch.save(dict(step=step, horizon=horizon, optimizer=optimizer_state, rng=rng_states(),
-                    data=batch_rng.get_state(), arch=arch, config=dataclasses.asdict(model.config),
-                    settings=vars(s), **({"dpo": dpo} if dpo else {})), os.path.join(tmp, STATE_FILE))
-    if os.path.exists(final):  # resumed before a damaged checkpoint: keep it, under another name
-        n = 1
-        while os.path.exists(f"{final}.damaged-{n}"):
-            n += 1
-        os.replace(final, f"{final}.damaged-{n}")
-    os.replace(tmp, final)  # a crash before this line leaves only the .tmp folder, never a broken step-*
-    return final
 
 
 # ---------------------------------------------------------------------------------------- the loop
@@ -384,8 +263,8 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
         raise ValueError("no training data: pass one or more text files (or hf: datasets)")
     if source is None and init is None and not resume:  # (a resumed run's checkpoint has its model)
         raise ValueError("name a preset (the model to build) or an init source (the weights to start from)")
-    prepare_out(out, resume, overwrite, master=int(os.environ.get("RANK", 0)) == 0)
-    found = load_checkpoint(out) if resume else None
+    runs.prepare_out(out, resume, overwrite, master=int(os.environ.get("RANK", 0)) == 0)
+    found = runs.resume_point(out) if resume else None
     if resume and found is None:
         raise FileNotFoundError(f"resume: no checkpoint (step-*) in {out!r} to continue from")
     ckpt, state, resumed = found or (None, None, None)
@@ -402,7 +281,7 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
     if s.max_iters is None and not s.time_budget:  # with a time budget the budget sets the horizon
         s.max_iters = 5000
     s.device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if s.objective == "mlm" and not state and (init or get_preset(source).arch in masking.TRANSFORMERS):
+    if s.objective == "mlm" and not state and (init or get_preset(source).arch in mlm.TRANSFORMERS):
         overrides.setdefault("causal", False)  # MLM: bidirectional attention unless the caller sets causal
 
     dist = Distributed(s.device)
@@ -422,7 +301,6 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
     np.random.seed(s.seed)
 
     # the model: a checkpoint to resume, pretrained weights, or a fresh preset
-    from .pretrained import load_source
     tokenizer = None
     if state:
         model = resumed
@@ -438,7 +316,7 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
     if not state:
         model = adapters.prepare(model, s, init)
     cfg = model.config
-    masking.check_model(model, s.objective)
+    mlm.check_model(model, s.objective)
     s.block_size = s.block_size or min(cfg.block_size, 1024)
     if s.block_size > cfg.block_size:
         raise ValueError(f"block_size {s.block_size} exceeds the model's block_size {cfg.block_size}; "
@@ -447,13 +325,11 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
     # the tokenizer and the token files, checked against the model before any training
     docs = None
     if ckpt:  # the run's own tokenizer, saved with its checkpoints
-        from .tokenizers import load_tokenizer
-        tokenizer = load_tokenizer(ckpt)
+        tokenizer = tokenizers.load_tokenizer(ckpt)
     elif tokenizer is not None and "tokenizer" not in fields:
         pass  # the init source's own, unless the caller names another
     elif not s.tokenizer and source is not None and (get_preset(source).repo or get_preset(source).gguf):
-        from .tokenizers import load_tokenizer
-        tokenizer = load_tokenizer(source)  # the preset's published weights' own
+        tokenizer = tokenizers.load_tokenizer(source)  # the preset's published weights' own
     elif not s.tokenizer:
         raise ValueError(f"preset {source!r} names no tokenizer: pass tokenizer= (--tokenizer) char, gpt2, bpe "
                          "or a tokenizer file")
@@ -461,7 +337,7 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
         docs = data.read_texts(data_paths + (val or []))
         tokenizer = make_tokenizer(s.tokenizer, docs, cfg.vocab_size)
     if s.objective == "mlm":  # a mask token, and the model grown by its row when the vocabulary needs it
-        masking.add_mask_token(model, tokenizer)
+        mlm.add_mask_token(model, tokenizer)
     if s.objective == "dpo":  # preference pairs: one chosen and one rejected row each
         train_data, val_data = preference.load_splits(data_paths, tokenizer, val, s.block_size, cfg.vocab_size)
     elif preference.is_preference(data_paths):
@@ -474,8 +350,8 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
     else:
         train_data, val_data = data.load_splits(data_paths, tokenizer, val, s.block_size, cfg.vocab_size)
         train_data, val_data = data.Windows(train_data, s.block_size), data.Windows(val_data, s.block_size)
-        if s.objective == "mlm":  # windows with BERT's masks drawn from the run's data stream (zoo/masking.py)
-            train_data, val_data = (masking.MaskedWindows(d, tokenizer, s.mask_prob, seed=s.seed)
+        if s.objective == "mlm":  # windows with BERT's masks drawn from the run's data stream (zoo/mlm.py)
+            train_data, val_data = (mlm.MaskedWindows(d, tokenizer, s.mask_prob, seed=s.seed)
                                     for d in (train_data, val_data))
     del docs
 
@@ -503,7 +379,7 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
             note.warning("zoo: nothing to train: the checkpoint %s is at step %d and max_iters is %d; give a "
                          "larger max_iters to continue", ckpt, step, horizon)
         batch_rng.set_state(state["data"])
-        set_rng_states(state["rng"])
+        runs.set_rng_states(state["rng"])
         if dist.rank:
             torch.manual_seed(s.seed + dist.rank + step)
     if s.objective != "dpo":
@@ -544,7 +420,7 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
                 loss = dist.mean(loss_sum / steps_logged).item()  # (each micro-loss is already scaled to its share)
                 loss_sum.zero_()
                 if not math.isfinite(loss):
-                    good = latest_checkpoint(out)
+                    good = runs.latest_checkpoint(out)
                     raise FloatingPointError(
                         f"the training loss became {loss} by step {step}; stopped. The last good checkpoint is "
                         f"{good or 'none'}; lower --lr, raise --warmup or set --grad-clip, then --resume")
@@ -578,7 +454,7 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
                     timer.eval_seconds = time.time() - t
             if (master or s.fsdp) and (step % s.checkpoint_interval == 0 or last):
                 t = time.time()
-                save_checkpoint(out, step, model, tokenizer, optimizer, horizon, batch_rng, s, master,
+                runs.save_checkpoint(out, step, model, tokenizer, optimizer, horizon, batch_rng, s, master,
                                 dpo=dpo_state if s.objective == "dpo" else None)
                 t_log += time.time() - t
                 if timer:
@@ -592,7 +468,7 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
             log.plot()
         dist.close()
     if master and s.merge:
-        adapters.write_merged(latest_checkpoint(out), os.path.join(out, "merged"))
+        write_merged(runs.latest_checkpoint(out), os.path.join(out, "merged"))
     return val_loss if master else None
 
 

@@ -10,7 +10,7 @@ import random
 
 import torch
 
-from .pretrained import from_pretrained, source_path
+from .sources import from_pretrained, source_path
 
 
 def verify(source, text=None, n_tokens=256, revision=None):

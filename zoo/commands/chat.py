@@ -15,7 +15,7 @@ import sys
 import torch
 
 from ..generation import complete
-from ..pretrained import describe_source, load_source
+from ..sources import describe_source, load_source
 from .generate import add_model_arguments, add_sampling_arguments, sampling_of
 
 HELP = "talk to a chat model in the terminal (default model: smollm2-135m-instruct)"

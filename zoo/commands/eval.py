@@ -16,9 +16,10 @@ import os
 import torch
 
 from .. import chat_data, data
+from ..atomic import write_file
 from ..evaluation import sliding_window_loss, sources
-from ..masking import MASK_PROB, masked_evaluation
-from ..pretrained import load_source
+from ..mlm import MASK_PROB, masked_evaluation
+from ..sources import load_source
 
 HELP = "loss and perplexity of a text (or masked-token accuracy), or lm-evaluation-harness benchmarks"
 
@@ -123,8 +124,5 @@ def run_tasks(args, device, dtype):
         everything[name.strip() or source] = results
     if args.output:
         out = everything if len(everything) > 1 else next(iter(everything.values()))
-        tmp = f"{args.output}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(out, f, indent=2, default=handle_non_serializable)
-        os.replace(tmp, args.output)
+        write_file(args.output, json.dumps(out, indent=2, default=handle_non_serializable))
     return 0

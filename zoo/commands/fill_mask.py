@@ -5,8 +5,8 @@ with `zoo train --objective mlm`).
 """
 import torch
 
-from ..masking import fill_mask
-from ..pretrained import load_source
+from ..mlm import fill_mask
+from ..sources import load_source
 
 HELP = "the most probable tokens at each mask token of a text (masked language models)"
 

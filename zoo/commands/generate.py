@@ -5,7 +5,7 @@ import time
 import torch
 
 from ..generation import complete
-from ..pretrained import describe_source, load_source
+from ..sources import describe_source, load_source
 from ..sampling import SamplingConfig
 
 HELP = "generate text (default model: smollm2-135m-instruct)"
@@ -24,6 +24,17 @@ def add_arguments(parser):
     parser.add_argument("--compile", action="store_true",
                         help="compile the decode step: faster per token after ~20 s of compiling (long outputs)")
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available, else cpu)")
+    draft = parser.add_mutually_exclusive_group()
+    draft.add_argument("--draft", metavar="SOURCE",
+                       help="speculative decoding with this draft model (a source sharing the model's tokenizer; "
+                            "the same source with --draft-quantize int4 drafts with the model's own int4 copy): "
+                            "the same text, fewer passes over the big model")
+    draft.add_argument("--prompt-lookup", action="store_true",
+                       help="speculative decoding with drafts copied from the prompt (n-gram lookup, no second "
+                            "model): for answers that quote their input, e.g. edits and summaries")
+    parser.add_argument("--num-draft", type=int, help="tokens drafted per round (default: 5 with --draft, 10 "
+                                                      "with --prompt-lookup)")
+    parser.add_argument("--draft-quantize", choices=("int8", "int4", "native"), help="quantize the --draft model")
 
 
 def add_sampling_arguments(parser):
@@ -58,13 +69,24 @@ def sampling_of(args, num_beams=1):
 
 def run(args):
     sampling = sampling_of(args, args.beams)
+    if args.num_draft is not None and args.num_draft < 1:
+        raise ValueError(f"--num-draft must be >= 1, not {args.num_draft}")
+    if args.num_draft is not None and not (args.draft or args.prompt_lookup):
+        raise ValueError("--num-draft sets how many tokens a draft proposes: add --draft SOURCE or --prompt-lookup")
+    if args.draft_quantize and not args.draft:
+        raise ValueError("--draft-quantize quantizes the --draft model: add --draft SOURCE")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("bfloat16" if args.quantize else "float32")
     model, tokenizer = load_source(args.source, device=device, dtype=args.dtype, quantize=args.quantize)
+    draft = "prompt-lookup" if args.prompt_lookup else None
+    if args.draft:
+        draft = load_source(args.draft, device=device, dtype="bfloat16" if args.draft_quantize else args.dtype,
+                            quantize=args.draft_quantize)[0]
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     stats, start = {}, time.perf_counter()
     for piece in complete(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                          stop=args.stop, stream=True, compile=args.compile, stats=stats):
+                          stop=args.stop, stream=True, compile=args.compile, draft=draft, num_draft=args.num_draft,
+                          stats=stats):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -74,6 +96,9 @@ def run(args):
         speed = f"{(len(t) - skip) / (t[-1] - t[skip - 1]):.1f} tok/s" if len(t) > skip else "- tok/s"
         compiled = f" after a first decode step of {t[1] - t[0]:.1f} s (compiling)" if args.compile and len(t) > 1 else ""
         detail = f"{len(t)} new tokens, {speed}{compiled} (prefill of {stats['prompt_tokens']} tokens: {t[0]:.2f} s)"
+        if draft is not None:
+            rate = f"{stats['accepted'] / stats['drafted']:.0%}" if stats["drafted"] else "-"
+            detail += f"; {stats['accepted']} of {stats['drafted']} drafted tokens accepted ({rate})"
     else:
         detail = f"beam search, {time.perf_counter() - start:.2f} s" if args.beams > 1 else "no new tokens"
     quantized = f" ({args.quantize} weights)" if args.quantize else ""

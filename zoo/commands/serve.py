@@ -5,7 +5,8 @@ import sys
 
 import torch
 
-from ..pretrained import describe_source, load_source
+from ..engine import Engine
+from ..sources import describe_source, load_source
 
 HELP = "serve a model over the OpenAI HTTP API, with a chat page (default model: smollm2-135m-instruct)"
 
@@ -13,7 +14,11 @@ HELP = "serve a model over the OpenAI HTTP API, with a chat page (default model:
 def add_arguments(parser):
     parser.add_argument("source", nargs="?", default="smollm2-135m-instruct",
                         help="a preset name (its pretrained weights), a hub repo id, a folder or a .gguf file "
-                             "(default: smollm2-135m-instruct); clients ask for it by this name")
+                             "(default: smollm2-135m-instruct); clients ask for it by this name, unless "
+                             "--served-model-name gives another")
+    parser.add_argument("--served-model-name", metavar="NAME",
+                        help="the model's name in the API (/v1/models, the requests' and answers' `model`), as "
+                             "vLLM's flag (default: SOURCE as given, which for a file is its path)")
     parser.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1; "
                                                            "0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=8000)
@@ -24,6 +29,10 @@ def add_arguments(parser):
     parser.add_argument("--compile", action="store_true",
                         help="compile the decode step: faster per token after a first minute of compiling")
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available, else cpu)")
+    parser.add_argument("--prompt-lookup", action="store_true",
+                        help="speculative decoding with drafts copied from each request's text (n-gram lookup): "
+                             "the same answers, faster where they quote their input")
+    parser.add_argument("--num-draft", type=int, help="tokens drafted per step with --prompt-lookup (default: 10)")
     parser.add_argument("--api-key", default=os.environ.get("ZOO_API_KEY"),
                         help="require this bearer token on /v1/ (default: $ZOO_API_KEY, else none)")
 
@@ -35,17 +44,23 @@ def run(args):
         from ..server import create_app
     except ImportError as e:
         raise ValueError(f"serving needs FastAPI and uvicorn ({e}): pip install 'zoo-lm[serve]'") from None
-    from ..engine import Engine
 
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in [0, 65535], not {args.port}")
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        raise ValueError("--served-model-name must not be empty: it is the name clients ask for")
     if args.max_batch < 1 or args.max_queue < 0:
         raise ValueError(f"--max-batch must be >= 1 and --max-queue >= 0, not {args.max_batch} and {args.max_queue}")
+    if args.num_draft is not None and (args.num_draft < 1 or not args.prompt_lookup):
+        raise ValueError(f"--num-draft sets the tokens --prompt-lookup drafts per step: give --prompt-lookup and a "
+                         f"number >= 1, not {args.num_draft}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_source(args.source, device=device, dtype=args.dtype)
-    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, compile=args.compile)
-    app = create_app(engine, args.source, api_key=args.api_key)
-    print(f"zoo serve: {describe_source(args.source)}, {args.dtype} on {device}; OpenAI API at "
+    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, compile=args.compile,
+                    draft="prompt-lookup" if args.prompt_lookup else None, num_draft=args.num_draft)
+    name = args.served_model_name or args.source
+    app = create_app(engine, name, api_key=args.api_key)
+    print(f"zoo serve: {describe_source(args.source)} as {name!r}, {args.dtype} on {device}; OpenAI API at "
           f"http://{args.host}:{args.port}/v1, chat page at http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -17,6 +17,7 @@ from torch import nn
 from . import data
 from .progress import log
 from .registry import arch_of
+from .tokenizers import MASK_TOKEN
 
 MASK_PROB = 0.15  # BERT's share of selected tokens
 MASKED, RANDOM = 0.8, 0.1  # of the selected tokens: replaced by the mask token, by a random token (the rest stay)
@@ -73,7 +74,6 @@ def resize_vocab(model, vocab_size):
 def add_mask_token(model, tokenizer, mask_token=None):
     """Give `tokenizer` a mask token unless it has one (tokenizers.MASK_TOKEN by default), and grow `model`'s
     embedding and head when the new id lies past its rows. Notes what changed on the "zoo" logger."""
-    from .tokenizers import MASK_TOKEN
     if tokenizer.mask_token_id is not None:
         return model
     rows = model.config.vocab_size

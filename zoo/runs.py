@@ -1,0 +1,140 @@
+"""A training run's output folder: which folder a run may write to, its step-NNNNNNN checkpoints (saved
+all-or-nothing, listed, resumed from the newest intact one) and the RNG states a resumed run restores.
+
+    OUT/step-0000500/   the weights (zoo.save_pretrained; a LoRA run's adapter, zoo.save_adapter) and
+                        training_state.pt (optimizer, schedule, RNG states, data position, settings)
+    OUT/log.jsonl       the loss log (zoo/training.py)
+"""
+import dataclasses
+import os
+import random
+import re
+import shutil
+
+import numpy as np
+import torch
+
+from . import adapters
+from .distributed import full_state
+from .progress import log as note
+from .pretrained import save_pretrained
+from .registry import arch_of, build
+from .sources import from_pretrained
+
+STATE_FILE = "training_state.pt"
+
+
+def checkpoints_in(out):
+    """The run's step-NNNNNNN folders, oldest first."""
+    names = os.listdir(out) if os.path.isdir(out) else []
+    return [os.path.join(out, d) for d in sorted(names) if re.fullmatch(r"step-\d+", d)]
+
+
+def latest_checkpoint(out):
+    found = checkpoints_in(out)
+    return found[-1] if found else None
+
+
+def holds_a_run(out):
+    return os.path.isdir(out) and (os.path.exists(os.path.join(out, "log.jsonl")) or bool(checkpoints_in(out)))
+
+
+def prepare_out(out, resume, overwrite, master):
+    """Refuse to mix a new run into an old one: a folder that holds a run is continued (resume) or moved
+    aside (overwrite, to OUT.old-N, never deleted); a path that is a file is refused."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"out {out!r} is a file, not a folder: name a folder for the run's checkpoints and log")
+    if resume or not holds_a_run(out):
+        return
+    if not overwrite:
+        raise ValueError(f"out {out!r} holds an earlier run (log.jsonl / step-* checkpoints): continue it with "
+                         "resume (--resume), start again with overwrite (--overwrite; the old run is moved aside "
+                         "to OUT.old-N), or name another folder")
+    if master:
+        n = 1
+        while os.path.exists(f"{out.rstrip(os.sep)}.old-{n}"):
+            n += 1
+        aside = f"{out.rstrip(os.sep)}.old-{n}"
+        os.replace(out, aside)
+        note.warning("zoo: the earlier run in %s was moved to %s", out, aside)
+
+
+def resume_point(out):
+    """(folder, training state, model) of the newest intact checkpoint in `out`. A damaged one (weights or
+    training state that do not read) is named on the "zoo" logger and left in place; the one before it is
+    tried. None when there is no checkpoint at all."""
+    found = checkpoints_in(out)
+    for ckpt in reversed(found):
+        try:
+            state = torch.load(os.path.join(ckpt, STATE_FILE), weights_only=True)
+        except Exception as e:  # a truncated zip, a missing file: torch raises several kinds
+            note.warning("zoo: %s is damaged (%s: %s); trying the checkpoint before it",
+                         os.path.join(ckpt, STATE_FILE), type(e).__name__, (str(e).splitlines() or [""])[0])
+            continue
+        try:
+            if adapters.is_lora_run(ckpt):  # a LoRA run: its base and adapter
+                model = from_pretrained(ckpt)
+            else:
+                model = build(state["arch"], state["config"])
+                model.load_state_dict(from_pretrained(ckpt).state_dict())
+        except (ValueError, FileNotFoundError, RuntimeError, KeyError) as e:
+            note.warning("zoo: the weights in %s are damaged (%s); trying the checkpoint before it", ckpt,
+                         (str(e).splitlines() or [""])[0])
+            continue
+        if ckpt != found[-1]:
+            note.warning("zoo: resuming from %s, the newest intact checkpoint (the damaged ones are left as they "
+                         "are)", ckpt)
+        return ckpt, state, model
+    if found:
+        raise ValueError(f"resume: every checkpoint in {out!r} is damaged ({', '.join(map(os.path.basename, found))})"
+                         "; nothing to continue from")
+    return None
+
+
+def rng_states():
+    """Every RNG the run touches, as lists and tensors so torch.load(weights_only=True) reads them."""
+    version, state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return dict(python=[version, list(state), gauss], numpy=[name, torch.from_numpy(keys.astype(np.int64)),
+                                                             pos, has_gauss, cached],
+                torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def set_rng_states(r):
+    random.setstate((r["python"][0], tuple(r["python"][1]), r["python"][2]))
+    name, keys, pos, has_gauss, cached = r["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(r["torch"])
+    if r["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(r["cuda"])
+
+
+def save_checkpoint(out, step, model, tokenizer, optimizer, horizon, batch_rng, s, master=True, dpo=None):
+    """OUT/step-NNNNNNN: weights + tokenizer (zoo.save_pretrained; a LoRA run's adapter, zoo.save_adapter) and
+    the training state (with a DPO run's reference: preference.prepare), all-or-nothing, written by rank 0. Under FSDP every rank calls it (the full state is
+    gathered from the shards)."""
+    weights, optimizer_state = full_state(model, optimizer, s.fsdp)
+    if not master:
+        return None
+    arch = arch_of(model)
+    if s.fsdp:  # the gathered tensors, in a plain model of the same config, so the folder reads as any other
+        model = build(arch, model.config)
+        model.load_state_dict(weights)
+    final = os.path.join(out, f"step-{step:07d}")
+    tmp = os.path.join(out, f".tmp-step-{step:07d}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if adapters.lora_layers(model):  # a LoRA run: the adapter alone (PEFT's layout) and base.json, naming its base
+        adapters.save_adapter(model, tmp, tokenizer=tokenizer)
+    else:
+        save_pretrained(model, tmp, tokenizer=tokenizer)
+    torch.save(dict(step=step, horizon=horizon, optimizer=optimizer_state, rng=rng_states(),
+                    data=batch_rng.get_state(), arch=arch, config=dataclasses.asdict(model.config),
+                    settings=vars(s), **({"dpo": dpo} if dpo else {})), os.path.join(tmp, STATE_FILE))
+    if os.path.exists(final):  # resumed before a damaged checkpoint: keep it, under another name
+        n = 1
+        while os.path.exists(f"{final}.damaged-{n}"):
+            n += 1
+        os.replace(final, f"{final}.damaged-{n}")
+    os.replace(tmp, final)  # a crash before this line leaves only the .tmp folder, never a broken step-*
+    return final
