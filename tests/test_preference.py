@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import zoo
 from zoo import preference
-from zoo import training as zt
+from zoo import runs
 from zoo.data import IGNORE
 
 transformers = pytest.importorskip("transformers")
@@ -254,17 +254,17 @@ def test_dpo_runs_log_the_metrics_and_resume_exactly(tiny_base, prefs, tmp_path,
     class Crash(Exception):
         pass
 
-    save = zt.save_checkpoint
+    save = runs.save_checkpoint
 
     def save_then_crash(out, step, *rest, **kw):
         path = save(out, step, *rest, **kw)
         if step == 2:
             raise Crash
         return path
-    monkeypatch.setattr(zt, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(runs, "save_checkpoint", save_then_crash)
     with pytest.raises(Crash):
         zoo.train(None, [prefs], tmp_path / "b", **common)
-    monkeypatch.setattr(zt, "save_checkpoint", save)
+    monkeypatch.setattr(runs, "save_checkpoint", save)
     zoo.train(None, [prefs], tmp_path / "b", resume=True)  # its own settings, base and reference
     name = "adapter_model.safetensors" if lora_r else "model.safetensors"
     a, b = (load_file(tmp_path / r / "step-0000004" / name) for r in "ab")
