@@ -4,6 +4,7 @@ block recomputed in the backward pass, as QLoRA recipes run; peft's prepare_mode
 it on by default).
 
     flock /tmp/bench.lock python bench/finetune.py [--rounds 3] [--steps 4] [--profile]
+    flock /tmp/bench.lock python bench/finetune.py --rows "zoo DPO LoRA" "TRL DPO + peft LoRA"   # preference tuning
 
 Every row trains the same weights (the packaged GGUF, written once as a Hugging Face folder) on the same
 tokens: batch 8 x 256, bf16 autocast, AdamW, LoRA r 16 / alpha 32 on every attention and MLP projection,
@@ -13,7 +14,11 @@ its adapters in fp32) with peft's LoRA. Each row runs in a fresh process; rows a
 within each round so that the machine's load drifts over all of them alike. Memory: peak RSS (VmHWM)
 minus RSS after the imports, i.e. the model, optimizer and activations.
 
-Goals: zoo LoRA >= 1.5x transformers + peft tokens/s at <= its peak memory; LoRA over int8 <= 0.6x the
+The DPO rows train on the same preference pairs (plain text, 128 tokens a sequence, batch 8 pairs: 16
+sequences), the reference the base with the adapters off: `zoo.train(..., objective="dpo")` against TRL's
+DPOTrainer with peft's LoRA (bf16, the same LoRA); tokens/s counts the chosen and rejected sequences' tokens.
+
+Goals: zoo LoRA (and zoo DPO LoRA) >= 1.5x transformers + peft tokens/s at <= its peak memory; LoRA over int8 <= 0.6x the
 peak memory of zoo's full fine-tune (printed for the same settings and against the plain full fine-tune).
 """
 import argparse
@@ -29,7 +34,10 @@ from pathlib import Path
 
 B, T, R, ALPHA = 8, 256, 16, 32
 ROWS = ("zoo LoRA", "transformers + peft LoRA", "zoo full fine-tune", "zoo LoRA over int8",
-        "zoo full fine-tune, grad checkpoint", "zoo LoRA over int8, grad checkpoint")
+        "zoo full fine-tune, grad checkpoint", "zoo LoRA over int8, grad checkpoint", "zoo DPO LoRA",
+        "TRL DPO + peft LoRA")
+PAIR_T = 128  # tokens of each DPO sequence (prompt + answer)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def rss_mb(field):
@@ -47,6 +55,71 @@ def text_file(folder):
     path = Path(folder) / "text.txt"
     path.write_text(" ".join(rng.choice(words) + ("." if rng.random() < 0.08 else "") for _ in range(120_000)))
     return path
+
+
+def pairs_file(folder, tokenizer):
+    """Preference pairs of PAIR_T tokens a sequence: a 96-token prompt, answers of 32 (end of text included)."""
+    import random
+    rng = random.Random(0)
+    words = [w for w in "the of and to in is was that for on with as by at from his her they which be".split()
+             if len(tokenizer.encode(" " + w)) == 1]
+    text = lambda n: "".join(" " + rng.choice(words) for _ in range(n))  # noqa: E731 (one token a word)
+    path = Path(folder) / "pairs.jsonl"
+    with open(path, "w") as f:
+        for _ in range(256):
+            f.write(json.dumps({"prompt": "Go" + text(PAIR_T - 32 - 1 - tokenizer.add_bos), "chosen": text(31),
+                                "rejected": text(31)}) + "\n")
+    return path
+
+
+def child_zoo_dpo(base, folder, steps):
+    import torch
+    import zoo
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
+    before = rss_mb("VmRSS")
+    out = Path(tempfile.mkdtemp(dir=folder, prefix="zoo-dpo-"))
+    data = pairs_file(folder, zoo.tokenizer(base))
+    zoo.train(None, [str(data)], out, init=base, objective="dpo", beta=0.1, lora_r=R, lora_alpha=ALPHA,
+              batch_size=B, block_size=PAIR_T, bf16=True, max_iters=steps + 1, log_interval=1,
+              eval_interval=10 ** 6, eval_iters=1, checkpoint_interval=10 ** 6, warmup=1, progress=False, device="cpu")
+    rows = [json.loads(line) for line in open(out / "log.jsonl")]
+    shutil.rmtree(out)
+    # the log's tok_per_s counts batch_size x block_size a step: 2 x that are the pairs' sequences' tokens
+    tok_s = [2 * r["tok_per_s"] for r in rows if "tok_per_s" in r][1:]
+    return dict(tok_s=statistics.median(tok_s), peak_mb=rss_mb("VmHWM") - before)
+
+
+def child_trl_dpo(base, folder, steps):
+    import datasets
+    import peft
+    import torch
+    import transformers
+    import trl
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
+    before = rss_mb("VmRSS")
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    tok = transformers.AutoTokenizer.from_pretrained(base)
+    import zoo
+    rows = [json.loads(line) for line in open(pairs_file(folder, zoo.tokenizer(base)))]
+    times = []
+
+    class Timer(transformers.TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.t0)
+
+    args = trl.DPOConfig(output_dir=tempfile.mkdtemp(dir=folder), beta=0.1, per_device_train_batch_size=B,
+                         max_steps=steps + 1, bf16=True, use_cpu=True, learning_rate=1e-4, report_to=[],
+                         save_strategy="no", logging_steps=10 ** 6, max_length=PAIR_T, disable_tqdm=True,
+                         dataloader_num_workers=0)
+    lora = peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, task_type="CAUSAL_LM", target_modules=TARGETS)
+    trainer = trl.DPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                             processing_class=tok, peft_config=lora, callbacks=[Timer()])
+    trainer.train()
+    return dict(tok_s=2 * B * PAIR_T / statistics.median(times[1:]), peak_mb=rss_mb("VmHWM") - before)
 
 
 def child_zoo(row, base, folder, steps, profile):
@@ -77,9 +150,7 @@ def child_peft(base, steps):
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
     before = rss_mb("VmRSS")
     model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
-    config = peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, task_type="CAUSAL_LM",
-                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                             "down_proj"])
+    config = peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, task_type="CAUSAL_LM", target_modules=TARGETS)
     model = peft.get_peft_model(model, config).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
@@ -124,8 +195,14 @@ def main():
     args = p.parse_args()
     if args.child:
         row, base, folder = args.child
-        result = child_peft(base, args.steps) if row.startswith("transformers") else \
-            child_zoo(row, base, folder, args.steps, args.profile)
+        if row == "zoo DPO LoRA":
+            result = child_zoo_dpo(base, folder, args.steps)
+        elif row == "TRL DPO + peft LoRA":
+            result = child_trl_dpo(base, folder, args.steps)
+        elif row.startswith("transformers"):
+            result = child_peft(base, args.steps)
+        else:
+            result = child_zoo(row, base, folder, args.steps, args.profile)
         print(json.dumps(result))
         return
 
@@ -155,13 +232,12 @@ def main():
         tok = sorted(r["tok_s"] for r in rs)
         mem = sorted(r["peak_mb"] for r in rs)
         print(f"| {row} | {tok[0]:.0f}-{tok[-1]:.0f} | {mem[0]:.0f}-{mem[-1]:.0f} |")
-    if "zoo LoRA" in results and "transformers + peft LoRA" in results:
-        ratios = sorted(z["tok_s"] / p["tok_s"]
-                        for z, p in zip(results["zoo LoRA"], results["transformers + peft LoRA"]))
-        mems = sorted(z["peak_mb"] / p["peak_mb"] for z, p in zip(results["zoo LoRA"],
-                                                                  results["transformers + peft LoRA"]))
-        print(f"\nzoo LoRA / transformers + peft, same round: tokens/s {ratios[0]:.2f}-{ratios[-1]:.2f}x, "
-              f"peak memory {mems[0]:.2f}-{mems[-1]:.2f}x (goals: >= 1.5x, <= 1x)")
+    for ours, peer in (("zoo LoRA", "transformers + peft LoRA"), ("zoo DPO LoRA", "TRL DPO + peft LoRA")):
+        if ours in results and peer in results:
+            ratios = sorted(z["tok_s"] / p["tok_s"] for z, p in zip(results[ours], results[peer]))
+            mems = sorted(z["peak_mb"] / p["peak_mb"] for z, p in zip(results[ours], results[peer]))
+            print(f"\n{ours} / {peer}, same round: tokens/s {ratios[0]:.2f}-{ratios[-1]:.2f}x, "
+                  f"peak memory {mems[0]:.2f}-{mems[-1]:.2f}x (goals: >= 1.5x, <= 1x)")
     for q, f in [("zoo LoRA over int8", "zoo full fine-tune"), ("zoo LoRA over int8, grad checkpoint",
                  "zoo full fine-tune, grad checkpoint"), ("zoo LoRA over int8, grad checkpoint", "zoo full fine-tune")]:
         if q in results and f in results:

@@ -67,6 +67,17 @@ def is_chat(paths):
 
 def read_examples(paths):
     """Every example of the sources, as dicts with "messages" or "prompt" and "completion"."""
+    examples = read_rows(paths)
+    for where, row in examples:
+        if _example_kind(row) is None:
+            raise ValueError(f"{where}: expected {{\"messages\": [...]}} or {{\"prompt\": ..., \"completion\": "
+                             f"...}}, got keys {sorted(row) if isinstance(row, dict) else type(row).__name__}")
+    return examples
+
+
+def read_rows(paths):
+    """[(where, row)]: every JSON row of the JSONL files and hf: datasets in `paths`, with its place ("file:line",
+    "hf:... row i") for error messages."""
     examples = []
     for path in paths:
         if path.startswith(HF_PREFIX):
@@ -84,11 +95,7 @@ def read_examples(paths):
                             raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
             lines = [n for n, _ in rows]
             rows, where = [r for _, r in rows], lambda i, path=path, lines=lines: f"{path}:{lines[i]}"
-        for i, row in enumerate(rows):
-            if _example_kind(row) is None:
-                raise ValueError(f"{where(i)}: expected {{\"messages\": [...]}} or {{\"prompt\": ..., \"completion\": "
-                                 f"...}}, got keys {sorted(row) if isinstance(row, dict) else type(row).__name__}")
-            examples.append((where(i), row))
+        examples += [(where(i), row) for i, row in enumerate(rows)]
     return examples
 
 

@@ -1,5 +1,5 @@
-"""The `zoo` command line: `zoo list|generate|train|eval|verify|inspect|serve|fill-mask|export` (also
-`python -m zoo`).
+"""The `zoo` command line: `zoo list|generate|chat|train|eval|verify|inspect|serve|fill-mask|export`
+(also `python -m zoo`).
 
 Each command is a module in zoo/commands/ with `HELP`, `add_arguments(parser)` and `run(args) -> exit
 code`; this file only routes to it, shows the library's notes on stderr, and turns bad input into one
@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("list", "generate", "train", "eval", "verify", "inspect", "serve", "fill-mask", "export")
+COMMANDS = ("list", "generate", "chat", "train", "eval", "verify", "inspect", "serve", "fill-mask", "export")
 
 
 class Parser(argparse.ArgumentParser):

@@ -18,6 +18,7 @@ the base itself gets none and is never dequantized for long.
 """
 import fnmatch
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -86,6 +87,7 @@ class LoRALinear(nn.Module):
             raise ValueError(f"slices {self.slices} (adapted {self.adapted}) do not split {self.out_features} "
                              "outputs with at least one adapted part")
         self.r, self.alpha = r, alpha
+        self.enabled = True  # False: the base alone (see adapters_off)
         self.scaling = alpha / r if scaling is None else scaling
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         n = sum(self.adapted)
@@ -122,6 +124,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         y = frozen_forward(self.base, x)  # [..., out]
+        if not self.enabled:
+            return y
         h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))  # [..., parts * r]
         return y + self.scaling * F.linear(h, self.delta_B().to(x.dtype)).to(y.dtype)  # [..., out]
 
@@ -208,6 +212,20 @@ def _shared_weights(model, module):
 def lora_layers(model):
     """{module name: LoRALinear} of `model`."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextmanager
+def adapters_off(model):
+    """Inside, every LoRALinear of `model` computes its frozen base alone: the model before fine-tuning, with
+    no second copy in memory (DPO's reference model; PEFT's disable_adapter)."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.enabled = True
 
 
 @torch.no_grad()

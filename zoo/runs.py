@@ -110,9 +110,9 @@ def set_rng_states(r):
         torch.cuda.set_rng_state_all(r["cuda"])
 
 
-def save_checkpoint(out, step, model, tokenizer, optimizer, horizon, batch_rng, s, master=True):
+def save_checkpoint(out, step, model, tokenizer, optimizer, horizon, batch_rng, s, master=True, dpo=None):
     """OUT/step-NNNNNNN: weights + tokenizer (zoo.save_pretrained; a LoRA run's adapter, zoo.save_adapter) and
-    the training state, all-or-nothing, written by rank 0. Under FSDP every rank calls it (the full state is
+    the training state (with a DPO run's reference: preference.prepare), all-or-nothing, written by rank 0. Under FSDP every rank calls it (the full state is
     gathered from the shards)."""
     weights, optimizer_state = full_state(model, optimizer, s.fsdp)
     if not master:
@@ -130,7 +130,7 @@ def save_checkpoint(out, step, model, tokenizer, optimizer, horizon, batch_rng, 
         save_pretrained(model, tmp, tokenizer=tokenizer)
     torch.save(dict(step=step, horizon=horizon, optimizer=optimizer_state, rng=rng_states(),
                     data=batch_rng.get_state(), arch=arch, config=dataclasses.asdict(model.config),
-                    settings=vars(s)), os.path.join(tmp, STATE_FILE))
+                    settings=vars(s), **({"dpo": dpo} if dpo else {})), os.path.join(tmp, STATE_FILE))
     if os.path.exists(final):  # resumed before a damaged checkpoint: keep it, under another name
         n = 1
         while os.path.exists(f"{final}.damaged-{n}"):

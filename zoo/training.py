@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import adapters, chat_data, data, mlm, runs, tokenizers
+from . import adapters, chat_data, data, mlm, preference, runs, tokenizers
 from .distributed import (Distributed, checkpoint_blocks, gradient_sync, load_optimizer_state, shard,
                           wrap)
 from .loss import HeadLoss
@@ -61,11 +61,20 @@ class TrainConfig:
     beta1: float = _setting(0.9, "AdamW beta1", type=float)
     beta2: float = _setting(0.95, "AdamW beta2", type=float)
     grad_clip: float = _setting(1.0, "clip the gradient norm to this (0: off)", type=float)
-    label_smoothing: float = _setting(0.0, "label smoothing of the cross-entropy", type=float)
-    # the objective: next-token prediction, or masked language modelling (zoo/mlm.py)
+    label_smoothing: float = _setting(0.0, "label smoothing of the cross-entropy; dpo: the chance that a pair's "
+                                           "labels are flipped (cDPO, below 0.5)", type=float)
+    # the objective: next-token prediction, masked language modelling (zoo/mlm.py), preferences (preference.py)
     objective: str = _setting("causal", "causal: predict the next token; mlm: masked language modelling (BERT's "
-                                        "recipe; bidirectional attention unless --set causal=true)", type=str,
-                              choices=("causal", "mlm"))
+                                        "recipe; bidirectional attention unless --set causal=true); dpo: preference "
+                                        "tuning on {prompt, chosen, rejected} pairs", type=str,
+                              choices=("causal", "mlm", "dpo"))
+    beta: float = _setting(0.1, "dpo: how far the model may move from the reference (the rewards' scale; IPO's "
+                                "regularisation)", type=float)
+    dpo_loss: str = _setting("sigmoid", "dpo: sigmoid (DPO; cDPO with --label-smoothing) or ipo", type=str,
+                             choices=preference.LOSSES)
+    dpo_reference: str = _setting("live", "dpo: the reference model's log-probabilities computed each step (LoRA: "
+                                          "adapters off; else a frozen copy), or precomputed for every pair before "
+                                          "training (no copy)", type=str, choices=preference.REFERENCES)
     mask_prob: float = _setting(mlm.MASK_PROB, "mlm: the share of tokens selected for prediction (then "
                                                    "80/10/10: masked, a random token, unchanged)", type=float)
     eval_interval: int = _setting(250, "steps between validation losses", type=int)
@@ -130,7 +139,9 @@ class TrainConfig:
         need(0 <= self.beta1 < 1, "beta1", "in [0, 1)")
         need(0 <= self.beta2 < 1, "beta2", "in [0, 1)")
         need(self.grad_clip >= 0, "grad_clip", ">= 0 (0: off)")
-        need(0 <= self.label_smoothing < 1, "label_smoothing", "in [0, 1)")
+        need(0 <= self.label_smoothing < (0.5 if self.objective == "dpo" else 1), "label_smoothing",
+             "in [0, 0.5) with dpo" if self.objective == "dpo" else "in [0, 1)")
+        need(self.beta > 0, "beta", "> 0")
         need(self.time_budget is None or self.time_budget > 0, "time_budget", "> 0 seconds (or None)")
         need(0 < self.mask_prob <= 1, "mask_prob", "in (0, 1]")
         need(self.lora_r >= 0, "lora_r", ">= 0 (0: no LoRA)")
@@ -222,6 +233,13 @@ def evaluate(model, val, s, index, loss_of):
                 total += loss_of(model, x, y, reduction="sum")
             count += (y != data.IGNORE).sum()
     return total.item() / count.item()
+
+
+def validate(model, val, s, index, loss_of):
+    """{"val_loss": ...} over the validation examples `index` names; for preference pairs the DPO metrics too."""
+    if s.objective == "dpo":
+        return preference.evaluate(model, val, s.batch_size, s.device, index, loss_of, lambda: forward_context(s))
+    return {"val_loss": evaluate(model, val, s, index, loss_of)}
 
 
 def train(source, data_paths, out, *, val=None, init=None, resume=False, overwrite=False, overrides=None, config=None,
@@ -321,7 +339,12 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
         tokenizer = make_tokenizer(s.tokenizer, docs, cfg.vocab_size)
     if s.objective == "mlm":  # a mask token, and the model grown by its row when the vocabulary needs it
         mlm.add_mask_token(model, tokenizer)
-    if chat_data.is_chat(data_paths + (val or [])):  # conversations: one padded row each, assistant tokens trained
+    if s.objective == "dpo":  # preference pairs: one chosen and one rejected row each
+        train_data, val_data = preference.load_splits(data_paths, tokenizer, val, s.block_size, cfg.vocab_size)
+    elif preference.is_preference(data_paths):
+        raise ValueError(f"{data_paths[0]} holds preference pairs (prompt, chosen, rejected): train on them with "
+                         "objective dpo (--objective dpo)")
+    elif chat_data.is_chat(data_paths + (val or [])):  # conversations: one padded row each, assistant tokens trained
         if s.objective == "mlm":
             raise ValueError("conversations (JSONL messages) train the causal objective; mlm takes plain text")
         train_data, val_data = chat_data.load_splits(data_paths, tokenizer, val, s.block_size, cfg.vocab_size)
@@ -334,6 +357,9 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
     del docs
 
     model.to(s.device).train()
+    if s.objective == "dpo":  # the reference model (or its log-probabilities) and the DPO loss
+        loss_of, dpo_state = preference.prepare(model, s, train_data, val_data, state and state.get("dpo"), init,
+                                                lambda: forward_context(s))
     if s.grad_checkpoint:
         checkpoint_blocks(model)
     if s.fsdp:
@@ -357,7 +383,8 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
         runs.set_rng_states(state["rng"])
         if dist.rank:
             torch.manual_seed(s.seed + dist.rank + step)
-    loss_of = HeadLoss(model)  # the loss through the output layer in chunks (zoo/loss.py)
+    if s.objective != "dpo":
+        loss_of = HeadLoss(model)  # the loss through the output layer in chunks (zoo/loss.py)
     router = RouterLoss(model)  # a mixture of experts' load-balancing losses (zoo/routing.py)
     net = wrap(model, s, dist.world)
     eval_at = val_data.fixed(s.eval_iters * s.batch_size)
@@ -402,8 +429,10 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
                         f"{good or 'none'}; lower --lr, raise --warmup or set --grad-clip, then --resume")
                 dt, t_log = time.time() - t_log, time.time()
                 tok_s = tokens_per_step * steps_logged / dt
+                extra = {k: round(v, 4) for k, v in loss_of.metrics.read(dist.mean).items() if k != "loss"} \
+                    if s.objective == "dpo" else router.report()  # DPO's rewards, or a mixture's expert shares
                 if master:
-                    log.write(step=step, loss=round(loss, 4), lr=lr, tok_per_s=round(tok_s), **router.report())
+                    log.write(step=step, loss=round(loss, 4), lr=lr, tok_per_s=round(tok_s), **extra)
                     bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
                 if timer:  # rank 0 plans; every rank must stop at the same step
                     if master:
@@ -418,21 +447,23 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
             last = step >= horizon
             if (master or s.fsdp) and (step % s.eval_interval == 0 or last):  # FSDP: every rank gathers
                 t = time.time()
-                val_loss, last_val_step = evaluate(model, val_data, s, eval_at, loss_of), step
+                metrics, last_val_step = validate(model, val_data, s, eval_at, loss_of), step
+                val_loss = metrics["val_loss"]
                 if master:
-                    log.write(step=step, val_loss=round(val_loss, 4))
+                    log.write(step=step, **{k: round(v, 4) for k, v in metrics.items()})
                     note.info("step %d: val_loss %.4f", step, val_loss)
                 t_log += time.time() - t  # evaluation time is not training throughput
                 if timer:
                     timer.eval_seconds = time.time() - t
             if (master or s.fsdp) and (step % s.checkpoint_interval == 0 or last):
                 t = time.time()
-                runs.save_checkpoint(out, step, model, tokenizer, optimizer, horizon, batch_rng, s, master)
+                runs.save_checkpoint(out, step, model, tokenizer, optimizer, horizon, batch_rng, s, master,
+                                dpo=dpo_state if s.objective == "dpo" else None)
                 t_log += time.time() - t
                 if timer:
                     timer.checkpoint_seconds = time.time() - t
         if (master or s.fsdp) and last_val_step != step:  # resumed at the very end: nothing left to train
-            val_loss = evaluate(model, val_data, s, eval_at, loss_of)
+            val_loss = validate(model, val_data, s, eval_at, loss_of)["val_loss"]
     finally:
         if bar is not None:
             bar.close()

@@ -17,22 +17,10 @@ def add_arguments(parser):
                              "(default: smollm2-135m-instruct)")
     parser.add_argument("--prompt", required=True, help="the text to continue (or, with --chat, the user message)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.0,
-                        help="0 (the default) is greedy: the same answer every time; e.g. 0.8 samples")
-    parser.add_argument("--top-k", type=int)
-    parser.add_argument("--top-p", type=float)
-    parser.add_argument("--min-p", type=float)
-    parser.add_argument("--repetition-penalty", type=float)
+    add_sampling_arguments(parser)
     parser.add_argument("--beams", type=int, default=1, help="beam search with this many beams")
-    parser.add_argument("--seed", type=int)
     parser.add_argument("--stop", action="append", help="end the text before this string (repeatable)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"),
-                        help="the weights' (with --quantize: the activations') dtype (default: float32; "
-                             "bfloat16 with --quantize)")
-    parser.add_argument("--quantize", choices=("int8", "int4", "native"),
-                        help="weight-only quantized matrices (faster decoding); native: a GGUF file's "
-                             "Q4_0/Q4_1/Q8_0 blocks as they are (the fastest for a quantized GGUF)")
+    add_model_arguments(parser)
     parser.add_argument("--compile", action="store_true",
                         help="compile the decode step: faster per token after ~20 s of compiling (long outputs)")
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available, else cpu)")
@@ -49,12 +37,38 @@ def add_arguments(parser):
     parser.add_argument("--draft-quantize", choices=("int8", "int4", "native"), help="quantize the --draft model")
 
 
-def run(args):
-    # checked before the minutes a download may take
-    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                              repetition_penalty=args.repetition_penalty, num_beams=args.beams, seed=args.seed)
+def add_sampling_arguments(parser):
+    """The sampling flags (shared with `zoo chat`)."""
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0 (the default) is greedy: the same answer every time; e.g. 0.8 samples")
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--min-p", type=float)
+    parser.add_argument("--repetition-penalty", type=float)
+    parser.add_argument("--seed", type=int)
+
+
+def add_model_arguments(parser):
+    """How the model is loaded (shared with `zoo chat`)."""
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"),
+                        help="the weights' (with --quantize: the activations') dtype (default: float32; "
+                             "bfloat16 with --quantize)")
+    parser.add_argument("--quantize", choices=("int8", "int4", "native"),
+                        help="weight-only quantized matrices (faster decoding); native: a GGUF file's "
+                             "Q4_0/Q4_1/Q8_0 blocks as they are (the fastest for a quantized GGUF)")
+
+
+def sampling_of(args, num_beams=1):
+    """The flags' SamplingConfig (checked before the minutes a download may take)."""
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, not {args.max_new_tokens}")
+    return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                          repetition_penalty=args.repetition_penalty, num_beams=num_beams, seed=args.seed)
+
+
+def run(args):
+    sampling = sampling_of(args, args.beams)
     if args.num_draft is not None and args.num_draft < 1:
         raise ValueError(f"--num-draft must be >= 1, not {args.num_draft}")
     if args.num_draft is not None and not (args.draft or args.prompt_lookup):
