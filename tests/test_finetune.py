@@ -151,8 +151,8 @@ def test_lora_resume_equals_an_uninterrupted_run(tiny_chat, tmp_path, monkeypatc
 
     save = runs.save_checkpoint
 
-    def save_then_crash(out, step, *rest):
-        path = save(out, step, *rest)
+    def save_then_crash(out, step, *rest, **kw):
+        path = save(out, step, *rest, **kw)
         if step == 4:
             raise Crash
         return path

@@ -316,8 +316,8 @@ def test_resume_continues_exactly(tmp_path, text_file, monkeypatch):
 
     save = runs.save_checkpoint
 
-    def save_then_crash(out, step, *rest):
-        path = save(out, step, *rest)
+    def save_then_crash(out, step, *rest, **kw):
+        path = save(out, step, *rest, **kw)
         if step == 8:
             raise Crash
         return path

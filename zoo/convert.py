@@ -298,8 +298,12 @@ def gguf_llama(meta, ours, need=None, shapes=None, to_hf=False):
     outside its config keys or in a form of its own: the vocabulary size (rows of token_embd), a tied output
     layer (no output.weight), Phi-3/4's partial rotary (phi3.rope.dimension_count below the head width), and
     llama.cpp's rope scaling (rope_freqs or LongRoPE's rope_factors tables), which we refuse with a pointer to
-    the Hugging Face form. Export: the tensors say it all (a tied model writes no output.weight)."""
+    the Hugging Face form. Export: the tensors carry the vocabulary and the tied head; the rotated width is
+    written as llama.cpp's converter writes it."""
     if to_hf:
+        arch = next(k.split(".")[0] for k in meta if k.endswith(".block_count"))
+        head_dim = ours.get("head_dim") or ours["n_embd"] // ours["n_head"]
+        meta[f"{arch}.rope.dimension_count"] = round(head_dim * (ours.get("rotary_fraction") or 1.0))
         return
     arch = meta["general.architecture"]
     tables = [n for n in ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight") if n in shapes]
