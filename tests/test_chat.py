@@ -124,6 +124,22 @@ class Terminal:
     def type(self, keys):
         os.write(self.fd, keys.encode())
 
+    def wait(self, timeout=60):
+        """The program's exit status once it ends, reading what it still shows meanwhile (a full terminal
+        would block it); AssertionError if it has not ended after timeout seconds."""
+        end = time.time() + timeout
+        while time.time() < end:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.pid = None
+                return status
+            if select.select([self.fd], [], [], 0.5)[0]:
+                try:
+                    self.seen += os.read(self.fd, 65536).decode("utf-8", "replace")
+                except OSError:
+                    pass
+        raise AssertionError(f"zoo chat still runs {timeout} s later:\n{self.text()[-2000:]}")
+
     def close(self):
         try:
             os.kill(self.pid, 9)
@@ -162,12 +178,13 @@ def test_in_a_terminal_two_turns_reset_ctrl_c_save_and_load(tiny_chat_model, tmp
         shown = term.read_until(r"\[stopped: \d+ tokens")
         assert int(re.search(r"\[stopped: (\d+) tokens", shown).group(1)) < n
         term.type(f"/load {saved}\r")
-        term.read_until(r"loaded 4 messages")
+        term.read_until(r"loaded 4 messages[^>]*>>>")
         assert json.loads(saved.read_text())["messages"][1]["content"] == a1
-        term.type("\x04")  # Ctrl-D: leave
-        _, status = os.waitpid(term.pid, 0)
+        # Ctrl-D at the prompt: leave. Typed before the prompt is up, the terminal would still be in cooked mode,
+        # whose line discipline takes Ctrl-D as its own end-of-file and never passes it on
+        term.type("\x04")
+        status = term.wait()
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-        term.pid = None
     finally:
         if term.pid:
             term.close()

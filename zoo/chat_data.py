@@ -225,16 +225,23 @@ def load_splits(paths, tokenizer, val_paths=None, block_size=1024, vocab_size=No
         raise ValueError("the tokenizer has no chat template to render conversations with; use a chat model's "
                          "tokenizer (--tokenizer) or prompt/completion examples")
     pad = next(i for i in (tokenizer.pad_id, tokenizer.eos_id, 0) if i is not None)
-    train = tokenize(examples[0], tokenizer, block_size, vocab_size)
-    if val_paths:
-        val = tokenize(examples[1], tokenizer, block_size, vocab_size)
+    train, val = split(examples, lambda part: tokenize(part, tokenizer, block_size, vocab_size), "examples")
+    return Conversations(train, pad), Conversations(val, pad)
+
+
+def split(parts, tokenize, what):
+    """(train, val) tokenized from parts = [training rows, validation rows or None]; without validation rows,
+    the last VAL_FRACTION of the training rows (at least one). Either split empty is an error naming it."""
+    train = tokenize(parts[0])
+    if parts[1] is not None:
+        val = tokenize(parts[1])
     else:
         n = len(train) - max(1, int(len(train) * VAL_FRACTION))
         train, val = train[:n], train[n:]
     for name, part in (("training", train), ("validation", val)):
         if not part:
-            raise ValueError(f"the {name} split has no examples to train on; give more examples (or --val files)")
-    return Conversations(train, pad), Conversations(val, pad)
+            raise ValueError(f"the {name} split has no {what}; give more {what} (or --val files)")
+    return train, val
 
 
 @torch.no_grad()

@@ -182,15 +182,8 @@ def load_splits(paths, tokenizer, val_paths=None, block_size=1024, vocab_size=No
         raise ValueError("the tokenizer has no chat template to render conversations with; use a chat model's "
                          "tokenizer (--tokenizer) or plain-text pairs")
     pad = next(i for i in (tokenizer.pad_id, tokenizer.eos_id, 0) if i is not None)
-    train = tokenize(pairs[0], tokenizer, block_size, vocab_size)
-    if val_paths:
-        val = tokenize(pairs[1], tokenizer, block_size, vocab_size)
-    else:
-        n = len(train) - max(1, int(len(train) * VAL_FRACTION))
-        train, val = train[:n], train[n:]
-    for name, part in (("training", train), ("validation", val)):
-        if not part:
-            raise ValueError(f"the {name} split has no preference pairs; give more pairs (or --val files)")
+    train, val = chat_data.split(pairs, lambda part: tokenize(part, tokenizer, block_size, vocab_size),
+                                 "preference pairs")
     return Pairs(train, pad), Pairs(val, pad)
 
 
