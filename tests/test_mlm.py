@@ -353,7 +353,7 @@ def test_two_processes_mask_their_own_shards_as_one_process_does(tmp_path, text_
 
 
 def test_command_help_shows_the_objective():
-    for command, flags in (("train", ("--objective {causal,mlm}", "--mask-prob")),
+    for command, flags in (("train", ("--objective {causal,mlm,dpo}", "--mask-prob")),
                            ("eval", ("--objective {causal,mlm}", "--mask-prob", "--seed")),
                            ("fill-mask", ("--text", "--top-k"))):
         out = zoo_cli(command, "--help")
