@@ -1,9 +1,8 @@
 """Sparse mixture-of-experts Llama (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE): a router sends every token to its top-k
 of n_expert SwiGLU experts (Shazeer et al., 2017; Fedus et al., 2021); Qwen2-MoE adds one shared expert.
-
-One file, torch only. Module names follow transformers 5's (each layer's experts stacked into gate_up_proj
-[E, 2F, D] and down_proj [E, D, F]), q/k/v fused as in models/llama.py. The (token, expert) pairs run sorted
-by expert, one matmul per expert over its tokens, so decoding one token reads only its k experts.
+One file, torch only; transformers 5's module names (experts stacked: gate_up_proj [E, 2F, D], down_proj [E, D, F]),
+q/k/v fused. The (token, expert) pairs run sorted by expert, one matmul per expert over its tokens: decoding one token
+reads only its k experts (compiled, it gathers those k experts' weights instead: no data-dependent shapes).
 
     model = Model(Config(n_layer=16, n_head=16, n_embd=2048, n_expert=64, top_k=8, expert_dim=1024))
     logits = model(idx)                              # [B, T] -> [B, T, vocab_size]
@@ -60,8 +59,7 @@ def rope_tables(config):
     """cos and sin of every position's rotation angles [block_size, head_dim], computed in fp32 on the CPU."""
     D = config.head_dim or config.n_embd // config.n_head
     inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, D, 2, device="cpu").float() / D)
-    angles = torch.arange(config.block_size, device="cpu").float()[:, None] * inv_freq
-    angles = torch.cat((angles, angles), dim=-1)
+    angles = (torch.arange(config.block_size, device="cpu").float()[:, None] * inv_freq).repeat(1, 2)  # both halves
     return angles.cos(), angles.sin()
 
 
@@ -162,28 +160,32 @@ class MLP(nn.Module):
 
 
 class Experts(nn.Module):
-    """n_expert SwiGLU MLPs, their weights stacked: expert e is down_proj[e](silu(g) * u), g|u = gate_up_proj[e] x."""
+    """n_expert SwiGLU MLPs, their weights stacked: expert e is down_proj[e](silu(g) * u), g|u = gate_up_proj[e] x.
+    Subclasses (zoo's quantized experts, LoRA on experts) hold them otherwise: expert_weights and expert."""
 
-    def __init__(self, config):
-        super().__init__()
-        E, D, F_ = config.n_expert, config.n_embd, config.expert_dim
-        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * F_, D))  # [E, 2F, D]: rows of gate, then of up
-        self.down_proj = nn.Parameter(torch.empty(E, D, F_))  # [E, D, F]
+    def __init__(self, c):
+        super().__init__()  # gate_up_proj [E, 2F, D], rows of gate then of up; down_proj [E, D, F]
+        self.gate_up_proj = nn.Parameter(torch.empty(c.n_expert, 2 * c.expert_dim, c.n_embd))
+        self.down_proj = nn.Parameter(torch.empty(c.n_expert, c.n_embd, c.expert_dim))
+
+    def expert_weights(self):  # each expert's two weights; unbind: the backward stacks the E gradients once
+        return self.gate_up_proj.unbind(), self.down_proj.unbind()
+
+    def expert(self, x, gate_up_proj, down_proj):  # one expert (or a batch of them) over its tokens x [..., n, D]
+        gate, up = (x @ gate_up_proj.mT).chunk(2, dim=-1)  # [..., n, F] each
+        return F.silu(gate) * up @ down_proj.mT  # [..., n, D]
 
     def forward(self, x, weights, experts):
         """x [N, D], each token's k routing weights and expert ids [N, k] -> sum of weighted outputs [N, D]."""
-        E, k = self.gate_up_proj.size(0), experts.size(1)
-        order = experts.flatten().argsort(stable=True)  # the N k (token, expert) pairs, grouped by expert: [N k]
-        token = order // k  # the token of each sorted pair [N k]
-        # pairs per expert; a meta tensor holds no ids, so there they all go to expert 0 (the shapes are right)
-        counts = experts.flatten().bincount(minlength=E).tolist() if not x.is_meta else [len(order)] + [0] * (E - 1)
-        xs, outs, start = x[token], [], 0  # [N k, D]; unbind: the backward stacks the E experts' gradients once
-        for n, gate_up_proj, down_proj in zip(counts, self.gate_up_proj.unbind(), self.down_proj.unbind()):
-            if n:  # one matmul pair per used expert, over all its tokens; unused experts are never read
-                gate, up = F.linear(xs[start:start + n], gate_up_proj).chunk(2, dim=-1)  # [n, F] each
-                outs.append(F.linear(F.silu(gate) * up, down_proj))  # [n, D]
-                start += n
-        y = torch.cat(outs) * weights.flatten()[order, None]  # [N k, D], each scaled by its routing weight
+        (N, D), k, ids = x.shape, experts.size(1), experts.flatten()
+        if (torch.compiler.is_compiling() or x.is_meta) and type(self) is Experts:  # no data-dependent shapes
+            y = self.expert(x.repeat_interleave(k, 0)[:, None], self.gate_up_proj[ids], self.down_proj[ids])
+            return (y.view(N, k, D) * weights[..., None]).sum(dim=1)  # each pair's weights gathered: [N k, 1, D]
+        token = (order := ids.argsort(stable=True)) // k  # the N k (token, expert) pairs grouped by expert: tokens
+        counts = ids.bincount().tolist()  # pairs per expert, up to the highest expert picked
+        # one matmul pair per used expert, over all its tokens [n, D]; unused experts are never read
+        y = torch.cat([self.expert(t, *w) for t, *w in zip(x[token].split(counts), *self.expert_weights()) if len(t)])
+        y = y * weights.flatten()[order, None]  # [N k, D], each scaled by its routing weight
         return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))  # the k outputs of each token summed
 
 
@@ -202,8 +204,7 @@ class MoE(nn.Module):
         self.router_logits = None
 
     def forward(self, x):
-        B, T, D = x.shape
-        x = x.reshape(B * T, D)  # [N, D], N = B T tokens
+        (B, T, D), x = x.shape, x.flatten(0, 1)  # [N, D], N = B T tokens
         self.router_logits = logits = self.gate(x)  # [N, E]
         probs = logits.float().softmax(dim=-1)  # in fp32, as the reference does
         weights, experts = probs.topk(self.top_k, dim=-1)  # [N, k] each
@@ -240,9 +241,8 @@ class Model(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        cos, sin = rope_tables(config)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        for name, table in zip(("rope_cos", "rope_sin"), rope_tables(config)):
+            self.register_buffer(name, table, persistent=False)
         self.cache_len = self.cache_batch = None  # the KV cache's slots and rows, once setup_cache has made it
         for name, p in self.named_parameters():  # GPT-2's init, the residual projections scaled down
             residual = name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj"))
