@@ -199,10 +199,11 @@ def test_router_losses_gradient_reaches_the_router():
 
 # ------------------------------------------------------------------------------------------ GGUF
 
-def write_gguf(path, ref):
+def write_gguf(path, ref, expert_types=None):
     """`ref` (a transformers MoE) as llama.cpp's converter writes it: experts stacked into ffn_*_exps tensors
     [E, rows, cols]; Mixtral as a llama with an expert count and its q/k rows permuted (the other three use
-    the NEOX rotary layout, unpermuted)."""
+    the NEOX rotary layout, unpermuted). expert_types: {"gate"|"up"|"down": ggml type name} stores those expert
+    tensors quantized (float32 otherwise)."""
     gguf = pytest.importorskip("gguf")
     c, sd = ref.config, {k: v.numpy() for k, v in ref.state_dict().items()}
     arch = {"mixtral": "llama", "olmoe": "olmoe", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}[c.model_type]
@@ -245,9 +246,11 @@ def write_gguf(path, ref):
                         t = permute(t, c.num_attention_heads if g == "attn_q" else c.num_key_value_heads)
                     w.add_tensor(f"{b}{g}.{kind}", t)
         gate_up = sd[p + "mlp.experts.gate_up_proj"]  # [E, 2F, D]
-        w.add_tensor(b + "ffn_gate_exps.weight", gate_up[:, :gate_up.shape[1] // 2].copy())
-        w.add_tensor(b + "ffn_up_exps.weight", gate_up[:, gate_up.shape[1] // 2:].copy())
-        w.add_tensor(b + "ffn_down_exps.weight", sd[p + "mlp.experts.down_proj"])
+        F_ = gate_up.shape[1] // 2
+        for part, t in (("gate", gate_up[:, :F_]), ("up", gate_up[:, F_:]), ("down", sd[p + "mlp.experts.down_proj"])):
+            qtype = getattr(gguf.GGMLQuantizationType, (expert_types or {}).get(part, "F32"))
+            t = t.copy() if qtype == gguf.GGMLQuantizationType.F32 else gguf.quants.quantize(t.copy(), qtype)
+            w.add_tensor(f"{b}ffn_{part}_exps.weight", t, raw_dtype=qtype)
     w.add_tensor("output_norm.weight", sd["model.norm.weight"])
     if not c.tie_word_embeddings:
         w.add_tensor("output.weight", sd["lm_head.weight"])

@@ -646,7 +646,7 @@ def load_weights(model, ckpt, wmap, *, device, dtype, where, load_packed=None):
 
     for ours, parts, axis in plan:
         _release_freed_memory()
-        if load_packed is not None and not axis and load_packed(aliases[ours], [
+        if load_packed is not None and not any("{e}" in p["from"] for p in parts) and load_packed(aliases[ours], [
                 {**p, "from": names[p["from"]], **({"unpermute": d[p["unpermute"]]} if "unpermute" in p else {})}
                 for p in parts]):
             continue

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from . import ggml_blocks
 from .convert import unpermute
+from .models.moe import Experts
 
 log = logging.getLogger("zoo")
 
@@ -327,6 +328,34 @@ class QuantEmbedding(nn.Module):
         return w.flatten(-2)
 
 
+class QuantExperts(Experts):
+    """A mixture of experts' stacked experts (models/moe.py's Experts) with each expert's two matrices quantized
+    alone, as zoo.quantize quantizes a linear layer (int8: one scale per output row; int4: groups along the
+    input): gate_up_proj and down_proj become lists of E Int8Linear or Int4Linear modules. The model file's
+    grouping of tokens by expert is kept, so a decoding step reads the codes of its k experts alone. (Loaded
+    with quantize="native", one of the two may stay a float stack [E, out, in] where the file's type has no
+    packed form; such a model runs its experts grouped when compiled too: a graph break there.)"""
+
+    def __init__(self, gate_up_proj, down_proj):
+        nn.Module.__init__(self)  # not Experts': no float stacks to allocate
+        self.gate_up_proj, self.down_proj = gate_up_proj, down_proj
+
+    def expert_weights(self):
+        return [w.unbind() if isinstance(w, torch.Tensor) else w for w in (self.gate_up_proj, self.down_proj)]
+
+    def expert(self, x, gate_up_proj, down_proj):
+        gate, up = _project(gate_up_proj, x).chunk(2, dim=-1)  # [n, F] each
+        return _project(down_proj, F.silu(gate) * up)  # [n, D]
+
+    def extra_repr(self):
+        return f"{len(self.expert_weights()[0])} experts, each quantized alone"
+
+
+def _project(w, x):
+    """x [n, in] through one expert's matrix: a quantized module, or a float tensor [out, in]."""
+    return w(x) if isinstance(w, nn.Module) else x @ w.mT
+
+
 def linear_from(q: Quantized, dtype, bias=None):
     """The fastest module for a quantized matrix: the int8 kernel for 8 bits with one (symmetric) scale
     per row, the int4 kernel (one or two planes) otherwise."""
@@ -355,7 +384,8 @@ def check_mode(mode, group_size=None):
 
 
 def quantize(model, mode, group_size=None, *, head="int8", embeddings="int8", dtype=None):
-    """Replace `model`'s Linear layers with weight-only quantized ones, in place; returns the model.
+    """Replace `model`'s Linear layers with weight-only quantized ones, in place; returns the model. A mixture
+    of experts' stacked experts (models/moe.py) are quantized in `mode` too, each expert alone (QuantExperts).
 
     mode: "int8" (symmetric, one scale per output row, or per group of `group_size` inputs) or "int4"
     (asymmetric groups of `group_size` inputs, default 32). head (the output layer) and embeddings
@@ -374,18 +404,27 @@ def quantize(model, mode, group_size=None, *, head="int8", embeddings="int8", dt
     dtype = dtype or torch.bfloat16
     out_layer = _output_layer(model)
     chosen = {}  # name -> (module, bits, group size or None for one group per row)
+    experts = {}  # name -> a mixture's stacked experts (models/moe.py), quantized per expert in `mode`
+    # a mixture's routers (the gates beside the experts) choose the experts: a few rows, kept unquantized (as
+    # llama.cpp keeps ffn_gate_inp in float32)
+    routers = {id(r) for m in model.modules() if type(getattr(m, "experts", None)) is Experts
+               for r in m.children() if isinstance(r, nn.Linear)}
     for name, m in model.named_modules():
-        kind = (head if m is out_layer else mode) if isinstance(m, nn.Linear) else \
+        kind = None if id(m) in routers else (head if m is out_layer else mode) if isinstance(m, nn.Linear) else \
             embeddings if isinstance(m, nn.Embedding) else None
         if kind is not None:
             chosen[name] = (m, 8 if kind == "int8" else 4, group_size if kind == mode else check_mode(kind))
-    for name, (m, bits, group) in chosen.items():  # check everything before changing anything
-        rows, cols = m.weight.shape
+        elif type(m) is Experts:
+            experts[name] = m
+    matrices = [(name, w.shape, 8 if mode == "int8" else 4, group_size) for e, m in experts.items()
+                for name, w in ((f"{e}.gate_up_proj", m.gate_up_proj[0]), (f"{e}.down_proj", m.down_proj[0]))]
+    matrices += [(name, m.weight.shape, bits, group) for name, (m, bits, group) in chosen.items()]
+    for name, (rows, cols), bits, group in matrices:  # check everything before changing anything
         if group is not None and cols % group:
             raise ValueError(f"group_size {group} does not divide {name}'s {cols} inputs: pick one of "
                              f"{', '.join(str(g) for g in GROUP_SIZES if cols % g == 0) or 'none'}"
                              f"{' or None' if bits == 8 else ''}, or leave that layer unquantized")
-        if isinstance(m, nn.Linear) and group is not None and rows % 16:
+        if not isinstance(chosen.get(name, (None,))[0], nn.Embedding) and group is not None and rows % 16:
             raise ValueError(f"{name} has {rows} outputs; the int4 kernel needs a multiple of 16 "
                              f"(use int8 with group_size=None, or leave that layer unquantized)")
     for p in model.parameters():  # norms and biases in the activations' dtype
@@ -397,6 +436,10 @@ def quantize(model, mode, group_size=None, *, head="int8", embeddings="int8", dt
         if key not in done:
             done[key] = quantize_tensor(w, bits, group or w.shape[1])
         _replace(model, name, _module_for(m, done[key], dtype, done))
+    for name, m in experts.items():  # E quantized linear modules per stack, each expert's rows alone
+        _replace(model, name, QuantExperts(*(nn.ModuleList(
+            linear_from(quantize_tensor(w, 8 if mode == "int8" else 4, group_size or w.shape[1]), dtype)
+            for w in stack) for stack in (m.gate_up_proj, m.down_proj))))
     return model
 
 
@@ -463,8 +506,9 @@ def gguf_packed_loader(model, ckpt, *, device, dtype):
 
     def load(names, parts):
         modules = [model.get_submodule(n.rpartition(".")[0]) for n in names]
-        if any("transpose" in p or "add" in p for p in parts) or \
-                not all(isinstance(m, (nn.Linear, nn.Embedding)) for m in modules):
+        stacked = isinstance(modules[0], Experts)  # a mixture's experts, [E, rows, cols] per part
+        if any("transpose" in p or "add" in p for p in parts) or stacked and any(p.get("unpermute") for p in parts) \
+                or not (stacked or all(isinstance(m, (nn.Linear, nn.Embedding)) for m in modules)):
             return False
         types = [ckpt.raw_type(p["from"]) for p in parts]
         tally = kept if all(t in GGUF_BLOCK_TYPES for t in types) else dequantized
@@ -472,18 +516,31 @@ def gguf_packed_loader(model, ckpt, *, device, dtype):
             tally[t] = tally.get(t, 0) + 1
         if tally is dequantized:
             return False
-        pieces = []
+        pieces = []  # per part, its matrices (one; E for stacked experts)
         for p in parts:
-            q = from_gguf_blocks(*ckpt.read_raw(p["from"]))
+            qtype, raw, shape = ckpt.read_raw(p["from"])
+            q = from_gguf_blocks(qtype, raw, (-1, shape[-1]) if stacked else shape)
             if p.get("unpermute"):
                 q = q.rows(lambda t, n=p["unpermute"]: unpermute(t, n))
-            pieces.append(q)
-        bits = max(q.bits for q in pieces)  # a fused matrix of 4- and 8-bit parts (Q4_K q, Q8_0 v): 8-bit codes
-        q = pieces[0] if len(pieces) == 1 else Quantized.cat([q.widened(bits) for q in pieces])
-        q = Quantized(q.codes.to(device), q.scale.to(device), q.zero.to(device), q.bits, q.group_size)
+            pieces.append([q.rows(lambda t, e=e: t.view(shape[0], -1, t.shape[-1])[e]) for e in range(shape[0])]
+                          if stacked else [q])
+        matrices = []
+        for group in zip(*pieces):  # one matrix's parts
+            bits = max(q.bits for q in group)  # a fused matrix of 4- and 8-bit parts (Q4_K q, Q8_0 v): 8-bit codes
+            q = group[0] if len(group) == 1 else Quantized.cat([q.widened(bits) for q in group])
+            matrices.append(Quantized(q.codes.to(device), q.scale.to(device), q.zero.to(device), q.bits, q.group_size))
+        if stacked:  # E quantized modules in place of the float stack (the other stack may stay float)
+            where, _, leaf = names[0].rpartition(".")
+            experts = modules[0]
+            if type(experts) is Experts:
+                experts = QuantExperts(experts.gate_up_proj, experts.down_proj)
+                _replace(model, where, experts)
+            delattr(experts, leaf)  # (the meta Parameter: nn.Module refuses a module in its place)
+            setattr(experts, leaf, nn.ModuleList(linear_from(q, dtype) for q in matrices))
+            return True
         shared = {}
         for name, old in zip(names, modules):
-            _replace(model, name.rpartition(".")[0], _module_for(old, q, dtype, shared))
+            _replace(model, name.rpartition(".")[0], _module_for(old, matrices[0], dtype, shared))
         return True
 
     def summary():
