@@ -277,6 +277,58 @@ def test_quantized_model_agrees_with_float32(smollm2_gguf_path, passage, referen
     assert agreement >= baseline - MARGIN[mode], (agreement, baseline)
 
 
+def upcycled_moe(dense, n_expert=2, seed=0):
+    """`dense` (SmolLM2, float32) as a mixture of experts (models/moe.py), each token routed to one of n_expert
+    experts by a random router (top_k 1, renormalised: weight 1). Every expert is the dense MLP with its hidden
+    units in an order of its own: the mixture computes the dense model's function, with real weights, while each
+    expert's matrices differ. The order moves whole blocks of 32 units: the file's Q4_1 blocks run along down_proj's
+    inputs, and keeping them whole keeps the weights' grid what the dense modes quantize (a permutation of single
+    units mixes the blocks: int4 then agreed 0.867, the dense grid's int4 0.988, the baseline 0.984)."""
+    c = dense.config
+    config = zoo.registry.make_config("moe", dict(
+        vocab_size=c.vocab_size, block_size=c.block_size, n_layer=c.n_layer, n_head=c.n_head, n_kv_head=c.n_kv_head,
+        n_embd=c.n_embd, head_dim=c.head_dim, n_expert=n_expert, top_k=1, expert_dim=c.ffn_dim, norm_topk_prob=True,
+        rope_theta=c.rope_theta, norm_eps=c.norm_eps, tie_embeddings=c.tie_embeddings))
+    with torch.device("meta"):
+        moe = zoo.registry.model_module("moe").Model(config)
+    g = torch.Generator().manual_seed(seed)
+    state = {k: v for k, v in dense.state_dict().items() if ".mlp." not in k}
+    for i, block in enumerate(dense.model.layers):
+        gate_up, down = block.mlp.gate_up_proj.weight.detach(), block.mlp.down_proj.weight.detach()  # [2F, D], [D, F]
+        perms = [torch.arange(c.ffn_dim)] + [(torch.randperm(c.ffn_dim // 32, generator=g)[:, None] * 32
+                                              + torch.arange(32)).flatten() for _ in range(n_expert - 1)]
+        state[f"model.layers.{i}.mlp.experts.gate_up_proj"] = torch.stack(
+            [torch.cat((gate_up[:c.ffn_dim][p], gate_up[c.ffn_dim:][p])) for p in perms])  # [E, 2F, D]
+        state[f"model.layers.{i}.mlp.experts.down_proj"] = torch.stack([down[:, p] for p in perms])  # [E, D, F]
+        state[f"model.layers.{i}.mlp.gate.weight"] = torch.randn(n_expert, c.n_embd, generator=g)
+    moe.load_state_dict(state, assign=True)
+    if c.tie_embeddings:
+        moe.lm_head.weight = moe.model.embed_tokens.weight
+    return moe.eval()
+
+
+@pytest.fixture(scope="module")
+def dense_float32(smollm2_gguf_path):
+    return zoo.from_pretrained(str(smollm2_gguf_path), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_mixture_of_experts_agrees_with_float32(dense_float32, passage, reference, mode):
+    """A mixture of experts quantized per expert (zoo.quantize on models/moe.py) agrees with the float32 model to
+    within MARGIN[mode] of the dequantized bf16 model's agreement, as the dense modes do: the MoE is SmolLM2
+    upcycled (see upcycled_moe), whose float32 function is the dense model's, so the same reference holds."""
+    from zoo.quantization import QuantExperts
+    model = zoo.quantize(upcycled_moe(dense_float32), mode, group_size=32 if mode == "int4" else None)
+    assert isinstance(model.model.layers[0].mlp.experts, QuantExperts)
+    with torch.inference_mode():
+        logits = model(passage).float()[0]
+    counts = torch.stack([b.mlp.router_logits.argmax(-1).bincount(minlength=2) for b in model.model.layers])
+    assert (counts > 0).all()  # every layer sends tokens to both experts
+    agreement = top1_agreement(logits, reference[torch.float32])
+    baseline = top1_agreement(reference[torch.bfloat16], reference[torch.float32])
+    assert agreement >= baseline - MARGIN[mode], (agreement, baseline)
+
+
 # A question whose answer's first token leads by ~1.4 nats (float32). "What is the capital of France?" leads by
 # 0.08, below the resolution of bf16 logits (0.125 from 16 to 32): a bf16 model's greedy answer to it then
 # depends on the CPU's kernels (an AMX CPU ties "L" and "The" and answers "L'Étoile, ...").
