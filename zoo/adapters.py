@@ -11,6 +11,12 @@ fuses projections that the checkpoint keeps apart (q|k|v, gate|up), the fused la
 part per checkpoint projection (zoo.lora.LoRALinear's slices), and a target may name a part ("q_proj").
 Models the map cannot express in Hugging Face form use the zoo's own module names.
 
+A mixture of experts' stacked experts (models/moe.py, zoo.lora.LoRAExperts) are saved as PEFT saves LoRA on
+parameters (target_parameters, peft >= 0.17's ParamWrapper): per experts module and adapted stack, lora_A
+[E r, in] (expert e's A in rows e r .. e r + r) and lora_B [out, r E] (expert e's B in columns e, e + E, ...);
+PEFT wraps the module once per stack, in the order of its parameters, so the inner stack's tensors are named
+<experts>.base_layer.lora_A.weight and the outer's <experts>.lora_A.weight.
+
 A training run's LoRA checkpoint is such an adapter folder plus base.json, which names the base
 (the --init source, and whether it was quantized to int8): from_pretrained(checkpoint) (zoo/sources.py)
 rebuilds both.
@@ -24,7 +30,8 @@ import torch
 
 from . import convert, lora
 from .atomic import write_folder
-from .lora import LoRALinear, lora_layers, merge_lora  # noqa: F401  (merge_lora: zoo.merge_lora)
+from .lora import LoRALinear, has_lora, lora_experts, lora_layers, merge_lora  # noqa: F401  (zoo.merge_lora)
+from .models.moe import Experts
 from .quantization import quantize
 from .registry import arch_of
 
@@ -33,6 +40,15 @@ WEIGHTS = "adapter_model.safetensors"
 BASE = "base.json"  # a training checkpoint's base: {"source": ..., "quantize": null | "int8", "dtype": ...}
 PREFIX = "base_model.model."  # PEFT's names: the PeftModel's, around the transformers model
 KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
+STACKS = ("gate_up_proj", "down_proj")  # an experts module's parameters, in their order (PEFT nests by it)
+
+
+def expert_keys(name, stacks):
+    """{PEFT's module name: stack} for the adapted `stacks` of the experts module `name`: PEFT wraps the module
+    once per targeted parameter, in the module's parameter order, each wrapper around the one before, so all but
+    the last are reached through base_layer ("experts.base_layer" gate_up_proj, "experts" down_proj)."""
+    adapted = [s for s in STACKS if s in stacks]
+    return {name + ".base_layer" * (len(adapted) - 1 - i): s for i, s in enumerate(adapted)}
 
 
 def projections(model):
@@ -81,12 +97,12 @@ def save_adapter(model, folder, *, tokenizer=None):
     files too when given, and base.json when the model records its base (a training run's). Atomic: the
     folder appears complete or not at all."""
     from safetensors.torch import save_file
-    layers = lora_layers(model)
-    if not layers:
+    layers, experts = lora_layers(model), lora_experts(model)
+    if not layers and not experts:
         raise ValueError("the model has no LoRA adapters to save (zoo.add_lora adds them; save a full model "
                          "with zoo.save_pretrained)")
     shapes = {(m.r, m.alpha, m.scaling, m.dropout.p if isinstance(m.dropout, torch.nn.Dropout) else 0.0)
-              for m in layers.values()}
+              for m in layers.values()} | {(m.r, m.alpha, m.scaling, 0.0) for m in experts.values()}
     if len(shapes) != 1:
         raise ValueError(f"the adapters differ in rank, alpha or dropout ({sorted(shapes)}); PEFT's config holds one")
     r, alpha, scaling, dropout = shapes.pop()
@@ -102,9 +118,23 @@ def save_adapter(model, folder, *, tokenizer=None):
     leaves = {m.rsplit(".", 1)[-1] for m in chosen}
     # the short form (["q_proj", "v_proj"]) where it selects exactly these modules, else their full names
     targets = sorted(leaves) if {m for m in every if m.rsplit(".", 1)[-1] in leaves} == chosen else sorted(chosen)
+    params = set()  # the adapted expert stacks, "<experts module>.<stack>"
+    for name, m in experts.items():
+        for key, stack in expert_keys(name, m.stacks).items():
+            E, out, r = m.lora_B[stack].shape
+            tensors[f"{PREFIX}{key}.lora_A.weight"] = m.lora_A[stack].detach().reshape(E * r, -1).cpu().contiguous()
+            tensors[f"{PREFIX}{key}.lora_B.weight"] = m.lora_B[stack].detach().permute(1, 2, 0).reshape(out, r * E) \
+                .cpu().contiguous()
+            params.add(f"{name}.{stack}")
+    every = {f"{name}.{stack}" for name, m in model.named_modules() if isinstance(m, Experts) and
+             not name.endswith(".base") for stack in STACKS}
+    short = {".".join(p.split(".")[-3:]) for p in params}  # "mlp.experts.gate_up_proj"
+    target_parameters = sorted(short) if {p for p in every if ".".join(p.split(".")[-3:]) in short} == params \
+        else sorted(params)
     base = getattr(model, "zoo_base", None)
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base and base["source"],
-              "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": targets, "bias": "none",
+              "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": targets or None,
+              **({"target_parameters": target_parameters} if params else {}), "bias": "none",
               "fan_in_fan_out": proj.transposed,
               "use_rslora": scaling != alpha / r, "use_dora": False, "modules_to_save": None,
               "init_lora_weights": True, "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {}}
@@ -145,7 +175,8 @@ def read_config(folder):
                          "modules); merge the adapter with peft instead (merge_and_unload) and load the full model")
     r, alpha = int(c["r"]), c.get("lora_alpha", 8)
     scaling = alpha / r ** 0.5 if c.get("use_rslora") else alpha / r
-    return dict(r=r, alpha=alpha, dropout=float(c.get("lora_dropout") or 0.0), scaling=scaling)
+    return dict(r=r, alpha=alpha, dropout=float(c.get("lora_dropout") or 0.0), scaling=scaling,
+                target_parameters=c.get("target_parameters") or [])
 
 
 def load_adapter(model, folder):
@@ -164,13 +195,32 @@ def load_adapter(model, folder):
             raise ValueError(f"{folder / WEIGHTS}: unexpected tensor {key} (the zoo loads LoRA A and B matrices "
                              "of linear layers)")
         found.setdefault(m[1], {})[m[2]] = t
+    stacks = {}  # experts module -> its stacks the adapter's target_parameters name (PEFT's matching)
+    for name, m in model.named_modules():
+        if isinstance(m, Experts) and c["target_parameters"]:
+            stacks[name] = [s for s in STACKS if lora.matches(f"{name}.{s}", c["target_parameters"])]
+    keys = {key: (name, stack) for name, ss in stacks.items() for key, stack in expert_keys(name, ss).items()}
+    experts = {keys[k]: found.pop(k) for k in list(found) if k in keys}
+    if absent := sorted(f"{key}.lora_A.weight" for key, pair in keys.items() if pair not in experts):
+        raise ValueError(f"{folder}: target_parameters {c['target_parameters']} name expert stacks the adapter has "
+                         f"no tensors for: {', '.join(absent[:3])}{' ...' if len(absent) > 3 else ''}")
     proj = projections(model)
     where = {module: name for name, parts in proj.items() for module, _ in parts}
     if unknown := sorted(set(found) - set(where)):
         raise ValueError(f"{folder}: the adapter has modules this model lacks: {', '.join(unknown[:5])}"
                          f"{' ...' if len(unknown) > 5 else ''}; is it an adapter for this base model?")
-    lora.add_lora(model, c["r"], c["alpha"], c["dropout"], targets=sorted(found), slices=proj, scaling=c["scaling"])
+    targets = sorted(found) + [f"{name}.{s}" for name, ss in stacks.items() for s in ss]
+    lora.add_lora(model, c["r"], c["alpha"], c["dropout"], targets=targets, slices=proj, scaling=c["scaling"])
     with torch.no_grad():
+        for name, m in lora_experts(model).items():
+            for stack in m.stacks:
+                got, (E, r, inputs), out = experts[name, stack], m.lora_A[stack].shape, m.lora_B[stack].shape[1]
+                if set(got) != {"A", "B"} or got["A"].shape != (E * r, inputs) or got["B"].shape != (out, r * E):
+                    raise ValueError(f"{folder}: {name}.{stack}: expected lora_A {[E * r, inputs]} and lora_B "
+                                     f"{[out, r * E]} ({E} experts), found " + ", ".join(
+                                         f"lora_{k} {list(v.shape)}" for k, v in sorted(got.items())))
+                m.lora_A[stack].copy_(got["A"].reshape(E, r, inputs))
+                m.lora_B[stack].copy_(got["B"].reshape(out, r, E).permute(2, 0, 1))
         for name, m in lora_layers(model).items():
             parts = [(module, rows) for (module, rows), a in zip(proj[name], m.adapted) if a]
             for (module, rows), A, B in zip(parts, m.lora_A.split(c["r"]), m.lora_B.split([n for _, n in parts])):
@@ -207,7 +257,7 @@ def prepare(model, s, init):
     """The model a training run with settings `s` trains. With s.lora_r: the `init` model (quantized to int8
     first with s.lora_int8) with adapters added, everything else frozen, and `init` recorded as its base.
     Without: the model itself, an adapter it came with (from a LoRA checkpoint) merged in."""
-    if lora_layers(model):
+    if has_lora(model):
         if s.lora_r or (getattr(model, "zoo_base", None) or {}).get("quantize"):
             raise ValueError(f"init {init!r} is a LoRA checkpoint; write its merged model first (zoo train ... "
                              "--merge, or zoo.merge_lora and zoo.save_pretrained) and start from that")

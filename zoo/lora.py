@@ -15,16 +15,21 @@ adapters). The delta is one matmul all the same: the parts' B blocks placed bloc
 The frozen base may be any module with in_features, out_features and forward(x), quantized ones
 included: zoo.quantize's Int8Linear passes the gradient back to its input (to the adapters below) while
 the base itself gets none and is never dequantized for long.
+
+A mixture of experts' stacked experts (models/moe.py) take LoRAExperts: each expert its own A and B on each
+adapted stack (gate_up_proj, down_proj), as PEFT's LoRA on stacked expert parameters (target_parameters).
 """
 import fnmatch
 import math
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .quantization import Int8Linear, native_bf16
+from .models.moe import Experts
+from .quantization import Int8Linear, expert_project, native_bf16
 
 class _Widened(torch.autograd.Function):
     """y = x w^T + b for bf16 x and a frozen w, computed by float32 GEMMs, output rounded to bf16. The
@@ -130,6 +135,66 @@ class LoRALinear(nn.Module):
         return y + self.scaling * F.linear(h, self.delta_B().to(x.dtype)).to(y.dtype)  # [..., out]
 
 
+class LoRAExperts(Experts):
+    """A mixture's experts (models/moe.py's Experts, float or zoo.quantize's QuantExperts) frozen, with a low-rank
+    update of each expert's matrix in the adapted stacks: W_e + scaling * B_e A_e, for expert e. lora_A[stack]
+    [E, r, in] and lora_B[stack] [E, out, r] (float32; B zero, A as LoRALinear's). The computation is the base's,
+    tokens grouped by expert: y = W_e x + scaling * B_e (A_e x) for the tokens of expert e. No dropout: PEFT's
+    ParamWrapper, which adds B A to the weight, has none (the adapter's input is not separable from the base's)."""
+
+    def __init__(self, base, r=8, alpha=16, stacks=("gate_up_proj", "down_proj"), scaling=None):
+        nn.Module.__init__(self)  # not Experts': the base holds the weights
+        if r < 1:
+            raise ValueError(f"LoRA rank r must be at least 1, not {r}")
+        self.base, self.r, self.alpha, self.stacks = base, r, alpha, list(stacks)
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.scaling = alpha / r if scaling is None else scaling
+        self.enabled = True
+        self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
+        for name, weights in zip(("gate_up_proj", "down_proj"), base.expert_weights()):
+            if name in self.stacks:
+                out, inputs = _shape(weights[0])
+                device = next((t.device for t in (*base.parameters(), *base.buffers())), None)
+                self.lora_A[name] = nn.Parameter(torch.empty(len(weights), r, inputs, device=device))
+                self.lora_B[name] = nn.Parameter(torch.zeros(len(weights), out, r, device=device))
+                for a in self.lora_A[name].data:
+                    nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+
+    def extra_repr(self):
+        return f"r={self.r}, alpha={self.alpha}, stacks={self.stacks}"
+
+    def expert_weights(self):
+        """Each expert's (base matrix, A_e, B_e) per stack; (base matrix, None, None) where not adapted."""
+        out = []
+        for name, weights in zip(("gate_up_proj", "down_proj"), self.base.expert_weights()):
+            if name in self.lora_A:
+                out.append(list(zip(weights, self.lora_A[name].unbind(), self.lora_B[name].unbind())))
+            else:
+                out.append([(w, None, None) for w in weights])
+        return out
+
+    def expert(self, x, gate_up_proj, down_proj):
+        gate, up = self.project(gate_up_proj, x).chunk(2, dim=-1)  # [n, F] each
+        return self.project(down_proj, F.silu(gate) * up)  # [n, D]
+
+    def project(self, weights, x):
+        w, A, B = weights
+        y = expert_project(w, x)  # [n, out]
+        if A is None or not self.enabled:
+            return y
+        return y + self.scaling * ((x @ A.to(x.dtype).mT) @ B.to(x.dtype).mT).to(y.dtype)
+
+    def delta_weight(self, name):
+        """scaling * B_e A_e of every expert of one stack [E, out, in], in float32: what merging adds."""
+        return self.scaling * (self.lora_B[name].float() @ self.lora_A[name].float())
+
+
+def _shape(w):
+    """(out, in) of one expert's matrix: a float tensor or a quantized linear module."""
+    return (w.out_features, w.in_features) if isinstance(w, nn.Module) else tuple(w.shape)
+
+
 class Frozen(nn.Module):
     """A frozen linear layer that no adapter wraps (the output head, layers outside the targets), computed as
     the adapted ones' bases are: a float one under CPU bf16 autocast as bf16 compute on the float32 units
@@ -162,21 +227,32 @@ def add_lora(model, r=8, alpha=16, dropout=0.0, targets=None, slices=None, scali
     """Wrap the chosen linear layers of `model` in LoRALinear, in place, freeze everything else, return model.
 
     targets: module-name patterns (see `matches`); default every linear layer except the output head
-    (`model.lm_head`). slices: {module name: [(part name, rows), ...]} for fused layers; a pattern that
-    names a part adapts that part alone. The other linear layers become Frozen (see there).
-    Raises ValueError, changing nothing, when no layer matches or a layer already has an adapter.
+    (`model.lm_head`) and a mixture's routers, with a mixture's experts (both stacks, LoRAExperts). slices:
+    {module name: [(part name, rows), ...]} for fused layers; a pattern that names a part adapts that part
+    alone; "<experts>.gate_up_proj" and "<experts>.down_proj" name an experts module's stacks. The other
+    linear layers become Frozen (see there). Raises ValueError, changing nothing, when no layer matches, a
+    layer already has an adapter, or experts are adapted with dropout (see LoRAExperts).
     """
     slices = slices or {}
     head = getattr(model, "lm_head", None)
-    plan = {}
+    # a mixture's routers (the linear layers beside its experts) pick the experts: adapted only when named
+    routers = {id(r) for m in model.modules() if isinstance(getattr(m, "experts", None), Experts)
+               for r in m.children() if isinstance(r, nn.Linear)}
+    plan, experts = {}, {}
     for name, m in model.named_modules():
-        if isinstance(m, (LoRALinear, Frozen)):
+        if isinstance(m, (LoRALinear, Frozen, LoRAExperts)):
             raise ValueError(f"{name} already has an adapter: merge_lora(model) first, or add to a fresh model")
+        if any(name.startswith(e + ".") for e in experts):
+            continue  # (a quantized expert's own modules)
+        if isinstance(m, Experts):
+            experts[name] = [s for s in ("gate_up_proj", "down_proj")
+                             if targets is None or matches(f"{name}.{s}", targets)]
+            continue
         if not adaptable(m):
             continue
         parts = slices.get(name) or [(name, m.out_features)]
         if targets is None:
-            adapted = [m is not head] * len(parts)
+            adapted = [m is not head and id(m) not in routers] * len(parts)
         else:
             whole = matches(name, targets)
             adapted = [whole or matches(part, targets) for part, _ in parts]
@@ -184,7 +260,10 @@ def add_lora(model, r=8, alpha=16, dropout=0.0, targets=None, slices=None, scali
             raise ValueError(f"{name} shares its weight with another layer (a tied output head and embedding): "
                              "an adapter there would change both; leave it out of the targets")
         plan[name] = (m, [rows for _, rows in parts], adapted)
-    if not any(any(a) for _, _, a in plan.values()):
+    if dropout and any(experts.values()):
+        raise ValueError(f"LoRA dropout {dropout} on a mixture's experts: LoRA on stacked experts has none (PEFT's "
+                         "neither); set dropout 0, or leave the experts out of the targets")
+    if not any(any(a) for _, _, a in plan.values()) and not any(experts.values()):
         shown = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in plan})) or "none"
         raise ValueError(f"no linear layer matches the LoRA targets {targets or '(default)'}; this model's linear "
                          f"layers are named {shown}" + (" (and their parts " + ", ".join(sorted(
@@ -198,6 +277,11 @@ def add_lora(model, r=8, alpha=16, dropout=0.0, targets=None, slices=None, scali
             new = Frozen(m)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
+    for name, stacks in experts.items():
+        if stacks:
+            parent, _, child = name.rpartition(".")
+            m = model.get_submodule(name)
+            setattr(model.get_submodule(parent), child, LoRAExperts(m, r, alpha, stacks, scaling=scaling))
     return model
 
 
@@ -214,11 +298,20 @@ def lora_layers(model):
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def lora_experts(model):
+    """{module name: LoRAExperts} of `model`."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRAExperts)}
+
+
+def has_lora(model):
+    return any(isinstance(m, (LoRALinear, LoRAExperts)) for m in model.modules())
+
+
 @contextmanager
 def adapters_off(model):
     """Inside, every LoRALinear of `model` computes its frozen base alone: the model before fine-tuning, with
     no second copy in memory (DPO's reference model; PEFT's disable_adapter)."""
-    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    layers = [m for m in model.modules() if isinstance(m, (LoRALinear, LoRAExperts))]
     for m in layers:
         m.enabled = False
     try:
@@ -234,7 +327,9 @@ def merge_lora(model):
     layers back, in place; returns the model. An int8 base is dequantized into a Linear of the scales'
     dtype; Frozen wrappers give back their layers."""
     for name, m in list(model.named_modules()):
-        if isinstance(m, Frozen):
+        if isinstance(m, LoRAExperts):
+            new = _merged_experts(m)
+        elif isinstance(m, Frozen):
             new = m.base
         elif isinstance(m, LoRALinear):
             base = m.base
@@ -256,3 +351,23 @@ def merge_lora(model):
     for p in model.parameters():
         p.requires_grad_(True)
     return model
+
+
+def _merged_experts(m):
+    """The float Experts of a LoRAExperts with W_e + scaling * B_e A_e folded in (an int8 base dequantized)."""
+    stacks = {}
+    for name, weights in zip(("gate_up_proj", "down_proj"), m.base.expert_weights()):
+        if all(isinstance(w, Int8Linear) for w in weights):
+            w = torch.stack([x.codes.float() * x.scales.float()[:, None] for x in weights]).to(weights[0].scales.dtype)
+        elif all(isinstance(w, torch.Tensor) for w in weights):
+            w = torch.stack(weights)
+        else:
+            raise TypeError(f"cannot merge an adapter into {type(weights[0]).__name__} experts (no weight to add to)")
+        if name in m.lora_A:
+            w = (w.float() + m.delta_weight(name).to(w.device)).to(w.dtype)
+        stacks[name] = w
+    E, F2, D = stacks["gate_up_proj"].shape
+    with torch.device("meta"):
+        new = Experts(SimpleNamespace(n_expert=E, expert_dim=F2 // 2, n_embd=D))
+    new.gate_up_proj, new.down_proj = (nn.Parameter(t.detach()) for t in stacks.values())
+    return new

@@ -344,14 +344,14 @@ class QuantExperts(Experts):
         return [w.unbind() if isinstance(w, torch.Tensor) else w for w in (self.gate_up_proj, self.down_proj)]
 
     def expert(self, x, gate_up_proj, down_proj):
-        gate, up = _project(gate_up_proj, x).chunk(2, dim=-1)  # [n, F] each
-        return _project(down_proj, F.silu(gate) * up)  # [n, D]
+        gate, up = expert_project(gate_up_proj, x).chunk(2, dim=-1)  # [n, F] each
+        return expert_project(down_proj, F.silu(gate) * up)  # [n, D]
 
     def extra_repr(self):
         return f"{len(self.expert_weights()[0])} experts, each quantized alone"
 
 
-def _project(w, x):
+def expert_project(w, x):
     """x [n, in] through one expert's matrix: a quantized module, or a float tensor [out, in]."""
     return w(x) if isinstance(w, nn.Module) else x @ w.mT
 
