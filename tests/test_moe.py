@@ -149,10 +149,18 @@ def test_expert_count_disagreeing_with_the_checkpoint_is_named(tmp_path):
     ref = hf_model("olmoe-k2-norm")
     ref.save_pretrained(tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "num_experts": 4}))
-    with pytest.raises(ValueError, match=r"unexpected: .*experts\.5\.") as e:
-        zoo.from_pretrained(tmp_path / "hf")
-    assert "does not fit models/moe.py" in str(e.value)
+    for n in (4, 8):  # fewer experts than the checkpoint holds, and more
+        (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "num_experts": n}))
+        listed = r"unexpected: .*experts\.5\." if n == 4 else r"missing: .*experts\.7\."
+        with pytest.raises(ValueError, match=listed) as e:
+            zoo.from_pretrained(tmp_path / "hf")
+        assert "does not fit models/moe.py" in str(e.value)
+        assert f"n_expert (num_experts) is {n}, but the checkpoint's expert tensors hold 6 experts per layer: " \
+               "set it to 6" in str(e.value)
+    write_gguf(tmp_path / "m.gguf", ref)  # stacked experts: their leading size
+    with pytest.raises(ValueError, match=re.escape("n_expert (olmoe.expert_count) is 4, but the checkpoint's expert "
+                                                   "tensors hold 6 experts per layer")):
+        zoo.from_pretrained(tmp_path / "m.gguf", n_expert=4)
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "num_experts_per_tok": 7}))
     with pytest.raises(ValueError, match=r"top_k \(7\) must be between 1 and n_expert \(6\)"):
         zoo.from_pretrained(tmp_path / "hf")
@@ -400,3 +408,66 @@ def test_native_gguf_keeps_quantized_experts_packed(tmp_path):
                 assert isinstance(stack, torch.nn.Parameter) and stack.shape[0] == 6
         with torch.no_grad():
             assert (native(idx) - dequantized(idx)).abs().max().item() <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------ LoRA on experts
+
+def test_lora_on_experts_round_trips_with_peft(tmp_path):
+    """zoo.add_lora adapts the stacked experts (and the attention and shared-expert projections, not the routers);
+    the adapter, saved in PEFT's layout (target_parameters), gives transformers + peft our logits, and PEFT's own
+    adapter on the expert parameters gives the zoo PEFT's logits, adapted and merged."""
+    peft = pytest.importorskip("peft")
+    from zoo.lora import LoRAExperts
+    hf_model("qwen2_moe-shared-dense").save_pretrained(tmp_path / "hf")
+    model = zoo.add_lora(zoo.from_pretrained(tmp_path / "hf"), r=2, alpha=4)
+    moe = model.model.layers[0].mlp
+    assert isinstance(moe.experts, LoRAExperts) and isinstance(moe.gate, zoo.lora.Frozen)
+    torch.manual_seed(3)
+    with torch.no_grad():  # as if trained: B is zero at the start
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.3)
+    idx = tokens()
+    with torch.no_grad():
+        ours = model(idx)
+    zoo.save_adapter(model, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["target_parameters"] == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    theirs = peft.PeftModel.from_pretrained(hf_model("qwen2_moe-shared-dense"), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert (theirs(idx).logits - ours).abs().max().item() <= 1e-5
+        assert (zoo.from_pretrained(tmp_path / "hf", adapter=tmp_path / "adapter")(idx) - ours).abs().max() == 0
+
+    config = peft.LoraConfig(r=2, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False,
+                             target_parameters=["layers.0.mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    theirs = peft.get_peft_model(hf_model("qwen2_moe-shared-dense"), config).eval()
+    theirs.save_pretrained(tmp_path / "peft")
+    model = zoo.from_pretrained(tmp_path / "hf", adapter=tmp_path / "peft")
+    assert model.model.layers[0].mlp.experts.stacks == ["gate_up_proj", "down_proj"]
+    assert model.model.layers[2].mlp.experts.stacks == ["down_proj"]
+    with torch.no_grad():
+        want = theirs(idx).logits
+        assert (model(idx) - want).abs().max().item() <= 1e-5
+        assert (zoo.merge_lora(model)(idx) - want).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["float", "int8 base"])
+def test_lora_on_experts_trains_the_adapters_alone(int8):
+    """The experts' adapters get gradients (each expert's own; an unused expert's stay zero), the frozen experts
+    none, over a float or an int8 base; dropout on experts is refused (PEFT's has none)."""
+    model = tiny_moe()
+    if int8:
+        zoo.quantize(model, "int8", head=None, embeddings=None, dtype=torch.float32)
+    zoo.add_lora(model, r=2, alpha=4, targets="gate_up_proj,down_proj")
+    experts = model.model.layers[0].mlp.experts
+    idx = tokens(B=1, T=3)
+    model(idx).float().logsumexp(-1).mean().backward()
+    used = model.model.layers[0].mlp.router_logits.topk(2).indices.unique()
+    A = experts.lora_A["gate_up_proj"].grad  # [E, r, D]; B starts at zero, so A's gradient is zero too: see B
+    B = experts.lora_B["down_proj"].grad  # [E, D, r]
+    assert A is not None and (B[used].abs().sum(dim=(1, 2)) > 0).all()
+    unused = [e for e in range(6) if e not in used.tolist()]
+    assert unused and B[unused].abs().sum() == 0
+    assert all(not p.requires_grad for p in experts.base.parameters())
+    with pytest.raises(ValueError, match="LoRA dropout 0.1 on a mixture's experts"):
+        zoo.add_lora(tiny_moe(), r=2, dropout=0.1)

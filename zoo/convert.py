@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import json
 import math
+import re
 import struct
 from importlib import resources
 
@@ -603,6 +604,7 @@ def load_weights(model, ckpt, wmap, *, device, dtype, where, load_packed=None):
     shapes = {n: ckpt.shapes[orig] for n, orig in names.items()}
 
     missing, misshaped, used, plan = [], [], set(ignore), []
+    counts = set()  # a mixture's (config field, its value, the experts a layer's tensors hold) where they differ
     for ours, entry in entries.items():
         if ours not in targets:
             tied = any(ours in group for group in aliases.values())
@@ -612,6 +614,9 @@ def load_weights(model, ckpt, wmap, *, device, dtype, where, load_packed=None):
         parts = _parts(entry)
         for p in parts:
             p["sources"] = _sources(entry, p, d)
+            if isinstance(entry, dict) and "experts" in entry and (n := _experts_held(p["from"], shapes)) is not None \
+                    and n != d[entry["experts"]]:
+                counts.add((entry["experts"], d[entry["experts"]], n))
         srcs = [n for p in parts for n in p["sources"]]
         absent = [n for n in srcs if n not in shapes]
         used.update(srcs)
@@ -640,6 +645,12 @@ def load_weights(model, ckpt, wmap, *, device, dtype, where, load_packed=None):
         lines = [f"{where} does not fit models/{model.__module__.rsplit('.', 1)[-1]}.py "
                  f"({len(missing)} missing, {len(unexpected)} unexpected, {len(misshaped)} misshaped tensors); "
                  f"is it the right checkpoint and config?"]
+        for field, value, held in sorted(counts):  # the likely cause first, named
+            source = (wmap.get("config") or {}).get(field)
+            source = source if isinstance(source, str) else (source or {}).get("from") if isinstance(source, dict) \
+                else None
+            lines.append(f"  {field}{f' ({source})' if source else ''} is {value}, but the checkpoint's expert "
+                         f"tensors hold {held} experts per layer: set it to {held}")
         for title, items in (("missing", missing), ("unexpected", unexpected), ("misshaped", misshaped)):
             lines += [f"  {title}: {item}" for item in items]
         raise ValueError("\n".join(lines))
@@ -674,6 +685,17 @@ def load_weights(model, ckpt, wmap, *, device, dtype, where, load_packed=None):
         for name in aliases[ours]:
             module, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(module), leaf, new)
+
+
+def _experts_held(source, shapes):
+    """How many experts the checkpoint holds for one stacked-experts part: the leading size of a stacked tensor
+    (GGUF's ffn_*_exps), or one past the highest index of per-expert tensors ("...experts.{e}..."); None when
+    the checkpoint has none."""
+    if "{e}" not in source:
+        return shapes[source][0] if source in shapes and len(shapes[source]) == 3 else None
+    pattern = re.compile(re.escape(source).replace(re.escape("{e}"), r"(\d+)"))
+    held = [int(m[1]) for name in shapes if (m := pattern.fullmatch(name))]
+    return max(held) + 1 if held else None
 
 
 def _release_freed_memory():
