@@ -471,3 +471,23 @@ def test_lora_on_experts_trains_the_adapters_alone(int8):
     assert all(not p.requires_grad for p in experts.base.parameters())
     with pytest.raises(ValueError, match="LoRA dropout 0.1 on a mixture's experts"):
         zoo.add_lora(tiny_moe(), r=2, dropout=0.1)
+
+
+# ------------------------------------------------------------------------------------------ compiled decoding
+
+@pytest.mark.slow
+def test_decode_step_compiles_without_a_graph_break(tmp_path):
+    """Compiled, the experts gather each (token, expert) pair's weights (no .tolist(), no data-dependent shapes):
+    the one-token decode step traces as one graph (fullgraph=True) and computes the eager step's logits. (Dynamo's
+    trace alone, backend="eager": inductor's code generation took a minute here.)"""
+    hf_model("olmoe-k2-norm").save_pretrained(tmp_path / "hf")
+    model = zoo.from_pretrained(tmp_path / "hf")
+    prompt = tokens(B=2, T=5)
+    with torch.no_grad():
+        model.setup_cache(2, 8)
+        model(prompt, input_pos=torch.arange(5))
+        eager = model(prompt[:, -1:], input_pos=torch.tensor([5]))
+        model(prompt, input_pos=torch.arange(5))
+        step = torch.compile(model, backend="eager", fullgraph=True, dynamic=False)
+        compiled = step(prompt[:, -1:], input_pos=torch.tensor([5]))
+    assert (compiled - eager).abs().max().item() <= 1e-5

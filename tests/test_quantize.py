@@ -312,6 +312,7 @@ def dense_float32(smollm2_gguf_path):
     return zoo.from_pretrained(str(smollm2_gguf_path), dtype=torch.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quantized_mixture_of_experts_agrees_with_float32(dense_float32, passage, reference, mode):
     """A mixture of experts quantized per expert (zoo.quantize on models/moe.py) agrees with the float32 model to
