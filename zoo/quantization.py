@@ -332,9 +332,10 @@ class QuantExperts(Experts):
     """A mixture of experts' stacked experts (models/moe.py's Experts) with each expert's two matrices quantized
     alone, as zoo.quantize quantizes a linear layer (int8: one scale per output row; int4: groups along the
     input): gate_up_proj and down_proj become lists of E Int8Linear or Int4Linear modules. The model file's
-    grouping of tokens by expert is kept, so a decoding step reads the codes of its k experts alone. (Loaded
-    with quantize="native", one of the two may stay a float stack [E, out, in] where the file's type has no
-    packed form; such a model runs its experts grouped when compiled too: a graph break there.)"""
+    grouping of tokens by expert is kept, so a decoding step reads the codes of its k experts alone; compiled,
+    that grouping's per-expert counts (.tolist()) are a graph break, as the E modules cannot be gathered as the
+    float stacks are. (Loaded with quantize="native", one of the two may stay a float stack [E, out, in] where
+    the file's type has no packed form.)"""
 
     def __init__(self, gate_up_proj, down_proj):
         nn.Module.__init__(self)  # not Experts': no float stacks to allocate
