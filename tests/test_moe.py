@@ -431,6 +431,8 @@ def test_lora_on_experts_round_trips_with_peft(tmp_path):
     with torch.no_grad():
         ours = model(idx)
     zoo.save_adapter(model, tmp_path / "adapter")
+    with pytest.raises(ValueError, match="does not write yet"):  # llama.cpp's adapter form: not silently dropped
+        zoo.save_gguf_adapter(model, tmp_path / "adapter.gguf")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["target_parameters"] == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
     theirs = peft.PeftModel.from_pretrained(hf_model("qwen2_moe-shared-dense"), tmp_path / "adapter").eval()

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from . import convert, gguf_quants
-from .lora import lora_layers
+from .lora import lora_experts, lora_layers
 from .progress import log
 from .quantization import is_quantized
 from .registry import arch_of, model_module
@@ -124,6 +124,10 @@ def save_gguf_adapter(model, path, name=None):
     order), to be applied at run time to the base model's GGUF (`llama-cli -m base.gguf --lora this.gguf`)."""
     from gguf import GGUFWriter
     layers = lora_layers(model)
+    if lora_experts(model):
+        raise ValueError("the model's mixture-of-experts stacks have LoRA adapters, which the llama.cpp adapter "
+                         "writer does not write yet; save them in PEFT's layout (zoo.save_adapter), or merge them "
+                         "(zoo.merge_lora) and write the full model with zoo.save_gguf")
     if not layers:
         raise ValueError("the model has no LoRA adapters (zoo.add_lora adds them; zoo.save_gguf writes a full model)")
     arch = arch_of(model)
