@@ -8,15 +8,13 @@ Loading builds the model on the meta device (no memory, no init), then fills it 
 the memory-mapped checkpoint, each converted straight to the target dtype and device. Derived buffers
 (rotary tables, sinusoids) are built for real by the model files even under the meta device.
 """
-import contextlib
 import dataclasses
-import functools
 import json
 import math
-import threading
 from pathlib import Path
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from . import convert, weight_files
 from .atomic import write_folder
@@ -39,7 +37,7 @@ def load_pretrained(path, *, device, dtype, quantize=None, **overrides):
     except (TypeError, ValueError) as e:  # name the checkpoint: its header may be what is wrong
         raise type(e)(f"{where}: {e}") from None
     _check_sizes(config, ckpt, where)
-    with torch.device("meta"), _no_init():
+    with torch.device("meta"), _SkipInitOnMeta():
         model = model_module(arch).Model(config)
     # Loading is copies and dequantization, bound by memory: one thread is as fast as several, and it
     # never stalls waiting for a busy core (with 2 threads on a shared 2-core CPU loads took 10x longer).
@@ -94,44 +92,18 @@ def _eos_ids(path, ckpt):
     return ids or None
 
 
-_init_lock = threading.Lock()
-_init_loads = 0  # loads in progress, in all threads
-_init_saved = {}  # torch.nn.init's own functions, while stand-ins replace them
-_building = threading.local()
+class _SkipInitOnMeta(TorchFunctionMode):
+    """Within it, torch.nn.init's functions leave meta tensors as they are. There they compute nothing, yet
+    the first normal_ on a meta tensor imports torch._dynamo (its meta kernel is a decomposition behind
+    torch.compiler.disable): ~1.7 s on an idle CPU, more than a small model's whole load. A torch function mode, like
+    torch.device("meta") itself, holds for this thread and this block only: nothing global changes."""
 
-
-@contextlib.contextmanager
-def _no_init():
-    """Skip weight initialisation while this thread builds on the meta device: it computes nothing there,
-    yet its first calls cost ~1.5 s of dispatcher warm-up, half of a small model's load time. The first
-    load in progress puts stand-ins into torch.nn.init and the last one takes them out; other threads
-    still initialise, as the stand-ins call the real functions for them."""
-    global _init_loads
-    with _init_lock:
-        if _init_loads == 0:
-            _init_saved.update((n, f) for n, f in vars(torch.nn.init).items()
-                               if n.endswith("_") and not n.startswith("_"))
-            for name, f in _init_saved.items():
-                setattr(torch.nn.init, name, _skipping(f))
-        _init_loads += 1
-    _building.active = True
-    try:
-        yield
-    finally:
-        _building.active = False
-        with _init_lock:
-            _init_loads -= 1
-            if _init_loads == 0:
-                for name, f in _init_saved.items():
-                    setattr(torch.nn.init, name, f)
-                _init_saved.clear()
-
-
-def _skipping(init):
-    @functools.wraps(init)
-    def stand_in(tensor, *args, **kwargs):
-        return tensor if getattr(_building, "active", False) else init(tensor, *args, **kwargs)
-    return stand_in
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensor = args[0] if args else kwargs.get("tensor")
+        if getattr(func, "__module__", None) == "torch.nn.init" and isinstance(tensor, torch.Tensor) and tensor.is_meta:
+            return tensor
+        return func(*args, **kwargs)
 
 
 def _open(path):
