@@ -672,11 +672,12 @@ def test_source_end_of_text_becomes_generations_default(tmp_path):
     assert zoo.generate(zoo.from_pretrained(tmp_path), [3, 4], 10, temperature=0) == [[forced]]
 
 
-def test_loading_skips_init_without_patching_torch_or_loading_the_compiler(tmp_path):
-    """A load builds the model on the meta device, where torch.nn.init's functions have nothing to fill: it skips
-    them through a torch function mode (this thread's, this block's), so torch.nn.init is never swapped, real
-    tensors still initialise, and torch._dynamo, which the first normal_ on a meta tensor imports (~1.5 s),
-    stays unloaded. Every model file, in a fresh interpreter."""
+def test_meta_builds_skip_init_without_patching_torch_or_loading_the_compiler(tmp_path):
+    """Loading (and zoo list, and LoRA export) build models on the meta device through registry.build(meta=True),
+    where torch.nn.init's functions have nothing to fill: it skips them through a torch function mode (this
+    thread's, this block's), so torch.nn.init is never swapped, real tensors still initialise, and torch._dynamo,
+    which the first normal_ on a meta tensor imports (~1.7 s), stays unloaded. Every model file is loaded and
+    every preset built, in a fresh interpreter."""
     archs = {}
     for name, (arch, _) in TINY.items():
         archs.setdefault(arch, name)
@@ -684,10 +685,12 @@ def test_loading_skips_init_without_patching_torch_or_loading_the_compiler(tmp_p
         zoo.save_pretrained(tiny(name), tmp_path / arch)
     code = f"""
 import sys, torch, zoo
-from zoo.pretrained import _SkipInitOnMeta
+from zoo.registry import PRESETS, _SkipInitOnMeta, build
 init = dict(vars(torch.nn.init))
 for arch in {sorted(archs)!r}:
     zoo.from_pretrained({str(tmp_path)!r} + "/" + arch)
+for preset in PRESETS.values():
+    build(preset.arch, preset.config, meta=True)
 with torch.device("meta"), _SkipInitOnMeta():
     real = torch.nn.init.normal_(torch.zeros(1000, device="cpu"))
 assert vars(torch.nn.init) == init and real.std() > 0.5

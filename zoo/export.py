@@ -24,7 +24,7 @@ from . import convert, gguf_quants
 from .lora import lora_layers
 from .progress import log
 from .quantization import is_quantized
-from .registry import arch_of, model_module
+from .registry import arch_of, build, model_module
 from .tokenizers import CharTokenizer, HFTokenizer, TiktokenTokenizer, _gpt2_vocab_and_merges
 
 TYPES = ("f32", "f16", "bf16", *gguf_quants.QUANTIZERS)
@@ -132,8 +132,7 @@ def save_gguf_adapter(model, path, name=None):
     alphas = {m.scaling * m.r for m in layers.values()}  # llama.cpp scales each pair by alpha / r
     if len(alphas) != 1:
         raise ValueError(f"the adapters' alpha / r differ ({sorted(alphas)}); llama.cpp's adapter file holds one alpha")
-    with torch.device("meta"):  # the base's GGUF form, shapes only
-        base = model_module(arch).Model(dataclasses.replace(model.config, **_llama_cpp_changes(model)))
+    base = build(arch, dataclasses.replace(model.config, **_llama_cpp_changes(model)), meta=True)  # its GGUF form
     map_name, meta, _ = gguf_form(base)
     entries, _ = convert._expand(convert.load_map(map_name), model.config.n_layer)
     d = convert.dims(model.config)

@@ -14,14 +14,13 @@ import math
 from pathlib import Path
 
 import torch
-from torch.overrides import TorchFunctionMode
 
 from . import convert, weight_files
 from .atomic import write_folder
 from .progress import log
 from .quantization import MODES as QUANT_MODES, check_mode, check_native, gguf_packed_loader, is_quantized
 from .quantization import quantize as quantize_model
-from .registry import arch_of, make_config, model_module
+from .registry import arch_of, build, make_config
 
 
 def load_pretrained(path, *, device, dtype, quantize=None, **overrides):
@@ -37,8 +36,7 @@ def load_pretrained(path, *, device, dtype, quantize=None, **overrides):
     except (TypeError, ValueError) as e:  # name the checkpoint: its header may be what is wrong
         raise type(e)(f"{where}: {e}") from None
     _check_sizes(config, ckpt, where)
-    with torch.device("meta"), _SkipInitOnMeta():
-        model = model_module(arch).Model(config)
+    model = build(arch, config, meta=True)
     # Loading is copies and dequantization, bound by memory: one thread is as fast as several, and it
     # never stalls waiting for a busy core (with 2 threads on a shared 2-core CPU loads took 10x longer).
     threads = torch.get_num_threads()
@@ -90,20 +88,6 @@ def _eos_ids(path, ckpt):
         ids = ids if isinstance(ids, list) else [ids]
     ids = [int(i) for i in dict.fromkeys(ids) if i is not None]
     return ids or None
-
-
-class _SkipInitOnMeta(TorchFunctionMode):
-    """Within it, torch.nn.init's functions leave meta tensors as they are. There they compute nothing, yet
-    the first normal_ on a meta tensor imports torch._dynamo (its meta kernel is a decomposition behind
-    torch.compiler.disable): ~1.7 s on an idle CPU, more than a small model's whole load. A torch function mode, like
-    torch.device("meta") itself, holds for this thread and this block only: nothing global changes."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        tensor = args[0] if args else kwargs.get("tensor")
-        if getattr(func, "__module__", None) == "torch.nn.init" and isinstance(tensor, torch.Tensor) and tensor.is_meta:
-            return tensor
-        return func(*args, **kwargs)
 
 
 def _open(path):
