@@ -124,6 +124,81 @@ def test_transformers_reads_the_file(name, transformers, tmp_path):
         assert (hf(idx).logits - model(idx)).abs().max() <= 1e-4
 
 
+# Gemma and the mixtures of experts, in the forms llama.cpp computes: Gemma 2's attention scale is 1/sqrt(head_dim)
+# and every 2nd layer global; Gemma 3's every 6th, its local rotary base 10k; each MoE architecture's own routing
+GEMMA3_LAYERS = ["sliding_attention"] * 5 + ["full_attention"]
+EXPORTS = {"gemma2": ("gemma2", dict(query_pre_attn_scalar=None)),
+           "gemma3": ("gemma3", dict(n_layer=6, layer_types=GEMMA3_LAYERS)),
+           "qwen2moe": ("moe", dict(qk_norm=None, dense_layers=[], head_dim=None, norm_topk_prob=False)),
+           "qwen3moe": ("moe", dict(shared_expert_dim=None, dense_layers=[], qkv_bias=False)),
+           "olmoe": ("moe-olmoe", dict(tie_embeddings=False)),
+           "llama": ("moe", dict(shared_expert_dim=None, dense_layers=[], qkv_bias=False, qk_norm=None, head_dim=None))}
+
+
+def _exportable(arch, **overrides):
+    """EXPORTS[arch]'s tiny model with random norm weights too (Gemma's are stored as 1 + w)."""
+    name, over = EXPORTS[arch]
+    model = tiny(name, std=0.2, **{**over, **overrides})
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.normal_(std=0.2)
+    return model
+
+
+@pytest.mark.parametrize("dtype", ["f32", "q8_0"])
+@pytest.mark.parametrize("arch", list(EXPORTS))
+def test_gemma_and_moe_read_back(arch, dtype, tmp_path):
+    """Gemma 2/3 and the MoE architectures: gguf's reader sees llama.cpp's architecture, keys and stacked expert
+    tensors; the zoo reads back the config llama.cpp runs and the same logits (f32: exact but for Gemma's norms,
+    stored as 1 + w in float32; q8_0: the model whose weights are gguf.quants' dequantization)."""
+    model = _exportable(arch)
+    path = zoo.save_gguf(model, tmp_path / "m.gguf", dtype=dtype)
+    reader = gguf.GGUFReader(path)
+    assert reader.fields["general.architecture"].contents() == arch
+    _, _, tensors = export.gguf_form(export.llama_cpp_form(model))
+    shapes = {t.name: tuple(reversed(t.shape.tolist())) for t in reader.tensors}
+    assert shapes == {k: tuple(t.shape) for k, t in tensors.items()}
+    c = model.config
+    if arch.endswith("moe") or arch == "llama":
+        assert reader.fields[f"{arch}.expert_count"].contents() == c.n_expert
+        assert shapes["blk.0.ffn_gate_exps.weight"] == (c.n_expert, c.expert_dim, c.n_embd)
+    back = zoo.from_pretrained(path)
+    want = dataclasses.asdict(export.llama_cpp_form(model).config)
+    assert {f: v for f, v in dataclasses.asdict(back.config).items() if f != "norm_eps"} == \
+        {f: v for f, v in want.items() if f != "norm_eps"}
+    idx = torch.randint(0, c.vocab_size, (2, 24))
+    with torch.no_grad():
+        exact = dtype == "f32" and not arch.startswith("gemma")
+        torch.testing.assert_close(back(idx), _stored(model, dtype)(idx), rtol=0, atol=0 if exact else 1e-5)
+
+
+def test_what_llama_cpp_cannot_run_in_gemma_and_moe(tmp_path):
+    """Gemma 2's attention scale other than 1/sqrt(head_dim), Gemma 3's layers not global every 6th, a Qwen
+    dense layer, a tied OLMoE: each refused, naming why."""
+    for model, match in [(tiny("gemma2"), "query_pre_attn_scalar=20"), (tiny("gemma3"), "layer_types"),
+                         (tiny("moe"), "dense_layers=\\[1\\]"), (tiny("moe-olmoe"), "llama.cpp's olmoe")]:
+        with pytest.raises(ValueError, match=match):
+            zoo.save_gguf(model, tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3", "qwen3moe"])
+def test_transformers_reads_gemma_and_moe(arch, transformers, tmp_path):
+    """transformers' GGUF loader gives the zoo's logits (f32, <= 1e-4). It reads neither Gemma's attention scale
+    nor soft-caps, Gemma 3's rope scaling, nor the experts' width from the file (it takes its config class's
+    defaults: 256, 50 and 30, none, 768), so the models here have those values."""
+    tok = CharTokenizer.from_text(string.ascii_lowercase + " .,\n!?01234")  # 37 tokens: transformers' vocab size
+    overrides = {"gemma2": dict(head_dim=256, attn_softcap=50.0, final_softcap=30.0),
+                 "gemma3": dict(head_dim=256, rope_scaling_factor=None), "qwen3moe": dict(expert_dim=768, n_layer=2)}
+    model = _exportable(arch, **overrides[arch])
+    zoo.save_gguf(model, tmp_path / "m.gguf", tokenizer=tok, dtype="f32")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)
+    idx = torch.randint(0, 37, (2, 20))
+    with torch.no_grad():
+        assert (hf(idx).logits - model(idx)).abs().max() <= 1e-4
+
+
 def test_gpt2_without_biases_and_exact_gelu(tmp_path, caplog):
     """shakespeare-char's form (no biases, exact GELU) exports as llama.cpp's gpt2 computes it: zero biases
     (exact) and the tanh GELU (logged); the zoo reads back that model."""

@@ -2,7 +2,7 @@
 reason where it is not importable; `pip install llama-cpp-python` builds it from source in minutes).
 
 Tiny models of each exported architecture, in f32 (so llama.cpp computes with the zoo's weights, its KV cache
-in f32 too): the same logits at every position (<= 1e-4; gpt2/starcoder's GELU: see _tolerance), the same
+in f32 too): the same logits at every position (<= 1e-4; gpt2/starcoder/Gemma's GELU: see _tolerance), the same
 tokenization, and a LoRA adapter GGUF applied at run time equal to the merged model. bench/gguf_export.py
 does the same on SmolLM2 and a trained shakespeare-char model, with perplexity and greedy decoding."""
 import string
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny
+from test_export import EXPORTS
 
 import zoo
 from zoo.tokenizers import CharTokenizer
@@ -20,7 +21,9 @@ llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not ins
 VOCAB = CharTokenizer.from_text(string.ascii_lowercase + string.ascii_uppercase + " .,;:!?'\n-")  # 62 tokens
 MODELS = {"gpt2": ("gpt2", {}), "gpt2-nobias": ("gpt2-nobias", {}), "mqa": ("mqa", {}),
           "llama-gqa": ("llama-gqa", dict(n_head=4, n_kv_head=2, n_embd=64, ffn_dim=96)),
-          "llama-untied": ("llama-gqa", dict(n_head=4, n_kv_head=4, n_embd=64, ffn_dim=64, tie_embeddings=False))}
+          "llama-untied": ("llama-gqa", dict(n_head=4, n_kv_head=4, n_embd=64, ffn_dim=64, tie_embeddings=False)),
+          **{f"gemma-{arch}": EXPORTS[arch] for arch in ("gemma2", "gemma3")},
+          **{f"moe-{arch}": EXPORTS[arch] for arch in ("qwen2moe", "qwen3moe", "olmoe", "llama")}}
 TEXT = "The quick brown fox, jumping; then: what?\nNothing, dog!"  # < 64 characters: the tiny block_size
 
 
@@ -29,31 +32,42 @@ def _llama(path, lora=None):
                            logits_all=True, verbose=False, type_k=0, type_v=0)  # an f32 KV cache (GGML_TYPE_F32)
 
 
+def _gelu_table(h):
+    """GELU as ggml's CPU backend computes it: the tanh form looked up in a float16 table (input and output
+    rounded to float16; 0 below -10, the identity above 10)."""
+    x = h.half().float()
+    y = (0.5 * x * (1 + torch.tanh(0.7978845608028654 * x * (1 + 0.044715 * x * x)))).half().float()
+    return torch.where(h <= -10, 0.0, torch.where(h >= 10, h, y))
+
+
 def _ggml_gelu(model):
-    """`model` computing GELU as ggml's CPU backend does for gpt2 and starcoder: the tanh form looked up in a
-    float16 table (input and output rounded to float16; 0 below -10, the identity above 10). A test-only
-    stand-in, through hooks on this test's own model: the difference it accounts for is ~3e-3 in the logits."""
-    def stash(c_fc, args, h):
-        c_fc.parent_h = h
+    """`model` computing GELU as ggml does (_gelu_table) in gpt2's and starcoder's MLP and Gemma's GeGLU. A
+    test-only stand-in, through hooks on this test's own model: the difference it accounts for is ~3e-3 in the
+    logits."""
+    def stash(fc, args, h):
+        fc.parent_h = h
 
-    def replace(c_proj, args):
-        h = c_proj.c_fc.parent_h
-        x = h.half().float()
-        y = (0.5 * x * (1 + torch.tanh(0.7978845608028654 * x * (1 + 0.044715 * x * x)))).half().float()
-        return (torch.where(h <= -10, 0.0, torch.where(h >= 10, h, y)),)
+    def replace(proj, args):
+        h = proj.fc.parent_h
+        if proj.geglu:
+            gate, up = h.chunk(2, dim=-1)
+            return (_gelu_table(gate) * up,)
+        return (_gelu_table(h),)
 
-    for block in model.transformer.h:
-        block.mlp.c_fc.register_forward_hook(stash)
-        block.mlp.c_proj.c_fc = block.mlp.c_fc
-        block.mlp.c_proj.register_forward_pre_hook(replace)
+    gemma = hasattr(model, "model")
+    for block in model.model.layers if gemma else model.transformer.h:
+        fc, proj = (block.mlp.gate_up_proj, block.mlp.down_proj) if gemma else (block.mlp.c_fc, block.mlp.c_proj)
+        fc.register_forward_hook(stash)
+        proj.fc, proj.geglu = fc, gemma
+        proj.register_forward_pre_hook(replace)
     return model
 
 
 def _tolerance(base):
-    """1e-4, and 2e-3 where ggml's GELU table is used: an activation near a float16 rounding boundary may round
+    """1e-4, and 2e-3 where ggml's GELU table is used (gpt2, starcoder, Gemma): an activation near a float16 rounding boundary may round
     the other way there than in torch (tanhf and torch.tanh differ in the last bit; measured up to 1.1e-3 in
     gpt2's logits; a wrong layout or scale gives differences of 0.1 and more)."""
-    return 1e-4 if base.startswith("llama") else 2e-3
+    return 1e-4 if base.startswith(("llama", "moe")) else 2e-3
 
 
 def _logits(llm, ids):
@@ -72,8 +86,11 @@ def test_llama_cpp_computes_the_zoos_logits(name, tmp_path):
     assert llm.tokenize(TEXT.encode(), add_bos=False, special=True) == ids
     assert llm.detokenize(ids).decode() == TEXT
     with torch.no_grad():
-        ours = (model if base.startswith("llama") else _ggml_gelu(model))(torch.tensor([ids]))[0]
-    assert (_logits(llm, ids) - ours).abs().max() <= _tolerance(base)
+        ours = (model if base.startswith(("llama", "moe")) else _ggml_gelu(model))(torch.tensor([ids]))[0]
+    theirs = _logits(llm, ids)
+    print(f"{name}: max |dlogit| {(theirs - ours).abs().max():.1e}")
+    assert (theirs - ours).abs().max() <= _tolerance(base)
+    assert torch.equal(theirs.argmax(-1), ours.argmax(-1))  # the same greedy token at every position
 
 
 @pytest.mark.parametrize("name", ["llama-untied", "gpt2"])

@@ -52,7 +52,7 @@ def save_gguf(model, path, tokenizer=None, dtype="f16", name=None):
                          "the adapter alone with zoo.save_gguf_adapter(model, path)")
     if arch in NO_LLAMA_CPP:
         raise ValueError(f"models/{arch}.py is {NO_LLAMA_CPP[arch]}, which no llama.cpp architecture computes; "
-                         "GGUF export covers gpt2, llama and mqa (GPTBigCode) models")
+                         "GGUF export covers gpt2, llama, mqa (GPTBigCode), gemma and moe models")
     model = llama_cpp_form(model)
     map_name, meta, tensors = gguf_form(model)
     vocab = tokenizer_metadata(tokenizer, model.config.vocab_size) if tokenizer is not None else {}
@@ -95,11 +95,20 @@ def llama_cpp_form(model):
 
 
 def _llama_cpp_changes(model):
-    config, changes = model.config, {}
+    """Config fields to change for llama.cpp: gpt2's (above), and defaults spelled as GGUF loads them back
+    (the same model, exactly): Gemma 2/3's attention scale and Gemma 3's local rotary base, which llama.cpp
+    sets in code, and the unused dense-MLP width of a mixture without dense layers."""
+    config, arch, changes = model.config, arch_of(model), {}
     if getattr(config, "bias", True) is False:
         changes["bias"] = True
-    if arch_of(model) == "gpt2" and config.activation == "gelu":
+    if arch == "gpt2" and config.activation == "gelu":
         changes["activation"] = "gelu_tanh"
+    if arch == "gemma" and config.sandwich_norms and config.query_pre_attn_scalar is None:
+        changes["query_pre_attn_scalar"] = config.head_dim
+    if arch == "gemma" and config.qk_norm and config.rope_local_theta is None:
+        changes["rope_local_theta"] = config.rope_theta
+    if arch == "moe" and not config.dense_layers and config.ffn_dim is not None:
+        changes["ffn_dim"] = None
     return changes
 
 
