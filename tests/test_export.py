@@ -28,7 +28,7 @@ def _tiny(name, **overrides):
 
 def _stored(model, dtype):
     """A copy of `model` whose weights are what a `dtype` file stores, dequantized with gguf.quants (matrices
-    in `dtype`, or f16 where rows are not whole blocks; 1-D tensors and position tables in f32). Blocks run
+    in `dtype`, or export.tensor_type's fallback where rows are not whole blocks; 1-D tensors and position tables in f32). Blocks run
     along rows, so splitting fused tensors and permuting q/k rows on export changes no block."""
     import copy
     ref = copy.deepcopy(model)
@@ -36,8 +36,9 @@ def _stored(model, dtype):
         for name, p in ref.named_parameters():
             if p.dim() < 2 or ".wpe." in name or dtype == "f32":
                 continue
-            qtype = "f16" if dtype in gguf_quants.QUANTIZERS and p.shape[-1] % 32 else dtype
-            data = gguf.quants.quantize(p.numpy(), Q[qtype.upper()])
+            qtype = export.tensor_type("", p, dtype)
+            data = (gguf_quants.q4_k(p).numpy() if qtype == "q4_k"  # (gguf.quants has no Q4_K quantizer)
+                    else gguf.quants.quantize(p.numpy(), Q[qtype.upper()]))
             p.copy_(torch.from_numpy(gguf.quants.dequantize(data, Q[qtype.upper()]).astype(np.float32)).view(p.shape))
     return ref
 
@@ -72,6 +73,24 @@ def test_blocks_equal_gguf_quants(dtype):
     x[3, 32:64] = -x[3, 32:64].abs()
     ours = (gguf_quants.bf16(x) if dtype == "bf16" else gguf_quants.QUANTIZERS[dtype](x)).numpy()
     assert np.array_equal(ours, gguf.quants.quantize(x.numpy(), Q[dtype.upper()]))
+
+
+def test_q4_k_blocks_read_back():
+    """Q4_K super-blocks (the quantizer is compared byte for byte with llama.cpp's in test_llama_cpp.py): gguf.quants
+    and the zoo's own dequantizer read the same weights from them, within Q4_K's error of the originals; a
+    256-row model exported in q4_k stores its matrices so and reads back to them."""
+    from zoo import ggml_blocks
+    torch.manual_seed(0)
+    x = torch.randn(64, 512) * torch.logspace(-4, 2, 64).unsqueeze(1)
+    x[0, :256], x[1, :256], x[2, :256] = 0, 0.7, -0.7
+    x[3, :256] = x[3, :256].abs()
+    blocks = gguf_quants.q4_k(x)
+    assert blocks.shape == (64, 2 * 144)
+    theirs = torch.from_numpy(gguf.quants.dequantize(blocks.numpy(), Q.Q4_K))
+    assert torch.equal(ggml_blocks.q4_k(blocks.reshape(-1, 144)).view(64, 512), theirs)
+    assert not theirs[0, :256].any()  # an all-zero block exactly
+    rms = ((theirs - x).pow(2).mean(dim=1) / x.pow(2).mean(dim=1)).sqrt()
+    assert rms.max() < 0.1, rms.max()
 
 
 def test_gguf_reader_sees_what_was_written(tmp_path):

@@ -1,6 +1,6 @@
 """GGUF export: a zoo model and its tokenizer as one llama.cpp / Ollama file.
 
-    zoo.save_gguf(model, "model.gguf", tokenizer=tok, dtype="q8_0")   # f32 f16 bf16 q8_0 q4_0 q4_1
+    zoo.save_gguf(model, "model.gguf", tokenizer=tok, dtype="q8_0")   # f32 f16 bf16 q8_0 q4_0 q4_1 q4_k
     zoo.from_pretrained("model.gguf")                                  # and back, to the same logits
 
 The weights map that reads a GGUF architecture (weights_maps/gguf-*.json) writes it too: its "config"
@@ -38,7 +38,7 @@ NO_LLAMA_CPP = {
 def save_gguf(model, path, tokenizer=None, dtype="f16", name=None):
     """Write `model` (and `tokenizer`: its vocabulary, special tokens and chat template) to the GGUF file
     `path` for llama.cpp, Ollama and the zoo itself. dtype: f32, f16, bf16 (the matrices; norms and biases
-    stay f32), or q8_0, q4_0, q4_1 (blocks quantized as llama.cpp's quantizers would). Every check runs
+    stay f32), or q8_0, q4_0, q4_1, q4_k (blocks quantized as llama.cpp's reference quantizers would). Every check runs
     before anything is written; an existing file at `path` is replaced only once the new one is complete."""
     from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
     arch = arch_of(model)
@@ -64,7 +64,7 @@ def save_gguf(model, path, tokenizer=None, dtype="f16", name=None):
     writer.add_name(name or path.stem)
     for key, value in {**meta, **vocab}.items():
         _add(writer, key, value)
-    writer.add_file_type(getattr(LlamaFileType, {"f32": "ALL_F32"}.get(dtype, f"MOSTLY_{dtype.upper()}")))
+    writer.add_file_type(getattr(LlamaFileType, {"f32": "ALL_F32", "q4_k": "MOSTLY_Q4_K_S"}.get(dtype, f"MOSTLY_{dtype.upper()}")))
     if dtype in gguf_quants.QUANTIZERS:
         writer.add_quantization_version(2)  # GGML_QNT_VERSION
     for tensor_name, t in tensors.items():
@@ -187,11 +187,12 @@ def _write(writer, tmp, path):
 
 def tensor_type(name, t, dtype):
     """The type a tensor is stored in, as llama.cpp's converter chooses: F32 for 1-D tensors, norms and
-    position tables; F16 for a matrix a block type cannot hold (rows that are not whole blocks)."""
+    position tables; for a matrix a block type cannot hold (rows that are not whole blocks) Q8_0 in place of
+    Q4_K (blocks of 256) where its rows are whole blocks of 32, else F16."""
     if t.dim() <= 1 or name.endswith("_norm.weight") or name.startswith("position_embd."):
         return "f32"
-    if dtype in gguf_quants.QUANTIZERS and t.shape[-1] % gguf_quants.BLOCK:
-        return "f16"
+    if dtype in gguf_quants.QUANTIZERS and t.shape[-1] % gguf_quants.BLOCK_SIZES[dtype]:
+        return "q8_0" if dtype == "q4_k" and t.shape[-1] % gguf_quants.BLOCK == 0 else "f16"
     return dtype
 
 
