@@ -131,6 +131,35 @@ def test_llama_rows_in_llama_cpp_rope_order(tmp_path):
     assert "output.weight" not in tensors
 
 
+def test_llama3_rope_freqs(tmp_path):
+    """A llama3-scaled rope: rope_freqs.weight holds llama.cpp's per-frequency divisors (1 for short wavelengths,
+    `factor` for long ones, a blend between), the zoo's keys its four parameters, and the zoo reads back the very
+    config and logits. A table without those keys (llama.cpp's converter's) is still refused, naming the fix."""
+    model = tiny("llama-mha-llama3", std=0.3)
+    path = zoo.save_gguf(model, tmp_path / "m.gguf", dtype="f32")
+    reader = gguf.GGUFReader(path)
+    table = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+    s, d = model.config.rope_scaling, model.config.n_embd // model.config.n_head
+    freq = 1.0 / model.config.rope_theta ** (np.arange(0, d, 2) / d)
+    factors = np.array(table.data)
+    assert factors.shape == (d // 2,) and (factors >= 1).all() and (np.diff(factors) >= 0).all()
+    assert factors[-1] == s["factor"] and 2 * np.pi / freq[-1] > s["original_max_position_embeddings"]  # slowed
+    back = zoo.from_pretrained(path)
+    assert back.config.rope_scaling == model.config.rope_scaling
+    idx = torch.randint(0, 37, (2, 40))
+    assert torch.equal(back(idx), model(idx))
+    meta = {f.name: f.contents() for f in reader.fields.values() if not f.name.startswith(("GGUF.", "zoo."))}
+    writer = gguf.GGUFWriter(tmp_path / "converted.tmp", "llama")  # the same file less the zoo's keys
+    for key, value in meta.items():
+        if key != "general.architecture":
+            export._add(writer, key, value)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.array(t.data).reshape(tuple(reversed(t.shape.tolist()))))
+    export._write(writer, tmp_path / "converted.tmp", tmp_path / "converted.gguf")
+    with pytest.raises(ValueError, match="rope_freqs.*Hugging Face folder"):
+        zoo.from_pretrained(tmp_path / "converted.gguf")
+
+
 @pytest.mark.parametrize("name", ["gpt2", "llama-gqa"])
 def test_transformers_reads_the_file(name, transformers, tmp_path):
     """transformers' GGUF loader (a second reader) gives the zoo's logits (f32, <= 1e-4)."""
@@ -243,8 +272,7 @@ def test_architectures_llama_cpp_cannot_run_are_refused(name, what, tmp_path):
 def test_refusals_write_nothing_and_keep_the_old_file(tmp_path):
     old = tmp_path / "m.gguf"
     old.write_bytes(b"earlier work")
-    for model, match in [(tiny("llama-mha-llama3"), "rope_scaling"),
-                         (zoo.quantize(_tiny("gpt2"), "int8"), "quantized"),
+    for model, match in [(zoo.quantize(_tiny("gpt2"), "int8"), "quantized"),
                          (tiny("gpt2", causal=False), "causal")]:
         with pytest.raises(ValueError, match=match):
             zoo.save_gguf(model, old)

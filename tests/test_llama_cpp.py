@@ -22,6 +22,7 @@ VOCAB = CharTokenizer.from_text(string.ascii_lowercase + string.ascii_uppercase 
 MODELS = {"gpt2": ("gpt2", {}), "gpt2-nobias": ("gpt2-nobias", {}), "mqa": ("mqa", {}),
           "llama-gqa": ("llama-gqa", dict(n_head=4, n_kv_head=2, n_embd=64, ffn_dim=96)),
           "llama-untied": ("llama-gqa", dict(n_head=4, n_kv_head=4, n_embd=64, ffn_dim=64, tie_embeddings=False)),
+          "llama3-rope": ("llama-mha-llama3", {}),
           **{f"gemma-{arch}": EXPORTS[arch] for arch in ("gemma2", "gemma3")},
           **{f"moe-{arch}": EXPORTS[arch] for arch in ("qwen2moe", "qwen3moe", "olmoe", "llama")}}
 TEXT = "The quick brown fox, jumping; then: what?\nNothing, dog!"  # < 64 characters: the tiny block_size

@@ -293,21 +293,35 @@ def llama_rope(hf, ours, need=None, shapes=None, to_hf=False):
     ours["rope_scaling"] = {k: rope[k] for k in _LLAMA3} if rope_type == "llama3" else None
 
 
+LLAMA3_ROPE = "zoo.llama3_rope."  # + each _LLAMA3 key: the zoo's record of a llama3 rope it exported (llama.cpp ignores it)
+
+
 def gguf_llama(meta, ours, need=None, shapes=None, to_hf=False):
     """What a GGUF of the Llama family (llama, qwen2, qwen3, phi3, olmo2, and the mixtures of experts) keeps
     outside its config keys or in a form of its own: the vocabulary size (rows of token_embd), a tied output
     layer (no output.weight), Phi-3/4's partial rotary (phi3.rope.dimension_count below the head width), and
     llama.cpp's rope scaling (rope_freqs or LongRoPE's rope_factors tables), which we refuse with a pointer to
-    the Hugging Face form. Export: the tensors carry the vocabulary and the tied head; the rotated width and
-    the value width (which llama.cpp reads apart from the key width) are written as llama.cpp's converter writes them."""
+    the Hugging Face form, except a llama3-scaled rope the zoo wrote: llama.cpp runs its rope_freqs table (one
+    factor per frequency, which export adds) and the zoo reads its four parameters from LLAMA3_ROPE keys
+    (llama.cpp's converter writes the table alone, whose parameters it cannot give back exactly). Export: the
+    tensors carry the vocabulary and the tied head; the rotated width and the value width (which llama.cpp
+    reads apart from the key width) are written as llama.cpp's converter writes them."""
     if to_hf:
         arch = next(k.split(".")[0] for k in meta if k.endswith(".block_count"))
         head_dim = ours.get("head_dim") or ours["n_embd"] // ours["n_head"]
         meta[f"{arch}.rope.dimension_count"] = round(head_dim * (ours.get("rotary_fraction") or 1.0))
         if f"{arch}.attention.key_length" in meta:  # llama.cpp sizes k and v by value_length (n_embd_v_gqa)
             meta[f"{arch}.attention.value_length"] = meta[f"{arch}.attention.key_length"]
+        if arch == "llama" and "low_freq_factor" in (ours.get("rope_scaling") or {}):
+            meta.update({LLAMA3_ROPE + k: float(ours["rope_scaling"][k]) for k in _LLAMA3})
         return
     arch = meta["general.architecture"]
+    if arch == "llama" and all(LLAMA3_ROPE + k in meta for k in _LLAMA3):
+        need("rope_freqs.weight" in shapes, f"{LLAMA3_ROPE}* keys without the rope_freqs.weight table", damaged=True)
+        ours["rope_scaling"] = {k: meta[LLAMA3_ROPE + k] for k in _LLAMA3}
+        o = "original_max_position_embeddings"
+        ours["rope_scaling"][o] = int(ours["rope_scaling"][o])
+        shapes = {n: s for n, s in shapes.items() if n != "rope_freqs.weight"}
     tables = [n for n in ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight") if n in shapes]
     scaling = meta.get(f"{arch}.rope.scaling.type", "none")
     need(not tables and scaling == "none", f"rope frequency scaling in GGUF form ({', '.join(tables) or scaling})",

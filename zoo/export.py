@@ -119,11 +119,25 @@ def gguf_form(model):
     maps = {n: convert.load_map(n) for n, m in convert._maps().items()
             if m["format"] == "gguf" and m["zoo_arch"] == arch}
     tensors = {n: convert.export_weights(model, m) for n, m in maps.items()}
+    if "low_freq_factor" in (getattr(model.config, "rope_scaling", None) or {}) and "gguf-llama" in tensors:
+        tensors["gguf-llama"]["rope_freqs.weight"] = llama3_rope_freqs(model.config)  # llama.cpp's llama3 rope
     shapes = {n: {k: tuple(t.shape) for k, t in ts.items()} for n, ts in tensors.items()}
     map_name, meta = convert.to_gguf_metadata(arch, model.config, shapes)
     if map_name is None:
         raise ValueError(f"this {arch} model has no GGUF form: {meta}")
     return map_name, meta, tensors[map_name]
+
+
+def llama3_rope_freqs(config):
+    """llama.cpp's rope_freqs table for a llama3-scaled rope [rotated dims / 2]: each frequency's divisor, as
+    its converter computes it (1 for short wavelengths, `factor` for long ones, a blend between)."""
+    s, d = config.rope_scaling, int((config.head_dim or config.n_embd // config.n_head) * config.rotary_fraction)
+    freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    wavelen, old = 2 * torch.pi / freq, s["original_max_position_embeddings"]
+    smooth = (old / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+    return torch.where(wavelen < old / s["high_freq_factor"], 1.0,
+                       torch.where(wavelen > old / s["low_freq_factor"], s["factor"],
+                                   1 / ((1 - smooth) / s["factor"] + smooth))).float()
 
 
 def save_gguf_adapter(model, path, name=None):
