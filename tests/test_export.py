@@ -359,6 +359,49 @@ def test_sentencepiece_vocabulary_from_a_gguf(tmp_path):
     for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
         assert out[key] == src[key], key
 
+def spm_tokenizer(folder, prefix=True):
+    """A Llama 2-style (prefix: a "\u2581" before the text) or Gemma-style sentencepiece BPE in tokenizer.json form:
+    <unk> <s> </s>, the 256 byte tokens, then pieces trained here, byte fallback."""
+    import json
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    spaces = [normalizers.Prepend("\u2581")] * prefix + [normalizers.Replace(" ", "\u2581")]
+    trainer = Tokenizer(models.BPE())
+    trainer.normalizer = normalizers.Sequence(spaces)
+    trainer.train_from_iterator(["the quick brown fox jumps over the lazy dog 0123456789\n" * 5, *TEXTS],
+                                trainers.BpeTrainer(vocab_size=120, show_progress=False))
+    trained = json.loads(trainer.to_str())["model"]
+    pieces = ["<unk>", "<s>", "</s>", *[f"<0x{i:02X}>" for i in range(256)], *sorted(trained["vocab"], key=trained["vocab"].get)]
+    tk = Tokenizer(models.BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=[tuple(m) for m in trained["merges"]],
+                              unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tk.normalizer = normalizers.Sequence(spaces)
+    tk.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                   + [decoders.Strip(" ", 1, 0)] * prefix)
+    folder.mkdir()
+    tk.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    return zoo.tokenizer(folder)
+
+
+SPM_TEXTS = TEXTS + ["naïve café 🙂 the end", "jumps over", " leading space"]
+
+
+@pytest.mark.parametrize("prefix", [True, False])
+def test_sentencepiece_tokenizer_json(prefix, tmp_path):
+    """A sentencepiece BPE from tokenizer.json (Llama 2's form, Gemma's without the leading "\u2581") exports as
+    llama.cpp's "llama" vocabulary: byte tokens typed as bytes, scores that rank the merges, the space prefix;
+    it encodes as the source (byte fallback included; llama.cpp too: test_llama_cpp.py)."""
+    tok = spm_tokenizer(tmp_path / "tok", prefix)
+    # (the zoo reads a GGUF sentencepiece vocabulary as transformers does, which puts no "\u2581" before text that
+    # starts with a space, where llama.cpp and the source put one: texts with a leading space aside here)
+    _, path = _round_trip(tok, tmp_path, [t for t in SPM_TEXTS if not t[0].isspace()])
+    meta = zoo.weight_files.read_gguf_metadata(path)
+    assert meta["tokenizer.ggml.model"] == "llama" and meta["tokenizer.ggml.add_space_prefix"] is prefix
+    types, scores = meta["tokenizer.ggml.token_type"], meta["tokenizer.ggml.scores"]
+    assert types[:4] == [2, 3, 3, 6] and types[258:260] == [6, 1] and max(scores) == 0 > min(scores)
+
+
 # ----------------------------------------------------------------------------------------------- LoRA
 
 @pytest.mark.parametrize("name", ["llama-mha", "gpt2"])

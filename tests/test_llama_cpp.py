@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny
-from test_export import EXPORTS
+from test_export import EXPORTS, SPM_TEXTS, spm_tokenizer
 
 import zoo
 from zoo.tokenizers import CharTokenizer
@@ -172,3 +172,14 @@ def test_llama_cpp_runs_a_q4_k_export(tmp_path):
           f"greedy agreement {(theirs.argmax(-1) == ours.argmax(-1)).float().mean():.3f}")
     assert (theirs - ours).abs().max() < 0.2
     assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() >= 0.9
+
+
+@pytest.mark.parametrize("prefix", [True, False])
+def test_llama_cpp_tokenizes_a_sentencepiece_tokenizer_json_as_its_source(prefix, tmp_path):
+    """A Llama 2-style (Gemma-style without the space prefix) sentencepiece tokenizer.json, exported: llama.cpp's
+    ids (from scores and token types) equal the source tokenizer's, BOS, byte fallback and spaces included."""
+    tok = spm_tokenizer(tmp_path / "tok", prefix)
+    path = zoo.save_gguf(tiny("llama-gqa", vocab_size=tok.vocab_size, n_layer=1), tmp_path / "m.gguf", tokenizer=tok)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, verbose=False, vocab_only=True)
+    for text in SPM_TEXTS:
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == tok.encode(text), text

@@ -16,6 +16,7 @@ The file is written beside its destination and renamed into place: it appears co
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -239,7 +240,7 @@ def _add(writer, key, value):
 
 # ------------------------------------------------------------------------------------- the tokenizer
 
-NORMAL, CONTROL, USER_DEFINED = 1, 3, 4  # llama.cpp's token types (gguf.TokenType)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6  # llama.cpp's token types (gguf.TokenType)
 _LLAMA3_REGEX_START = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+"
 
 
@@ -252,6 +253,8 @@ def tokenizer_metadata(tok, vocab_size):
         meta = _chars(tok)
     elif isinstance(tok, HFTokenizer) and tok.ggml_vocab and len(tok.ggml_vocab["tokenizer.ggml.tokens"]) == n_tokens:
         meta = dict(tok.ggml_vocab)  # a sentencepiece vocabulary from a GGUF file: its tokens, scores, types
+    elif isinstance(tok, HFTokenizer) and json.loads(tok.tk.to_str())["model"].get("byte_fallback"):
+        meta = _hf_sentencepiece(tok)
     elif isinstance(tok, HFTokenizer):
         meta = _hf_bpe(tok)
     else:
@@ -355,6 +358,52 @@ def _hf_bpe(tok):
         raise ValueError(f"the tokenizer has no token for ids {holes[:10]}; llama.cpp needs every id to be one")
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     return _bpe(tokens, types, merges, pre)
+
+
+def _hf_sentencepiece(tok):
+    """A sentencepiece BPE in tokenizer.json form (Llama 2's, Gemma's: byte fallback, "▁" for spaces) as
+    llama.cpp's sentencepiece vocabulary: tokens, token types (unknown, control, byte <0xNN>) and scores,
+    which rank merges there: llama.cpp merges the pair whose result scores highest, so a token scores minus
+    the rank of the merge that makes it, and the merges apply in tokenizer.json's order."""
+    spec = json.loads(tok.tk.to_str())
+    model = spec["model"]
+    if model.get("type") != "BPE":
+        raise ValueError(f"a {model.get('type')} tokenizer with byte fallback has no llama.cpp sentencepiece form "
+                         "(llama.cpp's \"llama\" vocabulary is BPE merges ranked by score)")
+    n = tok.tk.get_vocab_size(with_added_tokens=True)
+    tokens, types, scores = [None] * n, [NORMAL] * n, [0.0] * n
+    for text, i in model["vocab"].items():
+        tokens[i] = text
+        types[i] = BYTE if re.fullmatch(r"<0x[0-9A-F]{2}>", text) else UNKNOWN if text == model.get("unk_token") else NORMAL
+    for added in spec.get("added_tokens", []):
+        tokens[added["id"]] = added["content"]
+        if types[added["id"]] != UNKNOWN:
+            types[added["id"]] = CONTROL if added["special"] else USER_DEFINED
+    holes = [i for i, t in enumerate(tokens) if t is None]
+    if holes:
+        raise ValueError(f"the tokenizer has no token for ids {holes[:10]}; llama.cpp needs every id to be one")
+    made = set()
+    for rank, merge in enumerate(model["merges"]):
+        merged = "".join(merge.split(" ", 1) if isinstance(merge, str) else merge)
+        if merged not in made:
+            made.add(merged)
+            scores[model["vocab"][merged]] = -float(rank + 1)
+    return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores,
+            "tokenizer.ggml.token_type": types, "tokenizer.ggml.add_space_prefix": _adds_space_prefix(spec)}
+
+
+def _adds_space_prefix(spec):
+    """Whether the tokenizer puts "▁" before the text, as Llama 2's does (Gemma's does not): a Prepend
+    normalizer, or a Metaspace pre-tokenizer that prepends."""
+    def steps(node, key):
+        return [] if not node else node.get(key, []) if node.get("type") == "Sequence" else [node]
+    for step in steps(spec.get("normalizer"), "normalizers"):
+        if step.get("type") == "Prepend" and step.get("prepend") == "▁":
+            return True
+    for step in steps(spec.get("pre_tokenizer"), "pretokenizers"):
+        if step.get("type") == "Metaspace":
+            return step.get("prepend_scheme", "always") != "never"
+    return False
 
 
 def _is_byte_level(decoder):
