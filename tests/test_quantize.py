@@ -285,12 +285,10 @@ def upcycled_moe(dense, n_expert=2, seed=0):
     inputs, and keeping them whole keeps the weights' grid what the dense modes quantize (a permutation of single
     units mixes the blocks: int4 then agreed 0.867, the dense grid's int4 0.988, the baseline 0.984)."""
     c = dense.config
-    config = zoo.registry.make_config("moe", dict(
+    moe = zoo.build("moe", dict(
         vocab_size=c.vocab_size, block_size=c.block_size, n_layer=c.n_layer, n_head=c.n_head, n_kv_head=c.n_kv_head,
         n_embd=c.n_embd, head_dim=c.head_dim, n_expert=n_expert, top_k=1, expert_dim=c.ffn_dim, norm_topk_prob=True,
-        rope_theta=c.rope_theta, norm_eps=c.norm_eps, tie_embeddings=c.tie_embeddings))
-    with torch.device("meta"):
-        moe = zoo.registry.model_module("moe").Model(config)
+        rope_theta=c.rope_theta, norm_eps=c.norm_eps, tie_embeddings=c.tie_embeddings), meta=True)
     g = torch.Generator().manual_seed(seed)
     state = {k: v for k, v in dense.state_dict().items() if ".mlp." not in k}
     for i, block in enumerate(dense.model.layers):
