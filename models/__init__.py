@@ -5,7 +5,11 @@ Each file stands alone (copy it into any project). Installed, they are importabl
 
 What the package relies on (tests/test_models.py checks it; a new file copies llama.py's parts):
 - `Model(config)` builds under `torch.device("meta")` (zoo.from_pretrained fills it from the weight files);
-  derived tables (rotary, sinusoids) are built with device="cpu" so that they are real even there.
+  derived tables (rotary, sinusoids) are built with device="cpu" so that they are real even there. Weights
+  are initialised through torch.nn.init's functions (and nn.Linear's and nn.Embedding's own): zoo's meta
+  builds (registry.build(meta=True), used by loading) skip those on meta tensors, where a Tensor.normal_ of
+  the file's own would import torch._dynamo (~1.7 s); tests/test_pretrained.py loads every file in a fresh
+  interpreter and checks that it stays unloaded.
 - `forward(idx, input_pos=None, key_mask=None, last_only=False)`: idx [B, T] -> logits [B, T, vocab_size];
   input_pos [T]: the cache slots of these tokens (incremental decoding); key_mask [B, S]: False marks left
   padding; last_only: the last position's logits alone, [B, 1, vocab_size].

@@ -31,8 +31,8 @@ def test_requests_joining_a_running_batch_decode_as_alone(name, device, chars):
     model = tiny(name, device, block_size=48)
     alone = [generate(model, p, n, GREEDY)[0] for p, n in zip(PROMPTS, STEPS)]
     engine = Engine(model, chars, max_batch=3, max_queue=10, cache_len=8)
-    packs, pack = [], engine._pack
-    engine._pack = lambda: (packs.append(engine.t), pack())
+    packs, pack = [], engine.cache._pack
+    engine.cache._pack = lambda: (packs.append(engine.cache.t), pack())
     requests = [engine.submit(PROMPTS[0], STEPS[0], GREEDY)]
     engine.step(), engine.step()
     requests.append(engine.submit(PROMPTS[1], STEPS[1], GREEDY))  # joins at step 3
@@ -43,7 +43,7 @@ def test_requests_joining_a_running_batch_decode_as_alone(name, device, chars):
     assert [r.tokens for r in requests] == alone
     assert [r.finish_reason for r in requests] == ["length"] * len(PROMPTS)
     assert engine.running == 0 and engine.queued == 0
-    assert packs and engine.cache_len > 8, "the cache was neither packed nor grown: the test misses its point"
+    assert packs and engine.cache.length > 8, "the cache was neither packed nor grown: the test misses its point"
     assert len({tuple(a) for a in alone}) == len(alone), "degenerate test"
 
 
@@ -130,7 +130,7 @@ def test_compiled_engine_decodes_as_alone(chars):
     requests.append(engine.submit(PROMPTS[1], 12, GREEDY))
     run(engine)
     assert [r.tokens for r in requests] == [generate(model, p, 12, GREEDY)[0] for p in PROMPTS[:2]]
-    assert torch.equal(torch.tensor(engine.real.shape), torch.tensor([2, 256]))  # static shapes: full batch, 256 slots
+    assert engine.cache.real.shape == (2, 256)  # static shapes: full batch, 256 slots
 
 
 def test_a_failed_step_fails_only_the_running_requests_and_the_engine_goes_on(chars):
@@ -165,7 +165,7 @@ def test_prompt_lookup_requests_decode_as_alone(name, chars):
     accepted, drafted = engine.stats["accepted"], engine.stats["drafted"]
     # (a bigram's next token depends on the last alone, so its lookups are always right)
     assert 0 < accepted <= drafted if name == "bigram" else 0 < accepted < drafted, engine.stats
-    assert engine.cache_len > 8
+    assert engine.cache.length > 8
 
 
 def test_prompt_lookup_with_end_tokens_penalties_and_sampling(chars):

@@ -244,6 +244,39 @@ def test_reorder_cache(name, device):
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", [name for name, (arch, _) in TINY.items() if arch != "bigram"])
+def test_cache_rows_read_and_written_through_views_as_alone(name):
+    """The cache as zoo/engine.py uses it (models/__init__.py): after setup_cache every attention module's kv_cache
+    holds k and v [B, H_kv, S, D], cache_batch and cache_len giving B and S; with k and v pointed at views of some
+    rows (cache_batch set to match) the model reads and writes its cache only through them: prompts prefilled
+    row by row and a step of two rows decode as those rows alone, and the rows left out keep their keys."""
+    model = tiny(name)
+    prompt, nxt = torch.randint(0, 37, (3, 6)), torch.randint(0, 37, (3, 1))
+    model.setup_cache(3, 16)
+    caches = [m.kv_cache for m in model.modules() if isinstance(getattr(m, "kv_cache", None), torch.nn.Module)]
+    assert caches and (model.cache_batch, model.cache_len) == (3, 16)
+    assert all(c.k.dim() == 4 and c.k.shape[::2] == (3, 16) and c.v.shape[:3] == c.k.shape[:3] for c in caches)
+    full = [(c.k, c.v) for c in caches]
+
+    def use_rows(lo, hi):
+        for c, (k, v) in zip(caches, full):
+            c.k, c.v = k[lo:hi], v[lo:hi]
+        model.cache_batch = hi - lo
+
+    for row in range(3):  # each prompt alone, through a view of its row
+        use_rows(row, row + 1)
+        model(prompt[row:row + 1], input_pos=torch.arange(6))
+    kept = [k[0].clone() for k, _ in full]
+    use_rows(1, 3)
+    key_mask = (torch.arange(16) < 7).expand(2, 16)
+    step = model(nxt[1:], input_pos=torch.tensor([6]), key_mask=key_mask)[:, -1]
+    torch.testing.assert_close(step, model(torch.cat([prompt, nxt], 1)[1:])[:, -1], rtol=0, atol=1e-5)
+    assert all(torch.equal(k[0], before) for (k, _), before in zip(full, kept))  # row 0: untouched
+    use_rows(0, 1)
+    step = model(nxt[:1], input_pos=torch.tensor([6]))[:, -1]
+    torch.testing.assert_close(step, model(torch.cat([prompt, nxt], 1)[:1])[:, -1], rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("arch,bad,message", [
     ("gpt2", dict(n_embd=30, n_head=4), "divisible by n_head"),
     ("mqa", dict(n_embd=30, n_head=4), "divisible by n_head"),

@@ -6,7 +6,8 @@ import importlib.util
 import json
 import math
 import pathlib
-import threading
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import torch
 
 import zoo
 from zoo import convert, weight_files
+from conftest import TINY, tiny
 from test_gemma import CASES as GEMMA_CASES  # Gemma's tiny models
 from test_moe import CASES as MOE_CASES  # the mixtures of experts' tiny models
 
@@ -671,16 +673,30 @@ def test_source_end_of_text_becomes_generations_default(tmp_path):
     assert zoo.generate(zoo.from_pretrained(tmp_path), [3, 4], 10, temperature=0) == [[forced]]
 
 
-def test_skipped_init_during_a_load_is_this_threads_alone():
-    from zoo.pretrained import _no_init
-    other = torch.zeros(1000)
-    with _no_init():
-        assert torch.nn.init.normal_(torch.zeros(10)).eq(0).all()  # the loading thread skips init
-        worker = threading.Thread(target=torch.nn.init.normal_, args=(other,))
-        worker.start()
-        worker.join()
-    assert other.std() > 0.5  # another thread's init ran
-    with _no_init(), _no_init():  # nested (or concurrent) loads: the last one out restores torch.nn.init
-        pass
-    assert all(not hasattr(f, "__wrapped__") for n, f in vars(torch.nn.init).items() if n.endswith("_"))
-    assert torch.nn.init.normal_(torch.zeros(1000)).std() > 0.5  # and afterwards this thread's does again
+def test_meta_builds_skip_init_without_patching_torch_or_loading_the_compiler(tmp_path):
+    """Loading (and zoo list, and LoRA export) build models on the meta device through registry.build(meta=True),
+    where torch.nn.init's functions have nothing to fill: it skips them through a torch function mode (this
+    thread's, this block's), so torch.nn.init is never swapped, real tensors still initialise, and torch._dynamo,
+    which the first normal_ on a meta tensor imports (~1.7 s), stays unloaded. Every model file is loaded and
+    every preset built, in a fresh interpreter."""
+    archs = {}
+    for name, (arch, _) in TINY.items():
+        archs.setdefault(arch, name)
+    for arch, name in archs.items():
+        zoo.save_pretrained(tiny(name), tmp_path / arch)
+    code = f"""
+import sys, torch, zoo
+from zoo.registry import PRESETS, _SkipInitOnMeta, build
+init = dict(vars(torch.nn.init))
+for arch in {sorted(archs)!r}:
+    zoo.from_pretrained({str(tmp_path)!r} + "/" + arch)
+for preset in PRESETS.values():
+    build(preset.arch, preset.config, meta=True)
+with torch.device("meta"), _SkipInitOnMeta():
+    real = torch.nn.init.normal_(torch.zeros(1000, device="cpu"))
+assert vars(torch.nn.init) == init and real.std() > 0.5
+print(sorted(m for m in sys.modules if m.startswith("torch._dynamo")))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout

@@ -6,20 +6,13 @@
         print(event.text, end="")             # the last event has finish_reason "stop" or "length"
 
 A request joins the running batch at the next decode step and leaves it when it finishes, freeing its
-row of the KV cache for the next one. It needs nothing from the models beyond their shared contract
-(setup_cache, input_pos, key_mask [B, S] with each row's positions counted from its first real token):
+row of the KV cache for the next one. The engine is two parts: `Engine` schedules (who waits, who joins,
+one decode step of everyone running, sampling, finishing) and `CacheRows` keeps the KV cache's rows (which
+request holds each, which of its slots hold tokens, the frontier every step writes at, packing and growing;
+its docstring has the layout). They need nothing from the models beyond their shared contract (setup_cache,
+input_pos, key_mask [B, S] with each row's positions counted from its first real token, and the cache fields
+models/__init__.py documents).
 
-- The cache has `max_batch` rows of L slots, and one write frontier t shared by all rows: each decode
-  step writes every row's newest token at slot t. Row r holds its tokens at slots it marks real in
-  `real[r]`; every other slot is masked, so a row's tokens need not be contiguous and the positions the
-  model derives from the mask count only the row's own tokens: exactly its positions when alone.
-- A new request's prompt (P tokens) is prefilled alone, through views of its own cache row, at slots
-  [t - P, t), so that its first new token goes in at slot t with everyone else's (if t < P the frontier
-  jumps to P, leaving masked holes in the running rows).
-- When the frontier reaches L, every row's real slots are packed to the right of a new, lower frontier
-  (their order kept, so their positions do not change); if that leaves too little room, L doubles, up to
-  block_size. With no request running the cache goes back to its first length, so attention, which reads
-  all L slots each step, stays short.
 - Only rows [0, hi) run, hi = 1 + the highest busy row (new requests take the lowest free row): one
   client alone pays for one row, not max_batch. With compile=True the batch is always max_batch rows and L
   a multiple of 256, the static shapes the compiled step wants.
@@ -108,6 +101,168 @@ class Request:
             log.debug("zoo engine: an event listener failed", exc_info=True)
 
 
+class CacheRows:
+    """The engine's KV cache, row by row: the model's cache with `max_batch` rows of L slots, the request
+    holding each row, which slots of each row hold its tokens, and the write frontier. The scheduler (Engine)
+    takes and frees rows, then asks for a prompt's or a decode step's slots; this class makes the room and
+    points the model at the rows, and returns the input_pos and key_mask of that forward.
+
+    - One write frontier t for all rows: a decode step writes every running row's newest tokens at slots
+      [t, t + n). Row r holds its tokens at the slots `real[r]` marks; the model sees every other slot masked,
+      so a row's tokens need not be contiguous, and the positions the model derives from the mask count only
+      the row's own tokens: exactly its positions when alone.
+    - A prompt of P tokens is prefilled alone, through views of its own row, at slots [t - P, t), so that its
+      first new token goes in at slot t with everyone else's (if t < P the frontier jumps to P, leaving masked
+      holes in the other rows).
+    - When the frontier reaches L, every row's real slots are packed to the right of a new, lower frontier
+      (their order kept, so their positions do not change); if that leaves under a quarter free, L doubles
+      (multiples of 256 from the default first length), up to block_size. restart() goes back to the first
+      length, so attention, which reads all L slots each step, stays short.
+    - A forward over rows [lo, hi) sees them alone: every attention module's kv_cache.k and .v point at views
+      of those rows of the full tensors, and model.cache_batch is hi - lo (the contract "The cache, as
+      zoo/engine.py uses it" in models/__init__.py; tests/test_models.py checks it for every file).
+    """
+
+    def __init__(self, model, max_batch, first_len):
+        self.model, self.max_batch = model, max_batch
+        self.block_size = model.config.block_size
+        self.device = next(model.parameters()).device
+        self.first_len = min(first_len, self.block_size)
+        self.rows = [None] * max_batch  # the request holding each row
+        self.length = None  # L, the slots per row; None: no cache (none made yet, or dropped after a failure)
+
+    @property
+    def running(self):
+        return sum(r is not None for r in self.rows)
+
+    def busy(self):
+        """The held rows' indices, in order."""
+        return [i for i, r in enumerate(self.rows) if r is not None]
+
+    def take(self, request):
+        """Give the request the lowest free row; returns it, or None when every row is held."""
+        if None not in self.rows:
+            return None
+        row = self.rows.index(None)
+        self.rows[row] = request
+        return row
+
+    def free(self, row):
+        self.rows[row] = None
+        if self.length is not None:
+            self.real[row] = False
+
+    def restart(self):
+        """Start afresh (nothing is decoding): the first length (a new cache if the model no longer holds this
+        one), every slot free, the frontier at 0."""
+        if self.length != self.first_len or not self._is_models():
+            self._allocate(self.first_len, keep=False)
+        self.t = 0
+        self.real.zero_()
+
+    def drop(self):
+        """Forget the cache (after a failed step): the next restart() makes a new one."""
+        self.length = None
+
+    def check(self):
+        if not self._is_models():
+            raise RuntimeError("the model's KV cache was replaced while requests were decoding (generate() on "
+                               "the engine's model?): leave the model to the engine while it runs")
+
+    def prefill(self, row, n):
+        """Place a prompt of n tokens in `row` at slots [t - n, t) (the frontier jumps to n if it is lower) and
+        point the model at that row alone; returns the prompt's input_pos [n] and key_mask [1, L]."""
+        if self.t < n:
+            self._room(n)
+            self.t = n  # a jump: masked holes in the running rows
+        self.real[row] = False
+        self.real[row, self.t - n:self.t] = True
+        self._point(row, row + 1)
+        return self.slots[self.t - n:self.t], self.real[row:row + 1]
+
+    def fit(self, k):
+        """Make room at the frontier for each row's newest token and k drafted ones, packing the rows when they
+        would run past the end; returns how many drafts fit (k or fewer)."""
+        if self.t + k >= self.length:
+            self._pack()
+        return min(k, self.length - self.t - 1)
+
+    def feed(self, rows, hi, n):
+        """Mark slots [t, t + n) as the given rows' (after fit(n - 1)), point the model at rows [0, hi), and move
+        the frontier past them; returns the input_pos [n] and key_mask [hi, L] of the step."""
+        t = self.t
+        self.real[rows, t:t + n] = True
+        self._point(0, hi)
+        self.t += n
+        return self.slots[t:t + n], self.real[:hi]
+
+    def reject(self, row, start, stop):
+        """Slots [start, stop) of `row` hold drafts it did not keep: holes from now on."""
+        self.real[row, start:stop] = False
+
+    def _allocate(self, length, keep=True):
+        """(Re)allocate the model's cache with `length` slots per row, keeping what it held if keep."""
+        old = self.length is not None and keep
+        if old:
+            old_k, old_v, old_real, n = self.k, self.v, self.real, self.length
+        self.model.setup_cache(self.max_batch, length)
+        # each attention module's KVCache: k and v [B, H_kv, S, D], which the model reads and writes through
+        self.attention = [m for m in self.model.modules() if isinstance(getattr(m, "kv_cache", None), torch.nn.Module)]
+        self.caches = [m.kv_cache for m in self.attention]
+        self.k, self.v = [c.k for c in self.caches], [c.v for c in self.caches]
+        self.real = torch.zeros(self.max_batch, length, dtype=torch.bool, device=self.device)
+        if old:
+            for k, v, ok, ov in zip(self.k, self.v, old_k, old_v):
+                k[:, :, :n], v[:, :, :n] = ok, ov
+            self.real[:, :n] = old_real
+        else:
+            self.t = 0
+        self.slots = torch.arange(length, device=self.device)
+        self.length, self.view = length, None
+
+    def _is_models(self):
+        """Whether the model still holds this cache (a generate() call on the same model makes its own)."""
+        if self.length is None:
+            return False
+        return not self.attention or self.attention[0].kv_cache is self.caches[0]
+
+    def _point(self, lo, hi):
+        """Point the model's caches at rows [lo, hi) of the full cache: views, so writes land in it."""
+        if self.view != (lo, hi):
+            for c, k, v in zip(self.caches, self.k, self.v):
+                c.k, c.v = k[lo:hi], v[lo:hi]
+            self.model.cache_batch = hi - lo
+            self.view = (lo, hi)
+
+    def _room(self, need):
+        """Make sure the cache has more than `need` slots, doubling it up to block_size."""
+        length = self.length
+        while length <= need and length < self.block_size:
+            length = min(2 * length, self.block_size)
+        if length != self.length:
+            self._allocate(length)
+
+    def _pack(self):
+        """The frontier reached the end: pack each row's real slots, in order, to the right of a new frontier
+        (the longest row's length), and grow the cache when that leaves less than a quarter free."""
+        counts = self.real.sum(1)  # [B]
+        t = int(counts.max())
+        n = self.length
+        # index[r, j]: the slot whose keys go to slot j; row r's i-th real slot goes to t - counts[r] + i
+        rank = self.real.long().cumsum(1) - 1  # [B, n]
+        dest = torch.where(self.real, t - counts[:, None] + rank, n)  # masked slots go to a spare column
+        index = torch.zeros(self.max_batch, n + 1, dtype=torch.long, device=self.device)
+        index.scatter_(1, dest, self.slots.expand(self.max_batch, n))
+        index = index[:, :n]
+        new_real = (self.slots >= t - counts[:, None]) & (self.slots < t)  # [B, n]
+        for k, v in zip(self.k, self.v):
+            i = index[:, None, :, None].expand_as(k)
+            k.copy_(k.gather(2, i)), v.copy_(v.gather(2, i))
+        self.real, self.t = new_real, t
+        if n - t < n // 4:
+            self._room(n)
+
+
 class Engine:
     """Decodes submitted requests together, on a thread of its own (start() / close()).
 
@@ -147,12 +302,11 @@ class Engine:
         weights_column_major(model)
         self.forward_step = compiled_step(model) if compile else model  # the decode step's forward
         self.pending = collections.deque()
-        self.rows = [None] * max_batch  # the request in each cache row
+        self.cache = CacheRows(model, max_batch, cache_len)
+        self.newest = torch.zeros(max_batch, 1, dtype=torch.long, device=self.device)  # each row's last token
         self.cond = threading.Condition()
         self.closed = False
         self.thread = None
-        self.first_cache_len = min(cache_len, self.block_size)
-        self.cache_len = None
 
     # ---- the public side (any thread)
 
@@ -171,7 +325,7 @@ class Engine:
 
     @property
     def running(self):
-        return sum(r is not None for r in self.rows)
+        return self.cache.running
 
     @property
     def queued(self):
@@ -216,14 +370,13 @@ class Engine:
         it yourself to drive an engine that was not started. Returns whether anything is left to do."""
         with self.cond:  # rows are taken here, so that submit counts them as busy from now on
             joining = []
-            while self.pending and None in self.rows:
+            while self.pending and (row := self.cache.take(self.pending[0])) is not None:
                 request = self.pending.popleft()
-                request.row = self.rows.index(None)
-                self.rows[request.row] = request
+                request.row = row
                 joining.append(request)
         with torch.inference_mode():
             try:
-                for r in self.rows:
+                for r in self.cache.rows:
                     if r is not None and r.cancelled:
                         self._finish(r, "cancelled")
                 for request in joining:
@@ -235,10 +388,10 @@ class Engine:
                     self._decode()
             except Exception as e:  # never let one bad step stop the server: fail what was running, go on
                 log.exception("zoo engine: decode step failed")
-                for r in self.rows:
+                for r in self.cache.rows:
                     if r is not None:
                         self._finish(r, "error", error=f"{type(e).__name__}: {e}")
-                self.cache_len = None
+                self.cache.drop()
         return bool(self.running or self.pending)
 
     def _run(self):
@@ -249,96 +402,17 @@ class Engine:
                 if self.closed:
                     break
             self.step()
-        for request in [*self.pending, *filter(None, self.rows)]:
+        for request in [*self.pending, *filter(None, self.cache.rows)]:
             request._emit(finish_reason="cancelled")
 
-    def _setup_cache(self, length, keep=True):
-        """(Re)allocate the cache with `length` slots per row, keeping what it held if keep."""
-        old = self.cache_len is not None and keep
-        if old:
-            old_k, old_v, old_real, n = self.cache_k, self.cache_v, self.real, self.cache_len
-        self.model.setup_cache(self.max_batch, length)
-        # each model's KVCache: k and v buffers [B, H_kv, S, D] that its attention writes through update()
-        self.caches = [m for m in self.model.modules() if isinstance(getattr(m, "k", None), torch.Tensor)
-                       and isinstance(getattr(m, "v", None), torch.Tensor) and hasattr(m, "update")]
-        self.cache_k, self.cache_v = [c.k for c in self.caches], [c.v for c in self.caches]
-        self.cache_name = next((n for n, m in self.model.named_modules() if self.caches and m is self.caches[0]), None)
-        self.real = torch.zeros(self.max_batch, length, dtype=torch.bool, device=self.device)
-        if old:
-            for k, v, ok, ov in zip(self.cache_k, self.cache_v, old_k, old_v):
-                k[:, :, :n], v[:, :, :n] = ok, ov
-            self.real[:, :n] = old_real
-        else:
-            self.t = 0  # the write frontier
-            self.newest = torch.zeros(self.max_batch, 1, dtype=torch.long, device=self.device)
-        self.slots = torch.arange(length, device=self.device)
-        self.cache_len, self.view = length, None
-
-    def _check_cache(self):
-        if not self._cache_is_ours():
-            raise RuntimeError("the model's KV cache was replaced while requests were decoding (generate() on "
-                               "the engine's model?): leave the model to the engine while it runs")
-
-    def _cache_is_ours(self):
-        """Whether the model still holds the cache the engine made (a generate() call on the same model
-        makes its own)."""
-        if self.cache_len is None:
-            return False
-        return self.cache_name is None or self.model.get_submodule(self.cache_name) is self.caches[0]
-
-    def _use_rows(self, rows):
-        """Point the model's caches at the rows (a slice) of the full cache: views, so writes land in it."""
-        if self.view != rows:
-            for c, k, v in zip(self.caches, self.cache_k, self.cache_v):
-                c.k, c.v = k[rows], v[rows]
-            self.model.cache_batch = rows.stop - rows.start  # the rows the model's cache now holds
-            self.view = rows
-
-    def _room(self, need):
-        """Make sure the cache has more than `need` slots, doubling it (multiples of 256) up to block_size."""
-        length = self.cache_len
-        while length <= need and length < self.block_size:
-            length = min(2 * length, self.block_size)
-        if length != self.cache_len:
-            self._setup_cache(length)
-
-    def _pack(self):
-        """The frontier reached the end: pack each row's real slots, in order, to the right of a new
-        frontier (the longest row's length), and grow the cache when that leaves less than a quarter free."""
-        counts = self.real.sum(1)  # [B]
-        t = int(counts.max())
-        n = self.cache_len
-        # index[r, j]: the slot whose keys go to slot j; row r's i-th real slot goes to t - counts[r] + i
-        rank = self.real.long().cumsum(1) - 1  # [B, n]
-        dest = torch.where(self.real, t - counts[:, None] + rank, n)  # masked slots go to a spare column
-        index = torch.zeros(self.max_batch, n + 1, dtype=torch.long, device=self.device)
-        index.scatter_(1, dest, self.slots.expand(self.max_batch, n))
-        index = index[:, :n]
-        new_real = (self.slots >= t - counts[:, None]) & (self.slots < t)  # [B, n]
-        for k, v in zip(self.cache_k, self.cache_v):
-            i = index[:, None, :, None].expand_as(k)
-            k.copy_(k.gather(2, i)), v.copy_(v.gather(2, i))
-        self.real, self.t = new_real, t
-        if n - t < n // 4:
-            self._room(n)
-
     def _join(self, request):
-        """Prefill the request's prompt into a free row (alone, through views of that row) and emit its
-        first token."""
-        if all(r is None or r.tokens == [] for r in self.rows):  # nothing is decoding: afresh, in a short cache
-            if self.cache_len != self.first_cache_len or not self._cache_is_ours():
-                self._setup_cache(self.first_cache_len, keep=False)
-            self.t = 0
-            self.real.zero_()
+        """Prefill the request's prompt into its row (alone, through views of that row) and emit its first
+        token."""
+        if all(r is None or r.tokens == [] for r in self.cache.rows):  # nothing is decoding: afresh, in a short cache
+            self.cache.restart()
         else:
-            self._check_cache()  # raised here, it fails every running request (see step)
-        P = len(request.prompt)
-        if self.t < P:
-            self._room(P)
-            self.t = P  # a jump: masked holes in the running rows
-        row = request.row
-        self.real[row] = False
-        self.real[row, self.t - P:self.t] = True
+            self.cache.check()  # raised here, it fails every running request (see step)
+        input_pos, key_mask = self.cache.prefill(request.row, len(request.prompt))
         settings = request.settings
         if settings.seed is not None:
             request.generator = torch.Generator(self.device).manual_seed(settings.seed)
@@ -346,12 +420,10 @@ class Engine:
             request.seen = torch.zeros(1, self.model.config.vocab_size, dtype=torch.bool, device=self.device)
             request.seen[0, request.prompt] = True
         try:
-            self._use_rows(slice(row, row + 1))
             idx = torch.tensor([request.prompt], device=self.device)
-            logits = self.model(idx, input_pos=self.slots[self.t - P:self.t], key_mask=self.real[row:row + 1],
-                                last_only=True)[:, -1]  # [1, V]
+            logits = self.model(idx, input_pos=input_pos, key_mask=key_mask, last_only=True)[:, -1]  # [1, V]
             token = self._sample(request, logits)
-            self.newest[row, 0] = token
+            self.newest[request.row, 0] = token
             self._take(request, int(token))
         except Exception as e:  # this request's fault or not, the others go on
             log.exception("zoo engine: prefill failed")
@@ -365,49 +437,41 @@ class Engine:
 
     def _decode(self):
         """One decode step of every running row: feed each row's newest token at the frontier (and its drafts)."""
-        self._check_cache()
-        busy = [i for i, r in enumerate(self.rows) if r is not None]
+        self.cache.check()
+        busy = self.cache.busy()
         drafts = {}
         for i in busy if self.num_draft else ():  # no more than the request may still take after its next token
-            r = self.rows[i]
+            r = self.cache.rows[i]
             if (most := min(self.num_draft, r.max_tokens - len(r.tokens) - 1)) > 0:
                 drafts[i] = lookup(r.prompt + r.tokens, most)
-        k = max(map(len, drafts.values()), default=0)
-        if self.t + k >= self.cache_len:
-            self._pack()
-        if (k := min(k, self.cache_len - self.t - 1)) > 0:
+        if (k := self.cache.fit(max(map(len, drafts.values()), default=0))) > 0:
             return self._check_drafts(busy, drafts, k)
         hi = self.max_batch if self.compile else busy[-1] + 1
-        self._use_rows(slice(0, hi))
-        self.real[busy, self.t] = True
-        logits = self.forward_step(self.newest[:hi], input_pos=self.slots[self.t:self.t + 1],
-                             key_mask=self.real[:hi])[:, -1]  # [hi, V]
-        self.t += 1
+        input_pos, key_mask = self.cache.feed(busy, hi, 1)
+        logits = self.forward_step(self.newest[:hi], input_pos=input_pos, key_mask=key_mask)[:, -1]  # [hi, V]
         new = logits.argmax(-1)  # [hi]: greedy rows' tokens; sampled rows' are replaced below
         for i in busy:
-            request = self.rows[i]
+            request = self.cache.rows[i]
             if request.settings.temperature != 0 or request.seen is not None:
                 new[i] = self._sample(request, logits[i:i + 1])[0]
         self.newest[:hi, 0] = new
         for i, token in zip(busy, new[busy].tolist()):
-            self._take(self.rows[i], token)
+            self._take(self.cache.rows[i], token)
 
     def _check_drafts(self, busy, drafts, k):
         """Feed each row's newest token and k drafted ones (rows with fewer: padded, drafts the model may keep
         too); each request keeps the drafts the model agrees with (speculative.verify) and its next token."""
         hi = busy[-1] + 1
-        self._use_rows(slice(0, hi))
         drafted = torch.zeros(hi, k, dtype=torch.long)
         for i, d in drafts.items():
             drafted[i, :len(d[:k])] = torch.tensor(d[:k], dtype=torch.long)
         drafted = drafted.to(self.device)
-        t = self.t
-        self.real[busy, t:t + k + 1] = True
-        logits = self.model(torch.cat([self.newest[:hi], drafted], 1), input_pos=self.slots[t:t + k + 1],
-                            key_mask=self.real[:hi])  # [hi, k + 1, V]
-        self.t += k + 1
+        t = self.cache.t
+        input_pos, key_mask = self.cache.feed(busy, hi, k + 1)
+        logits = self.model(torch.cat([self.newest[:hi], drafted], 1), input_pos=input_pos,
+                            key_mask=key_mask)  # [hi, k + 1, V]
         for i in busy:
-            request = self.rows[i]
+            request = self.cache.rows[i]
             is_eos = None
             if request.settings.min_new_tokens and request.eos:
                 is_eos = torch.zeros(logits.size(-1), dtype=torch.bool, device=self.device)
@@ -417,7 +481,7 @@ class Engine:
             n = int(counts[0])
             self.stats["drafted"] += len(drafts.get(i, ())[:k])
             self.stats["accepted"] += min(n, len(drafts.get(i, ())))
-            self.real[i, t + 1 + n:t + k + 1] = False  # the drafts it did not keep: holes
+            self.cache.reject(i, t + 1 + n, t + k + 1)  # the drafts it did not keep: holes
             self.newest[i, 0] = last[0]
             for token in drafted[i, :n].tolist() + [int(last[0])]:
                 self._take(request, token)
@@ -441,9 +505,7 @@ class Engine:
 
     def _finish(self, request, reason, piece="", error=None):
         if request.row is not None:
-            self.rows[request.row] = None
-            if self.cache_len is not None:
-                self.real[request.row] = False
+            self.cache.free(request.row)
             request.row = None
         if reason in ("stop", "length"):
             piece += request.text.flush()

@@ -8,12 +8,9 @@ Loading builds the model on the meta device (no memory, no init), then fills it 
 the memory-mapped checkpoint, each converted straight to the target dtype and device. Derived buffers
 (rotary tables, sinusoids) are built for real by the model files even under the meta device.
 """
-import contextlib
 import dataclasses
-import functools
 import json
 import math
-import threading
 from pathlib import Path
 
 import torch
@@ -23,7 +20,7 @@ from .atomic import write_folder
 from .progress import log
 from .quantization import MODES as QUANT_MODES, check_mode, check_native, gguf_packed_loader, is_quantized
 from .quantization import quantize as quantize_model
-from .registry import arch_of, make_config, model_module
+from .registry import arch_of, build, make_config
 
 
 def load_pretrained(path, *, device, dtype, quantize=None, **overrides):
@@ -39,8 +36,7 @@ def load_pretrained(path, *, device, dtype, quantize=None, **overrides):
     except (TypeError, ValueError) as e:  # name the checkpoint: its header may be what is wrong
         raise type(e)(f"{where}: {e}") from None
     _check_sizes(config, ckpt, where)
-    with torch.device("meta"), _no_init():
-        model = model_module(arch).Model(config)
+    model = build(arch, config, meta=True)
     # Loading is copies and dequantization, bound by memory: one thread is as fast as several, and it
     # never stalls waiting for a busy core (with 2 threads on a shared 2-core CPU loads took 10x longer).
     threads = torch.get_num_threads()
@@ -92,46 +88,6 @@ def _eos_ids(path, ckpt):
         ids = ids if isinstance(ids, list) else [ids]
     ids = [int(i) for i in dict.fromkeys(ids) if i is not None]
     return ids or None
-
-
-_init_lock = threading.Lock()
-_init_loads = 0  # loads in progress, in all threads
-_init_saved = {}  # torch.nn.init's own functions, while stand-ins replace them
-_building = threading.local()
-
-
-@contextlib.contextmanager
-def _no_init():
-    """Skip weight initialisation while this thread builds on the meta device: it computes nothing there,
-    yet its first calls cost ~1.5 s of dispatcher warm-up, half of a small model's load time. The first
-    load in progress puts stand-ins into torch.nn.init and the last one takes them out; other threads
-    still initialise, as the stand-ins call the real functions for them."""
-    global _init_loads
-    with _init_lock:
-        if _init_loads == 0:
-            _init_saved.update((n, f) for n, f in vars(torch.nn.init).items()
-                               if n.endswith("_") and not n.startswith("_"))
-            for name, f in _init_saved.items():
-                setattr(torch.nn.init, name, _skipping(f))
-        _init_loads += 1
-    _building.active = True
-    try:
-        yield
-    finally:
-        _building.active = False
-        with _init_lock:
-            _init_loads -= 1
-            if _init_loads == 0:
-                for name, f in _init_saved.items():
-                    setattr(torch.nn.init, name, f)
-                _init_saved.clear()
-
-
-def _skipping(init):
-    @functools.wraps(init)
-    def stand_in(tensor, *args, **kwargs):
-        return tensor if getattr(_building, "active", False) else init(tensor, *args, **kwargs)
-    return stand_in
 
 
 def _open(path):

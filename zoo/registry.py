@@ -8,6 +8,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from torch.overrides import TorchFunctionMode
+
 ARCHITECTURES = ("bigram", "scratchformer", "gpt2", "llama", "mqa", "gemma", "moe")
 
 
@@ -226,14 +229,32 @@ def _check_field(arch, f, value):
         raise ValueError(f"{what} must be {need}, not {value}")
 
 
-def build(arch, config):
-    """A fresh (randomly initialised) model of `arch` from a Config or a dict of its values."""
+def build(arch, config, *, meta=False):
+    """A fresh (randomly initialised) model of `arch` from a Config or a dict of its values; meta=True: on the
+    meta device, shapes only (no memory, no init), derived tables (rotary, sinusoids) real on the CPU."""
     if isinstance(config, dict):
         config = make_config(arch, config)
     elif not isinstance(config, model_module(arch).Config):
         raise TypeError(f"config must be a dict of {arch} config values or models/{arch}.py's Config, "
                         f"not {type(config).__name__}")
-    return model_module(arch).Model(config)
+    if not meta:
+        return model_module(arch).Model(config)
+    with torch.device("meta"), _SkipInitOnMeta():
+        return model_module(arch).Model(config)
+
+
+class _SkipInitOnMeta(TorchFunctionMode):
+    """Within it, torch.nn.init's functions leave meta tensors as they are. There they compute nothing, yet
+    the first normal_ on a meta tensor imports torch._dynamo (its meta kernel is a decomposition behind
+    torch.compiler.disable): ~1.7 s on an idle CPU, more than a small model's whole load. A torch function
+    mode, like torch.device("meta") itself, holds for this thread and this block only: nothing global changes."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensor = args[0] if args else kwargs.get("tensor")
+        if getattr(func, "__module__", None) == "torch.nn.init" and isinstance(tensor, torch.Tensor) and tensor.is_meta:
+            return tensor
+        return func(*args, **kwargs)
 
 
 def arch_of(model):

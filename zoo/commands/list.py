@@ -1,6 +1,4 @@
 """`zoo list`: the presets with their sizes, model files, weight sources and licences."""
-import torch
-
 from ..registry import PRESETS, build
 
 HELP = "list the presets with sizes, weight sources and licences"
@@ -13,8 +11,7 @@ def add_arguments(parser):
 def run(args):
     rows = [("preset", "model file", "parameters", "weights", "licence")]
     for name, p in PRESETS.items():
-        with torch.device("meta"):
-            n = sum(t.numel() for t in build(p.arch, p.config).parameters())
+        n = sum(t.numel() for t in build(p.arch, p.config, meta=True).parameters())
         size = f"{n / 1e6:,.1f}M" if n >= 1e5 else f"{n / 1e3:,.1f}K"
         rows.append((name, f"models/{p.arch}.py", size, p.repo or "-", p.license or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
