@@ -191,7 +191,7 @@ def main():
 
     print(f"\nbatch 1, {len(prompt)}-token prompt, {n_new} new tokens, greedy; median of {args.repeats} runs "
           f"(decode tok/s: median, and the range over runs)")
-    print("| dtype | generator | prefill ms | tok/s (all 128) | decode tok/s | ms/token | GB/s (matvecs alone) | "
+    print(f"| dtype | generator | prefill ms | tok/s (all {n_new}) | decode tok/s | ms/token | GB/s (matvecs alone) | "
           "decode vs best transformers (bf16 for quantized) | prefill vs transformers | decode vs llama.cpp | "
           "prefill vs llama.cpp | tokens equal to zoo's |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -39,7 +39,7 @@ def child(side, source, dtype):
     import torch
     if side == "zoo":
         import gguf  # noqa: F401  (both sides use it; import it before the baseline on both)
-        import zoo.pretrained
+        import zoo.sources
         import zoo.models.gemma  # noqa: F401
         import zoo.models.llama  # noqa: F401
     else:
@@ -57,7 +57,7 @@ def child(side, source, dtype):
     before = rss_mb("VmRSS")
     t0 = time.perf_counter()
     if side == "zoo":
-        model = zoo.pretrained.from_pretrained(source, dtype=dtype)
+        model = zoo.sources.from_pretrained(source, dtype=dtype)
     else:
         path = Path(source)
         kwargs = {"gguf_file": path.name} if path.suffix == ".gguf" else {}

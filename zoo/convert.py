@@ -19,6 +19,8 @@ from importlib import resources
 
 import torch
 
+from .progress import log
+
 
 _RULE_KEYS = {"from", "default", "map", "value", "load", "to"}  # of a "config" entry (weights_maps/README.md)
 
@@ -34,6 +36,9 @@ def _maps():
         where = f"weights_maps/{name}.json"
         if m.get("format") not in ("hf", "gguf") or not m.get("architecture") or not m.get("zoo_arch"):
             raise ValueError(f"{where}: needs \"format\" (hf or gguf), \"architecture\" and \"zoo_arch\"")
+        text = m.get("text_model")
+        if text is not None and (maps.get(text.get("map"), {}).get("format") != m["format"] or not text.get("config")):
+            raise ValueError(f"{where}: text_model needs \"map\" (another {m['format']} map) and \"config\"")
         if m.get("hook") is not None and m["hook"] not in HOOKS:
             raise ValueError(f"{where}: unknown hook {m['hook']!r} (zoo/convert.py has {', '.join(HOOKS)})")
         for field, rule in m.get("config", {}).items():
@@ -49,8 +54,14 @@ def _maps():
 
 
 def load_map(name):
-    """A weights map by name (its file stem): gpt2, llama, gpt_bigcode, xglm, gguf-llama, ..."""
-    return copy.deepcopy(_maps()[name])
+    """A weights map by name (its file stem): gpt2, llama, gpt_bigcode, xglm, gguf-llama, ... A map of a
+    text model inside a larger checkpoint ("text_model") has its text map's tensors, read through its own
+    "rename" and "skip"."""
+    m = _maps()[name]
+    if "text_model" in m:
+        text = _maps()[m["text_model"]["map"]]
+        m = {**m, **{k: text[k] for k in ("tensors", "ignore", "base_prefix") if k in text}}
+    return copy.deepcopy(m)
 
 
 def native_map(model):
@@ -79,7 +90,16 @@ def from_hf_config(hf, where="config.json"):
         loadable = [m["architecture"] for m in _maps().values() if m["format"] == "hf"]
         raise ValueError(f"{where}: architecture {hf.get('architectures') or hf.get('model_type')!r} is not "
                          f"supported; zoo loads {', '.join(loadable)} and its own format")
-    return _maps()[name]["zoo_arch"], _read(name, hf, where), name
+    text = _maps()[name].get("text_model")
+    if text is None:
+        return _maps()[name]["zoo_arch"], _read(name, hf, where), name
+    # the text model of a larger checkpoint: its map reads the text part of the config, whose top-level keys
+    # (the map's own "config") take precedence where the checkpoint's class reads them there
+    sub = hf.get(text["config"])
+    if not isinstance(sub, dict):
+        raise ValueError(f"{where}: no {text['config']!r} (weights_maps/{name}.json reads the text model's config from it)")
+    values = {**_read(text["map"], sub, f"{where}: {text['config']}"), **_read(name, hf, where)}
+    return _maps()[name]["zoo_arch"], values, name
 
 
 def from_gguf_metadata(meta, shapes, where):
@@ -127,7 +147,7 @@ def to_hf_config(arch, config):
     saved in the zoo's own format instead."""
     ours = dataclasses.asdict(config)
     for name, m in _maps().items():
-        if m["format"] == "hf" and m["zoo_arch"] == arch:
+        if m["format"] == "hf" and m["zoo_arch"] == arch and "text_model" not in m:  # (those load only)
             hf = _write(name, ours)
             if hf is not None and _reads_back(name, hf, config):
                 return hf
@@ -622,11 +642,23 @@ def load_weights(model, ckpt, wmap, *, device, dtype, where, load_packed=None):
     d = dims(model.config)
     entries, ignore = _expand(wmap, getattr(model.config, "n_layer", 0))
     targets, aliases = _targets(model)
+    # a text model inside a larger checkpoint: its names under other prefixes ("rename"), and the parts it does
+    # not use ("skip": a vision tower) left unread
+    names, skipped = {}, {}
+    for n in ckpt.shapes:
+        part = next((what for p, what in wmap.get("skip", {}).items() if n.startswith(p)), None)
+        if part is not None:
+            skipped[part] = skipped.get(part, 0) + 1
+            continue
+        old = next((p for p in wmap.get("rename", {}) if n.startswith(p)), "")
+        names[wmap["rename"][old] + n[len(old):] if old else n] = n
+    if skipped:
+        log.info("zoo: %s: loading the text model alone; skipped %s", where,
+                 ", ".join(f"{part} ({k} tensors)" for part, k in skipped.items()))
     # checkpoints saved from the bare base model (GPT2Model, ...) lack its prefix: put it back
     prefix = wmap.get("base_prefix")
-    names = {n: n for n in ckpt.shapes}
     if prefix and not any(n.startswith(prefix) for n in names):
-        names = {prefix + n: n for n in names}
+        names = {prefix + n: orig for n, orig in names.items()}
     shapes = {n: ckpt.shapes[orig] for n, orig in names.items()}
 
     missing, misshaped, used, plan = [], [], set(ignore), []
