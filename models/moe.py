@@ -60,8 +60,7 @@ def rope_tables(config):
     """cos and sin of every position's rotation angles [block_size, head_dim], computed in fp32 on the CPU."""
     D = config.head_dim or config.n_embd // config.n_head
     inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, D, 2, device="cpu").float() / D)
-    angles = torch.arange(config.block_size, device="cpu").float()[:, None] * inv_freq
-    angles = torch.cat((angles, angles), dim=-1)
+    angles = torch.arange(config.block_size, device="cpu").float()[:, None] * inv_freq.repeat(2)  # [block_size, D]
     return angles.cos(), angles.sin()
 
 
@@ -74,8 +73,7 @@ def apply_rotary(x, cos, sin):
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
     def forward(self, x):  # normalise in fp32 as the reference does, then return to x's dtype
         return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
@@ -122,13 +120,11 @@ class Attention(nn.Module):
         self.head_dim = D = config.head_dim or config.n_embd // config.n_head
         self.qkv_proj = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * D, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.n_head * D, config.n_embd, bias=False)
-        self.qk_norm = config.qk_norm
+        self.qk_norm, self.dropout, self.causal = config.qk_norm, config.dropout, config.causal
         if config.qk_norm:  # OLMoE normalises the whole q (and k) projection, Qwen3-MoE each head alone
             q_dim, k_dim = (config.n_head * D, config.n_kv_head * D) if config.qk_norm == "proj" else (D, D)
             self.q_norm, self.k_norm = RMSNorm(q_dim, config.norm_eps), RMSNorm(k_dim, config.norm_eps)
-        self.dropout, self.causal = config.dropout, config.causal
-        self.attend = Attend()
-        self.kv_cache = None
+        self.attend, self.kv_cache = Attend(), None
 
     def forward(self, x, cos, sin, mask, input_pos):
         B, T, _ = x.shape  # batch size, sequence length, n_embd
@@ -240,9 +236,8 @@ class Model(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        cos, sin = rope_tables(config)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        for name, table in zip(("rope_cos", "rope_sin"), rope_tables(config)):  # [block_size, head_dim] each
+            self.register_buffer(name, table, persistent=False)
         self.cache_len = self.cache_batch = None  # the KV cache's slots and rows, once setup_cache has made it
         for name, p in self.named_parameters():  # GPT-2's init, the residual projections scaled down
             residual = name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj"))
@@ -338,13 +333,18 @@ class Model(nn.Module):
             mask = mask & keys if causal else keys
         return pos, torch.zeros_like(mask, dtype=self.lm_head.weight.dtype).masked_fill_(~mask, float("-inf"))
 
-    def forward(self, idx, input_pos=None, key_mask=None, last_only=False):
-        """idx [B, T] -> logits [B, T, vocab_size]. input_pos [T]: these tokens' cache slots (decoding through the
-        cache); key_mask [B, S]: False marks left padding (each row counts positions from its first real token,
-        so padding changes no real logit); last_only: the last position's logits alone, [B, 1, vocab_size]."""
+    def forward(self, idx, input_pos=None, key_mask=None, last_only=False, hidden=False):
+        """idx [B, T] -> logits [B, T, vocab_size], or with hidden the final hidden state [B, T, n_embd] (after the
+        final norm), which logits(h) maps to them. input_pos [T]: these tokens' cache slots; key_mask [B, S]: False
+        marks left padding; last_only: the last position alone, [B, 1, ...] (each as in models/llama.py)."""
         pos, mask = self.positions_and_mask(idx, input_pos, key_mask)
         x = self.model.embed_tokens(idx)  # [B, T, n_embd]
         cos, sin = self.rope_cos[pos][:, None].to(x.dtype), self.rope_sin[pos][:, None].to(x.dtype)  # [B|1, 1, T, D]
         for block in self.model.layers:
             x = block(x, cos, sin, mask, input_pos)
-        return self.lm_head(self.model.norm(x[:, -1:] if last_only else x))
+        x = self.model.norm(x[:, -1:] if last_only else x)  # [B, T, n_embd]
+        return x if hidden else self.logits(x)
+
+    def logits(self, h):
+        """The output layer: final hidden states h [..., n_embd] -> logits [..., vocab_size]."""
+        return self.lm_head(h)
