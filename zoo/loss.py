@@ -133,7 +133,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 *[grad_params.pop(0) if want else None for want in ctx.wants])
 
 
-def _head(model):
+def head_of(model):
     """(the function from the final hidden state to logits, its parameters): the model's `logits` and lm_head's
     parameters (models/__init__.py); for a model without (the bigram, whose forward gives logits) the identity."""
     if callable(getattr(model, "logits", None)):
@@ -141,16 +141,17 @@ def _head(model):
     return (lambda h: h), []
 
 
-def hidden_state(net, model, x):
+def hidden_state(net, model, x, **forward_kwargs):
     """The final hidden state [B, T, C] of x [B, T] by net (the model, or DDP / torch.compile around it): what
-    _head(model)'s function maps to logits (for a model without `logits`, its logits themselves)."""
-    return net(x, hidden=True) if callable(getattr(model, "logits", None)) else net(x)
+    head_of(model)'s function maps to logits (for a model without `logits`, its logits themselves)."""
+    hidden = {"hidden": True} if callable(getattr(model, "logits", None)) else {}
+    return net(x, **forward_kwargs, **hidden)
 
 
 def target_logps(model, hidden, targets, chunk=CHUNK):
     """log p of each target [K] (none IGNORE) in float32 under model.logits(hidden) (hidden [K, C], from
     hidden_state), one chunk of positions at a time; differentiable (see the module's docstring)."""
-    head, params = _head(model)
+    head, params = head_of(model)
     return -_HeadCrossEntropy.apply(hidden, targets, head, 0.0, chunk, torch.is_grad_enabled(), True, *params)
 
 
@@ -166,7 +167,7 @@ class HeadLoss:
         the targets that are not IGNORE, or their sum."""
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
-        head, params = _head(self.model)
+        head, params = head_of(self.model)
         hidden = hidden_state(net, self.model, x).flatten(0, -2)  # [B T, C]
         total = _HeadCrossEntropy.apply(hidden, y.flatten(), head, label_smoothing, self.chunk,
                                         torch.is_grad_enabled(), False, *params)
