@@ -12,7 +12,8 @@ recomputed; the backward pass only scales the gradients already computed. Same l
 F.cross_entropy(head(hidden).float(), targets) (the chunks' sums added in another order: a test).
 
 The model is used through its contract (models/__init__.py), never changed: `model(x, hidden=True)` gives the
-final hidden state and `model.logits(h)` the logits of any positions of it, with lm_head's parameters.
+final hidden state and `model.logits(h)` the logits of any of its positions, with lm_head's parameters (DDP,
+FSDP and torch.compile wrap the forward pass; the chunks run eagerly after it).
 
     loss_fn = HeadLoss(model)
     loss = loss_fn(net, x, y)                  # mean over the targets that are not IGNORE (net: the model, DDP...)
@@ -149,8 +150,9 @@ def hidden_state(net, model, x, **forward_kwargs):
 
 
 def target_logps(model, hidden, targets, chunk=CHUNK):
-    """log p of each target [K] (none IGNORE) in float32 under model.logits(hidden) (hidden [K, C], from
-    hidden_state), one chunk of positions at a time; differentiable (see the module's docstring)."""
+    """log p of each target [K] (none IGNORE) in float32 under model.logits(hidden), one chunk of positions at a
+    time; differentiable (see the module's docstring). hidden [K, C]: positions of hidden_state's output, taken
+    before this call (FSDP registers the gathered output layer in the model during its forward pass)."""
     head, params = head_of(model)
     return -_HeadCrossEntropy.apply(hidden, targets, head, 0.0, chunk, torch.is_grad_enabled(), True, *params)
 
@@ -167,8 +169,8 @@ class HeadLoss:
         the targets that are not IGNORE, or their sum."""
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
-        head, params = head_of(self.model)
         hidden = hidden_state(net, self.model, x).flatten(0, -2)  # [B T, C]
+        head, params = head_of(self.model)  # after the forward pass: FSDP registers its gathered parameters in it
         total = _HeadCrossEntropy.apply(hidden, y.flatten(), head, label_smoothing, self.chunk,
                                         torch.is_grad_enabled(), False, *params)
         return total / (y != IGNORE).sum() if reduction == "mean" else total
