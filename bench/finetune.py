@@ -4,7 +4,8 @@ block recomputed in the backward pass, as QLoRA recipes run; peft's prepare_mode
 it on by default).
 
     flock /tmp/bench.lock python bench/finetune.py [--rounds 3] [--steps 4] [--profile]
-    flock /tmp/bench.lock python bench/finetune.py --rows "zoo DPO LoRA" "TRL DPO + peft LoRA"   # preference tuning
+    flock /tmp/bench.lock python bench/finetune.py --rows "zoo DPO LoRA" "zoo DPO LoRA, grad checkpoint" \
+        "TRL DPO + peft LoRA"   # preference tuning
 
 Every row trains the same weights (the packaged GGUF, written once as a Hugging Face folder) on the same
 tokens: batch 8 x 256, bf16 autocast, AdamW, LoRA r 16 / alpha 32 on every attention and MLP projection,
