@@ -4,7 +4,8 @@ block recomputed in the backward pass, as QLoRA recipes run; peft's prepare_mode
 it on by default).
 
     flock /tmp/bench.lock python bench/finetune.py [--rounds 3] [--steps 4] [--profile]
-    flock /tmp/bench.lock python bench/finetune.py --rows "zoo DPO LoRA" "TRL DPO + peft LoRA"   # preference tuning
+    flock /tmp/bench.lock python bench/finetune.py --rows "zoo DPO LoRA" "zoo DPO LoRA, grad checkpoint" \
+        "TRL DPO + peft LoRA"   # preference tuning
 
 Every row trains the same weights (the packaged GGUF, written once as a Hugging Face folder) on the same
 tokens: batch 8 x 256, bf16 autocast, AdamW, LoRA r 16 / alpha 32 on every attention and MLP projection,
@@ -17,6 +18,8 @@ minus RSS after the imports, i.e. the model, optimizer and activations.
 The DPO rows train on the same preference pairs (plain text, 128 tokens a sequence, batch 8 pairs: 16
 sequences), the reference the base with the adapters off: `zoo.train(..., objective="dpo")` against TRL's
 DPOTrainer with peft's LoRA (bf16, the same LoRA); tokens/s counts the chosen and rejected sequences' tokens.
+TRL's DPOConfig checkpoints activations by default (gradient_checkpointing=True), as the bench leaves it: the
+like-for-like zoo row for memory is "zoo DPO LoRA, grad checkpoint".
 
 Goals: zoo LoRA (and zoo DPO LoRA) >= 1.5x transformers + peft tokens/s at <= its peak memory; LoRA over int8 <= 0.6x the
 peak memory of zoo's full fine-tune (printed for the same settings and against the plain full fine-tune).
@@ -35,7 +38,7 @@ from pathlib import Path
 B, T, R, ALPHA = 8, 256, 16, 32
 ROWS = ("zoo LoRA", "transformers + peft LoRA", "zoo full fine-tune", "zoo LoRA over int8",
         "zoo full fine-tune, grad checkpoint", "zoo LoRA over int8, grad checkpoint", "zoo DPO LoRA",
-        "TRL DPO + peft LoRA")
+        "zoo DPO LoRA, grad checkpoint", "TRL DPO + peft LoRA")
 PAIR_T = 128  # tokens of each DPO sequence (prompt + answer)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -72,7 +75,7 @@ def pairs_file(folder, tokenizer):
     return path
 
 
-def child_zoo_dpo(base, folder, steps):
+def child_zoo_dpo(base, folder, steps, grad_checkpoint):
     import torch
     import zoo
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
@@ -81,7 +84,8 @@ def child_zoo_dpo(base, folder, steps):
     data = pairs_file(folder, zoo.tokenizer(base))
     zoo.train(None, [str(data)], out, init=base, objective="dpo", beta=0.1, lora_r=R, lora_alpha=ALPHA,
               batch_size=B, block_size=PAIR_T, bf16=True, max_iters=steps + 1, log_interval=1,
-              eval_interval=10 ** 6, eval_iters=1, checkpoint_interval=10 ** 6, warmup=1, progress=False, device="cpu")
+              eval_interval=10 ** 6, eval_iters=1, checkpoint_interval=10 ** 6, warmup=1, progress=False, device="cpu",
+              grad_checkpoint=grad_checkpoint)
     rows = [json.loads(line) for line in open(out / "log.jsonl")]
     shutil.rmtree(out)
     # the log's tok_per_s counts batch_size x block_size a step: 2 x that are the pairs' sequences' tokens
@@ -195,8 +199,8 @@ def main():
     args = p.parse_args()
     if args.child:
         row, base, folder = args.child
-        if row == "zoo DPO LoRA":
-            result = child_zoo_dpo(base, folder, args.steps)
+        if row.startswith("zoo DPO LoRA"):
+            result = child_zoo_dpo(base, folder, args.steps, row.endswith("grad checkpoint"))
         elif row == "TRL DPO + peft LoRA":
             result = child_trl_dpo(base, folder, args.steps)
         elif row.startswith("transformers"):
@@ -232,7 +236,8 @@ def main():
         tok = sorted(r["tok_s"] for r in rs)
         mem = sorted(r["peak_mb"] for r in rs)
         print(f"| {row} | {tok[0]:.0f}-{tok[-1]:.0f} | {mem[0]:.0f}-{mem[-1]:.0f} |")
-    for ours, peer in (("zoo LoRA", "transformers + peft LoRA"), ("zoo DPO LoRA", "TRL DPO + peft LoRA")):
+    for ours, peer in (("zoo LoRA", "transformers + peft LoRA"), ("zoo DPO LoRA", "TRL DPO + peft LoRA"),
+                       ("zoo DPO LoRA, grad checkpoint", "TRL DPO + peft LoRA")):
         if ours in results and peer in results:
             ratios = sorted(z["tok_s"] / p["tok_s"] for z, p in zip(results[ours], results[peer]))
             mems = sorted(z["peak_mb"] / p["peak_mb"] for z, p in zip(results[ours], results[peer]))

@@ -13,8 +13,14 @@ What the package relies on (tests/test_models.py checks it; a new file copies ll
 - `forward(idx, input_pos=None, key_mask=None, last_only=False)`: idx [B, T] -> logits [B, T, vocab_size];
   input_pos [T]: the cache slots of these tokens (incremental decoding); key_mask [B, S]: False marks left
   padding; last_only: the last position's logits alone, [B, 1, vocab_size].
-- The transformer files: `config.causal`, `config.block_size`, an output layer named `lm_head` (zoo/loss.py
-  computes the training loss through it in chunks; zoo/scoring.py applies it to chosen positions only), and
+- The transformer files: an output layer named `lm_head`, and `forward(..., hidden=True)`, which returns the final
+  hidden state h [B, T, n_embd] (after the final norm) instead of the logits that the method `logits(h)` computes
+  from it ([..., n_embd] -> [..., vocab_size]): `model.logits(model(idx, hidden=True))` is `model(idx)`, exactly.
+  `logits` applies `lm_head`, then only functions without parameters (Gemma 2's soft-capping): its parameters are
+  lm_head's. The package computes logits where it needs them through it, without patching the model: zoo/loss.py's
+  training loss and zoo/preference.py's log-probabilities a chunk of positions at a time (never [B, T, vocab_size]
+  at once), zoo/scoring.py at the continuations' positions only. (The bigram has neither: its logits are a table.)
+- The transformer files also have `config.causal`, `config.block_size`, and
   `setup_cache(batch_size, max_len)`, `reorder_cache(index)`, `positions_and_mask`, `KVCache` and `Attend`
   as identical copies across files (test_repeated_helpers_are_identical_copies).
 - The cache, as zoo/engine.py uses it: after setup_cache, every attention module's `kv_cache` is a KVCache
@@ -25,7 +31,7 @@ What the package relies on (tests/test_models.py checks it; a new file copies ll
 What zoo.trace, zoo.intervene and zoo.logit_lens (zoo/inspection.py) rely on, from outside, by forward hooks:
 - Module names are Hugging Face's where the files share them (model.layers.3.mlp, transformer.h.3.attn).
 - The blocks are the model's first nn.ModuleList; the last module of the container holding it is the final
-  norm, and forward ends with `lm_head(final_norm(x))`.
+  norm, and forward ends with `logits(final_norm(x))`, which calls `lm_head`.
 - Each attention module computes its softmax in a child module named `attend` (the class Attend, a copy in
   each file), called as `attend(q, k, v, mask, causal, dropout_p=0.0, scale=None)` with queries q [B, H, T, D],
   keys and values [B, H_kv, S, D] (H a multiple of H_kv; query head h reads key/value head h // (H / H_kv)),

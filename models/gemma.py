@@ -81,10 +81,6 @@ def apply_rotary(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def softcap(x, cap):  # Gemma 2's final logits: the reference's order (divide, tanh, multiply)
-    return x if cap is None else torch.tanh(x / cap) * cap
-
-
 class RMSNorm(nn.Module):
     """The weight is an offset from 1, applied in fp32 before the cast back (Llama's casts first): bf16 differs."""
 
@@ -323,7 +319,7 @@ class Model(nn.Module):
             mask = mask.masked_fill_(dist < 0, float("-inf")) if self.config.causal else mask
         return mask.masked_fill(far, float("-inf"))  # as `mask`: [T, S] or [B|1, 1, T, S]
 
-    def forward(self, idx, input_pos=None, key_mask=None, last_only=False):
+    def forward(self, idx, input_pos=None, key_mask=None, last_only=False, hidden=False):
         """idx [B, T] -> logits [B, T, vocab_size].
 
         Without input_pos: the whole sequence (training and scoring), causal; bidirectional with causal=False.
@@ -332,6 +328,7 @@ class Model(nn.Module):
         key_mask [B, S] (S = cache length, or T without a cache): False marks left padding; each row
         then counts its positions from its first real token, so padding changes no real logit.
         last_only: logits of the last position alone, [B, 1, vocab_size] (see models/llama.py).
+        hidden: the final hidden state [B, T, n_embd] (after the final norm) instead of the logits; logits(h) maps it.
         """
         c = self.config
         pos, mask = self.positions_and_mask(idx, input_pos, key_mask)
@@ -344,6 +341,10 @@ class Model(nn.Module):
         for block in self.model.layers:
             sliding = block.self_attn.sliding
             x = block(x, *rope[sliding], masks[sliding], input_pos)
-        if last_only:
-            x = x[:, -1:]
-        return softcap(self.lm_head(self.model.norm(x)), c.final_softcap)
+        x = self.model.norm(x[:, -1:] if last_only else x)  # [B, T, n_embd]
+        return x if hidden else self.logits(x)
+
+    def logits(self, h):
+        """The output layer: final hidden states h [..., n_embd] -> logits [..., vocab_size], soft-capped in Gemma 2."""
+        logits, cap = self.lm_head(h), self.config.final_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap  # (the reference's order of operations)

@@ -216,7 +216,7 @@ class Model(nn.Module):
             mask = mask & keys if causal else keys
         return pos, torch.zeros_like(mask, dtype=self.lm_head.weight.dtype).masked_fill_(~mask, float("-inf"))
 
-    def forward(self, idx, input_pos=None, key_mask=None, last_only=False):
+    def forward(self, idx, input_pos=None, key_mask=None, last_only=False, hidden=False):
         """idx [B, T] -> logits [B, T, vocab_size].
 
         Without input_pos: the whole sequence (training and scoring), causal; bidirectional with causal=False.
@@ -225,11 +225,15 @@ class Model(nn.Module):
         then counts its positions from its first real token, so padding changes no real logit.
         last_only: logits of the last position alone, [B, 1, vocab_size]: all that decoding needs after a
         prompt, without the head's matmul for every other position (a fifth of a small model's FLOPs).
+        hidden: the final hidden state [B, T, n_embd] (after the final norm) instead of the logits; logits(h) maps it.
         """
         pos, mask = self.positions_and_mask(idx, input_pos, key_mask)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # [B, T, n_embd]
         for block in self.transformer.h:
             x = block(x, mask, input_pos)
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.transformer.ln_f(x))
+        x = self.transformer.ln_f(x[:, -1:] if last_only else x)  # [B, T, n_embd]
+        return x if hidden else self.logits(x)
+
+    def logits(self, h):
+        """The output layer: final hidden states h [..., n_embd] -> logits [..., vocab_size]."""
+        return self.lm_head(h)

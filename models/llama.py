@@ -61,10 +61,8 @@ class Config:
 
 
 def rope_tables(config):
-    """cos and sin of every position's rotation angles [block_size, rotary dims], computed in fp32.
-
-    Built on the CPU even inside a meta-device context: they are derived, never loaded.
-    """
+    """cos and sin of every position's rotation angles [block_size, rotary dims], computed in fp32; built on the
+    CPU even inside a meta-device context: they are derived, never loaded."""
     dim = int((config.head_dim or config.n_embd // config.n_head) * config.rotary_fraction)  # rotated dims
     inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, dim, 2, device="cpu").float() / dim)
     scale = 1.0
@@ -89,8 +87,7 @@ def rope_tables(config):
 def apply_rotary(x, cos, sin):
     """Rotate pairs (x_i, x_{i+d/2}) of the first d = cos.size(-1) dims: the "rotate_half" layout Hugging Face
     checkpoints use; dims past d (Phi-3's partial rotary) pass unrotated."""
-    if cos.size(-1) < x.size(-1):
-        d = cos.size(-1)
+    if (d := cos.size(-1)) < x.size(-1):
         return torch.cat((apply_rotary(x[..., :d], cos, sin), x[..., d:]), dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
@@ -99,8 +96,7 @@ def apply_rotary(x, cos, sin):
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
     def forward(self, x):  # normalise in fp32 as the reference does, then return to x's dtype
         return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
@@ -328,7 +324,7 @@ class Model(nn.Module):
             mask = mask.masked_fill_(key_pos > pos[0, :, None], float("-inf"))[None, None]  # [1, 1, T, S]
         return mask.masked_fill((key_pos[:, None, :] <= pos[:, :, None] - W)[:, None], float("-inf"))
 
-    def forward(self, idx, input_pos=None, key_mask=None, last_only=False):
+    def forward(self, idx, input_pos=None, key_mask=None, last_only=False, hidden=False):
         """idx [B, T] -> logits [B, T, vocab_size].
 
         Without input_pos: the whole sequence (training and scoring), causal; bidirectional with causal=False.
@@ -337,6 +333,7 @@ class Model(nn.Module):
         then counts its positions from its first real token, so padding changes no real logit.
         last_only: logits of the last position alone, [B, 1, vocab_size]: all that decoding needs after a
         prompt, without the head's matmul for every other position (a fifth of a small model's FLOPs).
+        hidden: the final hidden state [B, T, n_embd] (after the final norm) instead of the logits; logits(h) maps it.
         """
         pos, mask = self.positions_and_mask(idx, input_pos, key_mask)
         window_mask = self.window_mask(pos, mask, key_mask, idx.size(1))
@@ -345,6 +342,9 @@ class Model(nn.Module):
         cos, sin = self.rope_cos[pos][:, None].to(x.dtype), self.rope_sin[pos][:, None].to(x.dtype)  # [B|1, 1, T, D]
         for block in self.model.layers:
             x = block(x, cos, sin, window_mask if block.self_attn.sliding else mask, input_pos)
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.model.norm(x))
+        x = self.model.norm(x[:, -1:] if last_only else x)  # [B, T, n_embd]
+        return x if hidden else self.logits(x)
+
+    def logits(self, h):
+        """The output layer: final hidden states h [..., n_embd] -> logits [..., vocab_size]."""
+        return self.lm_head(h)

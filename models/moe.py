@@ -59,7 +59,7 @@ def rope_tables(config):
     """cos and sin of every position's rotation angles [block_size, head_dim], computed in fp32 on the CPU."""
     D = config.head_dim or config.n_embd // config.n_head
     inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, D, 2, device="cpu").float() / D)
-    angles = (torch.arange(config.block_size, device="cpu").float()[:, None] * inv_freq).repeat(1, 2)  # both halves
+    angles = torch.arange(config.block_size, device="cpu").float()[:, None] * inv_freq.repeat(2)  # [block_size, D]
     return angles.cos(), angles.sin()
 
 
@@ -72,8 +72,7 @@ def apply_rotary(x, cos, sin):
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
     def forward(self, x):  # normalise in fp32 as the reference does, then return to x's dtype
         return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
@@ -120,13 +119,11 @@ class Attention(nn.Module):
         self.head_dim = D = config.head_dim or config.n_embd // config.n_head
         self.qkv_proj = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * D, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.n_head * D, config.n_embd, bias=False)
-        self.qk_norm = config.qk_norm
+        self.qk_norm, self.dropout, self.causal = config.qk_norm, config.dropout, config.causal
         if config.qk_norm:  # OLMoE normalises the whole q (and k) projection, Qwen3-MoE each head alone
             q_dim, k_dim = (config.n_head * D, config.n_kv_head * D) if config.qk_norm == "proj" else (D, D)
             self.q_norm, self.k_norm = RMSNorm(q_dim, config.norm_eps), RMSNorm(k_dim, config.norm_eps)
-        self.dropout, self.causal = config.dropout, config.causal
-        self.attend = Attend()
-        self.kv_cache = None
+        self.attend, self.kv_cache = Attend(), None
 
     def forward(self, x, cos, sin, mask, input_pos):
         B, T, _ = x.shape  # batch size, sequence length, n_embd
@@ -195,13 +192,12 @@ class MoE(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.top_k, self.norm_topk_prob = config.top_k, config.norm_topk_prob
+        self.top_k, self.norm_topk_prob, self.router_logits = config.top_k, config.norm_topk_prob, None
         self.gate = nn.Linear(config.n_embd, config.n_expert, bias=False)
         self.experts = Experts(config)
         if config.shared_expert_dim:
             self.shared_expert = MLP(config.n_embd, config.shared_expert_dim)
             self.shared_expert_gate = nn.Linear(config.n_embd, 1, bias=False)
-        self.router_logits = None
 
     def forward(self, x):
         (B, T, D), x = x.shape, x.flatten(0, 1)  # [N, D], N = B T tokens
@@ -241,7 +237,7 @@ class Model(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        for name, table in zip(("rope_cos", "rope_sin"), rope_tables(config)):
+        for name, table in zip(("rope_cos", "rope_sin"), rope_tables(config)):  # [block_size, head_dim] each
             self.register_buffer(name, table, persistent=False)
         self.cache_len = self.cache_batch = None  # the KV cache's slots and rows, once setup_cache has made it
         for name, p in self.named_parameters():  # GPT-2's init, the residual projections scaled down
@@ -250,10 +246,9 @@ class Model(nn.Module):
                 nn.init.normal_(p, std=(0.02 / (2 * config.n_layer) ** 0.5 if residual else 0.02) * (p.dim() > 1))
 
     def router_losses(self):
-        """After a forward: (load-balancing loss, router z-loss, tokens per expert [MoE layers, E]). The first is
-        Switch Transformer's (Fedus et al., 2021) in transformers' Mixtral form, E * sum_e f_e P_e (f_e the share of
-        top-k picks going to expert e, P_e its mean router probability, over every MoE layer's tokens; k when
-        balanced); the z-loss (Zoph et al., 2022), the mean squared logsumexp of the router logits."""
+        """After a forward: (load-balancing loss, z-loss, tokens per expert [MoE layers, E]). Switch Transformer's
+        loss (Fedus et al., 2021) as in transformers' Mixtral, E * sum_e f_e P_e (f_e: expert e's share of top-k picks,
+        P_e: its mean router probability; k when balanced); the z-loss (Zoph et al., 2022): mean squared logsumexp."""
         logits = [b.mlp.router_logits for b in self.model.layers if isinstance(b.mlp, MoE)]  # L x [N, E]
         if not logits or logits[0] is None:
             raise ValueError("router_losses: no router logits yet; run a forward pass first")
@@ -338,13 +333,18 @@ class Model(nn.Module):
             mask = mask & keys if causal else keys
         return pos, torch.zeros_like(mask, dtype=self.lm_head.weight.dtype).masked_fill_(~mask, float("-inf"))
 
-    def forward(self, idx, input_pos=None, key_mask=None, last_only=False):
-        """idx [B, T] -> logits [B, T, vocab_size]. input_pos [T]: these tokens' cache slots (decoding through the
-        cache); key_mask [B, S]: False marks left padding (each row counts positions from its first real token,
-        so padding changes no real logit); last_only: the last position's logits alone, [B, 1, vocab_size]."""
+    def forward(self, idx, input_pos=None, key_mask=None, last_only=False, hidden=False):
+        """idx [B, T] -> logits [B, T, vocab_size], or with hidden the final hidden state [B, T, n_embd] (after the
+        final norm), which logits(h) maps to them. input_pos [T]: these tokens' cache slots; key_mask [B, S]: False
+        marks left padding; last_only: the last position alone, [B, 1, ...] (each as in models/llama.py)."""
         pos, mask = self.positions_and_mask(idx, input_pos, key_mask)
         x = self.model.embed_tokens(idx)  # [B, T, n_embd]
         cos, sin = self.rope_cos[pos][:, None].to(x.dtype), self.rope_sin[pos][:, None].to(x.dtype)  # [B|1, 1, T, D]
         for block in self.model.layers:
             x = block(x, cos, sin, mask, input_pos)
-        return self.lm_head(self.model.norm(x[:, -1:] if last_only else x))
+        x = self.model.norm(x[:, -1:] if last_only else x)  # [B, T, n_embd]
+        return x if hidden else self.logits(x)
+
+    def logits(self, h):
+        """The output layer: final hidden states h [..., n_embd] -> logits [..., vocab_size]."""
+        return self.lm_head(h)

@@ -149,6 +149,16 @@ def test_grad_checkpoint_trains_the_same_run(tmp_path, text_file):
     assert_same_weights(weights(tmp_path / "a", 4), weights(tmp_path / "b", 4), atol=1e-6)
 
 
+def test_grad_checkpoint_in_bf16_on_short_blocks(tmp_path, text_file):
+    """bf16 on the CPU with blocks of <= 128 tokens, where the forward pass picks SDPA's math kernel: the blocks'
+    recomputation in the backward pass must pick the kernel the forward did (else torch's checkpoint refuses)."""
+    settings = {**SETTINGS, "bf16": True}
+    plain = zoo.train("shakespeare-char", [text_file], tmp_path / "a", overrides=MODEL, max_iters=2, **settings)
+    ckpt = zoo.train("shakespeare-char", [text_file], tmp_path / "b", overrides=MODEL, max_iters=2,
+                     grad_checkpoint=True, **settings)
+    assert ckpt == pytest.approx(plain, rel=1e-2)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import zoo
+from zoo.inspection import final_norm
 from zoo.registry import PRESETS
 
 from conftest import TINY, tiny
@@ -208,6 +209,25 @@ def test_last_only_is_the_last_position(name, device):
     last = model(idx, last_only=True)
     assert last.shape == (2, 1, model.config.vocab_size)
     torch.testing.assert_close(last, model(idx)[:, -1:], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", [name for name, (arch, _) in TINY.items() if arch != "bigram"])
+def test_hidden_state_then_logits_is_forward(name, device):
+    """forward(..., hidden=True) is the final norm's output [B, T, n_embd] (the norm zoo.trace finds), and logits(h)
+    of it is forward's logits, bit for bit (zoo's chunked losses and scoring rely on it); with last_only and a cache
+    too."""
+    model = tiny(name, device, std=0.3)
+    idx = torch.randint(0, 37, (2, 9), device=device)
+    normed = []
+    hook = final_norm(model).register_forward_hook(lambda module, args, out: normed.append(out))
+    h = model(idx, hidden=True)
+    hook.remove()
+    assert h.shape == (2, 9, model.config.n_embd) and torch.equal(h, normed[0])
+    assert torch.equal(model.logits(h), model(idx))
+    assert torch.equal(model.logits(model(idx, last_only=True, hidden=True)), model(idx, last_only=True))
+    model.setup_cache(2, 16)
+    step = model(idx, input_pos=torch.arange(9, device=device), hidden=True)
+    assert torch.equal(model.logits(step), model(idx, input_pos=torch.arange(9, device=device)))
 
 
 @pytest.mark.parametrize("name", TINY)

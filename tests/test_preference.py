@@ -172,7 +172,7 @@ def test_loss_rewards_and_gradients_equal_trls(tiny_base, tmp_path, chat_tokeniz
 
     for loss_type in preference.LOSSES:
         trainer.loss_types, trainer.loss_weights = [loss_type], [1.0]
-        loss_of = preference.DPOLoss(reference, beta, loss=loss_type)
+        loss_of = preference.DPOLoss(ours, reference, beta, loss=loss_type)
         loss = loss_of(ours, x, preference.Targets(targets.y, ref))
         loss.backward()
         metrics = loss_of.metrics.read()

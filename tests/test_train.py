@@ -21,7 +21,7 @@ import zoo
 import zoo.registry
 from zoo import data, runs
 from zoo import training as zt
-from zoo.loss import HeadLoss
+from zoo.loss import HeadLoss, hidden_state, target_logps
 from zoo.tokenizers import CharTokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -204,13 +204,14 @@ def test_scratchformer_trains_with_its_recipe(tmp_path, text_file, gpt2_bpe):
 
 @pytest.mark.parametrize("name,mode", [(n, m) for m in ("fp32", "bf16", "lora-int8") for n in
                                        ("bigram", "scratchformer", "gpt2", "llama-gqa", "llama-qwen2-window",
-                                        "llama-olmo2", "mqa")
+                                        "llama-olmo2", "mqa", "gemma2")
                                        if (n, m) != ("bigram", "lora-int8")])  # the bigram has no Linear to adapt
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_chunked_head_loss_equals_the_logits_loss(name, mode, smoothing):
     """zoo/loss.py computes the loss and its gradients a chunk of positions at a time, in the forward pass;
     the loss and every gradient must equal F.cross_entropy over the whole logits (label smoothing and
-    ignored targets included), for full fine-tuning (a tied head too) and LoRA over an int8 base."""
+    ignored targets included), for full fine-tuning (a tied head too) and LoRA over an int8 base; Gemma 2's logits
+    soft-capped before the loss."""
     x = torch.randint(0, 37, (3, 20), generator=torch.Generator().manual_seed(1))
     y = torch.randint(0, 37, (3, 20), generator=torch.Generator().manual_seed(2))
     y[0, :9] = y[2, 7] = data.IGNORE  # the first chunk of 7 positions has no target at all
@@ -260,6 +261,7 @@ def test_chunked_head_loss_takes_no_gradient_under_no_grad_and_follows_a_deep_co
         return torch.nn.functional.cross_entropy(m(x).float().flatten(0, 1), y.flatten(), reduction="sum")
 
     model = tiny_model("gpt2", std=0.3)  # its head is tied to the trainable embedding
+    attributes = {name: dict(vars(m)) for name, m in model.named_modules()}
     loss_of = HeadLoss(model, chunk=7)
     with torch.no_grad():
         expected = plain(model)
@@ -279,6 +281,42 @@ def test_chunked_head_loss_takes_no_gradient_under_no_grad_and_follows_a_deep_co
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward pass runs once"):
         loss.backward()
+    assert {name: dict(vars(m)) for name, m in model.named_modules()} == attributes  # the model was not patched
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "gemma2", "bigram"])
+@pytest.mark.parametrize("mode", ["fp32", "bf16", "lora"])
+def test_chunked_target_logps_equal_the_logits(name, mode):
+    """zoo/loss.py's per-target log-probabilities (DPO's) equal log_softmax of the whole logits, and so do the
+    gradients of a sum that weighs each target differently: with a trainable head (its gradients computed in the
+    backward pass, in the forward's autocast) and with a frozen one under LoRA (computed in the forward pass)."""
+    x = torch.randint(0, 37, (3, 20), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 37, (3, 20), generator=torch.Generator().manual_seed(2))
+    valid = torch.rand(3, 20, generator=torch.Generator().manual_seed(3)) < 0.6  # [3, 20]: the targets scored
+    weights = torch.randn(int(valid.sum()), generator=torch.Generator().manual_seed(4))  # [K]
+    results = []
+    for chunked in (False, True):
+        model = tiny_model(name, std=0.3).train()
+        if mode == "lora" and name != "bigram":
+            model = zoo.add_lora(model, r=4)
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    torch.nn.init.normal_(p, std=0.3, generator=torch.Generator().manual_seed(3))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16"):
+            if chunked:
+                logps = target_logps(model, hidden_state(model, model, x)[valid], y[valid], chunk=7)  # [K]
+            else:
+                logps = model(x).float().log_softmax(-1).gather(-1, y[..., None])[..., 0][valid]
+        (logps * weights).sum().backward()
+        results.append((logps.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (plain, plain_grads), (ours, our_grads) = results
+    torch.testing.assert_close(ours, plain, **(dict(rtol=1e-5, atol=1e-5) if mode != "bf16" else {}))
+    assert our_grads.keys() == plain_grads.keys() and plain_grads
+    assert mode != "lora" or name == "bigram" or not model.lm_head.weight.requires_grad
+    for n, g in plain_grads.items():
+        assert g.abs().sum() > 0, n
+        tol = dict(rtol=0.05, atol=0.02) if mode == "bf16" else dict(rtol=1e-5, atol=2e-6)  # (of the largest)
+        torch.testing.assert_close(our_grads[n], g, msg=n, rtol=tol["rtol"], atol=tol["atol"] * g.abs().max().item())
 
 def test_weight_decay_only_on_matrices():
     model = zoo.load("shakespeare-char", n_layer=1, bias=True)

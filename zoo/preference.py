@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from . import chat_data, lora
 from .data import IGNORE, VAL_FRACTION
+from .loss import hidden_state, target_logps
 from .sources import load_source
 from .progress import log
 
@@ -189,14 +190,15 @@ def load_splits(paths, tokenizer, val_paths=None, block_size=1024, vocab_size=No
 
 # ---------------------------------------------------------------------------------------- the loss
 
-def sequence_logps(net, x, y):
-    """(logps [R], counts [R]): each row's summed log-probability of its targets that are not IGNORE under
-    net(x), computed in float32, and how many there are."""
-    logits = net(x).float()  # [R, T, V]
+def sequence_logps(model, x, y, net=None):
+    """(logps [R], counts [R]): each row's summed log-probability of its targets that are not IGNORE under the
+    model, computed in float32, and how many there are. net: what runs the forward pass (the model, or DDP /
+    torch.compile around it). The output layer runs on the answers' positions only, a chunk at a time
+    (zoo/loss.py): never the whole [R, T, vocab_size] logits."""
+    hidden = hidden_state(net or model, model, x)  # [R, T, C]
     valid = y != IGNORE  # [R, T]
-    target = y.masked_fill(~valid, 0)
-    logp = logits.gather(-1, target[..., None])[..., 0] - logits.logsumexp(-1)  # [R, T]
-    return torch.where(valid, logp, 0).sum(-1), valid.sum(-1)
+    logp = target_logps(model, hidden[valid], y[valid])  # [K]: the valid targets, row by row
+    return torch.zeros_like(y, dtype=logp.dtype).masked_scatter(valid, logp).sum(-1), valid.sum(-1)
 
 
 def dpo_loss(logps, ref_logps, counts, beta, label_smoothing=0.0, loss="sigmoid"):
@@ -271,16 +273,18 @@ class Metrics:
 
 class DPOLoss:
     """A training run's loss function for preference pairs (its interface: HeadLoss's): the mean DPO loss of a
-    batch against its Targets; the batch's metrics are added to `metrics` (default: self.metrics)."""
+    batch against its Targets under `model` (the policy); the batch's metrics are added to `metrics` (default:
+    self.metrics)."""
 
-    def __init__(self, reference, beta, label_smoothing=0.0, loss="sigmoid", device="cpu"):
+    def __init__(self, model, reference, beta, label_smoothing=0.0, loss="sigmoid", device="cpu"):
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, not {loss!r}")
-        self.reference, self.beta, self.label_smoothing, self.loss = reference, beta, label_smoothing, loss
-        self.metrics = Metrics(device)
+        self.model, self.reference, self.beta = model, reference, beta
+        self.label_smoothing, self.loss, self.metrics = label_smoothing, loss, Metrics(device)
 
     def __call__(self, net, x, targets, label_smoothing=None, reduction="mean", metrics=None):
-        logps, counts = sequence_logps(net, x, targets.y)
+        """The loss of net(x) (net: the model, or DDP / torch.compile around it)."""
+        logps, counts = sequence_logps(self.model, x, targets.y, net)
         ref = targets.ref if targets.ref is not None else self.reference(x, targets.y)
         losses, chosen_rewards, rejected_rewards = dpo_loss(logps, ref, counts, self.beta, self.label_smoothing,
                                                             self.loss)
@@ -310,7 +314,7 @@ def prepare(model, s, train, val, saved, init, context):
     resumed, saved = saved is not None, saved or {"init": None if init is None else os.fspath(init)}
     if s.dpo_reference == "precomputed" and "ref" in saved:
         train.ref, val.ref = saved["ref"]
-        return DPOLoss(None, s.beta, s.label_smoothing, s.dpo_loss, s.device), saved
+        return DPOLoss(model, None, s.beta, s.label_smoothing, s.dpo_loss, s.device), saved
     base = model
     if resumed and not lora.lora_layers(model):  # resumed full fine-tuning: the weights it started from
         base = load_source(saved["init"])[0].to(s.device).eval()
@@ -319,4 +323,4 @@ def prepare(model, s, train, val, saved, init, context):
         for pairs in (train, val):
             precompute(reference, pairs, s.batch_size, s.device, context)
         saved, reference = {**saved, "ref": [train.ref, val.ref]}, None
-    return DPOLoss(reference, s.beta, s.label_smoothing, s.dpo_loss, s.device), saved
+    return DPOLoss(model, reference, s.beta, s.label_smoothing, s.dpo_loss, s.device), saved

@@ -11,13 +11,12 @@ logits. Unlike that backend, it reads a context once for all the continuations t
 batch's distinct contexts are left-padded (the key mask hides the padding) and prefilled into the KV
 cache, each continuation row then copies its context's cache rows and reads only its own tokens. The
 head runs only where a continuation's tokens are predicted: the prefill asks for the last position
-alone, and the continuation pass applies `lm_head` (every zoo transformer's output layer) to those
-positions only; a model without an `lm_head` has its full logits computed and then picked from.
+alone, and the continuation pass applies the output layer (`model.logits`, models/__init__.py) to those
+positions only; a model without one (the bigram) has its full logits computed and then picked from.
 """
-import contextlib
-
 import torch
 
+from .loss import head_of, hidden_state
 from .modes import eval_mode
 
 DEFAULT_BATCH_SIZE = 16
@@ -81,21 +80,6 @@ def _batches(requests, batch_size, block):
     return batches
 
 
-@contextlib.contextmanager
-def _head_at(model, rows, cols):
-    """While inside, `model.lm_head` reads only the positions (rows[k], cols[k]) of its input [B, T, C] and
-    returns [K, vocab_size]. Yields False (and changes nothing) when the model has no lm_head."""
-    head = getattr(model, "lm_head", None)
-    if not isinstance(head, torch.nn.Module):
-        yield False
-        return
-    hook = head.register_forward_pre_hook(lambda module, args: (args[0][rows, cols], *args[1:]))
-    try:
-        yield True
-    finally:
-        hook.remove()
-
-
 def _score_batch(model, requests, batch, device):
     """{request index: (logprob, greedy)} for one batch: prefill its contexts, then read the continuations."""
     G = len(batch)
@@ -124,10 +108,9 @@ def _score_batch(model, requests, batch, device):
         rows = torch.tensor([n for n, c in enumerate(conts) for _ in range(len(c) - 1)], device=device)
         cols = torch.tensor([t for c in conts for t in range(len(c) - 1)], device=device)
         model.reorder_cache(group)  # each continuation row gets a copy of its context's keys and values
-        with _head_at(model, rows, cols) as selected:
-            logits = model(inp.to(device), input_pos=torch.arange(Lc, Lc + Tc, device=device),
-                           key_mask=None if key_mask is None else key_mask[group])
-        rest = (logits if selected else logits[rows, cols]).float().log_softmax(-1)  # [K, V]
+        hidden = hidden_state(model, model, inp.to(device), input_pos=torch.arange(Lc, Lc + Tc, device=device),
+                              key_mask=None if key_mask is None else key_mask[group])  # [N, Tc, C]
+        rest = head_of(model)[0](hidden[rows, cols]).float().log_softmax(-1)  # [K, V]
     out, k = {}, 0
     for n, (g, i) in enumerate(members):
         c = conts[n]
