@@ -9,6 +9,10 @@ caller gives. Every `checkpoint_interval` steps and at the end, OUT/step-NNNNNNN
 (save_pretrained, so from_pretrained and `zoo eval` read it) and training_state.pt (optimizer, schedule,
 RNG states, data position, settings), so `resume=True` continues exactly where the run stopped (the
 output folder and its checkpoints: zoo/runs.py).
+
+`train` is the run's steps in order, each a function of what it is given: settings -> start_processes ->
+make_model -> choose_tokenizer -> load_data -> prepare_run -> fit, whose loop is made of optimizer_step,
+learning_rate, validate, runs.save_checkpoint, Budget (the time budget's plan) and Log.
 """
 import dataclasses
 import json
@@ -333,11 +337,11 @@ def load_data(s, tokenizer, data_paths, val, vocab_size):
         if s.objective == "mlm":
             raise ValueError("conversations (JSONL messages) train the causal objective; mlm takes plain text")
         return chat_data.load_splits(data_paths, tokenizer, val, s.block_size, vocab_size)
-    train, valid = data.load_splits(data_paths, tokenizer, val, s.block_size, vocab_size)
-    train, valid = data.Windows(train, s.block_size), data.Windows(valid, s.block_size)
+    train_tokens, val_tokens = data.load_splits(data_paths, tokenizer, val, s.block_size, vocab_size)
+    windows = data.Windows(train_tokens, s.block_size), data.Windows(val_tokens, s.block_size)
     if s.objective == "mlm":  # (zoo/mlm.py)
-        train, valid = (mlm.MaskedWindows(d, tokenizer, s.mask_prob, seed=s.seed) for d in (train, valid))
-    return train, valid
+        return tuple(mlm.MaskedWindows(w, tokenizer, s.mask_prob, seed=s.seed) for w in windows)
+    return windows
 
 
 @dataclass
