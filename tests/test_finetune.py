@@ -241,7 +241,8 @@ def test_lora_teaches_smollm2_a_fact(smollm2_gguf, tmp_path, int8):
         assert r.returncode == 0, r.stderr
         return r.stdout.lower()
 
-    assert "pangolin" not in answer(smollm2_gguf)
+    if not int8:  # the base model's answer, once: it does not know the fact
+        assert "pangolin" not in answer(smollm2_gguf)
     # LoRA on the upper layers only: the backward pass stops at the lowest adapted layer. The float run
     # computes in float32 (most CPUs have no bf16 arithmetic); the int8 one in bf16, the int8 kernel's dtype.
     r = zoo_cmd("train", "--init", smollm2_gguf, "--data", path, "--out", tmp_path / "run", "--lora", 16,

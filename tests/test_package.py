@@ -139,3 +139,13 @@ def test_imports_go_one_way_down():
     for m in sorted(graph):
         visit(m)
     assert {"zoo.sources", "zoo.pretrained", "zoo.registry"} <= done | set(graph)  # (the test sees the package)
+
+
+def test_importing_the_package_leaves_the_compiler_and_transformers_unloaded():
+    """Every `zoo` command imports the package: torch._dynamo alone would add ~1.7 s to each start (it is
+    what torch.compiler.disable and torch.compile import), transformers ~2 s. They load when used."""
+    code = ("import sys, zoo, zoo.cli\n"
+            "print(sorted(m for m in ('torch._dynamo', 'transformers', 'peft', 'lm_eval') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout

@@ -99,20 +99,20 @@ def to_gguf_metadata(arch, config, shapes):
     architecture expresses it. `shapes`: the GGUF tensors' shapes under each map ({map name: {name: shape}}),
     which carry part of the config (vocabulary size, tied output). Floats are rounded to float32, as the file
     stores them; the metadata must load back to this very config (dropout aside)."""
-    ours, why = dataclasses.asdict(config), f"no weights map writes GGUF for models/{arch}.py"
+    ours, why, whys = dataclasses.asdict(config), f"no weights map writes GGUF for models/{arch}.py", []
     for name, m in _maps().items():
         if m["format"] == "gguf" and m["zoo_arch"] == arch:
             meta = _write(name, ours)
             if meta is None:
-                why = f"a value of models/{arch}.py's Config has no form in GGUF architecture {m['architecture']!r}"
+                whys.append(f"a value of models/{arch}.py's Config has no form in GGUF architecture {m['architecture']!r}")
                 continue
             meta = {k: _f32(v) for k, v in meta.items() if v is not None}
             differ = _differences(name, meta, config, shapes[name])
             if not differ:
                 return name, meta
-            why = (f"GGUF architecture {m['architecture']!r} (weights_maps/{name}.json) cannot express "
-                   + ", ".join(differ))
-    return None, why
+            whys.append(f"GGUF architecture {m['architecture']!r} (weights_maps/{name}.json) cannot express "
+                        + ", ".join(differ))
+    return None, "; ".join(whys) or why
 
 
 def _f32(v):
@@ -293,28 +293,48 @@ def llama_rope(hf, ours, need=None, shapes=None, to_hf=False):
     ours["rope_scaling"] = {k: rope[k] for k in _LLAMA3} if rope_type == "llama3" else None
 
 
+LLAMA3_ROPE = "zoo.llama3_rope."  # + each _LLAMA3 key: the zoo's record of a llama3 rope it exported (llama.cpp ignores it)
+
+
 def gguf_llama(meta, ours, need=None, shapes=None, to_hf=False):
     """What a GGUF of the Llama family (llama, qwen2, qwen3, phi3, olmo2, and the mixtures of experts) keeps
     outside its config keys or in a form of its own: the vocabulary size (rows of token_embd), a tied output
     layer (no output.weight), Phi-3/4's partial rotary (phi3.rope.dimension_count below the head width), and
     llama.cpp's rope scaling (rope_freqs or LongRoPE's rope_factors tables), which we refuse with a pointer to
-    the Hugging Face form. Export: the tensors carry the vocabulary and the tied head; the rotated width is
-    written as llama.cpp's converter writes it."""
+    the Hugging Face form, except a llama3-scaled rope the zoo wrote: llama.cpp runs its rope_freqs table (one
+    factor per frequency, which export adds) and the zoo reads its four parameters from LLAMA3_ROPE keys
+    (llama.cpp's converter writes the table alone, whose parameters it cannot give back exactly). Export: the
+    tensors carry the vocabulary and the tied head; the rotated width and the value width (which llama.cpp
+    reads apart from the key width) are written as llama.cpp's converter writes them."""
     if to_hf:
         arch = next(k.split(".")[0] for k in meta if k.endswith(".block_count"))
         head_dim = ours.get("head_dim") or ours["n_embd"] // ours["n_head"]
         meta[f"{arch}.rope.dimension_count"] = round(head_dim * (ours.get("rotary_fraction") or 1.0))
+        if f"{arch}.attention.key_length" in meta:  # llama.cpp sizes k and v by value_length (n_embd_v_gqa)
+            meta[f"{arch}.attention.value_length"] = meta[f"{arch}.attention.key_length"]
+        if arch == "llama" and "low_freq_factor" in (ours.get("rope_scaling") or {}):
+            meta.update({LLAMA3_ROPE + k: float(ours["rope_scaling"][k]) for k in _LLAMA3})
         return
     arch = meta["general.architecture"]
+    if arch == "llama" and all(LLAMA3_ROPE + k in meta for k in _LLAMA3):
+        need("rope_freqs.weight" in shapes, f"{LLAMA3_ROPE}* keys without the rope_freqs.weight table", damaged=True)
+        ours["rope_scaling"] = {k: meta[LLAMA3_ROPE + k] for k in _LLAMA3}
+        o = "original_max_position_embeddings"
+        ours["rope_scaling"][o] = int(ours["rope_scaling"][o])
+        shapes = {n: s for n, s in shapes.items() if n != "rope_freqs.weight"}
     tables = [n for n in ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight") if n in shapes]
     scaling = meta.get(f"{arch}.rope.scaling.type", "none")
     need(not tables and scaling == "none", f"rope frequency scaling in GGUF form ({', '.join(tables) or scaling})",
          fix="load the model's Hugging Face folder instead (its config.json carries the rope parameters)")
     need("token_embd.weight" in shapes, "no token_embd.weight tensor", damaged=True)
     ours.update(vocab_size=shapes["token_embd.weight"][0], tie_embeddings="output.weight" not in shapes)
+    need(arch != "olmoe" or not ours["tie_embeddings"], "a tied output layer (no output.weight), which llama.cpp's "
+         "olmoe cannot run (it requires output.weight)")
     head_dim = ours.get("head_dim") or ours["n_embd"] // max(ours["n_head"], 1)
     if head_dim == ours["n_embd"] // max(ours["n_head"], 1):
         ours["head_dim"] = None  # attention.key_length written though it is the usual width: as if absent
+    value_length = meta.get(f"{arch}.attention.value_length", head_dim)
+    need(value_length == head_dim, f"{arch}.attention.value_length={value_length} (expected {head_dim}: the key width)")
     rotated = meta.get(f"{arch}.rope.dimension_count", head_dim)
     need(rotated == head_dim or arch == "phi3" and 0 < rotated < head_dim and rotated % 2 == 0,
          f"{arch}.rope.dimension_count={rotated} (expected {head_dim}"
@@ -491,8 +511,14 @@ def gguf_gemma(meta, ours, need=None, shapes=None, to_hf=False):
     attention scale, 1/sqrt(head_dim) except in the 27B models, 1/sqrt(n_embd / n_head) (LLM_TYPE_27B:
     62 layers in Gemma 3, 46 in Gemma 2); the layer pattern (every 2nd layer global in Gemma 2, every 6th in
     Gemma 3) and Gemma 3's rotary base of 10k on the sliding layers and linear scaling on the global ones;
-    Gemma 2's soft-caps. Export: the metadata says it all."""
+    Gemma 2's soft-caps. Export: Gemma 2's soft-caps and Gemma 3's linear scaling (the rest is llama.cpp's code or the metadata's)."""
     if to_hf:
+        arch = next(k.split(".")[0] for k in meta if k.endswith(".block_count"))
+        if arch == "gemma2":
+            meta.update({"gemma2.attn_logit_softcapping": ours["attn_softcap"],
+                         "gemma2.final_logit_softcapping": ours["final_softcap"]})
+        if arch == "gemma3" and ours["rope_scaling_factor"]:
+            meta.update({"gemma3.rope.scaling.type": "linear", "gemma3.rope.scaling.factor": ours["rope_scaling_factor"]})
         return
     arch = meta["general.architecture"]
     need("token_embd.weight" in shapes, "no token_embd.weight tensor", damaged=True)

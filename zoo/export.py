@@ -1,6 +1,6 @@
 """GGUF export: a zoo model and its tokenizer as one llama.cpp / Ollama file.
 
-    zoo.save_gguf(model, "model.gguf", tokenizer=tok, dtype="q8_0")   # f32 f16 bf16 q8_0 q4_0 q4_1
+    zoo.save_gguf(model, "model.gguf", tokenizer=tok, dtype="q8_0")   # f32 f16 bf16 q8_0 q4_0 q4_1 q4_k
     zoo.from_pretrained("model.gguf")                                  # and back, to the same logits
 
 The weights map that reads a GGUF architecture (weights_maps/gguf-*.json) writes it too: its "config"
@@ -16,6 +16,7 @@ The file is written beside its destination and renamed into place: it appears co
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -38,7 +39,7 @@ NO_LLAMA_CPP = {
 def save_gguf(model, path, tokenizer=None, dtype="f16", name=None):
     """Write `model` (and `tokenizer`: its vocabulary, special tokens and chat template) to the GGUF file
     `path` for llama.cpp, Ollama and the zoo itself. dtype: f32, f16, bf16 (the matrices; norms and biases
-    stay f32), or q8_0, q4_0, q4_1 (blocks quantized as llama.cpp's quantizers would). Every check runs
+    stay f32), or q8_0, q4_0, q4_1, q4_k (blocks quantized as llama.cpp's reference quantizers would). Every check runs
     before anything is written; an existing file at `path` is replaced only once the new one is complete."""
     from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
     arch = arch_of(model)
@@ -52,7 +53,7 @@ def save_gguf(model, path, tokenizer=None, dtype="f16", name=None):
                          "the adapter alone with zoo.save_gguf_adapter(model, path)")
     if arch in NO_LLAMA_CPP:
         raise ValueError(f"models/{arch}.py is {NO_LLAMA_CPP[arch]}, which no llama.cpp architecture computes; "
-                         "GGUF export covers gpt2, llama and mqa (GPTBigCode) models")
+                         "GGUF export covers gpt2, llama, mqa (GPTBigCode), gemma and moe models")
     model = llama_cpp_form(model)
     map_name, meta, tensors = gguf_form(model)
     vocab = tokenizer_metadata(tokenizer, model.config.vocab_size) if tokenizer is not None else {}
@@ -64,7 +65,7 @@ def save_gguf(model, path, tokenizer=None, dtype="f16", name=None):
     writer.add_name(name or path.stem)
     for key, value in {**meta, **vocab}.items():
         _add(writer, key, value)
-    writer.add_file_type(getattr(LlamaFileType, {"f32": "ALL_F32"}.get(dtype, f"MOSTLY_{dtype.upper()}")))
+    writer.add_file_type(getattr(LlamaFileType, {"f32": "ALL_F32", "q4_k": "MOSTLY_Q4_K_S"}.get(dtype, f"MOSTLY_{dtype.upper()}")))
     if dtype in gguf_quants.QUANTIZERS:
         writer.add_quantization_version(2)  # GGML_QNT_VERSION
     for tensor_name, t in tensors.items():
@@ -95,11 +96,20 @@ def llama_cpp_form(model):
 
 
 def _llama_cpp_changes(model):
-    config, changes = model.config, {}
+    """Config fields to change for llama.cpp: gpt2's (above), and defaults spelled as GGUF loads them back
+    (the same model, exactly): Gemma 2/3's attention scale and Gemma 3's local rotary base, which llama.cpp
+    sets in code, and the unused dense-MLP width of a mixture without dense layers."""
+    config, arch, changes = model.config, arch_of(model), {}
     if getattr(config, "bias", True) is False:
         changes["bias"] = True
-    if arch_of(model) == "gpt2" and config.activation == "gelu":
+    if arch == "gpt2" and config.activation == "gelu":
         changes["activation"] = "gelu_tanh"
+    if arch == "gemma" and config.sandwich_norms and config.query_pre_attn_scalar is None:
+        changes["query_pre_attn_scalar"] = config.head_dim
+    if arch == "gemma" and config.qk_norm and config.rope_local_theta is None:
+        changes["rope_local_theta"] = config.rope_theta
+    if arch == "moe" and not config.dense_layers and config.ffn_dim is not None:
+        changes["ffn_dim"] = None
     return changes
 
 
@@ -110,11 +120,25 @@ def gguf_form(model):
     maps = {n: convert.load_map(n) for n, m in convert._maps().items()
             if m["format"] == "gguf" and m["zoo_arch"] == arch}
     tensors = {n: convert.export_weights(model, m) for n, m in maps.items()}
+    if "low_freq_factor" in (getattr(model.config, "rope_scaling", None) or {}) and "gguf-llama" in tensors:
+        tensors["gguf-llama"]["rope_freqs.weight"] = llama3_rope_freqs(model.config)  # llama.cpp's llama3 rope
     shapes = {n: {k: tuple(t.shape) for k, t in ts.items()} for n, ts in tensors.items()}
     map_name, meta = convert.to_gguf_metadata(arch, model.config, shapes)
     if map_name is None:
         raise ValueError(f"this {arch} model has no GGUF form: {meta}")
     return map_name, meta, tensors[map_name]
+
+
+def llama3_rope_freqs(config):
+    """llama.cpp's rope_freqs table for a llama3-scaled rope [rotated dims / 2]: each frequency's divisor, as
+    its converter computes it (1 for short wavelengths, `factor` for long ones, a blend between)."""
+    s, d = config.rope_scaling, int((config.head_dim or config.n_embd // config.n_head) * config.rotary_fraction)
+    freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    wavelen, old = 2 * torch.pi / freq, s["original_max_position_embeddings"]
+    smooth = (old / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+    return torch.where(wavelen < old / s["high_freq_factor"], 1.0,
+                       torch.where(wavelen > old / s["low_freq_factor"], s["factor"],
+                                   1 / ((1 - smooth) / s["factor"] + smooth))).float()
 
 
 def save_gguf_adapter(model, path, name=None):
@@ -178,11 +202,12 @@ def _write(writer, tmp, path):
 
 def tensor_type(name, t, dtype):
     """The type a tensor is stored in, as llama.cpp's converter chooses: F32 for 1-D tensors, norms and
-    position tables; F16 for a matrix a block type cannot hold (rows that are not whole blocks)."""
+    position tables; for a matrix a block type cannot hold (rows that are not whole blocks) Q8_0 in place of
+    Q4_K (blocks of 256) where its rows are whole blocks of 32, else F16."""
     if t.dim() <= 1 or name.endswith("_norm.weight") or name.startswith("position_embd."):
         return "f32"
-    if dtype in gguf_quants.QUANTIZERS and t.shape[-1] % gguf_quants.BLOCK:
-        return "f16"
+    if dtype in gguf_quants.QUANTIZERS and t.shape[-1] % gguf_quants.BLOCK_SIZES[dtype]:
+        return "q8_0" if dtype == "q4_k" and t.shape[-1] % gguf_quants.BLOCK == 0 else "f16"
     return dtype
 
 
@@ -215,7 +240,7 @@ def _add(writer, key, value):
 
 # ------------------------------------------------------------------------------------- the tokenizer
 
-NORMAL, CONTROL, USER_DEFINED = 1, 3, 4  # llama.cpp's token types (gguf.TokenType)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6  # llama.cpp's token types (gguf.TokenType)
 _LLAMA3_REGEX_START = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+"
 
 
@@ -228,6 +253,8 @@ def tokenizer_metadata(tok, vocab_size):
         meta = _chars(tok)
     elif isinstance(tok, HFTokenizer) and tok.ggml_vocab and len(tok.ggml_vocab["tokenizer.ggml.tokens"]) == n_tokens:
         meta = dict(tok.ggml_vocab)  # a sentencepiece vocabulary from a GGUF file: its tokens, scores, types
+    elif isinstance(tok, HFTokenizer) and json.loads(tok.tk.to_str())["model"].get("byte_fallback"):
+        meta = _hf_sentencepiece(tok)
     elif isinstance(tok, HFTokenizer):
         meta = _hf_bpe(tok)
     else:
@@ -331,6 +358,52 @@ def _hf_bpe(tok):
         raise ValueError(f"the tokenizer has no token for ids {holes[:10]}; llama.cpp needs every id to be one")
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     return _bpe(tokens, types, merges, pre)
+
+
+def _hf_sentencepiece(tok):
+    """A sentencepiece BPE in tokenizer.json form (Llama 2's, Gemma's: byte fallback, "▁" for spaces) as
+    llama.cpp's sentencepiece vocabulary: tokens, token types (unknown, control, byte <0xNN>) and scores,
+    which rank merges there: llama.cpp merges the pair whose result scores highest, so a token scores minus
+    the rank of the merge that makes it, and the merges apply in tokenizer.json's order."""
+    spec = json.loads(tok.tk.to_str())
+    model = spec["model"]
+    if model.get("type") != "BPE":
+        raise ValueError(f"a {model.get('type')} tokenizer with byte fallback has no llama.cpp sentencepiece form "
+                         "(llama.cpp's \"llama\" vocabulary is BPE merges ranked by score)")
+    n = tok.tk.get_vocab_size(with_added_tokens=True)
+    tokens, types, scores = [None] * n, [NORMAL] * n, [0.0] * n
+    for text, i in model["vocab"].items():
+        tokens[i] = text
+        types[i] = BYTE if re.fullmatch(r"<0x[0-9A-F]{2}>", text) else UNKNOWN if text == model.get("unk_token") else NORMAL
+    for added in spec.get("added_tokens", []):
+        tokens[added["id"]] = added["content"]
+        if types[added["id"]] != UNKNOWN:
+            types[added["id"]] = CONTROL if added["special"] else USER_DEFINED
+    holes = [i for i, t in enumerate(tokens) if t is None]
+    if holes:
+        raise ValueError(f"the tokenizer has no token for ids {holes[:10]}; llama.cpp needs every id to be one")
+    made = set()
+    for rank, merge in enumerate(model["merges"]):
+        merged = "".join(merge.split(" ", 1) if isinstance(merge, str) else merge)
+        if merged not in made:
+            made.add(merged)
+            scores[model["vocab"][merged]] = -float(rank + 1)
+    return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores,
+            "tokenizer.ggml.token_type": types, "tokenizer.ggml.add_space_prefix": _adds_space_prefix(spec)}
+
+
+def _adds_space_prefix(spec):
+    """Whether the tokenizer puts "▁" before the text, as Llama 2's does (Gemma's does not): a Prepend
+    normalizer, or a Metaspace pre-tokenizer that prepends."""
+    def steps(node, key):
+        return [] if not node else node.get(key, []) if node.get("type") == "Sequence" else [node]
+    for step in steps(spec.get("normalizer"), "normalizers"):
+        if step.get("type") == "Prepend" and step.get("prepend") == "▁":
+            return True
+    for step in steps(spec.get("pre_tokenizer"), "pretokenizers"):
+        if step.get("type") == "Metaspace":
+            return step.get("prepend_scheme", "always") != "never"
+    return False
 
 
 def _is_byte_level(decoder):

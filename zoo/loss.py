@@ -102,7 +102,6 @@ class _HeadCrossEntropy(torch.autograd.Function):
         return (grad_hidden, None, None, None, None, None, *[grad_params.pop(0) if w else None for w in ctx.wants])
 
 
-@torch.compiler.disable  # a compiled model runs its head eagerly: the chunk loop is no graph to trace
 def _head_forward(head, hidden):
     """The output layer's forward once a HeadLoss is attached: its logits, or inside a loss call the loss.
     (Bound to the head as a method, so a deep copy of the model gets one bound to its own head.)"""
@@ -126,7 +125,9 @@ class HeadLoss:
         self.head = head if isinstance(head, nn.Module) else None
         if self.head is not None and "_loss_request" not in vars(self.head):  # attached once per model
             self.head._loss_request = None
-            self.head.forward = types.MethodType(_head_forward, self.head)
+            # a compiled model runs its head eagerly: the chunk loop is no graph to trace. (Disabled here, not by
+            # a decorator: torch.compiler.disable imports torch._dynamo, 1.7 s that every `zoo` command would pay.)
+            self.head.forward = types.MethodType(torch.compiler.disable(_head_forward), self.head)
 
     def __call__(self, net, x, y, label_smoothing=0.0, reduction="mean"):
         """net(x)'s loss against y [B, T] (net: the model, or DDP / torch.compile around it): the mean over
