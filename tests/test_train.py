@@ -166,6 +166,36 @@ def test_noam_and_cosine_schedules():
     assert zt.learning_rate(c, 110, 110, 1) == pytest.approx(0.1)
 
 
+def test_the_tokenizer_rule(tmp_path, text_file):
+    """choose_tokenizer: a resumed run's own, then the init source's own unless the caller names one, then the
+    named one (char and bpe made from the data), then the preset's published weights' own; else an error."""
+    saved, own = CharTokenizer("xyz"), CharTokenizer("uvw")
+    saved.save(tmp_path / "step")
+    choose = zt.choose_tokenizer
+    assert choose("char", named=True, checkpoint=str(tmp_path / "step"), init_tokenizer=own).chars == saved.chars
+    assert choose("char", init_tokenizer=own) is own
+    from_data = CharTokenizer.from_text(open(text_file).read())
+    assert choose("char", named=True, init_tokenizer=own, texts=[text_file]).chars == from_data.chars
+    assert choose("char", preset="shakespeare-char", texts=[text_file]).chars == from_data.chars
+    with pytest.raises(ValueError, match="preset 'scratchformer' names no tokenizer.*--tokenizer"):
+        choose(None, preset="scratchformer", texts=[text_file])
+
+
+def test_a_preset_that_names_no_tokenizer_uses_its_weights_own(smollm2_gguf):
+    tokenizer = zt.choose_tokenizer(None, preset="smollm2-135m-instruct", texts=["never read"])
+    assert tokenizer.vocab_size == 49152 and tokenizer.decode(tokenizer.encode("Hello, world")) == "Hello, world"
+
+
+def test_settings_fill_in_what_the_caller_leaves_open():
+    s = zt.settings("shakespeare-char", None, dict(lr=1e-5))
+    assert (s.min_lr, s.max_iters, s.device) == (1e-5, 5000, "cpu")  # the preset's min_lr capped at the lr
+    assert zt.settings(None, None, dict(time_budget=60.0)).max_iters is None  # the budget sets the horizon
+    resumed = dict(settings=vars(zt.TrainConfig(lr=0.5, warmup=3)) | {"retired_field": 1})
+    assert (zt.settings(None, None, dict(warmup=4), resumed).lr, zt.settings(None, None, {}, resumed).warmup) == (0.5, 3)
+    with pytest.raises(TypeError, match="config must be a TrainConfig"):
+        zt.settings(None, dict(lr=1.0), {})
+
+
 def test_scratchformer_preset_carries_its_reference_recipe():
     s = zt.TrainConfig.for_preset("scratchformer")
     assert (s.schedule, s.warmup, s.label_smoothing, s.batch_size, s.block_size, s.checkpoint_interval,

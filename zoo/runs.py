@@ -62,7 +62,7 @@ def prepare_out(out, resume, overwrite, master):
 def resume_point(out):
     """(folder, training state, model) of the newest intact checkpoint in `out`. A damaged one (weights or
     training state that do not read) is named on the "zoo" logger and left in place; the one before it is
-    tried. None when there is no checkpoint at all."""
+    tried. No checkpoint at all is a FileNotFoundError."""
     found = checkpoints_in(out)
     for ckpt in reversed(found):
         try:
@@ -88,7 +88,7 @@ def resume_point(out):
     if found:
         raise ValueError(f"resume: every checkpoint in {out!r} is damaged ({', '.join(map(os.path.basename, found))})"
                          "; nothing to continue from")
-    return None
+    raise FileNotFoundError(f"resume: no checkpoint (step-*) in {out!r} to continue from")
 
 
 def rng_states():

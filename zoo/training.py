@@ -9,6 +9,10 @@ caller gives. Every `checkpoint_interval` steps and at the end, OUT/step-NNNNNNN
 (save_pretrained, so from_pretrained and `zoo eval` read it) and training_state.pt (optimizer, schedule,
 RNG states, data position, settings), so `resume=True` continues exactly where the run stopped (the
 output folder and its checkpoints: zoo/runs.py).
+
+`train` is the run's steps in order, each a function of what it is given: settings -> start_processes ->
+make_model -> choose_tokenizer -> load_data -> prepare_run -> fit, whose loop is made of optimizer_step,
+learning_rate, validate, runs.save_checkpoint, Budget (the time budget's plan) and Log.
 """
 import dataclasses
 import json
@@ -173,15 +177,329 @@ class TrainConfig:
         return dataclasses.replace(base, **fields)
 
 
-# ---------------------------------------------------------------------------------------- setup
+# ---------------------------------------------------------------------------------------- the run
 
-def make_tokenizer(name, docs, vocab_size):
-    """The tokenizer a run names: "char" and "bpe" are made from the training text, anything else loaded."""
-    if name == "char":
-        return tokenizers.CharTokenizer.from_text("".join(docs))
-    if name == "bpe":
+def train(source, data_paths, out, *, val=None, init=None, resume=False, overwrite=False, overrides=None, config=None,
+          **fields):
+    """Train a model and return its final validation loss (on rank 0; None on the other ranks).
+
+    source: a preset name (the model config and its training settings), or None with `init`.
+    data_paths, val: lists of text files or `hf:` dataset specs; without `val` the last tenth of the
+    data validates. out: the run's folder (checkpoints, log.jsonl, loss.png). init: start from the
+    weights of any source load_source reads. resume: continue from the newest intact checkpoint in `out`,
+    with its settings (a larger max_iters continues up to it). A folder that holds a run is refused unless
+    resume or overwrite (which moves the old run aside to OUT.old-N). overrides: model config fields. config: a
+    TrainConfig to start from instead of the preset's settings; fields: TrainConfig fields on top.
+    """
+    data_paths, val, out = _paths(data_paths), _paths(val), os.fspath(out)
+    if not data_paths:
+        raise ValueError("no training data: pass one or more text files (or hf: datasets)")
+    if source is None and init is None and not resume:  # (a resumed run's checkpoint has its model)
+        raise ValueError("name a preset (the model to build) or an init source (the weights to start from)")
+    runs.prepare_out(out, resume, overwrite, master=int(os.environ.get("RANK", 0)) == 0)
+    ckpt, state, resumed = runs.resume_point(out) if resume else (None, None, None)
+    s = settings(source, config, fields, state)
+    dist = start_processes(s)
+    model, own_tokenizer = make_model(s, source, init, overrides, resumed, dist.rank)
+    tokenizer = choose_tokenizer(s.tokenizer, named="tokenizer" in fields, checkpoint=ckpt,
+                                 init_tokenizer=own_tokenizer, preset=source, texts=data_paths + (val or []),
+                                 vocab_size=model.config.vocab_size)
+    if s.objective == "mlm":  # a mask token, and the model grown by its row when the vocabulary needs it
+        mlm.add_mask_token(model, tokenizer)
+    train_data, val_data = load_data(s, tokenizer, data_paths, val, model.config.vocab_size)
+    run = prepare_run(model, s, train_data, val_data, dist, state, init, ckpt)
+    try:
+        val_loss = fit(run, s, train_data, val_data, dist, out, tokenizer)
+    finally:
+        dist.close()
+    if dist.rank == 0 and s.merge:
+        write_merged(runs.latest_checkpoint(out), os.path.join(out, "merged"))
+    return val_loss if dist.rank == 0 else None
+
+
+def _paths(paths):
+    """A path or a list of them as a list of strings (None stays None)."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    return None if paths is None else [os.fspath(p) for p in paths]
+
+
+def settings(source, config, fields, state=None):
+    """The run's TrainConfig: `config`, else a resumed run's own settings (`state`'s), else the `source`
+    preset's, else the defaults; `fields` on top. Then what is left open is filled in: min_lr (lr/10, and never
+    above lr), max_iters (5000, unless a time budget sets the horizon) and the device (cuda when available)."""
+    if config is not None and not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, not {type(config).__name__}")
+    if config is None and state:  # a resumed run keeps its own settings unless told otherwise
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        config = TrainConfig(**{k: v for k, v in state["settings"].items() if k in known})
+    elif config is None:
+        config = TrainConfig.for_preset(source) if source is not None else TrainConfig()
+    s = TrainConfig.of(config, **fields)
+    # a preset's min_lr must not exceed a lower lr given by the caller: the decay never rises
+    s.min_lr = s.lr / 10 if s.min_lr is None else min(s.min_lr, s.lr)
+    if s.max_iters is None and not s.time_budget:  # with a time budget the budget sets the horizon
+        s.max_iters = 5000
+    s.device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return s
+
+
+def start_processes(s):
+    """torchrun's process group, or this one process (zoo/distributed.py). Settings `s` take the process's
+    device and, unless given, one micro-batch per process per step (grad_accum)."""
+    dist = Distributed(s.device)
+    s.device = dist.device
+    s.grad_accum = s.grad_accum or dist.world
+    if s.grad_accum % dist.world:
+        raise ValueError(f"grad_accum {s.grad_accum} must be a multiple of the {dist.world} processes")
+    if s.fsdp and s.lora_r:
+        raise ValueError("fsdp with LoRA is not supported yet: LoRA's frozen base and small adapters fit one "
+                         "process; train LoRA with plain torchrun (DDP) or in one process")
+    if s.fsdp and dist.world == 1:
+        raise ValueError("fsdp shards the model across processes: run under torchrun (e.g. torchrun "
+                         "--nproc_per_node=2 -m zoo train ... --fsdp), or drop --fsdp")
+    return dist
+
+
+def make_model(s, source, init, overrides=None, resumed=None, rank=0):
+    """(the model a run with settings `s` trains, the init source's own tokenizer or None).
+
+    The model: `resumed` (a checkpoint's, as it is), else the weights of `init` (a LoRA run's frozen base in
+    bfloat16 with bf16 or lora_int8, as LoRA recipes load it), else a fresh `source` preset; `overrides`: config
+    fields (mlm: bidirectional attention unless they set causal). Then LoRA adapters on it, or the adapter of a
+    LoRA checkpoint merged in (adapters.prepare). Every random generator is seeded from s.seed first, so every
+    rank builds the same weights, then torch's per rank, so dropout masks differ. s.block_size becomes the
+    model's (at most 1024) unless set; a longer one than the model's is a ValueError."""
+    torch.manual_seed(s.seed)
+    random.seed(s.seed)
+    np.random.seed(s.seed)
+    overrides, tokenizer = dict(overrides or {}), None
+    if s.objective == "mlm" and resumed is None and (init or get_preset(source).arch in mlm.TRANSFORMERS):
+        overrides.setdefault("causal", False)  # MLM: bidirectional attention unless the caller sets causal
+    if resumed is not None:
+        model = resumed
+    elif init is not None:  # a LoRA run in bf16 (or over int8) keeps its frozen base in bf16, as LoRA recipes do
+        bf16_base = s.lora_r and (s.bf16 or s.lora_int8)
+        model, tokenizer = load_source(init, dtype=torch.bfloat16 if bf16_base else None, **overrides)
+    else:
+        preset = get_preset(source)
+        model = build(preset.arch, {**preset.config, **overrides})
+    if rank:
+        torch.manual_seed(s.seed + rank)
+    if resumed is None:
+        model = adapters.prepare(model, s, init)
+    mlm.check_model(model, s.objective)
+    s.block_size = s.block_size or min(model.config.block_size, 1024)
+    if s.block_size > model.config.block_size:
+        raise ValueError(f"block_size {s.block_size} exceeds the model's block_size {model.config.block_size}; "
+                         f"override the model's (--set block_size={s.block_size}) or train on shorter blocks")
+    return model, tokenizer
+
+
+def choose_tokenizer(name, *, named=False, checkpoint=None, init_tokenizer=None, preset=None, texts=(),
+                     vocab_size=None):
+    """The tokenizer a run uses: the first of
+    1. a resumed run's own, saved in its `checkpoint` folder;
+    2. the init source's own (`init_tokenizer`), unless the caller `named` one;
+    3. the one `name` names (the caller's, the config's or the preset's): "char" is made from the training
+       `texts` (file paths), "bpe" trained on them with `vocab_size` tokens, anything else loaded (gpt2, a
+       tokenizer file or folder, a preset's);
+    4. the `preset`'s published weights' own (a preset with a hub repo or a GGUF file).
+    A run none of these gives a tokenizer is a ValueError."""
+    if checkpoint:
+        return tokenizers.load_tokenizer(checkpoint)
+    if init_tokenizer is not None and not named:
+        return init_tokenizer
+    if name in ("char", "bpe"):
+        docs = data.read_texts(texts)
+        if name == "char":
+            return tokenizers.CharTokenizer.from_text("".join(docs))
         return tokenizers.train_bpe(docs, vocab_size)
-    return tokenizers.load_tokenizer(name)
+    if name:
+        return tokenizers.load_tokenizer(name)
+    if preset is not None and (get_preset(preset).repo or get_preset(preset).gguf):
+        return tokenizers.load_tokenizer(preset)
+    raise ValueError(f"preset {preset!r} names no tokenizer: pass tokenizer= (--tokenizer) char, gpt2, bpe or a "
+                     "tokenizer file")
+
+
+def load_data(s, tokenizer, data_paths, val, vocab_size):
+    """(training, validation) examples for settings `s`, their tokens checked against the model's `vocab_size`:
+    dpo: preference pairs, one chosen and one rejected row each; conversations (JSONL messages): one padded row
+    each, the assistant's tokens trained; text: windows of s.block_size tokens (mlm: with BERT's masks, drawn
+    from the run's data stream). Without `val` the last tenth of the data validates."""
+    if s.objective == "dpo":
+        return preference.load_splits(data_paths, tokenizer, val, s.block_size, vocab_size)
+    if preference.is_preference(data_paths):
+        raise ValueError(f"{data_paths[0]} holds preference pairs (prompt, chosen, rejected): train on them with "
+                         "objective dpo (--objective dpo)")
+    if chat_data.is_chat(data_paths + (val or [])):
+        if s.objective == "mlm":
+            raise ValueError("conversations (JSONL messages) train the causal objective; mlm takes plain text")
+        return chat_data.load_splits(data_paths, tokenizer, val, s.block_size, vocab_size)
+    train_tokens, val_tokens = data.load_splits(data_paths, tokenizer, val, s.block_size, vocab_size)
+    windows = data.Windows(train_tokens, s.block_size), data.Windows(val_tokens, s.block_size)
+    if s.objective == "mlm":  # (zoo/mlm.py)
+        return tuple(mlm.MaskedWindows(w, tokenizer, s.mask_prob, seed=s.seed) for w in windows)
+    return windows
+
+
+@dataclass
+class Run:
+    """What the loop trains and where it stands."""
+    model: torch.nn.Module  # the model itself: clipped, evaluated and checkpointed
+    net: torch.nn.Module  # what the training forward calls: the model, compiled and/or in DDP when asked
+    optimizer: torch.optim.Optimizer
+    loss_of: object  # (net, x, y, label_smoothing) -> loss: HeadLoss (zoo/loss.py) or DPO's (zoo/preference.py)
+    router: RouterLoss  # a mixture of experts' load-balancing losses (zoo/routing.py)
+    batch_rng: torch.Generator  # the data stream: one index stream shared by all ranks (see optimizer_step)
+    step: int  # optimizer steps taken
+    horizon: int  # the step the run ends at (a time budget replaces 10**9 after the first steps)
+    dpo_state: dict | None = None  # a DPO run's reference, saved with its checkpoints (preference.prepare)
+
+
+def prepare_run(model, s, train_data, val_data, dist, state=None, init=None, checkpoint=None):
+    """The Run for `model` with settings `s`: on its device, in training mode, DPO's reference made (from the
+    data when precomputed), activation checkpointing and FSDP's shards when asked, a fresh optimizer; a resumed
+    run (`state`, read from `checkpoint`) where it stopped (restore)."""
+    model.to(s.device).train()
+    if s.objective == "dpo":  # the reference model (or its log-probabilities) and the DPO loss
+        loss_of, dpo_state = preference.prepare(model, s, train_data, val_data, state and state.get("dpo"), init,
+                                                lambda: forward_context(s))
+    if s.grad_checkpoint:
+        checkpoint_blocks(model)
+    if s.fsdp:
+        shard(model, s.bf16)
+    optimizer = make_optimizer(model, s, s.device)
+    batch_rng = torch.Generator().manual_seed(s.seed)
+    step, horizon = 0, s.max_iters or 10 ** 9
+    if state:
+        step, horizon = restore(state, model, optimizer, batch_rng, s, dist.rank, checkpoint)
+    if s.objective != "dpo":
+        loss_of, dpo_state = HeadLoss(model), None  # the loss through the output layer in chunks (zoo/loss.py)
+    router = RouterLoss(model)
+    return Run(model, wrap(model, s, dist.world), optimizer, loss_of, router, batch_rng, step, horizon, dpo_state)
+
+
+def restore(state, model, optimizer, batch_rng, s, rank, checkpoint):
+    """(step, horizon) of a resumed run, whose optimizer, data stream and random generators become what its
+    checkpoint saved (`state`). A new s.max_iters moves the horizon (with a warning where the cosine decay
+    changes)."""
+    load_optimizer_state(model, optimizer, state["optimizer"], s.fsdp)
+    step, horizon = state["step"], state["horizon"]
+    if s.max_iters is not None and s.max_iters != state["settings"].get("max_iters"):
+        if s.schedule == "cosine" and s.max_iters > step:
+            note.warning("zoo: the horizon changed from %d to %d steps: from step %d on, the cosine schedule "
+                         "decays over the new horizon, so the run differs from one planned for %d steps",
+                         horizon, s.max_iters, step, s.max_iters)
+        horizon = s.max_iters
+    if step >= horizon:
+        note.warning("zoo: nothing to train: the checkpoint %s is at step %d and max_iters is %d; give a "
+                     "larger max_iters to continue", checkpoint, step, horizon)
+    batch_rng.set_state(state["data"])
+    runs.set_rng_states(state["rng"])
+    if rank:
+        torch.manual_seed(s.seed + rank + step)
+    return step, horizon
+
+
+# ---------------------------------------------------------------------------------------- the loop
+
+def fit(run, s, train_data, val_data, dist, out, tokenizer):
+    """Train `run` up to run.horizon with settings `s`; return the last validation loss (on the ranks that
+    validate: rank 0, and every rank under FSDP, which gathers the shards; else None). Every s.log_interval
+    steps: the training loss (a non-finite one stops the run with FloatingPointError), and with a time budget
+    the horizon planned anew (Budget); every s.eval_interval steps a validation loss; every
+    s.checkpoint_interval steps a checkpoint in `out` with `tokenizer` (runs.save_checkpoint); both at the end.
+    Rank 0 writes OUT/log.jsonl and loss.png and shows the progress bar."""
+    master, gathers = dist.rank == 0, dist.rank == 0 or s.fsdp
+    eval_at = val_data.fixed(s.eval_iters * s.batch_size)
+    d_model = getattr(run.model.config, "n_embd", run.model.config.vocab_size)
+    log = Log(out, run.step) if master else None
+    timer = Budget(s) if s.time_budget else None
+    tokens_per_step = s.batch_size * s.block_size * s.grad_accum
+    bar = progress_bar(total=run.horizon, initial=run.step, unit="step", enabled=s.progress) if master else None
+    val_loss, last_val_step, meter = None, None, Meter(s.device)
+    try:
+        while run.step < run.horizon:
+            lr = learning_rate(s, run.step + 1, run.horizon, d_model)
+            optimizer_step(run, s, train_data, dist, lr, meter.losses)
+            run.step += 1
+            meter.steps += 1
+
+            if run.step % s.log_interval == 0 or run.step == run.horizon:
+                loss, steps, seconds = meter.read(dist)
+                if not math.isfinite(loss):
+                    good = runs.latest_checkpoint(out)
+                    raise FloatingPointError(
+                        f"the training loss became {loss} by step {run.step}; stopped. The last good checkpoint "
+                        f"is {good or 'none'}; lower --lr, raise --warmup or set --grad-clip, then --resume")
+                tok_s = tokens_per_step * steps / seconds
+                extra = {k: round(v, 4) for k, v in run.loss_of.metrics.read(dist.mean).items() if k != "loss"} \
+                    if s.objective == "dpo" else run.router.report()  # DPO's rewards, or a mixture's expert shares
+                if master:
+                    log.write(step=run.step, loss=round(loss, 4), lr=lr, tok_per_s=round(tok_s), **extra)
+                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+                if timer:  # rank 0 plans; every rank must stop at the same step
+                    if master:
+                        horizon, stop = timer.plan(run.step, seconds / steps, s.eval_interval)
+                        run.horizon = run.step if stop else horizon
+                    run.horizon = int(dist.share([run.horizon])[0])
+                    if master:
+                        bar.total = run.horizon
+            if master:
+                bar.update()
+            last = run.step >= run.horizon
+            if gathers and (run.step % s.eval_interval == 0 or last):
+                t = time.time()
+                metrics, last_val_step = validate(run.model, val_data, s, eval_at, run.loss_of), run.step
+                val_loss = metrics["val_loss"]
+                if master:
+                    log.write(step=run.step, **{k: round(v, 4) for k, v in metrics.items()})
+                    note.info("step %d: val_loss %.4f", run.step, val_loss)
+                meter.leave_out(t)  # evaluation time is not training throughput
+                if timer:
+                    timer.eval_seconds = time.time() - t
+            if gathers and (run.step % s.checkpoint_interval == 0 or last):
+                t = time.time()
+                runs.save_checkpoint(out, run.step, run.model, tokenizer, run.optimizer, run.horizon, run.batch_rng,
+                                     s, master, dpo=run.dpo_state)
+                meter.leave_out(t)
+                if timer:
+                    timer.checkpoint_seconds = time.time() - t
+        if gathers and last_val_step != run.step:  # resumed at the very end: nothing left to train
+            val_loss = validate(run.model, val_data, s, eval_at, run.loss_of)["val_loss"]
+    finally:
+        if bar is not None:
+            bar.close()
+        if master:
+            log.plot()
+    return val_loss
+
+
+def optimizer_step(run, s, train_data, dist, lr, losses):
+    """One optimizer step of `run` at learning rate `lr` over a global batch of s.grad_accum x s.batch_size
+    examples: this process's micro-batches forward and backward (gradients reduced across processes on the
+    last), the gradient norm clipped to s.grad_clip, the weights updated. Each micro-batch's language-model
+    loss, scaled to its share of the step, is added to `losses` (on the device: no host sync per step)."""
+    for g in run.optimizer.param_groups:
+        g["lr"] = lr
+    # All ranks draw the same indices for the whole global batch and each takes its own slice,
+    # so N processes see exactly the batches one process accumulating N times as much would.
+    index = train_data.draw(run.batch_rng, (s.grad_accum, s.batch_size))
+    local_accum = s.grad_accum // dist.world
+    for micro in range(local_accum):
+        x, y = train_data.batch(index[dist.rank * local_accum + micro], s.device)
+        sync = micro == local_accum - 1 or dist.world == 1
+        with gradient_sync(run.net, run.model, sync, s.fsdp), forward_context(s):
+            loss = run.loss_of(run.net, x, y, s.label_smoothing) / s.grad_accum * dist.world
+            routed = loss + run.router.loss(dist.world / s.grad_accum)  # the LM loss is logged alone
+        routed.backward()
+        losses += loss.detach()
+    if s.grad_clip:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), s.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
 
 
 def learning_rate(s, step, horizon, d_model):
@@ -204,8 +522,6 @@ def make_optimizer(model, s, device):
     fused = torch.device(device).type in ("cpu", "cuda")  # one kernel per step instead of many small ones
     return torch.optim.AdamW(groups, lr=s.lr, betas=(s.beta1, s.beta2), fused=fused or None)
 
-
-# ---------------------------------------------------------------------------------------- the loop
 
 @contextmanager
 def forward_context(s):
@@ -243,237 +559,24 @@ def validate(model, val, s, index, loss_of):
     return {"val_loss": evaluate(model, val, s, index, loss_of)}
 
 
-def train(source, data_paths, out, *, val=None, init=None, resume=False, overwrite=False, overrides=None, config=None,
-          **fields):
-    """Train a model and return its final validation loss (on rank 0; None on the other ranks).
+class Meter:
+    """The training loss and throughput between two log steps: the losses summed on the device (read at log
+    steps only) and the wall time, less what evaluations and checkpoints took."""
 
-    source: a preset name (the model config and its training settings), or None with `init`.
-    data_paths, val: lists of text files or `hf:` dataset specs; without `val` the last tenth of the
-    data validates. out: the run's folder (checkpoints, log.jsonl, loss.png). init: start from the
-    weights of any source load_source reads. resume: continue from the newest intact checkpoint in `out`,
-    with its settings (a larger max_iters continues up to it). A folder that holds a run is refused unless
-    resume or overwrite (which moves the old run aside to OUT.old-N). overrides: model config fields. config: a
-    TrainConfig to start from instead of the preset's settings; fields: TrainConfig fields on top.
-    """
-    if isinstance(data_paths, (str, os.PathLike)):
-        data_paths = [data_paths]
-    if isinstance(val, (str, os.PathLike)):
-        val = [val]
-    data_paths, val, out, overrides = [os.fspath(p) for p in data_paths], val and [os.fspath(p) for p in val], \
-        os.fspath(out), dict(overrides or {})
-    if not data_paths:
-        raise ValueError("no training data: pass one or more text files (or hf: datasets)")
-    if source is None and init is None and not resume:  # (a resumed run's checkpoint has its model)
-        raise ValueError("name a preset (the model to build) or an init source (the weights to start from)")
-    runs.prepare_out(out, resume, overwrite, master=int(os.environ.get("RANK", 0)) == 0)
-    found = runs.resume_point(out) if resume else None
-    if resume and found is None:
-        raise FileNotFoundError(f"resume: no checkpoint (step-*) in {out!r} to continue from")
-    ckpt, state, resumed = found or (None, None, None)
-    if config is not None and not isinstance(config, TrainConfig):
-        raise TypeError(f"config must be a TrainConfig, not {type(config).__name__}")
-    if config is None and state:  # a resumed run keeps its own settings unless told otherwise
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
-        config = TrainConfig(**{k: v for k, v in state["settings"].items() if k in known})
-    elif config is None:
-        config = TrainConfig.for_preset(source) if source is not None else TrainConfig()
-    s = TrainConfig.of(config, **fields)
-    # a preset's min_lr must not exceed a lower lr given by the caller: the decay never rises
-    s.min_lr = s.lr / 10 if s.min_lr is None else min(s.min_lr, s.lr)
-    if s.max_iters is None and not s.time_budget:  # with a time budget the budget sets the horizon
-        s.max_iters = 5000
-    s.device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if s.objective == "mlm" and not state and (init or get_preset(source).arch in mlm.TRANSFORMERS):
-        overrides.setdefault("causal", False)  # MLM: bidirectional attention unless the caller sets causal
+    def __init__(self, device):
+        self.losses, self.steps, self.start = torch.zeros((), device=device), 0, time.time()
 
-    dist = Distributed(s.device)
-    s.device, master = dist.device, dist.rank == 0
-    s.grad_accum = s.grad_accum or dist.world  # by default each process takes one micro-batch per step
-    if s.grad_accum % dist.world:
-        raise ValueError(f"grad_accum {s.grad_accum} must be a multiple of the {dist.world} processes")
-    if s.fsdp and s.lora_r:
-        raise ValueError("fsdp with LoRA is not supported yet: LoRA's frozen base and small adapters fit one "
-                         "process; train LoRA with plain torchrun (DDP) or in one process")
-    if s.fsdp and dist.world == 1:
-        raise ValueError("fsdp shards the model across processes: run under torchrun (e.g. torchrun "
-                         "--nproc_per_node=2 -m zoo train ... --fsdp), or drop --fsdp")
-    local_accum = s.grad_accum // dist.world
-    torch.manual_seed(s.seed)  # the same initial weights on every rank (FSDP shards each rank's own copy)
-    random.seed(s.seed)
-    np.random.seed(s.seed)
+    def read(self, dist):
+        """(mean loss per step over every process, steps, seconds) since the last read."""
+        loss = dist.mean(self.losses / self.steps).item()  # (each micro-loss is already scaled to its share)
+        self.losses.zero_()
+        steps, seconds, self.start = self.steps, time.time() - self.start, time.time()
+        self.steps = 0
+        return loss, steps, seconds
 
-    # the model: a checkpoint to resume, pretrained weights, or a fresh preset
-    tokenizer = None
-    if state:
-        model = resumed
-    elif init is not None:
-        # a LoRA run in bf16 (or over int8) keeps its frozen base in bf16, as LoRA recipes load it
-        bf16_base = s.lora_r and (s.bf16 or s.lora_int8)
-        model, tokenizer = load_source(init, dtype=torch.bfloat16 if bf16_base else None, **overrides)
-    else:
-        preset = get_preset(source)
-        model = build(preset.arch, {**preset.config, **overrides})
-    if dist.rank:
-        torch.manual_seed(s.seed + dist.rank)  # dropout masks differ per rank
-    if not state:
-        model = adapters.prepare(model, s, init)
-    cfg = model.config
-    mlm.check_model(model, s.objective)
-    s.block_size = s.block_size or min(cfg.block_size, 1024)
-    if s.block_size > cfg.block_size:
-        raise ValueError(f"block_size {s.block_size} exceeds the model's block_size {cfg.block_size}; "
-                         f"override the model's (--set block_size={s.block_size}) or train on shorter blocks")
-
-    # the tokenizer and the token files, checked against the model before any training
-    docs = None
-    if ckpt:  # the run's own tokenizer, saved with its checkpoints
-        tokenizer = tokenizers.load_tokenizer(ckpt)
-    elif tokenizer is not None and "tokenizer" not in fields:
-        pass  # the init source's own, unless the caller names another
-    elif not s.tokenizer and source is not None and (get_preset(source).repo or get_preset(source).gguf):
-        tokenizer = tokenizers.load_tokenizer(source)  # the preset's published weights' own
-    elif not s.tokenizer:
-        raise ValueError(f"preset {source!r} names no tokenizer: pass tokenizer= (--tokenizer) char, gpt2, bpe "
-                         "or a tokenizer file")
-    else:
-        docs = data.read_texts(data_paths + (val or []))
-        tokenizer = make_tokenizer(s.tokenizer, docs, cfg.vocab_size)
-    if s.objective == "mlm":  # a mask token, and the model grown by its row when the vocabulary needs it
-        mlm.add_mask_token(model, tokenizer)
-    if s.objective == "dpo":  # preference pairs: one chosen and one rejected row each
-        train_data, val_data = preference.load_splits(data_paths, tokenizer, val, s.block_size, cfg.vocab_size)
-    elif preference.is_preference(data_paths):
-        raise ValueError(f"{data_paths[0]} holds preference pairs (prompt, chosen, rejected): train on them with "
-                         "objective dpo (--objective dpo)")
-    elif chat_data.is_chat(data_paths + (val or [])):  # conversations: one padded row each, assistant tokens trained
-        if s.objective == "mlm":
-            raise ValueError("conversations (JSONL messages) train the causal objective; mlm takes plain text")
-        train_data, val_data = chat_data.load_splits(data_paths, tokenizer, val, s.block_size, cfg.vocab_size)
-    else:
-        train_data, val_data = data.load_splits(data_paths, tokenizer, val, s.block_size, cfg.vocab_size)
-        train_data, val_data = data.Windows(train_data, s.block_size), data.Windows(val_data, s.block_size)
-        if s.objective == "mlm":  # windows with BERT's masks drawn from the run's data stream (zoo/mlm.py)
-            train_data, val_data = (mlm.MaskedWindows(d, tokenizer, s.mask_prob, seed=s.seed)
-                                    for d in (train_data, val_data))
-    del docs
-
-    model.to(s.device).train()
-    if s.objective == "dpo":  # the reference model (or its log-probabilities) and the DPO loss
-        loss_of, dpo_state = preference.prepare(model, s, train_data, val_data, state and state.get("dpo"), init,
-                                                lambda: forward_context(s))
-    if s.grad_checkpoint:
-        checkpoint_blocks(model)
-    if s.fsdp:
-        shard(model, s.bf16)
-    optimizer = make_optimizer(model, s, s.device)
-    batch_rng = torch.Generator().manual_seed(s.seed)  # one index stream shared by all ranks (see below)
-    horizon, step = s.max_iters or 10 ** 9, 0  # a time budget replaces 10**9 after the first steps
-    if state:
-        load_optimizer_state(model, optimizer, state["optimizer"], s.fsdp)
-        step, horizon = state["step"], state["horizon"]
-        if s.max_iters is not None and s.max_iters != state["settings"].get("max_iters"):
-            if s.schedule == "cosine" and s.max_iters > step:
-                note.warning("zoo: the horizon changed from %d to %d steps: from step %d on, the cosine schedule "
-                             "decays over the new horizon, so the run differs from one planned for %d steps",
-                             horizon, s.max_iters, step, s.max_iters)
-            horizon = s.max_iters
-        if step >= horizon:
-            note.warning("zoo: nothing to train: the checkpoint %s is at step %d and max_iters is %d; give a "
-                         "larger max_iters to continue", ckpt, step, horizon)
-        batch_rng.set_state(state["data"])
-        runs.set_rng_states(state["rng"])
-        if dist.rank:
-            torch.manual_seed(s.seed + dist.rank + step)
-    if s.objective != "dpo":
-        loss_of = HeadLoss(model)  # the loss through the output layer in chunks (zoo/loss.py)
-    router = RouterLoss(model)  # a mixture of experts' load-balancing losses (zoo/routing.py)
-    net = wrap(model, s, dist.world)
-    eval_at = val_data.fixed(s.eval_iters * s.batch_size)
-    d_model = getattr(cfg, "n_embd", cfg.vocab_size)
-
-    log = Log(out, step) if master else None
-    timer = Budget(s) if s.time_budget else None
-    tokens_per_step = s.batch_size * s.block_size * s.grad_accum
-    bar = progress_bar(total=horizon, initial=step, unit="step", enabled=s.progress) if master else None
-    val_loss, last_val_step, loss_sum, t_log, steps_logged = None, None, torch.zeros((), device=s.device), \
-        time.time(), 0
-    try:
-        while step < horizon:
-            lr = learning_rate(s, step + 1, horizon, d_model)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            # All ranks draw the same indices for the whole global batch and each takes its own slice,
-            # so N processes see exactly the batches one process accumulating N times as much would.
-            index = train_data.draw(batch_rng, (s.grad_accum, s.batch_size))
-            for micro in range(local_accum):
-                x, y = train_data.batch(index[dist.rank * local_accum + micro], s.device)
-                sync = micro == local_accum - 1 or dist.world == 1
-                with gradient_sync(net, model, sync, s.fsdp), forward_context(s):
-                    loss = loss_of(net, x, y, s.label_smoothing) / s.grad_accum * dist.world
-                    routed = loss + router.loss(dist.world / s.grad_accum)  # the LM loss is logged alone
-                routed.backward()
-                loss_sum += loss.detach()  # no host sync here: the value is read at log steps only
-            if s.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            steps_logged += 1
-
-            if step % s.log_interval == 0 or step == horizon:
-                loss = dist.mean(loss_sum / steps_logged).item()  # (each micro-loss is already scaled to its share)
-                loss_sum.zero_()
-                if not math.isfinite(loss):
-                    good = runs.latest_checkpoint(out)
-                    raise FloatingPointError(
-                        f"the training loss became {loss} by step {step}; stopped. The last good checkpoint is "
-                        f"{good or 'none'}; lower --lr, raise --warmup or set --grad-clip, then --resume")
-                dt, t_log = time.time() - t_log, time.time()
-                tok_s = tokens_per_step * steps_logged / dt
-                extra = {k: round(v, 4) for k, v in loss_of.metrics.read(dist.mean).items() if k != "loss"} \
-                    if s.objective == "dpo" else router.report()  # DPO's rewards, or a mixture's expert shares
-                if master:
-                    log.write(step=step, loss=round(loss, 4), lr=lr, tok_per_s=round(tok_s), **extra)
-                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
-                if timer:  # rank 0 plans; every rank must stop at the same step
-                    if master:
-                        horizon, stop = timer.plan(step, dt / steps_logged, s.eval_interval)
-                        horizon = step if stop else horizon
-                    horizon = int(dist.share([horizon])[0])
-                    if master:
-                        bar.total = horizon
-                steps_logged = 0
-            if master:
-                bar.update()
-            last = step >= horizon
-            if (master or s.fsdp) and (step % s.eval_interval == 0 or last):  # FSDP: every rank gathers
-                t = time.time()
-                metrics, last_val_step = validate(model, val_data, s, eval_at, loss_of), step
-                val_loss = metrics["val_loss"]
-                if master:
-                    log.write(step=step, **{k: round(v, 4) for k, v in metrics.items()})
-                    note.info("step %d: val_loss %.4f", step, val_loss)
-                t_log += time.time() - t  # evaluation time is not training throughput
-                if timer:
-                    timer.eval_seconds = time.time() - t
-            if (master or s.fsdp) and (step % s.checkpoint_interval == 0 or last):
-                t = time.time()
-                runs.save_checkpoint(out, step, model, tokenizer, optimizer, horizon, batch_rng, s, master,
-                                dpo=dpo_state if s.objective == "dpo" else None)
-                t_log += time.time() - t
-                if timer:
-                    timer.checkpoint_seconds = time.time() - t
-        if (master or s.fsdp) and last_val_step != step:  # resumed at the very end: nothing left to train
-            val_loss = validate(model, val_data, s, eval_at, loss_of)["val_loss"]
-    finally:
-        if bar is not None:
-            bar.close()
-        if master:
-            log.plot()
-        dist.close()
-    if master and s.merge:
-        write_merged(runs.latest_checkpoint(out), os.path.join(out, "merged"))
-    return val_loss if master else None
+    def leave_out(self, since):
+        """Leave the time from `since` until now out of the training time."""
+        self.start += time.time() - since
 
 
 def process_start():
