@@ -226,7 +226,7 @@ class Reference:
     def __init__(self, model, keep=True):
         """keep: hold a frozen copy of a model without adapters (its weights are about to change); False: use
         the model as it is (a reference read before training starts)."""
-        self.adapted = bool(lora.lora_layers(model))
+        self.adapted = lora.has_lora(model)
         self.model = copy.deepcopy(model).eval().requires_grad_(False) if keep and not self.adapted else model
 
     @torch.no_grad()
@@ -316,7 +316,7 @@ def prepare(model, s, train, val, saved, init, context):
         train.ref, val.ref = saved["ref"]
         return DPOLoss(model, None, s.beta, s.label_smoothing, s.dpo_loss, s.device), saved
     base = model
-    if resumed and not lora.lora_layers(model):  # resumed full fine-tuning: the weights it started from
+    if resumed and not lora.has_lora(model):  # resumed full fine-tuning: the weights it started from
         base = load_source(saved["init"])[0].to(s.device).eval()
     reference = Reference(base, keep=s.dpo_reference == "live" and base is model)
     if s.dpo_reference == "precomputed":

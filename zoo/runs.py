@@ -124,7 +124,7 @@ def save_checkpoint(out, step, model, tokenizer, optimizer, horizon, batch_rng, 
     final = os.path.join(out, f"step-{step:07d}")
     tmp = os.path.join(out, f".tmp-step-{step:07d}")
     shutil.rmtree(tmp, ignore_errors=True)
-    if adapters.lora_layers(model):  # a LoRA run: the adapter alone (PEFT's layout) and base.json, naming its base
+    if adapters.has_lora(model):  # a LoRA run: the adapter alone (PEFT's layout) and base.json, naming its base
         adapters.save_adapter(model, tmp, tokenizer=tokenizer)
     else:
         save_pretrained(model, tmp, tokenizer=tokenizer)
