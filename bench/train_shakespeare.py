@@ -1,16 +1,17 @@
 """Training speed and quality on the characters of tiny Shakespeare: zoo vs nanoGPT, side by side.
 
-    python bench/train_shakespeare.py [--nanogpt /work/peer/nanoGPT] [--png bench/train_shakespeare.png]
+    python bench/train_shakespeare.py [--iters 2000] [--rounds 1] [--budget 95] [--nanogpt /work/peer/nanoGPT]
+    python bench/train_shakespeare.py --iters 1000 --rounds 3 --budget 0      # whole-process ratio, interleaved
 
-Three runs, one after the other, on the same machine (use `flock /tmp/bench.lock` on a shared one):
+Runs one after the other on the same machine (use `flock /tmp/bench.lock` on a shared one):
   1. nanoGPT's train.py (from a nanoGPT checkout, run in a temporary copy; its code never enters this
-     repository) on nanoGPT's CPU baby config: 4 layers, 4 heads, 128 dims, block 64, batch 12, 2000 iters.
-  2. `zoo train shakespeare-char ... --max-iters 2000 --batch-size 12 --block-size 64`: the same model
-     and batch shape, so tokens/s compare directly.
+     repository) on nanoGPT's CPU baby config: 4 layers, 4 heads, 128 dims, block 64, batch 12, --iters iters.
+  2. `zoo train shakespeare-char ... --max-iters N --batch-size 12 --block-size 64`: the same model
+     and batch shape, so tokens/s compare directly. 1 and 2 alternate for --rounds rounds.
   3. `zoo train shakespeare-char ... --time-budget 95`: the preset's own training settings, 95 s of wall
-     time in all (nanoGPT's run above takes about that long).
-Prints a table (tokens/s, ratio to nanoGPT, final validation loss, wall time) and writes the loss
-curves to bench/train_shakespeare.png.
+     time in all (nanoGPT's 2000 iterations take about that long).
+Prints a table (tokens/s per step and its ratio to nanoGPT's, final validation loss, the whole process's wall time
+from start-up to the last checkpoint and its ratio, ranges over the rounds) and writes the loss curves to --png.
 """
 import argparse
 import json
@@ -40,16 +41,17 @@ def run(cmd, cwd=None):
     return r.stdout, wall
 
 
-def nanogpt(checkout, work):
+def nanogpt(checkout, work, iters):
     """nanoGPT's own train.py on the baby config; returns (tok/s, final val loss, wall, [(iter, val)])."""
     copy = Path(work) / "nanoGPT"
+    shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(checkout, copy, ignore=shutil.ignore_patterns(".git", "out*"))
     data = copy / "data" / "shakespeare_char"
     shutil.copy(TEXT, data / "input.txt")  # prepare.py downloads it otherwise
     run([sys.executable, "prepare.py"], cwd=data)
     out, wall = run([sys.executable, "train.py", "config/train_shakespeare_char.py", "--device=cpu",
                      "--compile=False", "--eval_iters=20", "--log_interval=1", "--block_size=64", "--batch_size=12",
-                     "--n_layer=4", "--n_head=4", "--n_embd=128", "--max_iters=2000", "--lr_decay_iters=2000",
+                     "--n_layer=4", "--n_head=4", "--n_embd=128", f"--max_iters={iters}", f"--lr_decay_iters={iters}",
                      "--dropout=0.0", f"--out_dir={Path(work) / 'nanogpt-out'}"], cwd=copy)
     # per-iteration times, leaving out the first iterations (warm-up) and those that include an evaluation
     evals = {int(m[1]) for m in re.finditer(r"^step (\d+):", out, re.M)}
@@ -75,27 +77,39 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--nanogpt", default="/work/peer/nanoGPT", help="a nanoGPT checkout (skipped if absent)")
     p.add_argument("--png", default=str(ROOT / "bench" / "train_shakespeare.png"), help="where the curves go")
+    p.add_argument("--iters", type=int, default=2000, help="iterations of the side-by-side runs")
+    p.add_argument("--rounds", type=int, default=1, help="nanoGPT and zoo runs, interleaved (ranges over them)")
+    p.add_argument("--budget", type=float, default=95, help="the time-budget run's seconds (0: no such run)")
     args = p.parse_args()
     if not TEXT.is_file():
         sys.exit(f"{TEXT} is missing")
-    results = {}
+    if not os.path.isdir(args.nanogpt):
+        print(f"note: no nanoGPT checkout at {args.nanogpt}; zoo alone", file=sys.stderr)
+    n, runs = args.iters, {}  # name -> one result per round
     with tempfile.TemporaryDirectory() as work:
-        if os.path.isdir(args.nanogpt):
-            results["nanoGPT, 2000 iters"] = nanogpt(args.nanogpt, work)
-        else:
-            print(f"note: no nanoGPT checkout at {args.nanogpt}; zoo alone", file=sys.stderr)
-        results["zoo, 2000 iters"] = zoo(os.path.join(work, "zoo-2000"), "--max-iters", "2000", "--batch-size", "12",
-                                         "--block-size", "64", "--log-interval", "1")  # per-step times, as nanoGPT
-        results["zoo, --time-budget 95"] = zoo(os.path.join(work, "zoo-95s"), "--time-budget", "95")
+        for r in range(args.rounds):
+            if os.path.isdir(args.nanogpt):
+                runs.setdefault(f"nanoGPT, {n} iters", []).append(nanogpt(args.nanogpt, work, n))
+            runs.setdefault(f"zoo, {n} iters", []).append(zoo(
+                os.path.join(work, f"zoo-{n}"), "--max-iters", str(n), "--batch-size", "12", "--block-size", "64",
+                "--log-interval", "1"))  # per-step times, as nanoGPT's log gives them
+        if args.budget:
+            runs[f"zoo, --time-budget {args.budget:g}"] = [zoo(os.path.join(work, "zoo-budget"), "--time-budget",
+                                                                str(args.budget))]
 
-    base = results.get("nanoGPT, 2000 iters", (None,))[0]
-    print("\n| run | tokens/s (median step) | vs nanoGPT | final val loss | wall | tokens/s (2000 iters / wall) |")
-    print("|---|---|---|---|---|---|")
-    for name, (tok_s, val, wall, *_) in results.items():
-        ratio = f"{tok_s / base:.2f}x" if base else "-"
-        whole = f"{2000 * TOKENS_PER_ITER / wall:,.0f}" if "2000" in name else "-"
-        print(f"| {name} | {tok_s:,.0f} | {ratio} | {val:.3f} | {wall:.1f} s | {whole} |")
-    plot(results, args.png)
+    peer = runs.get(f"nanoGPT, {n} iters")
+    span = lambda xs, f: f(min(xs)) if min(xs) == max(xs) else f"{f(min(xs))}-{f(max(xs))}"  # noqa: E731
+    print(f"\n| run | tokens/s (median step) | vs nanoGPT, per step | final val loss | wall (whole process) "
+          f"| vs nanoGPT, whole process |\n|---|---:|---:|---:|---:|---:|")
+    for name, results in runs.items():
+        tok_s, vals, walls = [r[0] for r in results], [r[1] for r in results], [r[2] for r in results]
+        step_ratio = whole_ratio = "-"
+        if peer and "iters" in name:  # round by round: each zoo run against the nanoGPT run beside it
+            step_ratio = span([z[0] / q[0] for z, q in zip(results, peer)], lambda x: f"{x:.2f}x")
+            whole_ratio = span([q[2] / z[2] for z, q in zip(results, peer)], lambda x: f"{x:.2f}x")
+        print(f"| {name} | {span(tok_s, lambda x: f'{x:,.0f}')} | {step_ratio} | {span(vals, lambda x: f'{x:.3f}')} "
+              f"| {span(walls, lambda x: f'{x:.1f} s')} | {whole_ratio} |")
+    plot({name: results[-1] for name, results in runs.items()}, args.png)
 
 
 def plot(results, path):

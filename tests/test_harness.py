@@ -206,7 +206,7 @@ def evaluate(model, model_args, folder, tasks=TASKS, **kwargs):
                                    task_manager=manager, log_samples=True, verbosity="ERROR", **kwargs)
 
 
-def assert_same_results(ours, theirs, tasks=TASKS):
+def assert_same_results(ours, theirs, tasks=TASKS, n=20):
     """Metric by metric: accuracies and exact matches identical, perplexities to 4 significant digits (here
     6); request by request: log-likelihoods within 1e-4 (a rolling document's total, summed over its windows
     in float32 by the hf backend, to 1e-6 of itself), the same greedy flags and generations."""
@@ -219,7 +219,7 @@ def assert_same_results(ours, theirs, tasks=TASKS):
                 assert a[metric] == pytest.approx(value, rel=1e-6), (task, metric)
         sa, sb = ours["samples"][task], theirs["samples"][task]
         assert [s["doc_id"] for s in sa] == [s["doc_id"] for s in sb]
-        assert len(sa) >= 20
+        assert len(sa) >= n  # every item of the task answered
         for x, y in zip(sa, sb):
             for (r,), (s,) in zip(x["resps"], y["resps"], strict=True):
                 if task == "zoo_gen":
@@ -290,7 +290,7 @@ def test_harness_model_matches_the_hf_backend_on_smollm2(tmp_path, smollm2_gguf,
     from zoo.harness import ZooLM
     ours = evaluate(ZooLM(model=model, tokenizer=tok, batch_size=8), None, tasks)
     theirs = evaluate("hf", f"pretrained={tmp_path / 'hf'},dtype=float32", tasks)
-    assert_same_results(ours, theirs)
+    assert_same_results(ours, theirs, n=10)
     assert ours["results"]["zoo_mc"]["acc,none"] > 0.4  # a real model: well above chance (0.25)
 
 
