@@ -94,7 +94,8 @@ def main():
             shares = [r for r in trains if "expert_share_min" in r]
             results[label] = dict(total=total, active=active, steps=rows[-1]["step"], wall=wall,
                                   tok_s=sorted(r["tok_per_s"] for r in trains)[len(trains) // 2],
-                                  val=vals[-1][1], curve=vals,
+                                  val=vals[-1][1], curve=vals, steps=[(r["step"], r["val_loss"]) for r in rows
+                                                                      if "val_loss" in r],
                                   shares=(shares[-1]["expert_share_min"], shares[-1]["expert_share_max"])
                                   if shares and "1 expert" not in label else None)
     print(f"\n| run | parameters (active) | steps in {args.budget:g} s | tokens/s (median) | final val loss "
@@ -110,13 +111,15 @@ def main():
     except ImportError:
         print("no matplotlib: no plot", file=sys.stderr)
         return
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for label, r in results.items():
-        ax.plot(*zip(*r["curve"]), marker="o", markersize=3, label=label)
-    ax.set(xlabel="wall time, s (zoo train's whole process)", ylabel="validation loss",
-           title=f"tiny Shakespeare, {args.budget:g} s each")
-    ax.set_ylim(top=min(2.6, max(v for r in results.values() for _, v in r["curve"])))
-    ax.legend()
+        axes[0].plot(*zip(*r["curve"]), marker="o", markersize=3, label=label)
+        axes[1].plot(*zip(*r["steps"]), marker="o", markersize=3, label=label)
+    axes[0].set(xlabel="wall time, s (zoo train's whole process)", ylabel="validation loss",
+                title=f"tiny Shakespeare, {args.budget:g} s each")
+    axes[1].set(xlabel="optimizer step (12 x 64 tokens)", title="the same runs by step")
+    axes[0].set_ylim(top=min(2.6, max(v for r in results.values() for _, v in r["curve"])))
+    axes[0].legend()
     fig.tight_layout()
     fig.savefig(args.png, dpi=120)
     print(f"wrote {args.png}")

@@ -168,6 +168,21 @@ def test_prompt_lookup_requests_decode_as_alone(name, chars):
     assert engine.cache.length > 8
 
 
+def test_min_new_tokens_holds_back_the_end_token(chars):
+    """Greedy rows take the plain argmax unless a setting needs the logits changed: min_new_tokens does."""
+    model = tiny("llama-gqa", block_size=64)
+    prompt = [4, 5, 6, 7, 4, 5, 6, 7, 4]
+    ids = generate(model, prompt, 24, GREEDY)[0]
+    cases = [SamplingConfig(temperature=0, eos_token_id=ids[0], min_new_tokens=8),  # held back at prefill too
+             SamplingConfig(temperature=0.8, seed=3, eos_token_id=ids[:4], min_new_tokens=12)]
+    engine = Engine(model, chars, max_batch=4)
+    requests = [engine.submit(prompt, 24, s) for s in cases]
+    run(engine)
+    for request, settings in zip(requests, cases):
+        assert request.tokens == generate(model, prompt, 24, settings)[0]
+        assert not set(request.tokens[:settings.min_new_tokens]) & set(settings.eos_ids)
+
+
 def test_prompt_lookup_with_end_tokens_penalties_and_sampling(chars):
     model = tiny("llama-gqa", block_size=64)
     prompt = [4, 5, 6, 7, 4, 5, 6, 7, 4]

@@ -114,6 +114,8 @@ def test_prompt_lookup_finds_the_latest_longest_match():
     assert lookup([1, 2, 3], 4) == []
     assert lookup([5], 4) == []
     assert lookup([4, 4, 4], 3) == [4]  # "4 4" occurs at 0; the token after it
+    assert lookup([7, 1, 9, 2, 3, 1], 3) == []  # only "1" occurred before: one token is too short a match
+    assert lookup([7, 1, 9, 2, 3, 1], 3, min_ngram=1) == [9, 2, 3]
 
 
 @pytest.mark.slow

@@ -433,6 +433,8 @@ class Engine:
         """The request's next token [1] from its logits [1, V], as zoo.generate would choose it alone."""
         if request.seen is not None:
             logits = penalize_repetition(logits.float(), request.seen, request.settings.repetition_penalty)
+        if len(request.tokens) < request.settings.min_new_tokens and request.eos:  # no end token before then
+            logits = logits.index_fill(-1, torch.tensor(sorted(request.eos), device=logits.device), float("-inf"))
         return next_tokens(logits, request.settings, request.generator)
 
     def _decode(self):
@@ -452,7 +454,7 @@ class Engine:
         new = logits.argmax(-1)  # [hi]: greedy rows' tokens; sampled rows' are replaced below
         for i in busy:
             request = self.cache.rows[i]
-            if request.settings.temperature != 0 or request.seen is not None:
+            if request.settings.temperature != 0 or request.seen is not None or request.settings.min_new_tokens:
                 new[i] = self._sample(request, logits[i:i + 1])[0]
         self.newest[:hi, 0] = new
         for i, token in zip(busy, new[busy].tolist()):

@@ -24,7 +24,10 @@ from .sampling import penalize_repetition, process_logits
 
 PROMPT_LOOKUP = "prompt-lookup"
 DEFAULT_NUM_DRAFT = {PROMPT_LOOKUP: 10, "model": 5}  # lookup's proposals cost only the check's width
-MAX_NGRAM = 3  # prompt lookup matches the text's last 3, else 2, else 1 tokens
+# prompt lookup matches the text's last 3, else 2 tokens; not 1: what followed one earlier token is a poor guess,
+# and its failed checks cost more than its hits gain (bench/speculative.py, extractive task: 1.39x plain with
+# 1-token matches, 1.58x without; chat: 0.89x and 0.99x)
+MAX_NGRAM, MIN_NGRAM = 3, 2
 
 
 def check_draft(model, draft, num_draft, settings, prompts, max_new_tokens):
@@ -95,11 +98,11 @@ class Cache:
             self.feed(tokens, real, last_only=True)
 
 
-def lookup(context, k, max_ngram=MAX_NGRAM):
+def lookup(context, k, max_ngram=MAX_NGRAM, min_ngram=MIN_NGRAM):
     """Prompt lookup (Saxena, 2023): the up to k tokens that followed the latest earlier occurrence of the
-    context's last n tokens (the longest n <= max_ngram that occurred before), else []."""
+    context's last n tokens (the longest n in [min_ngram, max_ngram] that occurred before), else []."""
     ids = torch.tensor(context)
-    for n in range(min(max_ngram, len(context) - 1), 0, -1):
+    for n in range(min(max_ngram, len(context) - 1), min_ngram - 1, -1):
         windows = ids[:-1].unfold(0, n, 1)  # [L - n, n]: every n-gram that has a token after it
         hits = (windows == ids[-n:]).all(-1).nonzero()
         if len(hits):
@@ -237,9 +240,14 @@ def speculative_steps(model, draft, prompts, max_new_tokens, eos, settings, num_
         for row, p in enumerate(prompts):
             seen[row, p] = True
     stats.update(drafted=stats.get("drafted", 0), accepted=stats.get("accepted", 0), rounds=stats.get("rounds", 0))
+    # Prompt lookup's drafts come in runs: a copied stretch is accepted whole, a stale match from its first token
+    # on, and a check's cost grows with its width (SmolLM2 in float32: 11 positions cost 2x one, 2 cost 1.4x).
+    # So lookup drafts up to 2 a + 1 tokens after a round that kept a of them (a new stretch ramps up 1, 3, 7,
+    # num_draft); a draft model's proposals cost a step each, and it drafts num_draft.
+    limit = num_draft
     while any(live):
         # k drafted tokens at most: no more than the longest-running row still needs, and room in the cache
-        k = min(num_draft, max_new_tokens - min(n for n, alive in zip(new, live) if alive) - 1,
+        k = min(limit, max_new_tokens - min(n for n, alive in zip(new, live) if alive) - 1,
                 length - max(map(len, rows)) - 1)
         drafted, q = drafter.propose(rows, live, k, settings, generator) if k > 0 else (None, None)
         k = 0 if drafted is None else drafted.size(1)
@@ -254,6 +262,8 @@ def speculative_steps(model, draft, prompts, max_new_tokens, eos, settings, num_
         target.keep(counts + 1, k + 1)  # the last token fed and the kept drafts; the rest become holes
         if k:
             drafter.accepted(counts)
+            if drafter.model is None:
+                limit = min(num_draft, 2 * max(c for c, d in zip(counts.tolist(), drafter.lengths) if d) + 1)
         if seen is not None:
             b, i = (torch.arange(k, device=device) < counts[:, None]).nonzero(as_tuple=True)
             seen[b, drafted[b, i]] = True
