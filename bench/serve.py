@@ -115,6 +115,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", default="1,4,8")
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--zoo-compile", action="store_true", help="also `zoo serve --compile` (read its later rounds)")
     parser.add_argument("--peer", choices=("cb", "plain", "all", "none"), default="cb",
                         help="cb: transformers serve --continuous-batching (its batching server, the default); "
                              "plain: transformers serve as it starts by default (one request at a time); all: both; "
@@ -132,6 +133,8 @@ def main():
     name = str(folder)
     commands = {"zoo serve": [sys.executable, "-m", "zoo", "serve", name, "--dtype", "bfloat16", "--max-batch",
                               str(max(loads))]}
+    if args.zoo_compile:  # the decode step compiled for max-batch rows: the first round pays the compiling
+        commands["zoo serve --compile"] = commands["zoo serve"] + ["--compile"]
     hf = [sys.executable, "-m", "transformers.cli.transformers", "serve", name, "--device", "cpu", "--dtype",
           "bfloat16"]
     # its continuous batching sizes its paged KV cache by a share of memory: left alone, it took 13.7 GB of this
