@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import zoo
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("ZOO_SHARED_DATA") or ROOT.parent / "shared" / "data")
 TEXT = SHARED_DATA / "tinyshakespeare.txt"
@@ -36,8 +38,6 @@ RUNS = [  # (label, preset, --set overrides)
 
 def parameters(preset, overrides):
     """(total, active per token) parameters of the model `zoo train` builds, embeddings included."""
-    sys.path.insert(0, str(ROOT))
-    import zoo
     config = dict(zoo.registry.get_preset(preset).config)
     for o in overrides:
         k, v = o.split("=")
@@ -94,7 +94,7 @@ def main():
             shares = [r for r in trains if "expert_share_min" in r]
             results[label] = dict(total=total, active=active, steps=rows[-1]["step"], wall=wall,
                                   tok_s=sorted(r["tok_per_s"] for r in trains)[len(trains) // 2],
-                                  val=vals[-1][1], curve=vals, steps=[(r["step"], r["val_loss"]) for r in rows
+                                  val=vals[-1][1], curve=vals, by_step=[(r["step"], r["val_loss"]) for r in rows
                                                                       if "val_loss" in r],
                                   shares=(shares[-1]["expert_share_min"], shares[-1]["expert_share_max"])
                                   if shares and "1 expert" not in label else None)
@@ -114,7 +114,7 @@ def main():
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for label, r in results.items():
         axes[0].plot(*zip(*r["curve"]), marker="o", markersize=3, label=label)
-        axes[1].plot(*zip(*r["steps"]), marker="o", markersize=3, label=label)
+        axes[1].plot(*zip(*r["by_step"]), marker="o", markersize=3, label=label)
     axes[0].set(xlabel="wall time, s (zoo train's whole process)", ylabel="validation loss",
                 title=f"tiny Shakespeare, {args.budget:g} s each")
     axes[1].set(xlabel="optimizer step (12 x 64 tokens)", title="the same runs by step")

@@ -193,10 +193,10 @@ def main():
         if 1 in loads and zoo_runs:
             ratio = [a[0] / b[0] for a, b in zip(zoo_runs, results[zoo_name, 1])]
             print(f"\nzoo serve, {top} clients / 1 client, aggregate tok/s: {span(ratio, '{:.2f}')}x (goal >= 3x)")
-        for s in live:
-            if s.name != zoo_name:
-                if ratio := [a[0] / b[0] for a, b in zip(zoo_runs, results[s.name, top])]:
-                    print(f"zoo serve / {s.name} at {top} clients: {span(ratio, '{:.2f}')}x (goal >= 1.5x)")
+        for ours in (s for s in live if s.name.startswith("zoo")):
+            for peer in (s for s in live if not s.name.startswith("zoo")):
+                if ratio := [a[0] / b[0] for a, b in zip(results[ours.name, top], results[peer.name, top])]:
+                    print(f"{ours.name} / {peer.name} at {top} clients: {span(ratio, '{:.2f}')}x (goal >= 1.5x)")
     for s in servers:
         if s.error:
             print(f"\n{s.name} could not run here: {s.error[:500]}")

@@ -260,16 +260,17 @@ def speculative_steps(model, draft, prompts, max_new_tokens, eos, settings, num_
         logits = target.feed(tokens, alive)  # [B, k + 1, V]: p of the token after each
         counts, last = verify(logits, drafted, q, settings, generator, seen, torch.tensor(new, device=device), is_eos)
         target.keep(counts + 1, k + 1)  # the last token fed and the kept drafts; the rest become holes
+        kept = counts.tolist()  # (the round's one read of the counts on the host)
         if k:
             drafter.accepted(counts)
             if drafter.model is None:
-                limit = min(num_draft, 2 * max(c for c, d in zip(counts.tolist(), drafter.lengths) if d) + 1)
+                limit = min(num_draft, 2 * max(n for n, d in zip(kept, drafter.lengths) if d) + 1)
         if seen is not None:
             b, i = (torch.arange(k, device=device) < counts[:, None]).nonzero(as_tuple=True)
             seen[b, drafted[b, i]] = True
             seen[torch.arange(B, device=device), last] = True
         out = []
-        for r, (n, d, t) in enumerate(zip(counts.tolist(), drafted.tolist(), last.tolist())):
+        for r, (n, d, t) in enumerate(zip(kept, drafted.tolist(), last.tolist())):
             if not live[r]:
                 out.append([])
                 continue
