@@ -1,8 +1,9 @@
-"""Sparse mixture-of-experts Llama (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE): a router sends every token to its top-k
-of n_expert SwiGLU experts (Shazeer et al., 2017; Fedus et al., 2021); Qwen2-MoE adds one shared expert.
-One file, torch only; transformers 5's module names (experts stacked: gate_up_proj [E, 2F, D], down_proj [E, D, F]),
-q/k/v fused. The (token, expert) pairs run sorted by expert, one matmul per expert over its tokens: decoding one token
-reads only its k experts (compiled, it gathers those k experts' weights instead: no data-dependent shapes).
+"""Sparse mixture-of-experts Llama (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE): a router sends every token to its top-k of
+n_expert SwiGLU experts (Shazeer et al., 2017; Fedus et al., 2021); Qwen2-MoE adds one shared expert. Torch only,
+transformers 5's names (experts stacked: gate_up_proj [E, 2F, D], down_proj [E, D, F]), q/k/v fused. Tokens run
+sorted by expert: when every expert has some (training, prompts), padded to one length for one batched matmul; else
+one matmul per used expert, so that decoding one token reads only its k experts (compiled, it gathers those k
+experts' weights instead: no data-dependent shapes).
 
     model = Model(Config(n_layer=16, n_head=16, n_embd=2048, n_expert=64, top_k=8, expert_dim=1024))
     logits = model(idx)                              # [B, T] -> [B, T, vocab_size]
@@ -126,8 +127,7 @@ class Attention(nn.Module):
         self.attend, self.kv_cache = Attend(), None
 
     def forward(self, x, cos, sin, mask, input_pos):
-        B, T, _ = x.shape  # batch size, sequence length, n_embd
-        H, H_kv, D = self.n_head, self.n_kv_head, self.head_dim
+        (B, T, _), H, H_kv, D = x.shape, self.n_head, self.n_kv_head, self.head_dim  # batch size, sequence length
         q, k, v = self.qkv_proj(x).split((H * D, H_kv * D, H_kv * D), dim=-1)  # [B, T, H D], 2 x [B, T, H_kv D]
         if self.qk_norm == "proj":
             q, k = self.q_norm(q), self.k_norm(k)
@@ -165,8 +165,8 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(c.n_expert, 2 * c.expert_dim, c.n_embd))
         self.down_proj = nn.Parameter(torch.empty(c.n_expert, c.n_embd, c.expert_dim))
 
-    def expert_weights(self):  # each expert's two weights; unbind: the backward stacks the E gradients once
-        return self.gate_up_proj.unbind(), self.down_proj.unbind()
+    def expert_weights(self):  # each expert's two weights, as stacks (a subclass: as lists) of E
+        return self.gate_up_proj, self.down_proj
 
     def expert(self, x, gate_up_proj, down_proj):  # one expert (or a batch of them) over its tokens x [..., n, D]
         gate, up = (x @ gate_up_proj.mT).chunk(2, dim=-1)  # [..., n, F] each
@@ -174,27 +174,32 @@ class Experts(nn.Module):
 
     def forward(self, x, weights, experts):
         """x [N, D], each token's k routing weights and expert ids [N, k] -> sum of weighted outputs [N, D]."""
-        (N, D), k, ids = x.shape, experts.size(1), experts.flatten()
-        if (torch.compiler.is_compiling() or x.is_meta) and type(self) is Experts:  # no data-dependent shapes
-            y = self.expert(x.repeat_interleave(k, 0)[:, None], self.gate_up_proj[ids], self.down_proj[ids])
+        (N, D), k, ids, w = x.shape, experts.size(1), experts.flatten(), self.expert_weights()
+        E, stacked = len(w[0]), isinstance(w[0], torch.Tensor)  # stacks [E, ...]: batched matmuls can run them
+        if (torch.compiler.is_compiling() or x.is_meta) and stacked:  # no data-dependent shapes
+            y = self.expert(x.repeat_interleave(k, 0)[:, None], w[0][ids], w[1][ids])
             return (y.view(N, k, D) * weights[..., None]).sum(dim=1)  # each pair's weights gathered: [N k, 1, D]
         token = (order := ids.argsort(stable=True)) // k  # the N k (token, expert) pairs grouped by expert: tokens
-        counts = ids.bincount().tolist()  # pairs per expert, up to the highest expert picked
-        # one matmul pair per used expert, over all its tokens [n, D]; unused experts are never read
-        y = torch.cat([self.expert(t, *w) for t, *w in zip(x[token].split(counts), *self.expert_weights()) if len(t)])
+        counts = (per_expert := ids.bincount(minlength=E)).tolist()  # pairs per expert [E]
+        C = -(-max(counts) // 32) * 32  # the most pairs an expert has, rounded up: few distinct shapes (see below)
+        if stacked and min(counts) and E * C <= 2 * N * k:  # every expert in use, evenly enough: pairs padded to C
+            # rows each, one batched matmul pair (on the CPU in bf16 oneDNN builds a kernel per new shape, ~0.5 ms)
+            rows = (e := ids[order]) * C + torch.arange(N * k, device=x.device) - (per_expert.cumsum(0) - per_expert)[e]
+            xs = x.new_zeros(E * C, D).index_copy_(0, rows, x[token])  # [E C, D]: the sorted pairs at their rows
+            y = self.expert(xs.view(E, C, D), *w).flatten(0, 1).index_select(0, rows)  # [N k, D]
+        else:  # one matmul pair per used expert, over all its tokens [n, D]; unused experts are never read
+            y = torch.cat([self.expert(t, *we) for t, *we in zip(x[token].split(counts), *w) if len(t)])  # [N k, D]
         y = y * weights.flatten()[order, None]  # [N k, D], each scaled by its routing weight
         return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))  # the k outputs of each token summed
 
 
 class MoE(nn.Module):
-    """Router (a linear gate, softmax in fp32, top-k) over the experts, plus the optional shared expert; keeps
-    its last router_logits [N, E] for the load-balancing loss."""
+    """Router (a linear gate, softmax in fp32, top-k) over the experts, plus the optional shared expert."""
 
     def __init__(self, config):
         super().__init__()
-        self.top_k, self.norm_topk_prob, self.router_logits = config.top_k, config.norm_topk_prob, None
-        self.gate = nn.Linear(config.n_embd, config.n_expert, bias=False)
-        self.experts = Experts(config)
+        self.top_k, self.norm_topk_prob, self.router_logits = config.top_k, config.norm_topk_prob, None  # last [N, E]
+        self.gate, self.experts = nn.Linear(config.n_embd, config.n_expert, bias=False), Experts(config)
         if config.shared_expert_dim:
             self.shared_expert = MLP(config.n_embd, config.shared_expert_dim)
             self.shared_expert_gate = nn.Linear(config.n_embd, 1, bias=False)
@@ -202,8 +207,7 @@ class MoE(nn.Module):
     def forward(self, x):
         (B, T, D), x = x.shape, x.flatten(0, 1)  # [N, D], N = B T tokens
         self.router_logits = logits = self.gate(x)  # [N, E]
-        probs = logits.float().softmax(dim=-1)  # in fp32, as the reference does
-        weights, experts = probs.topk(self.top_k, dim=-1)  # [N, k] each
+        weights, experts = logits.float().softmax(dim=-1).topk(self.top_k, dim=-1)  # [N, k] each; softmax in fp32
         weights = weights / weights.sum(dim=-1, keepdim=True) if self.norm_topk_prob else weights  # Mixtral: always
         y = self.experts(x, weights.to(x.dtype), experts)  # [N, D]
         if hasattr(self, "shared_expert"):
@@ -214,8 +218,7 @@ class MoE(nn.Module):
 class Block(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.n_embd, config.norm_eps)
-        self.self_attn = Attention(config)
+        self.input_layernorm, self.self_attn = RMSNorm(config.n_embd, config.norm_eps), Attention(config)
         self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config.n_embd, config.ffn_dim) if layer in config.dense_layers else MoE(config)
         self.dropout = nn.Dropout(config.dropout)
@@ -247,17 +250,16 @@ class Model(nn.Module):
 
     def router_losses(self):
         """After a forward: (load-balancing loss, z-loss, tokens per expert [MoE layers, E]). Switch Transformer's
-        loss (Fedus et al., 2021) as in transformers' Mixtral, E * sum_e f_e P_e (f_e: expert e's share of top-k picks,
-        P_e: its mean router probability; k when balanced); the z-loss (Zoph et al., 2022): mean squared logsumexp."""
+        loss (Fedus et al., 2021) of each layer, E * sum_e f_e P_e (f_e: expert e's share of the layer's top-k picks,
+        P_e: its mean router probability; k when balanced), averaged over the layers (transformers pools all layers'
+        tokens in one f and P: one layer's idle expert e hides behind another's busy e); z-loss: mean sq. logsumexp."""
         logits = [b.mlp.router_logits for b in self.model.layers if isinstance(b.mlp, MoE)]  # L x [N, E]
         if not logits or logits[0] is None:
             raise ValueError("router_losses: no router logits yet; run a forward pass first")
-        E, k = self.config.n_expert, self.config.top_k
-        probs = torch.stack(logits).float().softmax(dim=-1)  # [L, N, E]
-        picks = F.one_hot(probs.topk(k, dim=-1).indices, E).sum(dim=2)  # [L, N, E]: 1 where a token picked e
-        f, P = picks.float().mean(dim=(0, 1)), probs.mean(dim=(0, 1))  # [E] each
-        z = torch.stack(logits).float().logsumexp(dim=-1).square().mean()
-        return E * (f * P).sum(), z, picks.sum(dim=1)
+        E, k, logits = self.config.n_expert, self.config.top_k, torch.stack(logits).float()  # [L, N, E]
+        picks = F.one_hot((probs := logits.softmax(dim=-1)).topk(k, dim=-1).indices, E).sum(dim=2)  # [L, N, E] 0|1
+        f, P = picks.float().mean(dim=1), probs.mean(dim=1)  # [L, E] each
+        return E * (f * P).sum(dim=1).mean(), logits.logsumexp(dim=-1).square().mean(), picks.sum(dim=1)
 
     def setup_cache(self, batch_size, max_len):
         """Allocate the KV cache once; decoding then writes into it and allocates nothing."""
@@ -334,11 +336,9 @@ class Model(nn.Module):
         return pos, torch.zeros_like(mask, dtype=self.lm_head.weight.dtype).masked_fill_(~mask, float("-inf"))
 
     def forward(self, idx, input_pos=None, key_mask=None, last_only=False, hidden=False):
-        """idx [B, T] -> logits [B, T, vocab_size], or with hidden the final hidden state [B, T, n_embd] (after the
-        final norm), which logits(h) maps to them. input_pos [T]: these tokens' cache slots; key_mask [B, S]: False
-        marks left padding; last_only: the last position alone, [B, 1, ...] (each as in models/llama.py)."""
-        pos, mask = self.positions_and_mask(idx, input_pos, key_mask)
-        x = self.model.embed_tokens(idx)  # [B, T, n_embd]
+        """idx [B, T] -> logits [B, T, vocab_size], or with hidden the final hidden state (after the final norm) that
+        logits(h) maps to them; input_pos, key_mask and last_only as in models/llama.py."""
+        (pos, mask), x = self.positions_and_mask(idx, input_pos, key_mask), self.model.embed_tokens(idx)  # x [B, T, C]
         cos, sin = self.rope_cos[pos][:, None].to(x.dtype), self.rope_sin[pos][:, None].to(x.dtype)  # [B|1, 1, T, D]
         for block in self.model.layers:
             x = block(x, cos, sin, mask, input_pos)

@@ -1,7 +1,7 @@
 """Mixtures of experts (models/moe.py): tiny random transformers models of each family -- Mixtral, OLMoE,
 Qwen2-MoE, Qwen3-MoE, with k = 1, 2 and 4, with and without the shared expert, renormalisation and dense
 layers -- load with the same logits and router logits, export back, and decode through the cache as they
-compute whole; the load-balancing loss is transformers'; bad configs name their field."""
+compute whole; the load-balancing loss is transformers' per layer; bad configs name their field."""
 import dataclasses
 import json
 import re
@@ -13,6 +13,7 @@ import zoo
 from zoo import convert
 
 transformers = pytest.importorskip("transformers")
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func  # noqa: E402
 
 V = 101  # vocabulary of the tiny models
 ATTN = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
@@ -76,8 +77,9 @@ def test_transformers_to_zoo_and_back(name, tmp_path):
     for a, b in zip(ours, theirs.router_logits):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     aux, z, counts = model.router_losses()
-    torch.testing.assert_close(aux, theirs.aux_loss.float(), rtol=1e-6, atol=1e-6)
-    k = model.config.top_k
+    k = model.config.top_k  # Switch's loss of each layer (transformers' function on one layer at a time), averaged
+    per_layer = [load_balancing_loss_func((r,), model.config.n_expert, k) for r in theirs.router_logits]
+    torch.testing.assert_close(aux, torch.stack(per_layer).mean().float(), rtol=1e-6, atol=1e-6)
     assert (counts.sum(dim=1) == idx.numel() * k).all()
     assert (counts.max(dim=1).values > 1).all()  # tokens share experts: the grouping is exercised
 
@@ -203,6 +205,34 @@ def test_router_losses_gradient_reaches_the_router():
     aux.backward()
     assert model.model.layers[0].mlp.gate.weight.grad.abs().sum() > 0
     assert counts.shape == (1, 4) and counts.sum() == 2 * 16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_padded_batched_experts_equal_one_matmul_per_expert(dtype):
+    """With every expert in use, the (token, expert) pairs run padded in one batched matmul over all experts; that
+    computes what one matmul per used expert does (the path of decoding and of experts held as lists), outputs and
+    gradients."""
+    torch.manual_seed(0)
+    experts = zoo.build("moe", dict(vocab_size=37, block_size=16, n_layer=1, n_head=2, n_kv_head=2, n_embd=16,
+                                    n_expert=4, top_k=2, expert_dim=8)).model.layers[0].mlp.experts.to(dtype)
+    x, weights = torch.randn(64, 16, dtype=dtype), torch.rand(64, 2, dtype=dtype)
+    ids = torch.rand(64, 4).topk(2).indices  # [N, k]: each token's 2 experts, all 4 in use
+    inputs, expert = [], experts.expert
+    experts.expert = lambda t, *w: inputs.append(t.shape) or expert(t, *w)
+
+    def run():
+        x.grad = experts.gate_up_proj.grad = experts.down_proj.grad = None
+        y = experts(x.requires_grad_(), weights, ids)
+        y.float().square().sum().backward()
+        return y, x.grad, experts.gate_up_proj.grad, experts.down_proj.grad
+
+    padded = run()
+    assert len(inputs) == 1 and inputs[0][0] == 4  # one call over the 4 experts' padded pairs [E, C, D]
+    experts.expert_weights = lambda: (experts.gate_up_proj.unbind(), experts.down_proj.unbind())  # lists: grouped
+    grouped = run()
+    assert len(inputs) == 5 and all(len(s) == 2 for s in inputs[1:])  # one call per expert, its pairs [n, D]
+    for a, b in zip(padded, grouped):
+        torch.testing.assert_close(a, b, **dict(rtol=0, atol=1e-6) if dtype == torch.float32 else {})  # bf16: 1 ulp
 
 
 # ------------------------------------------------------------------------------------------ GGUF

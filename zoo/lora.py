@@ -360,7 +360,7 @@ def _merged_experts(m):
         if all(isinstance(w, Int8Linear) for w in weights):
             w = torch.stack([x.codes.float() * x.scales.float()[:, None] for x in weights]).to(weights[0].scales.dtype)
         elif all(isinstance(w, torch.Tensor) for w in weights):
-            w = torch.stack(weights)
+            w = torch.stack(list(weights))
         else:
             raise TypeError(f"cannot merge an adapter into {type(weights[0]).__name__} experts (no weight to add to)")
         if name in m.lora_A:
