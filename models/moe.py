@@ -179,18 +179,18 @@ class Experts(nn.Module):
         if (torch.compiler.is_compiling() or x.is_meta) and stacked:  # no data-dependent shapes
             y = self.expert(x.repeat_interleave(k, 0)[:, None], w[0][ids], w[1][ids])
             return (y.view(N, k, D) * weights[..., None]).sum(dim=1)  # each pair's weights gathered: [N k, 1, D]
-        token = (order := ids.argsort(stable=True)) // k  # the N k (token, expert) pairs grouped by expert: tokens
+        token, pair_weights = (order := ids.argsort(stable=True)) // k, weights.flatten()[order]  # [N k], by expert
         counts = (per_expert := ids.bincount(minlength=E)).tolist()  # pairs per expert [E]
-        C = -(-max(counts) // 32) * 32  # the most pairs an expert has, rounded up: few distinct shapes (see below)
-        if stacked and min(counts) and E * C <= 2 * N * k:  # every expert in use, evenly enough: pairs padded to C
-            # rows each, one batched matmul pair (on the CPU in bf16 oneDNN builds a kernel per new shape, ~0.5 ms)
+        C = -(-max(counts) // 32) * 32  # the most pairs per expert, rounded: few shapes (oneDNN compiles each, ~0.5 ms)
+        if stacked and min(counts) and E * C <= 2 * N * k:  # every expert used, evenly: pairs padded to C, one bmm pair
             rows = (e := ids[order]) * C + torch.arange(N * k, device=x.device) - (per_expert.cumsum(0) - per_expert)[e]
-            xs = x.new_zeros(E * C, D).index_copy_(0, rows, x[token])  # [E C, D]: the sorted pairs at their rows
-            y = self.expert(xs.view(E, C, D), *w).flatten(0, 1).index_select(0, rows)  # [N k, D]
+            token = token.new_full((E * C,), N).index_copy_(0, rows, token)  # [E C] rows' tokens, padding: N (zeros)
+            pair_weights = pair_weights.new_zeros(E * C).index_copy_(0, rows, pair_weights)  # [E C], padding: 0
+            y = self.expert(torch.cat([x, x.new_zeros(1, D)]).index_select(0, token).view(E, C, D), *w).flatten(0, 1)
         else:  # one matmul pair per used expert, over all its tokens [n, D]; unused experts are never read
             y = torch.cat([self.expert(t, *we) for t, *we in zip(x[token].split(counts), *w) if len(t)])  # [N k, D]
-        y = y * weights.flatten()[order, None]  # [N k, D], each scaled by its routing weight
-        return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))  # the k outputs of each token summed
+        y = (y * pair_weights[:, None]).to(x.dtype)  # [N k | E C, D] each scaled by its routing weight, then
+        return x.new_zeros(N + 1, D).index_add_(0, token, y)[:N]  # each token's k summed (row N: padding's, dropped)
 
 
 class MoE(nn.Module):
