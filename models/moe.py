@@ -158,7 +158,7 @@ class MLP(nn.Module):
 
 class Experts(nn.Module):
     """n_expert SwiGLU MLPs, their weights stacked: expert e is down_proj[e](silu(g) * u), g|u = gate_up_proj[e] x.
-    Subclasses (zoo's quantized experts, LoRA on experts) hold them otherwise: expert_weights and expert."""
+    Subclasses (zoo's quantized experts, LoRA on experts) hold them otherwise: expert_weights (lists) and expert."""
 
     def __init__(self, c):
         super().__init__()  # gate_up_proj [E, 2F, D], rows of gate then of up; down_proj [E, D, F]
@@ -338,7 +338,7 @@ class Model(nn.Module):
     def forward(self, idx, input_pos=None, key_mask=None, last_only=False, hidden=False):
         """idx [B, T] -> logits [B, T, vocab_size], or with hidden the final hidden state (after the final norm) that
         logits(h) maps to them; input_pos, key_mask and last_only as in models/llama.py."""
-        (pos, mask), x = self.positions_and_mask(idx, input_pos, key_mask), self.model.embed_tokens(idx)  # x [B, T, C]
+        (pos, mask), x = self.positions_and_mask(idx, input_pos, key_mask), self.model.embed_tokens(idx)
         cos, sin = self.rope_cos[pos][:, None].to(x.dtype), self.rope_sin[pos][:, None].to(x.dtype)  # [B|1, 1, T, D]
         for block in self.model.layers:
             x = block(x, cos, sin, mask, input_pos)
