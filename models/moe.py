@@ -1,9 +1,8 @@
 """Sparse mixture-of-experts Llama (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE): a router sends every token to its top-k of
-n_expert SwiGLU experts (Shazeer et al., 2017; Fedus et al., 2021); Qwen2-MoE adds one shared expert. Torch only,
-transformers 5's names (experts stacked: gate_up_proj [E, 2F, D], down_proj [E, D, F]), q/k/v fused. Tokens run
-sorted by expert: when every expert has some (training, prompts), padded to one length for one batched matmul; else
-one matmul per used expert, so that decoding one token reads only its k experts (compiled, it gathers those k
-experts' weights instead: no data-dependent shapes).
+n_expert SwiGLU experts (Shazeer et al., 2017; Fedus et al., 2021); Qwen2-MoE adds one shared expert. transformers 5's
+names (experts stacked: gate_up_proj [E, 2F, D], down_proj [E, D, F]), q/k/v fused. Tokens run sorted by expert: in
+training padded to one length, one batched matmul; else one matmul per used expert, so that decoding one token reads
+only its k experts (compiled, it gathers those k experts' weights instead).
 
     model = Model(Config(n_layer=16, n_head=16, n_embd=2048, n_expert=64, top_k=8, expert_dim=1024))
     logits = model(idx)                              # [B, T] -> [B, T, vocab_size]
@@ -181,8 +180,9 @@ class Experts(nn.Module):
             return (y.view(N, k, D) * weights[..., None]).sum(dim=1)  # each pair's weights gathered: [N k, 1, D]
         token, pair_weights = (order := ids.argsort(stable=True)) // k, weights.flatten()[order]  # [N k], by expert
         counts = (per_expert := ids.bincount(minlength=E)).tolist()  # pairs per expert [E]
-        C = -(-max(counts) // 32) * 32  # the most pairs per expert, rounded: few shapes (oneDNN compiles each, ~0.5 ms)
-        if stacked and min(counts) and E * C <= 2 * N * k:  # every expert used, evenly: pairs padded to C, one bmm pair
+        C = -(-max(counts) // 32) * 32  # the most pairs per expert, rounded up: few distinct shapes (on the CPU in
+        # bf16 oneDNN builds a kernel per shape, ~0.5 ms; one matmul per expert met new shapes with every batch)
+        if stacked and torch.is_grad_enabled() and min(counts) and E * C <= 2 * N * k:  # training: padded, one bmm
             rows = (e := ids[order]) * C + torch.arange(N * k, device=x.device) - (per_expert.cumsum(0) - per_expert)[e]
             token = token.new_full((E * C,), N).index_copy_(0, rows, token)  # [E C] rows' tokens, padding: N (zeros)
             pair_weights = pair_weights.new_zeros(E * C).index_copy_(0, rows, pair_weights)  # [E C], padding: 0
