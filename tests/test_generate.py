@@ -184,6 +184,20 @@ def test_compiled_decode_step_generates_the_same(device):
     assert "_compiled_steps" in vars(model) and all("_compiled" not in k for k in model.state_dict())
 
 
+@pytest.mark.slow
+def test_compiled_step_compiles_anew_for_a_changed_model():
+    """The compiled step skips dynamo's guards on the model's modules (see compiled_step): once the model is
+    quantized in place, its step must be compiled anew, not the float model's run on the new modules."""
+    model = tiny("llama-gqa", block_size=300)
+    prompts = [[5, 9, 1, 30, 2, 7, 7], [3, 11, 4]]
+    assert generate(model, prompts, 6, temperature=0, compile=True) == generate(model, prompts, 6, temperature=0)
+    generate(model, prompts, 6, temperature=0, compile=True)  # the same model again: the same step (counted below)
+    zoo.quantize(model, "int8")
+    quantized = generate(model, prompts, 12, temperature=0)
+    assert generate(model, prompts, 12, temperature=0, compile=True) == quantized
+    assert len(model._compiled_steps) == 2
+
+
 def test_past_block_size_the_window_slides():
     model = tiny("gpt2", block_size=64, n_layer=1)
     prompt = list(range(10))

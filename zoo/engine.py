@@ -33,7 +33,7 @@ import torch
 
 from .generation import TextStream, compiled_step, weights_column_major
 from .progress import log
-from .sampling import SamplingConfig, next_tokens, penalize_repetition
+from .sampling import SamplingConfig, greedy, next_tokens, penalize_repetition
 from .speculative import DEFAULT_NUM_DRAFT, PROMPT_LOOKUP, lookup, verify
 
 
@@ -451,7 +451,7 @@ class Engine:
         hi = self.max_batch if self.compile else busy[-1] + 1
         input_pos, key_mask = self.cache.feed(busy, hi, 1)
         logits = self.forward_step(self.newest[:hi], input_pos=input_pos, key_mask=key_mask)[:, -1]  # [hi, V]
-        new = logits.argmax(-1)  # [hi]: greedy rows' tokens; sampled rows' are replaced below
+        new = greedy(logits)  # [hi]: greedy rows' tokens; sampled rows' are replaced below
         for i in busy:
             request = self.cache.rows[i]
             if request.settings.temperature != 0 or request.seen is not None or request.settings.min_new_tokens:

@@ -20,7 +20,7 @@ Rows that have ended feed masked tokens only. generation.py wraps this loop (eva
 """
 import torch
 
-from .sampling import penalize_repetition, process_logits
+from .sampling import greedy, penalize_repetition, process_logits
 
 PROMPT_LOOKUP = "prompt-lookup"
 DEFAULT_NUM_DRAFT = {PROMPT_LOOKUP: 10, "model": 5}  # lookup's proposals cost only the check's width
@@ -163,7 +163,7 @@ class Drafter:
         drafted, probs = [], []
         for i in range(k):
             if settings.temperature == 0:
-                token = logits.argmax(-1)
+                token = greedy(logits)
             else:
                 probs.append(_processed(logits, settings))
                 token = _race(probs[-1], generator)
@@ -200,7 +200,7 @@ def verify(logits, drafted, q, settings, generator=None, seen=None, new=None, is
         early = new[:, None] + torch.arange(k + 1, device=logits.device) < settings.min_new_tokens  # [B, k + 1]
         logits = logits.masked_fill(early[..., None] & is_eos, float("-inf"))
     if settings.temperature == 0:
-        best = logits.argmax(-1)  # [B, k + 1]
+        best = greedy(logits)  # [B, k + 1]
         counts = (drafted == best[:, :k]).cumprod(1).sum(1)  # [B]: drafts kept
         return counts, best.gather(1, counts[:, None])[:, 0]  # and the model's own token after them
     p = _processed(logits, settings)  # [B, k + 1, V]
