@@ -11,7 +11,7 @@ import torch
 import zoo
 from zoo.tokenizers import load_tokenizer
 from zoo.generation import complete, generate, token_stream
-from zoo.sampling import SamplingConfig, penalize_repetition, process_logits, sample
+from zoo.sampling import NUCLEUS_CANDIDATES, SamplingConfig, penalize_repetition, process_logits, sample
 
 from conftest import tiny as tiny_model
 
@@ -135,6 +135,27 @@ def test_sampling_frequencies_match_the_processed_distribution():
     assert all(c == 0 for c, e in zip(counts, expected) if e == 0), "a filtered token was sampled"
     chi2 = sum((c - n * e) ** 2 / (n * e) for c, e in zip(counts, expected) if e > 0)
     assert chi2 < 16.3, (counts, expected)  # the 0.999 quantile of chi-square with 3 degrees of freedom
+
+
+def test_top_p_sorts_whole_rows_only_where_the_nucleus_needs_it():
+    """On a CPU, top-p sorts the most likely 256 tokens of each row first, then 4096, then all (NUCLEUS_CANDIDATES):
+    it keeps what sorting the whole row keeps, whichever of them holds the nucleus."""
+    V = 6000
+    logits = torch.randn(6, V, generator=torch.Generator().manual_seed(0))
+    logits = logits * torch.tensor([[8.0], [4.0], [0.3], [6.0], [0.1], [2.0]])  # peaked rows and flat ones
+    sizes = set()
+    for top_p in (0.5, 0.9, 0.99):
+        probs, order = logits.softmax(-1).sort(-1, descending=True)  # the whole vocabulary, written out
+        mass_before = probs.cumsum(-1) - probs
+        mass_before[:, 1:] = probs.cumsum(-1)[:, :-1]
+        keep = (mass_before < top_p).scatter(-1, order, mass_before < top_p)
+        got = process_logits(logits, top_p=top_p)
+        assert torch.equal(got.isfinite(), keep) and torch.equal(got[keep], logits[keep])
+        three = process_logits(logits.view(2, 3, V), top_p=top_p)  # as speculative decoding calls it
+        assert torch.equal(three, got.view(2, 3, V))
+        sizes |= {int(n) for n in keep.sum(-1)}
+    assert NUCLEUS_CANDIDATES == (256, 4096)
+    assert min(sizes) < 256 and any(256 < n < 4096 for n in sizes) and max(sizes) > 4096  # each stage holds some
 
 
 def test_sample_draws_from_the_probabilities(device):
