@@ -169,13 +169,7 @@ def greedy(logits):
 def next_tokens(logits, settings, generator=None):
     """One token per row [B] from logits [B, V] under `settings` (after the repetition penalty)."""
     if settings.temperature == 0:
-<<<<<<< HEAD
         return greedy(logits)
-    return sample(process_logits(logits.float(), temperature=settings.temperature, top_k=settings.top_k,
-                                 top_p=settings.top_p, min_p=settings.min_p), generator)
-=======
-        return logits.argmax(-1)
     logits = process_logits(logits.float(), temperature=settings.temperature, top_k=settings.top_k,
                             top_p=settings.top_p, min_p=settings.min_p)
     return sample(logits.softmax(-1), generator)
->>>>>>> issue-23s
