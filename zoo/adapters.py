@@ -32,6 +32,7 @@ from . import convert, lora
 from .atomic import write_folder
 from .lora import LoRALinear, has_lora, lora_experts, lora_layers, merge_lora  # noqa: F401  (zoo.merge_lora)
 from .models.moe import Experts
+from .progress import log
 from .quantization import quantize
 from .registry import arch_of
 
@@ -204,13 +205,9 @@ def load_adapter(model, folder):
             elsewhere.setdefault(part, []).append(key)
         else:
             found.setdefault(module, {})[m[2]] = t
-    if elsewhere:
-        keys = sorted(k for ks in elsewhere.values() for k in ks)
-        raise ValueError(f"{folder}: the adapter adapts {' and '.join(elsewhere)} ({', '.join(keys[:3])}"
-                         f"{f' and {len(keys) - 3} more' if len(keys) > 3 else ''}); the zoo loads the text model "
-                         f"alone, so it would drop them. Train the adapter on the language model's modules only "
-                         f"(PEFT target_modules=r'.*language_model.*\\.(q_proj|k_proj|v_proj|o_proj)'), or remove "
-                         f"those tensors from {WEIGHTS} if text is all you need (they change only how images are read)")
+    if elsewhere:  # as load_weights skips those parts' weights: they change only how images are read
+        log.info("zoo: %s: loading the text model's adapter alone; skipped %s", folder,
+                 ", ".join(f"{part} ({len(keys)} tensors)" for part, keys in elsewhere.items()))
     stacks = {}  # experts module -> its stacks the adapter's target_parameters name (PEFT's matching)
     for name, m in model.named_modules():
         if isinstance(m, Experts) and c["target_parameters"]:
