@@ -83,6 +83,11 @@ class Attend(nn.Module):
 
     def forward(self, q, k, v, mask, causal, dropout_p=0.0, scale=None):
         (B, H, T, D), H_kv = q.shape, k.size(1)
+        if T == 1 and dropout_p == 0 and torch.compiler.is_compiling():  # one new token, compiled: plain sums,
+            # which inductor fuses with the softmax (fp32, as SDPA): 2x faster than SDPA's kernel for one query
+            s = (q.view(B, H_kv, H // H_kv, 1, D).float() * k[:, :, None].float()).sum(-1)  # [B, H_kv, H / H_kv, S]
+            p = (s * (D ** -0.5 if scale is None else scale) + (0 if mask is None else mask)).softmax(-1)
+            return (p[..., None] * v[:, :, None].float()).sum(-2).to(v.dtype).view(B, H, 1, D)
         if T == 1 and H > H_kv:
             # one new token: the query heads that share a K/V head attend as rows of one head, several times
             # faster on the CPU than SDPA's enable_gqa (which repeats K and V)
@@ -192,10 +197,8 @@ class Model(nn.Module):
 
     def positions_and_mask(self, idx, input_pos, key_mask):
         """Positions [B|1, T] of the tokens idx [B, T], and the attention mask [B|1, 1, T, S], additive (0 or
-        -inf) in the activations' dtype; None when there is nothing to mask but causality (SDPA's is_causal).
-
-        Made once per call: SDPA would otherwise convert a boolean mask in every layer.
-        """
+        -inf) in the activations' dtype, made once per call (SDPA would convert a boolean one in every layer);
+        None when there is nothing to mask but causality (SDPA's is_causal)."""
         if idx.dim() != 2 or idx.is_floating_point():
             raise ValueError(f"idx must be token ids [batch, tokens], not {idx.dtype} of shape {list(idx.shape)}")
         (B, T), causal = idx.shape, self.config.causal
@@ -224,14 +227,11 @@ class Model(nn.Module):
         slots = input_pos if input_pos is not None else torch.arange(T, device=idx.device)  # [T]
         if input_pos is None and key_mask is None:
             return slots[None], None
-        # the keys: without a cache, the T tokens; with one, all its slots for one new token, and for several
-        # only those filled so far (`end`, read above)
+        # the keys: T tokens (no cache), the cache's slots (one new token), those filled so far (several: `end`)
         S = T if input_pos is None else self.cache_len if T == 1 else end
         key_slots = torch.arange(S, device=idx.device)
-        mask = key_slots <= slots[:, None]  # causal: [T, S]
-        if key_mask is None:
-            pos = slots[None]
-        else:
+        mask, pos = key_slots <= slots[:, None], slots[None]  # causal: [T, S]
+        if key_mask is not None:
             key_mask = key_mask[:, :S]
             pos = (key_mask.long().cumsum(1) - 1).clamp(min=0)[:, slots]  # count from each row's first real token
             # padded keys are hidden; a padded query still sees itself, so no softmax row is empty

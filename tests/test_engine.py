@@ -183,6 +183,27 @@ def test_min_new_tokens_holds_back_the_end_token(chars):
         assert not set(request.tokens[:settings.min_new_tokens]) & set(settings.eos_ids)
 
 
+def test_min_new_tokens_builds_no_tensor_per_step(chars, monkeypatch):
+    """The end tokens held back are a tensor made once per request, not one more host-to-device copy per step."""
+    model = tiny("llama-gqa", block_size=64)
+    prompt = [4, 5, 6, 7, 4, 5, 6, 7, 4]
+    ids = generate(model, prompt, 24, GREEDY)[0]
+    eos = min(set(range(model.config.vocab_size)) - set(ids))  # never chosen: every run decodes 24 tokens
+    made, tensor = [], torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *args, **kwargs: made.append(1) or tensor(*args, **kwargs))
+
+    def tensors_made(min_new_tokens):
+        made.clear()
+        engine = Engine(model, chars, max_batch=2)
+        request = engine.submit(prompt, 24, SamplingConfig(temperature=0, eos_token_id=eos,
+                                                           min_new_tokens=min_new_tokens))
+        run(engine)
+        assert request.tokens == ids
+        return len(made)
+
+    assert tensors_made(1) == tensors_made(20)
+
+
 def test_prompt_lookup_with_end_tokens_penalties_and_sampling(chars):
     model = tiny("llama-gqa", block_size=64)
     prompt = [4, 5, 6, 7, 4, 5, 6, 7, 4]

@@ -1,6 +1,7 @@
 """Gemma 1, 2 and 3 (models/gemma.py) against transformers on tiny random models: odd widths, head_dim of its
 own, windows shorter than the sequence, soft-capping on; logits, KV-cache decoding past the window, left-padded
 batches, export back to transformers, and zoo verify."""
+import copy
 import json
 
 import pytest
@@ -296,6 +297,54 @@ def test_multimodal_gemma3_reads_either_naming(multimodal, tmp_path):
         (tmp_path / f).write_bytes((folder / f).read_bytes())
     save_file(renamed, tmp_path / "model.safetensors")
     assert max_diff(zoo.from_pretrained(tmp_path), ref, text_ids()) <= 1e-5
+
+
+def test_multimodal_gemma3_peft_adapter_loads_onto_its_text_model(multimodal, tmp_path, capsys):
+    """A PEFT LoRA trained on the multimodal model names its modules model.language_model.*: it loads onto the
+    text model (zoo.from_pretrained and zoo generate --adapter) with the logits of peft's merged model; one
+    that adapts the vision tower too loads its text part, saying what it skipped."""
+    peft = pytest.importorskip("peft")
+    import zoo.cli
+    from zoo.tokenizers import CharTokenizer
+    ref, folder = multimodal
+    torch.manual_seed(3)  # init_lora_weights=False: B random too, so the adapter changes the logits
+    text_attention = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
+    peft_model = peft.get_peft_model(copy.deepcopy(ref), peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                                         target_modules=text_attention))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    model = zoo.from_pretrained(folder, adapter=tmp_path / "adapter")
+    idx = text_ids()
+    with torch.no_grad():
+        want = peft_model.merge_and_unload().eval()(idx).logits
+        assert (want - ref(idx).logits).abs().max() > 1e-2  # the adapter matters
+        assert (model(idx) - want).abs().max() <= 1e-5
+
+    # the command line: a copy of the base with a tokenizer of one character per token
+    for f in folder.iterdir():
+        (tmp_path / "base" / f.name).parent.mkdir(exist_ok=True)
+        (tmp_path / "base" / f.name).write_bytes(f.read_bytes())
+    tokenizer = CharTokenizer("".join(chr(ord("0") + i) for i in range(V)))
+    tokenizer.save(tmp_path / "base")
+    capsys.readouterr()
+    assert zoo.cli.main(["generate", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), "--prompt",
+                         "0123456789", "--max-new-tokens", "12", "--device", "cpu"]) == 0
+    answer = zoo.complete(model, tokenizer, "0123456789", max_new_tokens=12, temperature=0)
+    assert capsys.readouterr().out == answer + "\n"
+    assert answer != zoo.complete(zoo.from_pretrained(folder), tokenizer, "0123456789", max_new_tokens=12,
+                                  temperature=0)
+
+    # target_modules=["q_proj", "v_proj"] adapts the vision tower's attention as well as the language model's:
+    # the text model's part loads (the text logits of peft's merged model), the vision tower's is skipped, said
+    peft_model = peft.get_peft_model(copy.deepcopy(ref), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                                         init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "both")
+    capsys.readouterr()
+    model = zoo.from_pretrained(folder, adapter=tmp_path / "both")
+    assert "loading the text model's adapter alone; skipped the vision tower (4 tensors)" in capsys.readouterr().err
+    with torch.no_grad():
+        want = peft_model.merge_and_unload().eval()(idx).logits
+        assert (want - ref(idx).logits).abs().max() > 1e-2
+        assert (model(idx) - want).abs().max() <= 1e-5
 
 
 def test_multimodal_gemma3_config_errors_name_the_text_config():

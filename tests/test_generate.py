@@ -11,7 +11,7 @@ import torch
 import zoo
 from zoo.tokenizers import load_tokenizer
 from zoo.generation import complete, generate, token_stream
-from zoo.sampling import SamplingConfig, penalize_repetition, process_logits, sample
+from zoo.sampling import NUCLEUS_CANDIDATES, SamplingConfig, penalize_repetition, process_logits, sample
 
 from conftest import tiny as tiny_model
 
@@ -137,12 +137,67 @@ def test_sampling_frequencies_match_the_processed_distribution():
     assert chi2 < 16.3, (counts, expected)  # the 0.999 quantile of chi-square with 3 degrees of freedom
 
 
-def test_sample_draws_from_softmax():
-    probs = torch.tensor([0.1, 0.2, 0.3, 0.4])
-    g = torch.Generator().manual_seed(0)
-    draws = sample(probs.log().expand(40000, -1), g)
+def test_top_p_sorts_whole_rows_only_where_the_nucleus_needs_it():
+    """On a CPU, top-p sorts the most likely 256 tokens of each row first, then 4096, then all (NUCLEUS_CANDIDATES):
+    it keeps what sorting the whole row keeps, whichever of them holds the nucleus."""
+    V = 6000
+    logits = torch.randn(6, V, generator=torch.Generator().manual_seed(0))
+    logits = logits * torch.tensor([[8.0], [4.0], [0.3], [6.0], [0.1], [2.0]])  # peaked rows and flat ones
+    sizes = set()
+    for top_p in (0.5, 0.9, 0.99):
+        probs, order = logits.softmax(-1).sort(-1, descending=True)  # the whole vocabulary, written out
+        mass_before = probs.cumsum(-1) - probs
+        mass_before[:, 1:] = probs.cumsum(-1)[:, :-1]
+        keep = (mass_before < top_p).scatter(-1, order, mass_before < top_p)
+        got = process_logits(logits, top_p=top_p)
+        assert torch.equal(got.isfinite(), keep) and torch.equal(got[keep], logits[keep])
+        three = process_logits(logits.view(2, 3, V), top_p=top_p)  # as speculative decoding calls it
+        assert torch.equal(three, got.view(2, 3, V))
+        sizes |= {int(n) for n in keep.sum(-1)}
+    assert NUCLEUS_CANDIDATES == (256, 4096)
+    assert min(sizes) < 256 and any(256 < n < 4096 for n in sizes) and max(sizes) > 4096  # each stage holds some
+
+
+def test_sample_draws_from_the_probabilities(device):
+    probs = torch.tensor([0.1, 0.2, 0.3, 0.4], device=device)
+    g = torch.Generator(device).manual_seed(0)
+    draws = sample(probs.expand(40000, -1), g)
     freq = torch.bincount(draws, minlength=4) / 40000
     torch.testing.assert_close(freq, probs, atol=0.01, rtol=0)
+    torch.testing.assert_close(torch.bincount(sample(3 * probs.expand(40000, -1), g), minlength=4) / 40000, probs,
+                               atol=0.01, rtol=0)  # weights need not sum to 1
+
+
+def test_sample_never_draws_a_zero_probability_token(device, monkeypatch):
+    V, n = 5000, 4000
+    probs = torch.zeros(3, V, device=device)
+    probs[0, [0, 7, 2500, 4998]] = torch.tensor([1e-6, 0.5, 0.3, 1e-6], device=device)  # few, some tiny, none last
+    probs[1, -3:] = torch.tensor([0.2, 1e-7, 0.3], device=device)  # the mass at the end of the vocabulary
+    probs[2, :3] = torch.tensor([0.0, 0.3, 0.7], device=device)  # at the start: zeros after it to the end
+    draws = sample(probs.repeat(n, 1), torch.Generator(device).manual_seed(0)).view(n, 3)
+    allowed = probs > 0
+    for row in range(3):
+        assert allowed[row, draws[:, row]].all(), f"row {row} drew a token of probability 0"
+        assert draws[:, row].unique().numel() > 1
+    if device.type == "cpu":  # the inverse-CDF sampler at the ends of its uniform: 0 and 1 (past the last value)
+        monkeypatch.setattr(torch, "rand_like", lambda t, **_: torch.zeros_like(t))
+        assert sample(probs).tolist() == [0, V - 3, 1]
+        monkeypatch.setattr(torch, "rand_like", lambda t, **_: torch.ones_like(t))
+        assert sample(probs).tolist() == [4998, V - 1, 2]
+
+
+def test_sample_draws_each_row_on_its_own():
+    """Rows sharing one generator draw independently: the same distribution in every row gives different tokens,
+    and a row's draws follow its own distribution whatever the other rows hold."""
+    g = torch.Generator().manual_seed(0)
+    probs = torch.full((20000, 2), 0.5)
+    probs[1::2] = torch.tensor([0.9, 0.1])
+    draws = sample(probs, g)
+    torch.testing.assert_close(draws[0::2].float().mean(), torch.tensor(0.5), atol=0.02, rtol=0)
+    torch.testing.assert_close(draws[1::2].float().mean(), torch.tensor(0.1), atol=0.02, rtol=0)
+    pairs = draws[0::2] * 2 + draws[1::2]  # even rows independent of the odd row after them
+    torch.testing.assert_close(torch.bincount(pairs, minlength=4) / 10000,
+                               torch.tensor([0.45, 0.05, 0.45, 0.05]), atol=0.015, rtol=0)
 
 
 def test_seed_reproduces_the_sample():
@@ -182,6 +237,20 @@ def test_compiled_decode_step_generates_the_same(device):
     assert generate(model, [[1, 2], [3]], 20, temperature=0, compile=True) == generate(model, [[1, 2], [3]], 20,
                                                                                        temperature=0)
     assert "_compiled_steps" in vars(model) and all("_compiled" not in k for k in model.state_dict())
+
+
+@pytest.mark.slow
+def test_compiled_step_compiles_anew_for_a_changed_model():
+    """The compiled step skips dynamo's guards on the model's modules (see compiled_step): once the model is
+    quantized in place, its step must be compiled anew, not the float model's run on the new modules."""
+    model = tiny("llama-gqa", block_size=300)
+    prompts = [[5, 9, 1, 30, 2, 7, 7], [3, 11, 4]]
+    assert generate(model, prompts, 6, temperature=0, compile=True) == generate(model, prompts, 6, temperature=0)
+    generate(model, prompts, 6, temperature=0, compile=True)  # the same model again: the same step (counted below)
+    zoo.quantize(model, "int8")
+    quantized = generate(model, prompts, 12, temperature=0)
+    assert generate(model, prompts, 12, temperature=0, compile=True) == quantized
+    assert len(model._compiled_steps) == 2
 
 
 def test_past_block_size_the_window_slides():

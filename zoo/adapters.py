@@ -32,6 +32,7 @@ from . import convert, lora
 from .atomic import write_folder
 from .lora import LoRALinear, has_lora, lora_experts, lora_layers, merge_lora  # noqa: F401  (zoo.merge_lora)
 from .models.moe import Experts
+from .progress import log
 from .quantization import quantize
 from .registry import arch_of
 
@@ -54,12 +55,15 @@ def expert_keys(name, stacks):
 def projections(model):
     """{our linear layer's name: [(checkpoint module name, rows), ...]}: the projections each of our
     layers stands for, through the weights map of the model's Hugging Face form (else our own names).
-    projections.transposed: whether the checkpoint stores them transposed (GPT-2's Conv1D)."""
+    projections.transposed: whether the checkpoint stores them transposed (GPT-2's Conv1D); projections.outer:
+    the names of a larger checkpoint holding the model (the multimodal Gemma 3's, convert.outer_names)."""
     hf = convert.to_hf_config(arch_of(model), model.config)
-    wmap = convert.load_map(convert.hf_map_name(hf)) if hf is not None else None
+    map_name = convert.hf_map_name(hf) if hf is not None else None
+    wmap = convert.load_map(map_name) if map_name is not None else None
     d = convert.dims(model.config)
     entries = convert._expand(wmap, getattr(model.config, "n_layer", 0))[0] if wmap else {}
     out = Projections()
+    out.outer = convert.outer_names(map_name)
     for name, m in model.named_modules():
         if isinstance(m, (LoRALinear, lora.Frozen)):
             m = m.base
@@ -78,6 +82,7 @@ def projections(model):
 
 class Projections(dict):
     transposed = False
+    outer = {}
 
 
 def add_lora(model, r=8, alpha=16, dropout=0.0, targets=None):
@@ -188,13 +193,21 @@ def load_adapter(model, folder):
         raise FileNotFoundError(f"{folder}: no {WEIGHTS}" + (" (only adapter_model.bin, a pickle, which the zoo "
                                 "never loads: convert it to safetensors)" if (folder / "adapter_model.bin").exists()
                                 else ""))
-    found = {}
+    proj = projections(model)
+    found, elsewhere = {}, {}  # elsewhere: {a part of a larger checkpoint the zoo does not load: its tensors}
     for key, t in load_file(folder / WEIGHTS).items():
         m = KEY.match(key.replace(".default.", "."))
         if m is None:
             raise ValueError(f"{folder / WEIGHTS}: unexpected tensor {key} (the zoo loads LoRA A and B matrices "
                              "of linear layers)")
-        found.setdefault(m[1], {})[m[2]] = t
+        module, part = convert.text_name(proj.outer, m[1])  # model.language_model.layers.0... -> model.layers.0...
+        if part is not None:
+            elsewhere.setdefault(part, []).append(key)
+        else:
+            found.setdefault(module, {})[m[2]] = t
+    if elsewhere:  # as load_weights skips those parts' weights: they change only how images are read
+        log.info("zoo: %s: loading the text model's adapter alone; skipped %s", folder,
+                 ", ".join(f"{part} ({len(keys)} tensors)" for part, keys in elsewhere.items()))
     stacks = {}  # experts module -> its stacks the adapter's target_parameters name (PEFT's matching)
     for name, m in model.named_modules():
         if isinstance(m, Experts) and c["target_parameters"]:
@@ -204,7 +217,6 @@ def load_adapter(model, folder):
     if absent := sorted(f"{key}.lora_A.weight" for key, pair in keys.items() if pair not in experts):
         raise ValueError(f"{folder}: target_parameters {c['target_parameters']} name expert stacks the adapter has "
                          f"no tensors for: {', '.join(absent[:3])}{' ...' if len(absent) > 3 else ''}")
-    proj = projections(model)
     where = {module: name for name, parts in proj.items() for module, _ in parts}
     if unknown := sorted(set(found) - set(where)):
         raise ValueError(f"{folder}: the adapter has modules this model lacks: {', '.join(unknown[:5])}"

@@ -632,6 +632,28 @@ def unpermute(t, n_head):
     return t.reshape(n_head, t.shape[0] // n_head // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
 
 
+def text_name(wmap, name):
+    """(the text map's name, None) for a checkpoint tensor or module name read through wmap's "rename" (a text
+    model inside a larger checkpoint), or (None, what it is) for a name under one of its "skip" prefixes."""
+    part = next((what for p, what in wmap.get("skip", {}).items() if name.startswith(p)), None)
+    if part is not None:
+        return None, part
+    old = next((p for p in wmap.get("rename", {}) if name.startswith(p)), "")
+    return (wmap["rename"][old] + name[len(old):] if old else name), None
+
+
+def outer_names(name):
+    """The "rename" and "skip" rules of the maps that read map `name`'s model inside a larger checkpoint
+    (gemma3's, for gemma3_text), merged: how those checkpoints name the text model's modules, and their other
+    parts. For names that come without their checkpoint (a PEFT adapter's), read through text_name."""
+    rules = {"rename": {}, "skip": {}}
+    for m in _maps().values():
+        if m.get("text_model", {}).get("map") == name:
+            for key, rule in rules.items():
+                rule.update(m.get(key, {}))
+    return rules
+
+
 def load_weights(model, ckpt, wmap, *, device, dtype, where, load_packed=None):
     """Fill `model` (built on the meta device) from `ckpt` through `wmap`, one tensor at a time, each
     converted straight to `dtype` on `device`. A checkpoint that does not fit raises one ValueError
@@ -646,12 +668,11 @@ def load_weights(model, ckpt, wmap, *, device, dtype, where, load_packed=None):
     # not use ("skip": a vision tower) left unread
     names, skipped = {}, {}
     for n in ckpt.shapes:
-        part = next((what for p, what in wmap.get("skip", {}).items() if n.startswith(p)), None)
+        name, part = text_name(wmap, n)
         if part is not None:
             skipped[part] = skipped.get(part, 0) + 1
-            continue
-        old = next((p for p in wmap.get("rename", {}) if n.startswith(p)), "")
-        names[wmap["rename"][old] + n[len(old):] if old else n] = n
+        else:
+            names[name] = n
     if skipped:
         log.info("zoo: %s: loading the text model alone; skipped %s", where,
                  ", ".join(f"{part} ({k} tensors)" for part, k in skipped.items()))

@@ -33,7 +33,7 @@ import torch
 
 from .generation import TextStream, compiled_step, weights_column_major
 from .progress import log
-from .sampling import SamplingConfig, next_tokens, penalize_repetition
+from .sampling import SamplingConfig, greedy, next_tokens, penalize_repetition
 from .speculative import DEFAULT_NUM_DRAFT, PROMPT_LOOKUP, lookup, verify
 
 
@@ -71,7 +71,7 @@ class Request:
         self.finish_reason = None
         self.cancelled = False
         self.row = None
-        self.generator = self.seen = None  # set when it joins the batch, on the model's device
+        self.generator = self.seen = self.is_eos = None  # set when it joins the batch, on the model's device
         self._events = None
         if on_event is None:
             self._events = queue.Queue()
@@ -420,6 +420,9 @@ class Engine:
             request.seen = torch.zeros(1, self.model.config.vocab_size, dtype=torch.bool, device=self.device)
             request.seen[0, request.prompt] = True
         try:
+            if settings.min_new_tokens and request.eos:  # [V]: the end tokens held back until min_new_tokens
+                request.is_eos = torch.zeros(self.model.config.vocab_size, dtype=torch.bool, device=self.device)
+                request.is_eos[sorted(request.eos)] = True
             idx = torch.tensor([request.prompt], device=self.device)
             logits = self.model(idx, input_pos=input_pos, key_mask=key_mask, last_only=True)[:, -1]  # [1, V]
             token = self._sample(request, logits)
@@ -433,8 +436,8 @@ class Engine:
         """The request's next token [1] from its logits [1, V], as zoo.generate would choose it alone."""
         if request.seen is not None:
             logits = penalize_repetition(logits.float(), request.seen, request.settings.repetition_penalty)
-        if len(request.tokens) < request.settings.min_new_tokens and request.eos:  # no end token before then
-            logits = logits.index_fill(-1, torch.tensor(sorted(request.eos), device=logits.device), float("-inf"))
+        if request.is_eos is not None and len(request.tokens) < request.settings.min_new_tokens:  # no end token yet
+            logits = logits.masked_fill(request.is_eos, float("-inf"))
         return next_tokens(logits, request.settings, request.generator)
 
     def _decode(self):
@@ -451,7 +454,7 @@ class Engine:
         hi = self.max_batch if self.compile else busy[-1] + 1
         input_pos, key_mask = self.cache.feed(busy, hi, 1)
         logits = self.forward_step(self.newest[:hi], input_pos=input_pos, key_mask=key_mask)[:, -1]  # [hi, V]
-        new = logits.argmax(-1)  # [hi]: greedy rows' tokens; sampled rows' are replaced below
+        new = greedy(logits)  # [hi]: greedy rows' tokens; sampled rows' are replaced below
         for i in busy:
             request = self.cache.rows[i]
             if request.settings.temperature != 0 or request.seen is not None or request.settings.min_new_tokens:
@@ -474,12 +477,8 @@ class Engine:
                             key_mask=key_mask)  # [hi, k + 1, V]
         for i in busy:
             request = self.cache.rows[i]
-            is_eos = None
-            if request.settings.min_new_tokens and request.eos:
-                is_eos = torch.zeros(logits.size(-1), dtype=torch.bool, device=self.device)
-                is_eos[list(request.eos)] = True
             counts, last = verify(logits[i:i + 1], drafted[i:i + 1], None, request.settings, request.generator,
-                                  request.seen, torch.tensor([len(request.tokens)], device=self.device), is_eos)
+                                  request.seen, torch.tensor([len(request.tokens)], device=self.device), request.is_eos)
             n = int(counts[0])
             self.stats["drafted"] += len(drafts.get(i, ())[:k])
             self.stats["accepted"] += min(n, len(drafts.get(i, ())))

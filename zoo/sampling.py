@@ -12,6 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
+# On a CPU, top-p sorts each row's 256 most likely tokens (torch.topk), then 4096 where its nucleus reaches past
+# those, and the whole row only where it reaches past 4096: sorting a 49k vocabulary costs ~5 ms a row. SmolLM2's
+# top-p 0.95 nucleus on WikiText-2 fits in 256 tokens at 99.5% of positions at temperature 0.7, 73% at temperature
+# 1; in 4096 at 99.9% and 99%.
+NUCLEUS_CANDIDATES = (256, 4096)
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -94,6 +100,17 @@ def penalize_repetition(logits, seen, penalty):
     return out.clamp(max=torch.finfo(out.dtype).max)
 
 
+def _nucleus(probs, top_p, k):
+    """Top-p on probs [N, V] from the k most likely tokens of each row: (keep [N, V]: the smallest set of most likely
+    tokens whose probability reaches top_p, the most likely always; closed [N]: whether that set ends within the
+    k, so that the tokens past them are rightly dropped)."""
+    top, order = probs.topk(k, -1) if k < probs.size(-1) else probs.sort(-1, descending=True)  # [N, k]
+    mass = top.cumsum(-1)
+    mass_before = torch.cat([torch.zeros_like(mass[:, :1]), mass[:, :-1]], -1)
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, mass_before < top_p)
+    return keep, mass[:, -1] >= top_p
+
+
 def process_logits(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=None):
     """Temperature, top-k, top-p (nucleus), min-p, in that order, on fp32 logits [B, V].
 
@@ -107,28 +124,52 @@ def process_logits(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=Non
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1:
-        probs, order = logits.softmax(-1).sort(-1, descending=True)
-        mass_before = probs.cumsum(-1).roll(1, -1)
-        mass_before[..., 0] = 0  # the most likely token is always kept
-        drop = mass_before >= top_p  # the set already reached top_p without this token
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        V = logits.size(-1)
+        probs = logits.softmax(-1).reshape(-1, V)  # [N, V]
+        # (a GPU sorts whole rows: it sorts fast, and the check below would sync)
+        sizes = [k for k in NUCLEUS_CANDIDATES if k < V] + [V] if probs.device.type == "cpu" else [V]
+        keep, closed = _nucleus(probs, top_p, sizes[0])
+        for k in sizes[1:]:
+            if closed.all():
+                break
+            rows = (~closed).nonzero()[:, 0]  # those whose nucleus reaches past their candidates: more of them
+            keep[rows], closed[rows] = _nucleus(probs[rows], top_p, k)
+        logits = logits.masked_fill(~keep.view(logits.shape), float("-inf"))
     if min_p is not None and min_p > 0:
         probs = logits.softmax(-1)
         logits = logits.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), float("-inf"))
     return logits
 
 
-def sample(logits, generator=None):
-    """One token per row from softmax(logits). The exponential race (argmax p / q, q ~ Exp(1)) picks
-    token i with probability p_i, like torch.multinomial, without a sync with the host."""
-    probs = logits.softmax(-1)
-    q = torch.empty_like(probs).exponential_(1, generator=generator)
-    return (probs / q).argmax(-1)
+def sample(probs, generator=None):
+    """One token per row [...] from probabilities probs [..., V] (any non-negative weights: each row is scaled by
+    its total). A token of probability 0 (removed by top-k/p, min-p, or an -inf logit) is never drawn.
+
+    On the CPU: inverse-CDF sampling, one uniform per row (8x cheaper than the race below at a 49k vocabulary).
+    The CPU's cumsum adds each row in order in float64, so a zero adds nothing, and the first cdf value above
+    u * total (searchsorted right=True) belongs to a token of positive probability; the float32 cdf is exact to
+    2^-24 of the row's mass."""
+    if probs.device.type != "cpu":
+        # CUDA's cumsum is a parallel scan whose roundings can give a zero-probability token a sliver of the cdf;
+        # the exponential race (argmax p / q, q ~ Exp(1)) never picks one, and needs no sync with the host either
+        return (probs / torch.empty_like(probs).exponential_(1, generator=generator)).argmax(-1)
+    cdf = probs.float().cumsum(-1)  # [..., V]
+    total = cdf[..., -1:]  # [..., 1]
+    u = torch.rand_like(total, generator=generator) * total
+    u = torch.minimum(u, total.nextafter(torch.zeros_like(total)))  # below the last value, whatever rounding did
+    return torch.searchsorted(cdf, u, right=True)[..., 0]
+
+
+def greedy(logits):
+    """The most likely token of each row [...] of logits [..., V], the first of equals as argmax picks; through
+    max, whose CPU kernel is 4x faster than argmax's on bfloat16 (0.2 ms a token at V = 49,152)."""
+    return logits.max(-1).indices
 
 
 def next_tokens(logits, settings, generator=None):
     """One token per row [B] from logits [B, V] under `settings` (after the repetition penalty)."""
     if settings.temperature == 0:
-        return logits.argmax(-1)
-    return sample(process_logits(logits.float(), temperature=settings.temperature, top_k=settings.top_k,
-                                 top_p=settings.top_p, min_p=settings.min_p), generator)
+        return greedy(logits)
+    logits = process_logits(logits.float(), temperature=settings.temperature, top_k=settings.top_k,
+                            top_p=settings.top_p, min_p=settings.min_p)
+    return sample(logits.softmax(-1), generator)

@@ -20,7 +20,7 @@ Rows that have ended feed masked tokens only. generation.py wraps this loop (eva
 """
 import torch
 
-from .sampling import penalize_repetition, process_logits
+from .sampling import greedy, penalize_repetition, process_logits, sample
 
 PROMPT_LOOKUP = "prompt-lookup"
 DEFAULT_NUM_DRAFT = {PROMPT_LOOKUP: 10, "model": 5}  # lookup's proposals cost only the check's width
@@ -117,11 +117,6 @@ def _processed(logits, settings):
                           top_p=settings.top_p, min_p=settings.min_p).softmax(-1)
 
 
-def _race(probs, generator):
-    """One token per row of probs [..., V] (the exponential race, as sampling.sample)."""
-    return (probs / torch.empty_like(probs).exponential_(1, generator=generator)).argmax(-1)
-
-
 def residual(p, q):
     """The distribution to draw from after a rejection: max(0, p - q), renormalised [..., V]; p where p <= q
     everywhere (then no rejection could have happened, up to rounding)."""
@@ -163,10 +158,10 @@ class Drafter:
         drafted, probs = [], []
         for i in range(k):
             if settings.temperature == 0:
-                token = logits.argmax(-1)
+                token = greedy(logits)
             else:
                 probs.append(_processed(logits, settings))
-                token = _race(probs[-1], generator)
+                token = sample(probs[-1], generator)
             drafted.append(token)
             if i + 1 < k:  # the last one is fed next round, if the model keeps it
                 logits = cache.feed(token[:, None], alive)[:, -1]
@@ -200,7 +195,7 @@ def verify(logits, drafted, q, settings, generator=None, seen=None, new=None, is
         early = new[:, None] + torch.arange(k + 1, device=logits.device) < settings.min_new_tokens  # [B, k + 1]
         logits = logits.masked_fill(early[..., None] & is_eos, float("-inf"))
     if settings.temperature == 0:
-        best = logits.argmax(-1)  # [B, k + 1]
+        best = greedy(logits)  # [B, k + 1]
         counts = (drafted == best[:, :k]).cumprod(1).sum(1)  # [B]: drafts kept
         return counts, best.gather(1, counts[:, None])[:, 0]  # and the model's own token after them
     p = _processed(logits, settings)  # [B, k + 1, V]
@@ -214,7 +209,7 @@ def verify(logits, drafted, q, settings, generator=None, seen=None, new=None, is
         q_full = torch.zeros(B, k, V, device=p.device).scatter_(2, drafted[..., None], 1.0) if q is None else q
         q_at = torch.cat([q_full, torch.zeros_like(q_full[:, :1])], 1).gather(1, at)[:, 0]
         p_at = residual(p_at, q_at)  # after all k kept, q_at = 0: p itself
-    return counts, _race(p_at, generator)
+    return counts, sample(p_at, generator)
 
 
 def speculative_steps(model, draft, prompts, max_new_tokens, eos, settings, num_draft, stats, generator=None):

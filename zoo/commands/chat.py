@@ -35,7 +35,6 @@ def add_arguments(parser):
     parser.add_argument("--system", help="the system prompt (default: none, or the chat template's own)")
     add_sampling_arguments(parser)
     add_model_arguments(parser)
-    parser.add_argument("--adapter", help="a PEFT LoRA adapter folder to apply to the model")
     parser.add_argument("--context", type=int,
                         help="tokens of conversation kept, the answer's included (default: the model's block_size)")
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available, else cpu)")

@@ -57,6 +57,7 @@ def add_model_arguments(parser):
     parser.add_argument("--quantize", choices=("int8", "int4", "native"),
                         help="weight-only quantized matrices (faster decoding); native: a GGUF file's "
                              "Q4_0/Q4_1/Q8_0 blocks as they are (the fastest for a quantized GGUF)")
+    parser.add_argument("--adapter", help="a PEFT LoRA adapter folder to apply to the model")
 
 
 def sampling_of(args, num_beams=1):
@@ -77,7 +78,8 @@ def run(args):
         raise ValueError("--draft-quantize quantizes the --draft model: add --draft SOURCE")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("bfloat16" if args.quantize else "float32")
-    model, tokenizer = load_source(args.source, device=device, dtype=args.dtype, quantize=args.quantize)
+    model, tokenizer = load_source(args.source, device=device, dtype=args.dtype, quantize=args.quantize,
+                                   adapter=args.adapter)
     draft = "prompt-lookup" if args.prompt_lookup else None
     if args.draft:
         draft = load_source(args.draft, device=device, dtype="bfloat16" if args.draft_quantize else args.dtype,
