@@ -118,6 +118,7 @@ def compiled_step(model):
         def step(idx, input_pos, key_mask):
             return model(idx, input_pos=input_pos, key_mask=key_mask)
 
+        # a copy of its code object: the compiled variants dynamo keeps and matches calls against are its own
         step = types.FunctionType(step.__code__.replace(), step.__globals__, "step", None, step.__closure__)
         options = {"guard_filter_fn": _skip_module_guards}
         if device == "cpu":
@@ -131,13 +132,13 @@ def _skip_module_guards(guards):
 
 
 def _structure(model):
-    """What a compiled step depends on beyond its inputs: each module's type and hooks, and each weight's
-    name, shape, dtype and device; the KV caches aside (made and remade per generation, their shapes follow
-    the inputs')."""
+    """What a compiled step depends on beyond its inputs: each module's type, mode and hooks, and each weight's
+    name, shape, strides, dtype and device; the KV caches aside (made and remade per generation, their shapes
+    follow the inputs')."""
     def tensors(m):
-        return [(n, t.shape, t.dtype, t.device) for n, t in (*m._parameters.items(), *m._buffers.items())
-                if t is not None and n not in m._non_persistent_buffers_set]
-    return tuple((name, type(m), len(m._forward_hooks) + len(m._forward_pre_hooks), *tensors(m))
+        return [(n, t.shape, t.stride(), t.dtype, t.device) for n, t in (*m._parameters.items(),
+                *m._buffers.items()) if t is not None and n not in m._non_persistent_buffers_set]
+    return tuple((name, type(m), m.training, len(m._forward_hooks) + len(m._forward_pre_hooks), *tensors(m))
                  for name, m in model.named_modules() if not name.endswith("kv_cache"))
 
 
