@@ -155,7 +155,7 @@ def squeeze(text):
 
 @pytest.mark.slow
 def test_in_a_terminal_two_turns_reset_ctrl_c_save_and_load(tiny_chat_model, tmp_path):
-    n = 300  # tokens per answer: enough for Ctrl-C to land mid-answer
+    n = 340  # tokens per answer: Ctrl-C must land mid-answer (300 take 0.25 s here); the two turns fit in 1024
     term = Terminal(tiny_chat_model, "--max-new-tokens", n)
     try:
         term.read_until(">>>")
@@ -173,7 +173,7 @@ def test_in_a_terminal_two_turns_reset_ctrl_c_save_and_load(tiny_chat_model, tmp
         term.type("/reset\r")
         term.read_until(r"conversation is forgotten")
         term.type("Count to a thousand\r")
-        term.read_until(r"Count to a thousand\n[^\n>]{20}")  # the answer has begun (the terminal is cooked again)
+        term.read_until(r"Count to a thousand\n[^\n>]")  # the answer has begun (the terminal is cooked again)
         term.type("\x03")  # Ctrl-C: this answer stops, the chat goes on
         shown = term.read_until(r"\[stopped: \d+ tokens")
         assert int(re.search(r"\[stopped: (\d+) tokens", shown).group(1)) < n

@@ -81,9 +81,11 @@ def test_top_k_keeps_the_k_largest_and_their_ties():
 
 def test_temperature_scales_logits():
     logits = torch.tensor([[1.0, -2.0, 0.5]])
-    torch.testing.assert_close(process_logits(logits, temperature=0.5), logits * 2)
+    torch.testing.assert_close(process_logits(logits, temperature=0.5), (logits - 1.0) * 2)  # from a maximum of 0
     flat = process_logits(logits, temperature=1e4).softmax(-1)
     torch.testing.assert_close(flat, torch.full((1, 3), 1 / 3), atol=1e-3, rtol=0)
+    for tiny in (1e-30, 1e-300):  # its limit, greedy; not inf - inf = NaN, nor a temperature rounded to 0
+        assert process_logits(logits, temperature=tiny).softmax(-1).tolist() == [[1.0, 0.0, 0.0]]
 
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():

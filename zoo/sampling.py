@@ -107,7 +107,9 @@ def _nucleus(probs, top_p, k):
     top, order = probs.topk(k, -1) if k < probs.size(-1) else probs.sort(-1, descending=True)  # [N, k]
     mass = top.cumsum(-1)
     mass_before = torch.cat([torch.zeros_like(mass[:, :1]), mass[:, :-1]], -1)
-    keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, mass_before < top_p)
+    kept = mass_before < top_p  # [N, k]
+    kept[:, 0] = True  # also where top_p is below float32's smallest number and the comparison rounds it to 0
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, kept)
     return keep, mass[:, -1] >= top_p
 
 
@@ -118,8 +120,10 @@ def process_logits(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=Non
     most likely tokens whose probability reaches top_p; min-p keeps tokens whose probability is at
     least min_p times the most likely one's.
     """
-    if temperature != 1:
-        logits = logits / temperature
+    if temperature != 1:  # from a maximum of 0 (softmax ignores the shift), so that a tiny temperature sends
+        # the other logits to -inf, as its limit (greedy) does, rather than the maximum to inf and the row to NaN;
+        # one below the dtype's smallest normal number would round to 0 on the way in, so it stops there
+        logits = (logits - logits.amax(-1, keepdim=True)) / max(temperature, torch.finfo(logits.dtype).tiny)
     if top_k is not None and top_k < logits.size(-1):
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
