@@ -4,6 +4,7 @@ the chat should be holding (so history, /reset, /system, /load and trimming show
 import json
 import os
 import re
+import signal
 import select
 import subprocess
 import sys
@@ -102,6 +103,8 @@ class Terminal:
         import pty
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: the pty is its controlling terminal, so Ctrl-C there is a SIGINT
+            # which a shell's background job (pytest run with &) inherits ignored, and Python then leaves ignored
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             env = {**os.environ, "OMP_NUM_THREADS": "2", "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1"}
             os.execvpe(sys.executable, [sys.executable, "-m", "zoo", "chat", *map(str, args)], env)
         self.seen = ""
