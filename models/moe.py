@@ -126,7 +126,8 @@ class Attention(nn.Module):
         self.attend, self.kv_cache = Attend(), None
 
     def forward(self, x, cos, sin, mask, input_pos):
-        (B, T, _), H, H_kv, D = x.shape, self.n_head, self.n_kv_head, self.head_dim  # batch size, sequence length
+        B, T, _ = x.shape  # batch size, sequence length, n_embd
+        H, H_kv, D = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.qkv_proj(x).split((H * D, H_kv * D, H_kv * D), dim=-1)  # [B, T, H D], 2 x [B, T, H_kv D]
         if self.qk_norm == "proj":
             q, k = self.q_norm(q), self.k_norm(k)
@@ -199,7 +200,8 @@ class MoE(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.top_k, self.norm_topk_prob, self.router_logits = config.top_k, config.norm_topk_prob, None  # last [N, E]
-        self.gate, self.experts = nn.Linear(config.n_embd, config.n_expert, bias=False), Experts(config)
+        self.gate = nn.Linear(config.n_embd, config.n_expert, bias=False)
+        self.experts = Experts(config)
         if config.shared_expert_dim:
             self.shared_expert = MLP(config.n_embd, config.shared_expert_dim)
             self.shared_expert_gate = nn.Linear(config.n_embd, 1, bias=False)
@@ -218,7 +220,8 @@ class MoE(nn.Module):
 class Block(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
-        self.input_layernorm, self.self_attn = RMSNorm(config.n_embd, config.norm_eps), Attention(config)
+        self.input_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config.n_embd, config.ffn_dim) if layer in config.dense_layers else MoE(config)
         self.dropout = nn.Dropout(config.dropout)
@@ -333,7 +336,8 @@ class Model(nn.Module):
     def forward(self, idx, input_pos=None, key_mask=None, last_only=False, hidden=False):
         """idx [B, T] -> logits [B, T, vocab_size], or with hidden the final hidden state (after the final norm) that
         logits(h) maps to them; input_pos, key_mask and last_only as in models/llama.py."""
-        (pos, mask), x = self.positions_and_mask(idx, input_pos, key_mask), self.model.embed_tokens(idx)
+        pos, mask = self.positions_and_mask(idx, input_pos, key_mask)
+        x = self.model.embed_tokens(idx)  # [B, T, n_embd]
         cos, sin = self.rope_cos[pos][:, None].to(x.dtype), self.rope_sin[pos][:, None].to(x.dtype)  # [B|1, 1, T, D]
         for block in self.model.layers:
             x = block(x, cos, sin, mask, input_pos)

@@ -82,7 +82,6 @@ def projections(model):
 
 class Projections(dict):
     transposed = False
-    outer = {}
 
 
 def add_lora(model, r=8, alpha=16, dropout=0.0, targets=None):
