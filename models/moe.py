@@ -108,8 +108,8 @@ class Attend(nn.Module):
         if mask is None and causal and T <= 128 and q.dtype == torch.bfloat16 and q.device.type == "cpu":
             # a short causal block in bf16 on the CPU (training's): written out, 2-5x faster than SDPA's kernels there
             mask = torch.full((T, T), -torch.inf, dtype=q.dtype).triu(1).repeat(H // H_kv, 1)  # GQA's rows as above
-            scores = q.reshape(B, H_kv, -1, D) @ k.mT * (scale or D ** -0.5) + mask  # [B, H_kv, H / H_kv T, T]
-            return (F.dropout(scores.softmax(-1), dropout_p) @ v).view(B, H, T, D)
+            scores = torch.baddbmm(mask, q.reshape(B * H_kv, -1, D), k.flatten(0, 1).mT, alpha=scale or D ** -0.5)
+            return (F.dropout(scores.softmax(-1), dropout_p) @ v.flatten(0, 1)).view(B, H, T, D)  # [B, H, T, D]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and causal,
                                               dropout_p=dropout_p, scale=scale, enable_gqa=H > H_kv)  # [B, H, T, D]
 
