@@ -190,8 +190,9 @@ class Model(nn.Module):
             if B != self.cache_batch:
                 raise ValueError(f"a batch of {B} rows, but the KV cache holds {self.cache_batch}; call "
                                  f"setup_cache({B}, max_len) first")
-            # slots past the cache: several tokens read input_pos.max() below anyway; the one-token decode
-            # step is checked only where that costs no device sync (the CPU, outside torch.compile)
+            # the keys: the slots filled so far (up to `end`) where input_pos.max() costs no device sync (the CPU,
+            # outside torch.compile) or several tokens read it anyway, else every slot; none past the cache
+            end = self.cache_len
             if T > 1 or input_pos.device.type == "cpu" and not torch.compiler.is_compiling():
                 end = int(input_pos.max()) + 1
                 if end > self.cache_len:
@@ -200,8 +201,7 @@ class Model(nn.Module):
         slots = input_pos if input_pos is not None else torch.arange(T, device=idx.device)  # [T]
         if input_pos is None and key_mask is None:
             return slots[None], None
-        # the keys: T tokens (no cache), the cache's slots (one new token), those filled so far (several: `end`)
-        S = T if input_pos is None else self.cache_len if T == 1 else end
+        S = T if input_pos is None else end  # the keys: T tokens (no cache), or the cache's first `end` slots
         key_slots = torch.arange(S, device=idx.device)
         mask, pos = key_slots <= slots[:, None], slots[None]  # causal: [T, S]
         if key_mask is not None:
