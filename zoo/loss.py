@@ -29,7 +29,13 @@ import torch
 
 from .data import IGNORE
 
-CHUNK = 512  # positions per chunk: 512 x 49,152 float32 logits are 100 MB
+CHUNK_LOGITS = 512 * 49_152  # logits per chunk: 100 MB in float32 (512 positions of SmolLM2's vocabulary)
+
+
+def chunk_size(model):
+    """Positions per chunk for `model`: as many as CHUNK_LOGITS logits hold, and at least 512, so that a small
+    vocabulary's batch is one chunk (each chunk costs its own head matmul and gradient pass)."""
+    return max(512, CHUNK_LOGITS // model.config.vocab_size)
 
 
 def _cross_entropy(logits, targets, label_smoothing, want_grad, scale=None):
@@ -149,20 +155,21 @@ def hidden_state(net, model, x, **forward_kwargs):
     return net(x, **forward_kwargs, **hidden)
 
 
-def target_logps(model, hidden, targets, chunk=CHUNK):
+def target_logps(model, hidden, targets, chunk=None):
     """log p of each target [K] (none IGNORE) in float32 under model.logits(hidden), one chunk of positions at a
     time; differentiable (see the module's docstring). hidden [K, C]: positions of hidden_state's output, taken
     before this call (FSDP registers the gathered output layer in the model during its forward pass)."""
     head, params = head_of(model)
-    return -_HeadCrossEntropy.apply(hidden, targets, head, 0.0, chunk, torch.is_grad_enabled(), True, *params)
+    return -_HeadCrossEntropy.apply(hidden, targets, head, 0.0, chunk or chunk_size(model), torch.is_grad_enabled(),
+                                    True, *params)
 
 
 class HeadLoss:
     """The mean cross-entropy of a model's output against targets, through its `logits` in chunks (see the
     module's docstring); a model without one (the bigram) has its logits' cross-entropy computed in chunks."""
 
-    def __init__(self, model, chunk=CHUNK):
-        self.model, self.chunk = model, chunk
+    def __init__(self, model, chunk=None):
+        self.model, self.chunk = model, chunk or chunk_size(model)
 
     def __call__(self, net, x, y, label_smoothing=0.0, reduction="mean"):
         """net(x)'s loss against y [B, T] (net: the model, or DDP / torch.compile around it): the mean over

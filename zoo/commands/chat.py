@@ -15,6 +15,7 @@ import sys
 import torch
 
 from ..generation import complete
+from ..prepack import prepack
 from ..sources import describe_source, load_source
 from .generate import add_model_arguments, add_sampling_arguments, sampling_of
 
@@ -181,6 +182,7 @@ def run(args):
     dtype = args.dtype or ("bfloat16" if args.quantize else "float32")
     model, tokenizer = load_source(args.source, device=device, dtype=dtype, quantize=args.quantize,
                                    adapter=args.adapter)
+    prepack(model)  # bfloat16 on the CPU: oneDNN's reordered weights (zoo/prepack.py)
     if tokenizer.chat_template is None:
         raise ValueError(f"{args.source} has no chat template: zoo chat talks to chat models (zoo generate "
                          "continues text)")

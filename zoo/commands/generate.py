@@ -5,6 +5,7 @@ import time
 import torch
 
 from ..generation import complete
+from ..prepack import prepack
 from ..sources import describe_source, load_source
 from ..sampling import SamplingConfig
 
@@ -80,6 +81,8 @@ def run(args):
     args.dtype = args.dtype or ("bfloat16" if args.quantize else "float32")
     model, tokenizer = load_source(args.source, device=device, dtype=args.dtype, quantize=args.quantize,
                                    adapter=args.adapter)
+    if not args.compile:  # (the compiled step cannot trace oneDNN's reordered weights; it fuses its own)
+        prepack(model)
     draft = "prompt-lookup" if args.prompt_lookup else None
     if args.draft:
         draft = load_source(args.draft, device=device, dtype="bfloat16" if args.draft_quantize else args.dtype,

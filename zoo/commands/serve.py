@@ -6,6 +6,7 @@ import sys
 import torch
 
 from ..engine import Engine
+from ..prepack import prepack
 from ..sources import describe_source, load_source
 
 HELP = "serve a model over the OpenAI HTTP API, with a chat page (default model: smollm2-135m-instruct)"
@@ -56,6 +57,8 @@ def run(args):
                          f"number >= 1, not {args.num_draft}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_source(args.source, device=device, dtype=args.dtype)
+    if not args.compile:  # (the compiled step cannot trace oneDNN's reordered weights; it fuses its own)
+        prepack(model)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, compile=args.compile,
                     draft="prompt-lookup" if args.prompt_lookup else None, num_draft=args.num_draft)
     name = args.served_model_name or args.source

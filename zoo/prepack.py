@@ -1,0 +1,48 @@
+"""bfloat16 Linear layers on the CPU with their weights reordered once into oneDNN's own layout, for inference.
+
+`F.linear` hands oneDNN a plain row-major weight on every call; a weight reordered once into oneDNN's blocked
+layout (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's freezing does to constant weights) skips that
+work. The products are the same, bit for bit (tests/test_generate.py), and decoding's few rows get them 1.4-2.2x
+faster: on one AMD EPYC core, SmolLM2's 576 -> 1536 projection took 84 -> 45 us for one row and 134 -> 88 us for
+eight, its 49,152-token head 9.4 -> 4.3 ms and 8.7 -> 5.0 ms; from ~40 rows on (prefill) the two are level.
+
+    model = prepack(model)          # in place; the model's bfloat16 Linear layers on the CPU, for inference only
+
+A prepacked weight has no gradient, cannot be saved or moved, and torch.compile cannot trace it: prepack a model
+this process loaded to serve or generate eagerly (`zoo serve` and `zoo generate` do, in bfloat16 on the CPU), not
+one it will train, save or compile. A tied head gets its own reordered copy; the embedding keeps the plain table.
+"""
+import torch
+import torch.nn as nn
+
+
+class PrepackedLinear(nn.Module):
+    """y = x Wᵀ (+ b) by oneDNN over W [out_features, in_features] reordered once (see the module's docstring)."""
+
+    def __init__(self, linear: nn.Linear, rows):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach()
+        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight, rows))  # dtype, device: W's
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+    def forward(self, x):
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+def can_prepack(dtype, device):
+    """Whether prepack would change anything for weights of this dtype on this device."""
+    return dtype == torch.bfloat16 and torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available()
+
+
+def prepack(model, rows=8):
+    """Replace every bfloat16 nn.Linear of `model` on the CPU by a PrepackedLinear (its weight reordered for a
+    product over `rows` rows, oneDNN's hint; any number of rows works); returns the model."""
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is nn.Linear and can_prepack(child.weight.dtype, child.weight.device):
+                setattr(module, child_name, PrepackedLinear(child, rows))
+    return model
