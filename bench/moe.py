@@ -5,8 +5,8 @@ OLMoE-1B-7B's so that it fits beside other work): prefill tokens/s (one forward 
 logits only: zoo's last_only, transformers' logits_to_keep=1, as its generate does) and greedy decode tokens/s
 (generate, batch 1: zoo eagerly and with its decode step compiled, compile=True, whose one-time compile is left
 out as a warm-up), fp32 and bf16, 2 threads; bf16 adds zoo's prepacked model (zoo/prepack.py: what `zoo generate`,
-`serve` and `chat` run); the sides in one process, their runs interleaved so that a busy
-machine slows them alike. Prints each side's median and the ratio zoo / transformers.
+`serve` and `chat` run); the sides in one process, their runs interleaved so that a busy machine slows them alike.
+Prints each side's median and the ratio zoo / transformers.
 
     flock /tmp/bench.lock python bench/moe.py             # not a test: run it alone, on a quiet machine
     python bench/moe.py --layers 2 --repeats 1            # a quick check that it runs

@@ -2,7 +2,7 @@
 
 `F.linear` hands oneDNN a plain row-major weight on every call; a weight reordered once into oneDNN's blocked
 layout (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's freezing does to constant weights) skips that
-work. The products are the same, bit for bit (tests/test_generate.py), and decoding's few rows get them 1.4-2.2x
+work. The products are the same, bit for bit (tests/test_prepack.py), and decoding's few rows get them 1.4-2.2x
 faster: on one AMD EPYC core, SmolLM2's 576 -> 1536 projection took 84 -> 45 us for one row and 134 -> 88 us for
 eight, its 49,152-token head 9.4 -> 4.3 ms and 8.7 -> 5.0 ms; from ~40 rows on (prefill) the two are level.
 
