@@ -7,7 +7,8 @@ import zoo
 from zoo.engine import Engine
 from zoo.sampling import SamplingConfig
 from zoo.tokenizers import CharTokenizer
-from zoo.prepack import PrepackedLinear, can_prepack, prepack
+from zoo.models.moe import Experts
+from zoo.prepack import PrepackedExperts, PrepackedLinear, can_prepack, prepack
 
 from conftest import TINY, tiny
 
@@ -29,7 +30,8 @@ def bf16(name):
 def test_prepacked_model_computes_the_same_logits_and_tokens(name):
     plain, packed = bf16(name), prepack(bf16(name))
     assert any(isinstance(m, PrepackedLinear) for m in packed.modules())
-    assert not any(type(m) is torch.nn.Linear for m in packed.modules())
+    assert not any(type(m) in (torch.nn.Linear, Experts) for m in packed.modules())
+    assert any(isinstance(m, PrepackedExperts) for m in packed.modules()) == (TINY[name][0] == "moe")
     idx = torch.randint(0, 37, (3, 13), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(packed(idx), plain(idx))
