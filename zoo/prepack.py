@@ -9,8 +9,8 @@ eight, its 49,152-token head 9.4 -> 4.3 ms and 8.7 -> 5.0 ms; from ~40 rows on (
     model = prepack(model)          # in place; the model's bfloat16 Linear layers on the CPU, for inference only
 
 A prepacked weight has no gradient, cannot be saved or moved, and torch.compile cannot trace it: prepack a model
-this process loaded to serve or generate eagerly (`zoo serve` and `zoo generate` do, in bfloat16 on the CPU), not
-one it will train, save or compile. A tied head gets its own reordered copy; the embedding keeps the plain table.
+this process loaded to serve or generate eagerly (`zoo serve`, `generate` and `chat` do, in bfloat16 on the CPU),
+not one it will train, save or compile. A tied head gets its own reordered copy; the embedding keeps the plain table.
 A mixture of experts' stacked experts (models/moe.py) are reordered expert by expert (PrepackedExperts): on
 bench/moe.py's OLMoE-shaped model (one EPYC core) bf16 decoding went 29 -> 44 tok/s and a 256-token prefill 285 ->
 251 ms, the products again the same bit for bit.
@@ -65,7 +65,7 @@ def prepack(model, rows=8):
     """Replace every bfloat16 nn.Linear of `model` on the CPU by a PrepackedLinear (its weight reordered for a
     product over `rows` rows, oneDNN's hint; any number of rows works), and every such float Experts by
     PrepackedExperts; returns the model."""
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is nn.Linear and can_prepack(child.weight.dtype, child.weight.device):
                 setattr(module, child_name, PrepackedLinear(child.weight, child.bias, rows))
