@@ -117,7 +117,7 @@ class CacheRows:
     - When the frontier reaches L, every row's real slots are packed to the right of a new, lower frontier
       (their order kept, so their positions do not change); if that leaves under a quarter free, L doubles
       (multiples of 256 from the default first length), up to block_size. restart() goes back to the first
-      length, so attention, which reads all L slots each step, stays short.
+      length, so attention, which reads the slots up to the frontier each step (all L when compiled), stays short.
     - A forward over rows [lo, hi) sees them alone: every attention module's kv_cache.k and .v point at views
       of those rows of the full tensors, and model.cache_batch is hi - lo (the contract "The cache, as
       zoo/engine.py uses it" in models/__init__.py; tests/test_models.py checks it for every file).
