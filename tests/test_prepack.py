@@ -1,5 +1,7 @@
 """zoo/prepack.py: bfloat16 Linear layers over oneDNN's reordered weights give the plain layers' products bit for bit,
 in a forward pass, in greedy decoding and in the engine's batches, for every architecture."""
+import copy
+
 import pytest
 import torch
 
@@ -64,3 +66,43 @@ def test_prepack_leaves_what_it_cannot_help():
     assert not any(isinstance(m, PrepackedLinear) for m in prepack(fp32).modules())
     tied = prepack(tiny("llama-gqa").to(torch.bfloat16))  # tie_embeddings: the head gets its own reordered copy
     assert isinstance(tied.lm_head, PrepackedLinear) and type(tied.model.embed_tokens.weight) is torch.nn.Parameter
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, gpt2_bpe):
+    """A tiny GPT-2 saved with GPT-2's tokenizer: (folder, the model, the tokenizer)."""
+    torch.manual_seed(0)
+    model, tok = zoo.build("gpt2", dict(n_layer=1, n_head=2, n_embd=16, block_size=32)), zoo.tokenizer("gpt2")
+    folder = tmp_path_factory.mktemp("tiny") / "tiny"
+    zoo.save_pretrained(model, folder, tokenizer=tok)
+    return folder, model, tok
+
+
+def prepacked_by(monkeypatch, command):
+    """The models a command module's prepack call packs, recorded (the call itself unchanged)."""
+    seen = []
+    monkeypatch.setattr(command, "prepack", lambda model: seen.append(prepack(model)) or model)
+    return seen
+
+
+def test_zoo_generate_and_serve_run_bf16_models_prepacked(tiny_folder, monkeypatch, capsys):
+    """`zoo generate` in bf16 prepacks its model and writes the plain bf16 model's greedy text; `zoo serve` prepacks
+    the model it serves, except with --compile (whose step cannot trace the reordered weights)."""
+    import uvicorn
+    from zoo.cli import main
+    from zoo.commands import generate, serve
+
+    folder, model, tok = tiny_folder
+    seen = prepacked_by(monkeypatch, generate)
+    assert main(["generate", str(folder), "--prompt", "Hello", "--max-new-tokens", "12", "--temperature", "0",
+                 "--dtype", "bfloat16", "--device", "cpu"]) == 0
+    assert len(seen) == 1 and any(isinstance(m, PrepackedLinear) for m in seen[0].modules())
+    plain = copy.deepcopy(model).to(torch.bfloat16).eval()
+    assert capsys.readouterr().out == zoo.complete(plain, tok, "Hello", max_new_tokens=12, temperature=0) + "\n"
+
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: None)  # the app is built, never served
+    seen = prepacked_by(monkeypatch, serve)
+    assert main(["serve", str(folder), "--dtype", "bfloat16", "--device", "cpu"]) == 0
+    assert len(seen) == 1 and any(isinstance(m, PrepackedLinear) for m in seen[0].modules())
+    assert main(["serve", str(folder), "--dtype", "bfloat16", "--device", "cpu", "--compile"]) == 0
+    assert len(seen) == 1
