@@ -67,14 +67,22 @@ def prompt_ids(tokenizer, n):
 MATMULS = (torch.nn.Linear, Int8Linear, Int4Linear)
 
 
-def weight_bytes(model):
+def weight_bytes(model, compiled=False):
     """Bytes the decode step's matmuls read: every distinct matrix once (a tied head is read as the head;
-    an embedding is looked up, one row per token)."""
+    an embedding is looked up, one row per token). Compiled, an 8-bit head in planes that shares its
+    embedding's rows reads those instead (zoo/quantization.py: Int4Linear.row_product)."""
     seen = {}
     for m in model.modules():
         if isinstance(m, MATMULS):
-            for t in ([m.weight] if isinstance(m, torch.nn.Linear) else m.buffers()):
-                seen[t.data_ptr()] = t.numel() * t.element_size()
+            if isinstance(m, torch.nn.Linear):
+                tensors = [m.weight]
+            elif compiled and getattr(m, "row_codes", None) is not None:
+                tensors = [m.row_codes, m.row_scales, m.row_zeros, m.bias]
+            else:
+                tensors = m.state_dict().values()
+            for t in tensors:
+                if t is not None:
+                    seen[t.data_ptr()] = t.numel() * t.element_size()
     return sum(seen.values())
 
 
@@ -183,7 +191,8 @@ def main():
                 per_token = (total - prefill) / (n_new - 1)
                 same = next((i for i, (a, b) in enumerate(zip(outputs[name], outputs["zoo"])) if a != b), n_new)
                 # llama.cpp reads the file's blocks: its tensor bytes, about the file's size
-                side_bytes = gguf.stat().st_size if name.startswith("llama.cpp") else nbytes
+                side_bytes = gguf.stat().st_size if name.startswith("llama.cpp") else \
+                    weight_bytes(model, compiled="compiled" in name)
                 rows.append(dict(dtype=dtype_name, side=name, prefill_ms=prefill * 1e3, tok_s=n_new / total,
                                  decode_tok_s=1 / per_token, ms_token=per_token * 1e3,
                                  gbs=side_bytes / per_token / 1e9,

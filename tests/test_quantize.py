@@ -178,6 +178,48 @@ def test_tiny_model_compiles():
     assert zoo.generate(model, prompt, 6, temperature=0, compile=True)[0] == eager
 
 
+@pytest.mark.parametrize("zero_points", [False, True])
+def test_compiled_head_reads_the_tied_embeddings_rows(zero_points):
+    """An 8-bit head in groups (two int4 planes) tied to its embedding shares the embedding's row-major codes, and
+    a compiled one-row product reads those (inductor's own loop) instead of the planes: the same matrix, with and
+    without zero points (Q8_0; Q5_1); several rows, and eager calls, still run the planes' kernel."""
+    torch.manual_seed(0)
+    w = torch.randn(96, 64)
+    q = quantize_tensor(w, 8, 32)
+    if zero_points:
+        q = Quantized(q.codes, q.scale, torch.randn_like(q.scale) * 0.1, 8, 32)
+    head, embedding = linear_from(q, torch.bfloat16), QuantEmbedding.from_quantized(q, torch.bfloat16)
+    quantization._share_rows(head, embedding)
+    assert head.planes == 2 and head.row_codes is embedding.codes and head.row_scales is embedding.scales
+    assert (head.row_zeros is None) != zero_points
+    rounded = Quantized(q.codes, q.scale.bfloat16().float(), q.zero.bfloat16().float(), 8, 32)
+    x = torch.randn(1, 3, 64).bfloat16()
+    want = F.linear(x.float(), rounded.dequantize())
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append({str(n.target) for n in gm.graph.nodes})
+        return gm.forward
+
+    got = torch.compile(head, backend=backend, fullgraph=True)(x[:, :1])
+    assert "zoo.materialize.default" in graphs[0] and not any("int4pack" in t for t in graphs[0]), graphs[0]
+    torch.testing.assert_close(got.float(), want[:, :1], rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(torch.compile(head)(x[:, :1]).float(), want[:, :1], rtol=1e-2, atol=1e-2)  # inductor
+    torch.compile(head, backend=backend, fullgraph=True)(x)  # three rows: the planes
+    assert any("int4pack" in t for t in graphs[-1])
+    torch.testing.assert_close(head(x).float(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_tied_8bit_head_in_groups_compiles():
+    """zoo.quantize in int8 with groups ties the head's planes to the embedding's rows; the compiled decode step
+    (which reads the rows) generates the eager model's tokens."""
+    model = zoo.quantize(tiny_llama(), "int8", group_size=32)
+    assert model.lm_head.row_codes is model.model.embed_tokens.codes
+    prompt = [5, 17, 33, 2, 90]
+    eager = zoo.generate(model, prompt, 8, temperature=0)[0]
+    assert zoo.generate(model, prompt, 8, temperature=0, compile=True)[0] == eager
+
+
 def test_load_with_quantize():
     model = zoo.load("smollm2-135m-instruct", n_layer=1, quantize="int4")  # random weights, quantized
     assert isinstance(model.model.layers[0].mlp.gate_up_proj, Int4Linear)
