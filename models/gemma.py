@@ -115,12 +115,10 @@ class Attend(nn.Module):
 
     def forward(self, q, k, v, mask, causal, dropout_p=0.0, scale=None):
         (B, H, T, D), H_kv = q.shape, k.size(1)
-        if T == 1:  # one new token: query heads sharing a K/V head attend as rows of one head [B, H_kv, H / H_kv, D]
-            q, scale = q.reshape(B, H_kv, H // H_kv, D), scale or D ** -0.5
-            if not torch.compiler.is_compiling():  # eagerly, SDPA's kernel
-                return F.scaled_dot_product_attention(q, k, v, mask, dropout_p, scale=scale).view(B, H, 1, D)
-            p = (q.float() @ k.float().mT * scale + (0 if mask is None else mask)).softmax(-1)  # compiled: written out
-            return (F.dropout(p, dropout_p) @ v.float()).to(q.dtype).view(B, H, 1, D)  # in fp32, which inductor fuses
+        if T == 1 and H > H_kv:
+            # one new token: the query heads sharing a K/V head attend as rows of one head, faster than enable_gqa
+            return F.scaled_dot_product_attention(q.reshape(B, H_kv, H // H_kv, D), k, v, attn_mask=mask,
+                                                  dropout_p=dropout_p, scale=scale).view(B, H, 1, D)
         if mask is None and causal and T <= 128 and q.dtype == torch.bfloat16 and q.device.type == "cpu":
             # a short causal block in bf16 on the CPU (training's): written out, 2-5x faster than SDPA's kernels there
             mask = torch.full((T, T), -torch.inf, dtype=q.dtype).triu(1).repeat(H // H_kv, 1)  # GQA's rows as above

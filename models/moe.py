@@ -101,12 +101,10 @@ class Attend(nn.Module):
 
     def forward(self, q, k, v, mask, causal, dropout_p=0.0, scale=None):
         (B, H, T, D), H_kv = q.shape, k.size(1)
-        if T == 1:  # one new token: query heads sharing a K/V head attend as rows of one head [B, H_kv, H / H_kv, D]
-            q, scale = q.reshape(B, H_kv, H // H_kv, D), scale or D ** -0.5
-            if not torch.compiler.is_compiling():  # eagerly, SDPA's kernel
-                return F.scaled_dot_product_attention(q, k, v, mask, dropout_p, scale=scale).view(B, H, 1, D)
-            p = (q.float() @ k.float().mT * scale + (0 if mask is None else mask)).softmax(-1)  # compiled: written out
-            return (F.dropout(p, dropout_p) @ v.float()).to(q.dtype).view(B, H, 1, D)  # in fp32, which inductor fuses
+        if T == 1 and H > H_kv:
+            # one new token: the query heads sharing a K/V head attend as rows of one head, faster than enable_gqa
+            return F.scaled_dot_product_attention(q.reshape(B, H_kv, H // H_kv, D), k, v, attn_mask=mask,
+                                                  dropout_p=dropout_p, scale=scale).view(B, H, 1, D)
         if mask is None and causal and T <= 128 and q.dtype == torch.bfloat16 and q.device.type == "cpu":
             # a short causal block in bf16 on the CPU (training's): written out, 2-5x faster than SDPA's kernels there
             mask = torch.full((T, T), -torch.inf, dtype=q.dtype).triu(1).repeat(H // H_kv, 1)  # GQA's rows as above
@@ -256,9 +254,10 @@ class Model(nn.Module):
                 nn.init.normal_(p, std=(0.02 / (2 * config.n_layer) ** 0.5 if residual else 0.02) * (p.dim() > 1))
 
     def router_losses(self):
-        """After a forward: (load-balancing loss, z-loss: mean squared logsumexp, tokens per expert [MoE layers, E]).
-        Switch's (Fedus et al., 2021) per layer, E * sum_e f_e P_e (f_e: e's share of the top-k picks, P_e: its mean
-        probability; k if balanced), averaged over layers (transformers pools them: idle e hides behind busy e)."""
+        """After a forward: (load-balancing loss, z-loss, tokens per expert [MoE layers, E]). Switch Transformer's
+        loss (Fedus et al., 2021) of each layer, E * sum_e f_e P_e (f_e: expert e's share of the layer's top-k picks,
+        P_e: its mean router probability; k when balanced), averaged over the layers (transformers pools all layers'
+        tokens in one f and P: one layer's idle expert e hides behind another's busy e); z-loss: mean sq. logsumexp."""
         logits = [b.mlp.router_logits for b in self.model.layers if isinstance(b.mlp, MoE)]  # L x [N, E]
         if not logits or logits[0] is None:
             raise ValueError("router_losses: no router logits yet; run a forward pass first")
@@ -336,7 +335,8 @@ class Model(nn.Module):
         return pos, torch.zeros_like(mask, dtype=self.lm_head.weight.dtype).masked_fill_(~mask, float("-inf"))
 
     def forward(self, idx, input_pos=None, key_mask=None, last_only=False, hidden=False):
-        """idx [B, T] -> logits [B, T, vocab_size] (hidden: the normed final states); the rest as in models/llama.py."""
+        """idx [B, T] -> logits [B, T, vocab_size], or with hidden the final hidden state (after the final norm) that
+        logits(h) maps to them; input_pos, key_mask and last_only as in models/llama.py."""
         pos, mask = self.positions_and_mask(idx, input_pos, key_mask)
         x = self.model.embed_tokens(idx)  # [B, T, n_embd]
         cos, sin = self.rope_cos[pos][:, None].to(x.dtype), self.rope_sin[pos][:, None].to(x.dtype)  # [B|1, 1, T, D]
