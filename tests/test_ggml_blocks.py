@@ -24,10 +24,11 @@ def test_every_default_type_is_read():
     assert all(GGMLQuantizationType[name] == qtype for qtype, name in ggml_blocks.TYPES.items())
 
 
+@pytest.mark.parametrize("rows, blocks_per_row", [(3, 5), (ggml_blocks.CHUNK // 4 + 1, 4)], ids=["few", "chunks"])
 @pytest.mark.parametrize("qtype", ggml_blocks.TYPES, ids=ggml_blocks.TYPES.get)
-def test_bit_identical_to_gguf_quants(qtype):
+def test_bit_identical_to_gguf_quants(qtype, rows, blocks_per_row):
+    """On a few blocks, and on more than a chunk of them (those dequantized a chunk at a time)."""
     block, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
-    rows, blocks_per_row = 3, 5
     raw = np.random.default_rng(qtype).integers(0, 256, rows * blocks_per_row * nbytes, dtype=np.uint8)
     with np.errstate(all="ignore"):
         want = reference(raw.reshape(rows, -1), GGMLQuantizationType(qtype))

@@ -178,23 +178,28 @@ def test_tiny_model_compiles():
     assert zoo.generate(model, prompt, 6, temperature=0, compile=True)[0] == eager
 
 
-@pytest.mark.parametrize("zero_points", [False, True])
-def test_compiled_head_reads_the_tied_embeddings_rows(zero_points):
-    """An 8-bit head in groups (two int4 planes) tied to its embedding shares the embedding's row-major codes, and
-    a compiled one-row product reads those (inductor's own loop) instead of the planes: the same matrix, with and
-    without zero points (Q8_0; Q5_1); several rows, and eager calls, still run the planes' kernel."""
+@pytest.mark.parametrize("zero_points, bias, head_first", [(False, False, False), (True, True, True)])
+@torch.no_grad()
+def test_compiled_head_reads_the_tied_embeddings_rows(zero_points, bias, head_first):
+    """An 8-bit head in groups (two int4 planes) tied to its embedding shares the embedding's row-major codes
+    (whichever is built first), and a compiled one-row product reads those (inductor's own loop) instead of the
+    planes: the same matrix, with and without zero points (Q8_0; Q5_1) and a bias; several rows, and eager calls,
+    still run the planes' kernel."""
     torch.manual_seed(0)
     w = torch.randn(96, 64)
     q = quantize_tensor(w, 8, 32)
     if zero_points:
         q = Quantized(q.codes, q.scale, torch.randn_like(q.scale) * 0.1, 8, 32)
-    head, embedding = linear_from(q, torch.bfloat16), QuantEmbedding.from_quantized(q, torch.bfloat16)
-    quantization._share_rows(head, embedding)
+    layers = {"head": torch.nn.Linear(64, 96, bias=bias), "embedding": torch.nn.Embedding(96, 64)}
+    shared = {}
+    built = {k: quantization._module_for(layers[k], q, torch.bfloat16, shared)
+             for k in (["head", "embedding"] if head_first else ["embedding", "head"])}
+    head, embedding = built["head"], built["embedding"]
     assert head.planes == 2 and head.row_codes is embedding.codes and head.row_scales is embedding.scales
     assert (head.row_zeros is None) != zero_points
     rounded = Quantized(q.codes, q.scale.bfloat16().float(), q.zero.bfloat16().float(), 8, 32)
     x = torch.randn(1, 3, 64).bfloat16()
-    want = F.linear(x.float(), rounded.dequantize())
+    want = F.linear(x.float(), rounded.dequantize(), None if head.bias is None else head.bias.float())
     graphs = []
 
     def backend(gm, inputs):
@@ -203,6 +208,7 @@ def test_compiled_head_reads_the_tied_embeddings_rows(zero_points):
 
     got = torch.compile(head, backend=backend, fullgraph=True)(x[:, :1])
     assert "zoo.materialize.default" in graphs[0] and not any("int4pack" in t for t in graphs[0]), graphs[0]
+    assert got.shape == (1, 1, 96)
     torch.testing.assert_close(got.float(), want[:, :1], rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(torch.compile(head)(x[:, :1]).float(), want[:, :1], rtol=1e-2, atol=1e-2)  # inductor
     torch.compile(head, backend=backend, fullgraph=True)(x)  # three rows: the planes
@@ -295,6 +301,7 @@ def test_native_gguf_matches_the_dequantized_model(smollm2_gguf_path, passage, r
     native = zoo.from_pretrained(str(smollm2_gguf_path), quantize="native")
     layers = [native.model.layers[0].self_attn.qkv_proj, native.model.layers[5].mlp.gate_up_proj, native.lm_head]
     assert all(isinstance(m, Int4Linear) for m in layers) and native.lm_head.planes == 2  # Q8_0 as two planes
+    assert native.lm_head.row_codes is native.model.embed_tokens.codes  # and its tied embedding's rows, compiled
     assert isinstance(native.model.embed_tokens, QuantEmbedding)
     # kept packed: the weights take about the file's size, not the 2 bytes per weight of bf16
     from zoo.quantization import weight_bytes

@@ -31,8 +31,10 @@ The tied head and token embedding share their codes where the kernel's layout al
 scale per row); otherwise the embedding keeps its own row-major codes for the lookup (int4: an eighth of
 the bfloat16 table each). A compiled one-row product (the decode step) of an 8-bit head in groups reads
 those row-major codes instead of its two planes: inductor fuses the dequantization into the products'
-sums, 1.06 bytes per weight where the planes take 1.25 (Gemma 3 270M's 262,144-row head: 9.6 ms, not 11-12). A quantized model generates, batches, beam-searches and compiles like any
-other; `save_pretrained` refuses it (save the unquantized model and quantize when loading).
+sums, 1.06 bytes per weight where the planes take 1.25 (Gemma 3 270M's 262,144-row head: 9.6 ms, not 11-12).
+
+A quantized model generates, batches, beam-searches and compiles like any other; `save_pretrained`
+refuses it (save the unquantized model and quantize when loading).
 """
 import functools
 import logging
@@ -271,7 +273,8 @@ class Int4Linear(nn.Module):
 
     def share_rows(self, embedding):
         """Take the tied 8-bit embedding's row-major codes, scales and zero points (the same matrix, the same
-        tensors: no copy) for compiled one-row products."""
+        tensors: no copy) for compiled one-row products. Shared as built: a later .to() converts each module's
+        buffers apart (the values stay equal)."""
         self.row_codes, self.row_scales, self.row_zeros = embedding.codes, embedding.scales, embedding.zeros
 
     @property
@@ -286,9 +289,9 @@ class Int4Linear(nn.Module):
     def forward(self, x):
         x2 = x.reshape(-1, self.in_features)
         if self.row_codes is not None and x2.shape[0] == 1 and x2.device.type == "cpu" \
-                and torch.compiler.is_compiling():
-            y = self.row_product(x2).to(x2.dtype)
-            return y.view(*x.shape[:-1], self.out_features) if self.bias is None else y + self.bias
+                and torch.compiler.is_compiling() and not torch.is_grad_enabled():  # (materialize has no backward)
+            y = self.row_product(x2).to(x2.dtype).view(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
         if self.planes == 2:
             x2 = torch.cat((x2, x2), 1)
         if self.device_type == "cuda":
