@@ -101,14 +101,15 @@ def matvec_ms(model, repeats=10):
     return best * 1e3
 
 
-def llama_cpp_side(gguf, prompt, threads):
+def llama_cpp_side(gguf, prompt, threads, n_new):
     """llama.cpp (llama-cpp-python) on the GGUF file: greedy, its KV cache cleared before every run (no
     reuse of an earlier run's prompt), or None when llama_cpp is not importable."""
     try:
         from llama_cpp import Llama
     except ImportError:
         return None
-    llm = Llama(model_path=str(gguf), n_ctx=512, n_threads=threads, n_threads_batch=threads, n_batch=512,
+    n_ctx = max(512, len(prompt) + n_new)  # the prompt in one batch, as the zoo prefills it
+    llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=n_ctx,
                 verbose=False)
 
     def run(n):
@@ -161,7 +162,7 @@ def main():
             if dtype_name == "bfloat16":  # what zoo generate, serve and chat run: oneDNN's reordered weights
                 sides["zoo, prepacked"] = lambda n, m=prepack(load_zoo(dtype)[0]): zoo.generate(m, prompt, n,
                                                                                                temperature=0)[0]
-            if dtype_name == "native" and (llama := llama_cpp_side(gguf, prompt, args.threads)):
+            if dtype_name == "native" and (llama := llama_cpp_side(gguf, prompt, args.threads, n_new)):
                 sides["llama.cpp (llama-cpp-python)"] = llama
             if not quantized:
                 hf = load_transformers(load_zoo(torch.float32)[0], dtype, folder)

@@ -45,6 +45,29 @@ def test_linear_computes_the_dequantized_matrix(bits, group_size):
     assert ((q.dequantize() - w).abs() <= q.scale.repeat_interleave(group_size, 1) / 2 + 1e-6).all()
 
 
+@pytest.mark.parametrize("native_bf16", [True, False], ids=["bf16 CPU", "float32 CPU"])
+@pytest.mark.parametrize("bits", [4, 8], ids=["int4", "8-bit planes"])
+def test_int4_layers_take_a_dequantized_gemm_for_many_rows(bits, native_bf16, monkeypatch):
+    """From INT4_GEMM_ROWS rows on, an int4-kernel layer multiplies by a dequantized copy of its packed codes (the CPU
+    kernel's layout unpacked, the planes summed): the matrix the codes stand for, with its bias, at any batch shape."""
+    monkeypatch.setattr(quantization, "native_bf16", lambda: native_bf16)
+    torch.manual_seed(0)
+    w, bias = torch.randn(128, 96), torch.randn(128)
+    q = quantize_tensor(w, bits, 32)
+    layer = linear_from(q, torch.bfloat16, bias.bfloat16())
+    rounded = Quantized(q.codes, q.scale.bfloat16().float(), q.zero.bfloat16().float(), bits, 32).dequantize()
+    torch.testing.assert_close(layer.dequantized(), rounded, rtol=1e-6, atol=1e-6)
+    calls = []
+    monkeypatch.setattr(Int4Linear, "dequantized", lambda self, f=Int4Linear.dequantized: calls.append(1) or f(self))
+    x = torch.randn(3, quantization.INT4_GEMM_ROWS // 3 + 1, 96).bfloat16()
+    got = layer(x)
+    assert calls and got.shape == (3, quantization.INT4_GEMM_ROWS // 3 + 1, 128) and got.dtype == torch.bfloat16
+    want = F.linear(x.float(), rounded, bias.bfloat16().float())  # |want| up to ~40: bf16 rounds those to 0.25
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=0.15)
+    layer(x[:1, :5])  # a few rows: the kernel
+    assert len(calls) == 1
+
+
 @pytest.mark.parametrize("rows", [5, quantization.GEMM_ROWS + 3], ids=["int8 kernel", "dequantized GEMM"])
 @pytest.mark.parametrize("native_bf16", [True, False], ids=["bf16 CPU", "float32 CPU"])
 @pytest.mark.parametrize("shape", [(64, 48), (40, 24)], ids=["multiples of 16", "not"])  # the kernel's K blocks

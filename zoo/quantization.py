@@ -160,6 +160,8 @@ def from_gguf_blocks(qtype, raw, shape):
 
 
 GEMM_ROWS = 128  # from this many rows of x on, a GEMM over a dequantized copy is faster than the int8 kernel
+# and than the int4 kernel from this many (2 EPYC cores, bf16: level at 128 rows, 2-2.5x faster at 512)
+INT4_GEMM_ROWS = 256
 
 
 def int8_mm(x, codes, scales):
@@ -292,6 +294,12 @@ class Int4Linear(nn.Module):
                 and torch.compiler.is_compiling() and not torch.is_grad_enabled():  # (materialize has no backward)
             y = self.row_product(x2).to(x2.dtype).view(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
+        if x2.shape[0] >= INT4_GEMM_ROWS and self.device_type == "cpu" and self.out_features % 64 == 0:
+            # many rows (a long prompt, a scored text): a GEMM over a transient dequantized copy, as int8_mm (and in
+            # float32 where the CPU has no bf16 arithmetic, as dequantized_mm)
+            dtype = torch.float32 if x2.dtype == torch.bfloat16 and not native_bf16() else x2.dtype
+            y = F.linear(x2.to(dtype), self.dequantized().to(dtype)).to(x2.dtype).view(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
         if self.planes == 2:
             x2 = torch.cat((x2, x2), 1)
         if self.device_type == "cuda":
@@ -300,6 +308,16 @@ class Int4Linear(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+    def dequantized(self):
+        """W [N, K] in float32, from the packed codes in the CPU kernel's layout (for each 64 rows and each input,
+        32 bytes: rows i and i + 32 in the low and high nibbles); the two planes summed."""
+        N, K2 = self.out_features, self.packed.shape[1] * 2
+        b = self.packed.view(N // 64, K2, 32)
+        u = torch.cat((b & 15, b >> 4), -1).transpose(1, 2).reshape(N, K2 // self.group_size, self.group_size)
+        scale, zero = self.scales_and_zeros.float().permute(2, 1, 0)[..., None]  # [N, K2 / group, 1] each
+        w = (u.float() - 8).mul_(scale).add_(zero).view(N, K2)
+        return w if self.planes == 1 else w[:, :K2 // 2] + w[:, K2 // 2:]
 
     def row_product(self, x):
         """x [1, K] @ W^T from the shared row-major codes, in float32, written as the sums that inductor compiles
