@@ -49,23 +49,27 @@ def test_linear_computes_the_dequantized_matrix(bits, group_size):
 @pytest.mark.parametrize("bits", [4, 8], ids=["int4", "8-bit planes"])
 def test_int4_layers_take_a_dequantized_gemm_for_many_rows(bits, native_bf16, monkeypatch):
     """From INT4_GEMM_ROWS rows on, an int4-kernel layer multiplies by a dequantized copy of its packed codes (the CPU
-    kernel's layout unpacked, the planes summed): the matrix the codes stand for, with its bias, at any batch shape."""
+    kernel's layout unpacked, the planes summed): the matrix the codes stand for, with its bias, at any batch shape.
+    (Where the kernel packs in another layout than its AVX-512 build's, the kernel keeps every row count.)"""
     monkeypatch.setattr(quantization, "native_bf16", lambda: native_bf16)
     torch.manual_seed(0)
     w, bias = torch.randn(128, 96), torch.randn(128)
     q = quantize_tensor(w, bits, 32)
     layer = linear_from(q, torch.bfloat16, bias.bfloat16())
     rounded = Quantized(q.codes, q.scale.bfloat16().float(), q.zero.bfloat16().float(), bits, 32).dequantize()
-    torch.testing.assert_close(layer.dequantized(), rounded, rtol=1e-6, atol=1e-6)
+    known = quantization.packed_layout_known()
+    if known:
+        torch.testing.assert_close(layer.dequantized(), rounded, rtol=1e-6, atol=1e-6)
     calls = []
     monkeypatch.setattr(Int4Linear, "dequantized", lambda self, f=Int4Linear.dequantized: calls.append(1) or f(self))
     x = torch.randn(3, quantization.INT4_GEMM_ROWS // 3 + 1, 96).bfloat16()
     got = layer(x)
-    assert calls and got.shape == (3, quantization.INT4_GEMM_ROWS // 3 + 1, 128) and got.dtype == torch.bfloat16
+    assert bool(calls) == known and got.shape == (3, quantization.INT4_GEMM_ROWS // 3 + 1, 128)
+    assert got.dtype == torch.bfloat16
     want = F.linear(x.float(), rounded, bias.bfloat16().float())  # |want| up to ~40: bf16 rounds those to 0.25
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=0.15)
     layer(x[:1, :5])  # a few rows: the kernel
-    assert len(calls) == 1
+    assert len(calls) == known
 
 
 @pytest.mark.parametrize("rows", [5, quantization.GEMM_ROWS + 3], ids=["int8 kernel", "dequantized GEMM"])

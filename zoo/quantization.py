@@ -294,7 +294,8 @@ class Int4Linear(nn.Module):
                 and torch.compiler.is_compiling() and not torch.is_grad_enabled():  # (materialize has no backward)
             y = self.row_product(x2).to(x2.dtype).view(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
-        if x2.shape[0] >= INT4_GEMM_ROWS and self.device_type == "cpu" and self.out_features % 64 == 0:
+        if x2.shape[0] >= INT4_GEMM_ROWS and self.device_type == "cpu" and self.out_features % 64 == 0 \
+                and packed_layout_known():
             # many rows (a long prompt, a scored text): a GEMM over a transient dequantized copy, as int8_mm (and in
             # float32 where the CPU has no bf16 arithmetic, as dequantized_mm)
             dtype = torch.float32 if x2.dtype == torch.bfloat16 and not native_bf16() else x2.dtype
@@ -340,6 +341,16 @@ def materialize(x: torch.Tensor) -> torch.Tensor:
 @materialize.register_fake
 def _(x):
     return torch.empty_like(x)
+
+
+@functools.cache
+def packed_layout_known():
+    """Whether this CPU's int4 kernel packs codes as Int4Linear.dequantized reads them: its AVX-512 build's layout
+    (AVX2 and plain builds pack theirs otherwise; those keep the kernel for every row count). Checked once, on a
+    random 64 x 64 matrix."""
+    u = torch.randint(0, 16, (64, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    b = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1).view(1, 64, 32)
+    return torch.equal(torch.cat((b & 15, b >> 4), -1).transpose(1, 2).reshape(64, 64).int(), u)
 
 
 class QuantEmbedding(nn.Module):
