@@ -8,7 +8,8 @@ per weight in bfloat16, 8 in int8, 4 (+ 1 for the group scales and zero points) 
 are PyTorch's own weight-only kernels: on the CPU `_weight_int8pack_mm` (int8, one scale per output
 row; many rows at once, a prompt's or a training step's, take a GEMM over a transient dequantized copy
 instead: `int8_mm`) and `_weight_int4pack_mm_for_cpu` (int4, groups of 32-256 weights along the input
-with a scale and a zero point each); on CUDA `_weight_int8pack_mm` and tinygemm's `_weight_int4pack_mm`.
+with a scale and a zero point each; from INT4_GEMM_ROWS rows on, a dequantized copy's GEMM too); on CUDA
+`_weight_int8pack_mm` and tinygemm's `_weight_int4pack_mm`.
 
 One plain form describes every quantized matrix here (`Quantized`): unsigned codes u of `bits` bits,
 and per group of `group_size` inputs a scale s and a zero point z, with
@@ -177,12 +178,16 @@ def int8_mm(x, codes, scales):
 
 
 def dequantized_mm(x, codes, scales):
-    """x [M, K] @ (codes * scales)^T, codes int8 [N, K], scales broadcasting to them; the output in x's dtype.
-    bf16 on a CPU without bf16 arithmetic is computed in float32 (the same products, exact in float32, and
-    accumulated in float32 as a bf16 GEMM does; torch emulates bf16 GEMMs there, 3-4x slower)."""
-    dtype = torch.float32 if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not native_bf16() \
-        else x.dtype
+    """x [M, K] @ (codes * scales)^T, codes int8 [N, K], scales broadcasting to them; the output in x's dtype."""
+    dtype = gemm_dtype(x)
     return F.linear(x.to(dtype), codes.to(dtype).mul_(scales.to(dtype))).to(x.dtype)  # one copy of the weight
+
+
+def gemm_dtype(x):
+    """The dtype of a GEMM of x over a dequantized weight: x's, but float32 for bf16 on a CPU without bf16
+    arithmetic (the same products, exact in float32, and accumulated in float32 as a bf16 GEMM does; torch
+    emulates bf16 GEMMs there, 3-4x slower)."""
+    return torch.float32 if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not native_bf16() else x.dtype
 
 
 @functools.cache
@@ -270,14 +275,8 @@ class Int4Linear(nn.Module):
         self.register_buffer("packed", packed)
         self.register_buffer("scales_and_zeros", torch.stack((scale, zero), -1).transpose(0, 1).contiguous().to(dtype))
         self.register_buffer("bias", bias)
-        for name in ("row_codes", "row_scales", "row_zeros"):  # a tied embedding's, when shared (share_rows)
+        for name in ("row_codes", "row_scales", "row_zeros"):  # a tied embedding's, when shared (_share_rows)
             self.register_buffer(name, None, persistent=False)
-
-    def share_rows(self, embedding):
-        """Take the tied 8-bit embedding's row-major codes, scales and zero points (the same matrix, the same
-        tensors: no copy) for compiled one-row products. Shared as built: a later .to() converts each module's
-        buffers apart (the values stay equal)."""
-        self.row_codes, self.row_scales, self.row_zeros = embedding.codes, embedding.scales, embedding.zeros
 
     @property
     def weight(self):
@@ -289,24 +288,19 @@ class Int4Linear(nn.Module):
                 f"{'int8 as two int4 planes' if self.planes == 2 else 'int4'}, group_size={self.group_size}")
 
     def forward(self, x):
-        x2 = x.reshape(-1, self.in_features)
-        if self.row_codes is not None and x2.shape[0] == 1 and x2.device.type == "cpu" \
-                and torch.compiler.is_compiling() and not torch.is_grad_enabled():  # (materialize has no backward)
-            y = self.row_product(x2).to(x2.dtype).view(*x.shape[:-1], self.out_features)
-            return y if self.bias is None else y + self.bias
-        if x2.shape[0] >= INT4_GEMM_ROWS and self.device_type == "cpu" and self.out_features % 64 == 0 \
-                and packed_layout_known():
-            # many rows (a long prompt, a scored text): a GEMM over a transient dequantized copy, as int8_mm (and in
-            # float32 where the CPU has no bf16 arithmetic, as dequantized_mm)
-            dtype = torch.float32 if x2.dtype == torch.bfloat16 and not native_bf16() else x2.dtype
-            y = F.linear(x2.to(dtype), self.dequantized().to(dtype)).to(x2.dtype).view(*x.shape[:-1], self.out_features)
-            return y if self.bias is None else y + self.bias
-        if self.planes == 2:
-            x2 = torch.cat((x2, x2), 1)
-        if self.device_type == "cuda":
-            y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group_size, self.scales_and_zeros)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
+        x2, cpu = x.reshape(-1, self.in_features), self.device_type == "cpu"
+        if self.row_codes is not None and x2.shape[0] == 1 and cpu and torch.compiler.is_compiling() \
+                and not torch.is_grad_enabled():  # (materialize has no backward)
+            y = self.row_product(x2).to(x2.dtype)
+        elif x2.shape[0] >= INT4_GEMM_ROWS and cpu and self.out_features % 64 == 0 and packed_layout_known():
+            # many rows (a long prompt, a scored text): a GEMM over a transient dequantized copy, as int8_mm
+            dtype = gemm_dtype(x2)
+            y = F.linear(x2.to(dtype), self.dequantized().to(dtype)).to(x2.dtype)
+        else:  # the kernel: over [x, x] for two planes
+            mm = torch.ops.aten._weight_int4pack_mm if self.device_type == "cuda" else \
+                torch.ops.aten._weight_int4pack_mm_for_cpu  # (as packed in __init__)
+            y = mm(torch.cat((x2, x2), 1) if self.planes == 2 else x2, self.packed, self.group_size,
+                   self.scales_and_zeros)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
@@ -533,10 +527,12 @@ def _module_for(old, q, dtype, shared):
 
 
 def _share_rows(head, embedding):
-    """A tied head of 8-bit codes in planes reads its embedding's row-major codes when compiled (Int4Linear)."""
+    """A tied head of 8-bit codes in planes takes its embedding's row-major codes, scales and zero points (the same
+    tensors, no copy) for compiled one-row products (Int4Linear.row_product). Shared as built: a later .to()
+    converts each module's buffers apart (the values stay equal)."""
     if isinstance(head, Int4Linear) and head.planes == 2 and isinstance(embedding, QuantEmbedding) \
             and embedding.bits == 8 and embedding.group_size == head.group_size:
-        head.share_rows(embedding)
+        head.row_codes, head.row_scales, head.row_zeros = embedding.codes, embedding.scales, embedding.zeros
 
 
 def _output_layer(model):
