@@ -105,8 +105,9 @@ class Attend(nn.Module):
             # one new token: the query heads sharing a K/V head attend as rows of one head, faster than enable_gqa
             return F.scaled_dot_product_attention(q.reshape(B, H_kv, H // H_kv, D), k, v, attn_mask=mask,
                                                   dropout_p=dropout_p, scale=scale).view(B, H, 1, D)
-        if mask is None and causal and T <= 128 and q.dtype == torch.bfloat16 and q.device.type == "cpu":
-            # a short causal block in bf16 on the CPU (training's): written out, 2-5x faster than SDPA's kernels there
+        if mask is None and causal and T <= 128 and q.device.type == "cpu" and (q.dtype == torch.bfloat16 or
+                torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16):
+            # a short causal block in bf16 (or bf16 autocast) on the CPU: written out, 2-5x faster than SDPA there
             mask = torch.full((T, T), -torch.inf, dtype=q.dtype).triu(1).repeat(H // H_kv, 1)  # GQA's rows as above
             scores = torch.baddbmm(mask, q.reshape(B * H_kv, -1, D), k.flatten(0, 1).mT, alpha=scale or D ** -0.5)
             return (F.dropout(scores.softmax(-1), dropout_p) @ v.flatten(0, 1)).view(B, H, T, D)  # [B, H, T, D]
@@ -183,8 +184,7 @@ class Experts(nn.Module):
             return (y.view(N, k, D) * weights[..., None]).sum(dim=1)  # each pair's weights gathered: [N k, 1, D]
         token, pair_weights = (order := ids.argsort(stable=True)) // k, weights.flatten()[order]  # [N k], by expert
         counts = (per_expert := ids.bincount(minlength=E)).tolist()  # pairs per expert [E]
-        C = -(-max(counts) // 32) * 32  # the most pairs per expert, rounded up: few distinct shapes (on the CPU in
-        # bf16 oneDNN builds a kernel per shape, ~0.5 ms; one matmul per expert met new shapes with every batch)
+        C = -(-max(counts) // 32) * 32  # the most pairs per expert, rounded up: few shapes (oneDNN builds each: 0.5 ms)
         if stacked and torch.is_grad_enabled() and min(counts) and E * C <= 2 * N * k:  # training: padded, one bmm
             rows = (e := ids[order]) * C + torch.arange(N * k, device=x.device) - (per_expert.cumsum(0) - per_expert)[e]
             token = token.new_full((E * C,), N).index_copy_(0, rows, token)  # [E C] rows' tokens, padding: N (zeros)

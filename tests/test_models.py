@@ -390,25 +390,29 @@ class _Calls(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16", "autocast"])
 @pytest.mark.parametrize("H, H_kv, T", [(4, 4, 64), (6, 2, 128), (4, 1, 7)])
-def test_written_out_attention_matches_sdpa(H, H_kv, T):
+def test_written_out_attention_matches_sdpa(H, H_kv, T, autocast):
     """Short causal blocks in bf16 on the CPU (as training runs them) take Attend's written-out path, not SDPA; its
-    output and gradients are as close to SDPA's in float32 on the same inputs as SDPA's own bf16 kernel is. (The
-    files' Attend classes are identical copies: test_repeated_helpers_are_identical_copies.)"""
+    output and gradients are as close to SDPA's in float32 on the same inputs as SDPA's own bf16 kernel is. Under
+    bf16 autocast the rotary models hand q and k over in float32 (their cos and sin tables are the residual
+    stream's dtype) and v in bf16: the same path. (The files' Attend classes are identical copies:
+    test_repeated_helpers_are_identical_copies.)"""
     from zoo.models.llama import Attend
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, h, T, 16, generator=g).bfloat16() for h in (H, H_kv, H_kv))
     grad = torch.randn(3, H, T, 16, generator=g).bfloat16()
 
-    def run(attend, dtype):
-        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-        out = attend(*leaves)
-        out.backward(grad.to(dtype))
+    def run(attend, dtype, amp=False):
+        leaves = [t.detach().to(torch.float32 if amp and t is not v else dtype).requires_grad_() for t in (q, k, v)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = attend(*leaves)
+        out.backward(grad.to(out.dtype))
         return [out.float()] + [t.grad.float() for t in leaves]
 
     sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # noqa: E731
     with _Calls() as calls:
-        ours = run(lambda q, k, v: Attend()(q, k, v, None, True), torch.bfloat16)
+        ours = run(lambda q, k, v: Attend()(q, k, v, None, True), torch.bfloat16, amp=autocast)
     assert "scaled_dot_product_attention" not in calls.names, "the written-out path was not taken"
     exact, kernel = run(sdpa, torch.float32), run(sdpa, torch.bfloat16)
     for name, a, b, c in zip(("output", "dq", "dk", "dv"), ours, exact, kernel):
