@@ -1,8 +1,7 @@
 """Sparse mixture-of-experts Llama (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE): a router sends every token to its top-k of
 n_expert SwiGLU experts (Shazeer et al., 2017; Fedus et al., 2021); Qwen2-MoE adds one shared expert. transformers 5's
-names (experts stacked: gate_up_proj [E, 2F, D], down_proj [E, D, F]), q/k/v fused. Tokens run sorted by expert: in
-training padded to one length, one batched matmul; else one matmul per used expert, so that decoding one token reads
-only its k experts (compiled, it gathers those k experts' weights instead).
+names (experts stacked: gate_up_proj [E, 2F, D], down_proj [E, D, F]), q/k/v fused. Tokens run sorted by expert, one
+matmul per used expert, so that decoding one token reads only its k experts (compiled, it gathers their weights).
 
     model = Model(Config(n_layer=16, n_head=16, n_embd=2048, n_expert=64, top_k=8, expert_dim=1024))
     logits = model(idx)                              # [B, T] -> [B, T, vocab_size]
@@ -51,8 +50,7 @@ class Config:
         if self.qk_norm not in (None, "proj", "head"):
             raise ValueError(f"qk_norm must be None, 'proj' or 'head', not {self.qk_norm!r}")
         if any(not 0 <= i < self.n_layer for i in self.dense_layers) or self.dense_layers and not self.ffn_dim:
-            raise ValueError(f"dense_layers {self.dense_layers} must be layer numbers below n_layer ({self.n_layer}) "
-                             f"and need an ffn_dim (it is {self.ffn_dim})")
+            raise ValueError(f"dense_layers {self.dense_layers} must be < n_layer ({self.n_layer}) and need ffn_dim")
 
 
 def rope_tables(config):
@@ -178,21 +176,25 @@ class Experts(nn.Module):
     def forward(self, x, weights, experts):
         """x [N, D], each token's k routing weights and expert ids [N, k] -> sum of weighted outputs [N, D]."""
         (N, D), k, ids, w = x.shape, experts.size(1), experts.flatten(), self.expert_weights()
-        E, stacked = len(w[0]), isinstance(w[0], torch.Tensor)  # stacks [E, ...]: batched matmuls can run them
+        E, stacked = len(w[0]), isinstance(w[0], torch.Tensor)  # stacks [E, ...], or lists (a subclass's)
         if (torch.compiler.is_compiling() or x.is_meta) and stacked:  # no data-dependent shapes
             y = self.expert(x.repeat_interleave(k, 0)[:, None], w[0][ids], w[1][ids])
             return (y.view(N, k, D) * weights[..., None]).sum(dim=1)  # each pair's weights gathered: [N k, 1, D]
         token, pair_weights = (order := ids.argsort(stable=True)) // k, weights.flatten()[order]  # [N k], by expert
         counts = (per_expert := ids.bincount(minlength=E)).tolist()  # pairs per expert [E]
-        C = -(-max(counts) // 32) * 32  # the most pairs per expert, rounded up: few shapes (oneDNN builds each: 0.5 ms)
-        if stacked and torch.is_grad_enabled() and min(counts) and E * C <= 2 * N * k:  # training: padded, one bmm
-            rows = (e := ids[order]) * C + torch.arange(N * k, device=x.device) - (per_expert.cumsum(0) - per_expert)[e]
-            token = token.new_full((E * C,), N).index_copy_(0, rows, token)  # [E C] rows' tokens, padding: N (zeros)
-            pair_weights = pair_weights.new_zeros(E * C).index_copy_(0, rows, pair_weights)  # [E C], padding: 0
-            y = self.expert(torch.cat([x, x.new_zeros(1, D)]).index_select(0, token).view(E, C, D), *w).flatten(0, 1)
-        else:  # one matmul pair per used expert, over all its tokens [n, D]; unused experts are never read
-            y = torch.cat([self.expert(t, *we) for t, *we in zip(x[token].split(counts), *w) if len(t)])  # [N k, D]
-        y = (y * pair_weights[:, None]).to(x.dtype)  # [N k | E C, D] each scaled by its routing weight, then
+        # one matmul pair per used expert (unused ones are never read); training pads each expert's rows to a multiple
+        # of 32 (oneDNN builds a kernel per new shape), and all to one length (one bmm) where that at most doubles them
+        sizes = [-(-n // 32) * 32 for n in counts] if (train := torch.is_grad_enabled()) else counts
+        sizes = [max(sizes)] * E if (batched := train and stacked and E * max(sizes) <= 2 * N * k) else sizes
+        if train:
+            first = torch.tensor([0] + sizes[:-1], device=x.device).cumsum(0) - per_expert.cumsum(0) + per_expert
+            rows = first[ids[order]] + torch.arange(N * k, device=x.device)  # [N k]: its expert's first + its place
+            token = token.new_full((sum(sizes),), N).index_copy_(0, rows, token)  # rows' tokens, padding: N (zeros)
+            pair_weights = pair_weights.new_zeros(sum(sizes)).index_copy_(0, rows, pair_weights)  # padding: 0
+        x_rows = torch.cat([x, x.new_zeros(1, D)]).index_select(0, token)  # [sum(sizes), D]
+        y = self.expert(x_rows.view(E, -1, D), *w).flatten(0, 1) if batched else torch.cat(
+            [self.expert(t, *we) for t, *we in zip(x_rows.split(sizes), *w) if len(t)])  # [sum(sizes), D]
+        y = (y * pair_weights[:, None]).to(x.dtype)  # [sum(sizes), D] each scaled by its routing weight, then
         return x.new_zeros(N + 1, D).index_add_(0, token, y)[:N]  # each token's k summed (row N: padding's, dropped)
 
 
@@ -202,8 +204,7 @@ class MoE(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.top_k, self.norm_topk_prob, self.router_logits = config.top_k, config.norm_topk_prob, None  # last [N, E]
-        self.gate = nn.Linear(config.n_embd, config.n_expert, bias=False)
-        self.experts = Experts(config)
+        self.gate, self.experts = nn.Linear(config.n_embd, config.n_expert, bias=False), Experts(config)
         if config.shared_expert_dim:
             self.shared_expert = MLP(config.n_embd, config.shared_expert_dim)
             self.shared_expert_gate = nn.Linear(config.n_embd, 1, bias=False)
@@ -255,9 +256,8 @@ class Model(nn.Module):
 
     def router_losses(self):
         """After a forward: (load-balancing loss, z-loss, tokens per expert [MoE layers, E]). Switch Transformer's
-        loss (Fedus et al., 2021) of each layer, E * sum_e f_e P_e (f_e: expert e's share of the layer's top-k picks,
-        P_e: its mean router probability; k when balanced), averaged over the layers (transformers pools all layers'
-        tokens in one f and P: one layer's idle expert e hides behind another's busy e); z-loss: mean sq. logsumexp."""
+        loss (Fedus et al., 2021), E * sum_e f_e P_e (f_e: expert e's share of top-k picks, P_e: its mean router
+        probability; k when balanced), per layer and averaged (transformers pools the layers); z-loss: mean sq. lse."""
         logits = [b.mlp.router_logits for b in self.model.layers if isinstance(b.mlp, MoE)]  # L x [N, E]
         if not logits or logits[0] is None:
             raise ValueError("router_losses: no router logits yet; run a forward pass first")

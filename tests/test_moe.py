@@ -138,7 +138,7 @@ def test_left_padding_matches_each_row_alone(tmp_path):
 @pytest.mark.parametrize("change, message", [
     (dict(top_k=5), "top_k (5) must be between 1 and n_expert (4)"),
     (dict(qk_norm="rows"), "qk_norm must be None, 'proj' or 'head'"),
-    (dict(dense_layers=[2]), "dense_layers [2] must be layer numbers below n_layer (2)"),
+    (dict(dense_layers=[2]), "dense_layers [2] must be < n_layer (2) and need ffn_dim"),
 ])
 def test_impossible_configs_name_the_field(change, message):
     base = dict(vocab_size=37, block_size=16, n_layer=2, n_head=2, n_kv_head=2, n_embd=8, n_expert=4, top_k=2,
@@ -208,31 +208,45 @@ def test_router_losses_gradient_reaches_the_router():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_padded_batched_experts_equal_one_matmul_per_expert(dtype):
-    """With every expert in use, the (token, expert) pairs run padded in one batched matmul over all experts; that
-    computes what one matmul per used expert does (the path of decoding and of experts held as lists), outputs and
-    gradients."""
+@pytest.mark.parametrize("lists", [False, True], ids=["stacked", "lists"])
+@pytest.mark.parametrize("skewed", [False, True], ids=["balanced", "skewed"])
+def test_experts_padded_in_training_equal_each_pair_alone(dtype, lists, skewed):
+    """In training each expert's (token, expert) pairs run padded to a multiple of 32 rows (oneDNN builds a kernel
+    per new shape), stacked experts all to one length in one batched matmul where that at most doubles the rows;
+    outside training, exactly its pairs; an unused expert is never called alone. Each way computes what each pair's
+    expert computes on its token alone, outputs and gradients, with the experts stacked or held as lists."""
     torch.manual_seed(0)
     experts = zoo.build("moe", dict(vocab_size=37, block_size=16, n_layer=1, n_head=2, n_kv_head=2, n_embd=16,
-                                    n_expert=4, top_k=2, expert_dim=8)).model.layers[0].mlp.experts.to(dtype)
-    x, weights = torch.randn(64, 16, dtype=dtype), torch.rand(64, 2, dtype=dtype)
-    ids = torch.rand(64, 4).topk(2).indices  # [N, k]: each token's 2 experts, all 4 in use
-    inputs, expert = [], experts.expert
-    experts.expert = lambda t, *w: inputs.append(t.shape) or expert(t, *w)
+                                    n_expert=8, top_k=2, expert_dim=8)).model.layers[0].mlp.experts.to(dtype)
+    x, weights, n = torch.randn(64, 16, dtype=dtype), torch.rand(64, 2, dtype=dtype), torch.arange(64)
+    ids = torch.stack([n * 0, 1 + n % 6] if skewed else [n % 7, (n % 7 + 1 + n % 6) % 7], 1)  # [N, 2]; 7: unused
+    if lists:
+        experts.expert_weights = lambda: (experts.gate_up_proj.unbind(), experts.down_proj.unbind())
+    calls, expert = [], experts.expert
+    experts.expert = lambda t, *w: calls.append(tuple(t.shape[:-1])) or expert(t, *w)
 
-    def run():
-        x.grad = experts.gate_up_proj.grad = experts.down_proj.grad = None
-        y = experts(x.requires_grad_(), weights, ids)
+    def grads():
         y.float().square().sum().backward()
-        return y, x.grad, experts.gate_up_proj.grad, experts.down_proj.grad
+        return x.grad, experts.gate_up_proj.grad, experts.down_proj.grad
 
-    padded = run()
-    assert len(inputs) == 1 and inputs[0][0] == 4  # one call over the 4 experts' padded pairs [E, C, D]
-    experts.expert_weights = lambda: (experts.gate_up_proj.unbind(), experts.down_proj.unbind())  # lists: grouped
-    grouped = run()
-    assert len(inputs) == 5 and all(len(s) == 2 for s in inputs[1:])  # one call per expert, its pairs [n, D]
-    for a, b in zip(padded, grouped):
-        torch.testing.assert_close(a, b, **dict(rtol=0, atol=1e-6) if dtype == torch.float32 else {})  # bf16: 1 ulp
+    x.requires_grad_()
+    y = sum(weights[:, j, None] * expert(x[:, None], experts.gate_up_proj[ids[:, j]], experts.down_proj[ids[:, j]])[:, 0]
+            for j in range(2))  # [N, D]: each pair's expert on its token alone, weighted, summed
+    ref, ref_grads = y.detach(), [g.clone() for g in grads()]
+    x.grad = experts.gate_up_proj.grad = experts.down_proj.grad = None
+    calls.clear()
+    y = experts(x, weights, ids)
+    counts = ids.flatten().bincount(minlength=8).tolist()
+    padded = [(-(-c // 32) * 32,) for c in counts if c]  # skewed: 64, then 32s; balanced: 32s (8 x 32 = 2 N k)
+    assert calls == ([(8, 32)] if not lists and not skewed else padded) and counts[7] == 0
+    tol = dict(rtol=0, atol=1e-6) if dtype == torch.float32 else {}  # bf16: 1 ulp
+    torch.testing.assert_close(y, ref, **tol)
+    for a, b in zip(grads(), ref_grads):
+        torch.testing.assert_close(a, b, **tol)
+    calls.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(experts(x, weights, ids), ref, **tol)
+    assert calls == [(c,) for c in counts if c]  # outside training: exactly each used expert's pairs
 
 
 # ------------------------------------------------------------------------------------------ GGUF
