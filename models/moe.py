@@ -191,7 +191,7 @@ class Experts(nn.Module):
             rows = first[ids[order]] + torch.arange(N * k, device=x.device)  # [N k]: its expert's first + its place
             token = token.new_full((sum(sizes),), N).index_copy_(0, rows, token)  # rows' tokens, padding: N (zeros)
             pair_weights = pair_weights.new_zeros(sum(sizes)).index_copy_(0, rows, pair_weights)  # padding: 0
-        x_rows = torch.cat([x, x.new_zeros(1, D)]).index_select(0, token)  # [sum(sizes), D]
+        x_rows = torch.cat([x, x.new_zeros(1, D)]).index_select(0, token) if train else x[token]  # [sum(sizes), D]
         y = self.expert(x_rows.view(E, -1, D), *w).flatten(0, 1) if batched else torch.cat(
             [self.expert(t, *we) for t, *we in zip(x_rows.split(sizes), *w) if len(t)])  # [sum(sizes), D]
         y = (y * pair_weights[:, None]).to(x.dtype)  # [sum(sizes), D] each scaled by its routing weight, then
