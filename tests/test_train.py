@@ -280,6 +280,26 @@ def test_chunked_head_loss_equals_the_logits_loss(name, mode, smoothing):
 
 
 
+def test_a_small_vocabularys_batch_takes_plain_cross_entropy(monkeypatch):
+    """A batch whose float32 logits are small and one chunk (a character model's) takes F.cross_entropy through
+    autograd, faster there; more logits, or more positions than a chunk, take the chunks."""
+    import zoo.loss
+    x = torch.randint(0, 37, (3, 20), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 37, (3, 20), generator=torch.Generator().manual_seed(2))
+    y[0, :5] = data.IGNORE
+    model = tiny_model("gpt2", std=0.3)
+    chunked, apply = [], zoo.loss._HeadCrossEntropy.apply
+    monkeypatch.setattr(zoo.loss._HeadCrossEntropy, "apply", lambda *a: chunked.append(1) or apply(*a))
+    plain = torch.nn.functional.cross_entropy(model(x).float().flatten(0, 1), y.flatten(), ignore_index=data.IGNORE,
+                                              label_smoothing=0.1)
+    assert HeadLoss(model)(model, x, y, label_smoothing=0.1).item() == pytest.approx(plain.item(), rel=1e-6)
+    assert not chunked
+    HeadLoss(model, chunk=7)(model, x, y)
+    assert len(chunked) == 1
+    monkeypatch.setattr(zoo.loss, "SMALL_LOGITS", 60 * 37 - 1)
+    assert HeadLoss(model)(model, x, y, label_smoothing=0.1).item() == pytest.approx(plain.item(), rel=1e-6)
+    assert len(chunked) == 2
+
 def test_chunked_head_loss_takes_no_gradient_under_no_grad_and_follows_a_deep_copy(monkeypatch):
     """Evaluation (torch.no_grad) with a trainable head computes no gradient at all; a deep copy of the model
     computes its loss with its own head's weights; two HeadLoss over one model agree; the graph's gradients
