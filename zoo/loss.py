@@ -32,7 +32,7 @@ from .data import IGNORE
 
 CHUNK_LOGITS = 512 * 49_152  # logits per chunk: 100 MB in float32 (512 positions of SmolLM2's vocabulary)
 SMALL_LOGITS = 1 << 20  # a batch's logits up to 4 MB in float32: F.cross_entropy, whose copies cost nothing there
-# (shakespeare-char's 768 x 65: a training step 33.1 -> 31.6 ms on 2 EPYC cores, the written-out gradient's
+# (shakespeare-char's 768 x 65: a training step 35.1 -> 32.7 ms on 2 EPYC cores, the written-out gradient's
 # small operators and second autograd pass costing more than they save)
 
 
