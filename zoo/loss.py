@@ -1,5 +1,6 @@
 """The loss without the whole logits: cross-entropy and log-probabilities through the output layer, a chunk of
-positions at a time (`zoo.train`'s loss for every model; zoo/preference.py's log-probabilities of answers).
+positions at a time (`zoo.train`'s loss for every model but those whose batch has few logits in all, a character
+vocabulary's: F.cross_entropy there, see HeadLoss; zoo/preference.py's log-probabilities of answers).
 
 A language model's last layer maps each position's hidden state [C] to logits over the vocabulary [V].
 For SmolLM2 (V = 49,152) a batch of 8 x 256 positions makes 2048 x 49,152 logits: 200 MB in bf16, 400 MB
