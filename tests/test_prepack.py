@@ -4,13 +4,16 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import zoo
 from zoo.engine import Engine
 from zoo.sampling import SamplingConfig
 from zoo.tokenizers import CharTokenizer
 from zoo.models.moe import Experts
+from zoo import quantization
 from zoo.prepack import PrepackedExperts, PrepackedLinear, can_prepack, prepack
+from zoo.quantization import Int4Linear
 
 from conftest import TINY, tiny
 
@@ -81,13 +84,13 @@ def tiny_folder(tmp_path_factory, gpt2_bpe):
 def prepacked_by(monkeypatch, command):
     """The models a command module's prepack call packs, recorded (the call itself unchanged)."""
     seen = []
-    monkeypatch.setattr(command, "prepack", lambda model: seen.append(prepack(model)) or model)
+    monkeypatch.setattr(command, "prepack", lambda model, **kw: seen.append((prepack(model, **kw), kw)) or model)
     return seen
 
 
 def test_zoo_generate_and_serve_run_bf16_models_prepacked(tiny_folder, monkeypatch, capsys):
     """`zoo generate` in bf16 prepacks its model and writes the plain bf16 model's greedy text; `zoo serve` prepacks
-    the model it serves, except with --compile (whose step cannot trace the reordered weights)."""
+    the model it serves, but with --compile not its float layers (whose step cannot trace the reordered weights)."""
     import uvicorn
     from zoo.cli import main
     from zoo.commands import generate, serve
@@ -96,13 +99,63 @@ def test_zoo_generate_and_serve_run_bf16_models_prepacked(tiny_folder, monkeypat
     seen = prepacked_by(monkeypatch, generate)
     assert main(["generate", str(folder), "--prompt", "Hello", "--max-new-tokens", "12", "--temperature", "0",
                  "--dtype", "bfloat16", "--device", "cpu"]) == 0
-    assert len(seen) == 1 and any(isinstance(m, PrepackedLinear) for m in seen[0].modules())
+    assert len(seen) == 1 and any(isinstance(m, PrepackedLinear) for m in seen[0][0].modules())
     plain = copy.deepcopy(model).to(torch.bfloat16).eval()
     assert capsys.readouterr().out == zoo.complete(plain, tok, "Hello", max_new_tokens=12, temperature=0) + "\n"
 
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: None)  # the app is built, never served
     seen = prepacked_by(monkeypatch, serve)
     assert main(["serve", str(folder), "--dtype", "bfloat16", "--device", "cpu"]) == 0
-    assert len(seen) == 1 and any(isinstance(m, PrepackedLinear) for m in seen[0].modules())
+    assert len(seen) == 1 and any(isinstance(m, PrepackedLinear) for m in seen[0][0].modules())
     assert main(["serve", str(folder), "--dtype", "bfloat16", "--device", "cpu", "--compile"]) == 0
-    assert len(seen) == 1
+    assert len(seen) == 2 and seen[1][1] == {"linear": False}
+    assert not any(isinstance(m, PrepackedLinear) for m in seen[1][0].modules())
+
+
+def planes_model():
+    """A tiny bf16 Llama whose matrices, head included, hold 8-bit codes in groups of 32 (two int4-kernel planes, as
+    GGUF's Q8_0 and Q5_0 layers load with quantize="native")."""
+    torch.manual_seed(0)
+    model = zoo.build("llama", dict(vocab_size=256, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                                    ffn_dim=128)).eval()
+    for p in model.parameters():  # a wider spread than the default init's: greedy choices with margins
+        if p.dim() == 2:
+            torch.nn.init.normal_(p, std=0.3)
+    return zoo.quantize(model.to(torch.bfloat16), "int8", group_size=32)
+
+
+@pytest.mark.skipif(not quantization.packed_layout_known(), reason="the int4 kernel packs in a layout zoo cannot read")
+def test_layers_in_planes_multiply_prompts_by_a_prepacked_copy():
+    """prepack gives each quantized layer in planes but the head a reordered bf16 copy of its matrix: products over
+    DENSE_ROWS rows or more (a prompt's) go through it, fewer rows (decoding) and compiled steps through the kernel.
+    The logits stay the unprepacked model's to bf16 rounding."""
+    plain, packed = planes_model(), prepack(planes_model(), linear=False)
+    layers = {name: m for name, m in packed.named_modules() if isinstance(m, Int4Linear)}
+    assert len(layers) == 9 and all((m.dense is None) == (name == "lm_head") for name, m in layers.items())
+    calls = []
+    for m in layers.values():
+        if m.dense is not None:
+            m.dense.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+    for name, m in layers.items():
+        if m.dense is not None:  # the copy is the matrix the codes stand for
+            x = torch.randn(quantization.DENSE_ROWS, m.in_features).bfloat16()
+            want = F.linear(x.float(), plain.get_submodule(name).dequantized())
+            torch.testing.assert_close(m(x).float(), want, rtol=1e-2, atol=0.05)
+    assert calls == [quantization.DENSE_ROWS] * 8
+    idx = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(0))
+    calls.clear()
+    with torch.no_grad():
+        got, want = packed(idx).float(), plain(idx).float()  # logits up to ~10, bf16 steps of 1/16 there
+        torch.testing.assert_close(got, want, rtol=0, atol=0.05 * want.abs().max().item())
+        assert calls == [22] * 8
+        calls.clear()
+        for rows in range(1, quantization.DENSE_ROWS):  # a few rows: the kernel, bit for bit
+            assert torch.equal(packed(idx[:1, :rows]), plain(idx[:1, :rows]))
+        assert calls == []
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12], [13, 14, 15], [16]]
+    calls.clear()
+    out = zoo.generate(packed, prompts[:2], 10, temperature=0)  # decoding's steps of 2 rows: the kernel
+    assert calls == [14] * 8 and [len(t) for t in out] == [10, 10]  # only the prompts' prefill (2 x 7, left-padded)
+    calls.clear()  # a compiled step of DENSE_ROWS rows keeps the kernel: torch.compile fails on the reordered copy
+    out = zoo.generate(packed, prompts, 10, temperature=0, compile=True)
+    assert calls == [28] * 8 and [len(t) for t in out] == [10] * 4

@@ -8,7 +8,8 @@ per weight in bfloat16, 8 in int8, 4 (+ 1 for the group scales and zero points) 
 are PyTorch's own weight-only kernels: on the CPU `_weight_int8pack_mm` (int8, one scale per output
 row; many rows at once, a prompt's or a training step's, take a GEMM over a transient dequantized copy
 instead: `int8_mm`) and `_weight_int4pack_mm_for_cpu` (int4, groups of 32-256 weights along the input
-with a scale and a zero point each; from INT4_GEMM_ROWS rows on, a dequantized copy's GEMM too); on CUDA
+with a scale and a zero point each; from INT4_GEMM_ROWS rows on, a dequantized copy's GEMM too, and
+from DENSE_ROWS rows on a float copy that zoo/prepack.py keeps, where it keeps one); on CUDA
 `_weight_int8pack_mm` and tinygemm's `_weight_int4pack_mm`.
 
 One plain form describes every quantized matrix here (`Quantized`): unsigned codes u of `bits` bits,
@@ -163,6 +164,9 @@ def from_gguf_blocks(qtype, raw, shape):
 GEMM_ROWS = 128  # from this many rows of x on, a GEMM over a dequantized copy is faster than the int8 kernel
 # and than the int4 kernel from this many (2 EPYC cores, bf16: level at 128 rows, 2-2.5x faster at 512)
 INT4_GEMM_ROWS = 256
+# from this many rows on, a layer holding a float copy of W (Int4Linear.dense) multiplies by it instead of running the
+# kernel (Gemma 3 270M's Q5_0 layers in two planes, 2 EPYC cores: level at ~4 rows, 4x faster at 32)
+DENSE_ROWS = 4
 
 
 def int8_mm(x, codes, scales):
@@ -277,6 +281,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("bias", bias)
         for name in ("row_codes", "row_scales", "row_zeros"):  # a tied embedding's, when shared (_share_rows)
             self.register_buffer(name, None, persistent=False)
+        self.dense = None  # a module computing the same product from a float copy of W (zoo/prepack.py sets it)
 
     @property
     def weight(self):
@@ -292,7 +297,9 @@ class Int4Linear(nn.Module):
         if self.row_codes is not None and x2.shape[0] == 1 and cpu and torch.compiler.is_compiling() \
                 and not torch.is_grad_enabled():  # (materialize has no backward)
             y = self.row_product(x2).to(x2.dtype)
-        elif x2.shape[0] >= INT4_GEMM_ROWS and cpu and self.out_features % 64 == 0 and packed_layout_known():
+        elif self.dense is not None and x2.shape[0] >= DENSE_ROWS and not torch.compiler.is_compiling():
+            y = self.dense(x2)  # (the compiled decode step keeps the kernel: it cannot trace oneDNN's weights)
+        elif x2.shape[0] >= INT4_GEMM_ROWS and self.dequantizable():
             # many rows (a long prompt, a scored text): a GEMM over a transient dequantized copy, as int8_mm
             dtype = gemm_dtype(x2)
             y = F.linear(x2.to(dtype), self.dequantized().to(dtype)).to(x2.dtype)
@@ -303,6 +310,10 @@ class Int4Linear(nn.Module):
                    self.scales_and_zeros)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+    def dequantizable(self):
+        """Whether `dequantized` can read the packed codes: the CPU kernel's AVX-512 layout, in blocks of 64 rows."""
+        return self.device_type == "cpu" and self.out_features % 64 == 0 and packed_layout_known()
 
     def dequantized(self):
         """W [N, K] in float32, from the packed codes in the CPU kernel's layout (for each 64 rows and each input,

@@ -81,8 +81,9 @@ def run(args):
     args.dtype = args.dtype or ("bfloat16" if args.quantize else "float32")
     model, tokenizer = load_source(args.source, device=device, dtype=args.dtype, quantize=args.quantize,
                                    adapter=args.adapter)
-    if not args.compile:  # (the compiled step cannot trace oneDNN's reordered weights; it fuses its own)
-        prepack(model)
+    # oneDNN's reordered weights (zoo/prepack.py); with --compile only the quantized layers' copies for prompts (the
+    # compiled step cannot trace reordered float layers: it fuses its own)
+    prepack(model, linear=not args.compile)
     draft = "prompt-lookup" if args.prompt_lookup else None
     if args.draft:
         draft = load_source(args.draft, device=device, dtype="bfloat16" if args.draft_quantize else args.dtype,
