@@ -297,7 +297,7 @@ class Int4Linear(nn.Module):
         if self.row_codes is not None and x2.shape[0] == 1 and cpu and torch.compiler.is_compiling() \
                 and not torch.is_grad_enabled():  # (materialize has no backward)
             y = self.row_product(x2).to(x2.dtype)
-        elif self.dense is not None and x2.shape[0] >= DENSE_ROWS and not torch.compiler.is_compiling():
+        elif x2.shape[0] >= DENSE_ROWS and not torch.compiler.is_compiling() and self.dense is not None:
             y = self.dense(x2)  # (the compiled decode step keeps the kernel: it cannot trace oneDNN's weights)
         elif x2.shape[0] >= INT4_GEMM_ROWS and self.dequantizable():
             # many rows (a long prompt, a scored text): a GEMM over a transient dequantized copy, as int8_mm
