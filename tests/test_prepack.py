@@ -124,7 +124,8 @@ def planes_model():
     return zoo.quantize(model.to(torch.bfloat16), "int8", group_size=32)
 
 
-@pytest.mark.skipif(not quantization.packed_layout_known(), reason="the int4 kernel packs in a layout zoo cannot read")
+@pytest.mark.skipif(not quantization.packed_layout_known() or not quantization.native_bf16(),
+                    reason="the int4 kernel packs in a layout zoo cannot read, or this CPU emulates bf16 GEMMs")
 def test_layers_in_planes_multiply_prompts_by_a_prepacked_copy():
     """prepack gives each quantized layer in planes but the head a reordered bf16 copy of its matrix: products over
     DENSE_ROWS rows or more (a prompt's) go through it, fewer rows (decoding) and compiled steps through the kernel.

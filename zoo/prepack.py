@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .models.moe import Experts
-from .quantization import Int4Linear
+from .quantization import Int4Linear, native_bf16
 
 
 class PrepackedLinear(nn.Module):
@@ -73,13 +73,14 @@ def can_prepack(dtype, device):
 def prepack(model, rows=8, *, linear=True):
     """Replace every bfloat16 nn.Linear of `model` on the CPU by a PrepackedLinear (its weight reordered for a
     product over `rows` rows, oneDNN's hint; any number of rows works), and every such float Experts by
-    PrepackedExperts; give each quantized layer of 8-bit codes in two planes, bar the output layer, a
-    PrepackedLinear over its dequantized weight for products over several rows (see the module's docstring);
-    returns the model. linear=False leaves the float layers as they are: for a model whose decode step
-    torch.compile will trace (it cannot trace reordered weights, and fuses its own)."""
+    PrepackedExperts; give each bfloat16 quantized layer of 8-bit codes in two planes, bar the output layer, a
+    PrepackedLinear over its dequantized weight for products over several rows on a CPU with bf16 arithmetic
+    (see the module's docstring); returns the model. linear=False leaves the float layers as they are: for a
+    model whose decode step torch.compile will trace (it cannot trace reordered weights, and fuses its own)."""
     for name, module in list(model.named_modules()):
         if isinstance(module, Int4Linear) and module.planes == 2 and name.rpartition(".")[2] != "lm_head" \
-                and module.dense is None and module.dequantizable() and can_prepack(module.weight.dtype, "cpu"):
+                and module.dense is None and module.dequantizable() and can_prepack(module.weight.dtype, "cpu") \
+                and native_bf16():  # (where torch emulates bf16 GEMMs, the kernel may well be the faster)
             module.dense = PrepackedLinear(module.dequantized().to(module.weight.dtype), None, rows)
     for module in list(model.modules()) if linear else []:
         for child_name, child in list(module.named_children()):
