@@ -45,6 +45,21 @@ def test_linear_computes_the_dequantized_matrix(bits, group_size):
     assert ((q.dequantize() - w).abs() <= q.scale.repeat_interleave(group_size, 1) / 2 + 1e-6).all()
 
 
+@pytest.mark.parametrize("bits", [4, 8], ids=["int4", "8-bit planes"])
+def test_int4_layers_pack_their_codes_block_by_block_as_whole(bits, monkeypatch):
+    """The CPU kernel's codes are packed PACK_ROWS rows at a time (loading's peak memory): the same bytes as the
+    whole matrix packed at once, across blocks and a shorter last one."""
+    torch.manual_seed(0)
+    q = quantize_tensor(torch.randn(208, 96), bits, 32)
+    monkeypatch.setattr(quantization, "PACK_ROWS", 64)  # 64, 64, 64, 16 rows
+    blocks = linear_from(q, torch.bfloat16)
+    monkeypatch.setattr(quantization, "PACK_ROWS", 1 << 20)
+    whole = linear_from(q, torch.bfloat16)
+    assert torch.equal(blocks.packed, whole.packed) and torch.equal(blocks.scales_and_zeros, whole.scales_and_zeros)
+    x = torch.randn(3, 96).bfloat16()
+    assert torch.equal(blocks(x), whole(x))
+
+
 @pytest.mark.parametrize("native_bf16", [True, False], ids=["bf16 CPU", "float32 CPU"])
 @pytest.mark.parametrize("bits", [4, 8], ids=["int4", "8-bit planes"])
 def test_int4_layers_take_a_dequantized_gemm_for_many_rows(bits, native_bf16, monkeypatch):

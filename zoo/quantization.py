@@ -97,6 +97,11 @@ class Quantized:
         return Quantized(fn(self.codes), fn(self.scale), fn(self.zero), self.bits, self.group_size)
 
 
+def signed(u):
+    """8-bit codes u (uint8) as u - 128 in int8: the same bytes with their sign bit flipped, no wider copy."""
+    return (u ^ 128).view(torch.int8)
+
+
 def quantize_tensor(w, bits, group_size):
     """w [N, K] (float) -> Quantized: int4 asymmetric (min and max of each group map to codes 0 and 15,
     as gpt-fast's), int8 symmetric (the largest magnitude of each group maps to +-127)."""
@@ -145,7 +150,7 @@ def from_gguf_blocks(qtype, raw, shape):
     if qtype == 8:  # Q8_0: fp16 d, 32 int8 q; w = q * d
         blocks = raw.view(-1, 34)
         d = blocks[:, :2].contiguous().view(torch.float16).float()[:, 0]
-        u = (blocks[:, 2:].view(torch.int8).short() + 128).to(torch.uint8)
+        u = blocks[:, 2:] ^ 128  # q + 128 of the int8 bytes: their sign bit flipped (as `signed` undoes)
         return grid(u, 8, d, torch.zeros_like(d))
     head = {2: 2, 3: 4}[qtype]  # Q4_0: fp16 d; Q4_1: fp16 d, fp16 m
     blocks = raw.view(-1, head + 16)
@@ -167,6 +172,7 @@ INT4_GEMM_ROWS = 256
 # from this many rows on, a layer holding a float copy of W (Int4Linear.dense) multiplies by it instead of running the
 # kernel (Gemma 3 270M's Q5_0 layers in two planes, 2 EPYC cores: level at ~4 rows, 4x faster at 32)
 DENSE_ROWS = 4
+PACK_ROWS = 4096  # rows packed for the CPU int4 kernel at a time (a multiple of its blocks of 64)
 
 
 def int8_mm(x, codes, scales):
@@ -263,21 +269,29 @@ class Int4Linear(nn.Module):
         N, K = q.codes.shape
         self.in_features, self.out_features, self.group_size = K, N, q.group_size
         self.planes = 2 if q.bits == 8 else 1
+
+        def codes(rows):  # the 4-bit codes the kernel takes for these rows: [rows, K], or the two planes [rows, 2K]
+            c = q.codes[rows]
+            return torch.cat((c >> 4, c & 15), 1) if q.bits == 8 else c
         if q.bits == 8:
-            u = torch.cat((q.codes >> 4, q.codes & 15), 1)
             scale = torch.cat((16 * q.scale, q.scale), 1)
             zero = torch.cat((torch.zeros_like(q.zero), 8 * q.scale + q.zero), 1)
         else:
-            u, scale, zero = q.codes, q.scale, q.zero
-        self.device_type = u.device.type
+            scale, zero = q.scale, q.zero
+        self.device_type = q.codes.device.type
         if self.device_type == "cuda":
-            k = u.shape[1]
-            tiles = next(t for t in (8, 4, 2, 1) if k % (16 * t) == 0)
+            u = codes(slice(None))
+            tiles = next(t for t in (8, 4, 2, 1) if u.shape[1] % (16 * t) == 0)
             packed = torch.ops.aten._convert_weight_to_int4pack((u[:, ::2] << 4 | u[:, 1::2]).contiguous(), tiles)
-        else:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.int().contiguous(), 1)
+        else:  # in blocks of rows (the kernel packs each 64 apart), so that its int32 input, 4 bytes a code, is never
+            # the whole matrix's: Gemma 3's 262,144-row head in planes took 1.3 GB that way, most of loading's peak
+            packed = torch.empty(N, K * self.planes // 2, dtype=torch.uint8)  # two 4-bit codes a byte
+            for i in range(0, N, PACK_ROWS):
+                packed[i:i + PACK_ROWS] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                    codes(slice(i, i + PACK_ROWS)).int(), 1)
         self.register_buffer("packed", packed)
-        self.register_buffer("scales_and_zeros", torch.stack((scale, zero), -1).transpose(0, 1).contiguous().to(dtype))
+        self.register_buffer("scales_and_zeros", torch.stack((scale.to(dtype), zero.to(dtype)), -1).transpose(0, 1)
+                             .contiguous())
         self.register_buffer("bias", bias)
         for name in ("row_codes", "row_scales", "row_zeros"):  # a tied embedding's, when shared (_share_rows)
             self.register_buffer(name, None, persistent=False)
@@ -373,7 +387,7 @@ class QuantEmbedding(nn.Module):
     @classmethod
     def from_quantized(cls, q: Quantized, dtype):
         if q.bits == 8:
-            codes = (q.codes.short() - 128).to(torch.int8)
+            codes = signed(q.codes)
         else:
             codes = q.codes[:, 0::2] | q.codes[:, 1::2] << 4
         zeros = None if q.bits == 8 and not q.zero.any() else q.zero.to(dtype)
@@ -433,7 +447,7 @@ def linear_from(q: Quantized, dtype, bias=None):
     """The fastest module for a quantized matrix: the int8 kernel for 8 bits with one (symmetric) scale
     per row, the int4 kernel (one or two planes) otherwise."""
     if q.bits == 8 and q.group_size == q.codes.shape[1] and not q.zero.any():
-        return Int8Linear((q.codes.short() - 128).to(torch.int8), q.scale[:, 0].to(dtype), bias)
+        return Int8Linear(signed(q.codes), q.scale[:, 0].to(dtype), bias)
     return Int4Linear(q, dtype, bias)
 
 
