@@ -79,8 +79,8 @@ def weight_bytes(model, compiled=False):
                 tensors = [m.weight]
             elif compiled and getattr(m, "row_codes", None) is not None:
                 tensors = [m.row_codes, m.row_scales, m.row_zeros, m.bias]
-            else:  # not a prepacked float copy for many rows (Int4Linear.dense), which decoding skips
-                tensors = [t for key, t in m.state_dict().items() if not key.startswith("dense.")]
+            else:
+                tensors = m.state_dict().values()  # (not a prepacked copy for many rows, Int4Linear.dense: not saved)
             for t in tensors:
                 if t is not None:
                     seen[t.data_ptr()] = t.numel() * t.element_size()

@@ -12,8 +12,9 @@ from zoo.sampling import SamplingConfig
 from zoo.tokenizers import CharTokenizer
 from zoo.models.moe import Experts
 from zoo import quantization
+from zoo import prepack as prepack_module
 from zoo.prepack import PrepackedExperts, PrepackedLinear, can_prepack, prepack
-from zoo.quantization import Int4Linear
+from zoo.quantization import Int4Linear, Quantized, linear_from
 
 from conftest import TINY, tiny
 
@@ -84,32 +85,40 @@ def tiny_folder(tmp_path_factory, gpt2_bpe):
 def prepacked_by(monkeypatch, command):
     """The models a command module's prepack call packs, recorded (the call itself unchanged)."""
     seen = []
-    monkeypatch.setattr(command, "prepack", lambda model, **kw: seen.append((prepack(model, **kw), kw)) or model)
+    def record(model, linear=True):
+        seen.append((prepack(model, linear=linear), {"linear": linear}))
+        return model
+    monkeypatch.setattr(command, "prepack", record)
     return seen
 
 
 def test_zoo_generate_and_serve_run_bf16_models_prepacked(tiny_folder, monkeypatch, capsys):
-    """`zoo generate` in bf16 prepacks its model and writes the plain bf16 model's greedy text; `zoo serve` prepacks
-    the model it serves, but with --compile not its float layers (whose step cannot trace the reordered weights)."""
+    """`zoo generate` in bf16 prepacks its model and writes the plain bf16 model's greedy text, and with --compile
+    prepacks only the quantized layers' copies (linear=False: the compiled step cannot trace reordered float layers);
+    `zoo serve` prepacks the model it serves, except with --compile."""
     import uvicorn
     from zoo.cli import main
     from zoo.commands import generate, serve
 
     folder, model, tok = tiny_folder
     seen = prepacked_by(monkeypatch, generate)
-    assert main(["generate", str(folder), "--prompt", "Hello", "--max-new-tokens", "12", "--temperature", "0",
-                 "--dtype", "bfloat16", "--device", "cpu"]) == 0
-    assert len(seen) == 1 and any(isinstance(m, PrepackedLinear) for m in seen[0][0].modules())
+    args = ["generate", str(folder), "--prompt", "Hello", "--max-new-tokens", "12", "--temperature", "0", "--dtype",
+            "bfloat16", "--device", "cpu"]
+    assert main(args) == 0
+    assert len(seen) == 1 and seen[0][1] == {"linear": True}
+    assert any(isinstance(m, PrepackedLinear) for m in seen[0][0].modules())
     plain = copy.deepcopy(model).to(torch.bfloat16).eval()
     assert capsys.readouterr().out == zoo.complete(plain, tok, "Hello", max_new_tokens=12, temperature=0) + "\n"
+    assert main(args + ["--compile"]) == 0
+    assert len(seen) == 2 and seen[1][1] == {"linear": False}
+    assert not any(isinstance(m, PrepackedLinear) for m in seen[1][0].modules())
 
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: None)  # the app is built, never served
     seen = prepacked_by(monkeypatch, serve)
     assert main(["serve", str(folder), "--dtype", "bfloat16", "--device", "cpu"]) == 0
     assert len(seen) == 1 and any(isinstance(m, PrepackedLinear) for m in seen[0][0].modules())
     assert main(["serve", str(folder), "--dtype", "bfloat16", "--device", "cpu", "--compile"]) == 0
-    assert len(seen) == 2 and seen[1][1] == {"linear": False}
-    assert not any(isinstance(m, PrepackedLinear) for m in seen[1][0].modules())
+    assert len(seen) == 1
 
 
 def planes_model():
@@ -124,12 +133,49 @@ def planes_model():
     return zoo.quantize(model.to(torch.bfloat16), "int8", group_size=32)
 
 
-@pytest.mark.skipif(not quantization.packed_layout_known() or not quantization.native_bf16(),
-                    reason="the int4 kernel packs in a layout zoo cannot read, or this CPU emulates bf16 GEMMs")
-def test_layers_in_planes_multiply_prompts_by_a_prepacked_copy():
+needs_copies = pytest.mark.skipif(not quantization.packed_layout_known() or not quantization.native_bf16(),
+                                  reason="the int4 kernel packs in a layout zoo cannot read, or this CPU emulates bf16")
+
+
+@needs_copies
+@pytest.mark.parametrize("zero_points", [False, True], ids=["Q8_0-like", "with zero points (Q5_1, Q5_K)"])
+def test_a_layers_prepacked_copy_is_the_matrix_its_codes_stand_for(zero_points, monkeypatch):
+    """A layer of 8-bit codes in planes, prepacked: from DENSE_ROWS rows on, x W^T + b with W the codes' own matrix
+    (u - 128) s + z, its scales and zero points rounded to bf16 as the kernel takes them; below, the kernel's bits."""
+    monkeypatch.setattr(prepack_module, "COPY_BUDGET", 100.0)  # one layer, all in planes: copy it regardless
+    torch.manual_seed(0)
+    u = torch.randint(0, 256, (128, 96), dtype=torch.uint8)
+    scale, zero = torch.rand(128, 3) * 0.02 + 0.01, torch.randn(128, 3) * 0.3 if zero_points else torch.zeros(128, 3)
+    q = Quantized(u, scale, zero, 8, 32)
+    bias = torch.randn(128).bfloat16()
+    layer, plain = linear_from(q, torch.bfloat16, bias), linear_from(q, torch.bfloat16, bias)
+    prepack(torch.nn.Sequential(layer), linear=False)
+    assert isinstance(layer.dense, PrepackedLinear) and "dense.weight" not in layer.state_dict()
+    rounded = Quantized(u, scale.bfloat16().float(), zero.bfloat16().float(), 8, 32).dequantize()
+    x = torch.randn(quantization.DENSE_ROWS, 96).bfloat16()
+    want = F.linear(x.float(), rounded, bias.float())  # |want| up to ~40: bf16 steps of 1/4 there
+    torch.testing.assert_close(layer(x).float(), want, rtol=0, atol=0.01 * want.abs().max().item())
+    assert torch.equal(layer(x[:1]), plain(x[:1]))
+
+
+@needs_copies
+def test_prepack_copies_within_its_budget_on_a_bf16_cpu(monkeypatch):
+    """The copies add at most COPY_BUDGET of the weights' bytes: a model all in planes keeps the kernel alone; and
+    none on a CPU that emulates bf16 GEMMs."""
+    assert not any(m.dense is not None for m in prepack(planes_model()).modules() if isinstance(m, Int4Linear))
+    monkeypatch.setattr(prepack_module, "COPY_BUDGET", 100.0)
+    monkeypatch.setattr(quantization, "native_bf16", lambda: False)
+    assert not any(m.dense is not None for m in prepack(planes_model()).modules() if isinstance(m, Int4Linear))
+    monkeypatch.setattr(quantization, "native_bf16", lambda: True)
+    assert any(m.dense is not None for m in prepack(planes_model()).modules() if isinstance(m, Int4Linear))
+
+
+@needs_copies
+def test_layers_in_planes_multiply_prompts_by_a_prepacked_copy(monkeypatch):
     """prepack gives each quantized layer in planes but the head a reordered bf16 copy of its matrix: products over
     DENSE_ROWS rows or more (a prompt's) go through it, fewer rows (decoding) and compiled steps through the kernel.
     The logits stay the unprepacked model's to bf16 rounding."""
+    monkeypatch.setattr(prepack_module, "COPY_BUDGET", 100.0)  # (this model is all in planes)
     plain, packed = planes_model(), prepack(planes_model(), linear=False)
     layers = {name: m for name, m in packed.named_modules() if isinstance(m, Int4Linear)}
     assert len(layers) == 9 and all((m.dense is None) == (name == "lm_head") for name, m in layers.items())
@@ -137,12 +183,6 @@ def test_layers_in_planes_multiply_prompts_by_a_prepacked_copy():
     for m in layers.values():
         if m.dense is not None:
             m.dense.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
-    for name, m in layers.items():
-        if m.dense is not None:  # the copy is the matrix the codes stand for
-            x = torch.randn(quantization.DENSE_ROWS, m.in_features).bfloat16()
-            want = F.linear(x.float(), plain.get_submodule(name).dequantized())
-            torch.testing.assert_close(m(x).float(), want, rtol=1e-2, atol=0.05)
-    assert calls == [quantization.DENSE_ROWS] * 8
     idx = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(0))
     calls.clear()
     with torch.no_grad():

@@ -10,35 +10,46 @@ eight, its 49,152-token head 9.4 -> 4.3 ms and 8.7 -> 5.0 ms; from ~40 rows on (
 
 A prepacked weight has no gradient, cannot be saved or moved, and torch.compile cannot trace it: prepack a model
 this process loaded to serve or generate eagerly (`zoo serve`, `generate` and `chat` do, in bfloat16 on the CPU),
-not one it will train, save or compile. A tied head gets its own reordered copy; the embedding keeps the plain table.
+not one it will train or save, and one whose decode step it will compile with linear=False (below). A tied head gets its own reordered copy; the embedding keeps the plain table.
 A mixture of experts' stacked experts (models/moe.py) are reordered expert by expert (PrepackedExperts): on
 bench/moe.py's OLMoE-shaped model (one EPYC core) bf16 decoding went 29 -> 44 tok/s and a 256-token prefill 285 ->
 251 ms, the products again the same bit for bit.
 
-A quantized layer of 8-bit codes in groups (GGUF's Q8_0 and Q5_0 blocks, int8 with a group size) runs its kernel as
-two 4-bit planes, over twice its inputs, and that kernel's time grows with the rows: 2.0 ms for 32 rows of Gemma 3
-270M's Q5_0 gate|up projection (4,096 x 640) where a bf16 GEMM takes 0.5. prepack gives each such layer (not the
-output layer, which a prompt's prefill applies to its last position alone) a PrepackedLinear over its dequantized
-matrix, which products over DENSE_ROWS rows or more (zoo/quantization.py: a prompt's, a batch's) take: Gemma's
-32-token prefill 97 -> 60 ms, for 2 bytes a weight more (130 MB on its 268M weights). Decoding one row still reads
-the codes.
+A quantized layer of 8-bit codes in groups (GGUF's Q8_0, Q5_0, Q5_1 and Q5_K blocks, a fused matrix widened to 8
+bits, int8 with a group size) runs its kernel as two 4-bit planes, over twice its inputs, and that kernel's time grows
+with the rows: 2.0 ms for 32 rows of Gemma 3 270M's Q5_0 gate|up projection (4,096 x 640) where a bf16 GEMM takes
+0.4-0.5. prepack gives each such layer (not the output layer, which a prompt's prefill applies to its last position
+alone) a PrepackedLinear over its dequantized matrix, which products over DENSE_ROWS rows or more take
+(zoo/quantization.py: a prompt's, a batch's, a speculative check's), on a CPU with bf16 arithmetic: Gemma's 32-token
+prefill 97 -> 56-63 ms, for 2 bytes a weight more (130 MB for its 65M weights in planes). Decoding one row still
+reads the codes. The copies round differently from the kernel, as any bf16 GEMM's products over several rows may from
+one row's: a batch's or a speculative check's greedy tokens can then part from one-row decoding's at a near-tie.
+They are made only where they add at most half again to what the model's weights take (COPY_BUDGET): a model mostly
+in planes (a Q8_0 or Q5_K_M file) would otherwise triple its memory, and keeps the kernel alone.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import quantization
 from .models.moe import Experts
-from .quantization import Int4Linear, native_bf16
+from .progress import log
+from .quantization import Int4Linear, output_layer
+
+# the quantized layers' bf16 copies may add at most this share of the model's weights' bytes to its memory
+COPY_BUDGET = 0.5
 
 
 class PrepackedLinear(nn.Module):
-    """y = x Wᵀ (+ b) by oneDNN over W [out_features, in_features] reordered once (see the module's docstring)."""
+    """y = x Wᵀ (+ b) by oneDNN over W [out_features, in_features] reordered once (see the module's docstring);
+    persistent=False: a copy beside a layer's own weights (Int4Linear.dense), left out of the state dict."""
 
-    def __init__(self, weight, bias, rows):
+    def __init__(self, weight, bias, rows, persistent=True):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         weight = weight.detach()
-        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight, rows))  # dtype, device: W's
+        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight, rows),  # dtype, device: W's
+                             persistent=persistent)
         self.register_buffer("bias", None if bias is None else bias.detach())
 
     def extra_repr(self):
@@ -74,18 +85,21 @@ def prepack(model, rows=8, *, linear=True):
     """Replace every bfloat16 nn.Linear of `model` on the CPU by a PrepackedLinear (its weight reordered for a
     product over `rows` rows, oneDNN's hint; any number of rows works), and every such float Experts by
     PrepackedExperts; give each bfloat16 quantized layer of 8-bit codes in two planes, bar the output layer, a
-    PrepackedLinear over its dequantized weight for products over several rows on a CPU with bf16 arithmetic
-    (see the module's docstring); returns the model. linear=False leaves the float layers as they are: for a
-    model whose decode step torch.compile will trace (it cannot trace reordered weights, and fuses its own)."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, Int4Linear) and module.planes == 2 and name.rpartition(".")[2] != "lm_head" \
-                and module.dense is None and module.dequantizable() and can_prepack(module.weight.dtype, "cpu") \
-                and native_bf16():  # (where torch emulates bf16 GEMMs, the kernel may well be the faster)
-            module.dense = PrepackedLinear(module.dequantized().to(module.weight.dtype), None, rows)
-    for module in list(model.modules()) if linear else []:
-        for child_name, child in list(module.named_children()):
-            if type(child) is nn.Linear and can_prepack(child.weight.dtype, child.weight.device):
-                setattr(module, child_name, PrepackedLinear(child.weight, child.bias, rows))
-            elif type(child) is Experts and can_prepack(child.gate_up_proj.dtype, child.gate_up_proj.device):
-                setattr(module, child_name, PrepackedExperts(child, rows))
+    PrepackedLinear over its dequantized weight for products over several rows, within COPY_BUDGET (see the module's
+    docstring); returns the model. linear=False leaves the float layers as they are: for a model whose decode step
+    torch.compile will trace (it cannot trace reordered weights, and fuses its own)."""
+    planes = [m for m in model.modules() if isinstance(m, Int4Linear) and m.planes == 2 and m.dense is None
+              and m is not output_layer(model) and m.dequantizable() and can_prepack(m.weight.dtype, m.weight.device)]
+    copies = sum(2 * m.in_features * m.out_features for m in planes)
+    if planes and quantization.native_bf16() and copies <= COPY_BUDGET * quantization.weight_bytes(model):
+        for m in planes:
+            m.dense = PrepackedLinear(m.dequantized().to(m.weight.dtype), None, rows, persistent=False)
+        log.info("prepack: bf16 copies of %d quantized layers in planes, for prompts: %.0f MB", len(planes), copies / 1e6)
+    if linear:
+        for module in list(model.modules()):
+            for child_name, child in list(module.named_children()):
+                if type(child) is nn.Linear and can_prepack(child.weight.dtype, child.weight.device):
+                    setattr(module, child_name, PrepackedLinear(child.weight, child.bias, rows))
+                elif type(child) is Experts and can_prepack(child.gate_up_proj.dtype, child.gate_up_proj.device):
+                    setattr(module, child_name, PrepackedExperts(child, rows))
     return model

@@ -285,7 +285,7 @@ class Int4Linear(nn.Module):
             packed = torch.ops.aten._convert_weight_to_int4pack((u[:, ::2] << 4 | u[:, 1::2]).contiguous(), tiles)
         else:  # in blocks of rows (the kernel packs each 64 apart), so that its int32 input, 4 bytes a code, is never
             # the whole matrix's: Gemma 3's 262,144-row head in planes took 1.3 GB that way, most of loading's peak
-            packed = torch.empty(N, K * self.planes // 2, dtype=torch.uint8)  # two 4-bit codes a byte
+            packed = torch.empty(N, K * self.planes // 2, dtype=torch.uint8, device=q.codes.device)  # 2 codes a byte
             for i in range(0, N, PACK_ROWS):
                 packed[i:i + PACK_ROWS] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
                     codes(slice(i, i + PACK_ROWS)).int(), 1)
@@ -489,7 +489,7 @@ def quantize(model, mode, group_size=None, *, head="int8", embeddings="int8", dt
         if value not in (*MODES, None):
             raise ValueError(f"{option} must be 'int8', 'int4' or None (unquantized), not {value!r}")
     dtype = dtype or torch.bfloat16
-    out_layer = _output_layer(model)
+    out_layer = output_layer(model)
     chosen = {}  # name -> (module, bits, group size or None for one group per row)
     experts = {}  # name -> a mixture's stacked experts (models/moe.py), quantized per expert in `mode`
     # a mixture's routers (the gates beside the experts) choose the experts: a few rows, kept unquantized (as
@@ -560,7 +560,8 @@ def _share_rows(head, embedding):
         head.row_codes, head.row_scales, head.row_zeros = embedding.codes, embedding.scales, embedding.zeros
 
 
-def _output_layer(model):
+def output_layer(model):
+    """The model's output layer (the model files' contract names it lm_head), or None."""
     return getattr(model, "lm_head", None)
 
 
@@ -584,10 +585,14 @@ def describe(model):
 
 
 def weight_bytes(model):
-    """Bytes of every distinct parameter and persistent buffer (shared tensors once)."""
+    """Bytes of every distinct parameter and persistent buffer (shared tensors once; oneDNN's reordered weights,
+    zoo/prepack.py's, have no storage to share, and count by their elements)."""
     seen = {}
     for t in model.state_dict().values():
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        if t.is_mkldnn:
+            seen[id(t)] = t.numel() * t.element_size()
+        else:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     return sum(seen.values())
 
 

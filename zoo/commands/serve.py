@@ -58,9 +58,8 @@ def run(args):
                          f"number >= 1, not {args.num_draft}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_source(args.source, device=device, dtype=args.dtype)
-    # oneDNN's reordered weights (zoo/prepack.py); with --compile only the quantized layers' copies for prompts (the
-    # compiled step cannot trace reordered float layers: it fuses its own)
-    prepack(model, linear=not args.compile)
+    if not args.compile:  # (the compiled step cannot trace oneDNN's reordered weights; it fuses its own)
+        prepack(model)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, compile=args.compile,
                     draft="prompt-lookup" if args.prompt_lookup else None, num_draft=args.num_draft)
     name = args.served_model_name or args.source
