@@ -95,7 +95,7 @@ def prepacked_by(monkeypatch, command):
 def test_zoo_generate_and_serve_run_bf16_models_prepacked(tiny_folder, monkeypatch, capsys):
     """`zoo generate` in bf16 prepacks its model and writes the plain bf16 model's greedy text, and with --compile
     prepacks only the quantized layers' copies (linear=False: the compiled step cannot trace reordered float layers);
-    `zoo serve` prepacks the model it serves, except with --compile."""
+    `zoo serve` likewise."""
     import uvicorn
     from zoo.cli import main
     from zoo.commands import generate, serve
@@ -118,7 +118,8 @@ def test_zoo_generate_and_serve_run_bf16_models_prepacked(tiny_folder, monkeypat
     assert main(["serve", str(folder), "--dtype", "bfloat16", "--device", "cpu"]) == 0
     assert len(seen) == 1 and any(isinstance(m, PrepackedLinear) for m in seen[0][0].modules())
     assert main(["serve", str(folder), "--dtype", "bfloat16", "--device", "cpu", "--compile"]) == 0
-    assert len(seen) == 1
+    assert len(seen) == 2 and seen[1][1] == {"linear": False}
+    assert not any(isinstance(m, PrepackedLinear) for m in seen[1][0].modules())
 
 
 def planes_model():

@@ -17,6 +17,7 @@ import torch
 
 import zoo
 from zoo.generation import complete
+from zoo.prepack import prepack
 
 openai = pytest.importorskip("openai", reason="the openai package is not installed (pip install 'zoo-lm[test]')")
 httpx = pytest.importorskip("httpx", reason="httpx is not installed (pip install 'zoo-lm[test]')")
@@ -307,3 +308,20 @@ def test_served_model_name_replaces_the_local_path(tmp_path, gpt2_bpe):
         assert answer.choices[0].text == complete(model, tok, prompt, max_new_tokens=20, temperature=0)
         with pytest.raises(openai.NotFoundError, match="tiny-gpt2"):  # the path is not a name of it
             client.completions.create(model=str(folder), prompt="Hello", max_tokens=2)
+
+
+@pytest.mark.slow
+def test_a_gguf_served_with_its_own_quantized_blocks(smollm2_gguf, tmp_path):
+    """`zoo serve SOURCE --quantize native` (as `zoo generate` takes it): the GGUF's blocks kept packed, bf16
+    activations, prepacked as the server prepacks; a seeded sample is that model's alone, and not the dequantized
+    float32 model's (which the server would give if it left --quantize out)."""
+    native, tok = zoo.load_source(MODEL, dtype="bfloat16", quantize="native")
+    prepack(native)
+    settings = dict(temperature=1.0, seed=1)
+    with serving([MODEL, "--quantize", "native", "--device", "cpu"], tmp_path / "log") as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=600)
+        r = client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=32, **settings)
+    answer = r.choices[0].message.content
+    assert answer == complete(native, tok, FRANCE, max_new_tokens=32, **settings)
+    assert answer != complete(zoo.load_source(MODEL)[0], tok, FRANCE, max_new_tokens=32, **settings)
+    assert "bfloat16 (native weights)" in (tmp_path / "log").read_text()

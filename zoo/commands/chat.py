@@ -16,8 +16,8 @@ import torch
 
 from ..generation import complete
 from ..prepack import prepack
-from ..sources import describe_source, load_source
-from .generate import add_model_arguments, add_sampling_arguments, sampling_of
+from ..sources import describe_source
+from .generate import add_model_arguments, add_sampling_arguments, load_model, sampling_of
 
 HELP = "talk to a chat model in the terminal (default model: smollm2-135m-instruct)"
 COMMANDS = """commands:
@@ -179,9 +179,7 @@ def run(args):
     if args.context is not None and args.context < 1:
         raise ValueError(f"--context must be at least 1 token, not {args.context}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("bfloat16" if args.quantize else "float32")
-    model, tokenizer = load_source(args.source, device=device, dtype=dtype, quantize=args.quantize,
-                                   adapter=args.adapter)
+    model, tokenizer = load_model(args, device)
     prepack(model)  # bfloat16 on the CPU: oneDNN's reordered weights (zoo/prepack.py)
     if tokenizer.chat_template is None:
         raise ValueError(f"{args.source} has no chat template: zoo chat talks to chat models (zoo generate "

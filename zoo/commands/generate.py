@@ -61,6 +61,13 @@ def add_model_arguments(parser):
     parser.add_argument("--adapter", help="a PEFT LoRA adapter folder to apply to the model")
 
 
+def load_model(args, device):
+    """The model and tokenizer that add_model_arguments' options describe, on `device`; sets args.dtype to the
+    dtype chosen."""
+    args.dtype = args.dtype or ("bfloat16" if args.quantize else "float32")
+    return load_source(args.source, device=device, dtype=args.dtype, quantize=args.quantize, adapter=args.adapter)
+
+
 def sampling_of(args, num_beams=1):
     """The flags' SamplingConfig (checked before the minutes a download may take)."""
     if args.max_new_tokens < 0:
@@ -78,9 +85,7 @@ def run(args):
     if args.draft_quantize and not args.draft:
         raise ValueError("--draft-quantize quantizes the --draft model: add --draft SOURCE")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    args.dtype = args.dtype or ("bfloat16" if args.quantize else "float32")
-    model, tokenizer = load_source(args.source, device=device, dtype=args.dtype, quantize=args.quantize,
-                                   adapter=args.adapter)
+    model, tokenizer = load_model(args, device)
     # oneDNN's reordered weights (zoo/prepack.py); with --compile only the quantized layers' copies for prompts (the
     # compiled step cannot trace reordered float layers: it fuses its own)
     prepack(model, linear=not args.compile)

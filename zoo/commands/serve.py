@@ -7,7 +7,8 @@ import torch
 
 from ..engine import Engine
 from ..prepack import prepack
-from ..sources import describe_source, load_source
+from ..sources import describe_source
+from .generate import add_model_arguments, load_model
 
 HELP = "serve a model over the OpenAI HTTP API, with a chat page (default model: smollm2-135m-instruct)"
 
@@ -26,7 +27,7 @@ def add_arguments(parser):
     parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default: 8)")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="requests waiting beyond those, after which the server answers 503 (default: 64)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    add_model_arguments(parser)
     parser.add_argument("--compile", action="store_true",
                         help="compile the decode step: faster per token after a first minute of compiling, in "
                              "float32 (in bfloat16 on the CPU the default step, over prepacked weights, is faster)")
@@ -57,14 +58,16 @@ def run(args):
         raise ValueError(f"--num-draft sets the tokens --prompt-lookup drafts per step: give --prompt-lookup and a "
                          f"number >= 1, not {args.num_draft}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_source(args.source, device=device, dtype=args.dtype)
-    if not args.compile:  # (the compiled step cannot trace oneDNN's reordered weights; it fuses its own)
-        prepack(model)
+    model, tokenizer = load_model(args, device)
+    # oneDNN's reordered weights (zoo/prepack.py); with --compile only a quantized model's copies for prompts (the
+    # compiled step cannot trace reordered float layers: it fuses its own)
+    prepack(model, linear=not args.compile)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, compile=args.compile,
                     draft="prompt-lookup" if args.prompt_lookup else None, num_draft=args.num_draft)
     name = args.served_model_name or args.source
     app = create_app(engine, name, api_key=args.api_key)
-    print(f"zoo serve: {describe_source(args.source)} as {name!r}, {args.dtype} on {device}; OpenAI API at "
+    dtype = args.dtype + (f" ({args.quantize} weights)" if args.quantize else "")
+    print(f"zoo serve: {describe_source(args.source)} as {name!r}, {dtype} on {device}; OpenAI API at "
           f"http://{args.host}:{args.port}/v1, chat page at http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
