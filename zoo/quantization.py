@@ -89,7 +89,7 @@ class Quantized:
     def widened(self, bits):
         """The same matrix with codes of `bits` >= self.bits: u + 2**(bits-1) - 2**(self.bits-1), exact."""
         shift = 2 ** (bits - 1) - 2 ** (self.bits - 1)
-        codes = self.codes if shift == 0 else (self.codes.short() + shift).to(torch.uint8)
+        codes = self.codes if shift == 0 else self.codes + shift  # uint8: u + shift < 2**bits
         return Quantized(codes, self.scale, self.zero, bits, self.group_size)
 
     def rows(self, fn):
@@ -139,14 +139,14 @@ def from_gguf_blocks(qtype, raw, shape):
         d, m = (t.reshape(-1) for t in ggml_blocks.k_sub_blocks(b))
         if qtype == 12:
             return grid(ggml_blocks.q4_k_codes(b), 4, d, 8 * d - m)
-        return grid((ggml_blocks.q5_k_codes(b).short() + 128).to(torch.uint8), 8, d, -m)
+        return grid(ggml_blocks.q5_k_codes(b) + 128, 8, d, -m)  # (uint8: 5-bit codes + 128 stay below 256)
     if qtype in (6, 7):  # Q5_0 (q - 16) d: u = q + 112; Q5_1 q d + m: u = q + 128
         b = raw.view(-1, 22 if qtype == 6 else 24)
         at = 2 if qtype == 6 else 4
-        q = ggml_blocks.q5_codes(b, at).short() + (112 if qtype == 6 else 128)
+        u = ggml_blocks.q5_codes(b, at) + (112 if qtype == 6 else 128)  # uint8, as above
         dm = b[:, :at].contiguous().view(torch.float16).float()
         zero = dm[:, 1] if qtype == 7 else torch.zeros_like(dm[:, 0])
-        return grid(q.to(torch.uint8), 8, dm[:, 0], zero)
+        return grid(u, 8, dm[:, 0], zero)
     if qtype == 8:  # Q8_0: fp16 d, 32 int8 q; w = q * d
         blocks = raw.view(-1, 34)
         d = blocks[:, :2].contiguous().view(torch.float16).float()[:, 0]
