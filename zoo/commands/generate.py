@@ -57,7 +57,7 @@ def add_model_arguments(parser):
                              "bfloat16 with --quantize)")
     parser.add_argument("--quantize", choices=("int8", "int4", "native"),
                         help="weight-only quantized matrices (faster decoding); native: a GGUF file's "
-                             "Q4_0/Q4_1/Q8_0 blocks as they are (the fastest for a quantized GGUF)")
+                             "Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K blocks as they are (the fastest for a quantized GGUF)")
     parser.add_argument("--adapter", help="a PEFT LoRA adapter folder to apply to the model")
 
 
