@@ -173,9 +173,11 @@ def test_prepack_copies_within_its_budget_on_a_bf16_cpu(monkeypatch):
 
 @needs_copies
 def test_layers_in_planes_multiply_prompts_by_a_prepacked_copy(monkeypatch):
-    """prepack gives each quantized layer in planes but the head a reordered bf16 copy of its matrix: products over
-    DENSE_ROWS rows or more (a prompt's) go through it, fewer rows (decoding) and compiled steps through the kernel.
-    The logits stay the unprepacked model's to bf16 rounding."""
+    """prepack gives each quantized layer in planes but the head a reordered bf16 copy of its matrix, which a prompt's
+    products over DENSE_ROWS rows or more go through (zoo.modes.prompt_mode: prefills), and nothing else: decoding
+    steps of any batch, speculative checks and compiled steps keep the kernel. So the logits stay the unprepacked
+    model's to bf16 rounding, and the tokens of a batch, of the engine's batches and of speculative decoding are
+    the prepacked model's own one-row greedy tokens, exactly."""
     monkeypatch.setattr(prepack_module, "COPY_BUDGET", 100.0)  # (this model is all in planes)
     plain, packed = planes_model(), prepack(planes_model(), linear=False)
     layers = {name: m for name, m in packed.named_modules() if isinstance(m, Int4Linear)}
@@ -185,19 +187,28 @@ def test_layers_in_planes_multiply_prompts_by_a_prepacked_copy(monkeypatch):
         if m.dense is not None:
             m.dense.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
     idx = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(0))
-    calls.clear()
     with torch.no_grad():
-        got, want = packed(idx).float(), plain(idx).float()  # logits up to ~10, bf16 steps of 1/16 there
-        torch.testing.assert_close(got, want, rtol=0, atol=0.05 * want.abs().max().item())
-        assert calls == [22] * 8
-        calls.clear()
-        for rows in range(1, quantization.DENSE_ROWS):  # a few rows: the kernel, bit for bit
-            assert torch.equal(packed(idx[:1, :rows]), plain(idx[:1, :rows]))
-        assert calls == []
-    prompts = [[1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12], [13, 14, 15], [16]]
+        assert torch.equal(packed(idx), plain(idx)) and calls == []  # outside a prompt: the kernel, bit for bit
+        with zoo.modes.prompt_mode():
+            got, want = packed(idx).float(), plain(idx).float()  # logits up to ~10, bf16 steps of 1/16 there
+            torch.testing.assert_close(got, want, rtol=0, atol=0.05 * want.abs().max().item())
+            assert calls == [22] * 8
+            calls.clear()
+            for rows in range(1, quantization.DENSE_ROWS):  # a few rows: the kernel
+                assert torch.equal(packed(idx[:1, :rows]), plain(idx[:1, :rows]))
+            assert calls == []
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 1, 2, 3, 4, 5], [13, 14, 15, 13, 14, 15, 13], [16] * 6]
+    alone = [zoo.generate(packed, [p], 12, temperature=0)[0] for p in prompts]
     calls.clear()
-    out = zoo.generate(packed, prompts[:2], 10, temperature=0)  # decoding's steps of 2 rows: the kernel
-    assert calls == [14] * 8 and [len(t) for t in out] == [10, 10]  # only the prompts' prefill (2 x 7, left-padded)
+    assert zoo.generate(packed, prompts, 12, temperature=0) == alone  # decoding steps of 4 rows: the kernel
+    assert calls == [40] * 8  # the prompts' prefill (4 x 10, left-padded) alone took the copies
+    assert zoo.generate(packed, prompts, 12, temperature=0, draft="prompt-lookup", num_draft=4) == alone
+    chars = CharTokenizer.from_text("".join(map(chr, range(32, 288))))  # (the engine wants a tokenizer)
+    engine = Engine(packed, chars, max_batch=4)
+    requests = [engine.submit(p, 12, SamplingConfig(temperature=0, eos_token_id=[])) for p in prompts]
+    while engine.step():
+        pass
+    assert [r.tokens for r in requests] == alone
     calls.clear()  # a compiled step of DENSE_ROWS rows keeps the kernel: torch.compile fails on the reordered copy
     out = zoo.generate(packed, prompts, 10, temperature=0, compile=True)
-    assert calls == [28] * 8 and [len(t) for t in out] == [10] * 4
+    assert calls == [40] * 8 and [len(t) for t in out] == [10] * 4

@@ -32,6 +32,7 @@ import threading
 import torch
 
 from .generation import TextStream, compiled_step, weights_column_major
+from .modes import prompt_mode
 from .progress import log
 from .sampling import SamplingConfig, greedy, next_tokens, penalize_repetition
 from .speculative import DEFAULT_NUM_DRAFT, PROMPT_LOOKUP, lookup, verify
@@ -424,7 +425,8 @@ class Engine:
                 request.is_eos = torch.zeros(self.model.config.vocab_size, dtype=torch.bool, device=self.device)
                 request.is_eos[sorted(request.eos)] = True
             idx = torch.tensor([request.prompt], device=self.device)
-            logits = self.model(idx, input_pos=input_pos, key_mask=key_mask, last_only=True)[:, -1]  # [1, V]
+            with prompt_mode():
+                logits = self.model(idx, input_pos=input_pos, key_mask=key_mask, last_only=True)[:, -1]  # [1, V]
             token = self._sample(request, logits)
             self.newest[request.row, 0] = token
             self._take(request, int(token))

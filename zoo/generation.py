@@ -21,7 +21,7 @@ import types
 
 import torch
 
-from .modes import eval_mode
+from .modes import eval_mode, prompt_mode
 from .sampling import SamplingConfig, next_tokens, penalize_repetition
 from .speculative import check_draft, speculative_steps
 from .tokenizers import StreamDecoder
@@ -72,8 +72,9 @@ class Batch:
         """(Re)fill the cache with the last cache_len tokens; the logits [B, V] of the next token."""
         start = max(0, self.len - self.cache_len)
         idx = self.tokens[:, start:self.len]
-        return self.model(idx, input_pos=self.slots[:idx.size(1)], key_mask=self.key_mask(start),
-                          last_only=True)[:, -1]
+        with prompt_mode():
+            return self.model(idx, input_pos=self.slots[:idx.size(1)], key_mask=self.key_mask(start),
+                              last_only=True)[:, -1]
 
     def append(self, new_tokens):
         self.tokens[:, self.len] = new_tokens

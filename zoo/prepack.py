@@ -19,11 +19,10 @@ A quantized layer of 8-bit codes in groups (GGUF's Q8_0, Q5_0, Q5_1 and Q5_K blo
 bits, int8 with a group size) runs its kernel as two 4-bit planes, over twice its inputs, and that kernel's time grows
 with the rows: 2.0 ms for 32 rows of Gemma 3 270M's Q5_0 gate|up projection (4,096 x 640) where a bf16 GEMM takes
 0.4-0.5. prepack gives each such layer (not the output layer, which a prompt's prefill applies to its last position
-alone) a PrepackedLinear over its dequantized matrix, which products over DENSE_ROWS rows or more take
-(zoo/quantization.py: a prompt's, a batch's, a speculative check's), on a CPU with bf16 arithmetic: Gemma's 32-token
-prefill 97 -> 56-63 ms, for 2 bytes a weight more (130 MB for its 65M weights in planes). Decoding one row still
-reads the codes. The copies round differently from the kernel, as any bf16 GEMM's products over several rows may from
-one row's: a batch's or a speculative check's greedy tokens can then part from one-row decoding's at a near-tie.
+alone) a PrepackedLinear over its dequantized matrix, which a prompt's products over DENSE_ROWS rows or more take
+(zoo/modes.py's prompt_mode, where zoo prefills), on a CPU with bf16 arithmetic: Gemma's 32-token prefill 97 -> 56-63
+ms, for 2 bytes a weight more (130 MB for its 65M weights in planes). Decoding steps, speculative checks and compiled
+steps keep the kernel: its products are the same for a row in a batch as alone, where the copies round otherwise.
 They are made only where they add at most half again to what the model's weights take (COPY_BUDGET): a model mostly
 in planes (a Q8_0 or Q5_K_M file) would otherwise triple its memory, and keeps the kernel alone.
 """
@@ -85,7 +84,7 @@ def prepack(model, rows=8, *, linear=True):
     """Replace every bfloat16 nn.Linear of `model` on the CPU by a PrepackedLinear (its weight reordered for a
     product over `rows` rows, oneDNN's hint; any number of rows works), and every such float Experts by
     PrepackedExperts; give each bfloat16 quantized layer of 8-bit codes in two planes, bar the output layer, a
-    PrepackedLinear over its dequantized weight for products over several rows, within COPY_BUDGET (see the module's
+    PrepackedLinear over its dequantized weight for a prompt's products, within COPY_BUDGET (see the module's
     docstring); returns the model. linear=False leaves the float layers as they are: for a model whose decode step
     torch.compile will trace (it cannot trace reordered weights, and fuses its own)."""
     planes = [m for m in model.modules() if isinstance(m, Int4Linear) and m.planes == 2 and m.dense is None

@@ -9,7 +9,7 @@ are PyTorch's own weight-only kernels: on the CPU `_weight_int8pack_mm` (int8, o
 row; many rows at once, a prompt's or a training step's, take a GEMM over a transient dequantized copy
 instead: `int8_mm`) and `_weight_int4pack_mm_for_cpu` (int4, groups of 32-256 weights along the input
 with a scale and a zero point each; from INT4_GEMM_ROWS rows on, a dequantized copy's GEMM too, and
-from DENSE_ROWS rows on a float copy that zoo/prepack.py keeps, where it keeps one); on CUDA
+for a prompt's DENSE_ROWS rows or more a float copy that zoo/prepack.py keeps, where it keeps one); on CUDA
 `_weight_int8pack_mm` and tinygemm's `_weight_int4pack_mm`.
 
 One plain form describes every quantized matrix here (`Quantized`): unsigned codes u of `bits` bits,
@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 from . import ggml_blocks
 from .convert import unpermute
+from .modes import in_prompt
 from .models.moe import Experts
 
 log = logging.getLogger("zoo")
@@ -169,8 +170,9 @@ def from_gguf_blocks(qtype, raw, shape):
 GEMM_ROWS = 128  # from this many rows of x on, a GEMM over a dequantized copy is faster than the int8 kernel
 # and than the int4 kernel from this many (2 EPYC cores, bf16: level at 128 rows, 2-2.5x faster at 512)
 INT4_GEMM_ROWS = 256
-# from this many rows on, a layer holding a float copy of W (Int4Linear.dense) multiplies by it instead of running the
-# kernel (Gemma 3 270M's Q5_0 layers in two planes, 2 EPYC cores: level at ~4 rows, 4x faster at 32)
+# from this many rows on, a layer holding a float copy of W (Int4Linear.dense) multiplies a prompt's rows by it instead
+# of running the kernel (zoo/modes.py: prompt; Gemma 3 270M's Q5_0 layers in planes, 2 EPYC cores: level at ~4 rows,
+# 4x faster at 32)
 DENSE_ROWS = 4
 PACK_ROWS = 4096  # rows packed for the CPU int4 kernel at a time (a multiple of its blocks of 64)
 
@@ -311,8 +313,9 @@ class Int4Linear(nn.Module):
         if self.row_codes is not None and x2.shape[0] == 1 and cpu and torch.compiler.is_compiling() \
                 and not torch.is_grad_enabled():  # (materialize has no backward)
             y = self.row_product(x2).to(x2.dtype)
-        elif x2.shape[0] >= DENSE_ROWS and not torch.compiler.is_compiling() and self.dense is not None:
-            y = self.dense(x2)  # (the compiled decode step keeps the kernel: it cannot trace oneDNN's weights)
+        elif x2.shape[0] >= DENSE_ROWS and not torch.compiler.is_compiling() and self.dense is not None \
+                and in_prompt():  # (compiled code cannot trace oneDNN's weights)
+            y = self.dense(x2)
         elif x2.shape[0] >= INT4_GEMM_ROWS and self.dequantizable():
             # many rows (a long prompt, a scored text): a GEMM over a transient dequantized copy, as int8_mm
             dtype = gemm_dtype(x2)

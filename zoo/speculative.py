@@ -20,6 +20,7 @@ Rows that have ended feed masked tokens only. generation.py wraps this loop (eva
 """
 import torch
 
+from .modes import prompt_mode
 from .sampling import greedy, penalize_repetition, process_logits, sample
 
 PROMPT_LOOKUP = "prompt-lookup"
@@ -95,7 +96,8 @@ class Cache:
         if width:
             tokens = torch.tensor([[0] * (width - len(r)) + r for r in rows], device=self.device)
             real = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows], device=self.device)
-            self.feed(tokens, real, last_only=True)
+            with prompt_mode():
+                self.feed(tokens, real, last_only=True)
 
 
 def lookup(context, k, max_ngram=MAX_NGRAM, min_ngram=MIN_NGRAM):
