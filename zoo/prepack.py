@@ -10,7 +10,8 @@ eight, its 49,152-token head 9.4 -> 4.3 ms and 8.7 -> 5.0 ms; from ~40 rows on (
 
 A prepacked weight has no gradient, cannot be saved or moved, and torch.compile cannot trace it: prepack a model
 this process loaded to serve or generate eagerly (`zoo serve`, `generate` and `chat` do, in bfloat16 on the CPU),
-not one it will train or save, and one whose decode step it will compile with linear=False (below). A tied head gets its own reordered copy; the embedding keeps the plain table.
+not one it will train or save, and one whose decode step it will compile with linear=False (below). A tied head
+gets its own reordered copy; the embedding keeps the plain table.
 A mixture of experts' stacked experts (models/moe.py) are reordered expert by expert (PrepackedExperts): on
 bench/moe.py's OLMoE-shaped model (one EPYC core) bf16 decoding went 29 -> 44 tok/s and a 256-token prefill 285 ->
 251 ms, the products again the same bit for bit.
@@ -93,7 +94,8 @@ def prepack(model, rows=8, *, linear=True):
     if planes and quantization.native_bf16() and copies <= COPY_BUDGET * quantization.weight_bytes(model):
         for m in planes:
             m.dense = PrepackedLinear(m.dequantized().to(m.weight.dtype), None, rows, persistent=False)
-        log.info("prepack: bf16 copies of %d quantized layers in planes, for prompts: %.0f MB", len(planes), copies / 1e6)
+        log.info("prepack: bf16 copies of %d quantized layers in planes, for prompts: %.0f MB", len(planes),
+                 copies / 1e6)
     if linear:
         for module in list(model.modules()):
             for child_name, child in list(module.named_children()):

@@ -171,8 +171,8 @@ GEMM_ROWS = 128  # from this many rows of x on, a GEMM over a dequantized copy i
 # and than the int4 kernel from this many (2 EPYC cores, bf16: level at 128 rows, 2-2.5x faster at 512)
 INT4_GEMM_ROWS = 256
 # from this many rows on, a layer holding a float copy of W (Int4Linear.dense) multiplies a prompt's rows by it instead
-# of running the kernel (zoo/modes.py: prompt; Gemma 3 270M's Q5_0 layers in planes, 2 EPYC cores: level at ~4 rows,
-# 4x faster at 32)
+# of running the kernel (zoo/modes.py: prompt_mode; Gemma 3 270M's Q5_0 layers in planes, 2 EPYC cores: level at ~4
+# rows, 4x faster at 32)
 DENSE_ROWS = 4
 PACK_ROWS = 4096  # rows packed for the CPU int4 kernel at a time (a multiple of its blocks of 64)
 
