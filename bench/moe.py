@@ -6,8 +6,7 @@ logits only: zoo's last_only, transformers' logits_to_keep=1, as its generate do
 (generate, batch 1: zoo eagerly and with its decode step compiled, compile=True, whose one-time compile is left
 out as a warm-up), fp32 and bf16, 2 threads; bf16 adds zoo's prepacked model (zoo/prepack.py: what `zoo generate`,
 `serve` and `chat` run); the sides in one process, their runs interleaved so that a busy machine slows them alike.
-Prints each side's median and the ratio zoo / transformers. The process keeps freed memory for the next tensor as
-the `zoo` command does (zoo/allocator.py; both sides get it; --plain-malloc: glibc's default).
+Prints each side's median and the ratio zoo / transformers.
 
     flock /tmp/bench.lock python bench/moe.py             # not a test: run it alone, on a quiet machine
     python bench/moe.py --layers 2 --repeats 1            # a quick check that it runs
@@ -20,7 +19,6 @@ import time
 import torch
 
 import zoo
-from zoo.allocator import keep_freed_memory
 from zoo.prepack import can_prepack, prepack
 
 
@@ -35,10 +33,7 @@ def main():
     ap.add_argument("--new", type=int, default=64, help="decoded tokens")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--plain-malloc", action="store_true", help="leave glibc's malloc settings as they are")
     a = ap.parse_args()
-    if not a.plain_malloc:
-        keep_freed_memory()
     torch.set_num_threads(a.threads)
     from transformers import AutoModelForCausalLM, OlmoeConfig
 

@@ -1,37 +1,50 @@
-"""The C allocator under torch's CPU tensors: keep freed memory for the next tensor instead of handing it back.
+"""The C allocator under torch's CPU tensors, for training: keep freed memory for the next step's tensors.
 
 torch has no caching allocator for CPU tensors: each one is malloc'ed and freed. glibc's malloc serves
-requests over its mmap threshold (128 KiB at first) with fresh pages from the kernel and trims the heap's free
-top back to the kernel, so a training step that frees and re-creates the same activations pays a page fault
-per 4 KiB of them every step: measured on shakespeare-char (12 x 64 tokens, 4 layers of 128), 28-31 ms a step
-against 22-24 ms with freed memory kept (2 AMD EPYC cores; a 768 x 512 bf16 GELU backward 550-800 us into a
-fresh tensor, 170 us into a reused one). jemalloc and tcmalloc (LD_PRELOAD) do the same; this needs neither.
+requests over its mmap threshold with fresh pages from the kernel and trims the heap's free top back to the
+kernel, so a training step that frees and re-creates the same activations faults many of them in again every step:
+measured on shakespeare-char (12 x 64 tokens, 4 layers of 128, 2 AMD EPYC cores), ~3,000 page faults a step
+(forward, backward and AdamW) and 28-31 ms a step, against ~0 faults and 22-24 ms with freed memory kept; a
+768 x 512 bf16 GELU backward took 550-800 us into fresh pages, 170 us into reused ones. (jemalloc or tcmalloc,
+preloaded, do the same.) Decoding showed no gain (its tensors are small and few), so only `zoo train` sets it.
 
-`keep_freed_memory()` is a process-wide setting, so the `zoo` command calls it (zoo/cli.py) and library calls do
-not; a program of one's own that trains or serves with zoo can call it first thing.
+It is a setting of the whole process: `zoo train` makes it (zoo/commands/train.py); the library never does. A
+program of one's own that trains with zoo can call keep_freed_memory() first.
 """
 import ctypes
 import logging
+import os
 
 log = logging.getLogger("zoo")
 
-# mallopt(3) parameters
+# mallopt(3) parameters, and the values: room for a step's activations many times over at the presets' sizes
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-MMAP_THRESHOLD = 32 << 20  # requests under 32 MiB (glibc's largest allowed threshold) come from the heap
-TRIM_THRESHOLD = 256 << 20  # the heap's free top is handed back only past 256 MiB
-TOP_PAD = 64 << 20  # and grows 64 MiB at a time (address space; pages are only touched when used)
+SETTINGS = {
+    # requests under 32 MiB come from the heap (glibc's largest threshold on 64 bits; its default starts at 128 KiB
+    # and only rises as mmapped chunks are freed), where freed memory can be reused
+    "M_MMAP_THRESHOLD": (M_MMAP_THRESHOLD, 32 << 20),
+    # the heap's free top goes back to the kernel only past 256 MiB (default: twice the mmap threshold)
+    "M_TRIM_THRESHOLD": (M_TRIM_THRESHOLD, 256 << 20),
+    # and grows 64 MiB at a time: address space, whose pages are only touched when used
+    "M_TOP_PAD": (M_TOP_PAD, 64 << 20),
+}
 
 
 def keep_freed_memory():
-    """Set glibc's malloc to reuse freed memory (see the module's docstring); True if set, False where the C
-    library is not glibc (macOS, musl, Windows), where nothing changes."""
+    """Set glibc's malloc to reuse freed memory (see the module's docstring). Returns True if all was set; False
+    where the C library has no mallopt or refuses a value (macOS, Windows, musl, 32-bit glibc) and where the user
+    set malloc's own way (GLIBC_TUNABLES with glibc.malloc, or a MALLOC_*_ variable), which is left as it is.
+    With jemalloc or tcmalloc preloaded, glibc's settings are moot."""
+    if "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "") or any(
+            k.startswith("MALLOC_") and k.endswith("_") for k in os.environ):
+        log.debug("malloc: left to the environment's settings")
+        return False
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the process's own symbols: the C library's, if it has mallopt
     except (OSError, AttributeError, TypeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    done = all(mallopt(p, v) == 1 for p, v in ((M_MMAP_THRESHOLD, MMAP_THRESHOLD),
-                                               (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_TOP_PAD, TOP_PAD)))
-    if not done:
-        log.debug("malloc settings refused by this C library; left as they were")
-    return done
+    refused = [name for name, (param, value) in SETTINGS.items() if mallopt(param, value) != 1]
+    if refused:
+        log.debug("malloc: this C library refused %s", ", ".join(refused))
+    return not refused

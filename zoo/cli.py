@@ -2,15 +2,12 @@
 (also `python -m zoo`).
 
 Each command is a module in zoo/commands/ with `HELP`, `add_arguments(parser)` and `run(args) -> exit
-code`; this file only routes to it, shows the library's notes on stderr, turns bad input into one
-`zoo COMMAND: error: ...` line with exit status 2, and sets what belongs to the process as a whole (malloc's
-reuse of freed memory: zoo/allocator.py).
+code`; this file only routes to it, shows the library's notes on stderr, and turns bad input into one
+`zoo COMMAND: error: ...` line with exit status 2.
 """
 import argparse
 import importlib
 import sys
-
-from .allocator import keep_freed_memory
 
 COMMANDS = ("list", "generate", "chat", "train", "eval", "verify", "inspect", "serve", "fill-mask", "export")
 
@@ -28,7 +25,6 @@ def main(argv=None):
         modules[name] = importlib.import_module(f"zoo.commands.{name.replace('-', '_')}")
         modules[name].add_arguments(sub.add_parser(name, help=modules[name].HELP, description=modules[name].HELP))
     args = parser.parse_args(argv)
-    keep_freed_memory()
     try:
         return modules[args.command].run(args) or 0
     # bad input: say what and how to fix, no traceback (OSErrors about the user's paths included)

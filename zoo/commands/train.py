@@ -5,6 +5,7 @@ import json
 import os
 import sys
 
+from ..allocator import keep_freed_memory
 from ..data import VAL_FRACTION
 from ..registry import PRESETS
 from ..training import TrainConfig, train
@@ -63,6 +64,7 @@ def parse_overrides(pairs):
 
 
 def run(args):
+    keep_freed_memory()  # a process setting: each step's tensors reuse the last one's memory (zoo/allocator.py)
     fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
               if getattr(args, f.name) is not None}
     try:
