@@ -60,7 +60,7 @@ def test_settings_in_the_environment_are_left_alone(monkeypatch):
     assert keep_freed_memory() is False
 
 
-def test_zoo_train_sets_it(monkeypatch, tmp_path, capsys):
+def test_zoo_train_sets_it(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(zoo.commands.train, "keep_freed_memory", lambda: calls.append("train"))
     monkeypatch.setattr(zoo.commands.train, "train", lambda *a, **k: None)  # the command's own work, not the run

@@ -17,16 +17,15 @@ import os
 
 log = logging.getLogger("zoo")
 
-# mallopt(3) parameters, and the values: room for a step's activations many times over at the presets' sizes
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+# mallopt(3): name -> (parameter, value); room for a step's activations many times over at the presets' sizes
 SETTINGS = {
     # requests under 32 MiB come from the heap (glibc's largest threshold on 64 bits; its default starts at 128 KiB
     # and only rises as mmapped chunks are freed), where freed memory can be reused
-    "M_MMAP_THRESHOLD": (M_MMAP_THRESHOLD, 32 << 20),
+    "M_MMAP_THRESHOLD": (-3, 32 << 20),
     # the heap's free top goes back to the kernel only past 256 MiB (default: twice the mmap threshold)
-    "M_TRIM_THRESHOLD": (M_TRIM_THRESHOLD, 256 << 20),
+    "M_TRIM_THRESHOLD": (-1, 256 << 20),
     # and grows 64 MiB at a time: address space, whose pages are only touched when used
-    "M_TOP_PAD": (M_TOP_PAD, 64 << 20),
+    "M_TOP_PAD": (-2, 64 << 20),
 }
 
 

@@ -88,8 +88,9 @@ def prepack(model, rows=8, *, linear=True):
     PrepackedLinear over its dequantized weight for a prompt's products, within COPY_BUDGET (see the module's
     docstring); returns the model. linear=False leaves the float layers as they are: for a model whose decode step
     torch.compile will trace (it cannot trace reordered weights, and fuses its own)."""
+    head = output_layer(model)
     planes = [m for m in model.modules() if isinstance(m, Int4Linear) and m.planes == 2 and m.dense is None
-              and m is not output_layer(model) and m.dequantizable() and can_prepack(m.weight.dtype, m.weight.device)]
+              and m is not head and m.dequantizable() and can_prepack(m.weight.dtype, m.weight.device)]
     copies = sum(2 * m.in_features * m.out_features for m in planes)
     if planes and quantization.native_bf16() and copies <= COPY_BUDGET * quantization.weight_bytes(model):
         for m in planes:
