@@ -1,7 +1,7 @@
 """Sparse mixture-of-experts Llama (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE): a router sends every token to its top-k of
 n_expert SwiGLU experts (Shazeer et al., 2017; Fedus et al., 2021); Qwen2-MoE adds one shared expert. transformers 5's
 names (experts stacked: gate_up_proj [E, 2F, D], down_proj [E, D, F]), q/k/v fused. Tokens run sorted by expert, one
-matmul per used expert, so that decoding one token reads only its k experts (compiled, it gathers their weights).
+matmul per used expert (one grouped matmul on the CPU), so that decoding reads only its k experts (compiled, gathered).
 
     model = Model(Config(n_layer=16, n_head=16, n_embd=2048, n_expert=64, top_k=8, expert_dim=1024))
     logits = model(idx)                              # [B, T] -> [B, T, vocab_size]
@@ -130,11 +130,9 @@ class Attention(nn.Module):
         B, T, _ = x.shape  # batch size, sequence length, n_embd
         H, H_kv, D = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.qkv_proj(x).split((H * D, H_kv * D, H_kv * D), dim=-1)  # [B, T, H D], 2 x [B, T, H_kv D]
-        if self.qk_norm == "proj":
-            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = (self.q_norm(q), self.k_norm(k)) if self.qk_norm == "proj" else (q, k)  # OLMoE's, before the heads
         q, k, v = q.view(B, T, H, D), k.view(B, T, H_kv, D), v.view(B, T, H_kv, D)
-        if self.qk_norm == "head":
-            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = (self.q_norm(q), self.k_norm(k)) if self.qk_norm == "head" else (q, k)  # Qwen3-MoE's, per head
         q = apply_rotary(q.transpose(1, 2), cos, sin)  # [B, H, T, D]
         k, v = apply_rotary(k.transpose(1, 2), cos, sin), v.transpose(1, 2)  # [B, H_kv, T, D] each
         if input_pos is not None:  # decoding: store the new keys and values, attend over the slots the mask covers
@@ -169,9 +167,10 @@ class Experts(nn.Module):
     def expert_weights(self):  # each expert's two weights, as stacks (a subclass: as lists) of E
         return self.gate_up_proj, self.down_proj
 
-    def expert(self, x, gate_up_proj, down_proj):  # one expert (or a batch of them) over its tokens x [..., n, D]
-        gate, up = (x @ gate_up_proj.mT).chunk(2, dim=-1)  # [..., n, F] each
-        return F.silu(gate) * up @ down_proj.mT  # [..., n, D]
+    def expert(self, x, gate_up_proj, down_proj, offs=None):  # one expert (or a batch) over its tokens x [..., n, D]
+        mm = torch.matmul if offs is None else lambda a, b: F.grouped_mm(a, b, offs=offs)  # offs: all E's end rows
+        gate, up = mm(x, gate_up_proj.mT).chunk(2, dim=-1)  # [..., n, F] each
+        return mm(F.silu(gate) * up, down_proj.mT)  # [..., n, D]
 
     def forward(self, x, weights, experts):
         """x [N, D], each token's k routing weights and expert ids [N, k] -> sum of weighted outputs [N, D]."""
@@ -181,12 +180,14 @@ class Experts(nn.Module):
             y = self.expert(x.repeat_interleave(k, 0)[:, None], w[0][ids], w[1][ids])
             return (y.view(N, k, D) * weights[..., None]).sum(dim=1)  # each pair's weights gathered: [N k, 1, D]
         token, pair_weights = (order := ids.argsort(stable=True)) // k, weights.flatten()[order]  # [N k], by expert
-        counts = (per_expert := ids.bincount(minlength=E)).tolist()  # pairs per expert [E]
-        # one matmul pair per used expert (unused ones are never read); training pads each expert's rows to a multiple
-        # of 32 (oneDNN builds a kernel per new shape), and all to one length (one bmm) where that at most doubles them
+        if stacked and not torch.is_grad_enabled() and x.device.type == "cpu" and hasattr(F, "grouped_mm") and \
+                x.dtype in (torch.float32, torch.bfloat16) and not (D % 8 or w[1].size(-1) % 8):  # 16-byte strides
+            y = self.expert(x[token], *w, offs=ids.bincount(minlength=E).cumsum(0).int())  # one grouped matmul pair
+            return x.new_zeros(N, D).index_add_(0, token, (y * pair_weights[:, None]).to(x.dtype))  # [N, D]
+        counts = (per_expert := ids.bincount(minlength=E)).tolist()  # else a matmul pair per used expert: pairs [E]
         sizes = [-(-n // 32) * 32 for n in counts] if (train := torch.is_grad_enabled()) else counts
         sizes = [max(sizes)] * E if (batched := train and stacked and E * max(sizes) <= 2 * N * k) else sizes
-        if train:
+        if train:  # each expert's rows padded to a multiple of 32 (oneDNN builds a kernel per shape); one bmm if <= 2x
             first = torch.tensor([0] + sizes[:-1], device=x.device).cumsum(0) - per_expert.cumsum(0) + per_expert
             rows = first[ids[order]] + torch.arange(N * k, device=x.device)  # [N k]: its expert's first + its place
             token = token.new_full((sum(sizes),), N).index_copy_(0, rows, token)  # rows' tokens, padding: N (zeros)
@@ -223,8 +224,7 @@ class MoE(nn.Module):
 class Block(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.n_embd, config.norm_eps)
-        self.self_attn = Attention(config)
+        self.input_layernorm, self.self_attn = RMSNorm(config.n_embd, config.norm_eps), Attention(config)
         self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config.n_embd, config.ffn_dim) if layer in config.dense_layers else MoE(config)
         self.dropout = nn.Dropout(config.dropout)
