@@ -10,8 +10,8 @@ window's tokens with whatever precedes them). The windows are zoo/scoring.py's, 
 import os
 
 import torch
-import torch.nn.functional as F
 
+from .loss import hidden_state, target_logps
 from .runs import checkpoints_in
 from .scoring import check_causal, rolling_windows
 
@@ -34,8 +34,8 @@ def sliding_window_loss(model, tokens, window, stride, batch_size=4, device="cpu
         group = [s for s in spans[i:i + batch_size] if s[1] - s[0] == spans[i][1] - spans[i][0]]
         i += len(group)
         x = torch.stack([tokens[b:e] for b, e, _ in group]).to(device)
-        logits = model(x).float()
-        for row, (_, _, k) in enumerate(group):
-            total += F.cross_entropy(logits[row, -k - 1:-1], x[row, -k:], reduction="sum").double().cpu()
-            count += k
+        hidden = hidden_state(model, model, x)  # [B, T, C]: the output layer runs on the scored positions alone,
+        scored = [(hidden[row, -k - 1:-1], x[row, -k:]) for row, (_, _, k) in enumerate(group)]  # a chunk at a time
+        total -= target_logps(model, *map(torch.cat, zip(*scored))).double().sum().cpu()
+        count += sum(k for _, _, k in group)
     return (total / count).item()
