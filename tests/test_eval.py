@@ -15,9 +15,10 @@ def tiny_model():
     return zoo.load("shakespeare-char", n_layer=2, n_head=2, n_embd=32, vocab_size=50, block_size=32).eval()
 
 
-def hf_guide_loss(logits_of, tokens, window, stride):
+def hf_guide_loss(logits_of, tokens, window, stride, keep=False):
     """The loop of Hugging Face's perplexity guide, written as the guide writes it (labels of -100 for
-    context tokens; the loss shifts labels by one inside the model)."""
+    context tokens; the loss shifts labels by one inside the model). keep: logits_of(ids, n) gives the logits of
+    the last n positions only (transformers' logits_to_keep), those the loss reads: the same terms, summed alike."""
     nll_sum, n_tokens, prev_end = 0.0, 0, 0
     for begin in range(0, len(tokens), stride):
         end = min(begin + window, len(tokens))
@@ -25,8 +26,8 @@ def hf_guide_loss(logits_of, tokens, window, stride):
         input_ids = tokens[begin:end][None]
         target_ids = input_ids.clone()
         target_ids[:, :-trg_len] = -100
-        logits = logits_of(input_ids)
-        labels = target_ids[:, 1:]
+        logits = logits_of(input_ids, trg_len + 1) if keep else logits_of(input_ids)
+        labels = target_ids[:, 1:][:, -(logits.size(1) - 1):]  # (all of them, unless keep)
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
                                reduction="sum")
         nll_sum += loss.item()

@@ -86,6 +86,7 @@ def test_perplexity_equals_transformers(reference, ours, shared_data):
     tokens = torch.tensor(ours[1].encode(text[:40_000])[:4096])
     assert len(tokens) == 4096
     got = math.exp(sliding_window_loss(ours[0], tokens, 1024, 512, batch_size=2))
-    want = math.exp(hf_guide_loss(lambda ids: reference[3](ids).logits, tokens, 1024, 512)[0])
+    want = math.exp(hf_guide_loss(lambda ids, n: reference[3](ids, logits_to_keep=n).logits, tokens, 1024, 512,
+                                  keep=True)[0])
     print(f"Gemma 3 270M GGUF, WikiText-2 test, first 4,096 tokens: perplexity {got:.4f} (transformers {want:.4f})")
     assert got == pytest.approx(want, rel=1e-4)
