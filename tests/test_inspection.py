@@ -77,7 +77,8 @@ def test_decode_step_pattern_is_the_full_patterns_last_row(name):
     model(idx[:, :-1], input_pos=torch.arange(8))
     step = zoo.trace(model, idx[:, -1:], [key], input_pos=torch.tensor([8]))[key]
     assert step.shape == (2, model.config.n_head, 1, 9)
-    torch.testing.assert_close(step, full[key][:, :, -1:], atol=1e-6, rtol=0)
+    # (float32 rounding: the two passes' scores come from products of other shapes; AVX2's GEMMs part by ~50 ulp)
+    torch.testing.assert_close(step, full[key][:, :, -1:], atol=1e-6, rtol=1e-5)
 
 
 OUT_PROJ = {"llama": "o_proj", "gpt2": "c_proj", "mqa": "c_proj", "scratchformer": "out_proj"}

@@ -259,3 +259,28 @@ def test_unsupported_adapters_are_clear_errors(tmp_path):
         zoo.from_pretrained(tmp_path / "base", adapter=tmp_path)
     with pytest.raises(ValueError, match="no LoRA adapters"):
         zoo.save_adapter(zoo.from_pretrained(tmp_path / "base"), tmp_path / "none")
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16 layer", "float32 layer under bf16 autocast"])
+def test_frozen_layers_compute_bf16_on_float32_units_where_the_cpu_lacks_bf16(autocast, monkeypatch):
+    """A frozen layer computing in bf16 (a LoRA run's bf16 base, or under bf16 autocast) on a CPU without bf16
+    arithmetic multiplies the bf16-rounded operands by float32 GEMMs (torch's own bf16 GEMM is emulated there, and
+    on an AVX2-only CPU is its reference loop): the bf16 products, forward and backward; a bf16 CPU keeps torch's."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(48, 40).to(torch.float32 if autocast else torch.bfloat16).requires_grad_(False)
+    x = torch.randn(5, 48, dtype=torch.bfloat16, requires_grad=True)
+    w, b = base.weight.bfloat16().float(), base.bias.bfloat16().float()
+    want = torch.nn.functional.linear(x.detach().float(), w, b).bfloat16()  # the exact products, summed in float32
+    calls = []
+    monkeypatch.setattr(lora._Widened, "apply", lambda *a, f=lora._Widened.apply: calls.append(1) or f(*a))
+    for native in (False, True):
+        monkeypatch.setattr(lora, "native_bf16", lambda: native)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = lora.Frozen(base)(x)
+        assert len(calls) == 1 and y.dtype == torch.bfloat16  # (once: on the CPU without bf16)
+        torch.testing.assert_close(y, want, rtol=1.6e-2, atol=1e-3)  # torch's bf16 GEMM: its own summation order
+        if not native:
+            assert torch.equal(y, want)
+            g = torch.randn(5, 40, dtype=torch.bfloat16)
+            y.backward(g)
+            assert torch.equal(x.grad, (g.float() @ w).bfloat16())

@@ -18,7 +18,9 @@ from zoo.quantization import Int4Linear, Quantized, linear_from
 
 from conftest import TINY, tiny
 
-pytestmark = pytest.mark.skipif(not can_prepack(torch.bfloat16, "cpu"), reason="oneDNN (mkldnn) is not available")
+needs_kernels = pytest.mark.skipif(not can_prepack(torch.bfloat16, "cpu"), reason="this CPU's oneDNN has no bf16 "
+                                   "kernels (AVX2 only): prepack leaves bf16 layers alone, see "
+                                   "test_prepack_leaves_a_model_alone_without_onednns_bf16_kernels")
 ARCHS = [name for name, (arch, _) in TINY.items() if arch != "bigram"]
 
 
@@ -32,6 +34,7 @@ def bf16(name):
     return model.to(torch.bfloat16)
 
 
+@needs_kernels
 @pytest.mark.parametrize("name", ARCHS)
 def test_prepacked_model_computes_the_same_logits_and_tokens(name):
     plain, packed = bf16(name), prepack(bf16(name))
@@ -46,6 +49,7 @@ def test_prepacked_model_computes_the_same_logits_and_tokens(name):
     assert zoo.generate(packed, prompts, 12, temperature=0) == zoo.generate(plain, prompts, 12, temperature=0)
 
 
+@needs_kernels
 def test_prepacked_engine_decodes_as_the_plain_one():
     """The engine's batches (rows joining a running batch, prefills alone) through both models, request for request."""
     chars = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz .,!?ABCDEF")  # 37 characters: the tiny vocab
@@ -65,6 +69,7 @@ def test_prepacked_engine_decodes_as_the_plain_one():
     assert [len(a) for a in packed] == steps
 
 
+@needs_kernels
 def test_prepack_leaves_what_it_cannot_help():
     fp32 = tiny("llama-gqa")
     assert not any(isinstance(m, PrepackedLinear) for m in prepack(fp32).modules())
@@ -92,6 +97,22 @@ def prepacked_by(monkeypatch, command):
     return seen
 
 
+def test_prepack_leaves_a_model_alone_without_onednns_bf16_kernels(tiny_folder, monkeypatch, capsys):
+    """On a CPU whose oneDNN has no bf16 kernels (AVX2 only, e.g. AMD Zen 3: its reorder raises), prepack changes
+    nothing, and `zoo generate --dtype bfloat16`, which prepacks, writes the plain bf16 model's greedy text."""
+    from zoo.cli import main
+    monkeypatch.setattr(prepack_module, "onednn_bf16", lambda: False)
+    model = bf16("llama-gqa")
+    layers = {name: type(m) for name, m in model.named_modules()}
+    assert prepack(model) is model and {name: type(m) for name, m in model.named_modules()} == layers
+    folder, plain, tok = tiny_folder
+    assert main(["generate", str(folder), "--prompt", "Hello", "--max-new-tokens", "12", "--temperature", "0",
+                 "--dtype", "bfloat16", "--device", "cpu"]) == 0
+    plain = copy.deepcopy(plain).to(torch.bfloat16).eval()
+    assert capsys.readouterr().out == zoo.complete(plain, tok, "Hello", max_new_tokens=12, temperature=0) + "\n"
+
+
+@needs_kernels
 def test_zoo_generate_and_serve_run_bf16_models_prepacked(tiny_folder, monkeypatch, capsys):
     """`zoo generate` in bf16 prepacks its model and writes the plain bf16 model's greedy text, and with --compile
     prepacks only the quantized layers' copies (linear=False: the compiled step cannot trace reordered float layers);
@@ -134,7 +155,8 @@ def planes_model():
     return zoo.quantize(model.to(torch.bfloat16), "int8", group_size=32)
 
 
-needs_copies = pytest.mark.skipif(not quantization.packed_layout_known() or not quantization.native_bf16(),
+needs_copies = pytest.mark.skipif(not can_prepack(torch.bfloat16, "cpu") or not quantization.packed_layout_known()
+                                  or not quantization.native_bf16(),
                                   reason="the int4 kernel packs in a layout zoo cannot read, or this CPU emulates bf16")
 
 

@@ -668,3 +668,16 @@ def test_set_values_are_parsed_by_the_config_fields_type(tmp_path, text_file, ca
     err = capfd.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("zoo train: error:") and "n_layer" in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_bf16_training_falls_back_to_float32_on_a_cpu_without_bf16_arithmetic(monkeypatch, caplog):
+    """Where the CPU has no bf16 arithmetic (no AVX512-BF16 or AMX) torch emulates it several times slower than
+    float32, so a run asking for bf16 autocast (shakespeare-char's preset does) trains in float32 there, saying so;
+    a CPU with it, or CUDA, keeps bf16."""
+    for native, device, kept in ((False, "cpu", False), (True, "cpu", True), (False, "cuda", True)):
+        monkeypatch.setattr(zt, "native_bf16", lambda: native)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="zoo"):
+            s = zt.settings("shakespeare-char", None, {"device": device})
+        assert s.bf16 is kept and ("no bfloat16 arithmetic" in caplog.text) is not kept
+        assert zt.settings(None, None, {"device": device, "bf16": False}).bf16 is False

@@ -77,8 +77,14 @@ class PrepackedExperts(Experts):
 
 
 def can_prepack(dtype, device):
-    """Whether prepack would change anything for weights of this dtype on this device."""
-    return dtype == torch.bfloat16 and torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available()
+    """Whether prepack would change anything for weights of this dtype on this device: bfloat16 on a CPU whose oneDNN
+    has bf16 kernels (AVX-512 BW/VL/DQ, AVX-NE-CONVERT or Arm's bf16; an AVX2-only CPU such as AMD's Zen 3 refuses the
+    reorder)."""
+    return dtype == torch.bfloat16 and torch.device(device).type == "cpu" and onednn_bf16()
+
+
+def onednn_bf16():
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def prepack(model, rows=8, *, linear=True):

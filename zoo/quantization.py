@@ -192,7 +192,10 @@ def int8_mm(x, codes, scales):
 def dequantized_mm(x, codes, scales):
     """x [M, K] @ (codes * scales)^T, codes int8 [N, K], scales broadcasting to them; the output in x's dtype."""
     dtype = gemm_dtype(x)
-    return F.linear(x.to(dtype), codes.to(dtype).mul_(scales.to(dtype))).to(x.dtype)  # one copy of the weight
+    w = codes.to(dtype).mul_(scales.to(dtype))  # one copy of the weight
+    if dtype != x.dtype:  # widened (gemm_dtype): the weight as x's dtype would hold it, so the products are the same
+        w = w.to(x.dtype).to(dtype)
+    return F.linear(x.to(dtype), w).to(x.dtype)
 
 
 def gemm_dtype(x):
@@ -318,8 +321,8 @@ class Int4Linear(nn.Module):
             y = self.dense(x2)
         elif x2.shape[0] >= INT4_GEMM_ROWS and self.dequantizable():
             # many rows (a long prompt, a scored text): a GEMM over a transient dequantized copy, as int8_mm
-            dtype = gemm_dtype(x2)
-            y = F.linear(x2.to(dtype), self.dequantized().to(dtype)).to(x2.dtype)
+            dtype = gemm_dtype(x2)  # (the weight rounded to x's dtype first, as dequantized_mm rounds it)
+            y = F.linear(x2.to(dtype), self.dequantized().to(x2.dtype).to(dtype)).to(x2.dtype)
         else:  # the kernel: over [x, x] for two planes
             mm = torch.ops.aten._weight_int4pack_mm if self.device_type == "cuda" else \
                 torch.ops.aten._weight_int4pack_mm_for_cpu  # (as packed in __init__)

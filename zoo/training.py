@@ -33,6 +33,7 @@ from .loss import HeadLoss
 from .modes import eval_mode
 from .progress import bar as progress_bar
 from .progress import log as note
+from .quantization import native_bf16
 from .registry import build, get_preset
 from .routing import RouterLoss
 from .sources import load_source, write_merged
@@ -240,6 +241,12 @@ def settings(source, config, fields, state=None):
     if s.max_iters is None and not s.time_budget:  # with a time budget the budget sets the horizon
         s.max_iters = 5000
     s.device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if s.bf16 and torch.device(s.device).type == "cpu" and not native_bf16():
+        # torch emulates bf16 there: its matmuls 3-4x slower than float32's on an AVX-512 CPU without BF16, 4-10x on
+        # an AVX2-only one (AMD Zen 3), where oneDNN has no bf16 kernels at all and torch's reference GEMM runs them
+        note.warning("zoo: this CPU has no bfloat16 arithmetic (AVX512-BF16 or AMX), where bf16 autocast runs "
+                     "several times slower than float32: training in float32")
+        s.bf16 = False
     return s
 
 
