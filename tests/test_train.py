@@ -672,12 +672,13 @@ def test_set_values_are_parsed_by_the_config_fields_type(tmp_path, text_file, ca
 
 def test_bf16_training_falls_back_to_float32_on_a_cpu_without_bf16_arithmetic(monkeypatch, caplog):
     """Where the CPU has no bf16 arithmetic (no AVX512-BF16 or AMX) torch emulates it several times slower than
-    float32, so a run asking for bf16 autocast (shakespeare-char's preset does) trains in float32 there, saying so;
-    a CPU with it, or CUDA, keeps bf16."""
+    float32, so a run asking for bf16 autocast trains in float32 there: quietly where the preset chose it
+    (shakespeare-char's), saying so where the caller did; a CPU with it, or CUDA, keeps bf16."""
     for native, device, kept in ((False, "cpu", False), (True, "cpu", True), (False, "cuda", True)):
         monkeypatch.setattr(zt, "native_bf16", lambda: native)
-        caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="zoo"):
-            s = zt.settings("shakespeare-char", None, {"device": device})
-        assert s.bf16 is kept and ("no bfloat16 arithmetic" in caplog.text) is not kept
+        for fields in ({}, {"bf16": True}):
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="zoo"):
+                s = zt.settings("shakespeare-char", None, {"device": device, **fields})
+            assert s.bf16 is kept and ("no bfloat16 arithmetic" in caplog.text) is (not kept and bool(fields))
         assert zt.settings(None, None, {"device": device, "bf16": False}).bf16 is False

@@ -70,7 +70,8 @@ PRESETS = {
              activation="gelu"),
         tokenizer="char",
         # nanoGPT's settings with a 3x higher peak lr (best of 1e-3..6e-3 and batch 12..24 at a fixed 2.2M
-        # tokens, what ~90 s on 2 CPU cores trains) and bf16 autocast (bf16 matmuls run 2.2x fp32's here)
+        # tokens, what ~90 s on 2 CPU cores trains) and bf16 autocast (bf16 matmuls run 2.2x fp32's on a CPU with
+        # AVX512-BF16 or AMX; one without trains in float32: zoo/training.py's settings)
         train=dict(batch_size=12, block_size=64, lr=3e-3, schedule="cosine",
                    warmup=100, min_lr=3e-4, weight_decay=0.1, beta2=0.99, bf16=True),
     ),
