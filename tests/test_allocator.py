@@ -17,6 +17,7 @@ from zoo.allocator import keep_freed_memory
 STEPS = """
 import resource, sys, torch, zoo
 from zoo.allocator import keep_freed_memory
+from zoo.quantization import native_bf16
 kept = sys.argv[1] == "keep" and keep_freed_memory()
 torch.set_num_threads(1)
 torch.manual_seed(0)
@@ -25,7 +26,7 @@ x = torch.randint(0, 65, (12, 64))
 for i in range(15):
     if i == 5:
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=native_bf16()):  # as zoo train runs its preset
         loss = model(x).float().logsumexp(-1).mean()
     loss.backward()
 print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
