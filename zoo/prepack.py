@@ -84,6 +84,7 @@ def can_prepack(dtype, device):
 
 
 def onednn_bf16():
+    """Whether this CPU's oneDNN has bf16 kernels (what its weight reorder and bf16 products need)."""
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
