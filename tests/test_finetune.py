@@ -247,7 +247,7 @@ def test_lora_teaches_smollm2_a_fact(smollm2_gguf, tmp_path, int8):
     # computes in float32 (most CPUs have no bf16 arithmetic); the int8 one in bf16, the int8 kernel's dtype.
     r = zoo_cmd("train", "--init", smollm2_gguf, "--data", path, "--out", tmp_path / "run", "--lora", 16,
                 "--lora-targets", "model.layers.2?.*", *(["--lora-int8", "--bf16"] if int8 else []),
-                "--max-iters", 16, "--batch-size", 8, "--block-size", 96, "--lr", 2e-3, "--warmup", 3,
+                "--max-iters", 12, "--batch-size", 8, "--block-size", 96, "--lr", 3e-3, "--warmup", 3,
                 "--eval-interval", 1000, "--log-interval", 4, "--no-progress")
     assert r.returncode == 0, r.stderr
-    assert "pangolin" in answer(tmp_path / "run" / "step-0000016")
+    assert "pangolin" in answer(tmp_path / "run" / "step-0000012")
