@@ -222,10 +222,10 @@ def test_tiny_model_compiles():
 
 @pytest.mark.parametrize("zero_points, bias, head_first", [(False, False, False), (True, True, True)])
 @torch.no_grad()
-def test_compiled_head_reads_the_tied_embeddings_rows(zero_points, bias, head_first):
+def test_compiled_head_reads_the_tied_embeddings_rows(zero_points, bias, head_first, monkeypatch):
     """An 8-bit head in groups (two int4 planes) tied to its embedding shares the embedding's row-major codes
     (whichever is built first), and a compiled one-row product reads those (inductor's own loop) instead of the
-    planes: the same matrix, with and without zero points (Q8_0; Q5_1) and a bias; several rows, and eager calls,
+    planes where that loop is fast (AVX-512; on an AVX2-only CPU the planes' kernel): the same matrix, with and without zero points (Q8_0; Q5_1) and a bias; several rows, and eager calls,
     still run the planes' kernel."""
     torch.manual_seed(0)
     w = torch.randn(96, 64)
@@ -248,6 +248,11 @@ def test_compiled_head_reads_the_tied_embeddings_rows(zero_points, bias, head_fi
         graphs.append({str(n.target) for n in gm.graph.nodes})
         return gm.forward
 
+    monkeypatch.setattr(quantization, "row_loops_fast", lambda: False)  # an AVX2-only CPU: the planes' kernel
+    torch.compile(head, backend=backend, fullgraph=True)(x[:, :1])
+    assert any("int4pack" in t for t in graphs.pop())
+    monkeypatch.setattr(quantization, "row_loops_fast", lambda: True)  # (torch._dynamo.reset: a fresh compile)
+    torch._dynamo.reset()
     got = torch.compile(head, backend=backend, fullgraph=True)(x[:, :1])
     assert "zoo.materialize.default" in graphs[0] and not any("int4pack" in t for t in graphs[0]), graphs[0]
     assert got.shape == (1, 1, 96)
