@@ -225,8 +225,8 @@ def test_tiny_model_compiles():
 def test_compiled_head_reads_the_tied_embeddings_rows(zero_points, bias, head_first, monkeypatch):
     """An 8-bit head in groups (two int4 planes) tied to its embedding shares the embedding's row-major codes
     (whichever is built first), and a compiled one-row product reads those (inductor's own loop) instead of the
-    planes where that loop is fast (AVX-512; on an AVX2-only CPU the planes' kernel): the same matrix, with and without zero points (Q8_0; Q5_1) and a bias; several rows, and eager calls,
-    still run the planes' kernel."""
+    planes where that loop is fast (AVX-512; on an AVX2-only CPU the planes' kernel): the same matrix, with and
+    without zero points (Q8_0; Q5_1) and a bias; several rows, and eager calls, still run the planes' kernel."""
     torch.manual_seed(0)
     w = torch.randn(96, 64)
     q = quantize_tensor(w, 8, 32)
