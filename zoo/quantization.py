@@ -191,11 +191,9 @@ def int8_mm(x, codes, scales):
 
 def dequantized_mm(x, codes, scales):
     """x [M, K] @ (codes * scales)^T, codes int8 [N, K], scales broadcasting to them; the output in x's dtype."""
-    dtype = gemm_dtype(x)
-    w = codes.to(dtype).mul_(scales.to(dtype))  # one copy of the weight
-    if dtype != x.dtype:  # widened (gemm_dtype): the weight as x's dtype would hold it, so the products are the same
-        w = w.to(x.dtype).to(dtype)
-    return F.linear(x.to(dtype), w).to(x.dtype)
+    # the weight as x's dtype holds it, then (where gemm_dtype widens) in float32: the same products either way
+    w = codes.to(x.dtype).mul_(scales.to(x.dtype)).to(gemm_dtype(x))
+    return F.linear(x.to(w.dtype), w).to(x.dtype)
 
 
 def gemm_dtype(x):
