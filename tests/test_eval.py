@@ -110,13 +110,12 @@ def test_a_folder_of_checkpoints_is_evaluated_in_step_order(tmp_path):
 
 @pytest.mark.slow
 @torch.no_grad()
-def test_smollm2_gguf_perplexity_matches_transformers(smollm2_gguf, shared_data, transformers):
+def test_smollm2_gguf_perplexity_matches_transformers(smollm2_gguf, shared_data, hf_smollm2):
     gguf = smollm2_gguf
     text = (shared_data / "wikitext-2" / "test.txt").read_text(encoding="utf-8")
     tokens = torch.tensor(zoo.tokenizer(str(gguf)).encode(text)[:2048])
     window, stride = 1024, 512
     ours = math.exp(sliding_window_loss(zoo.from_pretrained(str(gguf)), tokens, window, stride, batch_size=2))
-    ref_model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                                  torch_dtype=torch.float32).eval()
+    ref_model = hf_smollm2[0]  # transformers' own reading of the same file
     ref = math.exp(hf_guide_loss(lambda ids: ref_model(ids).logits, tokens, window, stride)[0])
     assert ours == pytest.approx(ref, rel=1e-4)  # the same to 4 significant digits (18.07), as a number

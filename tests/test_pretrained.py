@@ -626,14 +626,25 @@ def test_gguf_llama_unpermutes_q_and_k(name, tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_gguf_matches_transformers(capsys, smollm2_gguf, shared_data):
+def test_smollm2_gguf_matches_transformers(capsys, monkeypatch, smollm2_gguf, shared_data, hf_smollm2, transformers):
     path = smollm2_gguf
     pytest.importorskip("accelerate")
     model = zoo.load("smollm2-135m-instruct", pretrained=True)
     assert str(path) in capsys.readouterr().err  # it says which weights it used
     assert (model.config.n_layer, model.config.n_kv_head, model.config.tie_embeddings) == (30, 3, True)
     text = (shared_data / "wikitext-2" / "valid.txt").read_text(encoding="utf-8")
+    asked = []
+
+    def session_copy(i):  # transformers' model and tokenizer of this file, read once for the session (conftest)
+        def from_pretrained(folder, **kwargs):
+            asked.append((str(folder), kwargs))
+            return hf_smollm2[i]
+        return from_pretrained
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", session_copy(0))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", session_copy(1))
     r = zoo.verify(str(path), text=text, n_tokens=256)
+    assert asked == [(str(path.parent), {"dtype": torch.float32, "gguf_file": path.name}),
+                     (str(path.parent), {"gguf_file": path.name})]  # the file, in float32
     assert r["n_tokens"] == 256
     assert r["max_abs"] <= 1e-3
     assert r["top1"] == 1.0

@@ -70,9 +70,9 @@ def gguf_tok(smollm2_gguf):
 
 
 @pytest.fixture(scope="module")
-def hf_gguf_tok(smollm2_gguf, transformers):
+def hf_gguf_tok(hf_smollm2):
     """transformers' own tokenizer for the same GGUF: the reference."""
-    return transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    return hf_smollm2[1]
 
 
 @pytest.fixture(scope="module", params=["char", "bpe", "gpt2", "gguf"])
