@@ -155,8 +155,8 @@ def planes_model():
     return zoo.quantize(model.to(torch.bfloat16), "int8", group_size=32)
 
 
-needs_copies = pytest.mark.skipif(not can_prepack(torch.bfloat16, "cpu") or not quantization.packed_layout_known()
-                                  or not quantization.native_bf16(),
+needs_copies = pytest.mark.skipif(not can_prepack(torch.bfloat16, "cpu") or not quantization.native_bf16()
+                                  or quantization.packed_block_rows() is None,
                                   reason="the int4 kernel packs in a layout zoo cannot read, or this CPU emulates bf16")
 
 

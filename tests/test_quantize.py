@@ -65,14 +65,16 @@ def test_int4_layers_pack_their_codes_block_by_block_as_whole(bits, monkeypatch)
 def test_int4_layers_take_a_dequantized_gemm_for_many_rows(bits, native_bf16, monkeypatch):
     """From INT4_GEMM_ROWS rows on, an int4-kernel layer multiplies by a dequantized copy of its packed codes (the CPU
     kernel's layout unpacked, the planes summed): the matrix the codes stand for, with its bias, at any batch shape.
-    (Where the kernel packs in another layout than its AVX-512 build's, the kernel keeps every row count.)"""
+    (Where the kernel packs in a layout packed_block_rows does not know, the kernel keeps every row count.)"""
     monkeypatch.setattr(quantization, "native_bf16", lambda: native_bf16)
     torch.manual_seed(0)
     w, bias = torch.randn(128, 96), torch.randn(128)
     q = quantize_tensor(w, bits, 32)
     layer = linear_from(q, torch.bfloat16, bias.bfloat16())
     rounded = Quantized(q.codes, q.scale.bfloat16().float(), q.zero.bfloat16().float(), bits, 32).dequantize()
-    known = quantization.packed_layout_known()
+    known = quantization.packed_block_rows() is not None
+    # the layouts of torch's builds of the kernel: 64-row blocks with AVX-512, 32-row ones with AVX2
+    assert quantization.packed_block_rows() == {"AVX512": 64, "AVX2": 32}.get(torch.backends.cpu.get_cpu_capability())
     if known:
         torch.testing.assert_close(layer.dequantized(), rounded, rtol=1e-6, atol=1e-6)
     calls = []

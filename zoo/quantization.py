@@ -330,14 +330,17 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def dequantizable(self):
-        """Whether `dequantized` can read the packed codes: the CPU kernel's AVX-512 layout, in blocks of 64 rows."""
-        return self.device_type == "cpu" and self.out_features % 64 == 0 and packed_layout_known()
+        """Whether `dequantized` can read the packed codes: a CPU kernel's layout that packed_block_rows knows, whose
+        blocks of rows divide the layer's."""
+        rows = packed_block_rows() if self.device_type == "cpu" else None
+        return rows is not None and self.out_features % rows == 0
 
     def dequantized(self):
-        """W [N, K] in float32, from the packed codes in the CPU kernel's layout (for each 64 rows and each input,
-        32 bytes: rows i and i + 32 in the low and high nibbles); the two planes summed."""
-        N, K2 = self.out_features, self.packed.shape[1] * 2
-        b = self.packed.view(N // 64, K2, 32)
+        """W [N, K] in float32, from the packed codes in the CPU kernel's layout (for each block of R rows and each
+        input, R / 2 bytes: rows i and i + R / 2 in the low and high nibbles; packed_block_rows); the two planes
+        summed."""
+        N, K2, R = self.out_features, self.packed.shape[1] * 2, packed_block_rows()
+        b = self.packed.view(N // R, K2, R // 2)
         u = torch.cat((b & 15, b >> 4), -1).transpose(1, 2).reshape(N, K2 // self.group_size, self.group_size)
         scale, zero = self.scales_and_zeros.float().permute(2, 1, 0)[..., None]  # [N, K2 / group, 1] each
         w = (u.float() - 8).mul_(scale).add_(zero).view(N, K2)
@@ -375,13 +378,18 @@ def _(x):
 
 
 @functools.cache
-def packed_layout_known():
-    """Whether this CPU's int4 kernel packs codes as Int4Linear.dequantized reads them: its AVX-512 build's layout
-    (AVX2 and plain builds pack theirs otherwise; those keep the kernel for every row count). Checked once, on a
-    random 64 x 64 matrix."""
+def packed_block_rows():
+    """The rows R of the blocks this CPU's int4 kernel packs codes in, as Int4Linear.dequantized reads them (for each
+    block and input, R / 2 bytes holding rows i and i + R / 2 in their low and high nibbles): 64 in its AVX-512
+    build, 32 in its AVX2 one; None for a layout it does not know (such a CPU keeps the kernel for every row count).
+    Checked once, on a random 64 x 64 matrix."""
     u = torch.randint(0, 16, (64, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
-    b = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1).view(1, 64, 32)
-    return torch.equal(torch.cat((b & 15, b >> 4), -1).transpose(1, 2).reshape(64, 64).int(), u)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
+    for rows in (64, 32):
+        b = packed.view(64 // rows, 64, rows // 2)
+        if torch.equal(torch.cat((b & 15, b >> 4), -1).transpose(1, 2).reshape(64, 64).int(), u):
+            return rows
+    return None
 
 
 class QuantEmbedding(nn.Module):
