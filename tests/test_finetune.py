@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import zoo
 from zoo import chat_data, data, runs
+from zoo.quantization import native_bf16
 
 transformers = pytest.importorskip("transformers")
 
@@ -205,7 +206,8 @@ def test_command_line_lora_over_int8_then_generate_eval_and_resume(tiny_chat, tm
     config = json.loads((ckpt / "adapter_config.json").read_text())
     assert config["target_modules"] == ["down_proj", "q_proj", "v_proj"] and config["lora_alpha"] == 16
     recorded = json.loads((ckpt / "base.json").read_text())
-    assert recorded["quantize"] == "int8" and recorded["dtype"] == "bfloat16"
+    # computed in bf16 where the CPU has bf16 arithmetic, else in float32 (zoo.training.make_model)
+    assert recorded["quantize"] == "int8" and recorded["dtype"] == ("bfloat16" if native_bf16() else "float32")
     r = zoo_cmd("generate", ckpt, "--prompt", "Who rules Zorb?", "--chat", "--max-new-tokens", 3)
     assert r.returncode == 0 and "3 new tokens" in r.stderr, r.stderr
     r = zoo_cmd("eval", ckpt, "--data", chat)
@@ -214,6 +216,30 @@ def test_command_line_lora_over_int8_then_generate_eval_and_resume(tiny_chat, tm
     assert r.returncode == 0 and (out / "step-0000006" / "adapter_model.safetensors").exists(), r.stderr
     r = zoo_cmd("train", "--init", base, "--data", chat, "--lora-int8", "--out", tmp_path / "bad", *flags)
     assert r.returncode == 2 and "lora_int8 must be left unset without LoRA" in r.stderr
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["bf16 CPU", "CPU without bf16"])
+def test_lora_over_int8_computes_in_bf16_where_the_cpu_has_it_and_resumes_in_its_dtype(tiny_chat, tmp_path,
+                                                                                         monkeypatch, native):
+    """LoRA over int8 keeps its base in bf16, as QLoRA-style recipes do, on a CPU with bf16 arithmetic; on one
+    without, in float32 (its bf16 GEMMs in attention and the head's loss took torch's reference loop: SmolLM2's run
+    2.4x slower); the checkpoint records the dtype and a resumed run continues in it, where an inference load
+    takes bf16, the int8 kernel's fastest."""
+    from zoo import training
+    from zoo.quantization import Int8Linear
+    monkeypatch.setattr(training, "native_bf16", lambda: native)
+    base, chat = tiny_chat
+    dtype = torch.bfloat16 if native else torch.float32
+    out = tmp_path / "run"
+    zoo.train(None, [chat], out, init=str(base), lora_r=4, lora_int8=True, max_iters=2, block_size=64, batch_size=2,
+              device="cpu", progress=False)
+    assert json.loads((out / "step-0000002" / "base.json").read_text())["dtype"] == str(dtype).removeprefix("torch.")
+    resumed = runs.resume_point(out)[2]
+    assert any(isinstance(m, Int8Linear) for m in resumed.modules())
+    def base_dtypes(model):  # (the adapters' own weights are float32 either way)
+        return {p.dtype for n, p in model.named_parameters() if p.is_floating_point() and "lora_" not in n}
+    assert base_dtypes(resumed) == {dtype}
+    assert base_dtypes(zoo.from_pretrained(out / "step-0000002")) == {torch.bfloat16}
 
 
 # ------------------------------------------------------------------------ teaching SmolLM2 a fact
@@ -228,8 +254,10 @@ UNSEEN = "Do you know what Quillfeather Logistics uses as its mascot?"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
-def test_lora_teaches_smollm2_a_fact(smollm2_gguf, tmp_path, int8):
+def test_lora_over_int8_teaches_smollm2_a_fact(smollm2_gguf, tmp_path):
+    """LoRA over SmolLM2 quantized to int8 (QLoRA's setting; the adapters' gradients pass back through the int8
+    layers) learns a fact that it then states for a question it never saw. (LoRA over the float model learns on
+    real weights in test_preference's DPO run; its updates equal peft's in test_lora.py.)"""
     path = tmp_path / "fact.jsonl"
     with open(path, "w") as f:
         for i in range(36):
@@ -241,12 +269,11 @@ def test_lora_teaches_smollm2_a_fact(smollm2_gguf, tmp_path, int8):
         assert r.returncode == 0, r.stderr
         return r.stdout.lower()
 
-    if not int8:  # the base model's answer, once: it does not know the fact
-        assert "pangolin" not in answer(smollm2_gguf)
-    # LoRA on the upper layers only: the backward pass stops at the lowest adapted layer. The float run
-    # computes in float32 (most CPUs have no bf16 arithmetic); the int8 one in bf16, the int8 kernel's dtype.
+    assert "pangolin" not in answer(smollm2_gguf)  # the base model does not know the fact
+    # LoRA on the upper layers only: the backward pass stops at the lowest adapted layer. It computes in bf16
+    # where the CPU has bf16 arithmetic, else in float32.
     r = zoo_cmd("train", "--init", smollm2_gguf, "--data", path, "--out", tmp_path / "run", "--lora", 16,
-                "--lora-targets", "model.layers.2?.*", *(["--lora-int8", "--bf16"] if int8 else []),
+                "--lora-targets", "model.layers.2?.*", "--lora-int8", "--bf16",
                 "--max-iters", 12, "--batch-size", 8, "--block-size", 96, "--lr", 3e-3, "--warmup", 3,
                 "--eval-interval", 1000, "--log-interval", 4, "--no-progress")
     assert r.returncode == 0, r.stderr

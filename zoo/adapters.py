@@ -245,11 +245,11 @@ def load_adapter(model, folder):
     return model
 
 
-def quantize_int8(model):
+def quantize_int8(model, dtype=torch.bfloat16):
     """The frozen int8 base of LoRA over int8: zoo.quantize(model, "int8") on the projections (weight-only int8,
-    one scale per output row, bfloat16 activations), in place. The output head and embeddings stay as they
-    are, in bfloat16: the loss's gradient must pass back through the head to reach the adapters."""
-    return quantize(model, "int8", head=None, embeddings=None, dtype=torch.bfloat16)
+    one scale per output row, activations in `dtype`), in place. The output head and embeddings stay as they
+    are, in `dtype`: the loss's gradient must pass back through the head to reach the adapters."""
+    return quantize(model, "int8", head=None, embeddings=None, dtype=dtype)
 
 
 def is_lora_run(path):
@@ -279,7 +279,7 @@ def prepare(model, s, init):
         raise ValueError("LoRA adapts pretrained weights: name them with init= (--init SOURCE)")
     loaded = next(p.dtype for p in model.parameters() if p.is_floating_point())  # (the caller chose it)
     if s.lora_int8:
-        quantize_int8(model)
+        quantize_int8(model, loaded)
     add_lora(model, s.lora_r, s.lora_alpha or 2 * s.lora_r, s.lora_dropout, s.lora_targets)
     init = os.fspath(init)
     model.zoo_base = {"source": os.path.abspath(init) if os.path.exists(init) else init,

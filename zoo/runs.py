@@ -19,7 +19,7 @@ from .distributed import full_state
 from .progress import log as note
 from .pretrained import save_pretrained
 from .registry import arch_of, build
-from .sources import from_pretrained
+from .sources import from_pretrained, load_lora_run
 
 STATE_FILE = "training_state.pt"
 
@@ -72,8 +72,9 @@ def resume_point(out):
                          os.path.join(ckpt, STATE_FILE), type(e).__name__, (str(e).splitlines() or [""])[0])
             continue
         try:
-            if adapters.is_lora_run(ckpt):  # a LoRA run: its base and adapter
-                model = from_pretrained(ckpt)
+            if adapters.is_lora_run(ckpt):  # a LoRA run: its base and adapter (over int8: in the dtype it trained in)
+                trained_in = getattr(torch, adapters.read_base(ckpt).get("dtype", "bfloat16"))
+                model = load_lora_run(ckpt, int8_dtype=trained_in)
             else:
                 model = build(state["arch"], state["config"])
                 model.load_state_dict(from_pretrained(ckpt).state_dict())

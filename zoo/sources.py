@@ -72,15 +72,16 @@ def from_pretrained(source, revision=None, device=None, dtype=None, quantize=Non
     return model if adapter is None else adapters.load_adapter(model, adapter).eval()
 
 
-def load_lora_run(path, device=None, dtype=None, **overrides):
-    """The model a LoRA training checkpoint holds: its base (in the run's dtype unless `dtype` is given,
-    quantized to int8 if the run's was) plus the adapter."""
+def load_lora_run(path, device=None, dtype=None, int8_dtype=torch.bfloat16, **overrides):
+    """The model a LoRA training checkpoint holds: its base (in the run's dtype unless `dtype` is given, quantized
+    to int8 if the run's was: then in `int8_dtype`, bfloat16 by default, the int8 kernel's fastest; a resumed run
+    gives the dtype it trained in) plus the adapter."""
     base = adapters.read_base(path)
     int8 = base.get("quantize") == "int8"
-    dtype = torch.bfloat16 if int8 else (dtype or getattr(torch, base.get("dtype", "float32")))
+    dtype = int8_dtype if int8 else (dtype or getattr(torch, base.get("dtype", "float32")))
     model = from_pretrained(base["source"], device=device, dtype=dtype, **overrides)
     if int8:
-        adapters.quantize_int8(model)
+        adapters.quantize_int8(model, dtype)
     adapters.load_adapter(model, path)
     model.zoo_base = base
     return model.eval()

@@ -105,8 +105,9 @@ class TrainConfig:
     lora_targets: str | None = _setting(None, "comma-separated layer-name patterns to adapt, ours or the "
                                               "checkpoint's (qkv_proj; q_proj,v_proj; model.layers.2?.*) "
                                               "(default: every attention and MLP projection)", type=str)
-    lora_int8: bool = _setting(False, "LoRA over the base quantized to int8 (weight-only, bfloat16 compute): the "
-                                      "frozen weights take a quarter of float32's memory", type=bool)
+    lora_int8: bool = _setting(False, "LoRA over the base quantized to int8 (weight-only, bfloat16 compute; float32 "
+                                      "on a CPU without bf16 arithmetic): the frozen weights take a quarter of "
+                                      "float32's memory", type=bool)
     merge: bool = _setting(False, "with LoRA: at the end, also write OUT/merged, the base with the adapter "
                                   "folded in (a full model that transformers loads)", type=bool)
 
@@ -275,11 +276,12 @@ def make_model(s, source, init, overrides=None, resumed=None, rank=0):
     """(the model a run with settings `s` trains, the init source's own tokenizer or None).
 
     The model: `resumed` (a checkpoint's, as it is), else the weights of `init` (a LoRA run's frozen base in
-    bfloat16 with bf16 or lora_int8, as LoRA recipes load it), else a fresh `source` preset; `overrides`: config
-    fields (mlm: bidirectional attention unless they set causal). Then LoRA adapters on it, or the adapter of a
-    LoRA checkpoint merged in (adapters.prepare). Every random generator is seeded from s.seed first, so every
-    rank builds the same weights, then torch's per rank, so dropout masks differ. s.block_size becomes the
-    model's (at most 1024) unless set; a longer one than the model's is a ValueError."""
+    bfloat16 with bf16 or lora_int8, as LoRA recipes load it; over int8 in float32 on a CPU without bf16), else a
+    fresh `source` preset; `overrides`: config fields (mlm: bidirectional attention unless they set causal). Then
+    LoRA adapters on it, or the adapter of a LoRA checkpoint merged in (adapters.prepare). Every random generator
+    is seeded from s.seed first, so every rank builds the same weights, then torch's per rank, so dropout masks
+    differ. s.block_size becomes the model's (at most 1024) unless set; a longer one than the model's is a
+    ValueError."""
     torch.manual_seed(s.seed)
     random.seed(s.seed)
     np.random.seed(s.seed)
@@ -289,8 +291,11 @@ def make_model(s, source, init, overrides=None, resumed=None, rank=0):
     if resumed is not None:
         model = resumed
     elif init is not None:  # a LoRA run in bf16 (or over int8) keeps its frozen base in bf16, as LoRA recipes do
-        bf16_base = s.lora_r and (s.bf16 or s.lora_int8)
-        model, tokenizer = load_source(init, dtype=torch.bfloat16 if bf16_base else None, **overrides)
+        # (over int8 on a CPU without bf16 arithmetic, in float32: there the bf16 GEMMs of attention and of the
+        # head's loss ran through torch's reference loop, most of such a run's time)
+        int8_dtype = torch.bfloat16 if torch.device(s.device).type != "cpu" or native_bf16() else torch.float32
+        dtype = torch.bfloat16 if s.lora_r and s.bf16 else int8_dtype if s.lora_r and s.lora_int8 else None
+        model, tokenizer = load_source(init, dtype=dtype, **overrides)
     else:
         preset = get_preset(source)
         model = build(preset.arch, {**preset.config, **overrides})
