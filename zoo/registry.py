@@ -299,8 +299,8 @@ def _assembled(package):
     if assemble is None:
         return None
     try:
-        if target is not None and not Path(target()).exists():
-            return make_file(target(), lambda tmp: assemble(tmp, overwrite=True))
+        if target is not None and not (path := Path(target())).exists():
+            return make_file(path, lambda tmp: assemble(tmp, overwrite=True))
         return Path(assemble())
     except (ImportError, FileNotFoundError):
         return None

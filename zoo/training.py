@@ -244,7 +244,7 @@ def settings(source, config, fields, state=None):
     if s.max_iters is None and not s.time_budget:  # with a time budget the budget sets the horizon
         s.max_iters = 5000
     s.device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if s.bf16 and torch.device(s.device).type == "cpu" and not native_bf16():
+    if s.bf16 and not computes_bf16(s.device):
         # torch emulates bf16 there: its matmuls 3-4x slower than float32's on an AVX-512 CPU without BF16, ~6x on an
         # AVX2-only one (AMD Zen 3), where oneDNN has no bf16 kernels and torch's reference GEMM runs them. A preset's
         # bf16 is dropped quietly; one the caller asked for, saying so.
@@ -253,6 +253,11 @@ def settings(source, config, fields, state=None):
                          "several times slower than float32: training in float32")
         s.bf16 = False
     return s
+
+
+def computes_bf16(device):
+    """Whether `device` computes bf16 natively: CUDA, or a CPU with AVX512-BF16 or AMX (quantization.native_bf16)."""
+    return torch.device(device).type != "cpu" or native_bf16()
 
 
 def start_processes(s):
@@ -291,10 +296,10 @@ def make_model(s, source, init, overrides=None, resumed=None, rank=0):
     if resumed is not None:
         model = resumed
     elif init is not None:  # a LoRA run in bf16 (or over int8) keeps its frozen base in bf16, as LoRA recipes do
-        # (over int8 on a CPU without bf16 arithmetic, in float32: there the bf16 GEMMs of attention and of the
-        # head's loss ran through torch's reference loop, most of such a run's time)
-        int8_dtype = torch.bfloat16 if torch.device(s.device).type != "cpu" or native_bf16() else torch.float32
-        dtype = torch.bfloat16 if s.lora_r and s.bf16 else int8_dtype if s.lora_r and s.lora_int8 else None
+        # (over int8 on a CPU without bf16 arithmetic, in float32, as settings leaves bf16 there: the bf16 GEMMs of
+        # attention and of the head's loss ran through torch's reference loop, most of such a run's time)
+        low = s.lora_r and (s.bf16 or s.lora_int8)
+        dtype = (torch.bfloat16 if computes_bf16(s.device) else torch.float32) if low else None
         model, tokenizer = load_source(init, dtype=dtype, **overrides)
     else:
         preset = get_preset(source)
