@@ -1,16 +1,18 @@
 """`zoo serve` under load, side by side with `transformers serve` on the same weights, in one run.
 
 SmolLM2-135M-Instruct (the packaged GGUF) is written once as a Hugging Face folder by zoo.save_pretrained, in
-bf16; both servers load that folder in bf16 on the CPU. 1, 4 and 8 concurrent clients (the official openai
-package, one thread each, different prompts) each stream one greedy chat answer of up to 128 tokens. For each
-server and load: aggregate tokens/s (all clients' completion tokens, by each server's own usage count, over
-the wall time from the first request to the last answer) and time to first token, p50 and p95. Servers and
-loads are interleaved round by round, so that the machine's other work falls on both alike; the table gives
-each figure's range over the rounds, and the ratios per round.
+bf16 (with --dtype float32, for a CPU without bf16 arithmetic, in float32); both servers load that folder in that
+dtype on the CPU. 1, 4 and 8 concurrent clients (the official openai package, one thread each, different prompts)
+each stream one greedy chat answer of up to 128 tokens. For each server and load: aggregate tokens/s (all
+clients' completion tokens, by each server's own usage count, over the wall time from the first request to the
+last answer) and time to first token, p50 and p95. Servers and loads are interleaved round by round, so that the
+machine's other work falls on both alike; the table gives each figure's range over the rounds, and the ratios
+per round.
 
     python bench/serve.py                       # zoo and transformers serve --continuous-batching, 3 rounds
     python bench/serve.py --peer all            # and transformers serve without it (slow: one request at a time)
     python bench/serve.py --peer none --rounds 1
+    python bench/serve.py --dtype float32       # an AVX2-only CPU: bf16 GEMMs are emulated there, on both sides
 """
 import argparse
 import contextlib
@@ -120,6 +122,8 @@ def main():
                         help="cb: transformers serve --continuous-batching (its batching server, the default); "
                              "plain: transformers serve as it starts by default (one request at a time); all: both; "
                              "none: zoo alone")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                        help="both servers' dtype (float32 on a CPU without bf16 arithmetic, e.g. AVX2 only)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())),
                         help="OMP_NUM_THREADS of each server (default: this process's, else every core)")
     args = parser.parse_args()
@@ -127,16 +131,16 @@ def main():
     loads = [int(c) for c in args.clients.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="zoo-bench-serve-"))
     folder = tmp / "smollm2-135m-instruct"
-    model, tokenizer = zoo.load_source("smollm2-135m-instruct", dtype="bfloat16")
+    model, tokenizer = zoo.load_source("smollm2-135m-instruct", dtype=args.dtype)
     zoo.save_pretrained(model, folder, tokenizer)
     del model
     name = str(folder)
-    commands = {"zoo serve": [sys.executable, "-m", "zoo", "serve", name, "--dtype", "bfloat16", "--max-batch",
+    commands = {"zoo serve": [sys.executable, "-m", "zoo", "serve", name, "--dtype", args.dtype, "--max-batch",
                               str(max(loads))]}
     if args.zoo_compile:  # the decode step compiled for max-batch rows: the first round pays the compiling
         commands["zoo serve --compile"] = commands["zoo serve"] + ["--compile"]
     hf = [sys.executable, "-m", "transformers.cli.transformers", "serve", name, "--device", "cpu", "--dtype",
-          "bfloat16"]
+          args.dtype]
     # its continuous batching sizes its paged KV cache by a share of memory: left alone, it took 13.7 GB of this
     # 24 GB machine's RAM (and was killed for it); 2% (~0.5 GB) holds far more than 8 x (prompt + 128) tokens
     cb = ["--continuous-batching", "--cb-max-memory-percent", "0.02"]
@@ -177,7 +181,7 @@ def main():
     finally:
         for s in servers:
             s.stop()
-    print(f"\nSmolLM2-135M-Instruct, bf16, CPU ({args.threads} threads per server), {args.max_tokens} greedy tokens "
+    print(f"\nSmolLM2-135M-Instruct, {args.dtype}, CPU ({args.threads} threads per server), {args.max_tokens} greedy tokens "
           f"per client, {args.rounds} rounds (ranges over rounds)\n")
     print("| server | clients | aggregate tok/s | TTFT p50 (s) | TTFT p95 (s) |")
     print("|---|---:|---:|---:|---:|")

@@ -226,8 +226,8 @@ def test_tiny_model_compiles():
 @torch.no_grad()
 def test_compiled_head_reads_the_tied_embeddings_rows(zero_points, bias, head_first, monkeypatch):
     """An 8-bit head in groups (two int4 planes) tied to its embedding shares the embedding's row-major codes
-    (whichever is built first), and a compiled one-row product reads those (inductor's own loop) instead of the
-    planes where that loop is fast (AVX-512; on an AVX2-only CPU the planes' kernel): the same matrix, with and
+    (whichever is built first), and a compiled one-row product reads those (inductor's own loop, over bytes with
+    AVX-512 and 32-bit words with AVX2) instead of the planes where that loop is fast: the same matrix, with and
     without zero points (Q8_0; Q5_1) and a bias; several rows, and eager calls, still run the planes' kernel."""
     torch.manual_seed(0)
     w = torch.randn(96, 64)
@@ -250,16 +250,17 @@ def test_compiled_head_reads_the_tied_embeddings_rows(zero_points, bias, head_fi
         graphs.append({str(n.target) for n in gm.graph.nodes})
         return gm.forward
 
-    monkeypatch.setattr(quantization, "row_loops_fast", lambda: False)  # an AVX2-only CPU: the planes' kernel
+    monkeypatch.setattr(quantization, "ROW_LOOP_FORM", None)  # a CPU where the planes' kernel is faster
     torch.compile(head, backend=backend, fullgraph=True)(x[:, :1])
     assert any("int4pack" in t for t in graphs.pop())
-    monkeypatch.setattr(quantization, "row_loops_fast", lambda: True)  # (torch._dynamo.reset: a fresh compile)
-    torch._dynamo.reset()
-    got = torch.compile(head, backend=backend, fullgraph=True)(x[:, :1])
-    assert "zoo.materialize.default" in graphs[0] and not any("int4pack" in t for t in graphs[0]), graphs[0]
-    assert got.shape == (1, 1, 96)
-    torch.testing.assert_close(got.float(), want[:, :1], rtol=1e-2, atol=1e-2)
-    torch.testing.assert_close(torch.compile(head)(x[:, :1]).float(), want[:, :1], rtol=1e-2, atol=1e-2)  # inductor
+    for form in ("bytes", "words"):  # AVX-512's loop over bytes, AVX2's over 32-bit words
+        monkeypatch.setattr(quantization, "ROW_LOOP_FORM", form)
+        torch._dynamo.reset()  # (a fresh compile)
+        got = torch.compile(head, backend=backend, fullgraph=True)(x[:, :1])
+        assert "zoo.materialize.default" in graphs[-1] and not any("int4pack" in t for t in graphs[-1]), graphs[-1]
+        assert got.shape == (1, 1, 96)
+        torch.testing.assert_close(got.float(), want[:, :1], rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(torch.compile(head)(x[:, :1]).float(), want[:, :1], rtol=1e-2, atol=1e-2)
     torch.compile(head, backend=backend, fullgraph=True)(x)  # three rows: the planes
     assert any("int4pack" in t for t in graphs[-1])
     torch.testing.assert_close(head(x).float(), want, rtol=2e-2, atol=2e-2)

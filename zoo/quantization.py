@@ -175,6 +175,13 @@ INT4_GEMM_ROWS = 256
 # rows, 4x faster at 32)
 DENSE_ROWS = 4
 PACK_ROWS = 4096  # rows packed for the CPU int4 kernel at a time (a multiple of its blocks of 64)
+# How inductor's loop over a tied head's row-major 8-bit codes (Int4Linear.row_product, compiled one-row steps) reads
+# them at near this CPU's bandwidth, or None where the planes' kernel is the faster: "bytes" with AVX-512, 16 codes a
+# load (~26 GB/s for Gemma 3's head on an EPYC); "words" with AVX2, whose loops load 8 bytes through a buffer
+# (Vectorized<int8_t>::loadu(ptr, count): 1.2-2.5 GB/s, Gemma 3's compiled decoding 10.5 tok/s against 19.1 eager)
+# but a float32 word, four codes, at full width (SmolLM2's head, one row: 3.0 ms against the planes' kernel's 5.0 on
+# an AVX2-only EPYC). A constant, not a call, for the compiled code that reads it.
+ROW_LOOP_FORM = {"AVX512": "bytes", "AVX2": "words"}.get(torch.backends.cpu.get_cpu_capability())
 
 
 def int8_mm(x, codes, scales):
@@ -312,7 +319,7 @@ class Int4Linear(nn.Module):
     def forward(self, x):
         x2, cpu = x.reshape(-1, self.in_features), self.device_type == "cpu"
         if self.row_codes is not None and x2.shape[0] == 1 and cpu and torch.compiler.is_compiling() \
-                and not torch.is_grad_enabled() and row_loops_fast():  # (materialize has no backward)
+                and not torch.is_grad_enabled() and ROW_LOOP_FORM:  # (materialize has no backward)
             y = self.row_product(x2).to(x2.dtype)
         elif x2.shape[0] >= DENSE_ROWS and not torch.compiler.is_compiling() and self.dense is not None \
                 and in_prompt():  # (compiled code cannot trace oneDNN's weights)
@@ -349,19 +356,23 @@ class Int4Linear(nn.Module):
     def row_product(self, x):
         """x [1, K] @ W^T from the shared row-major codes, in float32, written as the sums that inductor compiles
         into one loop over the codes (eagerly, this would materialise W in float32: compiled steps only).
-        y_n = sum_g s_ng sum_j c_ngj x_gj (+ sum_g z_ng sum_j x_gj): each weight read once, as one byte."""
+        y_n = sum_g s_ng sum_j c_ngj x_gj (+ sum_g z_ng sum_j x_gj): each weight read once, as one byte; on AVX2,
+        four bytes at a time (ROW_LOOP_FORM)."""
         N, G = self.row_scales.shape
-        x = materialize(x.float()).view(1, G, -1)  # [1, G, group]
-        y = (self.row_codes.view(N, G, -1).float() * x * self.row_scales[..., None].float()).sum((1, 2))  # [N]
+        group = self.in_features // G
+        if ROW_LOOP_FORM == "words" and group % 4 == 0:
+            # each 32-bit word holds codes 4j..4j+3 of its row (little-endian); read as float32 it loads at full
+            # width, then shifts apart: byte b of word j, sign-extended, is code 4j + b
+            words = self.row_codes.view(torch.float32).view(torch.int32).view(N, G, 1, group // 4)
+            shift = torch.arange(24, -1, -8, dtype=torch.int32, device=words.device).view(4, 1)
+            c = (words << shift) >> 24  # [N, G, 4, group / 4]
+            x = materialize(x.float().view(G, group // 4, 4).transpose(1, 2).contiguous())  # [G, 4, group / 4]
+            y = ((c.float() * x).sum((2, 3)) * self.row_scales.float()).sum(-1)  # [N]: a group's sum, then its scale
+            x = x.flatten(1)  # [G, group] (in the codes' order)
+        else:
+            x = materialize(x.float()).view(1, G, -1)  # [1, G, group]
+            y = (self.row_codes.view(N, G, -1).float() * x * self.row_scales[..., None].float()).sum((1, 2))  # [N]
         return y if self.row_zeros is None else y + (self.row_zeros.float() * x.sum(-1)).sum(-1)
-
-
-@functools.cache
-def row_loops_fast():
-    """Whether inductor's loop over row-major codes (row_product) streams near this CPU's bandwidth: with AVX-512
-    (~26 GB/s for Gemma 3's head on an EPYC). On an AVX2-only CPU (AMD Zen 3) it read ~2 GB/s, slower than the planes'
-    kernel (Gemma 3's compiled decoding 10.5 tok/s against 19.1 eager), so the compiled step keeps the kernel there."""
-    return torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
 @torch.library.custom_op("zoo::materialize", mutates_args=())
