@@ -1,10 +1,12 @@
 """zoo/prepack.py: bfloat16 Linear layers over oneDNN's reordered weights give the plain layers' products bit for bit,
-in a forward pass, in greedy decoding and in the engine's batches, for every architecture."""
+in a forward pass, in greedy decoding and in the engine's batches, for every architecture; without oneDNN's bf16
+kernels, prompts multiply in float32 (WidenedLinear)."""
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import zoo
 from zoo.engine import Engine
@@ -13,14 +15,14 @@ from zoo.tokenizers import CharTokenizer
 from zoo.models.moe import Experts
 from zoo import quantization
 from zoo import prepack as prepack_module
-from zoo.prepack import PrepackedExperts, PrepackedLinear, can_prepack, prepack
+from zoo.prepack import PrepackedExperts, PrepackedLinear, WidenedLinear, onednn_bf16, prepack
 from zoo.quantization import Int4Linear, Quantized, linear_from
 
 from conftest import TINY, tiny
 
-needs_kernels = pytest.mark.skipif(not can_prepack(torch.bfloat16, "cpu"), reason="this CPU's oneDNN has no bf16 "
-                                   "kernels (AVX2 only): prepack leaves bf16 layers alone, see "
-                                   "test_prepack_leaves_a_model_alone_without_onednns_bf16_kernels")
+needs_kernels = pytest.mark.skipif(not onednn_bf16(), reason="this CPU's oneDNN has no bf16 kernels (AVX2 only): "
+                                   "prepack widens prompts there instead, see "
+                                   "test_without_onednns_bf16_kernels_prompts_multiply_in_float32")
 ARCHS = [name for name, (arch, _) in TINY.items() if arch != "bigram"]
 
 
@@ -77,6 +79,19 @@ def test_prepack_leaves_what_it_cannot_help():
     assert isinstance(tied.lm_head, PrepackedLinear) and type(tied.model.embed_tokens.weight) is torch.nn.Parameter
 
 
+class MatmulDtypes(TorchDispatchMode):
+    """Records the dtype of each matrix product's operands (aten's mm and addmm) run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            self.dtypes.append(args[-1].dtype)
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory, gpt2_bpe):
     """A tiny GPT-2 saved with GPT-2's tokenizer: (folder, the model, the tokenizer)."""
@@ -97,19 +112,43 @@ def prepacked_by(monkeypatch, command):
     return seen
 
 
-def test_prepack_leaves_a_model_alone_without_onednns_bf16_kernels(tiny_folder, monkeypatch, capsys):
-    """On a CPU whose oneDNN has no bf16 kernels (AVX2 only, e.g. AMD Zen 3: its reorder raises), prepack changes
-    nothing, and `zoo generate --dtype bfloat16`, which prepacks, writes the plain bf16 model's greedy text."""
+def test_without_onednns_bf16_kernels_prompts_multiply_in_float32(tiny_folder, monkeypatch, capsys):
+    """On a CPU whose oneDNN has no bf16 kernels (AVX2 only, e.g. AMD Zen 3: its reorder raises, and torch's own bf16
+    GEMM is a reference loop), prepack gives each bf16 Linear a WidenedLinear over the same values: inside a prompt
+    its product is the float32 product of the bf16 values rounded to bf16, outside (decoding) the plain layer's bit
+    for bit, and compiled steps trace the plain product; greedy tokens are the plain model's; `zoo generate --dtype
+    bfloat16` writes the widened model's greedy text."""
     from zoo.cli import main
     monkeypatch.setattr(prepack_module, "onednn_bf16", lambda: False)
-    model = bf16("llama-gqa")
-    layers = {name: type(m) for name, m in model.named_modules()}
-    assert prepack(model) is model and {name: type(m) for name, m in model.named_modules()} == layers
-    folder, plain, tok = tiny_folder
+    plain, packed = bf16("gpt2"), prepack(bf16("gpt2"))  # (biases)
+    widened = {name: m for name, m in packed.named_modules() if isinstance(m, WidenedLinear)}
+    assert widened and not any(type(m) is torch.nn.Linear for m in packed.modules())
+    assert set(widened) == {name for name, m in plain.named_modules() if type(m) is torch.nn.Linear}
+    name, layer = next((n, m) for n, m in widened.items() if m.bias is not None)
+    w, b = plain.get_submodule(name).weight.detach(), plain.get_submodule(name).bias.detach()
+    x = torch.randn(5, layer.in_features).bfloat16()
+    with torch.no_grad():
+        with MatmulDtypes() as seen:
+            assert torch.equal(layer(x), F.linear(x, w, b))
+        assert seen.dtypes == [torch.bfloat16] * 2  # the layer's product, then the reference's
+        with zoo.modes.prompt_mode(), MatmulDtypes() as seen:
+            assert torch.equal(layer(x), F.linear(x.float(), w.float(), b.float()).bfloat16())
+        assert seen.dtypes == [torch.float32] * 2
+        idx = torch.randint(0, 37, (3, 13), generator=torch.Generator().manual_seed(0))
+        assert torch.equal(packed(idx), plain(idx))
+        with zoo.modes.prompt_mode():
+            got, want = packed(idx).float(), plain(idx).float()
+        torch.testing.assert_close(got, want, rtol=0, atol=0.02 * want.abs().max().item())
+        with zoo.modes.prompt_mode():  # a compiled step traces the plain product, prompt or not
+            assert torch.equal(torch.compile(layer, backend="eager", fullgraph=True)(x), F.linear(x, w, b))
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10, 11, 12, 13, 14]]
+    assert zoo.generate(packed, prompts, 12, temperature=0) == zoo.generate(plain, prompts, 12, temperature=0)
+    folder, model, tok = tiny_folder
     assert main(["generate", str(folder), "--prompt", "Hello", "--max-new-tokens", "12", "--temperature", "0",
                  "--dtype", "bfloat16", "--device", "cpu"]) == 0
-    plain = copy.deepcopy(plain).to(torch.bfloat16).eval()
-    assert capsys.readouterr().out == zoo.complete(plain, tok, "Hello", max_new_tokens=12, temperature=0) + "\n"
+    want = prepack(copy.deepcopy(model).to(torch.bfloat16).eval())
+    assert isinstance(want.lm_head, WidenedLinear)
+    assert capsys.readouterr().out == zoo.complete(want, tok, "Hello", max_new_tokens=12, temperature=0) + "\n"
 
 
 @needs_kernels
@@ -155,16 +194,25 @@ def planes_model():
     return zoo.quantize(model.to(torch.bfloat16), "int8", group_size=32)
 
 
-needs_copies = pytest.mark.skipif(not can_prepack(torch.bfloat16, "cpu") or not quantization.native_bf16()
-                                  or quantization.packed_block_rows() is None,
-                                  reason="the int4 kernel packs in a layout zoo cannot read, or this CPU emulates bf16")
+@pytest.fixture(params=["oneDNN", "widened"])
+def copy_kind(request, monkeypatch):
+    """The module prepack copies layers in planes into: oneDNN's PrepackedLinear where this CPU multiplies bf16 natively,
+    a WidenedLinear where its oneDNN has no bf16 kernels (made so here on any CPU)."""
+    if quantization.packed_block_rows() is None:
+        pytest.skip("the int4 kernel packs in a layout zoo cannot read")
+    if request.param == "widened":
+        monkeypatch.setattr(prepack_module, "onednn_bf16", lambda: False)
+        return WidenedLinear
+    if not onednn_bf16() or not quantization.native_bf16():
+        pytest.skip("this CPU emulates bf16 GEMMs, or its oneDNN has no bf16 kernels")
+    return PrepackedLinear
 
 
-@needs_copies
 @pytest.mark.parametrize("zero_points", [False, True], ids=["Q8_0-like", "with zero points (Q5_1, Q5_K)"])
-def test_a_layers_prepacked_copy_is_the_matrix_its_codes_stand_for(zero_points, monkeypatch):
-    """A layer of 8-bit codes in planes, prepacked: from DENSE_ROWS rows on, x W^T + b with W the codes' own matrix
-    (u - 128) s + z, its scales and zero points rounded to bf16 as the kernel takes them; below, the kernel's bits."""
+def test_a_layers_prepacked_copy_is_the_matrix_its_codes_stand_for(zero_points, copy_kind, monkeypatch):
+    """A layer of 8-bit codes in planes, prepacked: a prompt's product over DENSE_ROWS rows is x W^T + b with W the
+    codes' own matrix (u - 128) s + z, its scales and zero points rounded to bf16 as the kernel takes them, through
+    the copy; fewer rows, and products outside a prompt, are the kernel's bits."""
     monkeypatch.setattr(prepack_module, "COPY_BUDGET", 100.0)  # one layer, all in planes: copy it regardless
     torch.manual_seed(0)
     u = torch.randint(0, 256, (128, 96), dtype=torch.uint8)
@@ -173,27 +221,40 @@ def test_a_layers_prepacked_copy_is_the_matrix_its_codes_stand_for(zero_points, 
     bias = torch.randn(128).bfloat16()
     layer, plain = linear_from(q, torch.bfloat16, bias), linear_from(q, torch.bfloat16, bias)
     prepack(torch.nn.Sequential(layer), linear=False)
-    assert isinstance(layer.dense, PrepackedLinear) and "dense.weight" not in layer.state_dict()
+    assert isinstance(layer.dense, copy_kind) and "dense.weight" not in layer.state_dict()
+    calls = []
+    layer.dense.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
     rounded = Quantized(u, scale.bfloat16().float(), zero.bfloat16().float(), 8, 32).dequantize()
     x = torch.randn(quantization.DENSE_ROWS, 96).bfloat16()
     want = F.linear(x.float(), rounded, bias.float())  # |want| up to ~40: bf16 steps of 1/4 there
-    torch.testing.assert_close(layer(x).float(), want, rtol=0, atol=0.01 * want.abs().max().item())
-    assert torch.equal(layer(x[:1]), plain(x[:1]))
+    with zoo.modes.prompt_mode():
+        torch.testing.assert_close(layer(x).float(), want, rtol=0, atol=0.01 * want.abs().max().item())
+        assert calls == [quantization.DENSE_ROWS]
+        assert torch.equal(layer(x[:1]), plain(x[:1]))
+    assert torch.equal(layer(x), plain(x)) and calls == [quantization.DENSE_ROWS]
 
 
-@needs_copies
-def test_prepack_copies_within_its_budget_on_a_bf16_cpu(monkeypatch):
+def test_prepack_copies_within_its_budget(monkeypatch):
     """The copies add at most COPY_BUDGET of the weights' bytes: a model all in planes keeps the kernel alone; and
-    none on a CPU that emulates bf16 GEMMs."""
-    assert not any(m.dense is not None for m in prepack(planes_model()).modules() if isinstance(m, Int4Linear))
+    none where oneDNN emulates bf16 GEMMs (AVX-512 without BF16); WidenedLinear ones where it has no bf16 kernels."""
+    if quantization.packed_block_rows() is None:
+        pytest.skip("the int4 kernel packs in a layout zoo cannot read")
+
+    def copies(model):
+        return {type(m.dense) for m in model.modules() if isinstance(m, Int4Linear) and m.dense is not None}
+    assert copies(prepack(planes_model())) == set()
     monkeypatch.setattr(prepack_module, "COPY_BUDGET", 100.0)
     monkeypatch.setattr(quantization, "native_bf16", lambda: False)
-    assert not any(m.dense is not None for m in prepack(planes_model()).modules() if isinstance(m, Int4Linear))
-    monkeypatch.setattr(quantization, "native_bf16", lambda: True)
-    assert any(m.dense is not None for m in prepack(planes_model()).modules() if isinstance(m, Int4Linear))
+    monkeypatch.setattr(prepack_module, "onednn_bf16", lambda: True)
+    assert copies(prepack(planes_model())) == set()
+    monkeypatch.setattr(prepack_module, "onednn_bf16", lambda: False)
+    assert copies(prepack(planes_model())) == {WidenedLinear}
+    if onednn_bf16():
+        monkeypatch.setattr(prepack_module, "onednn_bf16", lambda: True)
+        monkeypatch.setattr(quantization, "native_bf16", lambda: True)
+        assert copies(prepack(planes_model())) == {PrepackedLinear}
 
 
-@needs_copies
 def test_layers_in_planes_multiply_prompts_by_a_prepacked_copy(monkeypatch):
     """prepack gives each quantized layer in planes but the head a reordered bf16 copy of its matrix, which a prompt's
     products over DENSE_ROWS rows or more go through (zoo.modes.prompt_mode: prefills), and nothing else: decoding
@@ -231,6 +292,6 @@ def test_layers_in_planes_multiply_prompts_by_a_prepacked_copy(monkeypatch):
     while engine.step():
         pass
     assert [r.tokens for r in requests] == alone
-    calls.clear()  # a compiled step of DENSE_ROWS rows keeps the kernel: torch.compile fails on the reordered copy
+    calls.clear()  # a compiled step of DENSE_ROWS rows keeps the kernel (torch.compile fails on oneDNN's copy)
     out = zoo.generate(packed, prompts, 10, temperature=0, compile=True)
     assert calls == [40] * 8 and [len(t) for t in out] == [10] * 4

@@ -26,6 +26,13 @@ ms, for 2 bytes a weight more (130 MB for its 65M weights in planes). Decoding s
 steps keep the kernel: its products are the same for a row in a batch as alone, where the copies round otherwise.
 They are made only where they add at most half again to what the model's weights take (COPY_BUDGET): a model mostly
 in planes (a Q8_0 or Q5_K_M file) would otherwise triple its memory, and keeps the kernel alone.
+
+On a CPU whose oneDNN has no bf16 kernels (AVX2 only, e.g. AMD's Zen 3: its reorder raises) torch multiplies bf16
+matrices in a reference loop, 4-7x slower than float32's GEMM from 32 rows on (Gemma 3's 2,048 x 640 layer, 32 rows:
+4.8 ms against 1.0 ms widening both to float32 on each call). There prepack gives the bfloat16 layers a WidenedLinear,
+whose prompts multiply in float32 (decoding's few rows keep bf16's product, as fast for one row), and the layers in
+planes their copies as WidenedLinear modules over bf16 matrices: Gemma 3's native 32-token prefill 305-319 ->
+221-233 ms there.
 """
 import torch
 import torch.nn as nn
@@ -33,6 +40,7 @@ import torch.nn.functional as F
 
 from . import quantization
 from .models.moe import Experts
+from .modes import in_prompt
 from .progress import log
 from .quantization import Int4Linear, output_layer
 
@@ -59,6 +67,28 @@ class PrepackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
+class WidenedLinear(nn.Module):
+    """y = x Wᵀ (+ b) over a bfloat16 W on a CPU without oneDNN's bf16 kernels (see the module's docstring): inside
+    zoo.modes.prompt_mode, x and W widen to float32 for the product (exact products, summed in float32 as bf16's
+    are) and y rounds back to x's dtype; outside (decoding steps, compiled steps) bf16's own product. W and b are the
+    layer's own tensors, not copies; persistent=False: a copy beside a layer's own weights (Int4Linear.dense)."""
+
+    def __init__(self, weight, bias, persistent=True):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight.detach(), persistent=persistent)
+        self.register_buffer("bias", None if bias is None else bias.detach())
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+    def forward(self, x):
+        if not torch.compiler.is_compiling() and in_prompt():
+            bias = None if self.bias is None else self.bias.float()
+            return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
+        return F.linear(x, self.weight, self.bias)
+
+
 class PrepackedExperts(Experts):
     """A mixture's stacked experts (models/moe.py's Experts) with each expert's two matrices a PrepackedLinear: the
     model file's grouping of tokens by expert is kept, so a decoding step still reads its k experts alone."""
@@ -77,10 +107,10 @@ class PrepackedExperts(Experts):
 
 
 def can_prepack(dtype, device):
-    """Whether prepack would change anything for weights of this dtype on this device: bfloat16 on a CPU whose oneDNN
-    has bf16 kernels (AVX-512 BW/VL/DQ, AVX-NE-CONVERT or Arm's bf16; an AVX2-only CPU such as AMD's Zen 3 refuses the
-    reorder)."""
-    return dtype == torch.bfloat16 and torch.device(device).type == "cpu" and onednn_bf16()
+    """Whether prepack would change anything for weights of this dtype on this device: bfloat16 on the CPU (oneDNN's
+    reordered weights where it has bf16 kernels: AVX-512 BW/VL/DQ, AVX-NE-CONVERT or Arm's bf16; WidenedLinear
+    elsewhere)."""
+    return dtype == torch.bfloat16 and torch.device(device).type == "cpu"
 
 
 def onednn_bf16():
@@ -92,23 +122,33 @@ def prepack(model, rows=8, *, linear=True):
     """Replace every bfloat16 nn.Linear of `model` on the CPU by a PrepackedLinear (its weight reordered for a
     product over `rows` rows, oneDNN's hint; any number of rows works), and every such float Experts by
     PrepackedExperts; give each bfloat16 quantized layer of 8-bit codes in two planes, bar the output layer, a
-    PrepackedLinear over its dequantized weight for a prompt's products, within COPY_BUDGET (see the module's
-    docstring); returns the model. linear=False leaves the float layers as they are: for a model whose decode step
-    torch.compile will trace (it cannot trace reordered weights, and fuses its own)."""
+    PrepackedLinear over its dequantized weight for a prompt's products, within COPY_BUDGET; on a CPU without oneDNN's
+    bf16 kernels, WidenedLinear modules in both roles (see the module's docstring); returns the model. linear=False
+    leaves the float layers oneDNN would reorder as they are: for a model whose decode step torch.compile will trace
+    (it cannot trace reordered weights, and fuses its own; it traces a WidenedLinear as the plain layer)."""
+    onednn = onednn_bf16()
     head = output_layer(model)
     planes = [m for m in model.modules() if isinstance(m, Int4Linear) and m.planes == 2 and m.dense is None
               and m is not head and m.dequantizable() and can_prepack(m.weight.dtype, m.weight.device)]
     copies = sum(2 * m.in_features * m.out_features for m in planes)
-    if planes and quantization.native_bf16() and copies <= COPY_BUDGET * quantization.weight_bytes(model):
+    # a copy where bf16 GEMMs run natively (oneDNN's) or are widened to float32 (WidenedLinear); not where oneDNN
+    # emulates them (AVX-512 without its BF16 extension)
+    if planes and (quantization.native_bf16() or not onednn) and \
+            copies <= COPY_BUDGET * quantization.weight_bytes(model):
         for m in planes:
-            m.dense = PrepackedLinear(m.dequantized().to(m.weight.dtype), None, rows, persistent=False)
+            w = m.dequantized().to(m.weight.dtype)
+            m.dense = PrepackedLinear(w, None, rows, persistent=False) if onednn else \
+                WidenedLinear(w, None, persistent=False)
         log.info("prepack: bf16 copies of %d quantized layers in planes, for prompts: %.0f MB", len(planes),
                  copies / 1e6)
-    if linear:
-        for module in list(model.modules()):
-            for child_name, child in list(module.named_children()):
-                if type(child) is nn.Linear and can_prepack(child.weight.dtype, child.weight.device):
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is nn.Linear and can_prepack(child.weight.dtype, child.weight.device):
+                if not onednn:
+                    setattr(module, child_name, WidenedLinear(child.weight, child.bias))
+                elif linear:
                     setattr(module, child_name, PrepackedLinear(child.weight, child.bias, rows))
-                elif type(child) is Experts and can_prepack(child.gate_up_proj.dtype, child.gate_up_proj.device):
-                    setattr(module, child_name, PrepackedExperts(child, rows))
+            elif type(child) is Experts and can_prepack(child.gate_up_proj.dtype, child.gate_up_proj.device) \
+                    and onednn and linear:
+                setattr(module, child_name, PrepackedExperts(child, rows))
     return model
