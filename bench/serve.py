@@ -142,8 +142,9 @@ def main():
     hf = [sys.executable, "-m", "transformers.cli.transformers", "serve", name, "--device", "cpu", "--dtype",
           args.dtype]
     # its continuous batching sizes its paged KV cache by a share of memory: left alone, it took 13.7 GB of this
-    # 24 GB machine's RAM (and was killed for it); 2% (~0.5 GB) holds far more than 8 x (prompt + 128) tokens
-    cb = ["--continuous-batching", "--cb-max-memory-percent", "0.02"]
+    # 24 GB machine's RAM (and was killed for it); 2% (~0.5 GB) holds far more than 8 x (prompt + 128) tokens in bf16;
+    # in float32 (transformers 5.25) 2% left it no cache blocks after its 8,192-token scratch ("num_sectors = -5")
+    cb = ["--continuous-batching", "--cb-max-memory-percent", "0.02" if args.dtype == "bfloat16" else "0.05"]
     if args.peer in ("cb", "all"):
         commands["transformers serve --continuous-batching"] = hf + cb
     if args.peer in ("plain", "all"):

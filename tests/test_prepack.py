@@ -92,6 +92,32 @@ class MatmulDtypes(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "moe"])
+def test_float32_layers_are_reordered_where_onednns_are_the_faster(name, monkeypatch):
+    """Where oneDNN's reordered float32 weights beat F.linear (an AVX2-only CPU; made so here on any CPU), prepack
+    reorders float32 layers (and experts) as it does bf16 ones: the logits within float32 rounding of the plain
+    model's, and greedy tokens the plain model's, in a batch and in the engine's batches; elsewhere they stay."""
+    monkeypatch.setattr(prepack_module, "onednn_float32", lambda: False)
+    assert not any(isinstance(m, PrepackedLinear) for m in prepack(tiny(name, std=0.3)).modules())
+    monkeypatch.setattr(prepack_module, "onednn_float32", lambda: True)
+    plain, packed = tiny(name, std=0.3), prepack(tiny(name, std=0.3))
+    assert any(isinstance(m, PrepackedLinear) for m in packed.modules())
+    assert not any(type(m) in (torch.nn.Linear, Experts) for m in packed.modules())
+    idx = torch.randint(0, 37, (3, 13), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = plain(idx)
+        torch.testing.assert_close(packed(idx), want, rtol=0, atol=1e-5 * want.abs().max().item())
+    prompts = [[5, 9, 1, 30, 2, 7, 7], [3, 11, 4], [20, 1, 8, 36, 0], [2]]
+    alone = [zoo.generate(plain, [p], 12, temperature=0)[0] for p in prompts]
+    assert zoo.generate(packed, prompts, 12, temperature=0) == alone
+    chars = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz .,!?ABCDEF")  # 37 characters: the tiny vocab
+    engine = Engine(packed, chars, max_batch=3)
+    requests = [engine.submit(p, 12, SamplingConfig(temperature=0, eos_token_id=[])) for p in prompts]
+    while engine.step():
+        pass
+    assert [r.tokens for r in requests] == alone
+
+
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory, gpt2_bpe):
     """A tiny GPT-2 saved with GPT-2's tokenizer: (folder, the model, the tokenizer)."""

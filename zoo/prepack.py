@@ -1,4 +1,5 @@
-"""bfloat16 Linear layers on the CPU with their weights reordered once into oneDNN's own layout, for inference.
+"""Linear layers on the CPU with their weights reordered once into oneDNN's own layout, for inference: bfloat16 ones,
+and float32 ones on an AVX2-only CPU.
 
 `F.linear` hands oneDNN a plain row-major weight on every call; a weight reordered once into oneDNN's blocked
 layout (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's freezing does to constant weights) skips that
@@ -27,6 +28,12 @@ steps keep the kernel: its products are the same for a row in a batch as alone, 
 They are made only where they add at most half again to what the model's weights take (COPY_BUDGET): a model mostly
 in planes (a Q8_0 or Q5_K_M file) would otherwise triple its memory, and keeps the kernel alone.
 
+On an AVX2-only CPU (AMD's Zen 3 EPYC) float32's `F.linear` (MKL) packs the weight again on every call, and its
+time grows with the rows from the second: oneDNN's reordered float32 weights took SmolLM2's 576 -> 1536 projection
+over 8 rows 230 -> 138 us, its head 19.0 -> 6.7 ms (one row: 8.5 -> 5.0 ms), the same product for a row in a batch
+as alone (not F.linear's bits). prepack reorders float32 layers there too (onednn_float32; on AVX-512 CPUs MKL's
+products are left as they are, unmeasured).
+
 On a CPU whose oneDNN has no bf16 kernels (AVX2 only, e.g. AMD's Zen 3: its reorder raises) torch multiplies bf16
 matrices in a reference loop, 4-7x slower than float32's GEMM from 32 rows on (Gemma 3's 2,048 x 640 layer, 32 rows:
 4.8 ms against 1.0 ms widening both to float32 on each call). There prepack gives the bfloat16 layers a WidenedLinear,
@@ -49,14 +56,15 @@ COPY_BUDGET = 0.5
 
 
 class PrepackedLinear(nn.Module):
-    """y = x Wᵀ (+ b) by oneDNN over W [out_features, in_features] reordered once (see the module's docstring);
+    """y = x Wᵀ (+ b) by oneDNN over W [out_features, in_features] (bf16, or float32 where onednn_float32) reordered
+    once (see the module's docstring);
     persistent=False: a copy beside a layer's own weights (Int4Linear.dense), left out of the state dict."""
 
     def __init__(self, weight, bias, rows, persistent=True):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         weight = weight.detach()
-        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight, rows),  # dtype, device: W's
+        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), rows),  # W's dtype
                              persistent=persistent)
         self.register_buffer("bias", None if bias is None else bias.detach())
 
@@ -106,49 +114,59 @@ class PrepackedExperts(Experts):
         return down_proj(F.silu(gate) * up)  # [n, D]
 
 
-def can_prepack(dtype, device):
-    """Whether prepack would change anything for weights of this dtype on this device: bfloat16 on the CPU (oneDNN's
-    reordered weights where it has bf16 kernels: AVX-512 BW/VL/DQ, AVX-NE-CONVERT or Arm's bf16; WidenedLinear
-    elsewhere)."""
-    return dtype == torch.bfloat16 and torch.device(device).type == "cpu"
-
-
 def onednn_bf16():
-    """Whether this CPU's oneDNN has bf16 kernels (what its weight reorder and bf16 products need)."""
+    """Whether this CPU's oneDNN has bf16 kernels (what its weight reorder and bf16 products need): AVX-512 BW/VL/DQ,
+    AVX-NE-CONVERT or Arm's bf16."""
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def onednn_float32():
+    """Whether float32 layers multiply faster over oneDNN's reordered weights than through F.linear (MKL): on an
+    AVX2-only CPU, measured (see the module's docstring)."""
+    return torch.backends.mkldnn.is_available() and torch.backends.cpu.get_cpu_capability() == "AVX2"
+
+
+def reorders(tensor):
+    """Whether prepack reorders a CPU layer with weights like `tensor` for oneDNN (PrepackedLinear)."""
+    return tensor.device.type == "cpu" and (tensor.dtype == torch.bfloat16 and onednn_bf16() or
+                                            tensor.dtype == torch.float32 and onednn_float32())
+
+
+def widens(tensor):
+    """Whether prepack gives a CPU layer with weights like `tensor` a WidenedLinear: bf16 without oneDNN's kernels."""
+    return tensor.device.type == "cpu" and tensor.dtype == torch.bfloat16 and not onednn_bf16()
+
+
 def prepack(model, rows=8, *, linear=True):
-    """Replace every bfloat16 nn.Linear of `model` on the CPU by a PrepackedLinear (its weight reordered for a
-    product over `rows` rows, oneDNN's hint; any number of rows works), and every such float Experts by
-    PrepackedExperts; give each bfloat16 quantized layer of 8-bit codes in two planes, bar the output layer, a
-    PrepackedLinear over its dequantized weight for a prompt's products, within COPY_BUDGET; on a CPU without oneDNN's
-    bf16 kernels, WidenedLinear modules in both roles (see the module's docstring); returns the model. linear=False
-    leaves the float layers oneDNN would reorder as they are: for a model whose decode step torch.compile will trace
-    (it cannot trace reordered weights, and fuses its own; it traces a WidenedLinear as the plain layer)."""
-    onednn = onednn_bf16()
+    """Replace every nn.Linear of `model` that `reorders` (bfloat16 on the CPU; float32 too where onednn_float32) by
+    a PrepackedLinear (its weight reordered for a product over `rows` rows, oneDNN's hint; any number of rows works),
+    and every such Experts by PrepackedExperts; give each bfloat16 quantized layer of 8-bit codes in two planes, bar
+    the output layer, a PrepackedLinear over its dequantized weight for a prompt's products, within COPY_BUDGET; on a
+    CPU without oneDNN's bf16 kernels, WidenedLinear modules in both roles (see the module's docstring); returns the
+    model. linear=False leaves the layers oneDNN would reorder as they are: for a model whose decode step
+    torch.compile will trace (it cannot trace reordered weights, and fuses its own; it traces a WidenedLinear as the
+    plain layer)."""
     head = output_layer(model)
     planes = [m for m in model.modules() if isinstance(m, Int4Linear) and m.planes == 2 and m.dense is None
-              and m is not head and m.dequantizable() and can_prepack(m.weight.dtype, m.weight.device)]
+              and m is not head and m.dequantizable() and m.weight.dtype == torch.bfloat16
+              and m.weight.device.type == "cpu"]
     copies = sum(2 * m.in_features * m.out_features for m in planes)
-    # a copy where bf16 GEMMs run natively (oneDNN's) or are widened to float32 (WidenedLinear); not where oneDNN
-    # emulates them (AVX-512 without its BF16 extension)
-    if planes and (quantization.native_bf16() or not onednn) and \
+    # copies where bf16 GEMMs run natively (oneDNN's) or widen to float32 (WidenedLinear); not where oneDNN emulates
+    # them (AVX-512 without its BF16 extension)
+    if planes and (quantization.native_bf16() or not onednn_bf16()) and \
             copies <= COPY_BUDGET * quantization.weight_bytes(model):
         for m in planes:
             w = m.dequantized().to(m.weight.dtype)
-            m.dense = PrepackedLinear(w, None, rows, persistent=False) if onednn else \
-                WidenedLinear(w, None, persistent=False)
+            m.dense = WidenedLinear(w, None, persistent=False) if widens(w) else \
+                PrepackedLinear(w, None, rows, persistent=False)
         log.info("prepack: bf16 copies of %d quantized layers in planes, for prompts: %.0f MB", len(planes),
                  copies / 1e6)
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
-            if type(child) is nn.Linear and can_prepack(child.weight.dtype, child.weight.device):
-                if not onednn:
-                    setattr(module, child_name, WidenedLinear(child.weight, child.bias))
-                elif linear:
-                    setattr(module, child_name, PrepackedLinear(child.weight, child.bias, rows))
-            elif type(child) is Experts and can_prepack(child.gate_up_proj.dtype, child.gate_up_proj.device) \
-                    and onednn and linear:
+            if type(child) is nn.Linear and widens(child.weight):
+                setattr(module, child_name, WidenedLinear(child.weight, child.bias))
+            elif type(child) is nn.Linear and reorders(child.weight) and linear:
+                setattr(module, child_name, PrepackedLinear(child.weight, child.bias, rows))
+            elif type(child) is Experts and reorders(child.gate_up_proj) and linear:
                 setattr(module, child_name, PrepackedExperts(child, rows))
     return model
