@@ -6,7 +6,8 @@ input, where prompt lookup shines) and "chat" (ordinary questions, where only a 
 Every mode runs on every task, interleaved (plain, lookup, int4 draft, plain, ...) so that a busy machine
 slows them alike, batch 1, greedy. Prints, per task and mode, tokens/s over the whole generation (prefill
 included; best of the repeats), the ratio to plain decoding, and the acceptance rate (accepted / drafted
-tokens). Every mode's tokens are checked equal to plain decoding's (greedy: speculation changes only speed).
+tokens). Every mode's tokens are checked equal to plain decoding's (greedy: speculation changes only speed). The
+model is prepacked as `zoo generate` prepacks it (bf16 on the CPU, float32 on an AVX2-only one: zoo/prepack.py).
 
     flock /tmp/bench.lock python bench/speculative.py            # not a test: run it alone, on a quiet machine
     python bench/speculative.py --max-new-tokens 16 --repeats 1 --prompts 1   # a quick check that it runs
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 import zoo
+from zoo.prepack import prepack
 
 SHARED_DATA = Path(os.environ.get("ZOO_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 QUESTIONS = ["Why is the sky blue?", "Give me three tips for a good night's sleep.",
@@ -68,6 +70,7 @@ def main():
     torch.set_num_threads(args.threads)
     model, tokenizer = zoo.load_source("smollm2-135m-instruct", dtype=args.dtype)
     draft = zoo.quantize(copy.deepcopy(model), "int4")  # the model's own int4 copy (bf16 activations)
+    prepack(model)  # as `zoo generate` runs it (zoo/prepack.py: oneDNN's reordered weights where faster)
     modes = {"plain": None, "prompt lookup": "prompt-lookup", "int4 self-draft": draft}
     load = os.getloadavg()[0]
     print(f"SmolLM2-135M-Instruct (packaged Q4_1 GGUF, {args.dtype}), {cpu_name()}, {args.threads} threads, "
