@@ -1,5 +1,5 @@
 """Speculative decoding: plain greedy decoding vs prompt lookup and vs the model's own int4 quantization as
-its draft, on SmolLM2-135M-Instruct, side by side in one run.
+its draft (--self-draft int4 int8: and its int8 one), on SmolLM2-135M-Instruct, side by side in one run.
 
 Two tasks, each a set of chat prompts: "extractive" (copy-edit a given WikiText passage: the answer quotes its
 input, where prompt lookup shines) and "chat" (ordinary questions, where only a draft model can guess).
@@ -65,13 +65,16 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each mode (best kept)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--self-draft", nargs="*", choices=("int4", "int8"), default=["int4"],
+                        help="the model's own quantized copies to draft with (default: int4)")
     parser.add_argument("--num-draft", type=int, help="tokens drafted per round (default: zoo's: 10 lookup, 5 model)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = zoo.load_source("smollm2-135m-instruct", dtype=args.dtype)
-    draft = zoo.quantize(copy.deepcopy(model), "int4")  # the model's own int4 copy (bf16 activations)
+    modes = {"plain": None, "prompt lookup": "prompt-lookup"}
+    for mode in args.self_draft:  # the model's own quantized copy (bf16 activations)
+        modes[f"{mode} self-draft"] = zoo.quantize(copy.deepcopy(model), mode)
     prepack(model)  # as `zoo generate` runs it (zoo/prepack.py: oneDNN's reordered weights where faster)
-    modes = {"plain": None, "prompt lookup": "prompt-lookup", "int4 self-draft": draft}
     load = os.getloadavg()[0]
     print(f"SmolLM2-135M-Instruct (packaged Q4_1 GGUF, {args.dtype}), {cpu_name()}, {args.threads} threads, "
           f"torch {torch.__version__}; "
