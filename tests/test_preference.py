@@ -331,7 +331,7 @@ def test_dpo_teaches_smollm2_a_preference(smollm2_gguf, tmp_path):
     assert sum("blue" in a for a in answers(model)) <= 1
     out = tmp_path / "run"
     r = zoo_cmd("train", "--init", smollm2_gguf, "--data", train, "--val", val, "--objective", "dpo", "--beta", 0.1,
-                "--lora", 16, "--lora-targets", "model.layers.2?.*", "--max-iters", 8, "--batch-size", 8,
+                "--lora", 16, "--lora-targets", "model.layers.2?.*", "--max-iters", 8, "--batch-size", 4,
                 "--block-size", 64, "--lr", 3e-3, "--warmup", 2, "--eval-interval", 8, "--log-interval", 4,
                 "--no-progress", "--out", out)
     assert r.returncode == 0, r.stderr

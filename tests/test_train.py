@@ -597,7 +597,7 @@ def test_time_budget_bounds_the_whole_command(tmp_path, text_file):
     """The budget plans the horizon from the measured step time and stops by itself (how close it lands to
     the budget is a timing, measured by bench/train_shakespeare.py, not asserted here)."""
     r = zoo_cmd("train", "shakespeare-char", "--data", text_file, "--tokenizer", "char", *TINY_ARGV,
-                "--time-budget", "15", "--max-iters", "10000000", "--eval-interval", "50", "--out", str(tmp_path / "o"))
+                "--time-budget", "6", "--max-iters", "10000000", "--eval-interval", "50", "--out", str(tmp_path / "o"))
     assert r.stdout.strip().splitlines()[-1].startswith("val_loss ")
     steps = [int(d[5:]) for d in os.listdir(tmp_path / "o") if d.startswith("step-")]
     rows = [json.loads(line) for line in open(tmp_path / "o" / "log.jsonl")]
