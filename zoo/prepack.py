@@ -31,8 +31,8 @@ in planes (a Q8_0 or Q5_K_M file) would otherwise triple its memory, and keeps t
 On an AVX2-only CPU (AMD's Zen 3 EPYC) float32's `F.linear` (MKL) packs the weight again on every call, and its
 time grows with the rows from the second: oneDNN's reordered float32 weights took SmolLM2's 576 -> 1536 projection
 over 8 rows 230 -> 138 us, its head 19.0 -> 6.7 ms (one row: 8.5 -> 5.0 ms; one-off scripts), and in a one-off check
-a row's product was the same in batches of 1-64 rows as alone (not F.linear's bits). prepack reorders float32 layers there too (onednn_float32; on AVX-512 CPUs MKL's
-products are left as they are, unmeasured).
+a row's product was the same in batches of 1-64 rows as alone (not F.linear's bits). prepack reorders float32
+layers there too (onednn_float32; on AVX-512 CPUs MKL's products are left as they are, unmeasured).
 
 On a CPU whose oneDNN has no bf16 kernels (AVX2 only, e.g. AMD's Zen 3: its reorder raises) torch multiplies bf16
 matrices in a reference loop, 4-7x slower than float32's GEMM from 32 rows on (Gemma 3's 2,048 x 640 layer, 32 rows:
