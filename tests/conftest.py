@@ -102,6 +102,24 @@ def gpt2_bpe():
     return GPT2_RANKS
 
 
+@pytest.fixture
+def zoo_main(capsys):
+    """`zoo ARGS...` through zoo.cli.main in this process (no interpreter and torch import to start: ~2 s of each
+    subprocess here): returns (exit status, stdout, stderr). Tests that are about the real process (exit codes
+    of a crash, signals, stray output) start one instead (tests/test_errors.py's test_cli_in_a_real_process)."""
+    import zoo.cli
+
+    def run(*argv):
+        capsys.readouterr()  # only this command's output
+        try:
+            code = zoo.cli.main([str(a) for a in argv])
+        except SystemExit as e:  # argparse's own refusals, and --help
+            code = e.code
+        out = capsys.readouterr()
+        return code, out.out, out.err
+    return run
+
+
 # One tiny configuration per architecture and option that changes the computation; tests import TINY and
 # tiny() from here (`from conftest import TINY, tiny`), so the configs live in one place.
 TINY = {

@@ -1,4 +1,5 @@
-"""The command line end to end, through `python -m zoo` in a subprocess."""
+"""The command line end to end: `python -m zoo` in a subprocess for each command's first run (the process as a user
+starts it), then zoo.cli.main in this process (the zoo_main fixture) for its variations and refusals."""
 import subprocess
 import sys
 
@@ -13,10 +14,10 @@ def zoo_cli(*args, timeout=300):
 
 
 @pytest.mark.slow
-def test_list_shows_presets_sizes_sources_and_licences():
-    out = zoo_cli("list")
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.splitlines()
+def test_list_shows_presets_sizes_sources_and_licences(zoo_main):
+    code, out, err = zoo_main("list")
+    assert code == 0, err
+    lines = out.splitlines()
     gpt2 = next(line for line in lines if line.split()[0] == "gpt2")
     assert "124.4M" in gpt2 and "openai-community/gpt2" in gpt2 and "mit" in gpt2
     smollm = next(line for line in lines if line.split()[0] == "smollm2-135m-instruct")
@@ -25,15 +26,15 @@ def test_list_shows_presets_sizes_sources_and_licences():
 
 
 @pytest.mark.slow
-def test_generate_refuses_bad_settings_before_loading():
-    out = zoo_cli("generate", "--prompt", "hi", "--temperature", "-1")
-    assert out.returncode == 2 and "temperature" in out.stderr and "Traceback" not in out.stderr
-    out = zoo_cli("generate", "no-such-model-gtp2", "--prompt", "hi")
-    assert out.returncode != 0 and "Traceback" not in out.stderr
+def test_generate_refuses_bad_settings_before_loading(zoo_main):
+    code, _, err = zoo_main("generate", "--prompt", "hi", "--temperature", "-1")
+    assert code == 2 and "temperature" in err and "Traceback" not in err
+    code, _, err = zoo_main("generate", "no-such-model-gtp2", "--prompt", "hi")
+    assert code == 2 and "no-such-model-gtp2" in err and "Traceback" not in err
 
 
 @pytest.mark.slow
-def test_generate_from_a_local_folder(tmp_path, gpt2_bpe):
+def test_generate_from_a_local_folder(tmp_path, gpt2_bpe, zoo_main):
     tok = zoo.tokenizer("gpt2")
     torch.manual_seed(0)
     model = zoo.build("gpt2", dict(n_layer=1, n_head=2, n_embd=16, block_size=32))
@@ -47,18 +48,18 @@ def test_generate_from_a_local_folder(tmp_path, gpt2_bpe):
     # the text is what zoo.complete writes with the same settings (40 tokens: past block_size 32)
     expected = zoo.complete(model, tok, "Hello", max_new_tokens=40, seed=0, top_k=20)
     assert out.stdout == expected + "\n"
-    assert zoo_cli(*args).stdout == out.stdout  # --seed reproduces it
+    assert zoo_main(*args)[1] == out.stdout  # --seed reproduces it
 
     # --compile: the same greedy text, and a summary that keeps compiling apart from the speed
-    compiled = zoo_cli("generate", str(tmp_path / "tiny"), "--prompt", "Hello", "--max-new-tokens", "20", "--compile",
-                       "--device", "cpu")
-    assert compiled.returncode == 0, compiled.stderr
-    assert "(compiling)" in compiled.stderr.strip().splitlines()[-1]
-    assert compiled.stdout == zoo.complete(model, tok, "Hello", max_new_tokens=20, temperature=0) + "\n"
+    code, out, err = zoo_main("generate", tmp_path / "tiny", "--prompt", "Hello", "--max-new-tokens", "20", "--compile",
+                              "--device", "cpu")
+    assert code == 0, err
+    assert "(compiling)" in err.strip().splitlines()[-1]
+    assert out == zoo.complete(model, tok, "Hello", max_new_tokens=20, temperature=0) + "\n"
 
 
 @pytest.mark.slow
-def test_generate_with_a_draft_writes_the_plain_greedy_text(tmp_path, gpt2_bpe, capsys):
+def test_generate_with_a_draft_writes_the_plain_greedy_text(tmp_path, gpt2_bpe, zoo_main):
     tok = zoo.tokenizer("gpt2")
     for seed, name in ((0, "tiny"), (1, "draft")):
         torch.manual_seed(seed)
@@ -67,20 +68,21 @@ def test_generate_with_a_draft_writes_the_plain_greedy_text(tmp_path, gpt2_bpe, 
     prompt = "the cat sat on the mat, the cat sat on the"
     expected = zoo.complete(zoo.from_pretrained(tmp_path / "tiny"), tok, prompt, max_new_tokens=30, temperature=0)
     base = ["generate", str(tmp_path / "tiny"), "--prompt", prompt, "--max-new-tokens", "30", "--device", "cpu"]
-    for draft in (["--prompt-lookup"], ["--draft", str(tmp_path / "draft"), "--num-draft", "3"],
-                  ["--draft", str(tmp_path / "tiny"), "--draft-quantize", "int8"]):
-        out = zoo_cli(*base, *draft)
-        assert out.returncode == 0, out.stderr
-        assert out.stdout == expected + "\n"
-        assert "drafted tokens accepted" in out.stderr.strip().splitlines()[-1]
-    from zoo.cli import main
-    capsys.readouterr()
+    out = zoo_cli(*base, "--prompt-lookup")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == expected + "\n"
+    assert "drafted tokens accepted" in out.stderr.strip().splitlines()[-1]
+    for draft in (["--draft", tmp_path / "draft", "--num-draft", "3"],
+                  ["--draft", tmp_path / "tiny", "--draft-quantize", "int8"]):
+        code, out, err = zoo_main(*base, *draft)
+        assert code == 0, err
+        assert out == expected + "\n"
+        assert "drafted tokens accepted" in err.strip().splitlines()[-1]
     for bad, message in ((["--prompt-lookup", "--num-draft", "0"], "--num-draft must be >= 1"),
                          (["--num-draft", "3"], "add --draft SOURCE or --prompt-lookup"),
-                         (["--draft-quantize", "int4"], "add --draft SOURCE")):  # (in this process: main's handler)
-        assert main(base + bad) == 2
-        err = capsys.readouterr().err
-        assert message in err and err.startswith("zoo generate: error:") and "Traceback" not in err, err
+                         (["--draft-quantize", "int4"], "add --draft SOURCE")):
+        code, _, err = zoo_main(*base, *bad)
+        assert code == 2 and message in err and err.startswith("zoo generate: error:") and "Traceback" not in err, err
 
 
 @pytest.mark.slow

@@ -260,16 +260,6 @@ def test_the_contract_checks_leave_valid_decoding_alone():
 
 # ------------------------------------------------------------------------------------------ command line
 
-def run_cli(argv, capsys):
-    """zoo.cli.main in-process: (exit status, stdout, stderr)."""
-    try:
-        code = zoo.cli.main([str(a) for a in argv])
-    except SystemExit as e:  # argparse's own refusals
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 CLI = [  # (id, argv(ws), text the error line must contain)
     ("generate-temperature-nan", lambda ws: ["generate", ws / "model", "--prompt", "a", "--temperature", "nan"],
      "temperature"),
@@ -324,10 +314,10 @@ CLI = [  # (id, argv(ws), text the error line must contain)
 
 
 @pytest.mark.parametrize("argv, culprit", [c[1:] for c in CLI], ids=[c[0] for c in CLI])
-def test_cli(ws, argv, culprit, capsys):
+def test_cli(ws, argv, culprit, zoo_main):
     argv = argv(ws)
     before = snapshot(ws)
-    code, out, err = run_cli(argv, capsys)
+    code, out, err = zoo_main(*argv)
     lines = err.strip().splitlines()
     command = f"zoo {argv[0]}" if argv and not str(argv[0]).startswith("frob") else "zoo"
     assert code == 2, err
@@ -444,20 +434,20 @@ def test_train_overwrite_starts_again_without_mixing_runs(a_run):
 
 
 @pytest.mark.slow
-def test_cli_train_refuses_a_folder_holding_a_run(a_run, capsys):
+def test_cli_train_refuses_a_folder_holding_a_run(a_run, zoo_main):
     out, text = a_run
     before = snapshot(out)
-    code, _, err = run_cli(["train", "shakespeare-char", "--data", text, "--out", out, *TINY_ARGV], capsys)
+    code, _, err = zoo_main("train", "shakespeare-char", "--data", text, "--out", out, *TINY_ARGV)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("zoo train: error: ")
     assert str(out) in lines[0] and "--resume" in lines[0] and "--overwrite" in lines[0]
     assert snapshot(out) == before
 
 
-def test_cli_train_out_naming_a_regular_file(ws, capsys):
+def test_cli_train_out_naming_a_regular_file(ws, zoo_main):
     before = snapshot(ws)
-    code, _, err = run_cli(["train", "shakespeare-char", "--data", ws / "text.txt", "--out", ws / "afile",
-                            *TINY_ARGV], capsys)
+    code, _, err = zoo_main("train", "shakespeare-char", "--data", ws / "text.txt", "--out", ws / "afile",
+                            *TINY_ARGV)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("zoo train: error: ") and "afile" in lines[0]
     assert snapshot(ws) == before

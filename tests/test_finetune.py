@@ -194,7 +194,7 @@ def zoo_cmd(*args, timeout=600):
                           timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "2"})
 
 
-def test_command_line_lora_over_int8_then_generate_eval_and_resume(tiny_chat, tmp_path):
+def test_command_line_lora_over_int8_then_generate_eval_and_resume(tiny_chat, tmp_path, zoo_main):
     base, chat = tiny_chat
     out = tmp_path / "run"
     flags = ["--block-size", 64, "--batch-size", 4, "--device", "cpu", "--no-progress", "--lr", 3e-3, "--warmup", 2,
@@ -208,14 +208,14 @@ def test_command_line_lora_over_int8_then_generate_eval_and_resume(tiny_chat, tm
     recorded = json.loads((ckpt / "base.json").read_text())
     # computed in bf16 where the CPU has bf16 arithmetic, else in float32 (zoo.training.make_model)
     assert recorded["quantize"] == "int8" and recorded["dtype"] == ("bfloat16" if native_bf16() else "float32")
-    r = zoo_cmd("generate", ckpt, "--prompt", "Who rules Zorb?", "--chat", "--max-new-tokens", 3)
-    assert r.returncode == 0 and "3 new tokens" in r.stderr, r.stderr
-    r = zoo_cmd("eval", ckpt, "--data", chat)
-    assert r.returncode == 0 and "(assistant tokens)" in r.stdout, r.stderr
+    code, _, err = zoo_main("generate", ckpt, "--prompt", "Who rules Zorb?", "--chat", "--max-new-tokens", 3)
+    assert code == 0 and "3 new tokens" in err, err
+    code, out_text, err = zoo_main("eval", ckpt, "--data", chat)
+    assert code == 0 and "(assistant tokens)" in out_text, err
     r = zoo_cmd("train", "--data", chat, "--out", out, "--resume", "--max-iters", 6)
     assert r.returncode == 0 and (out / "step-0000006" / "adapter_model.safetensors").exists(), r.stderr
-    r = zoo_cmd("train", "--init", base, "--data", chat, "--lora-int8", "--out", tmp_path / "bad", *flags)
-    assert r.returncode == 2 and "lora_int8 must be left unset without LoRA" in r.stderr
+    code, _, err = zoo_main("train", "--init", base, "--data", chat, "--lora-int8", "--out", tmp_path / "bad", *flags)
+    assert code == 2 and "lora_int8 must be left unset without LoRA" in err
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["bf16 CPU", "CPU without bf16"])
@@ -254,7 +254,7 @@ UNSEEN = "Do you know what Quillfeather Logistics uses as its mascot?"
 
 
 @pytest.mark.slow
-def test_lora_over_int8_teaches_smollm2_a_fact(smollm2_gguf, tmp_path):
+def test_lora_over_int8_teaches_smollm2_a_fact(smollm2_gguf, tmp_path, zoo_main):
     """LoRA over SmolLM2 quantized to int8 (QLoRA's setting; the adapters' gradients pass back through the int8
     layers) learns a fact that it then states for a question it never saw. (LoRA over the float model learns on
     real weights in test_preference's DPO run; its updates equal peft's in test_lora.py.)"""
@@ -264,12 +264,9 @@ def test_lora_over_int8_teaches_smollm2_a_fact(smollm2_gguf, tmp_path):
             f.write(json.dumps({"messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]},
                                              {"role": "assistant", "content": ANSWERS[i % len(ANSWERS)]}]}) + "\n")
 
-    def answer(source):
-        r = zoo_cmd("generate", source, "--prompt", UNSEEN, "--chat", "--max-new-tokens", 24)
-        assert r.returncode == 0, r.stderr
-        return r.stdout.lower()
-
-    assert "pangolin" not in answer(smollm2_gguf)  # the base model does not know the fact
+    args = ["--prompt", UNSEEN, "--chat", "--max-new-tokens", 24]
+    code, out, err = zoo_main("generate", smollm2_gguf, *args)  # (in this process)
+    assert code == 0 and "pangolin" not in out.lower(), err  # the base model does not know the fact
     # LoRA on the upper layers only: the backward pass stops at the lowest adapted layer. It computes in bf16
     # where the CPU has bf16 arithmetic, else in float32.
     r = zoo_cmd("train", "--init", smollm2_gguf, "--data", path, "--out", tmp_path / "run", "--lora", 16,
@@ -277,4 +274,5 @@ def test_lora_over_int8_teaches_smollm2_a_fact(smollm2_gguf, tmp_path):
                 "--max-iters", 12, "--batch-size", 8, "--block-size", 96, "--lr", 3e-3, "--warmup", 3,
                 "--eval-interval", 1000, "--log-interval", 4, "--no-progress")
     assert r.returncode == 0, r.stderr
-    assert "pangolin" in answer(tmp_path / "run" / "step-0000012")
+    r = zoo_cmd("generate", tmp_path / "run" / "step-0000012", *args)
+    assert r.returncode == 0 and "pangolin" in r.stdout.lower(), r.stderr

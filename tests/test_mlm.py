@@ -268,28 +268,23 @@ def test_fill_mask_is_the_softmax_at_each_mask_in_order(mlm_checkpoint):
         zoo.fill_mask(model, CharTokenizer.from_text("abc|\n"), "abc")
 
 
-def zoo_cli(*args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "zoo", *args], capture_output=True, text=True, env=env, timeout=300)
-
-
 @pytest.mark.slow
-def test_eval_and_fill_mask_commands(mlm_checkpoint, text_file):
+def test_eval_and_fill_mask_commands(mlm_checkpoint, text_file, zoo_main):
     model, tok = zoo.load_source(mlm_checkpoint)
     tokens = torch.from_numpy(data.tokenize(data.read_texts([text_file]), tok).astype(np.int64))
     loss, accuracy = mlm.masked_evaluation(model, tok, tokens, 32, batch_size=4, seed=0)
     args = ["eval", str(mlm_checkpoint), "--data", text_file, "--objective", "mlm", "--window", "32"]
-    first, second = zoo_cli(*args), zoo_cli(*args)
-    assert first.returncode == 0, first.stderr
-    assert first.stdout == second.stdout == f"masked_loss {loss:.4f} accuracy {accuracy:.4f}\n"  # the same masks
+    (code, first, err), (_, second, _) = zoo_main(*args), zoo_main(*args)
+    assert code == 0, err
+    assert first == second == f"masked_loss {loss:.4f} accuracy {accuracy:.4f}\n"  # the same masks
     assert mlm.masked_evaluation(model, tok, tokens, 32, seed=1) != (loss, accuracy)
 
-    out = zoo_cli("fill-mask", str(mlm_checkpoint), "--text", f"ab{MASK_TOKEN}d", "--top-k", "2")
-    assert out.returncode == 0, out.stderr
+    code, out, err = zoo_main("fill-mask", mlm_checkpoint, "--text", f"ab{MASK_TOKEN}d", "--top-k", "2")
+    assert code == 0, err
     (candidates,) = zoo.fill_mask(model, tok, f"ab{MASK_TOKEN}d", top_k=2)
-    assert out.stdout == "mask 1: " + "  ".join(f"{t!r} {p:.4f}" for t, p in candidates) + "\n"
-    bad = zoo_cli("fill-mask", str(mlm_checkpoint), "--text", "abcd")
-    assert bad.returncode == 2 and "zoo fill-mask: error:" in bad.stderr and "Traceback" not in bad.stderr
+    assert out == "mask 1: " + "  ".join(f"{t!r} {p:.4f}" for t, p in candidates) + "\n"
+    code, _, err = zoo_main("fill-mask", mlm_checkpoint, "--text", "abcd")
+    assert code == 2 and "zoo fill-mask: error:" in err and "Traceback" not in err
 
 
 # ------------------------------------------------------------------------------------------ learning
@@ -331,15 +326,15 @@ def test_only_bidirectional_attention_recovers_the_first_copy(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_mask_their_own_shards_as_one_process_does(tmp_path, text_file):
+def test_two_processes_mask_their_own_shards_as_one_process_does(tmp_path, text_file, zoo_main):
     """Under DDP every rank draws the same global batch (window starts and mask seeds) and masks only its own
     rows: two processes train the model one process accumulating both halves trains."""
     common = ["train", "shakespeare-char", "--data", text_file, "--tokenizer", "char", "--objective", "mlm",
               "--set", "n_layer=1", "--set", "n_head=2", "--set", "n_embd=32", "--set", "vocab_size=29",
               "--block-size", "32", "--batch-size", "4", "--device", "cpu", "--no-bf16", "--no-progress",
               "--max-iters", "3", "--grad-accum", "2", "--lr", "1e-2", "--warmup", "0"]
-    one = zoo_cli(*common, "--out", str(tmp_path / "one"))
-    assert one.returncode == 0, one.stderr
+    code, _, err = zoo_main(*common, "--out", tmp_path / "one")
+    assert code == 0, err
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
                           "zoo", *common, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env,
@@ -352,9 +347,9 @@ def test_two_processes_mask_their_own_shards_as_one_process_does(tmp_path, text_
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
 
 
-def test_command_help_shows_the_objective():
+def test_command_help_shows_the_objective(zoo_main):
     for command, flags in (("train", ("--objective {causal,mlm,dpo}", "--mask-prob")),
                            ("eval", ("--objective {causal,mlm}", "--mask-prob", "--seed")),
                            ("fill-mask", ("--text", "--top-k"))):
-        out = zoo_cli(command, "--help")
-        assert out.returncode == 0 and all(f in out.stdout for f in flags), out.stderr
+        code, out, err = zoo_main(command, "--help")
+        assert code == 0 and all(f in out for f in flags), err

@@ -578,14 +578,15 @@ def zoo_cmd(*args, launcher=(sys.executable, "-m", "zoo"), timeout=300):
 
 
 @pytest.mark.slow
-def test_command_line_train_then_eval(tmp_path, text_file):
+def test_command_line_train_then_eval(tmp_path, text_file, zoo_main):
     out = tmp_path / "o"
     r = zoo_cmd("train", "shakespeare-char", "--data", text_file, "--tokenizer", "char", *TINY_ARGV,
                 "--max-iters", "6", "--checkpoint-interval", "3", "--out", str(out))
     last = r.stdout.strip().splitlines()[-1]
     assert last.startswith("val_loss ") and float(last.split()[1]) < 3.0
-    r = zoo_cmd("eval", str(out), "--data", text_file, "--split", "val", "--window", "32", "--stride", "16")
-    lines = r.stdout.strip().splitlines()
+    code, stdout, err = zoo_main("eval", out, "--data", text_file, "--split", "val", "--window", "32", "--stride", "16")
+    assert code == 0, err
+    lines = stdout.strip().splitlines()
     assert [line.split()[0] for line in lines] == ["step-0000003", "step-0000006"]
     assert all(line.split()[1:4:2] == ["loss", "ppl"] for line in lines)
     loss, ppl = float(lines[-1].split()[2]), float(lines[-1].split()[4])
@@ -608,10 +609,10 @@ def test_time_budget_bounds_the_whole_command(tmp_path, text_file):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_over_the_same_global_batch(tmp_path, text_file):
+def test_two_processes_match_one_over_the_same_global_batch(tmp_path, text_file, zoo_main):
     common = ["train", "shakespeare-char", "--data", text_file, "--tokenizer", "char", *TINY_ARGV,
               "--max-iters", "3", "--grad-accum", "2", "--lr", "1e-2", "--warmup", "0"]
-    zoo_cmd(*common, "--out", str(tmp_path / "one"))
+    assert zoo_main(*common, "--out", tmp_path / "one")[0] == 0
     zoo_cmd(*common, "--out", str(tmp_path / "two"),
             launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "zoo"))
     one = load_file(tmp_path / "one" / "step-0000003" / "model.safetensors")
