@@ -73,14 +73,16 @@ def test_generate_with_a_draft_writes_the_plain_greedy_text(tmp_path, gpt2_bpe, 
     assert out.stdout == expected + "\n"
     assert "drafted tokens accepted" in out.stderr.strip().splitlines()[-1]
     for draft in (["--draft", tmp_path / "draft", "--num-draft", "3"],
-                  ["--draft", tmp_path / "tiny", "--draft-quantize", "int8"]):
+                  ["--draft", tmp_path / "tiny", "--draft-quantize", "int8"],
+                  ["--draft", tmp_path / "draft", "--compile"]):  # (the draft's step compiled)
         code, out, err = zoo_main(*base, *draft)
         assert code == 0, err
         assert out == expected + "\n"
         assert "drafted tokens accepted" in err.strip().splitlines()[-1]
     for bad, message in ((["--prompt-lookup", "--num-draft", "0"], "--num-draft must be >= 1"),
                          (["--num-draft", "3"], "add --draft SOURCE or --prompt-lookup"),
-                         (["--draft-quantize", "int4"], "add --draft SOURCE")):
+                         (["--draft-quantize", "int4"], "add --draft SOURCE"),
+                         (["--prompt-lookup", "--compile"], "prompt lookup has none")):
         code, _, err = zoo_main(*base, *bad)
         assert code == 2 and message in err and err.startswith("zoo generate: error:") and "Traceback" not in err, err
 

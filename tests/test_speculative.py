@@ -83,6 +83,28 @@ def test_int4_self_draft_equals_plain_greedy():
     assert 0 < stats["accepted"] < stats["drafted"]  # (a tiny random model has many near-ties that 4 bits flip)
 
 
+@pytest.mark.parametrize("kind", ["float draft", "int4 self-draft"])
+def test_a_compiled_draft_proposes_what_the_eager_one_does(kind):
+    """compile=True runs the draft model's one-token steps compiled: the text is plain greedy's, and the proposals
+    are the eager draft's (the same counts of drafted and accepted tokens), through the holes and refills of
+    caches cut to block_size (40 slots, not the compiled cache's 256)."""
+    if kind == "float draft":
+        model = tiny("gpt2")
+        draft = perturbed(model, 0.15)
+    else:
+        model = tiny("llama-gqa", n_head=4, n_embd=64, ffn_dim=64)
+        generate(model, [1, 2], 2)  # (its float32 weights column-major, as the draft's copy gets them)
+        draft = zoo.quantize(copy.deepcopy(model), "int4", dtype=torch.float32)
+    plain = generate(model, PROMPTS, 24, temperature=0)
+    counts = []
+    for compile in (False, True):
+        stats = {}
+        assert generate(model, PROMPTS, 24, temperature=0, draft=draft, num_draft=4, compile=compile,
+                        stats=stats) == plain
+        counts.append(stats)
+    assert counts[1] == counts[0] and 0 < counts[0]["accepted"] < counts[0]["drafted"], counts
+
+
 def test_one_token_prompts_and_single_rows_and_short_runs():
     model = tiny("gpt2")
     for draft in ("prompt-lookup", perturbed(model, 0.15)):
@@ -227,7 +249,7 @@ def test_complete_with_a_draft_streams_the_same_text(gpt2_bpe):
     (dict(draft="prompt-lookup", num_draft=2.0), ValueError, "num_draft must be an int >= 1"),
     (dict(num_draft=3), ValueError, "give a draft too"),
     (dict(draft="prompt-lookup", num_beams=2), ValueError, "num_beams must be 1"),
-    (dict(draft="prompt-lookup", compile=True), ValueError, "compile"),
+    (dict(draft="prompt-lookup", compile=True), ValueError, "prompt lookup has none: drop compile"),
 ])
 def test_refused_settings(kwargs, error, message):
     with pytest.raises(error, match=message):

@@ -224,13 +224,16 @@ def _sample_steps(model, prompts, max_new_tokens, eos, settings, compile=False):
 
 
 @torch.inference_mode()
-def _speculative_steps(model, prompts, max_new_tokens, eos, settings, draft, num_draft, stats):
-    """speculative.speculative_steps with both models in eval mode: yields each round's new tokens (B lists)."""
+def _speculative_steps(model, prompts, max_new_tokens, eos, settings, draft, num_draft, stats, compile=False):
+    """speculative.speculative_steps with both models in eval mode: yields each round's new tokens (B lists).
+    compile=True runs the draft model's one-token steps compiled (compiled_step); the model's checks of k + 1
+    tokens stay eager."""
     draft_mode = eval_mode(draft) if isinstance(draft, torch.nn.Module) else contextlib.nullcontext()
     with eval_mode(model), draft_mode:
         device = next(model.parameters()).device
         generator = None if settings.seed is None else torch.Generator(device).manual_seed(settings.seed)
-        yield from speculative_steps(model, draft, prompts, max_new_tokens, eos, settings, num_draft, stats, generator)
+        yield from speculative_steps(model, draft, prompts, max_new_tokens, eos, settings, num_draft, stats, generator,
+                                     compiled_step(draft) if compile else None)
 
 
 def _check_speculative(model, prompts, max_new_tokens, settings, draft, num_draft, compile):
@@ -240,9 +243,9 @@ def _check_speculative(model, prompts, max_new_tokens, settings, draft, num_draf
             raise ValueError("num_draft is the number of tokens a draft proposes: give a draft too "
                              "(draft='prompt-lookup' or a draft model)")
         return None
-    if compile:
-        raise ValueError("compile=True compiles the one-token decode step, which speculative decoding (draft=...) "
-                         "does not use: drop one of them")
+    if compile and not isinstance(draft, torch.nn.Module):
+        raise ValueError("compile=True with a draft compiles the draft model's one-token step; prompt lookup has "
+                         "none: drop compile")
     num_draft = check_draft(model, draft, num_draft, settings, prompts, max_new_tokens)
     if isinstance(draft, torch.nn.Module):
         weights_column_major(draft)
@@ -327,7 +330,8 @@ def generate(model, prompts, max_new_tokens, sampling=None, *, compile=False, dr
 
     draft: speculative decoding (see speculative.py), the same tokens faster: "prompt-lookup" (n-grams of
     the text so far, for output that repeats its input) or a model sharing this one's tokenizer (a smaller
-    one, or this one's int4 quantization), proposing num_draft tokens per round (default 10 and 5).
+    one, or this one's int4 quantization), proposing num_draft tokens per round (default 10 and 5); with
+    compile=True the draft model's one-token steps run compiled (the model's checks stay eager).
     `stats`, a dict, then receives the counts of drafted and accepted tokens and of rounds.
     """
     settings = SamplingConfig.of(sampling, **settings)
@@ -339,7 +343,7 @@ def generate(model, prompts, max_new_tokens, sampling=None, *, compile=False, dr
     if draft is not None:
         rows = [[] for _ in prompts]
         for new in _speculative_steps(model, prompts, max_new_tokens, eos, settings, draft, num_draft,
-                                      {} if stats is None else stats):
+                                      {} if stats is None else stats, compile):
             for row, tokens in zip(rows, new):
                 row += tokens
         return rows
@@ -402,7 +406,7 @@ def complete(model, tokenizer, text_or_messages, *, max_new_tokens, sampling=Non
         tokens = iter([])
     elif draft is not None:
         weights_column_major(model)
-        rounds = _speculative_steps(model, prompts, max_new_tokens, eos, settings, draft, num_draft, stats)
+        rounds = _speculative_steps(model, prompts, max_new_tokens, eos, settings, draft, num_draft, stats, compile)
         tokens = _timed((token for new in rounds for token in new[0]), stats, len(ids))
     elif settings.num_beams > 1:
         weights_column_major(model)

@@ -65,10 +65,11 @@ def check_draft(model, draft, num_draft, settings, prompts, max_new_tokens):
 
 class Cache:
     """A model's KV cache for a batch whose rows keep different numbers of the tokens fed to them: tokens go
-    in at the shared frontier t, and `real` [B, length] marks the slots each row keeps (its key mask)."""
+    in at the shared frontier t, and `real` [B, length] marks the slots each row keeps (its key mask). `step`,
+    the model's compiled one-token step (generation.compiled_step), takes the feeds of one token."""
 
-    def __init__(self, model, batch_size, length):
-        self.model, self.length = model, length
+    def __init__(self, model, batch_size, length, step=None):
+        self.model, self.length, self.step = model, length, step
         self.device = next(model.parameters()).device
         self.slots = torch.arange(length, device=self.device)
         self.real = torch.zeros(batch_size, length, dtype=torch.bool, device=self.device)
@@ -80,7 +81,11 @@ class Cache:
         their logits [B, k, V] ([B, 1, V] with last_only)."""
         k = tokens.size(1)
         self.real[:, self.t:self.t + k] = True if real is None else real
-        logits = self.model(tokens, input_pos=self.slots[self.t:self.t + k], key_mask=self.real, last_only=last_only)
+        if k == 1 and self.step is not None:
+            logits = self.step(tokens, self.slots[self.t:self.t + 1], self.real)
+        else:
+            logits = self.model(tokens, input_pos=self.slots[self.t:self.t + k], key_mask=self.real,
+                                last_only=last_only)
         self.t += k
         return logits
 
@@ -131,11 +136,14 @@ class Drafter:
     """Proposes k tokens per row: by prompt lookup, or by running the draft model k steps through its cache.
     The draft model's cache holds each row's first `have[r]` tokens; the rest are fed at the next round."""
 
-    def __init__(self, draft, prompts, length):
+    def __init__(self, draft, prompts, length, step=None):
         self.model = None if isinstance(draft, str) else draft
         self.lengths = []  # the last round's drafted tokens per row
         if self.model is not None:
-            self.cache = Cache(self.model, len(prompts), length)
+            if step is not None:  # a compiled step: a cache of 256-slot multiples, as generation.Batch's, so that
+                # other lengths of text reuse its code (the draft's cache may be longer than the model's)
+                length = min(self.model.config.block_size, -(-length // 256) * 256)
+            self.cache = Cache(self.model, len(prompts), length, step)
             self.have = [0] * len(prompts)  # the first round feeds the prompts
             self.fed = 0
 
@@ -214,10 +222,11 @@ def verify(logits, drafted, q, settings, generator=None, seen=None, new=None, is
     return counts, sample(p_at, generator)
 
 
-def speculative_steps(model, draft, prompts, max_new_tokens, eos, settings, num_draft, stats, generator=None):
+def speculative_steps(model, draft, prompts, max_new_tokens, eos, settings, num_draft, stats, generator=None,
+                      draft_step=None):
     """The speculative decode loop: yields, each round, the new tokens of every row (a list of B lists; empty
     for rows that have ended), until max_new_tokens or an EOS in every row. `stats` receives "drafted" and
-    "accepted" counts and "rounds"."""
+    "accepted" counts and "rounds". draft_step: the draft model's compiled one-token step, for its proposals."""
     B, V = len(prompts), model.config.vocab_size
     device = next(model.parameters()).device
     rows = [list(p) for p in prompts]
@@ -228,7 +237,7 @@ def speculative_steps(model, draft, prompts, max_new_tokens, eos, settings, num_
                  getattr(draft, "config", model.config).block_size)
     target = Cache(model, B, length)  # holds each row's tokens but the last, which the next check feeds first
     target.fill([p[:-1] for p in prompts])
-    drafter = Drafter(draft, prompts, length)
+    drafter = Drafter(draft, prompts, length, draft_step)
     is_eos = torch.zeros(V, dtype=torch.bool, device=device)
     is_eos[torch.tensor(eos, dtype=torch.long, device=device)] = True
     seen = None

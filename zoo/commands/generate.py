@@ -23,7 +23,8 @@ def add_arguments(parser):
     parser.add_argument("--stop", action="append", help="end the text before this string (repeatable)")
     add_model_arguments(parser)
     parser.add_argument("--compile", action="store_true",
-                        help="compile the decode step: faster per token after ~20 s of compiling (long outputs)")
+                        help="compile the decode step (with --draft: the draft's): faster per token after ~20 s of "
+                             "compiling (long outputs)")
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available, else cpu)")
     draft = parser.add_mutually_exclusive_group()
     draft.add_argument("--draft", metavar="SOURCE",
@@ -86,13 +87,14 @@ def run(args):
         raise ValueError("--draft-quantize quantizes the --draft model: add --draft SOURCE")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model(args, device)
-    # oneDNN's reordered weights (zoo/prepack.py); with --compile only the quantized layers' copies for prompts (the
-    # compiled step cannot trace reordered float layers: it fuses its own)
-    prepack(model, linear=not args.compile)
+    # oneDNN's reordered weights (zoo/prepack.py); for the model --compile compiles (the draft's step with --draft)
+    # only the quantized layers' copies for prompts (the compiled step cannot trace reordered float layers: it fuses
+    # its own)
+    prepack(model, linear=not (args.compile and not args.draft))
     draft = "prompt-lookup" if args.prompt_lookup else None
     if args.draft:
-        draft = load_source(args.draft, device=device, dtype="bfloat16" if args.draft_quantize else args.dtype,
-                            quantize=args.draft_quantize)[0]
+        draft = prepack(load_source(args.draft, device=device, dtype="bfloat16" if args.draft_quantize else args.dtype,
+                                    quantize=args.draft_quantize)[0], linear=not args.compile)
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     stats, start = {}, time.perf_counter()
     for piece in complete(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
@@ -103,9 +105,12 @@ def run(args):
     sys.stdout.write("\n")
     if stats.get("token_s"):  # sampling: the decode speed, apart from the prompt's prefill (and compiling)
         t = stats["token_s"]
-        skip = 2 if args.compile else 1  # the first decode step compiles
+        # the first decode step compiles; with a draft, the first round (its tokens come at once, after t[0])
+        skip = 2 if args.compile and draft is None else 1
         speed = f"{(len(t) - skip) / (t[-1] - t[skip - 1]):.1f} tok/s" if len(t) > skip else "- tok/s"
         compiled = f" after a first decode step of {t[1] - t[0]:.1f} s (compiling)" if args.compile and len(t) > 1 else ""
+        if args.compile and draft is not None:
+            compiled = " after the first round (compiling the draft's step: in the prefill's time)"
         detail = f"{len(t)} new tokens, {speed}{compiled} (prefill of {stats['prompt_tokens']} tokens: {t[0]:.2f} s)"
         if draft is not None:
             rate = f"{stats['accepted'] / stats['drafted']:.0%}" if stats["drafted"] else "-"
