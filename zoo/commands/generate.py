@@ -109,9 +109,10 @@ def run(args):
         skip = 2 if args.compile and draft is None else 1
         speed = f"{(len(t) - skip) / (t[-1] - t[skip - 1]):.1f} tok/s" if len(t) > skip else "- tok/s"
         compiled = f" after a first decode step of {t[1] - t[0]:.1f} s (compiling)" if args.compile and len(t) > 1 else ""
+        prefill = f"prefill of {stats['prompt_tokens']} tokens"
         if args.compile and draft is not None:
-            compiled = " after the first round (compiling the draft's step: in the prefill's time)"
-        detail = f"{len(t)} new tokens, {speed}{compiled} (prefill of {stats['prompt_tokens']} tokens: {t[0]:.2f} s)"
+            compiled, prefill = " after the first round", prefill + " and compiling the draft's step"
+        detail = f"{len(t)} new tokens, {speed}{compiled} ({prefill}: {t[0]:.2f} s)"
         if draft is not None:
             rate = f"{stats['accepted'] / stats['drafted']:.0%}" if stats["drafted"] else "-"
             detail += f"; {stats['accepted']} of {stats['drafted']} drafted tokens accepted ({rate})"
