@@ -91,9 +91,11 @@ def main():
         counts = {mode: [0, 0] for mode in modes}  # accepted, drafted (of the last repeat)
         tokens = {}
         for mode, (d, compile) in modes.items():
-            if compile:  # compiled once per batch size and 256-slot cache length (the first prompt's): not timed
+            if compile:  # compiled once per batch size and 256-slot cache length (the first prompt's; another
+                # prompt's length may compile anew in its first repeat, which the best of the repeats leaves out)
                 start = time.perf_counter()
-                zoo.generate(model, prompts[0], args.max_new_tokens, temperature=0, draft=d, compile=True)
+                zoo.generate(model, prompts[0], args.max_new_tokens, temperature=0, draft=d, num_draft=args.num_draft,
+                             compile=True)
                 print(f"{task}, {mode}: a first generation, compiling the draft's step, took "
                       f"{time.perf_counter() - start:.1f} s")
         for _ in range(args.repeats):

@@ -111,10 +111,14 @@ def zoo_main(capsys):
 
     def run(*argv):
         capsys.readouterr()  # only this command's output
-        try:
-            code = zoo.cli.main([str(a) for a in argv])
-        except SystemExit as e:  # argparse's own refusals, and --help
-            code = e.code
+        threads = torch.get_num_threads()
+        with torch.random.fork_rng():  # (commands seed torch's global generator, as their own process would)
+            try:
+                code = zoo.cli.main([str(a) for a in argv])
+            except SystemExit as e:  # argparse's own refusals, and --help
+                code = e.code
+            finally:
+                torch.set_num_threads(threads)
         out = capsys.readouterr()
         return code, out.out, out.err
     return run

@@ -82,7 +82,7 @@ def test_generate_with_a_draft_writes_the_plain_greedy_text(tmp_path, gpt2_bpe, 
     for bad, message in ((["--prompt-lookup", "--num-draft", "0"], "--num-draft must be >= 1"),
                          (["--num-draft", "3"], "add --draft SOURCE or --prompt-lookup"),
                          (["--draft-quantize", "int4"], "add --draft SOURCE"),
-                         (["--prompt-lookup", "--compile"], "prompt lookup has none")):
+                         (["--prompt-lookup", "--compile"], "--prompt-lookup has none")):
         code, _, err = zoo_main(*base, *bad)
         assert code == 2 and message in err and err.startswith("zoo generate: error:") and "Traceback" not in err, err
 

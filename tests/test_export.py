@@ -432,7 +432,7 @@ def test_lora_adapter_file(name, tmp_path):
         torch.testing.assert_close(before[k] + 12 / 4 * (b @ a), after[k], rtol=0, atol=1e-6)
 
 
-def test_cli_export(tmp_path, shared_data, zoo_main):
+def test_cli_export(tmp_path, shared_data):
     """`zoo export` writes a model folder with its tokenizer; a bad output name is one error line, exit 2."""
     from test_cli import zoo_cli
     text = (shared_data / "tinyshakespeare.txt").read_text()[:5000]
@@ -443,5 +443,5 @@ def test_cli_export(tmp_path, shared_data, zoo_main):
     back = zoo.tokenizer(tmp_path / "m.gguf")
     assert back.encode(text[:500]) == tok.encode(text[:500])
     assert zoo.from_pretrained(tmp_path / "m.gguf").config.n_layer == 2
-    code, _, err = zoo_main("export", tmp_path / "m", tmp_path / "m.bin")
-    assert code == 2 and err.count("\n") == 1 and "error: the output file should end in .gguf" in err
+    r = zoo_cli("export", str(tmp_path / "m"), str(tmp_path / "m.bin"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "error: the output file should end in .gguf" in r.stderr

@@ -1,6 +1,7 @@
 """Generation: each sampler against a distribution whose answer is known, beam search against exhaustive
 enumeration, batched == alone == recompute for all five models, the sliding window, EOS rules, text
 completion (stop strings, streaming, chat), and every refused setting."""
+import copy
 import itertools
 import math
 import types
@@ -253,6 +254,20 @@ def test_compiled_step_compiles_anew_for_a_changed_model():
     quantized = generate(model, prompts, 12, temperature=0)
     assert generate(model, prompts, 12, temperature=0, compile=True) == quantized
     assert len(model._compiled_steps) == 2
+
+
+def test_a_copy_compiles_its_own_step():
+    """copy.deepcopy copies the model's compiled steps, whose code calls the original: a copy (a draft, say) runs
+    its own step, over its own weights and cache."""
+    model = tiny("llama-gqa", block_size=300)
+    prompts = [[5, 9, 1, 30, 2, 7, 7], [3, 11, 4]]
+    generate(model, prompts, 6, temperature=0, compile=True)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(-1)
+    assert generate(twin, prompts, 12, temperature=0, compile=True) == generate(twin, prompts, 12, temperature=0)
+    assert generate(twin, [[1, 2]], 8, temperature=0, compile=True) != generate(model, [[1, 2]], 8, temperature=0)
 
 
 def test_past_block_size_the_window_slides():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import zoo
-from zoo import speculative
+from zoo import generation, speculative
 from zoo.generation import complete, generate
 from zoo.sampling import process_logits
 from zoo.speculative import lookup
@@ -83,18 +83,22 @@ def test_int4_self_draft_equals_plain_greedy():
     assert 0 < stats["accepted"] < stats["drafted"]  # (a tiny random model has many near-ties that 4 bits flip)
 
 
-@pytest.mark.parametrize("kind", ["float draft", "int4 self-draft"])
-def test_a_compiled_draft_proposes_what_the_eager_one_does(kind):
+@pytest.mark.parametrize("kind", ["float draft", "int4 self-draft", "longer draft cache"])
+def test_a_compiled_draft_proposes_what_the_eager_one_does(kind, monkeypatch):
     """compile=True runs the draft model's one-token steps compiled: the text is plain greedy's, and the proposals
-    are the eager draft's (the same counts of drafted and accepted tokens), through the holes and refills of
-    caches cut to block_size (40 slots, not the compiled cache's 256)."""
-    if kind == "float draft":
-        model = tiny("gpt2")
-        draft = perturbed(model, 0.15)
-    else:
+    are the eager draft's (the same counts of drafted and accepted tokens; float32 drafts, no near-ties), through the
+    holes and refills of caches cut to block_size (40 slots), and with the draft's cache of 256 slots (the compiled
+    step's) beside the model's shorter one (block_size 300)."""
+    if kind == "int4 self-draft":
         model = tiny("llama-gqa", n_head=4, n_embd=64, ffn_dim=64)
         generate(model, [1, 2], 2)  # (its float32 weights column-major, as the draft's copy gets them)
         draft = zoo.quantize(copy.deepcopy(model), "int4", dtype=torch.float32)
+    else:
+        model = tiny("gpt2", block_size=300 if kind == "longer draft cache" else 40)
+        draft = perturbed(model, 0.15)
+    calls = []  # the compiled step's calls: the draft's one-token proposals went through it
+    compiled_step = generation.compiled_step
+    monkeypatch.setattr(generation, "compiled_step", lambda m: lambda *a: calls.append(a) or compiled_step(m)(*a))
     plain = generate(model, PROMPTS, 24, temperature=0)
     counts = []
     for compile in (False, True):
@@ -103,6 +107,9 @@ def test_a_compiled_draft_proposes_what_the_eager_one_does(kind):
                         stats=stats) == plain
         counts.append(stats)
     assert counts[1] == counts[0] and 0 < counts[0]["accepted"] < counts[0]["drafted"], counts
+    assert len(calls) >= counts[1]["rounds"] and all(a[0].shape == (3, 1) for a in calls)
+    lengths = {a[2].shape[1] for a in calls}  # the draft's cache (its key mask's slots)
+    assert lengths == ({256} if kind == "longer draft cache" else {40}), lengths
 
 
 def test_one_token_prompts_and_single_rows_and_short_runs():

@@ -18,6 +18,7 @@ import contextlib
 import operator
 import time
 import types
+import weakref
 
 import torch
 
@@ -113,7 +114,11 @@ def compiled_step(model):
     compiles anew too (the inputs' guards remain), and past torch's limit of compiled variants (8) the step
     runs eagerly."""
     device = next(model.parameters()).device.type
-    steps = model.__dict__.setdefault("_compiled_steps", {})  # a plain attribute: not in the state dict
+    # plain attributes (not in the state dict); the owner by weak reference, since copy.deepcopy copies the steps,
+    # whose code calls the original model: a copy (e.g. a draft) compiles its own
+    if model.__dict__.get("_compiled_steps_of", lambda: None)() is not model:
+        model.__dict__.update(_compiled_steps={}, _compiled_steps_of=weakref.ref(model))
+    steps = model.__dict__["_compiled_steps"]
     key = (device, _structure(model))
     if key not in steps:
         def step(idx, input_pos, key_mask):

@@ -85,16 +85,18 @@ def run(args):
         raise ValueError("--num-draft sets how many tokens a draft proposes: add --draft SOURCE or --prompt-lookup")
     if args.draft_quantize and not args.draft:
         raise ValueError("--draft-quantize quantizes the --draft model: add --draft SOURCE")
+    if args.compile and args.prompt_lookup:
+        raise ValueError("--compile with a draft compiles the draft model's step; --prompt-lookup has none: drop "
+                         "--compile")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model(args, device)
-    # oneDNN's reordered weights (zoo/prepack.py); for the model --compile compiles (the draft's step with --draft)
-    # only the quantized layers' copies for prompts (the compiled step cannot trace reordered float layers: it fuses
-    # its own)
+    # oneDNN's reordered weights (zoo/prepack.py); with --compile (and no draft, whose step it then compiles) only the
+    # quantized layers' copies for prompts (the compiled step cannot trace reordered float layers: it fuses its own)
     prepack(model, linear=not (args.compile and not args.draft))
     draft = "prompt-lookup" if args.prompt_lookup else None
     if args.draft:
-        draft = prepack(load_source(args.draft, device=device, dtype="bfloat16" if args.draft_quantize else args.dtype,
-                                    quantize=args.draft_quantize)[0], linear=not args.compile)
+        draft = load_source(args.draft, device=device, dtype="bfloat16" if args.draft_quantize else args.dtype,
+                            quantize=args.draft_quantize)[0]
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     stats, start = {}, time.perf_counter()
     for piece in complete(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
@@ -110,8 +112,9 @@ def run(args):
         speed = f"{(len(t) - skip) / (t[-1] - t[skip - 1]):.1f} tok/s" if len(t) > skip else "- tok/s"
         compiled = f" after a first decode step of {t[1] - t[0]:.1f} s (compiling)" if args.compile and len(t) > 1 else ""
         prefill = f"prefill of {stats['prompt_tokens']} tokens"
-        if args.compile and draft is not None:
-            compiled, prefill = " after the first round", prefill + " and compiling the draft's step"
+        if args.compile and draft is not None:  # (the draft's step compiles at its first one-token proposal)
+            compiled = " after the first round" if len(t) > 1 else ""
+            prefill = f"first round, with the {prefill} and the draft's step compiling"
         detail = f"{len(t)} new tokens, {speed}{compiled} ({prefill}: {t[0]:.2f} s)"
         if draft is not None:
             rate = f"{stats['accepted'] / stats['drafted']:.0%}" if stats["drafted"] else "-"
