@@ -70,15 +70,13 @@ def main():
     parser.add_argument("--self-draft", nargs="*", choices=("int4", "int8"), default=["int4"],
                         help="the model's own quantized copies to draft with (default: int4)")
     parser.add_argument("--num-draft", type=int, help="tokens drafted per round (default: zoo's: 10 lookup, 5 model)")
-    parser.add_argument("--no-compiled-draft", action="store_true", help="leave out the compiled drafts' rows")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = zoo.load_source("smollm2-135m-instruct", dtype=args.dtype)
     modes = {"plain": (None, False), "prompt lookup": ("prompt-lookup", False)}  # (draft, compile)
     for mode in args.self_draft:  # the model's own quantized copy (bf16 activations)
         modes[f"{mode} self-draft"] = (zoo.quantize(copy.deepcopy(model), mode), False)
-        if not args.no_compiled_draft:
-            modes[f"{mode} self-draft, compiled"] = (modes[f"{mode} self-draft"][0], True)
+        modes[f"{mode} self-draft, compiled"] = (modes[f"{mode} self-draft"][0], True)
     prepack(model)  # as `zoo generate` runs it (zoo/prepack.py: oneDNN's reordered weights where faster)
 
     load = os.getloadavg()[0]

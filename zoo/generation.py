@@ -46,7 +46,7 @@ class Batch:
         self.model, self.prompt_len, self.len = model, T, T
         self.cache_len = min(model.config.block_size, T + max_new_tokens)
         if compile:
-            self.cache_len = min(model.config.block_size, -(-self.cache_len // 256) * 256)
+            self.cache_len = compiled_cache_len(model, self.cache_len)
         self.decode = compiled_step(model) if compile else model
         self.tokens = torch.zeros(B, T + max_new_tokens, dtype=torch.long, device=device)
         self.real = torch.ones(B, max(T + max_new_tokens, self.cache_len), dtype=torch.bool, device=device)
@@ -131,6 +131,12 @@ def compiled_step(model):
             options["post_grad_fusion_options"] = {"decompose_mm_pass": {}}
         steps[key] = torch.compile(step, dynamic=False, options=options)
     return steps[key]
+
+
+def compiled_cache_len(model, length):
+    """The KV cache length for a compiled step's `length` slots: rounded up to a multiple of 256 (at most the model's
+    block_size), so that later generations of other lengths reuse the compiled code."""
+    return min(model.config.block_size, -(-length // 256) * 256)
 
 
 def _skip_module_guards(guards):
@@ -237,8 +243,10 @@ def _speculative_steps(model, prompts, max_new_tokens, eos, settings, draft, num
     with eval_mode(model), draft_mode:
         device = next(model.parameters()).device
         generator = None if settings.seed is None else torch.Generator(device).manual_seed(settings.seed)
+        compiled = dict(draft_step=compiled_step(draft), draft_cache_len=lambda n: compiled_cache_len(draft, n)) \
+            if compile else {}
         yield from speculative_steps(model, draft, prompts, max_new_tokens, eos, settings, num_draft, stats, generator,
-                                     compiled_step(draft) if compile else None)
+                                     **compiled)
 
 
 def _check_speculative(model, prompts, max_new_tokens, settings, draft, num_draft, compile):

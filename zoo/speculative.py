@@ -139,10 +139,7 @@ class Drafter:
     def __init__(self, draft, prompts, length, step=None):
         self.model = None if isinstance(draft, str) else draft
         self.lengths = []  # the last round's drafted tokens per row
-        if self.model is not None:
-            if step is not None:  # a compiled step: a cache of 256-slot multiples, as generation.Batch's, so that
-                # other lengths of text reuse its code (the draft's cache may be longer than the model's)
-                length = min(self.model.config.block_size, -(-length // 256) * 256)
+        if self.model is not None:  # (length: with a compiled step, as long as it wants; at least the model's)
             self.cache = Cache(self.model, len(prompts), length, step)
             self.have = [0] * len(prompts)  # the first round feeds the prompts
             self.fed = 0
@@ -223,21 +220,22 @@ def verify(logits, drafted, q, settings, generator=None, seen=None, new=None, is
 
 
 def speculative_steps(model, draft, prompts, max_new_tokens, eos, settings, num_draft, stats, generator=None,
-                      draft_step=None):
+                      draft_step=None, draft_cache_len=None):
     """The speculative decode loop: yields, each round, the new tokens of every row (a list of B lists; empty
     for rows that have ended), until max_new_tokens or an EOS in every row. `stats` receives "drafted" and
-    "accepted" counts and "rounds". draft_step: the draft model's compiled one-token step, for its proposals."""
+    "accepted" counts and "rounds". draft_step: the draft model's compiled one-token step, for its proposals, and
+    draft_cache_len(length) the cache length it wants for `length` slots (generation.compiled_cache_len)."""
     B, V = len(prompts), model.config.vocab_size
     device = next(model.parameters()).device
     rows = [list(p) for p in prompts]
     new = [0] * B  # new tokens per row
     live = [True] * B
-    # room for the text and holes (a refill clears them); both caches are as long, so k below fits both
+    # room for the text and holes (a refill clears them); the draft's cache is at least as long, so k below fits both
     length = min(max(map(len, prompts)) + 2 * max_new_tokens + num_draft + 1, model.config.block_size,
                  getattr(draft, "config", model.config).block_size)
     target = Cache(model, B, length)  # holds each row's tokens but the last, which the next check feeds first
     target.fill([p[:-1] for p in prompts])
-    drafter = Drafter(draft, prompts, length, draft_step)
+    drafter = Drafter(draft, prompts, draft_cache_len(length) if draft_cache_len else length, draft_step)
     is_eos = torch.zeros(V, dtype=torch.bool, device=device)
     is_eos[torch.tensor(eos, dtype=torch.long, device=device)] = True
     seen = None
