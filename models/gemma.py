@@ -302,19 +302,22 @@ class Model(nn.Module):
             mask = mask & keys if causal else keys
         return pos, torch.zeros_like(mask, dtype=self.lm_head.weight.dtype).masked_fill_(~mask, float("-inf"))
 
-    def window(self, mask, input_pos, T, device):
-        """The sliding layers' mask: `mask` (from positions_and_mask) with every key window or more slots before
-        its query hidden too (either side when bidirectional); `mask` itself when no key can be that far."""
+    def window(self, pos, mask, key_mask, T):
+        """The sliding layers' mask: `mask` (from positions_and_mask) with every key window or more positions before
+        its query hidden too (either side when bidirectional); positions [B|1, T] count real tokens, as
+        positions_and_mask does, so a row's padding or holes in its cache (a speculative round's rejected drafts)
+        take no room in its window; `mask` itself when no key can be that far."""
         W, S = self.config.sliding_window, T if mask is None else mask.size(-1)  # S: the keys
         if W is None or S <= W:
             return mask
-        slots = input_pos if input_pos is not None else torch.arange(T, device=device)  # [T]
-        dist = slots[:, None] - torch.arange(S, device=device)  # [T, S]: query slot - key slot
+        key_pos = torch.arange(S, device=pos.device)[None]  # [1, S]
+        key_pos = key_pos if key_mask is None else (key_mask[:, :S].long().cumsum(1) - 1).clamp(min=0)  # [B, S]
+        dist = (pos[:, :, None] - key_pos[:, None, :])[:, None]  # [B|1, 1, T, S]: query position - key position
         far = dist >= W if self.config.causal else dist.abs() >= W
         if mask is None:  # only causality so far, which SDPA's is_causal would have added
-            mask = torch.zeros(1, 1, T, S, dtype=self.lm_head.weight.dtype, device=device)
+            mask = torch.zeros(1, 1, T, S, dtype=self.lm_head.weight.dtype, device=pos.device)
             mask = mask.masked_fill_(dist < 0, float("-inf")) if self.config.causal else mask
-        return mask.masked_fill(far, float("-inf"))  # as `mask`: [T, S] or [B|1, 1, T, S]
+        return mask.masked_fill(far, float("-inf"))  # [B|1, 1, T, S]
 
     def forward(self, idx, input_pos=None, key_mask=None, last_only=False, hidden=False):
         """idx [B, T] -> logits [B, T, vocab_size].
@@ -334,7 +337,7 @@ class Model(nn.Module):
         sliding = SLIDING in (c.layer_types or [])  # the rotations [B|1, 1, T, head_dim] and mask of each kind
         rope = {False: rotation(pos, inv_freq(c, False, idx.device), x.dtype),
                 True: rotation(pos, inv_freq(c, True, idx.device), x.dtype) if sliding else None}
-        masks = {False: mask, True: self.window(mask, input_pos, idx.size(1), idx.device) if sliding else None}
+        masks = {False: mask, True: self.window(pos, mask, key_mask, idx.size(1)) if sliding else None}
         for block in self.model.layers:
             sliding = block.self_attn.sliding
             x = block(x, *rope[sliding], masks[sliding], input_pos)

@@ -168,6 +168,26 @@ def test_prompt_lookup_requests_decode_as_alone(name, chars):
     assert engine.cache.length > 8
 
 
+def test_a_seeded_request_draws_the_same_beside_drafting_rows(chars):
+    """With prompt lookup each row is checked against its own drafts: a seeded sampled request draws the same
+    random numbers, and so the same tokens, whether the rows beside it draft more, fewer or none."""
+    model = tiny("llama-gqa", block_size=64)
+    sampled = SamplingConfig(temperature=0.9, seed=11, eos_token_id=[])
+
+    def tokens(beside):
+        engine = Engine(model, chars, max_batch=3, draft="prompt-lookup", num_draft=4)
+        request = engine.submit([3, 11, 4], 20, sampled)
+        for prompt in beside:
+            engine.submit(prompt, 20, GREEDY)
+        run(engine)
+        return request.tokens, engine.stats["drafted"]
+
+    alone, drafted_alone = tokens([])
+    beside, drafted = tokens([[1, 2, 3] * 6, [4, 5, 6, 7] * 3])  # repeats: these rows draft every step
+    assert beside == alone
+    assert drafted > drafted_alone
+
+
 def test_min_new_tokens_holds_back_the_end_token(chars):
     """Greedy rows take the plain argmax unless a setting needs the logits changed: min_new_tokens does."""
     model = tiny("llama-gqa", block_size=64)

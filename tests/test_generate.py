@@ -17,12 +17,17 @@ from zoo.sampling import NUCLEUS_CANDIDATES, SamplingConfig, penalize_repetition
 from conftest import tiny as tiny_model
 
 GENERATORS = ["bigram", "scratchformer", "scratchformer-xglm", "gpt2", "llama-gqa", "llama-qwen2-window", "mqa",
-              "moe"]
+              "moe", "gemma3"]
 
 
 def tiny(name, device="cpu", **overrides):
     """A TINY model whose greedy choices vary; block_size 16, so that the sliding window is exercised."""
-    return tiny_model(name, device, std=0.5 if name != "bigram" else 2.0, **{"block_size": 16, **overrides})
+    return tiny_model(name, device, std=0.5 if name != "bigram" else 2.0, **{"block_size": 16, **UNTIED.get(name, {}),
+                                                                             **overrides})
+
+
+# a tiny Gemma with its head tied to the embedding, which it scales by sqrt(n_embd), greedily repeats its last token
+UNTIED = {"gemma3": {"tie_embeddings": False}}
 
 
 def bigram(rows):

@@ -7,6 +7,7 @@ import concurrent.futures
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -41,7 +42,8 @@ def free_port():
 
 @contextlib.contextmanager
 def serving(args, log):
-    """A `zoo serve ARGS` subprocess on a free port, its output in `log`: its base URL once /health answers."""
+    """A `zoo serve ARGS` subprocess on a free port, its output in `log`: (its base URL, the process) once /health
+    answers."""
     port = free_port()
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "zoo", "serve", *args, "--port", str(port)], stdout=out,
@@ -58,7 +60,7 @@ def serving(args, log):
             if time.monotonic() > deadline:
                 pytest.fail(f"zoo serve did not answer /health:\n{log.read_text()}")
             time.sleep(0.5)
-        yield base
+        yield base, proc
     finally:
         proc.terminate()
         proc.wait(60)
@@ -68,7 +70,7 @@ def serving(args, log):
 def url(smollm2_gguf, tmp_path_factory):
     """One server for the module: 8 rows, a queue of 2, an API key."""
     with serving([MODEL, "--api-key", KEY, "--max-batch", "8", "--max-queue", str(MAX_QUEUE)],
-                 tmp_path_factory.mktemp("serve") / "server.log") as base:
+                 tmp_path_factory.mktemp("serve") / "server.log") as (base, _):
         yield base
 
 
@@ -204,6 +206,11 @@ def test_wrong_or_missing_api_key_is_401_in_openais_format(url, client):
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
     r = httpx.post(url + "/v1/completions", content=b"{not json", headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    # the scheme's name is case-insensitive; the key is not
+    for header, status in ((f"bearer {KEY}", 400), (f"BEARER {KEY}", 400), (f"Bearer {KEY.upper()}", 401),
+                           (KEY, 401), (f"Basic {KEY}", 401)):
+        r = httpx.post(url + "/v1/completions", content=b"{not json", headers={"Authorization": header})
+        assert r.status_code == status, header
     assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).usage.completion_tokens >= 1
 
 
@@ -223,6 +230,33 @@ def test_a_full_queue_answers_503_with_retry_after(client, url):
         assert h["running"] + h["queued"] == 8 + MAX_QUEUE and h["queued"] <= MAX_QUEUE + 8 - h["running"]
     wait_until_idle(url)  # the clients went away: their requests were cancelled, running and queued alike
     assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).usage.completion_tokens >= 1
+
+
+def test_completions_refuse_logprobs_zero(client):
+    """In the completions API logprobs=0 asks for the chosen tokens' log-probabilities, which the zoo does not
+    give: refused, not silently ignored (0 == False in Python)."""
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, logprobs=0)
+    assert e.value.param == "logprobs"
+
+
+def test_a_client_that_leaves_before_its_whole_answer_frees_its_row(url):
+    """Not streamed: the server notices the client has gone while the tokens keep coming, and drops the request
+    (it would otherwise hold its row until max_tokens)."""
+    wait_until_idle(url)
+    body = json.dumps({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 8000, "temperature": 0}).encode()
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        deadline = time.monotonic() + 60  # a hang guard
+        while not health(url)["running"]:
+            assert time.monotonic() < deadline, "the request never started"
+            time.sleep(0.1)
+    # 8,000 tokens take minutes on a CPU; a request still running after 60 s was not dropped
+    deadline = time.monotonic() + 60
+    while (h := health(url))["running"] or h["queued"]:
+        assert time.monotonic() < deadline, f"the request went on without its client: {h}"
+        time.sleep(0.2)
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_row(client, url):
@@ -296,7 +330,7 @@ def test_served_model_name_replaces_the_local_path(tmp_path, gpt2_bpe):
     folder = tmp_path / "my-secret-folder"
     zoo.save_pretrained(model, folder, tokenizer=tok)
     with serving([str(folder), "--served-model-name", "tiny-gpt2", "--device", "cpu", "--prompt-lookup"],
-                 tmp_path / "log") as base:
+                 tmp_path / "log") as (base, _):
         client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=600)
         assert [m.id for m in client.models.list()] == ["tiny-gpt2"]
         assert client.models.retrieve("tiny-gpt2").id == "tiny-gpt2"
@@ -314,13 +348,21 @@ def test_served_model_name_replaces_the_local_path(tmp_path, gpt2_bpe):
 def test_a_gguf_served_with_its_own_quantized_blocks(smollm2_gguf, tmp_path):
     """`zoo serve SOURCE --quantize native` (as `zoo generate` takes it): the GGUF's blocks kept packed, bf16
     activations, prepacked as the server prepacks; a seeded sample is that model's alone, and not the dequantized
-    float32 model's (which the server would give if it left --quantize out)."""
+    float32 model's (which the server would give if it left --quantize out). Ctrl-C then stops the server while an
+    answer streams."""
     native, tok = zoo.load_source(MODEL, dtype="bfloat16", quantize="native")
     prepack(native)
     settings = dict(temperature=1.0, seed=1)
-    with serving([MODEL, "--quantize", "native", "--device", "cpu"], tmp_path / "log") as base:
+    with serving([MODEL, "--quantize", "native", "--device", "cpu"], tmp_path / "log") as (base, proc):
         client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=600)
         r = client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=32, **settings)
+        # Ctrl-C stops the server though an answer of minutes is streaming: open answers get a few seconds
+        stream = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8000, temperature=0,
+                                           stream=True)
+        next(iter(stream))
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)  # raises TimeoutExpired while the server waits for the stream to end
+        stream.close()
     answer = r.choices[0].message.content
     assert answer == complete(native, tok, FRANCE, max_new_tokens=32, **settings)
     assert answer != complete(zoo.load_source(MODEL)[0], tok, FRANCE, max_new_tokens=32, **settings)

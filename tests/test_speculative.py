@@ -14,6 +14,7 @@ from zoo.sampling import process_logits
 from zoo.speculative import lookup
 
 from conftest import TINY, tiny as tiny_model
+from test_generate import UNTIED
 
 GENERATORS = ["bigram", "scratchformer", "scratchformer-xglm", "gpt2", "llama-gqa", "mqa"]
 PROMPTS = [[5, 9, 1, 30, 2, 7, 7, 5, 9], [3, 11, 4], [20, 1, 8, 36, 0, 20, 1]]  # repeats: lookup finds n-grams
@@ -22,7 +23,8 @@ PROMPTS = [[5, 9, 1, 30, 2, 7, 7, 5, 9], [3, 11, 4], [20, 1, 8, 36, 0, 20, 1]]  
 def tiny(name, device="cpu", **overrides):
     """A TINY model whose greedy choices vary; block_size 40: the caches (prompt + 2 * 24 + k + 1 slots
     wanted) are cut to 40, so the holes fill them and they refill."""
-    return tiny_model(name, device, std=0.5 if name != "bigram" else 2.0, **{"block_size": 40, **overrides})
+    return tiny_model(name, device, std=0.5 if name != "bigram" else 2.0, **{"block_size": 40, **UNTIED.get(name, {}),
+                                                                             **overrides})
 
 
 def perturbed(model, noise, seed=1):
@@ -66,10 +68,11 @@ def test_greedy_with_any_draft_equals_plain_greedy(name, device):
     assert far["accepted"] < far["drafted"] / 2
 
 
-def test_drafts_on_a_sliding_window_model_equal_plain_greedy():
-    """Rejected drafts leave holes in the cache rows; a window (5 tokens) counts real tokens only, so a
+@pytest.mark.parametrize("name", ["llama-qwen2-window", "gemma3"])
+def test_drafts_on_a_sliding_window_model_equal_plain_greedy(name):
+    """Rejected drafts leave holes in the cache rows; a window (4-5 tokens) counts real tokens only, so a
     windowed model decodes through the holes as plain greedy does."""
-    model = tiny("llama-qwen2-window")
+    model = tiny(name)
     for draft in ("prompt-lookup", perturbed(model, 0.15)):
         stats = check_greedy(model, draft)
         assert stats["accepted"] < stats["drafted"]  # some drafts were rejected: there were holes

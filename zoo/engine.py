@@ -466,8 +466,9 @@ class Engine:
             self._take(self.cache.rows[i], token)
 
     def _check_drafts(self, busy, drafts, k):
-        """Feed each row's newest token and k drafted ones (rows with fewer: padded, drafts the model may keep
-        too); each request keeps the drafts the model agrees with (speculative.verify) and its next token."""
+        """Feed each row's newest token and k drafted ones (rows with fewer: padded); each request keeps the drafts
+        of its own the model agrees with (speculative.verify) and its next token. A row is checked against its own
+        drafts alone, so that the random numbers a sampled request draws do not depend on the other rows'."""
         hi = busy[-1] + 1
         drafted = torch.zeros(hi, k, dtype=torch.long)
         for i, d in drafts.items():
@@ -478,12 +479,13 @@ class Engine:
         logits = self.model(torch.cat([self.newest[:hi], drafted], 1), input_pos=input_pos,
                             key_mask=key_mask)  # [hi, k + 1, V]
         for i in busy:
-            request = self.cache.rows[i]
-            counts, last = verify(logits[i:i + 1], drafted[i:i + 1], None, request.settings, request.generator,
-                                  request.seen, torch.tensor([len(request.tokens)], device=self.device), request.is_eos)
+            request, own = self.cache.rows[i], len(drafts.get(i, ())[:k])
+            new = torch.tensor([len(request.tokens)], device=self.device)
+            counts, last = verify(logits[i:i + 1, :own + 1], drafted[i:i + 1, :own], None, request.settings,
+                                  request.generator, request.seen, new, request.is_eos)
             n = int(counts[0])
-            self.stats["drafted"] += len(drafts.get(i, ())[:k])
-            self.stats["accepted"] += min(n, len(drafts.get(i, ())))
+            self.stats["drafted"] += own
+            self.stats["accepted"] += n
             self.cache.reject(i, t + 1 + n, t + k + 1)  # the drafts it did not keep: holes
             self.newest[i, 0] = last[0]
             for token in drafted[i, :n].tolist() + [int(last[0])]:

@@ -31,7 +31,8 @@ FIELDS = {"chat": COMMON | {"messages", "max_completion_tokens"}, "completion": 
 # Fields the zoo does not implement: accepted only at the value that asks for nothing (OpenAI's default).
 UNIMPLEMENTED = {
     "n": lambda v: v in (None, 1), "best_of": lambda v: v in (None, 1), "echo": lambda v: v in (None, False),
-    "logprobs": lambda v: v in (None, False), "top_logprobs": lambda v: v in (None, 0),
+    # (`is`: 0 == False, and the completions API's logprobs=0 asks for the chosen tokens' log-probabilities)
+    "logprobs": lambda v: v is None or v is False, "top_logprobs": lambda v: v in (None, 0),
     "presence_penalty": lambda v: v in (None, 0), "frequency_penalty": lambda v: v in (None, 0),
     "logit_bias": lambda v: not v, "tools": lambda v: not v, "functions": lambda v: not v,
     "tool_choice": lambda v: v in (None, "none"), "function_call": lambda v: v in (None, "none"),
@@ -39,6 +40,7 @@ UNIMPLEMENTED = {
     "response_format": lambda v: v is None or v == {"type": "text"},
 }
 RETRY_AFTER_S = 1
+DISCONNECT_CHECK_S = 0.5  # how often an answer being generated asks whether its client is still there
 
 
 class APIError(Exception):
@@ -80,8 +82,9 @@ def create_app(engine, model_id, *, api_key=None):
         return APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").response()
 
     def authorize(request: Request):
-        token = request.headers.get("authorization", "").encode()
-        if api_key is not None and not hmac.compare_digest(token, f"Bearer {api_key}".encode()):
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if api_key is not None and not (scheme.lower() == "bearer"  # a scheme's name is case-insensitive (RFC 9110)
+                                        and hmac.compare_digest(token.strip().encode(), api_key.encode())):
             given = "a wrong API key" if "authorization" in request.headers else "no API key"
             raise APIError(401, f"this server wants an API key (Authorization: Bearer KEY), and the request gave "
                                 f"{given}", code="invalid_api_key")
@@ -288,14 +291,18 @@ async def _serve(request, kind, engine, model_id):
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    text = []
+    text, checked = [], time.monotonic()
     try:
         while True:
             try:
-                event = await asyncio.wait_for(events.get(), timeout=0.5)
+                event = await asyncio.wait_for(events.get(), timeout=DISCONNECT_CHECK_S)
             except asyncio.TimeoutError:
+                event = None
+            if time.monotonic() - checked >= DISCONNECT_CHECK_S:  # also while tokens come: a client may leave then
                 if await request.is_disconnected():
-                    return JSONResponse({}, status_code=499)  # nobody to answer
+                    return JSONResponse({}, status_code=499)  # nobody to answer; the engine drops the request
+                checked = time.monotonic()
+            if event is None:
                 continue
             text.append(event.text)
             if event.finish_reason is not None:

@@ -69,5 +69,6 @@ def run(args):
     dtype = args.dtype + (f" ({args.quantize} weights)" if args.quantize else "")
     print(f"zoo serve: {describe_source(args.source)} as {name!r}, {dtype} on {device}; OpenAI API at "
           f"http://{args.host}:{args.port}/v1, chat page at http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    # on Ctrl-C, open answers get 5 s to end before they are cut (uvicorn's default waits for them all)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
     return 0
