@@ -115,6 +115,30 @@ def test_int8_forward_and_backward_are_the_dequantized_matmuls(rows, native_bf16
     torch.testing.assert_close(x.grad.float(), ref.grad, atol=0.005, rtol=0.008)
 
 
+@pytest.mark.parametrize("capability", ["AVX512", "AVX2"])
+def test_float32_int8_products_skip_the_kernel_without_avx512(capability, monkeypatch):
+    """torch's int8 kernel multiplies float32 in a reference loop where its build lacks AVX-512, slower than the
+    dequantized copy's GEMM from the first row: there float32 products, forward and backward, take the copy; bf16
+    ones keep the kernel for a few rows. The products are the same matrix's either way."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    calls = []
+    monkeypatch.setattr(quantization, "dequantized_mm",
+                        lambda *a, f=quantization.dequantized_mm: calls.append(a[0].dtype) or f(*a))
+    torch.manual_seed(0)
+    q = zoo.quantize(torch.nn.Sequential(torch.nn.Linear(64, 48)), "int8", head=None, dtype=torch.float32)[0]
+    w = q.codes.float() * q.scales.float()[:, None]
+    x = torch.randn(5, 64, requires_grad=True)
+    y = q(x)
+    y.backward(torch.ones_like(y))
+    assert calls == ([] if capability == "AVX512" else [torch.float32, torch.float32])  # forward, backward
+    torch.testing.assert_close(y, x.detach() @ w.t() + q.bias, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad, torch.ones(5, 48) @ w, atol=1e-5, rtol=1e-5)
+    calls.clear()
+    q_bf16 = zoo.quantize(torch.nn.Sequential(torch.nn.Linear(64, 48)), "int8", head=None)[0]
+    q_bf16(torch.randn(5, 64).bfloat16())
+    assert calls == []  # bf16 activations: the kernel on any CPU
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_embedding_rows_are_the_dequantized_rows(bits):
     torch.manual_seed(0)

@@ -191,9 +191,19 @@ def int8_mm(x, codes, scales):
     instead (bench/int8_matmul.py, 2 cores, SmolLM2's layers: at 128 rows 4x faster in bf16 with AMX, 1.5x
     in float32; at 2,048 rows 12-16x and 2x). The copy lives for the product only. The kernel also reads K
     in blocks of 16 and crashes on other sizes (torch 2.13, CPU): those always take the copy."""
-    if x.shape[0] < GEMM_ROWS and codes.shape[1] % 16 == 0:
+    if int8_kernel_takes(x, codes.shape[1]):
         return torch.ops.aten._weight_int8pack_mm(x, codes, scales)
     return dequantized_mm(x, codes, scales[:, None])
+
+
+def int8_kernel_takes(x, K):
+    """Whether torch's int8 kernel computes x [M, K] @ W^T faster than the dequantized copy's GEMM: for fewer than
+    GEMM_ROWS rows, of K in blocks of 16 (see int8_mm), and not float32 on a CPU without AVX-512, whose kernel
+    build multiplies float32 in a reference loop: slower than the copy's GEMM from the first row there
+    (`python bench/int8_matmul.py --dtype float32` on an AVX2-only EPYC, SmolLM2's gate|up layer: 1 row 0.86 against
+    0.47 ms, 16 rows 24.7 against 1.5)."""
+    return x.shape[0] < GEMM_ROWS and K % 16 == 0 and not (x.dtype == torch.float32 and x.device.type == "cpu"
+                                                           and torch.backends.cpu.get_cpu_capability() != "AVX512")
 
 
 def dequantized_mm(x, codes, scales):
@@ -231,7 +241,7 @@ class _Int8Matmul(torch.autograd.Function):
     def backward(ctx, grad):
         codes, scales = ctx.saved_tensors
         # dx = grad (codes * scales[:, None]); the kernel's K is N here (codes transposed), hence the % 16
-        if grad.shape[0] >= GEMM_ROWS or codes.shape[0] % 16:
+        if not int8_kernel_takes(grad, codes.shape[0]):
             return dequantized_mm(grad, codes.t(), scales), None, None
         # the kernel again, on codes^T [K, N] (a transient int8 copy) with unit scales; the kernel takes the
         # activations' dtype, so grad arrives in it
