@@ -285,6 +285,23 @@ def test_refusals_write_nothing_and_keep_the_old_file(tmp_path):
     assert old.read_bytes() == b"earlier work" and [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
 
 
+def test_an_existing_file_is_replaced_only_when_asked(tmp_path):
+    """save_gguf and save_gguf_adapter refuse a path that holds a file, naming it and overwrite=True, which
+    replaces it."""
+    old = tmp_path / "m.gguf"
+    old.write_bytes(b"earlier work")
+    model, lora = _tiny("gpt2"), zoo.add_lora(_tiny("gpt2"), r=2)
+    for save, what in ((zoo.save_gguf, model), (zoo.save_gguf_adapter, lora)):
+        with pytest.raises(ValueError, match="m.gguf exists: pass overwrite=True"):
+            save(what, old)
+        assert old.read_bytes() == b"earlier work" and [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
+    zoo.save_gguf(model, old, overwrite=True)
+    assert zoo.from_pretrained(old).config.n_layer == 2
+    zoo.save_gguf_adapter(lora, old, overwrite=True)
+    assert gguf.GGUFReader(old).fields["general.type"].contents() == "adapter"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
+
+
 # ------------------------------------------------------------------------------------------- tokenizers
 
 def _round_trip(tok, tmp_path, texts=TEXTS):
@@ -334,6 +351,50 @@ def test_smollm2_tokenizer_with_chat_template(smollm2_gguf, tmp_path):
                 "tokenizer.ggml.pre", "tokenizer.chat_template", "tokenizer.ggml.eos_token_id"):
         assert out[key] == src[key], key
 
+
+
+def test_smollm2_saved_by_the_zoo_exports(smollm2_gguf, zoo_main, tmp_path):
+    """A model saved (trained, fine-tuned) with SmolLM2's tokenizer: its tokenizer.json holds the zoo's form of
+    the GGUF's "smollm" split (single digits, then GPT-2's regex), which exports as "smollm" again and
+    tokenizes as SmolLM2."""
+    tok = zoo.tokenizer(smollm2_gguf)
+    zoo.save_pretrained(tiny("llama-gqa", vocab_size=tok.vocab_size, n_layer=1), tmp_path / "m", tokenizer=tok)
+    code, out, err = zoo_main("export", tmp_path / "m", tmp_path / "m.gguf", "--type", "q8_0")
+    assert code == 0, err
+    assert zoo.weight_files.read_gguf_metadata(tmp_path / "m.gguf")["tokenizer.ggml.pre"] == "smollm"
+    back = zoo.tokenizer(tmp_path / "m.gguf")
+    chat = tok.apply_chat_template([{"role": "user", "content": "Hi there 42!"}])
+    for text in TEXTS + [chat, "3.14159 naïve café 🙂 'll've"]:
+        assert back.encode(text) == tok.encode(text), text
+
+
+@pytest.mark.parametrize("name", sorted(n for n in zoo.tokenizers._GGUF_SPLITS if n))
+def test_the_zoos_split_of_each_gguf_vocabulary_has_a_name(name):
+    """Every GGUF pre-tokenizer the zoo reads, in the tokenizer.json form the zoo saves it in, gets back a
+    llama.cpp name the zoo splits alike (Llama 3's whole-token pieces included)."""
+    import json
+    from zoo import tokenizers
+    tk = tokenizers._gguf_byte_level({"tokenizer.ggml.pre": name, "tokenizer.ggml.tokens": ["a", "b", "ab"],
+                                      "tokenizer.ggml.merges": ["a b"]})
+    spec = json.loads(tk.to_str())
+    back = export._pre_name(spec["pre_tokenizer"], spec["model"]["ignore_merges"])
+    assert tokenizers._GGUF_SPLITS[back] == tokenizers._GGUF_SPLITS[name]
+    assert (back in tokenizers._IGNORE_MERGES) == (name in tokenizers._IGNORE_MERGES)
+
+
+def test_unknown_split_names_the_fix(zoo_main, tmp_path):
+    """A pre-tokenizer llama.cpp has no name for: one error line naming --tokenizer, which exports the model
+    with a tokenizer of the same vocabulary that has one."""
+    from tokenizers import Regex, pre_tokenizers
+    tok = train_bpe(["the quick brown fox jumps over the lazy dog 0123456789\n" * 20, *TEXTS], vocab_size=300)
+    tok.save(tmp_path / "tok")
+    tok.tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\s"), "isolated"),
+                                                    pre_tokenizers.ByteLevel(use_regex=False)])
+    zoo.save_pretrained(_tiny("gpt2", vocab_size=tok.vocab_size), tmp_path / "m", tokenizer=tok)
+    code, _, err = zoo_main("export", tmp_path / "m", tmp_path / "m.gguf")
+    assert code == 2 and err.count("\n") == 1 and "pass the tokenizer" in err and "--tokenizer SOURCE" in err
+    code, _, err = zoo_main("export", tmp_path / "m", tmp_path / "m.gguf", "--tokenizer", tmp_path / "tok")
+    assert code == 0, err
 
 
 def test_sentencepiece_vocabulary_from_a_gguf(tmp_path):
@@ -445,3 +506,38 @@ def test_cli_export(tmp_path, shared_data):
     assert zoo.from_pretrained(tmp_path / "m.gguf").config.n_layer == 2
     r = zoo_cli("export", str(tmp_path / "m"), str(tmp_path / "m.bin"))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "error: the output file should end in .gguf" in r.stderr
+
+
+def test_cli_refuses_an_existing_file(zoo_main, tmp_path):
+    """`zoo export` onto an existing file: one error line naming it and --overwrite, the file kept; with
+    --overwrite the file is replaced (and no temporary file is left)."""
+    tok = CharTokenizer.from_text(string.ascii_lowercase + " .,\n!?01234")
+    zoo.save_pretrained(tiny("gpt2", vocab_size=tok.vocab_size), tmp_path / "m", tokenizer=tok)
+    mine = tmp_path / "mine.gguf"
+    mine.write_text("x\n")
+    code, _, err = zoo_main("export", tmp_path / "m", mine, "--type", "f32")
+    assert code == 2 and err.count("\n") == 1 and f"error: {mine} exists: pass --overwrite" in err
+    assert mine.read_text() == "x\n"
+    code, _, err = zoo_main("export", tmp_path / "m", mine, "--type", "f32", "--overwrite")
+    assert code == 0, err
+    assert zoo.from_pretrained(mine).config.n_layer == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "mine.gguf"]
+
+
+def test_char_model_gguf_exports_again(zoo_main, shared_data, tmp_path):
+    """A GGUF the zoo wrote for a character model is a source like any other: re-exported, its tokenizer
+    keeps the merges list llama.cpp needs (one merge that never applies, not an empty list) and the file
+    reads back to the same tokenizer and model."""
+    text = (shared_data / "tinyshakespeare.txt").read_text()[:5000]
+    tok = CharTokenizer.from_text(text)
+    zoo.save_pretrained(tiny("gpt2-nobias", vocab_size=tok.vocab_size), tmp_path / "m", tokenizer=tok)
+    for source, out in (("m", "a.gguf"), ("a.gguf", "b.gguf")):
+        code, _, err = zoo_main("export", tmp_path / source, tmp_path / out, "--type", "f32")
+        assert code == 0, err
+    a, b = (zoo.weight_files.read_gguf_metadata(tmp_path / f) for f in ("a.gguf", "b.gguf"))
+    assert {k: v for k, v in a.items() if k.startswith("tokenizer.")} == \
+        {k: v for k, v in b.items() if k.startswith("tokenizer.")}
+    assert len(b["tokenizer.ggml.merges"]) == 1
+    assert zoo.tokenizer(tmp_path / "b.gguf").encode(text[:500]) == tok.encode(text[:500])
+    idx = torch.randint(0, tok.vocab_size, (1, 30))
+    assert torch.equal(zoo.from_pretrained(tmp_path / "a.gguf")(idx), zoo.from_pretrained(tmp_path / "b.gguf")(idx))

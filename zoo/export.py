@@ -26,7 +26,8 @@ from .lora import lora_experts, lora_layers
 from .progress import log
 from .quantization import is_quantized
 from .registry import arch_of, build, model_module
-from .tokenizers import CharTokenizer, HFTokenizer, TiktokenTokenizer, _gpt2_vocab_and_merges
+from .tokenizers import (_GGUF_SPLITS, _IGNORE_MERGES, CharTokenizer, HFTokenizer, TiktokenTokenizer,
+                         _gpt2_vocab_and_merges)
 
 TYPES = ("f32", "f16", "bf16", *gguf_quants.QUANTIZERS)
 # Architectures no llama.cpp architecture computes, and why.
@@ -36,11 +37,12 @@ NO_LLAMA_CPP = {
 }
 
 
-def save_gguf(model, path, tokenizer=None, dtype="f16", name=None):
+def save_gguf(model, path, tokenizer=None, dtype="f16", name=None, overwrite=False):
     """Write `model` (and `tokenizer`: its vocabulary, special tokens and chat template) to the GGUF file
     `path` for llama.cpp, Ollama and the zoo itself. dtype: f32, f16, bf16 (the matrices; norms and biases
     stay f32), or q8_0, q4_0, q4_1, q4_k (blocks quantized as llama.cpp's reference quantizers would). Every check runs
-    before anything is written; an existing file at `path` is replaced only once the new one is complete."""
+    before anything is written; an existing file at `path` is refused unless `overwrite`, and then replaced
+    only once the new one is complete."""
     from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
     arch = arch_of(model)
     if dtype not in TYPES:
@@ -57,9 +59,9 @@ def save_gguf(model, path, tokenizer=None, dtype="f16", name=None):
     model = llama_cpp_form(model)
     map_name, meta, tensors = gguf_form(model)
     vocab = tokenizer_metadata(tokenizer, model.config.vocab_size) if tokenizer is not None else {}
+    path = _destination(path, overwrite)
 
     gguf_arch = meta.pop("general.architecture")
-    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     writer = GGUFWriter(tmp, gguf_arch)
     writer.add_name(name or path.stem)
@@ -141,11 +143,12 @@ def llama3_rope_freqs(config):
                                    1 / ((1 - smooth) / s["factor"] + smooth))).float()
 
 
-def save_gguf_adapter(model, path, name=None):
+def save_gguf_adapter(model, path, name=None, overwrite=False):
     """Write the LoRA adapters of `model` (zoo.add_lora, a LoRA training run) to `path` as llama.cpp's LoRA
     GGUF (general.type = adapter, adapter.type = lora, adapter.lora.alpha; for each adapted tensor of the
     base GGUF, <name>.lora_a [r, in] and <name>.lora_b [out, r] in float32, q/k rows in llama.cpp's rotary
-    order), to be applied at run time to the base model's GGUF (`llama-cli -m base.gguf --lora this.gguf`)."""
+    order), to be applied at run time to the base model's GGUF (`llama-cli -m base.gguf --lora this.gguf`).
+    An existing file at `path` is refused unless `overwrite`."""
     from gguf import GGUFWriter
     layers = lora_layers(model)
     if lora_experts(model):
@@ -177,7 +180,7 @@ def save_gguf_adapter(model, path, name=None):
             if p.get("unpermute"):
                 B = convert.permute(B, d[p["unpermute"]])
             tensors[p["from"] + ".lora_a"], tensors[p["from"] + ".lora_b"] = A.contiguous(), B.contiguous()
-    path = Path(path)
+    path = _destination(path, overwrite)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     writer = GGUFWriter(tmp, meta["general.architecture"])
     writer.add_name(name or path.stem)
@@ -187,6 +190,14 @@ def save_gguf_adapter(model, path, name=None):
     for tensor_name, t in tensors.items():
         writer.add_tensor(tensor_name, t.numpy())
     _write(writer, tmp, path)
+    return path
+
+
+def _destination(path, overwrite):
+    """`path` as a Path, unless it exists and may not be replaced: a GGUF file there is likely earlier work."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise ValueError(f"{path} exists: pass overwrite=True to replace it, or write to another path")
     return path
 
 
@@ -277,6 +288,12 @@ def tokenizer_metadata(tok, vocab_size):
 
 
 def _bpe(tokens, types, merges, pre):
+    """llama.cpp's BPE vocabulary. It requires a merges list, so a vocabulary without merges (a character
+    vocabulary, or one read back from such a file) holds one merge that can never apply: its left part, a
+    token spelled twice, is no character and no merge makes it."""
+    if not merges:
+        plain = next(t for t, ty in zip(tokens, types) if ty == NORMAL)
+        merges = [f"{plain}{plain} {plain}"]
     return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
             "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges}
 
@@ -299,10 +316,9 @@ def _tiktoken(tok):
 def _chars(tok):
     """A character vocabulary as byte-level BPE without merges: each character is its own token, spelled in
     GPT-2's byte alphabet (a space is "Ġ", a newline "Ċ"). Only characters of one UTF-8 byte: llama.cpp
-    splits any other into byte tokens, which this vocabulary lacks. llama.cpp requires a merges list, so it
-    holds one merge that can never apply (its left part is no token and no merge makes it). Every
-    vocabulary has an end-of-text token in llama.cpp (id 11 unless named): the newline is named, so
-    generation stops at the end of a line rather than at whatever character id 11 is."""
+    splits any other into byte tokens, which this vocabulary lacks. Every vocabulary has an end-of-text
+    token in llama.cpp (id 11 unless named): the newline is named, so generation stops at the end of a line
+    rather than at whatever character id 11 is."""
     from tokenizers import pre_tokenizers
     wide = [c for c in tok.chars if c not in tok.special and len(c.encode("utf-8")) != 1]
     if wide:
@@ -313,17 +329,24 @@ def _chars(tok):
     spell = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tokens = [c if c in tok.special else spell.pre_tokenize_str(c)[0][0] for c in tok.chars]
     types = [CONTROL if c in tok.special else NORMAL for c in tok.chars]
-    plain = next(t for t, ty in zip(tokens, types) if ty == NORMAL)
-    meta = _bpe(tokens, types, [f"{plain}{plain} {plain}"], "default")
+    meta = _bpe(tokens, types, [], "default")
     newline = tok.stoi.get("\n")
     if newline is not None and tok.eos_id is None:
         meta["tokenizer.ggml.eos_token_id"] = meta["tokenizer.ggml.bos_token_id"] = newline
     return meta
 
 
+# The split the zoo gives a GGUF vocabulary (llama.cpp's regexes for its tokenizer.ggml.pre, each an isolated
+# Split, then bytes), as tokenizer.json keeps it in a model trained or saved from a GGUF source -> one llama.cpp
+# name for it: names sharing a split tokenize alike in llama.cpp, but that Llama 3's keep a piece that is a
+# token whole (tokenizer.json's ignore_merges)
+_ZOO_SPLITS = {(tuple(_GGUF_SPLITS[name]), name in _IGNORE_MERGES): name
+               for name in ("gpt-2", "llama-bpe", "dbrx", "qwen2", "smollm", "gpt-4o", "default")}
+
+
 # tokenizer.json pre-tokenizers -> llama.cpp's name for the same split (convert_hf_to_gguf.py's table
 # identifies them by the ids they give a test text; these are the ones the zoo meets)
-def _pre_name(pre):
+def _pre_name(pre, ignore_merges):
     kind = pre and pre.get("type")
     if kind == "ByteLevel" and pre.get("use_regex", True):
         return "gpt-2"
@@ -334,6 +357,12 @@ def _pre_name(pre):
         if (steps == ["Split", "ByteLevel"]
                 and pre["pretokenizers"][0].get("pattern", {}).get("Regex", "").startswith(_LLAMA3_REGEX_START)):
             return "llama-bpe"
+        splits = pre["pretokenizers"][:-1]
+        if (steps[-1:] == ["ByteLevel"] and not pre["pretokenizers"][-1].get("use_regex", True)
+                and all(p.get("type") == "Split" and p.get("behavior") == "Isolated" and not p.get("invert")
+                        for p in splits)):
+            regexes = tuple(p.get("pattern", {}).get("Regex") for p in splits)
+            return _ZOO_SPLITS.get((regexes, bool(ignore_merges)))
     return None
 
 
@@ -344,11 +373,13 @@ def _hf_bpe(tok):
     if model.get("type") != "BPE" or model.get("byte_fallback") or not _is_byte_level(spec.get("decoder")):
         raise ValueError(f"only byte-level BPE tokenizers export to GGUF so far; this one is a {model.get('type')} "
                          f"model{' with byte fallback (sentencepiece)' if model.get('byte_fallback') else ''}")
-    pre = tok.ggml_pre or _pre_name(spec.get("pre_tokenizer"))
+    pre = tok.ggml_pre or _pre_name(spec.get("pre_tokenizer"), model.get("ignore_merges"))
     if pre is None:
         raise ValueError(f"llama.cpp has no name for this tokenizer's pre-tokenizer "
                          f"{json.dumps(spec.get('pre_tokenizer'))[:200]}; it knows GPT-2's regex, llama-3's, "
-                         "and single digits before GPT-2's")
+                         "single digits before GPT-2's, and the splits the zoo gives GGUF vocabularies; pass the "
+                         "tokenizer of the model this one was made from (zoo export --tokenizer SOURCE, or "
+                         "tokenizer=zoo.tokenizer(SOURCE))")
     n = tok.tk.get_vocab_size(with_added_tokens=True)
     tokens, types = [None] * n, [NORMAL] * n
     for text, i in model["vocab"].items():
