@@ -368,7 +368,7 @@ def test_smollm2_saved_by_the_zoo_exports(smollm2_gguf, zoo_main, tmp_path):
         assert back.encode(text) == tok.encode(text), text
 
 
-@pytest.mark.parametrize("name", sorted(n for n in zoo.tokenizers._GGUF_SPLITS if n))
+@pytest.mark.parametrize("name", sorted(n for n in zoo.tokenizers.GGUF_SPLITS if n))
 def test_the_zoos_split_of_each_gguf_vocabulary_has_a_name(name):
     """Every GGUF pre-tokenizer the zoo reads, in the tokenizer.json form the zoo saves it in, gets back a
     llama.cpp name the zoo splits alike (Llama 3's whole-token pieces included)."""
@@ -378,8 +378,8 @@ def test_the_zoos_split_of_each_gguf_vocabulary_has_a_name(name):
                                       "tokenizer.ggml.merges": ["a b"]})
     spec = json.loads(tk.to_str())
     back = export._pre_name(spec["pre_tokenizer"], spec["model"]["ignore_merges"])
-    assert tokenizers._GGUF_SPLITS[back] == tokenizers._GGUF_SPLITS[name]
-    assert (back in tokenizers._IGNORE_MERGES) == (name in tokenizers._IGNORE_MERGES)
+    assert tokenizers.GGUF_SPLITS[back] == tokenizers.GGUF_SPLITS[name]
+    assert (back in tokenizers.IGNORE_MERGES) == (name in tokenizers.IGNORE_MERGES)
 
 
 def test_unknown_split_names_the_fix(zoo_main, tmp_path):

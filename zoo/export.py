@@ -26,7 +26,7 @@ from .lora import lora_experts, lora_layers
 from .progress import log
 from .quantization import is_quantized
 from .registry import arch_of, build, model_module
-from .tokenizers import (_GGUF_SPLITS, _IGNORE_MERGES, CharTokenizer, HFTokenizer, TiktokenTokenizer,
+from .tokenizers import (GGUF_SPLITS, IGNORE_MERGES, CharTokenizer, HFTokenizer, TiktokenTokenizer,
                          _gpt2_vocab_and_merges)
 
 TYPES = ("f32", "f16", "bf16", *gguf_quants.QUANTIZERS)
@@ -340,7 +340,7 @@ def _chars(tok):
 # Split, then bytes), as tokenizer.json keeps it in a model trained or saved from a GGUF source -> one llama.cpp
 # name for it: names sharing a split tokenize alike in llama.cpp, but that Llama 3's keep a piece that is a
 # token whole (tokenizer.json's ignore_merges)
-_ZOO_SPLITS = {(tuple(_GGUF_SPLITS[name]), name in _IGNORE_MERGES): name
+_ZOO_SPLITS = {(tuple(GGUF_SPLITS[name]), name in IGNORE_MERGES): name
                for name in ("gpt-2", "llama-bpe", "dbrx", "qwen2", "smollm", "gpt-4o", "default")}
 
 

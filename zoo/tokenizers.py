@@ -485,7 +485,7 @@ _UPPER, _LOWER = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]", r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]
 _GPT4O_SPLIT = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+{_CONTRACTIONS}?"
                 rf"|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*{_CONTRACTIONS}?"
                 r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_GGUF_SPLITS = {
+GGUF_SPLITS = {
     **dict.fromkeys([None, "gpt-2", "gpt2", "phi-2", "olmo", "mpt", "jais", "exaone4"], [_GPT2_SPLIT]),
     **dict.fromkeys(["llama3", "llama-v3", "llama-bpe", "falcon3", "dbrx", "smaug-bpe"], [_LLAMA3_SPLIT]),
     **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"], [_QWEN2_SPLIT]),
@@ -496,7 +496,7 @@ _GGUF_SPLITS = {
     "default": [r"[\p{P}\$\+<=>\^~\|]+", _GPT2_SPLIT, r"\p{N}+", "[0-9][0-9][0-9]"],
 }
 # Llama 3's vocabularies take a piece that is a token whole, merges or not (as its tokenizer.json's ignore_merges)
-_IGNORE_MERGES = {"llama3", "llama-v3", "llama-bpe", "falcon3"}
+IGNORE_MERGES = {"llama3", "llama-v3", "llama-bpe", "falcon3"}
 
 
 def _gguf_byte_level(meta):
@@ -504,8 +504,8 @@ def _gguf_byte_level(meta):
     tokenizer.ggml.pre names (an unknown name is refused: another split would give other ids)."""
     from tokenizers import Regex, Tokenizer as TkTokenizer, decoders, models, pre_tokenizers
     pre = meta.get("tokenizer.ggml.pre")
-    if pre not in _GGUF_SPLITS:
-        known = ", ".join(sorted(k for k in _GGUF_SPLITS if k))
+    if pre not in GGUF_SPLITS:
+        known = ", ".join(sorted(k for k in GGUF_SPLITS if k))
         raise ValueError(f"GGUF pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not known to zoo (known: {known}); "
                          f"load the model's tokenizer.json folder instead")
     to_bytes = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -517,8 +517,8 @@ def _gguf_byte_level(meta):
     # vocabulary without merges, such as an exported character vocabulary, holds one such): leave it out.
     merges = [(a, b) for a, b in (m.split(" ", 1) for m in meta["tokenizer.ggml.merges"])
               if a in vocab and b in vocab and a + b in vocab]
-    tk = TkTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, ignore_merges=pre in _IGNORE_MERGES))
-    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r), "isolated") for r in _GGUF_SPLITS[pre]]
+    tk = TkTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, ignore_merges=pre in IGNORE_MERGES))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r), "isolated") for r in GGUF_SPLITS[pre]]
                                                + [to_bytes])
     tk.decoder = decoders.ByteLevel()
     return tk
