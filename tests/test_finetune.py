@@ -218,6 +218,28 @@ def test_command_line_lora_over_int8_then_generate_eval_and_resume(tiny_chat, tm
     assert code == 2 and "lora_int8 must be left unset without LoRA" in err
 
 
+def test_the_readmes_dpo_recipe_starts_from_the_merged_sft_run(tiny_chat, tmp_path, zoo_main):
+    """README: LoRA SFT, its merged model (--resume --merge on the finished run), then DPO with new adapters on it;
+    the SFT checkpoint itself as --init of a LoRA run is refused, naming the merged folder and how to write it."""
+    base, chat = tiny_chat
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps({"prompt": q, "chosen": " " + a, "rejected": " No idea."}) + "\n"
+                             for q, a in FACTS * 5))
+    flags = ["--block-size", 64, "--batch-size", 2, "--device", "cpu", "--no-progress", "--eval-iters", 1,
+             "--max-iters", 2]
+    sft = tmp_path / "chat"
+    assert zoo_main("train", "--init", base, "--data", chat, "--lora", 4, "--out", sft, *flags)[0] == 0
+    code, _, err = zoo_main("train", "--init", sft / "step-0000002", "--data", prefs, "--objective", "dpo", "--lora", 4,
+                            "--out", tmp_path / "bad", *flags)
+    assert code == 2 and str(sft / "merged") in err and "--resume --merge" in err, err
+    assert not (tmp_path / "bad").exists()
+    assert zoo_main("train", "--data", chat, "--out", sft, "--resume", "--merge", "--no-progress")[0] == 0
+    code, _, err = zoo_main("train", "--init", sft / "merged", "--data", prefs, "--objective", "dpo", "--beta", 0.1,
+                            "--lora", 4, "--out", tmp_path / "dpo", *flags)
+    assert code == 0, err
+    assert zoo.lora.lora_layers(zoo.from_pretrained(tmp_path / "dpo" / "step-0000002"))  # what zoo chat loads
+
+
 @pytest.mark.parametrize("native", [True, False], ids=["bf16 CPU", "CPU without bf16"])
 def test_lora_over_int8_computes_in_bf16_where_the_cpu_has_it_and_resumes_in_its_dtype(tiny_chat, tmp_path,
                                                                                          monkeypatch, native):

@@ -643,6 +643,72 @@ def test_an_earlier_run_is_never_overwritten(tmp_path, text_file):
     assert snapshot(tmp_path / "o.old-1") == before and snapshot(out) != before
 
 
+def test_overwrite_moves_the_earlier_run_only_once_training_starts(tmp_path, text_file, zoo_main):
+    """Bad data (or settings, or weights) with --overwrite is refused before the earlier run is moved aside."""
+    out = tmp_path / "o"
+    tiny(out, text_file, max_iters=2)
+    before = snapshot(out)
+    code, _, err = zoo_main("train", "shakespeare-char", "--data", tmp_path / "nope.txt", "--tokenizer", "char",
+                            *TINY_ARGV, "--out", out, "--overwrite")
+    assert code == 2 and "nope.txt" in err and "moved" not in err
+    assert snapshot(out) == before and not (tmp_path / "o.old-1").exists()
+
+
+def test_a_folder_of_other_files_is_refused(tmp_path, text_file, zoo_main):
+    """A folder that is not a run (the user's own loss.png) is never written into; a path under a file is named."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "loss.png").write_text("my plot")
+    code, _, err = zoo_main("train", "shakespeare-char", "--data", text_file, "--tokenizer", "char", *TINY_ARGV,
+                            "--max-iters", "1", "--out", mine)
+    assert code == 2 and "not a zoo run (loss.png)" in err and "new or empty folder" in err
+    assert os.listdir(mine) == ["loss.png"] and (mine / "loss.png").read_text() == "my plot"
+    (tmp_path / "afile").write_text("mine")
+    code, _, err = zoo_main("train", "shakespeare-char", "--data", text_file, "--tokenizer", "char", *TINY_ARGV,
+                            "--out", tmp_path / "afile" / "sub")
+    assert code == 2 and "is inside" in err and "afile" in err and "Errno" not in err
+
+
+def test_resume_refuses_what_differs_from_the_run(tmp_path, text_file, zoo_main):
+    """--resume continues the run as it was: a preset, --init, data, --set, --tokenizer or LoRA that differs from
+    the run's is refused (exit 2, each named, nothing written), so is --overwrite with it; the run's own flags and
+    training settings (--lr, a larger --max-iters) are taken."""
+    out = tmp_path / "o"
+    tiny(out, text_file, max_iters=2)
+    other = tmp_path / "other.txt"
+    other.write_text(markov_text(5000, seed=1))
+    before = snapshot(out)
+
+    def resume(*argv, data=text_file):
+        code, _, err = zoo_main("train", *argv, "--data", data, "--out", out, "--resume", "--no-progress")
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("zoo train: error: "), err
+        assert snapshot(out) == before
+        return lines[0]
+    err = resume("bigram", "--tokenizer", "gpt2", "--set", "n_layer=2")
+    assert "preset 'bigram' (the run's: 'shakespeare-char')" in err and "--tokenizer" in err
+    assert "(--set) n_layer=2 (the run's: 1)" in err and "--init " + str(out / "step-0000002") in err
+    assert "--data" in resume(data=other)
+    assert "--val" in resume("--val", other)
+    assert "--init" in resume("--init", out / "step-0000002")
+    assert "--lora-r" in resume("--lora", "4")
+    assert "give one of them" in resume("--overwrite")
+    code, _, err = zoo_main("train", "shakespeare-char", "--data", text_file, "--tokenizer", "char", *TINY_ARGV,
+                            "--out", out, "--resume", "--max-iters", "3", "--lr", "1e-3")
+    assert code == 0, err
+    assert torch.load(out / "step-0000003" / runs.STATE_FILE, weights_only=True)["settings"]["lr"] == 1e-3
+
+
+def test_init_refuses_a_preset_of_another_architecture(tmp_path, text_file, zoo_main):
+    """With --init the preset only gives training settings: one that would build another architecture is a
+    mistake, named."""
+    tiny(tmp_path / "a", text_file, max_iters=1)
+    code, _, err = zoo_main("train", "bigram", "--init", tmp_path / "a" / "step-0000001", "--data", text_file,
+                            *TINY_ARGV, "--out", tmp_path / "b")
+    assert code == 2 and "preset 'bigram' is a bigram model" in err and "holds a gpt2 model" in err, err
+    assert not (tmp_path / "b").exists()
+
+
 def test_resume_skips_a_damaged_newest_checkpoint_and_keeps_it(tmp_path, text_file, capfd):
     common = dict(max_iters=6, checkpoint_interval=2, eval_interval=2, seed=5)
     tiny(tmp_path / "a", text_file, **common)

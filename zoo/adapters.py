@@ -270,8 +270,11 @@ def prepare(model, s, init):
     Without: the model itself, an adapter it came with (from a LoRA checkpoint) merged in."""
     if has_lora(model):
         if s.lora_r or (getattr(model, "zoo_base", None) or {}).get("quantize"):
-            raise ValueError(f"init {init!r} is a LoRA checkpoint; write its merged model first (zoo train ... "
-                             "--merge, or zoo.merge_lora and zoo.save_pretrained) and start from that")
+            raise ValueError(f"init {init!r} is a LoRA checkpoint, whose adapter must be merged into its base first "
+                             "(new adapters go on plain weights, and an int8 base cannot take it in): start from its "
+                             f"run's merged model, {Path(init).parent / 'merged'} (written by merge, --merge; for a "
+                             "finished run: zoo train --data DATA --out RUN --resume --merge), or write one with "
+                             "zoo.merge_lora and zoo.save_pretrained")
         return merge_lora(model)
     if not s.lora_r:
         return model

@@ -37,6 +37,8 @@ def load_pretrained(path, *, device, dtype, quantize=None, **overrides):
         raise type(e)(f"{where}: {e}") from None
     _check_sizes(config, ckpt, where)
     model = build(arch, config, meta=True)
+    if overrides:
+        _check_overrides_keep_shapes(model, arch, values, overrides, where)
     # Loading is copies and dequantization, bound by memory: one thread is as fast as several, and it
     # never stalls waiting for a busy core (with 2 threads on a shared 2-core CPU loads took 10x longer).
     threads = torch.get_num_threads()
@@ -73,6 +75,27 @@ def _check_sizes(config, ckpt, where):
     if config.block_size * getattr(config, "n_embd", 0) > 4 * weights + 2 ** 24:
         raise ValueError(f"{where}: block_size {config.block_size} with n_embd {config.n_embd} would need position "
                          f"tables many times larger than the {weights:,} weights; is the file damaged?")
+
+
+def _check_overrides_keep_shapes(model, arch, values, overrides, where):
+    """Refuse overrides that change the shapes of the checkpoint's weights (n_layer, n_embd, ...), naming them:
+    its tensors would not fit, and the loader's list of missing and misshaped tensors would blame the checkpoint.
+    `model`: built on the meta device from its config `values` with the `overrides`."""
+    def shapes(values):
+        return {name: t.shape for name, t in build(arch, values, meta=True).state_dict().items()}
+    own = shapes(values)
+    if {name: t.shape for name, t in model.state_dict().items()} == own:
+        return
+
+    def reshapes(field):
+        try:
+            return shapes({**values, field: overrides[field]}) != own
+        except (TypeError, ValueError):  # a size that holds only beside another override (n_head with n_embd)
+            return True
+    held = make_config(arch, values)
+    named = [f"{k}={v!r} (it holds {getattr(held, k)!r})" for k, v in overrides.items() if reshapes(k)]
+    raise ValueError(f"{where}: the override (--set) {', '.join(named)} would change the shapes of its weights; "
+                     "only fields that keep them, such as dropout, can be overridden")
 
 
 def _eos_ids(path, ckpt):

@@ -39,24 +39,40 @@ def holds_a_run(out):
     return os.path.isdir(out) and (os.path.exists(os.path.join(out, "log.jsonl")) or bool(checkpoints_in(out)))
 
 
-def prepare_out(out, resume, overwrite, master):
-    """Refuse to mix a new run into an old one: a folder that holds a run is continued (resume) or moved
-    aside (overwrite, to OUT.old-N, never deleted); a path that is a file is refused."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"out {out!r} is a file, not a folder: name a folder for the run's checkpoints and log")
-    if resume or not holds_a_run(out):
-        return
-    if not overwrite:
-        raise ValueError(f"out {out!r} holds an earlier run (log.jsonl / step-* checkpoints): continue it with "
-                         "resume (--resume), start again with overwrite (--overwrite; the old run is moved aside "
-                         "to OUT.old-N), or name another folder")
-    if master:
-        n = 1
-        while os.path.exists(f"{out.rstrip(os.sep)}.old-{n}"):
-            n += 1
-        aside = f"{out.rstrip(os.sep)}.old-{n}"
-        os.replace(out, aside)
-        note.warning("zoo: the earlier run in %s was moved to %s", out, aside)
+def check_out(out, resume, overwrite):
+    """Whether a run may write to `out`, before anything is read or trained: a run is never mixed into an old
+    one or into the user's own files. A folder that holds a run is continued (resume) or, with overwrite, moved
+    aside once training starts (returns True: move_aside); a file, a path inside one and a folder of other
+    files are refused."""
+    existing = os.path.abspath(out)  # the path itself, else the nearest folder above it that exists
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "is a file" if existing == os.path.abspath(out) else f"is inside {existing!r}, which is a file"
+        raise ValueError(f"out {out!r} {where}, not a folder: name a folder for the run's checkpoints and log")
+    if resume:
+        return False
+    if holds_a_run(out):
+        if not overwrite:
+            raise ValueError(f"out {out!r} holds an earlier run (log.jsonl / step-* checkpoints): continue it with "
+                             "resume (--resume), start again with overwrite (--overwrite; the old run is moved "
+                             "aside to OUT.old-N), or name another folder")
+        return True
+    if os.path.isdir(out) and (theirs := sorted(os.listdir(out))):
+        raise ValueError(f"out {out!r} holds files that are not a zoo run ({', '.join(theirs[:3])}"
+                         f"{', ...' if len(theirs) > 3 else ''}), which the run's log.jsonl, loss.png and step-* "
+                         "checkpoints could overwrite: name a new or empty folder")
+    return False
+
+
+def move_aside(out):
+    """Move the earlier run in `out` to OUT.old-N (the first N free), never deleting it, and say so."""
+    n = 1
+    while os.path.exists(f"{out.rstrip(os.sep)}.old-{n}"):
+        n += 1
+    aside = f"{out.rstrip(os.sep)}.old-{n}"
+    os.replace(out, aside)
+    note.warning("zoo: the earlier run in %s was moved to %s", out, aside)
 
 
 def resume_point(out):
@@ -111,9 +127,10 @@ def set_rng_states(r):
         torch.cuda.set_rng_state_all(r["cuda"])
 
 
-def save_checkpoint(out, step, model, tokenizer, optimizer, horizon, batch_rng, s, master=True, dpo=None):
+def save_checkpoint(out, step, model, tokenizer, optimizer, horizon, batch_rng, s, master=True, dpo=None, inputs=None):
     """OUT/step-NNNNNNN: weights + tokenizer (zoo.save_pretrained; a LoRA run's adapter, zoo.save_adapter) and
-    the training state (with a DPO run's reference: preference.prepare), all-or-nothing, written by rank 0. Under FSDP every rank calls it (the full state is
+    the training state (with a DPO run's reference: preference.prepare; with what the run started from, `inputs`:
+    training.started_from), all-or-nothing, written by rank 0. Under FSDP every rank calls it (the full state is
     gathered from the shards)."""
     weights, optimizer_state = full_state(model, optimizer, s.fsdp)
     if not master:
@@ -131,7 +148,8 @@ def save_checkpoint(out, step, model, tokenizer, optimizer, horizon, batch_rng, 
         save_pretrained(model, tmp, tokenizer=tokenizer)
     torch.save(dict(step=step, horizon=horizon, optimizer=optimizer_state, rng=rng_states(),
                     data=batch_rng.get_state(), arch=arch, config=dataclasses.asdict(model.config),
-                    settings=vars(s), **({"dpo": dpo} if dpo else {})), os.path.join(tmp, STATE_FILE))
+                    settings=vars(s), **({"dpo": dpo} if dpo else {}), **({"inputs": inputs} if inputs else {})),
+               os.path.join(tmp, STATE_FILE))
     if os.path.exists(final):  # resumed before a damaged checkpoint: keep it, under another name
         n = 1
         while os.path.exists(f"{final}.damaged-{n}"):

@@ -650,9 +650,32 @@ def _load_preset(name, preset, revision):
     return _load_hub(preset.repo, revision)
 
 
+# What load_tokenizer reads, in words
+SOURCES = ("'gpt2'; a .tiktoken, .gguf or tokenizer.json file; a tokenizer folder; a preset name (see zoo.list()); "
+           "a Hugging Face repo id 'owner/name'")
+
+
+def close_names(source, more=()):
+    """' (did you mean ...?)' naming the presets, gpt2 and `more` names close to `source`; '' when none is."""
+    close = difflib.get_close_matches(source, [*more, *PRESETS, "gpt2"], n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+
+
 def load_tokenizer(source, *, revision=None):
     """The tokenizer for `source`: "gpt2"; a .tiktoken, .gguf or tokenizer.json file; a folder (HF layout or
     saved by a zoo tokenizer); a preset name; or a Hugging Face repo id ("owner/name")."""
+    tokenizer = find_tokenizer(source, revision=revision)
+    if tokenizer is None:
+        source = os.fspath(source)
+        raise ValueError(f"unknown tokenizer source {source!r}{close_names(source)}. Accepted: {SOURCES}. Character "
+                         "and trained BPE tokenizers come from CharTokenizer.from_text(text) and train_bpe(texts, "
+                         "vocab_size)")
+    return tokenizer
+
+
+def find_tokenizer(source, *, revision=None):
+    """load_tokenizer's tokenizer for `source`, or None where `source` names nothing it reads (each caller says
+    what it takes: zoo train's --tokenizer also takes char and bpe)."""
     if isinstance(source, Tokenizer):
         return source
     if not isinstance(source, (str, os.PathLike)):
@@ -671,9 +694,4 @@ def load_tokenizer(source, *, revision=None):
         return _load_preset(source, PRESETS[source], revision)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", source):
         return _load_hub(source, revision)
-    close = difflib.get_close_matches(source, [*PRESETS, "gpt2"], n=3, cutoff=0.6)
-    hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
-    raise ValueError(f"unknown tokenizer source {source!r}{hint}. Accepted: 'gpt2'; a .tiktoken, .gguf or "
-                     "tokenizer.json file; a tokenizer folder; a preset name (see zoo.list()); a Hugging Face "
-                     "repo id 'owner/name'. Character and trained BPE tokenizers come from "
-                     "CharTokenizer.from_text(text) and train_bpe(texts, vocab_size)")
+    return None

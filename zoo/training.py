@@ -34,7 +34,7 @@ from .modes import eval_mode
 from .progress import bar as progress_bar
 from .progress import log as note
 from .quantization import native_bf16
-from .registry import build, get_preset
+from .registry import arch_of, build, get_preset
 from .routing import RouterLoss
 from .sources import load_source, write_merged
 
@@ -187,18 +187,26 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
     source: a preset name (the model config and its training settings), or None with `init`.
     data_paths, val: lists of text files or `hf:` dataset specs; without `val` the last tenth of the
     data validates. out: the run's folder (checkpoints, log.jsonl, loss.png). init: start from the
-    weights of any source load_source reads. resume: continue from the newest intact checkpoint in `out`,
-    with its settings (a larger max_iters continues up to it). A folder that holds a run is refused unless
-    resume or overwrite (which moves the old run aside to OUT.old-N). overrides: model config fields. config: a
-    TrainConfig to start from instead of the preset's settings; fields: TrainConfig fields on top.
+    weights of any source load_source reads (the preset, if named too, then only gives the training settings).
+    resume: continue from the newest intact checkpoint in `out`, with its settings (a larger max_iters continues
+    up to it; a preset, init, data or setting given that differs from the run's is refused: check_resume). A
+    folder that holds a run is refused unless resume or overwrite (which moves the old run aside to OUT.old-N once
+    the settings, model and data have loaded), and so is a folder of other files. overrides: model config fields.
+    config: a TrainConfig to start from instead of the preset's settings; fields: TrainConfig fields on top.
     """
     data_paths, val, out = _paths(data_paths), _paths(val), os.fspath(out)
     if not data_paths:
         raise ValueError("no training data: pass one or more text files (or hf: datasets)")
     if source is None and init is None and not resume:  # (a resumed run's checkpoint has its model)
         raise ValueError("name a preset (the model to build) or an init source (the weights to start from)")
-    runs.prepare_out(out, resume, overwrite, master=int(os.environ.get("RANK", 0)) == 0)
+    if resume and overwrite:
+        raise ValueError(f"resume (--resume) continues the run in {out!r} and overwrite (--overwrite) moves it aside "
+                         "to start again: give one of them")
+    aside = runs.check_out(out, resume, overwrite)
     ckpt, state, resumed = runs.resume_point(out) if resume else (None, None, None)
+    inputs = started_from(source, init, data_paths, val, overrides)
+    if state:
+        inputs = check_resume(out, ckpt, state, inputs, fields)
     s = settings(source, config, fields, state)
     dist = start_processes(s)
     model, own_tokenizer = make_model(s, source, init, overrides, resumed, dist.rank)
@@ -209,8 +217,10 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
         mlm.add_mask_token(model, tokenizer)
     train_data, val_data = load_data(s, tokenizer, data_paths, val, model.config.vocab_size)
     run = prepare_run(model, s, train_data, val_data, dist, state, init, ckpt)
+    if aside and dist.rank == 0:  # only now: bad settings, weights or data leave the earlier run where it was
+        runs.move_aside(out)
     try:
-        val_loss = fit(run, s, train_data, val_data, dist, out, tokenizer)
+        val_loss = fit(run, s, train_data, val_data, dist, out, tokenizer, inputs)
     finally:
         dist.close()
     if dist.rank == 0 and s.merge:
@@ -223,6 +233,48 @@ def _paths(paths):
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     return None if paths is None else [os.fspath(p) for p in paths]
+
+
+def started_from(source, init, data_paths, val, overrides):
+    """What a run starts from, saved with its checkpoints for check_resume: the preset, the init source and the
+    data files (local ones as absolute paths, so a resume from another folder names the same), and the config
+    overrides."""
+    def where(path):
+        return os.path.abspath(path) if os.path.exists(path) else path
+    return dict(preset=source, init=None if init is None else where(os.fspath(init)),
+                data=[where(p) for p in data_paths], val=None if val is None else [where(p) for p in val],
+                overrides=dict(overrides or {}))
+
+
+# What makes a run what it is rather than how it trains: a resumed run keeps its checkpoint's tokenizer, objective,
+# adapters and random streams whatever it is given, so a different value is refused (check_resume), not ignored.
+# Training settings (lr, warmup, grad_clip, a larger max_iters, ...) given with resume replace the run's.
+KEPT_ON_RESUME = ("tokenizer", "objective", "seed", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
+                  "lora_int8")
+
+
+def check_resume(out, checkpoint, state, inputs, fields):
+    """The inputs a run resumed from `checkpoint` (its training state `state`) goes on saving: its own. What the
+    caller gave (`inputs`, started_from's; `fields`, TrainConfig fields) must agree with them: a preset, init
+    source, data or validation files, config override or KEPT_ON_RESUME setting that differs is a ValueError
+    naming each. (A checkpoint from before runs saved their inputs is checked on its config and settings.)"""
+    run = state.get("inputs", {})
+    differ = [f"{what} {inputs[key]!r} (the run's: {run[key]!r})"
+              for key, what in (("preset", "preset"), ("init", "init (--init)"), ("data", "data (--data)"),
+                                ("val", "val (--val)"))
+              # (a preset or init left out is the run's; no val is a choice: the last tenth of the data validates)
+              if key in run and inputs[key] != run[key] and (inputs[key] is not None or key == "val")]
+    differ += [f"overrides (--set) {k}={v!r} (the run's: {state['config'].get(k)!r})"
+               for k, v in inputs["overrides"].items()
+               # (or the run's own override: an mlm run's mask token may have grown vocab_size past it)
+               if v != state["config"].get(k) and v != run.get("overrides", {}).get(k)]
+    differ += [f"{k} (--{k.replace('_', '-')}) {fields[k]!r} (the run's: {state['settings'].get(k)!r})"
+               for k in KEPT_ON_RESUME if k in fields and fields[k] != state["settings"].get(k)]
+    if differ:
+        raise ValueError(f"resume continues the run in {out!r} as it was, but these differ from it: "
+                         f"{'; '.join(differ)}. Give the run's (or leave them out) to continue it, or start a new run "
+                         f"from its checkpoint in another folder (--init {checkpoint} --out NEW)")
+    return {**inputs, **run}
 
 
 def settings(source, config, fields, state=None):
@@ -301,6 +353,10 @@ def make_model(s, source, init, overrides=None, resumed=None, rank=0):
         low = s.lora_r and (s.bf16 or s.lora_int8)
         dtype = (torch.bfloat16 if computes_bf16(s.device) else torch.float32) if low else None
         model, tokenizer = load_source(init, dtype=dtype, **overrides)
+        if source is not None and (arch := arch_of(model)) != get_preset(source).arch:
+            raise ValueError(f"preset {source!r} is a {get_preset(source).arch} model, but init {init!r} holds a "
+                             f"{arch} model: with init (--init) the model comes from init and a preset only gives its "
+                             f"training settings, so name a {arch} preset or none (zoo list)")
     else:
         preset = get_preset(source)
         model = build(preset.arch, {**preset.config, **overrides})
@@ -334,9 +390,18 @@ def choose_tokenizer(name, *, named=False, checkpoint=None, init_tokenizer=None,
         docs = data.read_texts(texts)
         if name == "char":
             return tokenizers.CharTokenizer.from_text("".join(docs))
-        return tokenizers.train_bpe(docs, vocab_size)
+        try:
+            return tokenizers.train_bpe(docs, vocab_size)
+        except ValueError as e:  # (its one: too few tokens) the vocabulary is the model's, which the caller sets
+            raise ValueError(f"tokenizer bpe: {e}, and it is trained to the model's vocab_size: give the model a "
+                             "larger one (overrides vocab_size=N, --set vocab_size=N; a few thousand is usual)") \
+                from None
     if name:
-        return tokenizers.load_tokenizer(name)
+        if (tokenizer := tokenizers.find_tokenizer(name)) is None:  # (load_tokenizer's advice is the Python API's)
+            raise ValueError(f"unknown tokenizer {name!r}{tokenizers.close_names(name, ('char', 'bpe'))}: tokenizer= "
+                             "(--tokenizer) takes char (the training text's characters); bpe (a byte-level BPE "
+                             f"trained on it); {tokenizers.SOURCES}")
+        return tokenizer
     if preset is not None and (get_preset(preset).repo or get_preset(preset).gguf):
         return tokenizers.load_tokenizer(preset)
     raise ValueError(f"preset {preset!r} names no tokenizer: pass tokenizer= (--tokenizer) char, gpt2, bpe or a "
@@ -425,12 +490,13 @@ def restore(state, model, optimizer, batch_rng, s, rank, checkpoint):
 
 # ---------------------------------------------------------------------------------------- the loop
 
-def fit(run, s, train_data, val_data, dist, out, tokenizer):
+def fit(run, s, train_data, val_data, dist, out, tokenizer, inputs):
     """Train `run` up to run.horizon with settings `s`; return the last validation loss (on the ranks that
     validate: rank 0, and every rank under FSDP, which gathers the shards; else None). Every s.log_interval
     steps: the training loss (a non-finite one stops the run with FloatingPointError), and with a time budget
     the horizon planned anew (Budget); every s.eval_interval steps a validation loss; every
-    s.checkpoint_interval steps a checkpoint in `out` with `tokenizer` (runs.save_checkpoint); both at the end.
+    s.checkpoint_interval steps a checkpoint in `out` with `tokenizer` and what the run started from (`inputs`,
+    started_from's: runs.save_checkpoint); both at the end.
     Rank 0 writes OUT/log.jsonl and loss.png and shows the progress bar."""
     master, gathers = dist.rank == 0, dist.rank == 0 or s.fsdp
     eval_at = val_data.fixed(s.eval_iters * s.batch_size)
@@ -483,7 +549,7 @@ def fit(run, s, train_data, val_data, dist, out, tokenizer):
             if gathers and (run.step % s.checkpoint_interval == 0 or last):
                 t = time.time()
                 runs.save_checkpoint(out, run.step, run.model, tokenizer, run.optimizer, run.horizon, run.batch_rng,
-                                     s, master, dpo=run.dpo_state)
+                                     s, master, dpo=run.dpo_state, inputs=inputs)
                 meter.leave_out(t)
                 if timer:
                     timer.checkpoint_seconds = time.time() - t

@@ -25,11 +25,12 @@ def add_arguments(p):
     p.add_argument("--val", nargs="+", metavar="PATH", help=f"validation text files instead of the last {VAL_PERCENT}%%")
     p.add_argument("--out", required=True, help="folder for checkpoints, log.jsonl and loss.png")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the newest checkpoint in --out, with its settings (a larger --max-iters "
-                        "continues up to it)")
+                   help="continue from the newest checkpoint in --out, with its model, data and settings (a larger "
+                        "--max-iters continues up to it; a preset, --init, --data, --set or --tokenizer that differs "
+                        "from the run's is refused)")
     p.add_argument("--overwrite", action="store_true",
                    help="start again in an --out folder that holds a run: the old run is moved aside to OUT.old-N "
-                        "(not deleted)")
+                        "(not deleted) once the settings, model and data have loaded")
     p.add_argument("--init", metavar="SOURCE", help="start from pretrained weights (preset, hub id, folder, .gguf)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="model config override")
     defaults = TrainConfig()
