@@ -1,6 +1,7 @@
 """`zoo chat`: multi-turn conversations through a pipe and in a real terminal (a pty), on a tiny random model
 with SmolLM2's tokenizer and chat template: each answer must be exactly zoo.complete's for the conversation
 the chat should be holding (so history, /reset, /system, /load and trimming show in the answers)."""
+import io
 import json
 import os
 import re
@@ -89,6 +90,16 @@ def test_the_oldest_turns_are_dropped_at_the_context(tiny_chat_model):
     assert dropped and "oldest messages no longer fit the context of 64 tokens" in r.stderr
     r = chat(tiny_chat_model, "--max-new-tokens", 8, "--context", 40, input="word " * 50 + "\nhi\n")
     assert "does not fit the context of 40" in r.stderr and r.returncode == 0
+
+
+def test_the_default_answer_length_fits_a_small_context(tiny_chat_model, zoo_main, monkeypatch):
+    """Unset, --max-new-tokens is 256 or half of a smaller context; a value given that leaves no room is refused."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
+    code, out, err = zoo_main("chat", tiny_chat_model, "--context", 64, "--device", "cpu")
+    assert code == 0, err
+    assert out == expected(tiny_chat_model, [user("hi")], 32) + "\n" and "[32 tokens" in err
+    code, _, err = zoo_main("chat", tiny_chat_model, "--context", 64, "--max-new-tokens", 64, "--device", "cpu")
+    assert code == 2 and "--max-new-tokens 64 leaves no room in the context of 64 tokens" in err
 
 
 # ------------------------------------------------------------------------------------- a real terminal

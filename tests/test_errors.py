@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -53,6 +54,9 @@ def ws(tmp_path_factory):
     (root / "empty.gguf").write_bytes(b"")
     (root / "torn.gguf").write_bytes(b"GGUF" + (3).to_bytes(4, "little") + (1).to_bytes(8, "little"))
     (root / "out").mkdir()
+    (root / "adapter.gguf").write_bytes(b"GGUF")  # llama.cpp's kind of LoRA adapter
+    for step in ("step-0000002", "step-0000010"):  # a training run's folder
+        shutil.copytree(root / "model", root / "run" / step)
     return root
 
 
@@ -272,10 +276,27 @@ CLI = [  # (id, argv(ws), text the error line must contain)
     ("generate-dtype-unknown", lambda ws: ["generate", ws / "model", "--prompt", "a", "--dtype", "float99"],
      "float99"),
     ("generate-text-outside-vocabulary", lambda ws: ["generate", ws / "model", "--prompt", "XYZ"], "'X'"),
+    ("generate-beams-with-temperature", lambda ws: ["generate", ws / "model", "--prompt", "a", "--beams", "2",
+                                                    "--temperature", "0.9"], "temperature"),
+    ("generate-beams-with-seed", lambda ws: ["generate", ws / "model", "--prompt", "a", "--beams", "2", "--seed",
+                                             "1"], "seed"),
+    ("generate-preset-typo", lambda ws: ["generate", "smollm2-135m-instruc", "--prompt", "a"],
+     "close preset names: smollm2-135m-instruct"),
+    ("generate-gguf-adapter", lambda ws: ["generate", ws / "model", "--prompt", "a", "--adapter",
+                                          ws / "adapter.gguf"], "PEFT LoRA adapter folder"),
+    ("generate-run-folder", lambda ws: ["generate", ws / "run", "--prompt", "a"], str(Path("run", "step-0000010"))),
+    ("inspect-out-is-a-file", lambda ws: ["inspect", ws / "model", "--prompt", "a", "--logit-lens", "--out",
+                                          ws / "afile"], "--out"),
     ("eval-stride-zero", lambda ws: ["eval", ws / "model", "--data", ws / "text.txt", "--stride", "0"], "--stride"),
     ("eval-batch-size-zero", lambda ws: ["eval", ws / "model", "--data", ws / "text.txt", "--batch-size", "0"],
      "--batch-size"),
     ("eval-window-zero", lambda ws: ["eval", ws / "model", "--data", ws / "text.txt", "--window", "0"], "--window"),
+    ("eval-window-one", lambda ws: ["eval", ws / "model", "--data", ws / "text.txt", "--window", "1"],
+     "--window must be at least 2"),
+    ("eval-output-with-data", lambda ws: ["eval", ws / "model", "--data", ws / "text.txt", "--output",
+                                          ws / "r.json"], "--output goes with --tasks"),
+    ("eval-include-path-with-data", lambda ws: ["eval", ws / "model", "--data", ws / "text.txt", "--include-path",
+                                                ws / "notes"], "--include-path goes with --tasks"),
     ("eval-window-above-block", lambda ws: ["eval", ws / "model", "--data", ws / "text.txt", "--window", "1000"],
      "block_size"),
     ("eval-batch-size-not-a-number", lambda ws: ["eval", ws / "model", "--data", ws / "text.txt", "--batch-size",
@@ -355,6 +376,87 @@ def test_cli_in_a_real_process(ws, argv, culprit):
     assert out.returncode == 2 and len(lines) == 1, out.stderr
     assert lines[0].startswith(f"zoo {argv[0]}: error: ") and culprit in lines[0]
     assert snapshot(ws) == before
+
+
+@pytest.mark.parametrize("argv", [
+    ["generate", "{ws}/model", "--prompt", "a"], ["chat", "{ws}/model"],
+    ["eval", "{ws}/model", "--data", "{ws}/text.txt"], ["inspect", "{ws}/model", "--prompt", "a", "--logit-lens"],
+    ["serve", "{ws}/model"],
+    ["train", "shakespeare-char", "--data", "{ws}/text.txt", "--out", "{ws}/out/t9"]], ids=lambda argv: argv[0])
+def test_cli_device_this_torch_cannot_reach(ws, argv, zoo_main, monkeypatch):
+    """--device cuda (mps) where torch finds none (here made to) is refused before anything loads."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.mps, "is_available", lambda: False)
+    before = snapshot(ws)
+    for device in ("cuda", "cuda:0", "mps"):
+        code, _, err = zoo_main(*[a.format(ws=ws) for a in argv], "--device", device)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1, err
+        assert lines[0].startswith(f"zoo {argv[0]}: error: device {device!r} is not available") and \
+            "--device cpu" in lines[0]
+    assert snapshot(ws) == before
+
+
+def test_api_device_this_torch_cannot_reach(ws, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for call in (lambda: zoo.from_pretrained(ws / "model", device="cuda"), lambda: zoo.load("bigram", device="cuda:0")):
+        with pytest.raises(ValueError, match="'cuda(:0)?' is not available: this torch"):
+            call()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # one GPU: cuda:1 names none
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="'cuda:1' is not available: this machine has 1 cuda device"):
+        zoo.load("bigram", device="cuda:1")
+
+
+def test_serve_refuses_a_port_in_use_before_loading(ws, zoo_main):
+    pytest.importorskip("uvicorn", reason="uvicorn is not installed (pip install 'zoo-lm[serve]')")
+    pytest.importorskip("fastapi", reason="FastAPI is not installed (pip install 'zoo-lm[serve]')")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, _, err = zoo_main("serve", ws / "model", "--port", port)
+    assert code == 2 and err.strip() == f"zoo serve: error: port {port} on 127.0.0.1 is in use; pick another --port"
+
+
+@pytest.fixture
+def hub_offline(monkeypatch):
+    """`datasets` in offline mode, as HF_DATASETS_OFFLINE sets it (the datasets asked for are in no cache)."""
+    datasets = pytest.importorskip("datasets", reason="datasets is not installed (pip install 'zoo-lm[datasets]')")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # (what the variable sets at import)
+    return datasets
+
+
+def test_hf_data_the_hub_cannot_give(ws, zoo_main, hub_offline, monkeypatch):
+    code, _, err = zoo_main("train", "shakespeare-char", "--data", "hf:nosuch-org/nosuch-data", "--out",
+                            ws / "out" / "t10", *TINY_ARGV)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("zoo train: error: dataset 'hf:nosuch-org/nosuch-data"
+                                                                  "' is not in the Hugging Face cache and "
+                                                                  "HF_DATASETS_OFFLINE is set"), err
+    assert not (ws / "out" / "t10").exists()
+
+    def unreachable(*args, **kwargs):  # as `datasets` says it when the network is down
+        raise ConnectionError("Couldn't reach 'wikitext' on the Hub (ConnectError)")
+    monkeypatch.setattr(hub_offline.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_offline, "load_dataset", unreachable)
+    with pytest.raises(FileNotFoundError, match="'hf:wikitext': could not reach the Hugging Face hub and it is not in "
+                                                "the cache; check the network"):
+        data.read_texts(["hf:wikitext"])
+
+
+def test_harness_tasks_whose_data_the_hub_cannot_give(tmp_path, hub_offline):
+    """What `zoo eval --tasks` runs: a task whose dataset is in no cache is a FileNotFoundError naming it."""
+    harness = pytest.importorskip("zoo.harness", reason="lm-evaluation-harness is not installed (pip install "
+                                                        "'zoo-lm[eval]')")
+    (tmp_path / "remote.yaml").write_text(
+        "task: remote_task\ndataset_path: nosuch-org/nosuch-data\noutput_type: loglikelihood\ntest_split: test\n"
+        "doc_to_text: '{{text}}'\ndoc_to_target: ' a'\nmetric_list:\n  - metric: acc\n    higher_is_better: true\n")
+    lm = harness.ZooLM(model=tiny("gpt2"), tokenizer=CharTokenizer("abcdefghij \n"), prefix_token_id=0)
+    with pytest.raises(FileNotFoundError, match=r"the data of remote_task \(.*nosuch-org/nosuch-data.*\) is not in "
+                                                "the Hugging Face cache and HF_DATASETS_OFFLINE is set"):
+        harness.evaluate(lm, "remote_task", include_path=tmp_path)
 
 
 def test_catalogue_size():

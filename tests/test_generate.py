@@ -497,6 +497,8 @@ def test_complete_with_beams_and_sampling(gpt2_tokenizer):
     (dict(repetition_penalty=0.0), "repetition_penalty"),
     (dict(repetition_penalty=-1.0), "repetition_penalty"),
     (dict(num_beams=2, top_k=5), "top_k"),
+    (dict(num_beams=2, temperature=0.9), "temperature"),
+    (dict(num_beams=2, seed=0), "seed"),
     (dict(min_new_tokens=-1), "min_new_tokens"),
     (dict(temperature=float("nan")), "temperature"),
     (dict(top_p=float("inf")), "top_p"),

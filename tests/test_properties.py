@@ -114,8 +114,9 @@ def valid_settings(draw):
         eos_token_id=draw(OPTIONAL(st.integers(0, V - 1) | st.lists(st.integers(0, V - 1), max_size=3))),
         seed=draw(OPTIONAL(st.integers(0, 2 ** 63))),
     )
-    if draw(st.booleans()):  # beam search: deterministic, without the samplers' filters
-        fields.update(num_beams=draw(st.integers(2, 3)), length_penalty=draw(st.floats(-3, 3)))
+    if draw(st.booleans()):  # beam search: deterministic, without the samplers' settings
+        fields.update(num_beams=draw(st.integers(2, 3)), length_penalty=draw(st.floats(-3, 3)),
+                      temperature=draw(st.sampled_from([0.0, 1.0])), seed=None)
     else:
         fields.update(top_k=draw(OPTIONAL(st.integers(1, 2 * V))), top_p=draw(OPTIONAL(st.floats(0, 1, exclude_min=True))),
                       min_p=draw(OPTIONAL(st.floats(0, 1))))
@@ -160,10 +161,10 @@ def test_any_invalid_sampling_setting_is_a_value_error_naming_it(data, field, pr
 
 
 @FAST
-@given(field=st.sampled_from(["top_k", "top_p", "min_p"]), beams=st.integers(2, 4))
-def test_beam_search_with_a_sampler_filter_is_a_value_error(field, beams):
+@given(field=st.sampled_from(["top_k", "top_p", "min_p", "temperature", "seed"]), beams=st.integers(2, 4))
+def test_beam_search_with_a_sampling_setting_is_a_value_error(field, beams):
     with pytest.raises(ValueError, match="beam search"):
-        zoo.generate(_model("bigram"), [1, 2], 3, num_beams=beams, **{field: 1 if field == "top_k" else 0.5})
+        zoo.generate(_model("bigram"), [1, 2], 3, num_beams=beams, **{field: 1 if field in ("top_k", "seed") else 0.5})
 
 
 @FAST

@@ -160,6 +160,11 @@ def save_adapter(model, folder, *, tokenizer=None):
 def read_config(folder):
     """A PEFT adapter folder's LoRA settings (r, alpha, dropout, scaling), refusing what the zoo's LoRA
     layer cannot compute, with the reason."""
+    if Path(folder).is_file():
+        gguf = " (a .gguf LoRA adapter is llama.cpp's format: pass the PEFT folder it was made from)" \
+            if Path(folder).suffix == ".gguf" else ""
+        raise ValueError(f"{folder} is a file: an adapter (--adapter) is a PEFT LoRA adapter folder ({CONFIG} and "
+                         f"{WEIGHTS}){gguf}")
     path = Path(folder) / CONFIG
     try:
         c = json.loads(path.read_text())

@@ -9,6 +9,8 @@ import argparse
 import importlib
 import sys
 
+from .sources import as_device
+
 COMMANDS = ("list", "generate", "chat", "train", "eval", "verify", "inspect", "serve", "fill-mask", "export")
 
 
@@ -26,6 +28,8 @@ def main(argv=None):
         modules[name].add_arguments(sub.add_parser(name, help=modules[name].HELP, description=modules[name].HELP))
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "device", None) is not None:  # every command's --device, before anything loads
+            as_device(args.device)
         return modules[args.command].run(args) or 0
     # bad input: say what and how to fix, no traceback (OSErrors about the user's paths included)
     except (ValueError, TypeError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .atomic import write_file
+from .weight_files import hub_unreachable
 
 IGNORE = -100  # a target that no loss counts (F.cross_entropy's default ignore_index)
 VAL_FRACTION = 0.1  # without validation files, the last tenth of the tokens validates (training and `zoo eval`)
@@ -89,7 +90,19 @@ def hf_rows(spec):
         rows = datasets.load_dataset(name, config or None, split=split)
     except ValueError as e:  # an unknown split names the known ones
         raise ValueError(f"{spec!r}: {e}") from None
+    except ConnectionError:  # (the hub did not answer, or offline mode, and the cache lacks it)
+        raise datasets_unreachable(f"dataset {spec!r}", "pass local text files") from None
     return rows
+
+
+def datasets_unreachable(what, instead):
+    """weight_files.hub_unreachable for data that the `datasets` package could not fetch (its offline mode:
+    HF_DATASETS_OFFLINE, else HF_HUB_OFFLINE)."""
+    import datasets
+    offline = None
+    if datasets.config.HF_HUB_OFFLINE:
+        offline = "HF_DATASETS_OFFLINE" if "HF_DATASETS_OFFLINE" in os.environ else "HF_HUB_OFFLINE"
+    return hub_unreachable(what, offline, instead)
 
 
 def tokenizer_key(tokenizer):

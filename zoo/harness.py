@@ -29,6 +29,7 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from .data import datasets_unreachable
 from .generation import TextStream, token_stream
 from .progress import bar, log
 from .sampling import SamplingConfig
@@ -310,5 +311,9 @@ def evaluate(source, tasks, *, include_path=None, num_fewshot=None, limit=None, 
     lm = source if isinstance(source, ZooLM) else ZooLM(
         source=str(source), dtype=dtype, device=device, tokenizer=tokenizer, batch_size=batch_size)
     log.info("zoo: evaluating %s on %s", lm.name, ", ".join(tasks))
-    return lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
-                                   task_manager=manager, log_samples=log_samples, **kwargs)
+    try:
+        return lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
+                                       task_manager=manager, log_samples=log_samples, **kwargs)
+    except ConnectionError as e:  # `datasets` could not fetch a task's data (no network, or offline mode)
+        raise datasets_unreachable(f"the data of {', '.join(tasks)} ({e})", "score a local text instead "
+                                   "(zoo eval --data)") from None

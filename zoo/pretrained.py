@@ -11,6 +11,7 @@ the memory-mapped checkpoint, each converted straight to the target dtype and de
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -123,6 +124,10 @@ def _open(path):
     try:
         hf = json.loads(config_file.read_text())
     except FileNotFoundError:
+        # a training run's folder (zoo/runs.py, which imports this module, names its checkpoints so)
+        if steps := sorted(p.name for p in path.iterdir() if re.fullmatch(r"step-\d+", p.name)):
+            raise FileNotFoundError(f"{path} is a training run's folder, not a model: load one of its checkpoints, "
+                                    f"e.g. the latest, {path / steps[-1]}") from None
         raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face or zoo model folder)") from None
     except ValueError as e:
         raise ValueError(f"{config_file}: not valid JSON ({e})") from None

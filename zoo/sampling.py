@@ -27,7 +27,7 @@ class SamplingConfig:
     top_p: float | None = None               # keep the smallest set of most likely tokens reaching p
     min_p: float | None = None               # keep tokens at least min_p times as likely as the best one
     repetition_penalty: float | None = None  # CTRL's penalty on tokens already seen (prompt included)
-    num_beams: int = 1                       # > 1: beam search (deterministic; no top-k/p/min-p)
+    num_beams: int = 1                       # > 1: beam search (deterministic; no sampling settings)
     length_penalty: float = 1.0              # beam search scores sum(log p) / length ** length_penalty
     min_new_tokens: int = 0                  # no end-of-text before this many new tokens
     eos_token_id: int | list | tuple | None = None  # None: the model's (or tokenizer's) own end tokens
@@ -60,9 +60,11 @@ class SamplingConfig:
             raise ValueError(f"repetition_penalty must be > 0 (1 or None: no penalty), got {self.repetition_penalty}")
         if self.num_beams < 1:
             raise ValueError(f"num_beams must be >= 1 (1: no beam search), got {self.num_beams}")
-        if self.num_beams > 1 and (self.top_k, self.top_p, self.min_p) != (None, None, None):
-            raise ValueError("top_k, top_p and min_p are sampling settings; beam search (num_beams > 1) is "
-                             "deterministic: drop them or use num_beams=1")
+        # beam search ranks by the model's own log-probabilities: no temperature but 1 (or 0, greedy) and no draws
+        if self.num_beams > 1 and ((self.top_k, self.top_p, self.min_p, self.seed) != (None,) * 4 or
+                                   self.temperature not in (0, 1)):
+            raise ValueError("temperature, top_k, top_p, min_p and seed are sampling settings; beam search "
+                             "(num_beams > 1) is deterministic: drop them or use num_beams=1")
         if self.seed is not None and not -2 ** 63 <= self.seed < 2 ** 64:
             raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
         if self.min_new_tokens < 0:

@@ -7,6 +7,7 @@ a LoRA training run's checkpoint (its base plus its adapter).
 
 The files themselves are read by zoo/pretrained.py (model weights) and zoo/adapters.py (PEFT adapters).
 """
+import difflib
 import json
 import os
 from pathlib import Path
@@ -42,7 +43,15 @@ def source_path(source, revision=None):
     if source in PRESETS and not Path(source).exists():
         name, (source, description) = source, preset_source(source, revision=revision)
         log.info("zoo: %s: weights from %s", name, description)
-    return weight_files.resolve(source, revision)
+    try:
+        return weight_files.resolve(source, revision)
+    except FileNotFoundError as e:
+        if "/" in str(source):  # a path or a hub repo id, not a misspelt preset name
+            raise
+        close = difflib.get_close_matches(str(source), PRESETS, n=3)
+        presets = f"close preset names: {', '.join(close)} (zoo list shows them all)" if close else \
+            "zoo list shows the preset names"
+        raise FileNotFoundError(f"{e}; {presets}") from None
 
 
 def describe_source(source, revision=None):
@@ -98,11 +107,21 @@ def write_merged(checkpoint, folder):
 
 
 def as_device(device):
-    """torch.device(device), the CPU for None; a name torch does not know is a ValueError."""
+    """torch.device(device), the CPU for None; a name torch does not know, or a device this torch cannot reach
+    (a CPU-only build asked for cuda, a missing GPU), is a ValueError."""
     try:
-        return torch.device(device or "cpu")
+        d = torch.device(device or "cpu")
     except (RuntimeError, TypeError):
         raise ValueError(f"device must be cpu, cuda, cuda:1, mps, ... (a torch.device), not {device!r}") from None
+    backend = getattr(torch, d.type, None)  # torch.cuda, torch.mps, torch.xpu, ...: each knows whether it can run
+    if hasattr(backend, "is_available") and not backend.is_available():  # (else a traceback at the first tensor)
+        raise ValueError(f"device {str(device)!r} is not available: this torch ({torch.__version__}) finds no "
+                         f"{d.type} device (a build without {d.type} support, or no such hardware here); use the "
+                         f"CPU (--device cpu), or install a torch built for {d.type}")
+    if d.index is not None and hasattr(backend, "device_count") and d.index >= backend.device_count():
+        raise ValueError(f"device {str(device)!r} is not available: this machine has {backend.device_count()} "
+                         f"{d.type} device(s), numbered from 0")
+    return d
 
 
 def as_dtype(dtype):

@@ -45,13 +45,19 @@ def _download(repo, revision):
         raise FileNotFoundError(f"{repo}@{revision}: no such repository or revision on the Hugging Face hub "
                                 f"({type(e).__name__})") from None
     except LocalEntryNotFoundError:
-        if huggingface_hub.constants.HF_HUB_OFFLINE:
-            raise FileNotFoundError(
-                f"{repo}@{revision} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: download it "
-                f"once with the network on (unset HF_HUB_OFFLINE), or pass a local folder or .gguf file") from None
-        raise FileNotFoundError(f"{repo}@{revision}: could not reach the Hugging Face hub and it is not in the "
-                                f"cache; check the network, or pass a local folder or .gguf file") from None
+        raise hub_unreachable(f"{repo}@{revision}", "HF_HUB_OFFLINE" if huggingface_hub.constants.HF_HUB_OFFLINE
+                              else None, "pass a local folder or .gguf file") from None
     return folder
+
+
+def hub_unreachable(what, offline, instead):
+    """The FileNotFoundError for `what` (a model, a dataset), which the Hugging Face cache lacks and the hub did
+    not give: `offline` names the variable that set offline mode (None: the hub could not be reached)."""
+    if offline:
+        return FileNotFoundError(f"{what} is not in the Hugging Face cache and {offline} is set: download it once "
+                                 f"with the network on (unset {offline}), or {instead}")
+    return FileNotFoundError(f"{what}: could not reach the Hugging Face hub and it is not in the cache; check the "
+                             f"network, or {instead}")
 
 
 class Checkpoint:

@@ -17,7 +17,7 @@ import torch
 from ..generation import complete
 from ..prepack import prepack
 from ..sources import describe_source
-from .generate import add_model_arguments, add_sampling_arguments, load_model, sampling_of
+from .generate import MAX_NEW_TOKENS, add_model_arguments, add_sampling_arguments, load_model, sampling_of
 
 HELP = "talk to a chat model in the terminal (default model: smollm2-135m-instruct)"
 COMMANDS = """commands:
@@ -35,6 +35,7 @@ def add_arguments(parser):
                              "included) or .gguf file (default: smollm2-135m-instruct)")
     parser.add_argument("--system", help="the system prompt (default: none, or the chat template's own)")
     add_sampling_arguments(parser)
+    parser.set_defaults(max_new_tokens=None)  # unset: 256 tokens, or half of a smaller context (see run)
     add_model_arguments(parser)
     parser.add_argument("--context", type=int,
                         help="tokens of conversation kept, the answer's included (default: the model's block_size)")
@@ -185,10 +186,13 @@ def run(args):
         raise ValueError(f"{args.source} has no chat template: zoo chat talks to chat models (zoo generate "
                          "continues text)")
     context = min(args.context or model.config.block_size, model.config.block_size)
-    if args.max_new_tokens >= context:
-        raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room in the context of {context} "
+    max_new_tokens = args.max_new_tokens
+    if max_new_tokens is None:  # the default fits any context: the other half stays for the conversation
+        max_new_tokens = min(MAX_NEW_TOKENS, context // 2)
+    elif max_new_tokens >= context:
+        raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room in the context of {context} "
                          "tokens for the conversation")
-    chat = Conversation(tokenizer, context, args.max_new_tokens, args.system)
+    chat = Conversation(tokenizer, context, max_new_tokens, args.system)
     interactive = sys.stdin.isatty()
     if interactive:
         note(f"zoo chat: {describe_source(args.source)} on {device}; /help for the commands, Ctrl-D to leave")

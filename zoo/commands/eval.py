@@ -55,9 +55,10 @@ def add_arguments(p):
 
 
 def run(args):
-    for name in ("window", "stride", "max_tokens", "batch_size"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
+    # (a window's first token is context only: a window scores one token less than it holds)
+    for name, least in (("window", 2), ("stride", 1), ("max_tokens", 1), ("batch_size", 1)):
+        if getattr(args, name) is not None and getattr(args, name) < least:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {least}, not {getattr(args, name)}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if args.bf16 else getattr(torch, args.dtype) if args.dtype else None
     if args.tasks:
@@ -65,6 +66,10 @@ def run(args):
     if not args.data:
         raise ValueError("give --data FILES (loss and perplexity of a text) or --tasks T1,T2 "
                          "(lm-evaluation-harness benchmarks)")
+    for name in ("output", "include_path", "num_fewshot", "limit"):
+        if getattr(args, name) is not None:
+            raise ValueError(f"--{name.replace('_', '-')} goes with --tasks (lm-evaluation-harness benchmarks); "
+                             "--data scores a text: drop it")
     if args.batch_size is None:
         args.batch_size = 4
     for name, source in sources(args.source):

@@ -39,9 +39,12 @@ def add_arguments(parser):
     parser.add_argument("--draft-quantize", choices=("int8", "int4", "native"), help="quantize the --draft model")
 
 
+MAX_NEW_TOKENS = 256
+
+
 def add_sampling_arguments(parser):
     """The sampling flags (shared with `zoo chat`)."""
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="0 (the default) is greedy: the same answer every time; e.g. 0.8 samples")
     parser.add_argument("--top-k", type=int)
@@ -71,7 +74,7 @@ def load_model(args, device):
 
 def sampling_of(args, num_beams=1):
     """The flags' SamplingConfig (checked before the minutes a download may take)."""
-    if args.max_new_tokens < 0:
+    if args.max_new_tokens is not None and args.max_new_tokens < 0:  # (None: zoo chat's default, see there)
         raise ValueError(f"--max-new-tokens must be >= 0, not {args.max_new_tokens}")
     return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                           repetition_penalty=args.repetition_penalty, num_beams=num_beams, seed=args.seed)

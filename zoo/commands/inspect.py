@@ -40,6 +40,8 @@ def run(args):
         raise ValueError("--head selects a head of --attention LAYER's; pass --attention too")
     if not args.logit_lens and args.attention is None:
         raise ValueError("nothing to inspect: pass --logit-lens and/or --attention LAYER")
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a file: --out names a folder for the PNGs (made if missing)")
     model, tokenizer = load_source(args.source, device=args.device, dtype="float32")
     n_layer, n_head = model.config.n_layer, model.config.n_head
     if args.attention is not None and not 0 <= args.attention < n_layer:

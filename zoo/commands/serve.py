@@ -1,6 +1,8 @@
 """`zoo serve [SOURCE]`: any zoo source over the OpenAI HTTP API, concurrent requests decoded in one batch,
 with a chat page at / (FastAPI and uvicorn: pip install 'zoo-lm[serve]')."""
+import errno
 import os
+import socket
 import sys
 
 import torch
@@ -57,6 +59,7 @@ def run(args):
     if args.num_draft is not None and (args.num_draft < 1 or not args.prompt_lookup):
         raise ValueError(f"--num-draft sets the tokens --prompt-lookup drafts per step: give --prompt-lookup and a "
                          f"number >= 1, not {args.num_draft}")
+    check_port(args.host, args.port)  # before the load and the announcement (another server may still take it)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model(args, device)
     # oneDNN's reordered weights (zoo/prepack.py); with --compile only a quantized model's copies for prompts (the
@@ -72,3 +75,17 @@ def run(args):
     # on Ctrl-C, open answers get 5 s to end before they are cut (uvicorn's default waits for them all)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
     return 0
+
+
+def check_port(host, port):
+    """Refuse a --host/--port that cannot be listened on, binding it as uvicorn will (then letting it go)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        # as uvicorn binds: the lingering connections of a server that just stopped do not hold the port
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ValueError(f"port {port} on {host} is in use; pick another --port") from None
+            raise ValueError(f"cannot listen on {host}:{port} ({e.strerror or e}); check --host and --port") \
+                from None
