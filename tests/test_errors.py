@@ -399,7 +399,8 @@ def test_cli_device_this_torch_cannot_reach(ws, argv, zoo_main, monkeypatch):
 
 def test_api_device_this_torch_cannot_reach(ws, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    for call in (lambda: zoo.from_pretrained(ws / "model", device="cuda"), lambda: zoo.load("bigram", device="cuda:0")):
+    for call in (lambda: zoo.from_pretrained(ws / "model", device="cuda"), lambda: zoo.load("bigram", device="cuda:0"),
+                 lambda: zoo.train("bigram", [ws / "text.txt"], ws / "out" / "gpu", tokenizer="char", device="cuda")):
         with pytest.raises(ValueError, match="'cuda(:0)?' is not available: this torch"):
             call()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # one GPU: cuda:1 names none

@@ -114,6 +114,10 @@ def _eos_ids(path, ckpt):
     return ids or None
 
 
+# a training run's checkpoint folders, OUT/step-NNNNNNN (zoo/runs.py writes them; a source names one of them)
+CHECKPOINT_NAME = r"step-\d+"
+
+
 def _open(path):
     """(checkpoint, arch, Config values, weights map or None for our own format, description)."""
     if path.suffix == ".gguf":
@@ -124,8 +128,7 @@ def _open(path):
     try:
         hf = json.loads(config_file.read_text())
     except FileNotFoundError:
-        # a training run's folder (zoo/runs.py, which imports this module, names its checkpoints so)
-        if steps := sorted(p.name for p in path.iterdir() if re.fullmatch(r"step-\d+", p.name)):
+        if steps := sorted(p.name for p in path.iterdir() if re.fullmatch(CHECKPOINT_NAME, p.name)):
             raise FileNotFoundError(f"{path} is a training run's folder, not a model: load one of its checkpoints, "
                                     f"e.g. the latest, {path / steps[-1]}") from None
         raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face or zoo model folder)") from None

@@ -17,7 +17,7 @@ import torch
 from . import adapters
 from .distributed import full_state
 from .progress import log as note
-from .pretrained import save_pretrained
+from .pretrained import CHECKPOINT_NAME, save_pretrained
 from .registry import arch_of, build
 from .sources import from_pretrained, load_lora_run
 
@@ -27,7 +27,7 @@ STATE_FILE = "training_state.pt"
 def checkpoints_in(out):
     """The run's step-NNNNNNN folders, oldest first."""
     names = os.listdir(out) if os.path.isdir(out) else []
-    return [os.path.join(out, d) for d in sorted(names) if re.fullmatch(r"step-\d+", d)]
+    return [os.path.join(out, d) for d in sorted(names) if re.fullmatch(CHECKPOINT_NAME, d)]
 
 
 def latest_checkpoint(out):

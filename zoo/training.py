@@ -36,7 +36,7 @@ from .progress import log as note
 from .quantization import native_bf16
 from .registry import arch_of, build, get_preset
 from .routing import RouterLoss
-from .sources import load_source, write_merged
+from .sources import as_device, load_source, write_merged
 
 
 def _setting(default, help, **extra):
@@ -296,6 +296,7 @@ def settings(source, config, fields, state=None):
     if s.max_iters is None and not s.time_budget:  # with a time budget the budget sets the horizon
         s.max_iters = 5000
     s.device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    as_device(s.device)  # one this torch reaches (checked here, not in TrainConfig: a run may resume elsewhere)
     if s.bf16 and not computes_bf16(s.device):
         # torch emulates bf16 there: its matmuls 3-4x slower than float32's on an AVX-512 CPU without BF16, ~6x on an
         # AVX2-only one (AMD Zen 3), where oneDNN has no bf16 kernels and torch's reference GEMM runs them. A preset's
