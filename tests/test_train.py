@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -661,7 +662,7 @@ def test_a_folder_of_other_files_is_refused(tmp_path, text_file, zoo_main):
     (mine / "loss.png").write_text("my plot")
     code, _, err = zoo_main("train", "shakespeare-char", "--data", text_file, "--tokenizer", "char", *TINY_ARGV,
                             "--max-iters", "1", "--out", mine)
-    assert code == 2 and "not a zoo run (loss.png)" in err and "new or empty folder" in err
+    assert code == 2 and "not a zoo run (loss.png)" in err and "another folder" in err
     assert os.listdir(mine) == ["loss.png"] and (mine / "loss.png").read_text() == "my plot"
     (tmp_path / "afile").write_text("mine")
     code, _, err = zoo_main("train", "shakespeare-char", "--data", text_file, "--tokenizer", "char", *TINY_ARGV,
@@ -685,18 +686,65 @@ def test_resume_refuses_what_differs_from_the_run(tmp_path, text_file, zoo_main)
         assert code == 2 and len(lines) == 1 and lines[0].startswith("zoo train: error: "), err
         assert snapshot(out) == before
         return lines[0]
-    err = resume("bigram", "--tokenizer", "gpt2", "--set", "n_layer=2")
-    assert "preset 'bigram' (the run's: 'shakespeare-char')" in err and "--tokenizer" in err
+    err = resume("bigram", "--set", "n_layer=2")
+    assert "preset 'bigram' (the run's: 'shakespeare-char')" in err
     assert "(--set) n_layer=2 (the run's: 1)" in err and "--init " + str(out / "step-0000002") in err
-    assert "--data" in resume(data=other)
-    assert "--val" in resume("--val", other)
-    assert "--init" in resume("--init", out / "step-0000002")
+    err = resume("--tokenizer", "gpt2", "--seed", "7")
+    assert "tokenizer (--tokenizer) 'gpt2' (the run's: 'char')" in err and "seed (--seed) 7" in err
     assert "--lora-r" in resume("--lora", "4")
     assert "give one of them" in resume("--overwrite")
+    with pytest.raises(ValueError, match="tokenizer .* 'gpt2'"):  # the library's config= too
+        zoo.train(None, [text_file], out, resume=True, config=zoo.TrainConfig(tokenizer="gpt2"))
+    assert snapshot(out) == before
     code, _, err = zoo_main("train", "shakespeare-char", "--data", text_file, "--tokenizer", "char", *TINY_ARGV,
                             "--out", out, "--resume", "--max-iters", "3", "--lr", "1e-3")
     assert code == 0, err
     assert torch.load(out / "step-0000003" / runs.STATE_FILE, weights_only=True)["settings"]["lr"] == 1e-3
+
+
+def test_resume_from_moved_data_warns_and_trains_on_it(tmp_path, text_file, zoo_main, caplog):
+    """A run resumed from another folder or machine finds its data at another path: named in a warning, not
+    refused (--data is required, and the old path may be gone); the checkpoints record the new path."""
+    out = tmp_path / "o"
+    tiny(out, text_file, max_iters=2)
+    moved = tmp_path / "elsewhere" / "text.txt"
+    moved.parent.mkdir()
+    shutil.copy(text_file, moved)
+    code, _, err = zoo_main("train", "--data", moved, "--out", out, "--resume", "--max-iters", "3", "--no-progress")
+    assert code == 0, err
+    assert f"data (--data) {[str(moved)]} where the run had {[os.path.realpath(text_file)]}" in caplog.text
+    state = torch.load(out / "step-0000003" / runs.STATE_FILE, weights_only=True)
+    assert state["inputs"]["data"] == [str(moved)]
+
+
+def test_overwrite_refuses_inputs_inside_the_folder_it_moves(tmp_path, text_file, zoo_main):
+    """--overwrite moves OUT aside: an --init or data file inside it would move under the new run (a LoRA run
+    records its base by path), so it is refused, and OUT stays."""
+    out = tmp_path / "o"
+    tiny(out, text_file, max_iters=1)
+    inside = out / "data.txt"
+    shutil.copy(text_file, inside)
+    before = snapshot(out)
+    for argv in (["--init", out / "step-0000001", "--data", text_file], ["shakespeare-char", "--data", inside]):
+        code, _, err = zoo_main("train", *argv, "--tokenizer", "char", *TINY_ARGV, "--out", out, "--overwrite",
+                                "--no-progress")
+        assert code == 2 and "is inside out" in err and "copy it out first" in err, err
+    assert snapshot(out) == before
+
+
+def test_hidden_files_do_not_make_a_folder_someone_elses(tmp_path, text_file):
+    """A folder holding only hidden files (.DS_Store, .ipynb_checkpoints) takes a run; one holding the user's
+    files is refused unless --overwrite, which moves them aside, never deletes them."""
+    hidden = tmp_path / "h"
+    (hidden / ".ipynb_checkpoints").mkdir(parents=True)
+    tiny(hidden, text_file, max_iters=1)
+    theirs = tmp_path / "t"
+    theirs.mkdir()
+    (theirs / "loss.png").write_text("my plot")
+    with pytest.raises(ValueError, match="not a zoo run.*--overwrite"):
+        tiny(theirs, text_file, max_iters=1)
+    tiny(theirs, text_file, max_iters=1, overwrite=True)
+    assert (tmp_path / "t.old-1" / "loss.png").read_text() == "my plot"
 
 
 def test_init_refuses_a_preset_of_another_architecture(tmp_path, text_file, zoo_main):

@@ -174,9 +174,10 @@ INT4_GEMM_ROWS = 256
 # of running the kernel (zoo/modes.py: prompt_mode; Gemma 3 270M's Q5_0 layers in planes, 2 EPYC cores: level at ~4
 # rows, 4x faster at 32)
 DENSE_ROWS = 4
-# whether torch's CPU int8 kernel vectorizes float32 activations (its AVX-512 build; int8_kernel_takes): a constant,
-# not a call, for the compiled code that reads it
-FLOAT32_INT8_KERNEL = torch.backends.cpu.get_cpu_capability() == "AVX512"
+# whether torch's CPU int8 kernel is the faster way for float32 activations: not in its AVX2 build, which multiplies
+# them in a reference loop (int8_kernel_takes; other builds unmeasured keep it): a constant, not a call, for the
+# compiled code that reads it
+FLOAT32_INT8_KERNEL = torch.backends.cpu.get_cpu_capability() != "AVX2"
 PACK_ROWS = 4096  # rows packed for the CPU int4 kernel at a time (a multiple of its blocks of 64)
 # How inductor's loop over a tied head's row-major 8-bit codes (Int4Linear.row_product, compiled one-row steps) reads
 # them at near this CPU's bandwidth, or None where the planes' kernel is the faster: "bytes" with AVX-512, 16 codes a
@@ -201,8 +202,8 @@ def int8_mm(x, codes, scales):
 
 def int8_kernel_takes(x, K):
     """Whether torch's int8 kernel computes x [M, K] @ W^T faster than the dequantized copy's GEMM: for fewer than
-    GEMM_ROWS rows, of K in blocks of 16 (see int8_mm), and not float32 on a CPU without AVX-512, whose kernel
-    build multiplies float32 in a reference loop: slower than the copy's GEMM from the first row there
+    GEMM_ROWS rows, of K in blocks of 16 (see int8_mm), and not float32 with torch's AVX2 build of the kernel,
+    which multiplies float32 in a reference loop: slower than the copy's GEMM from the first row there
     (`python bench/int8_matmul.py --dtype float32` on an AVX2-only EPYC, SmolLM2's gate|up layer: 1 row 0.86 against
     0.47 ms, 16 rows 24.7 against 1.5)."""
     return x.shape[0] < GEMM_ROWS and K % 16 == 0 and (x.dtype != torch.float32 or x.device.type != "cpu"

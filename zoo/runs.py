@@ -39,11 +39,12 @@ def holds_a_run(out):
     return os.path.isdir(out) and (os.path.exists(os.path.join(out, "log.jsonl")) or bool(checkpoints_in(out)))
 
 
-def check_out(out, resume, overwrite):
+def check_out(out, resume, overwrite, inputs=()):
     """Whether a run may write to `out`, before anything is read or trained: a run is never mixed into an old
-    one or into the user's own files. A folder that holds a run is continued (resume) or, with overwrite, moved
-    aside once training starts (returns True: move_aside); a file, a path inside one and a folder of other
-    files are refused."""
+    one or into the user's own files. A folder that holds a run, or other files (hidden ones aside: .DS_Store,
+    .ipynb_checkpoints), is continued (resume: a run only) or, with overwrite, moved aside once training starts
+    (returns True: move_aside); then none of the run's `inputs` (its init and data paths) may lie inside it. A
+    file and a path inside one are refused."""
     existing = os.path.abspath(out)  # the path itself, else the nearest folder above it that exists
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
@@ -52,27 +53,36 @@ def check_out(out, resume, overwrite):
         raise ValueError(f"out {out!r} {where}, not a folder: name a folder for the run's checkpoints and log")
     if resume:
         return False
-    if holds_a_run(out):
-        if not overwrite:
-            raise ValueError(f"out {out!r} holds an earlier run (log.jsonl / step-* checkpoints): continue it with "
-                             "resume (--resume), start again with overwrite (--overwrite; the old run is moved "
-                             "aside to OUT.old-N), or name another folder")
-        return True
-    if os.path.isdir(out) and (theirs := sorted(os.listdir(out))):
-        raise ValueError(f"out {out!r} holds files that are not a zoo run ({', '.join(theirs[:3])}"
-                         f"{', ...' if len(theirs) > 3 else ''}), which the run's log.jsonl, loss.png and step-* "
-                         "checkpoints could overwrite: name a new or empty folder")
-    return False
+    theirs = sorted(n for n in os.listdir(out) if not n.startswith(".")) if os.path.isdir(out) else []
+    if not theirs:
+        return False
+    if not overwrite:
+        what = "an earlier run (log.jsonl / step-* checkpoints)" if holds_a_run(out) else \
+            f"files that are not a zoo run ({', '.join(theirs[:3])}{', ...' if len(theirs) > 3 else ''})"
+        raise ValueError(f"out {out!r} holds {what}: " + ("continue it with resume (--resume), " if holds_a_run(out)
+                         else "") + "start again with overwrite (--overwrite; what is there is moved aside to "
+                         "OUT.old-N), or name another folder")
+    root = os.path.realpath(out)
+    for path in inputs:  # they would move with it, under the new run's feet (a LoRA base recorded by its path)
+        if path and os.path.exists(path) and os.path.commonpath([os.path.realpath(path), root]) == root:
+            raise ValueError(f"{path!r} is inside out {out!r}, which overwrite (--overwrite) moves aside: copy it "
+                             "out first, or write the new run to another folder")
+    return True
+
+
+def first_free(path, suffix):
+    """`path` + suffix + N for the first N from 1 that names nothing yet."""
+    n = 1
+    while os.path.exists(f"{path}{suffix}{n}"):
+        n += 1
+    return f"{path}{suffix}{n}"
 
 
 def move_aside(out):
-    """Move the earlier run in `out` to OUT.old-N (the first N free), never deleting it, and say so."""
-    n = 1
-    while os.path.exists(f"{out.rstrip(os.sep)}.old-{n}"):
-        n += 1
-    aside = f"{out.rstrip(os.sep)}.old-{n}"
+    """Move what `out` holds to OUT.old-N (the first N free), never deleting it, and say so."""
+    aside = first_free(out.rstrip(os.sep), ".old-")
     os.replace(out, aside)
-    note.warning("zoo: the earlier run in %s was moved to %s", out, aside)
+    note.warning("zoo: %s was moved to %s", out, aside)
 
 
 def resume_point(out):
@@ -151,9 +161,6 @@ def save_checkpoint(out, step, model, tokenizer, optimizer, horizon, batch_rng, 
                     settings=vars(s), **({"dpo": dpo} if dpo else {}), **({"inputs": inputs} if inputs else {})),
                os.path.join(tmp, STATE_FILE))
     if os.path.exists(final):  # resumed before a damaged checkpoint: keep it, under another name
-        n = 1
-        while os.path.exists(f"{final}.damaged-{n}"):
-            n += 1
-        os.replace(final, f"{final}.damaged-{n}")
+        os.replace(final, first_free(final, ".damaged-"))
     os.replace(tmp, final)  # a crash before this line leaves only the .tmp folder, never a broken step-*
     return final

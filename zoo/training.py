@@ -189,9 +189,10 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
     data validates. out: the run's folder (checkpoints, log.jsonl, loss.png). init: start from the
     weights of any source load_source reads (the preset, if named too, then only gives the training settings).
     resume: continue from the newest intact checkpoint in `out`, with its settings (a larger max_iters continues
-    up to it; a preset, init, data or setting given that differs from the run's is refused: check_resume). A
-    folder that holds a run is refused unless resume or overwrite (which moves the old run aside to OUT.old-N once
-    the settings, model and data have loaded), and so is a folder of other files. overrides: model config fields.
+    up to it; a preset, override or kept setting given that differs from the run's is refused: check_resume,
+    check_kept). A folder that holds a run, or other files, is refused unless resume (a run) or overwrite (which
+    moves it aside to OUT.old-N once the settings, model and data have loaded; init and data inside it are
+    refused). overrides: model config fields.
     config: a TrainConfig to start from instead of the preset's settings; fields: TrainConfig fields on top.
     """
     data_paths, val, out = _paths(data_paths), _paths(val), os.fspath(out)
@@ -202,12 +203,15 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
     if resume and overwrite:
         raise ValueError(f"resume (--resume) continues the run in {out!r} and overwrite (--overwrite) moves it aside "
                          "to start again: give one of them")
-    aside = runs.check_out(out, resume, overwrite)
+    aside = runs.check_out(out, resume, overwrite, inputs=[init, *data_paths, *(val or [])])
     ckpt, state, resumed = runs.resume_point(out) if resume else (None, None, None)
     inputs = started_from(source, init, data_paths, val, overrides)
     if state:
-        inputs = check_resume(out, ckpt, state, inputs, fields)
+        inputs = check_resume(out, ckpt, state, inputs)
     s = settings(source, config, fields, state)
+    as_device(s.device)  # one this torch reaches (checked here, not in TrainConfig: a run may resume elsewhere)
+    if state:
+        check_kept(out, ckpt, state, s)
     dist = start_processes(s)
     model, own_tokenizer = make_model(s, source, init, overrides, resumed, dist.rank)
     tokenizer = choose_tokenizer(s.tokenizer, named="tokenizer" in fields, checkpoint=ckpt,
@@ -237,44 +241,59 @@ def _paths(paths):
 
 def started_from(source, init, data_paths, val, overrides):
     """What a run starts from, saved with its checkpoints for check_resume: the preset, the init source and the
-    data files (local ones as absolute paths, so a resume from another folder names the same), and the config
+    data files (local ones as real paths, so a resume from another folder names the same), and the config
     overrides."""
     def where(path):
-        return os.path.abspath(path) if os.path.exists(path) else path
+        return os.path.realpath(path) if os.path.exists(path) else path
     return dict(preset=source, init=None if init is None else where(os.fspath(init)),
                 data=[where(p) for p in data_paths], val=None if val is None else [where(p) for p in val],
                 overrides=dict(overrides or {}))
 
 
 # What makes a run what it is rather than how it trains: a resumed run keeps its checkpoint's tokenizer, objective,
-# adapters and random streams whatever it is given, so a different value is refused (check_resume), not ignored.
+# adapters and random streams whatever it is given, so a different value is refused (check_kept), not ignored.
 # Training settings (lr, warmup, grad_clip, a larger max_iters, ...) given with resume replace the run's.
 KEPT_ON_RESUME = ("tokenizer", "objective", "seed", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
                   "lora_int8")
 
 
-def check_resume(out, checkpoint, state, inputs, fields):
-    """The inputs a run resumed from `checkpoint` (its training state `state`) goes on saving: its own. What the
-    caller gave (`inputs`, started_from's; `fields`, TrainConfig fields) must agree with them: a preset, init
-    source, data or validation files, config override or KEPT_ON_RESUME setting that differs is a ValueError
-    naming each. (A checkpoint from before runs saved their inputs is checked on its config and settings.)"""
+def check_resume(out, checkpoint, state, inputs):
+    """The inputs a run resumed from `checkpoint` (its training state `state`) goes on saving. What the caller gave
+    (`inputs`, started_from's) must agree with the run's: a preset or config override that differs is a ValueError
+    naming each. Other data or validation files, or an init source (which a resumed run does not read), are named
+    in a warning, not refused: a run moved to another folder or machine finds its data at other paths; the files
+    given are what it trains on from here. (A checkpoint from before runs saved their inputs is checked on its
+    config.)"""
     run = state.get("inputs", {})
-    differ = [f"{what} {inputs[key]!r} (the run's: {run[key]!r})"
-              for key, what in (("preset", "preset"), ("init", "init (--init)"), ("data", "data (--data)"),
-                                ("val", "val (--val)"))
-              # (a preset or init left out is the run's; no val is a choice: the last tenth of the data validates)
-              if key in run and inputs[key] != run[key] and (inputs[key] is not None or key == "val")]
+    differ = []
+    if "preset" in run and inputs["preset"] not in (None, run["preset"]):  # (a preset left out is the run's)
+        differ.append(f"preset {inputs['preset']!r} (the run's: {run['preset']!r})")
     differ += [f"overrides (--set) {k}={v!r} (the run's: {state['config'].get(k)!r})"
                for k, v in inputs["overrides"].items()
                # (or the run's own override: an mlm run's mask token may have grown vocab_size past it)
                if v != state["config"].get(k) and v != run.get("overrides", {}).get(k)]
-    differ += [f"{k} (--{k.replace('_', '-')}) {fields[k]!r} (the run's: {state['settings'].get(k)!r})"
-               for k in KEPT_ON_RESUME if k in fields and fields[k] != state["settings"].get(k)]
     if differ:
         raise ValueError(f"resume continues the run in {out!r} as it was, but these differ from it: "
-                         f"{'; '.join(differ)}. Give the run's (or leave them out) to continue it, or start a new run "
-                         f"from its checkpoint in another folder (--init {checkpoint} --out NEW)")
-    return {**inputs, **run}
+                         f"{'; '.join(differ)}. Leave them out to continue it, or start a new run from its checkpoint "
+                         f"in another folder (--init {checkpoint} --out NEW)")
+    for key, what in (("init", "init (--init)"), ("data", "data (--data)"), ("val", "val (--val)")):
+        # (an init left out is the run's; no val is a choice: the last tenth of the data validates)
+        if key in run and inputs[key] != run[key] and (inputs[key] is not None or key == "val"):
+            note.warning("zoo: resume: %s %s where the run had %s: %s", what, inputs[key], run[key],
+                         "a resumed run continues from its checkpoint, not from init" if key == "init" else
+                         "the run continues on these (the same data moved, or other data from here on)")
+    return {**inputs, **run, "data": inputs["data"], "val": inputs["val"]}
+
+
+def check_kept(out, checkpoint, state, s):
+    """A run resumed from `checkpoint` keeps its KEPT_ON_RESUME settings: where its settings `s` (the run's, with
+    what the caller gave on top) differ from `state`'s, a ValueError naming each."""
+    differ = [f"{k} (--{k.replace('_', '-')}) {getattr(s, k)!r} (the run's: {state['settings'][k]!r})"
+              for k in KEPT_ON_RESUME if k in state["settings"] and getattr(s, k) != state["settings"][k]]
+    if differ:
+        raise ValueError(f"resume continues the run in {out!r} as it was, but these settings differ from its own: "
+                         f"{'; '.join(differ)}. Leave them out to continue it, or start a new run from its checkpoint "
+                         f"in another folder (--init {checkpoint} --out NEW)")
 
 
 def settings(source, config, fields, state=None):
@@ -296,7 +315,6 @@ def settings(source, config, fields, state=None):
     if s.max_iters is None and not s.time_budget:  # with a time budget the budget sets the horizon
         s.max_iters = 5000
     s.device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    as_device(s.device)  # one this torch reaches (checked here, not in TrainConfig: a run may resume elsewhere)
     if s.bf16 and not computes_bf16(s.device):
         # torch emulates bf16 there: its matmuls 3-4x slower than float32's on an AVX-512 CPU without BF16, ~6x on an
         # AVX2-only one (AMD Zen 3), where oneDNN has no bf16 kernels and torch's reference GEMM runs them. A preset's
