@@ -184,6 +184,8 @@ def test_bad_names_and_edits_are_clear_errors():
     idx = torch.randint(0, 37, (1, 4))
     with pytest.raises(ValueError, match=r"'model\.layer\.\*' names no module .*model\.layers"):
         zoo.trace(model, idx, ["model.layer.*"])
+    with pytest.raises(ValueError, match=r"'model\.layerz\.\*' names no module .*look like: model, model\.embed_tokens"):
+        zoo.trace(model, idx, ["model.layerz.*"])  # (nothing starts so: the names under model.)
     with pytest.raises(ValueError, match="non-empty list"):
         zoo.trace(model, idx, [])
     with pytest.raises(ValueError, match="no attention module"):
@@ -194,6 +196,13 @@ def test_bad_names_and_edits_are_clear_errors():
     with pytest.raises(TypeError, match="must be a function"):
         with zoo.intervene(model, {"model.layers.0": 0}):
             pass
+    for bad in (37, -1):  # (the model files leave the vocabulary check to their callers)
+        for call in (zoo.trace, zoo.logit_lens):
+            with pytest.raises(ValueError, match=r"outside the model's vocabulary \[0, 37\)"):
+                call(model, torch.tensor([[1, bad]]))
+    with pytest.raises(ValueError, match=r"zero_heads\(6,\): this attention's heads are 0..5"):
+        with zoo.intervene(model, {"model.layers.0.self_attn.attend": zero_heads(6)}):
+            model(idx)
     assert_no_hooks(model)
 
 

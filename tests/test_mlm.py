@@ -256,12 +256,17 @@ def test_fill_mask_is_the_softmax_at_each_mask_in_order(mlm_checkpoint):
     out = zoo.fill_mask(model, tok, text, top_k=3)
     ids = tok.encode(text)
     where = [i for i, t in enumerate(ids) if t == tok.mask_token_id]
-    probs = model(torch.tensor([ids]))[0, where].softmax(-1)
+    logits = model(torch.tensor([ids]))[0, where]
+    logits[:, tok.mask_token_id] = float("-inf")  # the mask itself is no fill
+    probs = logits.softmax(-1)
     assert len(out) == 2 and all(len(c) == 3 for c in out)
     for candidates, p in zip(out, probs):
         top = p.topk(3)
         assert [t for t, _ in candidates] == [tok.decode([i]) for i in top.indices.tolist()]
         torch.testing.assert_close(torch.tensor([q for _, q in candidates]), top.values)
+    assert all(MASK_TOKEN not in t for t, _ in zoo.fill_mask(model, tok, text, top_k=tok.vocab_size)[0])
+    with pytest.raises(TypeError, match="text must be a str"):
+        zoo.fill_mask(model, tok, [text])
     with pytest.raises(ValueError, match="no mask token"):
         zoo.fill_mask(model, tok, "abc")
     with pytest.raises(ValueError, match="no mask token"):

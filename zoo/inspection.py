@@ -61,8 +61,12 @@ def _match(model, globs, what):
         hits = [n for n in points if len(n.split(".")) == len(parts)
                 and all(fnmatch.fnmatchcase(a, b) for a, b in zip(n.split("."), parts))]
         if not hits:
-            stem = glob.split("*")[0].rpartition(".")[0]
-            near = [n for n in points if n.startswith(stem) and not n.endswith(".input")][:8]
+            stem, near = glob.split("*")[0].rpartition(".")[0], []
+            while not near:  # the names under the longest start of the glob that names any
+                near = [n for n in points if n.startswith(stem) and not n.endswith(".input")][:8]
+                if not stem:
+                    break
+                stem = stem.rpartition(".")[0]
             raise ValueError(f"{what}: {glob!r} names no module of this {type(model).__name__} (`*` stands for "
                              f"one path component); names look like: {', '.join(near)}")
         selected.update((n, points[n]) for n in hits)
@@ -105,6 +109,10 @@ def trace(model, idx, names=None, attention=False, **forward_kwargs):
         if not patterns:
             raise ValueError(f"trace: attention=True, but no attention module is among or inside {names!r}")
         wanted.update(_match(model, patterns, "trace"))
+    vocab_size = model.config.vocab_size  # (the model files leave this check out: it would cost a device sync)
+    if torch.is_tensor(idx) and idx.numel() and not idx.is_floating_point() and \
+            not 0 <= int(idx.min()) <= int(idx.max()) < vocab_size:
+        raise ValueError(f"trace: idx has token ids outside the model's vocabulary [0, {vocab_size})")
     acts, handles = {}, []
 
     def keep(name, value):
@@ -166,6 +174,8 @@ def _first(args, value):
 def zero_heads(*heads):
     """An intervene edit for an `attend` module (output [B, H, T, D]): zero these heads' outputs (ablation)."""
     def edit(y):
+        if not all(0 <= h < y.shape[1] for h in heads):  # (an index error deep in a forward pass would not say)
+            raise ValueError(f"zero_heads{heads}: this attention's heads are 0..{y.shape[1] - 1}")
         y = y.clone()
         y[:, list(heads)] = 0
         return y

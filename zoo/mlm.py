@@ -191,6 +191,9 @@ def fill_mask(model, tokenizer, text, top_k=5):
                          "objective (zoo train --objective mlm), whose checkpoint saves its tokenizer with one")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k must be a positive int, not {top_k!r}")
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str (with {tokenizer.mask_token!r} where a token is to be predicted), not "
+                        f"{type(text).__name__}")
     ids = tokenizer.encode(text)
     where = [i for i, t in enumerate(ids) if t == tokenizer.mask_token_id]
     if not where:
@@ -202,7 +205,9 @@ def fill_mask(model, tokenizer, text, top_k=5):
     device = next(model.parameters()).device
     with eval_mode(model):
         logits = model(torch.tensor([ids], device=device))[0, where].float()  # [masks, model's vocab_size]
-    probs = logits[:, :tokenizer.vocab_size].softmax(-1)  # over the tokens the tokenizer can write
-    p, top = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
+    # over the tokens the tokenizer can write, the mask itself aside: never a training target, and no fill
+    logits[:, tokenizer.mask_token_id] = float("-inf")
+    probs = logits[:, :tokenizer.vocab_size].softmax(-1)
+    p, top = probs.topk(min(top_k, probs.shape[-1] - 1), dim=-1)
     return [[(tokenizer.decode([t]), prob) for t, prob in zip(row_ids, row_p)]
             for row_ids, row_p in zip(top.tolist(), p.tolist())]
