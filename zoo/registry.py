@@ -186,9 +186,14 @@ def model_module(arch):
     return importlib.import_module(f"zoo.models.{arch}")
 
 
+def close_presets(name, more=()):
+    """Up to three preset names (or `more` names) close to `name`: what a misspelt name's error suggests."""
+    return difflib.get_close_matches(str(name), [*more, *PRESETS], n=3, cutoff=0.5)
+
+
 def get_preset(name):
     if name not in PRESETS:
-        close = difflib.get_close_matches(name, PRESETS, n=3, cutoff=0.5)
+        close = close_presets(name)
         hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ";"
         raise ValueError(f"unknown model {name!r}{hint} known: {', '.join(PRESETS)}")
     return PRESETS[name]

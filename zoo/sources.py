@@ -7,7 +7,6 @@ a LoRA training run's checkpoint (its base plus its adapter).
 
 The files themselves are read by zoo/pretrained.py (model weights) and zoo/adapters.py (PEFT adapters).
 """
-import difflib
 import json
 import os
 from pathlib import Path
@@ -19,7 +18,7 @@ from .lora import merge_lora
 from .pretrained import load_pretrained, save_pretrained
 from .progress import log
 from .quantization import check_mode
-from .registry import PRESETS, preset_source
+from .registry import PRESETS, close_presets, preset_source
 from .tokenizers import load_tokenizer
 
 
@@ -48,7 +47,7 @@ def source_path(source, revision=None):
     except FileNotFoundError as e:
         if "/" in str(source):  # a path or a hub repo id, not a misspelt preset name
             raise
-        close = difflib.get_close_matches(str(source), PRESETS, n=3)
+        close = close_presets(source)
         presets = f"close preset names: {', '.join(close)} (zoo list shows them all)" if close else \
             "zoo list shows the preset names"
         raise FileNotFoundError(f"{e}; {presets}") from None

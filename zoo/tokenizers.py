@@ -18,7 +18,6 @@ apply_chat_template(messages) and save(folder). StreamDecoder turns ids into tex
     tok.mask_token, tok.mask_token_id, tok.pad_id                        # saved and reloaded with it
 """
 import base64
-import difflib
 import functools
 import hashlib
 import json
@@ -30,7 +29,7 @@ from pathlib import Path
 
 from .atomic import write_file
 from .weight_files import read_gguf_metadata  # the header parser that loading the weights uses
-from .registry import PRESETS, packaged_gguf
+from .registry import PRESETS, close_presets, packaged_gguf
 
 # Special tokens that end a turn or a document. Like llama.cpp, we stop generation on any of these
 # that a vocabulary marks special, besides its EOS: SmolLM2-Instruct ends a turn with <|im_end|> (its
@@ -657,7 +656,7 @@ SOURCES = ("'gpt2'; a .tiktoken, .gguf or tokenizer.json file; a tokenizer folde
 
 def close_names(source, more=()):
     """' (did you mean ...?)' naming the presets, gpt2 and `more` names close to `source`; '' when none is."""
-    close = difflib.get_close_matches(source, [*more, *PRESETS, "gpt2"], n=3, cutoff=0.6)
+    close = close_presets(source, [*more, "gpt2"])
     return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
 
 
