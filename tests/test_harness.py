@@ -337,8 +337,27 @@ def test_zoo_eval_tasks_prints_the_table_and_writes_results(tiny_gpt2, tiny_task
                                                                           rel=1e-6), (task, metric)
     assert main(args) == 2  # the results file exists: not overwritten
     assert "exists" in capsys.readouterr().err
-    assert main(["eval", str(folder), "--tasks", "no_such_task_zz", "--include-path", str(tiny_tasks)]) == 2
-    assert "no_such_task_zz" in capsys.readouterr().err
+
+
+def test_zoo_eval_looks_for_a_task_outside_the_include_path_among_the_harness_own(tiny_gpt2, tiny_tasks, monkeypatch,
+                                                                                   capsys):
+    """A task the include path lacks is looked for among the harness's own tasks before it is called unknown.
+    (Their index, ~15,000 files, takes lm-eval ~10 s to build: a stand-in holds one of them here.)"""
+    import lm_eval.tasks
+    from zoo.cli import main
+    real, built = lm_eval.tasks.TaskManager, []
+
+    class Manager(real):
+        def __init__(self, include_path=None, include_defaults=True, **kwargs):
+            built.append(include_defaults)
+            super().__init__(include_path=include_path, include_defaults=False, **kwargs)
+            if include_defaults:
+                self._all_tasks = [*self._all_tasks, "hellaswag"]
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", Manager)
+    assert main(["eval", str(tiny_gpt2[0]), "--tasks", "zoo_mc,no_such_task_zz", "--include-path", str(tiny_tasks)]) == 2
+    assert built == [False, True]  # the include path alone, then with the harness's own tasks
+    err = capsys.readouterr().err
+    assert "unknown task(s): no_such_task_zz;" in err and "zoo_mc" not in err.split("unknown")[1]
 
 
 def test_zoo_eval_tasks_without_lm_eval_says_how_to_install(tiny_gpt2, monkeypatch, capsys):
