@@ -244,6 +244,25 @@ def test_peft_adapter_loads_in_zoo_with_the_same_logits(hf_base, tmp_path):
         assert (zoo.merge_lora(model)(idx) - unmerged).abs().max() <= 1e-5
 
 
+def test_a_peft_adapter_on_some_layers_loads_in_zoo_with_the_same_logits(tmp_path):
+    """layers_to_transform: PEFT adapts the layers it lists alone, and its file holds their matrices alone."""
+    ref = hf_model("llama-gqa")
+    ref.save_pretrained(tmp_path / "base")
+    torch.manual_seed(3)
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "down_proj"], layers_to_transform=[1],
+                             init_lora_weights=False)
+    peft_model = peft.get_peft_model(ref, config).eval()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    model = zoo.from_pretrained(tmp_path / "base", adapter=tmp_path / "adapter")
+    assert sorted(lora.lora_layers(model)) == ["model.layers.1.mlp.down_proj", "model.layers.1.self_attn.qkv_proj"]
+    idx = tokens()
+    with torch.no_grad():
+        theirs = peft_model(idx).logits
+        with peft_model.disable_adapter():
+            assert (peft_model(idx).logits - theirs).abs().max() > 1e-2
+        assert (model(idx) - theirs).abs().max() <= 1e-5
+
+
 def test_unsupported_adapters_are_clear_errors(tmp_path):
     ref = hf_model("llama-gqa")
     ref.save_pretrained(tmp_path / "base")

@@ -174,8 +174,9 @@ def read_config(folder):
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if c.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type {c.get('peft_type')!r}; the zoo loads LoRA adapters only")
+    # (layers_to_transform needs nothing: the file holds the chosen layers' matrices alone, and those are the targets)
     unsupported = [(k, c.get(k)) for k in ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern",
-                                           "layers_to_transform", "lora_bias") if c.get(k)]
+                                           "lora_bias") if c.get(k)]
     if c.get("bias", "none") != "none":
         unsupported.append(("bias", c["bias"]))
     if unsupported:

@@ -59,7 +59,7 @@ def save_gguf(model, path, tokenizer=None, dtype="f16", name=None, overwrite=Fal
     model = llama_cpp_form(model)
     map_name, meta, tensors = gguf_form(model)
     vocab = tokenizer_metadata(tokenizer, model.config.vocab_size) if tokenizer is not None else {}
-    path = _destination(path, overwrite)
+    path = check_destination(path, overwrite)
 
     gguf_arch = meta.pop("general.architecture")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -180,7 +180,7 @@ def save_gguf_adapter(model, path, name=None, overwrite=False):
             if p.get("unpermute"):
                 B = convert.permute(B, d[p["unpermute"]])
             tensors[p["from"] + ".lora_a"], tensors[p["from"] + ".lora_b"] = A.contiguous(), B.contiguous()
-    path = _destination(path, overwrite)
+    path = check_destination(path, overwrite)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     writer = GGUFWriter(tmp, meta["general.architecture"])
     writer.add_name(name or path.stem)
@@ -193,11 +193,12 @@ def save_gguf_adapter(model, path, name=None, overwrite=False):
     return path
 
 
-def _destination(path, overwrite):
-    """`path` as a Path, unless it exists and may not be replaced: a GGUF file there is likely earlier work."""
+def check_destination(path, overwrite, flag="overwrite=True"):
+    """`path` as a Path, unless it exists and may not be replaced: a GGUF file there is likely earlier work. `flag`:
+    how the caller says overwrite (the CLI checks before loading the model, naming --overwrite)."""
     path = Path(path)
     if path.exists() and not overwrite:
-        raise ValueError(f"{path} exists: pass overwrite=True to replace it, or write to another path")
+        raise ValueError(f"{path} exists: pass {flag} to replace it, or write to another path")
     return path
 
 

@@ -1,7 +1,7 @@
 """`zoo export SOURCE OUT.gguf`: a model (and its tokenizer) as a GGUF file for llama.cpp and Ollama."""
 from pathlib import Path
 
-from ..export import TYPES, save_gguf, save_gguf_adapter
+from ..export import TYPES, check_destination, save_gguf, save_gguf_adapter
 from ..lora import lora_layers, merge_lora
 from ..sources import from_pretrained, source_path
 from ..registry import PRESETS
@@ -29,8 +29,7 @@ def add_arguments(parser):
 def run(args):
     if not str(args.out).endswith(".gguf"):
         raise ValueError(f"the output file should end in .gguf, not {args.out!r}")
-    if Path(args.out).exists() and not args.overwrite:  # (refused before the model is loaded)
-        raise ValueError(f"{args.out} exists: pass --overwrite to replace it, or name another file")
+    check_destination(args.out, args.overwrite, "--overwrite")  # (refused before the model is loaded)
     path = source_path(args.source)
     model = from_pretrained(path)  # (resolved once: a preset says where its weights come from once)
     if args.adapter_only:
