@@ -172,6 +172,36 @@ def test_transformers_reads_the_file(name, transformers, tmp_path):
         assert (hf(idx).logits - model(idx)).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_hugging_face_folders_export(arch, transformers, tmp_path):
+    """Configs as transformers writes them: every Mistral config names its head width, also the usual n_embd //
+    n_head, and every Qwen config its max_window_layers, also without a sliding window: each the same model as
+    without it, so the file holds it as llama.cpp's converter writes it, and transformers reads back the logits."""
+    config = dict(vocab_size=37, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2)
+    if arch == "mistral":
+        hf = transformers.MistralForCausalLM(transformers.MistralConfig(**config, head_dim=8, sliding_window=None))
+    else:
+        hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**config, max_window_layers=1,
+                                                                    use_sliding_window=False))
+    hf.save_pretrained(tmp_path / "hf")
+    model = zoo.from_pretrained(tmp_path / "hf")
+    assert (model.config.head_dim, model.config.full_attention_layers) == ((8, 0) if arch == "mistral" else (None, 1))
+    tok = CharTokenizer.from_text(string.ascii_lowercase + " .,\n!?01234")
+    zoo.save_gguf(model, tmp_path / "m.gguf", tokenizer=tok, dtype="f32")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)
+    idx = torch.randint(0, 37, (2, 20))
+    with torch.no_grad():
+        assert (back(idx).logits - hf.eval()(idx).logits).abs().max() <= 1e-5
+        assert torch.equal(zoo.from_pretrained(tmp_path / "m.gguf")(idx), model(idx))
+
+
+def test_layers_below_a_sliding_window_are_still_refused(tmp_path):
+    """With a window, the layers below it (which see all) change the model: export names them."""
+    with pytest.raises(ValueError, match="full_attention_layers=1"):
+        zoo.save_gguf(tiny("llama-gqa", sliding_window=8, full_attention_layers=1), tmp_path / "m.gguf")
+
+
 # Gemma and the mixtures of experts, in the forms llama.cpp computes: Gemma 2's attention scale is 1/sqrt(head_dim)
 # and every 2nd layer global; Gemma 3's every 6th, its local rotary base 10k; each MoE architecture's own routing
 GEMMA3_LAYERS = ["sliding_attention"] * 5 + ["full_attention"]

@@ -236,23 +236,40 @@ def _differences(name, hf, config, shapes=None):
     except ValueError as e:  # our values made something the map refuses (a rope_scaling of another kind, ...)
         return [str(e)]
     free = {f for f, rule in _maps()[name].get("config", {}).items() if isinstance(rule, dict) and "load" in rule}
-    differ = []
+    differ, haves, wants = [], {}, {}
     for f in dataclasses.fields(config):
         if f.name in free:
             continue
         if f.name in back:
-            want = back[f.name]
+            wants[f.name] = back[f.name]
         elif f.default is not dataclasses.MISSING:
-            want = f.default
+            wants[f.name] = f.default
         elif f.default_factory is not dataclasses.MISSING:
-            want = f.default_factory()
+            wants[f.name] = f.default_factory()
         else:
             differ.append(f"{f.name} (no value)")
             continue
-        have = getattr(config, f.name)
+        haves[f.name] = getattr(config, f.name)
+    haves, wants = _as_computed(haves), _as_computed(wants)
+    for field, have in haves.items():
+        want = wants[field]
         if have != want and not (isinstance(have, float) and isinstance(want, float) and _f32(have) == _f32(want)):
-            differ.append(f"{f.name}={have!r}")
+            differ.append(f"{field}={have!r}")
     return differ
+
+
+def _as_computed(fields):
+    """Config fields as the model files compute with them, where two values mean one model: a head width of
+    n_embd // n_head is the default one (None; transformers writes it into every Mistral config), and the layers
+    that see all (full_attention_layers: Qwen's max_window_layers, in every Qwen config) mean nothing without a
+    sliding window."""
+    fields = dict(fields)
+    if fields.get("head_dim") is not None and fields.get("n_head") and "n_embd" in fields \
+            and fields["head_dim"] == fields["n_embd"] // fields["n_head"]:
+        fields["head_dim"] = None
+    if fields.get("full_attention_layers") and fields.get("sliding_window") is None:
+        fields["full_attention_layers"] = 0
+    return fields
 
 
 def _is_derived(v):
