@@ -31,6 +31,9 @@ def test_generate_refuses_bad_settings_before_loading(zoo_main):
     assert code == 2 and "temperature" in err and "Traceback" not in err
     code, _, err = zoo_main("generate", "no-such-model-gtp2", "--prompt", "hi")
     assert code == 2 and "no-such-model-gtp2" in err and "Traceback" not in err
+    for flags in (["--top-p", "0.9"], ["--top-k", "5", "--seed", "1"]):  # greedy by default: they would do nothing
+        code, _, err = zoo_main("generate", "no-such-model-gtp2", "--prompt", "hi", *flags)
+        assert code == 2 and f"{flags[0]} " in err and "--temperature" in err and len(err.splitlines()) == 1, err
 
 
 @pytest.mark.slow

@@ -76,8 +76,14 @@ def sampling_of(args, num_beams=1):
     """The flags' SamplingConfig (checked before the minutes a download may take)."""
     if args.max_new_tokens is not None and args.max_new_tokens < 0:  # (None: zoo chat's default, see there)
         raise ValueError(f"--max-new-tokens must be >= 0, not {args.max_new_tokens}")
-    return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                          repetition_penalty=args.repetition_penalty, num_beams=num_beams, seed=args.seed)
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                              repetition_penalty=args.repetition_penalty, num_beams=num_beams, seed=args.seed)
+    drawn = [f"--{name.replace('_', '-')}" for name in ("top_k", "top_p", "min_p", "seed")
+             if getattr(args, name) is not None]
+    if drawn and args.temperature == 0 and num_beams == 1:  # (beam search: refused above)
+        raise ValueError(f"{' and '.join(drawn)} {'set' if len(drawn) > 1 else 'sets'} how tokens are sampled, but "
+                         "--temperature is 0 (the default): greedy, which draws nothing; add --temperature, e.g. 0.8")
+    return sampling
 
 
 def run(args):
