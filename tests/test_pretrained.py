@@ -397,6 +397,28 @@ def test_save_is_atomic(tmp_path):
         zoo.save_pretrained(model, tmp_path / "other")
 
 
+def test_a_model_folder_holding_other_files_is_not_replaced(tmp_path):
+    """A folder with a config.json beside the user's own files (a project folder, or the Hugging Face folder the
+    model came from, with its README and generation config) is refused, every file kept; an earlier save of the
+    same files is replaced."""
+    model = zoo.build("bigram", dict(vocab_size=V))
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "main.py").write_text("print(1)")
+    (project / "config.json").write_text('{"learning_rate": 0.001}')
+    hf_model("gpt2").save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "README.md").write_text("# my model")
+    for folder, named in ((project, "src"), (tmp_path / "hf", "README.md, generation_config.json")):
+        before = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+        with pytest.raises(ValueError, match=f"holds {named}, which this save would not write"):
+            zoo.save_pretrained(model, folder)
+        assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "project"]  # no temp folder left
+    zoo.save_pretrained(model, tmp_path / "m", tokenizer=zoo.tokenizers.CharTokenizer.from_text("ab"))
+    zoo.save_pretrained(model, tmp_path / "m", tokenizer=zoo.tokenizers.CharTokenizer.from_text("abc"))  # the same files: replaced
+    assert zoo.tokenizer(str(tmp_path / "m")).vocab_size == 3
+
+
 def test_mismatch_lists_every_missing_unexpected_and_misshaped_tensor(tmp_path):
     from safetensors.torch import load_file, save_file
     hf_model("gpt2").save_pretrained(tmp_path)

@@ -33,7 +33,9 @@ def make_file(path, make):
 
 def write_folder(folder, fill):
     """Make `folder` with `fill(tmp)` writing its files into a folder beside it, then renamed into place
-    (an older folder of that name is swapped aside and removed)."""
+    (an older folder of that name is swapped aside and removed). An older folder holding anything the new one
+    does not (the user's own files beside a model: a README, a generation_config.json, a src/ folder) is not
+    replaced: ValueError naming them."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
@@ -41,6 +43,9 @@ def write_folder(folder, fill):
     tmp.mkdir()
     try:
         fill(tmp)
+        if folder.exists() and (kept := sorted({p.name for p in folder.iterdir()} - {p.name for p in tmp.iterdir()})):
+            raise ValueError(f"{folder} holds {', '.join(kept[:5])}{' ...' if len(kept) > 5 else ''}, which this "
+                             "save would not write: save to a new or empty folder, or move them out first")
         if folder.exists():  # swap: the old save goes aside, the new one takes its name, the old is removed
             old = folder.parent / f".{folder.name}.old-{os.getpid()}"
             os.replace(folder, old)
