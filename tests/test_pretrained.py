@@ -97,6 +97,19 @@ def max_diff(model, ref, T=40, seed=1):
         return (model(idx).float() - ref(idx).logits.float()).abs().max().item()
 
 
+def test_model_type_picks_the_model_as_in_transformers(tmp_path):
+    """A config whose architectures disagree with its model_type: transformers' AutoModelForCausalLM builds the
+    model_type's class (here Mistral's, with its sliding window), and so does the zoo (it read the architectures
+    first: Llama's map, no window)."""
+    ref = hf_model("mistral-window")
+    ref.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForCausalLM"]}))
+    assert type(transformers.AutoModelForCausalLM.from_pretrained(tmp_path)).__name__ == "MistralForCausalLM"
+    model = zoo.from_pretrained(tmp_path)
+    assert model.config.sliding_window == ref.config.sliding_window and max_diff(model, ref) <= 1e-5
+
+
 @pytest.mark.parametrize("name", HF_CASES)
 def test_transformers_to_zoo_and_back(name, tmp_path):
     ref = hf_model(name)

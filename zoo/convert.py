@@ -72,15 +72,13 @@ def native_map(model):
 # ---------------------------------------------------------------------------------------- configs
 
 def hf_map_name(hf):
-    """The name of the map that reads a Hugging Face config.json dict (by its "architectures", else its
-    "model_type"), or None."""
+    """The name of the map that reads a Hugging Face config.json dict (by its "model_type", as transformers'
+    AutoModelForCausalLM picks the class, else its "architectures"), or None."""
     hf_maps = [(name, m) for name, m in _maps().items() if m["format"] == "hf"]
-    for arch in hf.get("architectures") or []:
-        for name, m in hf_maps:
-            if m["architecture"] == arch:
-                return name
     model_type = hf.get("model_type")
-    return next((name for name, m in hf_maps if model_type and m.get("model_type") == model_type), None)
+    by_type = next((name for name, m in hf_maps if model_type and m.get("model_type") == model_type), None)
+    return by_type or next((name for arch in hf.get("architectures") or [] for name, m in hf_maps
+                            if m["architecture"] == arch), None)
 
 
 def from_hf_config(hf, where="config.json"):
