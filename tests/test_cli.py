@@ -60,6 +60,14 @@ def test_generate_from_a_local_folder(tmp_path, gpt2_bpe, zoo_main):
     assert "(compiling)" in err.strip().splitlines()[-1]
     assert out == zoo.complete(model, tok, "Hello", max_new_tokens=20, temperature=0) + "\n"
 
+    # a folder saved without its tokenizer: the error names --tokenizer, which takes another source's
+    zoo.save_pretrained(model, tmp_path / "bare")
+    code, _, err = zoo_main("generate", tmp_path / "bare", "--prompt", "Hello", "--max-new-tokens", "5")
+    assert code == 2 and "no tokenizer in" in err and "--tokenizer SOURCE" in err and len(err.splitlines()) == 1, err
+    code, out, err = zoo_main("generate", tmp_path / "bare", "--tokenizer", "gpt2", "--prompt", "Hello",
+                              "--max-new-tokens", "5")
+    assert code == 0 and out == zoo.complete(model, tok, "Hello", max_new_tokens=5, temperature=0) + "\n", err
+
 
 @pytest.mark.slow
 def test_generate_with_a_draft_writes_the_plain_greedy_text(tmp_path, gpt2_bpe, zoo_main):

@@ -30,7 +30,13 @@ def load_source(source, *, device=None, dtype=None, revision=None, tokenizer=Non
     path = source_path(source, revision)
     model = from_pretrained(path, device=device, dtype=dtype, **overrides)
     is_preset = source in PRESETS and not Path(source).exists()
-    return model, load_tokenizer(tokenizer or (source if is_preset else path), revision=revision)
+    try:
+        return model, load_tokenizer(tokenizer or (source if is_preset else path), revision=revision)
+    except FileNotFoundError as e:
+        if tokenizer is not None:
+            raise
+        raise FileNotFoundError(f"{e}; name a source whose tokenizer it uses (tokenizer=..., on the command line "
+                                "--tokenizer SOURCE)") from None
 
 
 def source_path(source, revision=None):

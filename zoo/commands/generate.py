@@ -63,13 +63,16 @@ def add_model_arguments(parser):
                         help="weight-only quantized matrices (faster decoding); native: a GGUF file's "
                              "Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K blocks as they are (the fastest for a quantized GGUF)")
     parser.add_argument("--adapter", help="a PEFT LoRA adapter folder to apply to the model")
+    parser.add_argument("--tokenizer", help="tokenizer source, for a SOURCE without one (a folder, .gguf, "
+                                            "tokenizer.json, 'gpt2', ...)")
 
 
 def load_model(args, device):
     """The model and tokenizer that add_model_arguments' options describe, on `device`; sets args.dtype to the
     dtype chosen."""
     args.dtype = args.dtype or ("bfloat16" if args.quantize else "float32")
-    return load_source(args.source, device=device, dtype=args.dtype, quantize=args.quantize, adapter=args.adapter)
+    return load_source(args.source, device=device, dtype=args.dtype, quantize=args.quantize, adapter=args.adapter,
+                       tokenizer=args.tokenizer)
 
 
 def sampling_of(args, num_beams=1):
