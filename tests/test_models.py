@@ -1,6 +1,6 @@
-"""The model contract, checked for all six files: shapes, causality, cache == recompute, left
+"""The model contract, checked for all seven files: shapes, causality, cache == recompute, left
 padding, cache reordering, configs, presets, and that each file stands alone; bidirectional attention
-(causal=False) in the five transformers; and that the helpers those five repeat stay identical copies."""
+(causal=False) in the six transformers; and that the helpers those six repeat stay identical copies."""
 import ast
 import difflib
 import pathlib
