@@ -140,6 +140,20 @@ def test_lora_run_checkpoints_hold_the_adapter_and_load_everywhere(tiny_chat, tm
         assert (ours - ref(idx).logits).abs().max() <= 1e-5
         assert (ours - merged(idx).logits).abs().max() <= 1e-5
 
+    # quantized: int8 carries the adapter (it was dropped: the model came back unquantized); int4 and a GGUF's
+    # native blocks cannot, and say so (they blamed the adapter)
+    int8 = zoo.from_pretrained(ckpt, quantize="int8")
+    assert zoo.quantization.is_quantized(int8) and zoo.lora.lora_layers(int8).keys() == zoo.lora.lora_layers(model).keys()
+    with torch.no_grad():
+        top1 = (int8(idx).float().argmax(-1) == ours.argmax(-1)).float().mean().item()
+    assert top1 >= 0.9, top1
+    for quantize, source, adapter in (("int4", ckpt, None), ("native", base, ckpt)):
+        with pytest.raises(ValueError, match="cannot carry .*quantize to 'int8'"):
+            zoo.from_pretrained(source, quantize=quantize, adapter=adapter)
+    with pytest.raises(ValueError, match="packed to 4 bits"):
+        llama = zoo.build("llama", dict(n_layer=1, n_head=2, n_kv_head=1, n_embd=64, ffn_dim=128, vocab_size=64))
+        zoo.add_lora(zoo.quantize(llama, "int4"), r=2)
+
 
 def test_lora_resume_equals_an_uninterrupted_run(tiny_chat, tmp_path, monkeypatch):
     base, chat = tiny_chat

@@ -194,6 +194,7 @@ def load_adapter(model, folder):
     from safetensors.torch import load_file
     folder = Path(folder)
     c = read_config(folder)
+    lora.check_adaptable(model)
     if not (folder / WEIGHTS).is_file():
         raise FileNotFoundError(f"{folder}: no {WEIGHTS}" + (" (only adapter_model.bin, a pickle, which the zoo "
                                 "never loads: convert it to safetensors)" if (folder / "adapter_model.bin").exists()

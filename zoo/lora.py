@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .models.moe import Experts
-from .quantization import Int8Linear, expert_project, native_bf16
+from .quantization import Int4Linear, Int8Linear, expert_project, native_bf16
 
 class _Widened(torch.autograd.Function):
     """y = x w^T + b for bf16 x and a frozen w, computed by float32 GEMMs, output rounded to bf16. The
@@ -225,6 +225,15 @@ def adaptable(module):
     return isinstance(module, (nn.Linear, Int8Linear))
 
 
+def check_adaptable(model):
+    """Refuse a model whose layers are packed to 4 bits (zoo.quantize's int4, a GGUF's native blocks): no LoRA
+    adapter goes on those."""
+    if any(isinstance(m, Int4Linear) for m in model.modules()):
+        raise ValueError("this model's layers are packed to 4 bits (int4, or a GGUF's blocks kept native), which a "
+                         "LoRA adapter cannot go on: quantize to int8 instead (LoRA over int8, as --lora-int8 "
+                         "trains), or add the adapter to the unquantized model and quantize the merged one")
+
+
 def add_lora(model, r=8, alpha=16, dropout=0.0, targets=None, slices=None, scaling=None):
     """Wrap the chosen linear layers of `model` in LoRALinear, in place, freeze everything else, return model.
 
@@ -235,6 +244,7 @@ def add_lora(model, r=8, alpha=16, dropout=0.0, targets=None, slices=None, scali
     linear layers become Frozen (see there). Raises ValueError, changing nothing, when no layer matches, a
     layer already has an adapter, or experts are adapted with dropout (see LoRAExperts).
     """
+    check_adaptable(model)
     slices = slices or {}
     head = getattr(model, "lm_head", None)
     # a mixture's routers (the linear layers beside its experts) pick the experts: adapted only when named

@@ -80,18 +80,24 @@ def from_pretrained(source, revision=None, device=None, dtype=None, quantize=Non
         dtype = torch.bfloat16  # the quantized kernels' activations
     device, dtype = as_device(device), as_dtype(dtype)  # checked before a download
     path = source_path(source, revision)
-    if adapter is None and adapters.is_lora_run(path):
-        return load_lora_run(path, device=device, dtype=dtype, **overrides)
+    lora_run = adapter is None and adapters.is_lora_run(path)
+    if quantize in ("int4", "native") and (adapter is not None or lora_run):
+        raise ValueError(f"quantize={quantize!r} packs the layers a LoRA adapter adds to, so it cannot carry "
+                         f"{'the adapter of ' + str(source) if lora_run else 'an adapter'}: quantize to 'int8' "
+                         "(the adapter over int8 layers, as --lora-int8 trains), or quantize the merged model (a "
+                         "LoRA run's merged/ folder: zoo train ... --resume --merge; zoo.merge_lora)")
+    if lora_run:
+        return load_lora_run(path, device=device, dtype=dtype, int8=quantize == "int8", **overrides)
     model = load_pretrained(path, device=device, dtype=dtype, quantize=quantize, **overrides)
     return model if adapter is None else adapters.load_adapter(model, adapter).eval()
 
 
-def load_lora_run(path, device=None, dtype=None, int8_dtype=torch.bfloat16, **overrides):
+def load_lora_run(path, device=None, dtype=None, int8_dtype=torch.bfloat16, int8=False, **overrides):
     """The model a LoRA training checkpoint holds: its base (in the run's dtype unless `dtype` is given, quantized
-    to int8 if the run's was: then in `int8_dtype`, bfloat16 by default, the int8 kernel's fastest; a resumed run
-    gives the dtype it trained in) plus the adapter."""
+    to int8 if the run's was or `int8`: then in `int8_dtype`, bfloat16 by default, the int8 kernel's fastest; a
+    resumed run gives the dtype it trained in) plus the adapter."""
     base = adapters.read_base(path)
-    int8 = base.get("quantize") == "int8"
+    int8 = int8 or base.get("quantize") == "int8"
     dtype = int8_dtype if int8 else (dtype or getattr(torch, base.get("dtype", "float32")))
     model = from_pretrained(base["source"], device=device, dtype=dtype, **overrides)
     if int8:
