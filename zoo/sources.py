@@ -30,13 +30,17 @@ def load_source(source, *, device=None, dtype=None, revision=None, tokenizer=Non
     path = source_path(source, revision)
     model = from_pretrained(path, device=device, dtype=dtype, **overrides)
     is_preset = source in PRESETS and not Path(source).exists()
-    try:
-        return model, load_tokenizer(tokenizer or (source if is_preset else path), revision=revision)
-    except FileNotFoundError as e:
-        if tokenizer is not None:
-            raise
-        raise FileNotFoundError(f"{e}; name a source whose tokenizer it uses (tokenizer=..., on the command line "
-                                "--tokenizer SOURCE)") from None
+    if tokenizer is None:
+        try:
+            return model, load_tokenizer(source if is_preset else path, revision=revision)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e}; name a source whose tokenizer it uses (tokenizer=..., on the command "
+                                    "line --tokenizer SOURCE)") from None
+    tok = load_tokenizer(tokenizer, revision=revision)
+    if tok.vocab_size > model.config.vocab_size:  # its ids past the model's would index no embedding row
+        raise ValueError(f"the tokenizer of {tokenizer} has {tok.vocab_size} tokens, more than the "
+                         f"{model.config.vocab_size} of {source}'s vocabulary: name the tokenizer it was trained with")
+    return model, tok
 
 
 def source_path(source, revision=None):
