@@ -52,6 +52,12 @@ def test_generate_from_a_local_folder(tmp_path, gpt2_bpe, zoo_main):
     expected = zoo.complete(model, tok, "Hello", max_new_tokens=40, seed=0, top_k=20)
     assert out.stdout == expected + "\n"
     assert zoo_main(*args)[1] == out.stdout  # --seed reproduces it
+    # a reader that leaves early (`| head -c 1`): no traceback
+    proc = subprocess.Popen([sys.executable, "-m", "zoo", "generate", str(tmp_path / "tiny"), "--prompt", "Hello",
+                             "--max-new-tokens", "2000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(1)
+    proc.stdout.close()
+    assert proc.wait(300) == 1 and b"Traceback" not in proc.stderr.read()
 
     # --compile: the same greedy text, and a summary that keeps compiling apart from the speed
     code, out, err = zoo_main("generate", tmp_path / "tiny", "--prompt", "Hello", "--max-new-tokens", "20", "--compile",

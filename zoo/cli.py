@@ -7,6 +7,7 @@ code`; this file only routes to it, shows the library's notes on stderr, and tur
 """
 import argparse
 import importlib
+import os
 import sys
 
 from .sources import as_device
@@ -35,6 +36,9 @@ def main(argv=None):
     except (ValueError, TypeError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
         print(f"zoo {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader left (`zoo generate ... | head`): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (so the exit's flush cannot raise again)
+        return 1
 
 
 if __name__ == "__main__":
