@@ -1,6 +1,7 @@
 """Supervised fine-tuning on conversations: the assistant-only loss mask, chat JSONL reading, LoRA and full
 fine-tuning runs on a tiny llama with SmolLM2's tokenizer (checkpoints, resume, merge, peft, the CLI), and,
 marked slow, teaching SmolLM2-135M-Instruct a made-up fact with LoRA (over float and int8 weights)."""
+import copy
 import json
 import os
 import subprocess
@@ -88,6 +89,23 @@ def test_chat_files_are_recognised_and_bad_lines_named(tmp_path):
         chat_data.is_chat([str(chat), str(text)])
     with pytest.raises(ValueError, match=r"bad.jsonl:3: expected \{\"messages\""):
         chat_data.read_examples([str(bad)])
+
+
+def test_conversations_the_template_refuses_are_named_by_line(tmp_path, chat_tokenizer):
+    """Content that is not text, and a template's own refusal (raise_exception: roles that must alternate), name
+    the file and line as other bad lines do (they were a traceback, or an error naming neither)."""
+    path = tmp_path / "chat.jsonl"
+    lines = [CONVERSATION, [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]]
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in lines))
+    with pytest.raises(ValueError, match=r"chat.jsonl:2: message 0's content must be a str, not int"):
+        chat_data.tokenize(chat_data.read_examples([str(path)]), chat_tokenizer, 64)
+    chat_tokenizer = copy.copy(chat_tokenizer)  # (the module's, unchanged)
+    chat_tokenizer.chat_template = ("{% for m in messages %}{% if loop.index0 % 2 != (m['role'] == 'assistant') %}"
+                                    "{{ raise_exception('roles must alternate') }}{% endif %}{{ m['content'] }}\n"
+                                    "{% endfor %}")
+    path.write_text(json.dumps({"messages": [{"role": "assistant", "content": "x"}]}) + "\n")
+    with pytest.raises(ValueError, match=r"chat.jsonl:1: the chat template refused the conversation: roles must"):
+        chat_data.tokenize(chat_data.read_examples([str(path)]), chat_tokenizer, 64)
 
 
 # ------------------------------------------------------------------------ training on a tiny llama

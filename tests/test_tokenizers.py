@@ -317,7 +317,6 @@ def test_sentencepiece_gguf_matches_transformers(sp_gguf, transformers):
 
 
 def test_chat_template_rendering():
-    from jinja2.exceptions import TemplateError
     tok = train_bpe(["some text"], vocab_size=260)
     tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tools') }}"
                          "{% endif %}{{ bos_token }}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}\n"
@@ -325,8 +324,13 @@ def test_chat_template_rendering():
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}])
     assert text == "<|endoftext|>user: hi<|endoftext|>\nassistant:"
     assert tok.encode(text).count(tok.eos_id) == 2
-    with pytest.raises(TemplateError, match="no tools"):
+    with pytest.raises(ValueError, match="chat template refused the conversation: no tools"):  # (TemplateError)
         tok.apply_chat_template([{"role": "tool", "content": "x"}])
+    for messages, match in (([{"role": "user", "content": 5}], "message 0's content must be a str, not int"),
+                            ({"role": "user", "content": "hi"}, "messages must be a list"),
+                            ([{"role": "user", "content": "hi"}, {"role": "user"}], "message 1 must be")):
+        with pytest.raises(ValueError, match=match):
+            tok.apply_chat_template(messages)
     with pytest.raises(ValueError, match="no chat template"):
         CharTokenizer.from_text("abc").apply_chat_template([{"role": "user", "content": "a"}])
 

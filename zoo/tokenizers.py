@@ -90,10 +90,22 @@ class Tokenizer:
         """Render chat messages ([{"role": ..., "content": ...}]) to the prompt text the model expects."""
         if self.chat_template is None:
             raise ValueError(f"this {type(self).__name__} has no chat template; pass plain text instead of messages")
+        if not isinstance(messages, (list, tuple)):
+            raise ValueError(f"messages must be a list of {{\"role\": ..., \"content\": ...}}, not "
+                             f"{type(messages).__name__}")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+                raise ValueError(f"message {i} must be a {{\"role\": str, \"content\": ...}} dict, not {m!r:.80}")
+            if not isinstance(m["content"], (str, list)):  # (a list: parts, for the templates that read them)
+                raise ValueError(f"message {i}'s content must be a str, not {type(m['content']).__name__}")
+        from jinja2.exceptions import TemplateError
         special = lambda i: "" if i is None else self.decode([i])  # noqa: E731
-        return _compile_template(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=special(self.bos_id), eos_token=special(self.eos_id), **kwargs)
+        try:
+            return _compile_template(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=special(self.bos_id), eos_token=special(self.eos_id), **kwargs)
+        except (TemplateError, TypeError) as e:  # the template's own raise_exception(...) among them
+            raise ValueError(f"the chat template refused the conversation: {e}") from None
 
     def __repr__(self):
         return (f"{type(self).__name__}(vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
