@@ -145,7 +145,8 @@ def test_importing_the_package_leaves_the_compiler_and_transformers_unloaded():
     """Every `zoo` command imports the package: torch._dynamo alone would add ~1.7 s to each start (it is
     what torch.compiler.disable and torch.compile import), transformers ~2 s. They load when used."""
     code = ("import sys, zoo, zoo.cli\n"
-            "print(sorted(m for m in ('torch._dynamo', 'transformers', 'peft', 'lm_eval') if m in sys.modules))")
+            "print(sorted(m for m in ('torch._dynamo', 'transformers', 'peft', 'lm_eval') if m in sys.modules))\n"
+            "zoo.engine.Engine, zoo.prepack.prepack  # (the README's names, after `import zoo` alone)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout

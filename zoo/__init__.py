@@ -11,7 +11,7 @@
 
 Notes go to logging.getLogger("zoo") (stderr by default; set its level to WARNING to silence them).
 """
-from . import quantization, registry, sources
+from . import engine, prepack, quantization, registry, sources  # (zoo.engine.Engine, zoo.prepack.prepack: README)
 from .adapters import add_lora, merge_lora, save_adapter
 from .export import save_gguf, save_gguf_adapter
 from .generation import complete, generate
