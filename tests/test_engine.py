@@ -109,10 +109,15 @@ def test_a_full_queue_and_impossible_requests_are_refused(chars):
     with pytest.raises(QueueFull):
         engine.submit([3], 3, GREEDY)
     for args, param in [(([], 3), "prompt"), (([40], 3), "prompt"), (([1], 0), "max_tokens"),
-                        (([1] * 30, 3), "max_tokens"), (([1], 2.0), "max_tokens")]:
+                        (([1] * 30, 3), "max_tokens"), (([1], 2.0), "max_tokens"), (([1.7, 2.2], 3), "prompt"),
+                        (("Hello", 3), "prompt")]:
         with pytest.raises(RequestError) as e:
             engine.submit(*args, GREEDY)
         assert e.value.param == param
+    with pytest.raises(RequestError, match="stop must be a string"):
+        engine.submit([1], 3, GREEDY, stop=5)
+    with pytest.raises(ValueError, match="cache_len"):
+        Engine(model, chars, cache_len=0)
     with pytest.raises(RequestError, match="num_beams"):
         engine.submit([1], 3, SamplingConfig(num_beams=2))
     run(engine)

@@ -26,6 +26,7 @@ framework; zoo/server.py puts the OpenAI HTTP API in front of it.
 """
 import collections
 import dataclasses
+import operator
 import queue
 import threading
 
@@ -280,6 +281,8 @@ class Engine:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
             raise ValueError(f"max_queue must be an int >= 0, got {max_queue!r}")
+        if isinstance(cache_len, bool) or not isinstance(cache_len, int) or cache_len < 1:
+            raise ValueError(f"cache_len must be an int >= 1 (the cache's first length in tokens), got {cache_len!r}")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue, self.compile = max_batch, max_queue, compile
         if draft not in (None, PROMPT_LOOKUP):
@@ -339,7 +342,11 @@ class Engine:
         settings = SamplingConfig.of(sampling)
         if settings.num_beams != 1:
             raise RequestError("the engine decodes one sequence per request: num_beams must be 1", "num_beams")
-        prompt = [int(t) for t in prompt]
+        try:  # ints (numpy's and 0-d tensors' too), not floats (int() would truncate them) or text
+            prompt = [operator.index(t) for t in prompt]
+        except TypeError:
+            raise RequestError(f"the prompt must be token ids (ints), not {prompt!r:.80}: encode text with the "
+                               "tokenizer first", "prompt") from None
         if not prompt:
             raise RequestError("the prompt is empty: the model needs at least one token", "prompt")
         if not 0 <= min(prompt) <= max(prompt) < self.model.config.vocab_size:
@@ -351,7 +358,9 @@ class Engine:
             raise RequestError(f"the prompt's {len(prompt)} tokens + max_tokens {max_tokens} exceed the model's "
                                f"context of {self.block_size} tokens: ask for at most "
                                f"{self.block_size - len(prompt)} new tokens, or shorten the prompt", "max_tokens")
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if not isinstance(stops, (list, tuple)) or not all(isinstance(x, str) for x in stops):
+            raise RequestError(f"stop must be a string or a list of strings, not {stop!r:.80}", "stop")
         eos = self.eos if settings.eos_token_id is None else set(settings.eos_ids)  # [] : no end token
         request = Request(prompt, max_tokens, settings, eos, TextStream(self.tokenizer, stops), on_event)
         with self.cond:
