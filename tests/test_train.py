@@ -182,6 +182,23 @@ def test_the_tokenizer_rule(tmp_path, text_file):
         choose(None, preset="scratchformer", texts=[text_file])
 
 
+def test_a_fresh_models_vocabulary_is_its_tokenizers(tmp_path):
+    """shakespeare-char's 65 rows on a text of 5 characters: the model is built with the tokenizer's 5 (the other
+    rows were never trained, yet sampling drew them: ids the tokenizer cannot decode); a vocab_size set stays."""
+    path = tmp_path / "abc.txt"
+    path.write_text("abc ab ca\n" * 300)
+    small = {k: v for k, v in TINY_MODEL.items() if k != "vocab_size"}
+    zoo.train("shakespeare-char", [str(path)], tmp_path / "run", overrides=small, max_iters=2, **TINY,
+              tokenizer="char")
+    model, tok = zoo.load_source(str(tmp_path / "run" / "step-0000002"))
+    assert model.config.vocab_size == tok.vocab_size == 5
+    for seed in range(4):
+        zoo.complete(model, tok, "ab", max_new_tokens=40, temperature=1.0, seed=seed)
+    zoo.train("shakespeare-char", [str(path)], tmp_path / "set", overrides=TINY_MODEL, max_iters=1, **TINY,
+              tokenizer="char")
+    assert zoo.from_pretrained(str(tmp_path / "set" / "step-0000001")).config.vocab_size == 12
+
+
 def test_a_preset_that_names_no_tokenizer_uses_its_weights_own(smollm2_gguf):
     tokenizer = zt.choose_tokenizer(None, preset="smollm2-135m-instruct", texts=["never read"])
     assert tokenizer.vocab_size == 49152 and tokenizer.decode(tokenizer.encode("Hello, world")) == "Hello, world"

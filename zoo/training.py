@@ -217,6 +217,13 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
     tokenizer = choose_tokenizer(s.tokenizer, named="tokenizer" in fields, checkpoint=ckpt,
                                  init_tokenizer=own_tokenizer, preset=source, texts=data_paths + (val or []),
                                  vocab_size=model.config.vocab_size)
+    if resumed is None and init is None and "vocab_size" not in (overrides or {}) \
+            and tokenizer.vocab_size < model.config.vocab_size:
+        # a fresh model's vocabulary is its tokenizer's (as nanoGPT's meta.pkl sets it): rows past it would never be
+        # trained, yet sampling could draw them, ids no tokenizer decodes (a char run on a text of fewer characters)
+        note.info("zoo: vocab_size %d -> %d, the tokenizer's", model.config.vocab_size, tokenizer.vocab_size)
+        overrides = {**(overrides or {}), "vocab_size": tokenizer.vocab_size}
+        model, _ = make_model(s, source, init, overrides, resumed, dist.rank)
     if s.objective == "mlm":  # a mask token, and the model grown by its row when the vocabulary needs it
         mlm.add_mask_token(model, tokenizer)
     train_data, val_data = load_data(s, tokenizer, data_paths, val, model.config.vocab_size)
