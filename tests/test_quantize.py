@@ -154,17 +154,20 @@ def test_bad_settings_raise_value_error():
         zoo.quantize(model, "int3")
     with pytest.raises(ValueError, match="group_size must be one of"):
         zoo.quantize(model, "int4", group_size=48)
-    with pytest.raises(ValueError, match="group_size 128 does not divide .*64 inputs"):
+    with pytest.raises(ValueError, match="group_size 128 does not divide .*64 inputs: group_size 32 or 64 does; "
+                                         "int8 with group_size=None"):
         zoo.quantize(model, "int4", group_size=128)
     assert isinstance(model.lm_head, torch.nn.Linear)  # nothing changed
     odd = zoo.build("llama", dict(vocab_size=100, block_size=32, n_layer=1, n_head=2, n_kv_head=1, n_embd=64,
                                   ffn_dim=128))
-    with pytest.raises(ValueError, match="lm_head has 100 outputs"):
+    with pytest.raises(ValueError, match="lm_head has 100 outputs.*or head=None"):
         zoo.quantize(odd, "int4", head="int4")
     with pytest.raises(ValueError, match="head must be 'int8', 'int4' or None"):
         zoo.quantize(odd, "int4", head="fp8")
     zoo.quantize(odd, "int4")  # the head in int8, one scale per row: any number of outputs
     assert isinstance(odd.lm_head, Int8Linear) and isinstance(odd.model.layers[0].mlp.down_proj, Int4Linear)
+    with pytest.raises(ValueError, match="quantized already"):  # (int8 -> int4 left it int8, silently)
+        zoo.quantize(odd, "int8")
 
 
 def test_head_and_embeddings_options():

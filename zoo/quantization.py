@@ -530,6 +530,8 @@ def quantize(model, mode, group_size=None, *, head="int8", embeddings="int8", dt
     a layer's inputs.
     """
     group_size = check_mode(mode, group_size)
+    if is_quantized(model):  # (its quantized layers would be left as they are, silently)
+        raise ValueError("the model is quantized already: quantize the unquantized model (load it again)")
     for option, value in (("head", head), ("embeddings", embeddings)):
         if value not in (*MODES, None):
             raise ValueError(f"{option} must be 'int8', 'int4' or None (unquantized), not {value!r}")
@@ -551,14 +553,19 @@ def quantize(model, mode, group_size=None, *, head="int8", embeddings="int8", dt
     matrices = [(name, w.shape, 8 if mode == "int8" else 4, group_size) for e, m in experts.items()
                 for name, w in ((f"{e}.gate_up_proj", m.gate_up_proj[0]), (f"{e}.down_proj", m.down_proj[0]))]
     matrices += [(name, m.weight.shape, bits, group) for name, (m, bits, group) in chosen.items()]
+    def ways(name):  # what the caller can change for a layer that cannot take its settings
+        m = chosen.get(name, (None,))[0]
+        keep = " or head=None (unquantized)" if m is out_layer else \
+            " or embeddings=None (unquantized)" if isinstance(m, nn.Embedding) else ""
+        return f"int8 with group_size=None (a scale a row) fits any layer{keep}"
     for name, (rows, cols), bits, group in matrices:  # check everything before changing anything
         if group is not None and cols % group:
-            raise ValueError(f"group_size {group} does not divide {name}'s {cols} inputs: pick one of "
-                             f"{', '.join(str(g) for g in GROUP_SIZES if cols % g == 0) or 'none'}"
-                             f"{' or None' if bits == 8 else ''}, or leave that layer unquantized")
+            fits = [str(g) for g in GROUP_SIZES if cols % g == 0]
+            raise ValueError(f"group_size {group} does not divide {name}'s {cols} inputs: "
+                             + (f"group_size {' or '.join(fits)} does; " if fits else "no group size does; ")
+                             + ways(name))
         if not isinstance(chosen.get(name, (None,))[0], nn.Embedding) and group is not None and rows % 16:
-            raise ValueError(f"{name} has {rows} outputs; the int4 kernel needs a multiple of 16 "
-                             f"(use int8 with group_size=None, or leave that layer unquantized)")
+            raise ValueError(f"{name} has {rows} outputs; the int4 kernel needs a multiple of 16: {ways(name)}")
     for p in model.parameters():  # norms and biases in the activations' dtype
         p.data = p.data.to(dtype)
     done = {}  # (id(weight), bits, group) -> Quantized: a tied head and embedding are quantized once
