@@ -560,3 +560,18 @@ def test_flat_list_is_one_prompt_and_zero_tokens_is_empty():
     assert generate(model, [1, 2, 3], 4, temperature=0) == generate(model, [[1, 2, 3]], 4, temperature=0)
     assert len(generate(model, [1, 2, 3], 4, temperature=0)) == 1
     assert generate(model, [[1], [2]], 0) == [[], []]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-qwen2-window"])
+def test_the_token_buffer_grows_as_generation_goes(name, monkeypatch):
+    """The batch's token buffer starts with room for GROW_TOKENS new tokens and doubles: the same tokens as
+    with room for all (padded rows, past block_size), and a max_new_tokens of 10**12 reserves nothing up front
+    (it tried to allocate 8 TB) when an end token stops the rows."""
+    from zoo import generation
+    model = tiny(name)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    want = generate(model, prompts, 40, temperature=0)
+    monkeypatch.setattr(generation, "GROW_TOKENS", 3)
+    assert generate(model, prompts, 40, temperature=0) == want
+    first = want[0][0]
+    assert generate(model, [prompts[0]], 10 ** 12, temperature=0, eos_token_id=first) == [[first]]

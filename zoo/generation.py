@@ -31,6 +31,9 @@ from .tokenizers import StreamDecoder
 # The batch and its cache
 
 
+GROW_TOKENS = 1024  # a batch's first room for new tokens (Batch.append doubles it as needed)
+
+
 class Batch:
     """Left-padded token ids [B, prompt + new] and their key mask, fed to the model through its cache.
 
@@ -48,8 +51,10 @@ class Batch:
         if compile:
             self.cache_len = compiled_cache_len(model, self.cache_len)
         self.decode = compiled_step(model) if compile else model
-        self.tokens = torch.zeros(B, T + max_new_tokens, dtype=torch.long, device=device)
-        self.real = torch.ones(B, max(T + max_new_tokens, self.cache_len), dtype=torch.bool, device=device)
+        # room for the first new tokens; append grows it (a "until EOS" max_new_tokens of 10**9 reserves nothing)
+        room = T + min(max_new_tokens, GROW_TOKENS)
+        self.tokens = torch.zeros(B, room, dtype=torch.long, device=device)
+        self.real = torch.ones(B, max(room, self.cache_len), dtype=torch.bool, device=device)
         for row, p in enumerate(prompts):
             self.tokens[row, T - len(p):T] = torch.tensor(p, device=device)
             self.real[row, :T - len(p)] = False
@@ -78,6 +83,10 @@ class Batch:
                               last_only=True)[:, -1]
 
     def append(self, new_tokens):
+        if self.len == self.tokens.size(1):  # full: twice the room (real's new slots are real tokens)
+            self.tokens = torch.cat((self.tokens, torch.zeros_like(self.tokens)), 1)
+            if self.real.size(1) < self.tokens.size(1):
+                self.real = torch.cat((self.real, torch.ones_like(self.real)), 1)[:, :self.tokens.size(1)]
         self.tokens[:, self.len] = new_tokens
         self.newest = new_tokens[:, None]
         self.len += 1
