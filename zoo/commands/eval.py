@@ -49,9 +49,8 @@ def add_arguments(p):
     p.add_argument("--objective", choices=["causal", "mlm"], default="causal",
                    help="causal: next-token loss and perplexity; mlm: loss and accuracy at masked tokens, with the "
                         "same seeded masks every time (consecutive windows; --stride does not apply)")
-    p.add_argument("--mask-prob", type=float, default=MASK_PROB, help=f"mlm: share of tokens masked (default "
-                                                                      f"{MASK_PROB})")
-    p.add_argument("--seed", type=int, default=0, help="mlm: seed of the masks (default 0)")
+    p.add_argument("--mask-prob", type=float, help=f"mlm: share of tokens masked (default {MASK_PROB})")
+    p.add_argument("--seed", type=int, help="mlm: seed of the masks (default 0)")
 
 
 def run(args):
@@ -59,6 +58,13 @@ def run(args):
     for name, least in (("window", 2), ("stride", 1), ("max_tokens", 1), ("batch_size", 1)):
         if getattr(args, name) is not None and getattr(args, name) < least:
             raise ValueError(f"--{name.replace('_', '-')} must be at least {least}, not {getattr(args, name)}")
+    if args.bf16 and args.dtype not in (None, "bfloat16"):
+        raise ValueError(f"--bf16 and --dtype {args.dtype} name two dtypes: give one")
+    for name in ("mask_prob", "seed"):
+        if getattr(args, name) is not None and args.objective != "mlm":
+            raise ValueError(f"--{name.replace('_', '-')} sets the masks of --objective mlm: add it, or drop the flag")
+    args.mask_prob = MASK_PROB if args.mask_prob is None else args.mask_prob
+    args.seed = 0 if args.seed is None else args.seed
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if args.bf16 else getattr(torch, args.dtype) if args.dtype else None
     if args.tasks:
