@@ -575,3 +575,16 @@ def test_the_token_buffer_grows_as_generation_goes(name, monkeypatch):
     assert generate(model, prompts, 40, temperature=0) == want
     first = want[0][0]
     assert generate(model, [prompts[0]], 10 ** 12, temperature=0, eos_token_id=first) == [[first]]
+
+
+def test_numpy_and_torch_numbers_are_taken_as_python_ones():
+    """A 1-D numpy prompt, numpy ids and settings, a tensor of end ids: as the Python values (they were refused
+    as not token ids, or raised TypeErrors naming no setting)."""
+    np = pytest.importorskip("numpy")
+    model = tiny("llama-gqa")
+    want = generate(model, [[1, 2, 3]], 6, temperature=0.7, top_k=5, seed=3, eos_token_id=[4])
+    assert generate(model, np.array([1, 2, 3]), 6, temperature=np.float32(0.7), top_k=np.int64(5),
+                    seed=np.int64(3), eos_token_id=torch.tensor([4])) == want
+    assert SamplingConfig(eos_token_id=np.int64(4)).eos_ids == [4] == SamplingConfig(eos_token_id=torch.tensor(4)).eos_ids
+    with pytest.raises(ValueError, match="eos_token_id must be"):
+        SamplingConfig(eos_token_id="4")

@@ -181,7 +181,7 @@ def check_prompts(model, prompts, max_new_tokens, settings):
         raise TypeError(f"model must be a zoo model (zoo.load, zoo.from_pretrained), not {type(model).__name__}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if isinstance(prompts, torch.Tensor):
+    if hasattr(prompts, "tolist") and not isinstance(prompts, (list, tuple)):  # a tensor or a numpy array
         prompts = prompts.tolist()
     if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__len__"):
         raise TypeError(f"prompts must be token ids (a list of ints, or a list of such lists), not "

@@ -8,6 +8,7 @@ setting is spelled, defaulted and validated in one place.
 """
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -37,11 +38,13 @@ class SamplingConfig:
         def number(name, value, kind=float):
             if value is None:
                 return
-            if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real if kind is float else numbers.Integral):
                 raise TypeError(f"{name} must be {'a number' if kind is float else 'an int'}, "
                                 f"not {type(value).__name__} {value!r}")
             if kind is float and not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, not {value}")
+            if kind is int or not isinstance(value, int):  # numpy's numbers as Python's (an int stays an int)
+                object.__setattr__(self, name, kind(value))
 
         for f in dataclasses.fields(self):
             if f.name in ("top_k", "num_beams", "min_new_tokens", "seed"):
@@ -70,9 +73,14 @@ class SamplingConfig:
         if self.min_new_tokens < 0:
             raise ValueError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
         eos = self.eos_token_id
-        ids = [eos] if isinstance(eos, int) else [*(eos or [])]
-        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
-            raise ValueError(f"eos_token_id must be a token id or a list of them, not {eos!r}")
+        eos = eos.tolist() if hasattr(eos, "tolist") else eos  # a tensor or array of ids (0-d: one id)
+        ids = [eos] if isinstance(eos, numbers.Integral) else [*eos] if isinstance(eos, (list, tuple)) else \
+            [None] if eos is not None else []
+        if any(isinstance(i, bool) or not isinstance(i, numbers.Integral) or i < 0 for i in ids):
+            raise ValueError(f"eos_token_id must be a token id or a list of them, not {self.eos_token_id!r}")
+        if eos is not None:
+            object.__setattr__(self, "eos_token_id", int(eos) if isinstance(eos, numbers.Integral) else
+                               [int(i) for i in ids])
 
     @classmethod
     def of(cls, settings=None, **fields):
