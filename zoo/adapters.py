@@ -120,8 +120,12 @@ def save_adapter(model, folder, *, tokenizer=None):
             chosen.add(module)
     every = {module for parts in proj.values() for module, _ in parts}
     leaves = {m.rsplit(".", 1)[-1] for m in chosen}
-    # the short form (["q_proj", "v_proj"]) where it selects exactly these modules, else their full names
-    targets = sorted(leaves) if {m for m in every if m.rsplit(".", 1)[-1] in leaves} == chosen else sorted(chosen)
+    # the short form (["q_proj", "v_proj"]) where it selects exactly these modules, else their full names; full
+    # names too beside stacked experts, whose transformers 4 names (gate_proj, up_proj, ...) peft >= 0.22 maps a
+    # short name to as well (doubling the rank it expects for the experts' gate_up_proj)
+    stacked = experts or any(isinstance(m, Experts) for m in model.modules())
+    short = not stacked and {m for m in every if m.rsplit(".", 1)[-1] in leaves} == chosen
+    targets = sorted(leaves) if short else sorted(chosen)
     params = set()  # the adapted expert stacks, "<experts module>.<stack>"
     for name, m in experts.items():
         for key, stack in expert_keys(name, m.stacks).items():
