@@ -92,12 +92,18 @@ def test_chat_files_are_recognised_and_bad_lines_named(tmp_path):
 
 
 def test_conversations_the_template_refuses_are_named_by_line(tmp_path, chat_tokenizer):
-    """Content that is not text, and a template's own refusal (raise_exception: roles that must alternate), name
-    the file and line as other bad lines do (they were a traceback, or an error naming neither)."""
+    """Content that is not text, a conversation the assistant opens (it blamed the template), and a template's own
+    refusal (raise_exception: roles that must alternate) name the file and line as other bad lines do (they were a
+    traceback, or an error naming neither)."""
     path = tmp_path / "chat.jsonl"
     lines = [CONVERSATION, [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]]
     path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in lines))
     with pytest.raises(ValueError, match=r"chat.jsonl:2: message 0's content must be a str, not int"):
+        chat_data.tokenize(chat_data.read_examples([str(path)]), chat_tokenizer, 64)
+    opens = [{"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "Hi."},
+             {"role": "assistant", "content": "How are you?"}]
+    path.write_text(json.dumps({"messages": opens}) + "\n")
+    with pytest.raises(ValueError, match=r"chat.jsonl:1: the conversation opens with the assistant \(message 0\)"):
         chat_data.tokenize(chat_data.read_examples([str(path)]), chat_tokenizer, 64)
     chat_tokenizer = copy.copy(chat_tokenizer)  # (the module's, unchanged)
     chat_tokenizer.chat_template = ("{% for m in messages %}{% if loop.index0 % 2 != (m['role'] == 'assistant') %}"

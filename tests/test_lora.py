@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from conftest import tiny as tiny_model
 import zoo
 from zoo import adapters, lora, training
 
@@ -150,6 +151,8 @@ def test_targets_name_our_layers_or_the_checkpoints_projections():
                                                                             "mlp.gate_up_proj", "mlp.down_proj")}
     with pytest.raises(ValueError, match="no linear layer matches.*qkv_proj"):
         zoo.add_lora(tiny("llama"), targets=["query"])
+    with pytest.raises(ValueError, match="experts' stacks: mlp.experts.gate_up_proj, mlp.experts.down_proj"):
+        zoo.add_lora(tiny_model("moe"), targets=["query"])  # (the stacks, which targets can name, were not listed)
     with pytest.raises(ValueError, match="tied"):
         zoo.add_lora(tiny("llama"), targets=["lm_head"])
     with pytest.raises(ValueError, match="already has an adapter"):

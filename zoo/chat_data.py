@@ -141,6 +141,10 @@ def encode_messages(messages, tokenizer):
         before, upto = render(messages[:i], add_generation_prompt=True), render(messages[:i + 1],
                                                                                 add_generation_prompt=False)
         if not (upto.startswith(before) and full.startswith(upto) and before.startswith(full[:cuts[-1]])):
+            if all(m["role"] == "system" for m in messages[:i]):  # the data, not the template
+                raise ValueError(f"the conversation opens with the assistant (message {i}): nothing prompts its "
+                                 "reply, so it cannot be told apart from what the template adds; begin with a user "
+                                 "message")
             raise ValueError("the chat template does not render conversations prefix by prefix (message "
                              f"{i}'s text changes with what follows it), so the assistant's tokens cannot be told "
                              "apart; use a template that does, or prompt/completion examples")

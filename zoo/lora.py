@@ -279,7 +279,10 @@ def add_lora(model, r=8, alpha=16, dropout=0.0, targets=None, slices=None, scali
         shown = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in plan})) or "none"
         raise ValueError(f"no linear layer matches the LoRA targets {targets or '(default)'}; this model's linear "
                          f"layers are named {shown}" + (" (and their parts " + ", ".join(sorted(
-                             {p.rsplit('.', 1)[-1] for ps in slices.values() for p, _ in ps})) + ")" if slices else ""))
+                             {p.rsplit('.', 1)[-1] for ps in slices.values() for p, _ in ps})) + ")" if slices else "")
+                         + ("; its experts' stacks: " + ", ".join(f"{'.'.join(e.split('.')[-2:])}.{stack}" for e in
+                                                                  sorted(experts)[:1] for stack in ("gate_up_proj", "down_proj"))
+                            + " (in each layer)" if experts else ""))
     for p in model.parameters():
         p.requires_grad_(False)
     for name, (m, rows, adapted) in plan.items():
