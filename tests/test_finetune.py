@@ -98,7 +98,7 @@ def test_conversations_the_template_refuses_are_named_by_line(tmp_path, chat_tok
     path = tmp_path / "chat.jsonl"
     lines = [CONVERSATION, [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]]
     path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in lines))
-    with pytest.raises(ValueError, match=r"chat.jsonl:2: message 0's content must be a str, not int"):
+    with pytest.raises(ValueError, match=r"chat.jsonl:2: message 0's content must be a str .*, not int"):
         chat_data.tokenize(chat_data.read_examples([str(path)]), chat_tokenizer, 64)
     opens = [{"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "Hi."},
              {"role": "assistant", "content": "How are you?"}]

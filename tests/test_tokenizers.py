@@ -326,11 +326,14 @@ def test_chat_template_rendering():
     assert tok.encode(text).count(tok.eos_id) == 2
     with pytest.raises(ValueError, match="chat template refused the conversation: no tools"):  # (TemplateError)
         tok.apply_chat_template([{"role": "tool", "content": "x"}])
-    for messages, match in (([{"role": "user", "content": 5}], "message 0's content must be a str, not int"),
+    for messages, match in (([{"role": "user", "content": 5}], "message 0's content must be a str .*, not int"),
                             ({"role": "user", "content": "hi"}, "messages must be a list"),
-                            ([{"role": "user", "content": "hi"}, {"role": "user"}], "message 1 must be")):
+                            ([{"role": "user", "content": "hi"}, {"role": "user"}], "message 1's content must be"),
+                            ([{"content": "hi"}], "message 0 must be")):
         with pytest.raises(ValueError, match=match):
             tok.apply_chat_template(messages)
+    call = {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "f"}}]}
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}, call]).count("assistant") == 2  # (no content)
     with pytest.raises(ValueError, match="no chat template"):
         CharTokenizer.from_text("abc").apply_chat_template([{"role": "user", "content": "a"}])
 

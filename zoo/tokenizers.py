@@ -94,10 +94,13 @@ class Tokenizer:
             raise ValueError(f"messages must be a list of {{\"role\": ..., \"content\": ...}}, not "
                              f"{type(messages).__name__}")
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
                 raise ValueError(f"message {i} must be a {{\"role\": str, \"content\": ...}} dict, not {m!r:.80}")
-            if not isinstance(m["content"], (str, list)):  # (a list: parts, for the templates that read them)
-                raise ValueError(f"message {i}'s content must be a str, not {type(m['content']).__name__}")
+            content = m.get("content")
+            # text, or a list of parts (for the templates that read them), or none beside the assistant's tool calls
+            if not (isinstance(content, (str, list)) or content is None and m.get("tool_calls")):
+                raise ValueError(f"message {i}'s content must be a str (or a list of parts), not "
+                                 f"{type(content).__name__}")
         from jinja2.exceptions import TemplateError
         special = lambda i: "" if i is None else self.decode([i])  # noqa: E731
         try:

@@ -211,7 +211,9 @@ def run(args):
         try:
             if dropped := chat.fit():
                 note(f"(the {dropped} oldest messages no longer fit the context of {context} tokens: dropped)")
-        except ValueError as e:
+        except ValueError as e:  # too long, or the chat template refused it: the turn is not kept
+            if chat.messages and chat.messages[-1] == {"role": "user", "content": line}:
+                chat.messages.pop()
             note(f"error: {e}")
             continue
         answer(chat, model, tokenizer, sampling)
