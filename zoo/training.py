@@ -218,10 +218,13 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
                                  init_tokenizer=own_tokenizer, preset=source, texts=data_paths + (val or []),
                                  vocab_size=model.config.vocab_size)
     if resumed is None and init is None and "vocab_size" not in (overrides or {}) \
-            and tokenizer.vocab_size < model.config.vocab_size:
-        # a fresh model's vocabulary is its tokenizer's (as nanoGPT's meta.pkl sets it): rows past it would never be
-        # trained, yet sampling could draw them, ids no tokenizer decodes (a char run on a text of fewer characters)
-        note.info("zoo: vocab_size %d -> %d, the tokenizer's", model.config.vocab_size, tokenizer.vocab_size)
+            and isinstance(tokenizer, tokenizers.CharTokenizer) and tokenizer.vocab_size < model.config.vocab_size:
+        # a fresh char model's vocabulary is its text's characters (as nanoGPT's meta.pkl sets it): rows past them
+        # would never be trained, yet sampling could draw them, ids the tokenizer cannot decode (a preset's 65 rows
+        # over a text of fewer characters). (Other tokenizers fill a preset's vocabulary, or its rows are padding.)
+        if dist.rank == 0:
+            note.info("zoo: vocab_size %d -> %d, the text's characters", model.config.vocab_size, tokenizer.vocab_size)
+        del model
         overrides = {**(overrides or {}), "vocab_size": tokenizer.vocab_size}
         model, _ = make_model(s, source, init, overrides, resumed, dist.rank)
     if s.objective == "mlm":  # a mask token, and the model grown by its row when the vocabulary needs it
