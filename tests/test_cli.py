@@ -73,6 +73,9 @@ def test_generate_from_a_local_folder(tmp_path, gpt2_bpe, zoo_main):
     code, out, err = zoo_main("generate", tmp_path / "bare", "--tokenizer", "gpt2", "--prompt", "Hello",
                               "--max-new-tokens", "5")
     assert code == 0 and out == zoo.complete(model, tok, "Hello", max_new_tokens=5, temperature=0) + "\n", err
+    code, out, err = zoo_main("generate", tmp_path / "tiny", "--draft", tmp_path / "bare", "--prompt", "Hello",
+                              "--max-new-tokens", "5")  # a draft needs no tokenizer of its own (it wanted one)
+    assert code == 0 and out == zoo.complete(model, tok, "Hello", max_new_tokens=5, temperature=0) + "\n", err
     (tmp_path / "text.txt").write_text("Hello there.")
     zoo.save_pretrained(zoo.build("gpt2", dict(n_layer=1, n_head=2, n_embd=16, vocab_size=97)), tmp_path / "small")
     for command in (["generate", "--prompt", "Hello"], ["eval", "--data", tmp_path / "text.txt"]):  # (it crashed)

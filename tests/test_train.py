@@ -199,6 +199,15 @@ def test_a_fresh_models_vocabulary_is_its_tokenizers(tmp_path):
     assert zoo.from_pretrained(str(tmp_path / "set" / "step-0000001")).config.vocab_size == 12
 
 
+def test_an_init_saved_without_a_tokenizer_trains_with_the_named_one(tmp_path, text_file):
+    """init's weights alone (saved without a tokenizer) and tokenizer="char": it trained nothing before, failing
+    on the missing tokenizer with advice to name one."""
+    zoo.save_pretrained(zoo.build("gpt2", dict(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=12)),
+                        tmp_path / "bare")
+    zoo.train(None, [text_file], tmp_path / "run", init=str(tmp_path / "bare"), max_iters=1, **TINY, tokenizer="char")
+    assert zoo.tokenizer(str(tmp_path / "run" / "step-0000001")).vocab_size <= 12
+
+
 def test_a_preset_that_names_no_tokenizer_uses_its_weights_own(smollm2_gguf):
     tokenizer = zt.choose_tokenizer(None, preset="smollm2-135m-instruct", texts=["never read"])
     assert tokenizer.vocab_size == 49152 and tokenizer.decode(tokenizer.encode("Hello, world")) == "Hello, world"

@@ -29,18 +29,24 @@ def load_source(source, *, device=None, dtype=None, revision=None, tokenizer=Non
     `zoo eval`, `zoo verify` and `zoo train --init`."""
     path = source_path(source, revision)
     model = from_pretrained(path, device=device, dtype=dtype, **overrides)
-    is_preset = source in PRESETS and not Path(source).exists()
     if tokenizer is None:
         try:
-            return model, load_tokenizer(source if is_preset else path, revision=revision)
+            return model, own_tokenizer(source, revision)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{e}; name a source whose tokenizer it uses (tokenizer=..., on the command "
-                                    "line --tokenizer SOURCE)") from None
+                                    "line --tokenizer SOURCE)") from e
     tok = load_tokenizer(tokenizer, revision=revision)
     if tok.vocab_size > model.config.vocab_size:  # its ids past the model's would index no embedding row
         raise ValueError(f"the tokenizer of {tokenizer} has {tok.vocab_size} tokens, more than the "
                          f"{model.config.vocab_size} of {source}'s vocabulary: name the tokenizer it was trained with")
     return model, tok
+
+
+def own_tokenizer(source, revision=None):
+    """The tokenizer that comes with a source's weights (a preset's, a folder's, a GGUF's); FileNotFoundError where
+    there is none."""
+    is_preset = source in PRESETS and not Path(source).exists()
+    return load_tokenizer(source if is_preset else source_path(source, revision), revision=revision)
 
 
 def source_path(source, revision=None):

@@ -36,7 +36,7 @@ from .progress import log as note
 from .quantization import native_bf16
 from .registry import arch_of, build, get_preset
 from .routing import RouterLoss
-from .sources import as_device, load_source, write_merged
+from .sources import as_device, from_pretrained, own_tokenizer, write_merged
 
 
 def _setting(default, help, **extra):
@@ -381,7 +381,11 @@ def make_model(s, source, init, overrides=None, resumed=None, rank=0):
         # attention and of the head's loss ran through torch's reference loop, most of such a run's time)
         low = s.lora_r and (s.bf16 or s.lora_int8)
         dtype = (torch.bfloat16 if computes_bf16(s.device) else torch.float32) if low else None
-        model, tokenizer = load_source(init, dtype=dtype, **overrides)
+        model = from_pretrained(init, dtype=dtype, **overrides)
+        try:
+            tokenizer = own_tokenizer(init)
+        except FileNotFoundError:  # none beside the weights: the run's named one (choose_tokenizer says if none)
+            tokenizer = None
         if source is not None and (arch := arch_of(model)) != get_preset(source).arch:
             raise ValueError(f"preset {source!r} is a {get_preset(source).arch} model, but init {init!r} holds a "
                              f"{arch} model: with init (--init) the model comes from init and a preset only gives its "

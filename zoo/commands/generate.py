@@ -6,7 +6,7 @@ import torch
 
 from ..generation import complete
 from ..prepack import prepack
-from ..sources import describe_source, load_source
+from ..sources import describe_source, from_pretrained, load_source
 from ..sampling import SamplingConfig
 
 HELP = "generate text (default model: smollm2-135m-instruct)"
@@ -107,8 +107,8 @@ def run(args):
     prepack(model, linear=not (args.compile and not args.draft))
     draft = "prompt-lookup" if args.prompt_lookup else None
     if args.draft:
-        draft = load_source(args.draft, device=device, dtype="bfloat16" if args.draft_quantize else args.dtype,
-                            quantize=args.draft_quantize)[0]
+        draft = from_pretrained(args.draft, device=device, dtype="bfloat16" if args.draft_quantize else args.dtype,
+                                quantize=args.draft_quantize)  # (the model alone: it shares the target's tokenizer)
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     stats, start = {}, time.perf_counter()
     for piece in complete(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
