@@ -167,7 +167,8 @@ def test_lora_run_checkpoints_hold_the_adapter_and_load_everywhere(tiny_chat, tm
     # quantized: int8 carries the adapter (it was dropped: the model came back unquantized); int4 and a GGUF's
     # native blocks cannot, and say so (they blamed the adapter)
     int8 = zoo.from_pretrained(ckpt, quantize="int8")
-    assert zoo.quantization.is_quantized(int8) and zoo.lora.lora_layers(int8).keys() == zoo.lora.lora_layers(model).keys()
+    assert zoo.quantization.is_quantized(int8)
+    assert zoo.lora.lora_layers(int8).keys() == zoo.lora.lora_layers(model).keys()
     with torch.no_grad():
         top1 = (int8(idx).float().argmax(-1) == ours.argmax(-1)).float().mean().item()
     assert top1 >= 0.9, top1
@@ -177,6 +178,9 @@ def test_lora_run_checkpoints_hold_the_adapter_and_load_everywhere(tiny_chat, tm
     with pytest.raises(ValueError, match="packed to 4 bits"):
         llama = zoo.build("llama", dict(n_layer=1, n_head=2, n_kv_head=1, n_embd=64, ffn_dim=128, vocab_size=64))
         zoo.add_lora(zoo.quantize(llama, "int4"), r=2)
+    llama = zoo.build("llama", dict(n_layer=1, n_head=2, n_kv_head=1, n_embd=64, ffn_dim=128, vocab_size=64,
+                                    tie_embeddings=False))
+    assert zoo.lora.lora_layers(zoo.add_lora(zoo.quantize(llama, "int8", head="int4"), r=2))  # (the head: no target)
 
 
 def test_lora_resume_equals_an_uninterrupted_run(tiny_chat, tmp_path, monkeypatch):

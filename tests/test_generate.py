@@ -570,9 +570,11 @@ def test_the_token_buffer_grows_as_generation_goes(name, monkeypatch):
     from zoo import generation
     model = tiny(name)
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
-    want = generate(model, prompts, 40, temperature=0)
+    want = generate(model, prompts, 40, temperature=0)  # (past the tiny models' block_size of 16)
+    beams = generate(model, prompts, 40, num_beams=2, temperature=0)
     monkeypatch.setattr(generation, "GROW_TOKENS", 3)
     assert generate(model, prompts, 40, temperature=0) == want
+    assert generate(model, prompts, 40, num_beams=2, temperature=0) == beams  # (reordered rows, grown)
     first = want[0][0]
     assert generate(model, [prompts[0]], 10 ** 12, temperature=0, eos_token_id=first) == [[first]]
 
@@ -585,6 +587,8 @@ def test_numpy_and_torch_numbers_are_taken_as_python_ones():
     want = generate(model, [[1, 2, 3]], 6, temperature=0.7, top_k=5, seed=3, eos_token_id=[4])
     assert generate(model, np.array([1, 2, 3]), 6, temperature=np.float32(0.7), top_k=np.int64(5),
                     seed=np.int64(3), eos_token_id=torch.tensor([4])) == want
-    assert SamplingConfig(eos_token_id=np.int64(4)).eos_ids == [4] == SamplingConfig(eos_token_id=torch.tensor(4)).eos_ids
+    assert SamplingConfig(eos_token_id=np.int64(4)).eos_ids == [4]
+    assert SamplingConfig(eos_token_id=torch.tensor(4)).eos_ids == [4]
+    assert hash(SamplingConfig(eos_token_id=[4, 5])) == hash(SamplingConfig(eos_token_id=(4, 5)))  # (hashable)
     with pytest.raises(ValueError, match="eos_token_id must be"):
         SamplingConfig(eos_token_id="4")

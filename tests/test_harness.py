@@ -354,7 +354,8 @@ def test_zoo_eval_looks_for_a_task_outside_the_include_path_among_the_harness_ow
             if include_defaults:
                 self._all_tasks = [*self._all_tasks, "hellaswag"]
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", Manager)
-    assert main(["eval", str(tiny_gpt2[0]), "--tasks", "zoo_mc,no_such_task_zz", "--include-path", str(tiny_tasks)]) == 2
+    assert main(["eval", str(tiny_gpt2[0]), "--tasks", "zoo_mc,no_such_task_zz",
+                 "--include-path", str(tiny_tasks)]) == 2
     assert built == [False, True]  # the include path alone, then with the harness's own tasks
     err = capsys.readouterr().err
     assert "unknown task(s): no_such_task_zz;" in err and "zoo_mc" not in err.split("unknown")[1]

@@ -436,7 +436,7 @@ def test_model_files_import_only_torch_and_stdlib():
         assert len(path.read_text().splitlines()) <= 350, f"{path.name} should read in one sitting"
 
 
-# Helpers the five transformer files repeat on purpose (each file must run alone): they must stay copies. The
+# Helpers the six transformer files repeat on purpose (each file must run alone): they must stay copies. The
 # one difference allowed is where each file keeps its layers and their attention (Hugging Face's module names).
 SHARED = ["Attend", "KVCache", "Model.setup_cache", "Model.reorder_cache", "Model.positions_and_mask"]
 LAYER_PATHS = {"llama": ("self.model.layers", "block.self_attn"), "gpt2": ("self.transformer.h", "block.attn"),

@@ -428,7 +428,8 @@ def test_a_model_folder_holding_other_files_is_not_replaced(tmp_path):
         assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "project"]  # no temp folder left
     zoo.save_pretrained(model, tmp_path / "m", tokenizer=zoo.tokenizers.CharTokenizer.from_text("ab"))
-    zoo.save_pretrained(model, tmp_path / "m", tokenizer=zoo.tokenizers.CharTokenizer.from_text("abc"))  # the same files: replaced
+    # the same files: replaced
+    zoo.save_pretrained(model, tmp_path / "m", tokenizer=zoo.tokenizers.CharTokenizer.from_text("abc"))
     assert zoo.tokenizer(str(tmp_path / "m")).vocab_size == 3
 
 

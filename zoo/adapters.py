@@ -30,7 +30,7 @@ import torch
 
 from . import convert, lora
 from .atomic import write_folder
-from .lora import LoRALinear, has_lora, lora_experts, lora_layers, merge_lora  # noqa: F401  (zoo.merge_lora)
+from .lora import STACKS, LoRALinear, has_lora, lora_experts, lora_layers, merge_lora  # noqa: F401 (zoo.merge_lora)
 from .models.moe import Experts
 from .progress import log
 from .quantization import quantize
@@ -41,7 +41,6 @@ WEIGHTS = "adapter_model.safetensors"
 BASE = "base.json"  # a training checkpoint's base: {"source": ..., "quantize": null | "int8", "dtype": ...}
 PREFIX = "base_model.model."  # PEFT's names: the PeftModel's, around the transformers model
 KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
-STACKS = ("gate_up_proj", "down_proj")  # an experts module's parameters, in their order (PEFT nests by it)
 
 
 def expert_keys(name, stacks):

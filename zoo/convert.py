@@ -262,7 +262,7 @@ def _as_computed(fields):
     that see all (full_attention_layers: Qwen's max_window_layers, in every Qwen config) mean nothing without a
     sliding window."""
     fields = dict(fields)
-    if fields.get("head_dim") is not None and fields.get("n_head") and "n_embd" in fields \
+    if fields.get("head_dim") is not None and fields.get("n_head") and fields.get("n_embd", 1) % fields["n_head"] == 0 \
             and fields["head_dim"] == fields["n_embd"] // fields["n_head"]:
         fields["head_dim"] = None
     if fields.get("full_attention_layers") and fields.get("sliding_window") is None:

@@ -15,6 +15,7 @@ strings, streaming). Past the model's block_size the context slides over the las
 nanoGPT's sampler does: positions are absolute, so the cache is refilled with the window each step.
 """
 import contextlib
+import numbers
 import operator
 import time
 import types
@@ -51,7 +52,8 @@ class Batch:
         if compile:
             self.cache_len = compiled_cache_len(model, self.cache_len)
         self.decode = compiled_step(model) if compile else model
-        # room for the first new tokens; append grows it (a "until EOS" max_new_tokens of 10**9 reserves nothing)
+        # room for the first new tokens; append grows it (a max_new_tokens meant as "until an end token" reserves
+        # no buffer for all of them; the KV cache holds at most block_size slots)
         room = T + min(max_new_tokens, GROW_TOKENS)
         self.tokens = torch.zeros(B, room, dtype=torch.long, device=device)
         self.real = torch.ones(B, max(room, self.cache_len), dtype=torch.bool, device=device)
@@ -186,7 +188,7 @@ def check_prompts(model, prompts, max_new_tokens, settings):
     if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__len__"):
         raise TypeError(f"prompts must be token ids (a list of ints, or a list of such lists), not "
                         f"{type(prompts).__name__}; for text, use zoo.complete(model, tokenizer, text, ...)")
-    if not len(prompts) or isinstance(prompts[0], int):
+    if not len(prompts) or isinstance(prompts[0], numbers.Integral):
         prompts = [prompts]  # one flat prompt
     try:
         prompts = [[operator.index(t) for t in p] for p in prompts]

@@ -29,7 +29,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .models.moe import Experts
-from .quantization import Int4Linear, Int8Linear, expert_project, native_bf16
+from .quantization import Int4Linear, Int8Linear, QuantExperts, expert_project, native_bf16
+
+STACKS = ("gate_up_proj", "down_proj")  # an experts module's parameters, in their order (PEFT nests by it)
+
 
 class _Widened(torch.autograd.Function):
     """y = x w^T + b for bf16 x and a frozen w, computed by float32 GEMMs, output rounded to bf16. The
@@ -144,7 +147,7 @@ class LoRAExperts(Experts):
     tokens grouped by expert: y = W_e x + scaling * B_e (A_e x) for the tokens of expert e. No dropout: PEFT's
     ParamWrapper, which adds B A to the weight, has none (the adapter's input is not separable from the base's)."""
 
-    def __init__(self, base, r=8, alpha=16, stacks=("gate_up_proj", "down_proj"), scaling=None):
+    def __init__(self, base, r=8, alpha=16, stacks=STACKS, scaling=None):
         nn.Module.__init__(self)  # not Experts': the base holds the weights
         if r < 1:
             raise ValueError(f"LoRA rank r must be at least 1, not {r}")
@@ -154,7 +157,7 @@ class LoRAExperts(Experts):
         self.scaling = alpha / r if scaling is None else scaling
         self.enabled = True
         self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
-        for name, weights in zip(("gate_up_proj", "down_proj"), base.expert_weights()):
+        for name, weights in zip(STACKS, base.expert_weights()):
             if name in self.stacks:
                 out, inputs = _shape(weights[0])
                 device = next((t.device for t in (*base.parameters(), *base.buffers())), None)
@@ -169,7 +172,7 @@ class LoRAExperts(Experts):
     def expert_weights(self):
         """Each expert's (base matrix, A_e, B_e) per stack; (base matrix, None, None) where not adapted."""
         out = []
-        for name, weights in zip(("gate_up_proj", "down_proj"), self.base.expert_weights()):
+        for name, weights in zip(STACKS, self.base.expert_weights()):
             if name in self.lora_A:
                 out.append(list(zip(weights, self.lora_A[name].unbind(), self.lora_B[name].unbind())))
             else:
@@ -228,7 +231,9 @@ def adaptable(module):
 def check_adaptable(model):
     """Refuse a model whose layers are packed to 4 bits (zoo.quantize's int4, a GGUF's native blocks): no LoRA
     adapter goes on those."""
-    if any(isinstance(m, Int4Linear) for m in model.modules()):
+    inside = {id(m) for e in model.modules() if isinstance(e, QuantExperts) for m in e.modules()}  # (LoRAExperts')
+    head = getattr(model, "lm_head", None)  # (no default target)
+    if any(isinstance(m, Int4Linear) and id(m) not in inside and m is not head for m in model.modules()):
         raise ValueError("this model's layers are packed to 4 bits (int4, or a GGUF's blocks kept native), which a "
                          "LoRA adapter cannot go on: quantize to int8 instead (LoRA over int8, as --lora-int8 "
                          "trains), or add the adapter to the unquantized model and quantize the merged one")
@@ -257,7 +262,7 @@ def add_lora(model, r=8, alpha=16, dropout=0.0, targets=None, slices=None, scali
         if any(name.startswith(e + ".") for e in experts):
             continue  # (a quantized expert's own modules)
         if isinstance(m, Experts):
-            experts[name] = [s for s in ("gate_up_proj", "down_proj")
+            experts[name] = [s for s in STACKS
                              if targets is None or matches(f"{name}.{s}", targets)]
             continue
         if not adaptable(m):
@@ -281,7 +286,7 @@ def add_lora(model, r=8, alpha=16, dropout=0.0, targets=None, slices=None, scali
                          f"layers are named {shown}" + (" (and their parts " + ", ".join(sorted(
                              {p.rsplit('.', 1)[-1] for ps in slices.values() for p, _ in ps})) + ")" if slices else "")
                          + ("; its experts' stacks: " + ", ".join(f"{'.'.join(e.split('.')[-2:])}.{stack}" for e in
-                                                                  sorted(experts)[:1] for stack in ("gate_up_proj", "down_proj"))
+                                                                  sorted(experts)[:1] for stack in STACKS)
                             + " (in each layer)" if experts else ""))
     for p in model.parameters():
         p.requires_grad_(False)
@@ -371,7 +376,7 @@ def merge_lora(model):
 def _merged_experts(m):
     """The float Experts of a LoRAExperts with W_e + scaling * B_e A_e folded in (an int8 base dequantized)."""
     stacks = {}
-    for name, weights in zip(("gate_up_proj", "down_proj"), m.base.expert_weights()):
+    for name, weights in zip(STACKS, m.base.expert_weights()):
         if all(isinstance(w, Int8Linear) for w in weights):
             w = torch.stack([x.codes.float() * x.scales.float()[:, None] for x in weights]).to(weights[0].scales.dtype)
         elif all(isinstance(w, torch.Tensor) for w in weights):

@@ -553,11 +553,13 @@ def quantize(model, mode, group_size=None, *, head="int8", embeddings="int8", dt
     matrices = [(name, w.shape, 8 if mode == "int8" else 4, group_size) for e, m in experts.items()
                 for name, w in ((f"{e}.gate_up_proj", m.gate_up_proj[0]), (f"{e}.down_proj", m.down_proj[0]))]
     matrices += [(name, m.weight.shape, bits, group) for name, (m, bits, group) in chosen.items()]
+
     def ways(name):  # what the caller can change for a layer that cannot take its settings
         m = chosen.get(name, (None,))[0]
-        keep = " or head=None (unquantized)" if m is out_layer else \
-            " or embeddings=None (unquantized)" if isinstance(m, nn.Embedding) else ""
-        return f"int8 with group_size=None (a scale a row) fits any layer{keep}"
+        option = "head" if m is out_layer else "embeddings" if isinstance(m, nn.Embedding) else None
+        if option:
+            return f"{option}='int8' (one scale a row, the default) or {option}=None (unquantized) fits it"
+        return "int8 with group_size=None (one scale a row) fits any layer"
     for name, (rows, cols), bits, group in matrices:  # check everything before changing anything
         if group is not None and cols % group:
             fits = [str(g) for g in GROUP_SIZES if cols % g == 0]

@@ -74,13 +74,13 @@ class SamplingConfig:
             raise ValueError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
         eos = self.eos_token_id
         eos = eos.tolist() if hasattr(eos, "tolist") else eos  # a tensor or array of ids (0-d: one id)
-        ids = [eos] if isinstance(eos, numbers.Integral) else [*eos] if isinstance(eos, (list, tuple)) else \
+        ids = [eos] if isinstance(eos, numbers.Integral) else [*eos] if isinstance(eos, (list, tuple, set)) else \
             [None] if eos is not None else []
         if any(isinstance(i, bool) or not isinstance(i, numbers.Integral) or i < 0 for i in ids):
             raise ValueError(f"eos_token_id must be a token id or a list of them, not {self.eos_token_id!r}")
         if eos is not None:
             object.__setattr__(self, "eos_token_id", int(eos) if isinstance(eos, numbers.Integral) else
-                               [int(i) for i in ids])
+                               tuple(int(i) for i in ids))  # (a tuple: the frozen config stays hashable)
 
     @classmethod
     def of(cls, settings=None, **fields):

@@ -183,8 +183,8 @@ def _settings(body, kind, engine, model_id):
         messages = _messages(body.get("messages"))
         try:
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        except Exception as e:  # the template's own refusal (e.g. roles out of order) or no template at all
-            raise APIError(400, f"the model's chat template cannot render these messages: {e}", "messages") from None
+        except ValueError as e:  # the template's own refusal (e.g. roles out of order), bad messages, or no template
+            raise APIError(400, str(e), "messages") from None
     else:
         text = body.get("prompt")
         if isinstance(text, list) and len(text) == 1 and isinstance(text[0], str):

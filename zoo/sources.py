@@ -86,6 +86,7 @@ def from_pretrained(source, revision=None, device=None, dtype=None, quantize=Non
     and its adapter."""
     if quantize not in (None, "native"):
         check_mode(quantize)
+    asked = dtype
     if quantize is not None and dtype is None:
         dtype = torch.bfloat16  # the quantized kernels' activations
     device, dtype = as_device(device), as_dtype(dtype)  # checked before a download
@@ -97,7 +98,8 @@ def from_pretrained(source, revision=None, device=None, dtype=None, quantize=Non
                          "(the adapter over int8 layers, as --lora-int8 trains), or quantize the merged model (a "
                          "LoRA run's merged/ folder: zoo train ... --resume --merge; zoo.merge_lora)")
     if lora_run:
-        return load_lora_run(path, device=device, dtype=dtype, int8=quantize == "int8", **overrides)
+        return load_lora_run(path, device=device, dtype=dtype, int8=quantize == "int8",
+                             int8_dtype=torch.bfloat16 if asked is None else dtype, **overrides)
     model = load_pretrained(path, device=device, dtype=dtype, quantize=quantize, **overrides)
     return model if adapter is None else adapters.load_adapter(model, adapter).eval()
 
