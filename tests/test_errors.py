@@ -288,6 +288,8 @@ CLI = [  # (id, argv(ws), text the error line must contain)
     ("inspect-out-is-a-file", lambda ws: ["inspect", ws / "model", "--prompt", "a", "--logit-lens", "--out",
                                           ws / "afile"], "--out"),
     ("eval-stride-zero", lambda ws: ["eval", ws / "model", "--data", ws / "text.txt", "--stride", "0"], "--stride"),
+    ("eval-tasks-with-data-flags", lambda ws: ["eval", ws / "model", "--tasks", "hellaswag", "--window", "64"],
+     "--window goes with --data"),
     ("eval-two-dtypes", lambda ws: ["eval", ws / "model", "--data", ws / "text.txt", "--bf16", "--dtype", "float16"],
      "--bf16 and --dtype float16"),
     ("eval-masks-without-mlm", lambda ws: ["eval", ws / "model", "--data", ws / "text.txt", "--mask-prob", "0.5"],

@@ -68,6 +68,11 @@ def run(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if args.bf16 else getattr(torch, args.dtype) if args.dtype else None
     if args.tasks:
+        given = [f"--{n.replace('_', '-')}" for n in ("window", "stride", "max_tokens") if getattr(args, n) is not None]
+        given += ["--split"] * (args.split != "all") + ["--objective"] * (args.objective != "causal")
+        if given:
+            raise ValueError(f"{', '.join(given)} {'go' if len(given) > 1 else 'goes'} with --data (scoring a text); "
+                             "--tasks runs lm-evaluation-harness benchmarks: drop it")
         return run_tasks(args, device, dtype)
     if not args.data:
         raise ValueError("give --data FILES (loss and perplexity of a text) or --tasks T1,T2 "
