@@ -252,7 +252,7 @@ def _differences(name, hf, config, shapes=None):
     for field, have in haves.items():
         want = wants[field]
         if have != want and not (isinstance(have, float) and isinstance(want, float) and _f32(have) == _f32(want)):
-            differ.append(f"{field}={have!r}")
+            differ.append(f"{field}={getattr(config, field)!r}")  # (the config's own value, not its computed form)
     return differ
 
 

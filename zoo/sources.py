@@ -31,7 +31,7 @@ def load_source(source, *, device=None, dtype=None, revision=None, tokenizer=Non
     model = from_pretrained(path, device=device, dtype=dtype, **overrides)
     if tokenizer is None:
         try:
-            return model, own_tokenizer(source, revision)
+            return model, own_tokenizer(source, path, revision)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{e}; name a source whose tokenizer it uses (tokenizer=..., on the command "
                                     "line --tokenizer SOURCE)") from e
@@ -42,11 +42,11 @@ def load_source(source, *, device=None, dtype=None, revision=None, tokenizer=Non
     return model, tok
 
 
-def own_tokenizer(source, revision=None):
-    """The tokenizer that comes with a source's weights (a preset's, a folder's, a GGUF's); FileNotFoundError where
-    there is none."""
+def own_tokenizer(source, path, revision=None):
+    """The tokenizer that comes with a source's weights (a preset's, a folder's, a GGUF's), `path` the folder or file
+    source_path resolved it to; FileNotFoundError where there is none."""
     is_preset = source in PRESETS and not Path(source).exists()
-    return load_tokenizer(source if is_preset else source_path(source, revision), revision=revision)
+    return load_tokenizer(source if is_preset else path, revision=revision)
 
 
 def source_path(source, revision=None):

@@ -36,7 +36,7 @@ from .progress import log as note
 from .quantization import native_bf16
 from .registry import arch_of, build, get_preset
 from .routing import RouterLoss
-from .sources import as_device, from_pretrained, own_tokenizer, write_merged
+from .sources import as_device, from_pretrained, own_tokenizer, source_path, write_merged
 
 
 def _setting(default, help, **extra):
@@ -213,9 +213,9 @@ def train(source, data_paths, out, *, val=None, init=None, resume=False, overwri
     if state:
         check_kept(out, ckpt, state, s)
     dist = start_processes(s)
-    model, own_tokenizer = make_model(s, source, init, overrides, resumed, dist.rank)
+    model, init_tokenizer = make_model(s, source, init, overrides, resumed, dist.rank)
     tokenizer = choose_tokenizer(s.tokenizer, named="tokenizer" in fields, checkpoint=ckpt,
-                                 init_tokenizer=own_tokenizer, preset=source, texts=data_paths + (val or []),
+                                 init_tokenizer=init_tokenizer, preset=source, texts=data_paths + (val or []),
                                  vocab_size=model.config.vocab_size)
     if resumed is None and init is None and "vocab_size" not in (overrides or {}) \
             and isinstance(tokenizer, tokenizers.CharTokenizer) and tokenizer.vocab_size < model.config.vocab_size:
@@ -381,9 +381,10 @@ def make_model(s, source, init, overrides=None, resumed=None, rank=0):
         # attention and of the head's loss ran through torch's reference loop, most of such a run's time)
         low = s.lora_r and (s.bf16 or s.lora_int8)
         dtype = (torch.bfloat16 if computes_bf16(s.device) else torch.float32) if low else None
-        model = from_pretrained(init, dtype=dtype, **overrides)
+        path = source_path(init)
+        model = from_pretrained(path, dtype=dtype, **overrides)
         try:
-            tokenizer = own_tokenizer(init)
+            tokenizer = own_tokenizer(init, path)
         except FileNotFoundError:  # none beside the weights: the run's named one (choose_tokenizer says if none)
             tokenizer = None
         if source is not None and (arch := arch_of(model)) != get_preset(source).arch:
