@@ -202,3 +202,19 @@ def test_in_a_terminal_two_turns_reset_ctrl_c_save_and_load(tiny_chat_model, tmp
     finally:
         if term.pid:
             term.close()
+
+
+def test_a_turn_the_template_refuses_is_not_kept(tiny_chat_model, tmp_path):
+    """A message the chat template refuses (its raise_exception) is named on stderr and left out of the
+    conversation: the next turn is answered as if it had not been said (it stayed, and every later turn failed)."""
+    import shutil
+    folder = tmp_path / "strict"
+    shutil.copytree(tiny_chat_model, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% for m in messages %}{% if 'FORBIDDEN' in m['content'] %}"
+                               "{{ raise_exception('no forbidden words') }}{% endif %}{% endfor %}"
+                               + config["chat_template"])
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    r = chat(folder, "--max-new-tokens", 8, input="FORBIDDEN words\nHello there\n")
+    assert r.returncode == 0 and "no forbidden words" in r.stderr, r.stderr
+    assert r.stdout.split("\n")[:-1] == [expected(folder, [user("Hello there")], 8)]
