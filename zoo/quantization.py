@@ -46,7 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ggml_blocks
+from . import ggml_blocks, kernels
 from .convert import unpermute
 from .modes import in_prompt
 from .models.moe import Experts
@@ -317,6 +317,9 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales_and_zeros", torch.stack((scale.to(dtype), zero.to(dtype)), -1).transpose(0, 1)
                              .contiguous())
         self.register_buffer("bias", bias)
+        # the zoo's own kernel for the rows torch's kernel would take, where it reads this layout (zoo/kernels.py)
+        self.own_kernel = self.device_type == "cpu" and packed_block_rows() == 32 and N % 32 == 0 and \
+            kernels.int4_rows() is not None
         for name in ("row_codes", "row_scales", "row_zeros"):  # a tied embedding's, when shared (_share_rows)
             self.register_buffer(name, None, persistent=False)
         self.dense = None  # a module computing the same product from a float copy of W (zoo/prepack.py sets it)
@@ -344,6 +347,7 @@ class Int4Linear(nn.Module):
             y = F.linear(x2.to(dtype), self.dequantized().to(x2.dtype).to(dtype)).to(x2.dtype)
         else:  # the kernel: over [x, x] for two planes
             mm = torch.ops.aten._weight_int4pack_mm if self.device_type == "cuda" else \
+                torch.ops.zoo_kernels.int4_rows if self.own_kernel else \
                 torch.ops.aten._weight_int4pack_mm_for_cpu  # (as packed in __init__)
             y = mm(torch.cat((x2, x2), 1) if self.planes == 2 else x2, self.packed, self.group_size,
                    self.scales_and_zeros)

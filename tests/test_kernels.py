@@ -1,0 +1,121 @@
+"""The zoo's own CPU kernels (zoo/kernels.py): products against float64 references, a row of x the same alone as in a
+batch, the layout torch's AVX2 int4 kernel packs, and the fallback where they cannot be built."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from zoo import kernels
+from zoo.quantization import Int4Linear, Quantized, packed_block_rows
+
+needs_avx2 = pytest.mark.skipif("avx2" not in kernels._cpu_flags(), reason="the kernels are AVX2 code")
+
+
+def avx2_layout(codes):
+    """codes [N, K] (0..15) packed as torch's AVX2 build packs them: per block of 32 rows and input k, 16 bytes, byte
+    j holding row j in its low nibble and row j + 16 in its high."""
+    N, K = codes.shape
+    b = codes.view(N // 32, 2, 16, K).to(torch.uint8)  # [blocks, low/high, 16, K]
+    return (b[:, 0] | b[:, 1] << 4).transpose(1, 2).contiguous().view(N, K // 2)
+
+
+def reference(x, codes, group, sz):
+    """x @ W^T in float64, w = (code - 8) * s + z per group of inputs."""
+    N, K = codes.shape
+    s, z = sz.double().permute(2, 1, 0)  # [N, K / group] each
+    w = ((codes.double() - 8).view(N, K // group, group) * s[..., None] + z[..., None]).view(N, K)
+    return x.double() @ w.t()
+
+
+@pytest.fixture(scope="module")
+def int4_rows():
+    op = kernels.int4_rows()
+    assert op is not None, f"the kernels did not build: {kernels.build_error()}"
+    return op
+
+
+@needs_avx2
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,K,group", [(64, 64, 32), (96, 256, 64), (32, 576, 32), (160, 128, 128)])
+def test_int4_rows_against_float64(int4_rows, dtype, N, K, group):
+    g = torch.Generator().manual_seed(N + K)
+    codes = torch.randint(0, 16, (N, K), generator=g)
+    sz = (torch.randn(K // group, N, 2, generator=g) * 0.05).to(dtype)
+    x = torch.randn(5, K, generator=g).to(dtype)
+    y = int4_rows(x, avx2_layout(codes), group, sz)
+    assert y.dtype == dtype and y.shape == (5, N)
+    want = reference(x, codes, group, sz)
+    if dtype == torch.float32:  # float32 sums of K products
+        torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    else:  # the float32 sum rounded once to bf16: within one bf16 step of the exact product
+        assert ((y.double() - want).abs() <= want.abs() / 128 + 1e-6).all()
+
+
+@needs_avx2
+def test_a_row_gets_the_same_products_alone_as_in_a_batch(int4_rows):
+    """The kernel takes rows of x four, two or one at a time; each row's arithmetic is the same in all three, so that
+    a decode step (one row), a speculative check (k + 1 rows) and a batch give a row the same bits."""
+    g = torch.Generator().manual_seed(0)
+    N, K = 96, 192
+    packed = avx2_layout(torch.randint(0, 16, (N, K), generator=g))
+    sz = (torch.randn(K // 32, N, 2, generator=g) * 0.05).bfloat16()
+    x = torch.randn(11, K, generator=g).bfloat16()
+    batch = int4_rows(x, packed, 32, sz)
+    for i in range(11):
+        assert torch.equal(batch[i], int4_rows(x[i:i + 1], packed, 32, sz)[0])
+    assert torch.equal(batch[3:10], int4_rows(x[3:10], packed, 32, sz))
+
+
+@needs_avx2
+def test_int4_rows_refuses_what_it_cannot_read(int4_rows):
+    x, sz = torch.randn(1, 64), torch.rand(2, 48, 2)
+    with pytest.raises(RuntimeError, match="shapes do not match"):  # rows not in blocks of 32
+        int4_rows(x, torch.zeros(48, 32, dtype=torch.uint8), 32, sz)
+    with pytest.raises(RuntimeError, match="both bfloat16 or both float32"):
+        int4_rows(x.bfloat16(), torch.zeros(64, 32, dtype=torch.uint8), 32, torch.rand(2, 64, 2))
+
+
+@pytest.mark.skipif(packed_block_rows() != 32, reason="torch's int4 kernel packs another layout on this CPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_rows_reads_torchs_packing(int4_rows, dtype):
+    """Where torch packs int4 codes in its AVX2 layout, Int4Linear runs the zoo's kernel on them: the same product as
+    torch's own kernel over the same arguments (within bf16 rounding), and as the dequantized matrix's."""
+    g = torch.Generator().manual_seed(1)
+    N, K = 128, 256
+    codes = torch.randint(0, 16, (N, K), generator=g)
+    assert torch.equal(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), 1), avx2_layout(codes))
+    q = Quantized(codes=codes.to(torch.uint8), scale=torch.rand(N, K // 32, generator=g) * 0.05,
+                  zero=torch.randn(N, K // 32, generator=g) * 0.05, bits=4, group_size=32)
+    layer = Int4Linear(q, dtype)
+    assert layer.own_kernel
+    x = torch.randn(3, K, generator=g).to(dtype)
+    want = x.double() @ layer.dequantized().double().t()
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1 / 128, atol=1e-3)
+    torch.testing.assert_close(layer(x).double(), want, **tol)
+    if dtype == torch.bfloat16:  # (torch's kernel multiplies float32 in a reference loop: bf16 only)
+        theirs = torch.ops.aten._weight_int4pack_mm_for_cpu(x, layer.packed, 32, layer.scales_and_zeros)
+        torch.testing.assert_close(layer(x).double(), theirs.double(), rtol=1 / 64, atol=2e-3)
+
+
+def test_without_a_compiler_int4_layers_keep_torchs_kernel(tmp_path):
+    """A build that fails (here: no compiler) leaves int4_rows() None, says why, and Int4Linear on torch's kernel."""
+    code = """
+import torch
+from zoo import kernels
+from zoo.quantization import Int4Linear, Quantized
+assert kernels.int4_rows() is None
+print(kernels.build_error())
+q = Quantized(codes=torch.randint(0, 16, (64, 64), dtype=torch.uint8), scale=torch.rand(64, 2), zero=torch.rand(64, 2),
+              bits=4, group_size=32)
+layer = Int4Linear(q, torch.bfloat16)
+assert not layer.own_kernel
+x = torch.randn(2, 64).bfloat16()
+torch.testing.assert_close(layer(x).float(), x.float() @ layer.dequantized().t(), rtol=2e-2, atol=2e-2)
+"""
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "ZOO_CACHE": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    if "avx2" in kernels._cpu_flags():
+        assert "no-such-compiler" in done.stdout

@@ -1,0 +1,101 @@
+"""CPU kernels the zoo writes itself, where torch's are slow on a CPU kind: built once per machine from the C++
+sources in zoo/csrc/, then loaded as torch operators (torch.ops.zoo_kernels.*), which compiled code calls as it calls
+torch's own.
+
+- int4_rows: a few rows of x times an int4 layer packed for torch's AVX2 build of _weight_int4pack_mm_for_cpu
+  (zoo/quantization.py: Int4Linear; a GGUF file's blocks with quantize="native", zoo.quantize's "int4"). That kernel
+  widens each code to the activations' dtype and multiplies there: with bf16 activations on a CPU without bf16
+  arithmetic ~6 GB/s over SmolLM2's layers, with float32 ones a reference loop 10x slower. int4_rows decodes 32 codes
+  with a few AVX2 instructions and multiplies in float32 (`python bench/int4_rows.py`).
+
+The build runs the C++ compiler torch.compile runs on the CPU (CXX, else c++) against the installed torch's headers,
+~12 s, into $ZOO_CACHE/kernels (default ~/.cache/zoo/kernels) under a name hashing the source, the flags and torch's
+version; later processes load that file. Where a build fails (no compiler, no AVX2), the callers keep torch's kernels:
+int4_rows() returns None and build_error() says why. ZOO_KERNELS=0 turns the kernels off (to compare both paths)."""
+import functools
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "int4_rows.cpp"
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-w")
+_error = None  # why the last build failed
+
+
+def int4_rows():
+    """torch.ops.zoo_kernels.int4_rows where it can run here (x86 with AVX2, built or buildable), else None.
+    int4_rows(x [M, K], packed, group_size, scales_and_zeros) -> [M, N] in x's dtype: the product that
+    torch.ops.aten._weight_int4pack_mm_for_cpu computes over the same arguments in its AVX2 layout (blocks of 32
+    rows: zoo.quantization.packed_block_rows() == 32), x and the scales and zeros both bfloat16 or both float32;
+    computed in float32."""
+    return torch.ops.zoo_kernels.int4_rows.default if _loaded() else None
+
+
+def build_error():
+    """Why the kernels could not be built or loaded here (None if they were, or were not tried)."""
+    return _error
+
+
+@functools.cache
+def _loaded():
+    global _error
+    if os.environ.get("ZOO_KERNELS", "1") == "0":
+        _error = "ZOO_KERNELS=0"
+        return False
+    if "avx2" not in _cpu_flags():
+        _error = "this CPU has no AVX2"
+        return False
+    try:
+        torch.ops.load_library(str(_library()))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        _error = str(e)
+        return False
+    torch.library.register_fake("zoo_kernels::int4_rows")(_int4_rows_shape)
+    return True
+
+
+def _int4_rows_shape(x, packed, group_size, scales_and_zeros):
+    return x.new_empty(x.shape[0], packed.shape[0])
+
+
+def _cpu_flags():
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), ()))
+
+
+def _library():
+    """The built library's path, building it first where this machine has none for this source and torch."""
+    from torch.utils import cpp_extension
+    compiler = os.environ.get("CXX", "c++")
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"
+    key = hashlib.sha256("\0".join((SOURCE.read_text(), compiler, abi, *FLAGS, torch.__version__,
+                                    sys.version)).encode()).hexdigest()[:16]
+    folder = Path(os.environ.get("ZOO_CACHE", os.path.expanduser("~/.cache/zoo"))) / "kernels"
+    path = folder / f"zoo_kernels-{key}.so"
+    if path.exists():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    # built beside its final name, then renamed: a process loading the library never sees half a file, and two
+    # processes building at once each rename a whole one
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+    os.close(fd)
+    try:
+        includes = [f"-I{p}" for p in cpp_extension.include_paths()]
+        libraries = [f"-L{p}" for p in cpp_extension.library_paths()]
+        done = subprocess.run([compiler, *FLAGS, abi, *includes, str(SOURCE), *libraries, "-lc10", "-ltorch_cpu",
+                               "-o", tmp], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"building {SOURCE.name} failed: {done.stderr.strip()[-2000:]}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
