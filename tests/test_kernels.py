@@ -36,6 +36,13 @@ def int4_rows():
     return op
 
 
+@pytest.fixture(scope="module")
+def int8_rows():
+    op = kernels.int8_rows()
+    assert op is not None, f"the kernels did not build: {kernels.build_error()}"
+    return op
+
+
 @needs_avx2
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N,K,group", [(64, 64, 32), (96, 256, 64), (32, 576, 32), (160, 128, 128)])
@@ -75,6 +82,39 @@ def test_int4_rows_refuses_what_it_cannot_read(int4_rows):
         int4_rows(x, torch.zeros(48, 32, dtype=torch.uint8), 32, sz)
     with pytest.raises(RuntimeError, match="both bfloat16 or both float32"):
         int4_rows(x.bfloat16(), torch.zeros(64, 32, dtype=torch.uint8), 32, torch.rand(2, 64, 2))
+
+
+@needs_avx2
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,K,group,zeros", [(100, 64, 32, True), (37, 576, 32, False), (64, 96, 16, True),
+                                             (50, 128, 128, False)])
+def test_int8_rows_against_float64(int8_rows, dtype, N, K, group, zeros):
+    g = torch.Generator().manual_seed(N + K)
+    codes = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8)
+    scales = (torch.rand(N, K // group, generator=g) * 0.01).to(dtype)
+    z = (torch.randn(N, K // group, generator=g) * 0.05).to(dtype) if zeros else None
+    x = torch.randn(5, K, generator=g).to(dtype)
+    y = int8_rows(x, codes, scales, z)
+    assert y.dtype == dtype and y.shape == (5, N)
+    w = codes.double().view(N, -1, group) * scales.double()[..., None]
+    if zeros:
+        w = w + z.double()[..., None]
+    want = x.double() @ w.view(N, K).t()
+    if dtype == torch.float32:
+        torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    else:
+        assert ((y.double() - want).abs() <= want.abs() / 128 + 1e-6).all()
+    for i in range(5):  # rows two at a time, or alone: the same bits
+        assert torch.equal(y[i], int8_rows(x[i:i + 1], codes, scales, z)[0])
+
+
+@needs_avx2
+def test_int8_rows_refuses_what_it_cannot_read(int8_rows):
+    x, codes = torch.randn(1, 64), torch.zeros(8, 64, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="shapes do not match"):  # groups of 4 inputs
+        int8_rows(x, codes, torch.rand(8, 16), None)
+    with pytest.raises(RuntimeError, match="all bfloat16 or all float32"):
+        int8_rows(x, codes, torch.rand(8, 2), torch.rand(8, 2).bfloat16())
 
 
 @pytest.mark.skipif(packed_block_rows() != 32, reason="torch's int4 kernel packs another layout on this CPU")

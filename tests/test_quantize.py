@@ -253,9 +253,10 @@ def test_tiny_model_compiles():
 @torch.no_grad()
 def test_compiled_head_reads_the_tied_embeddings_rows(zero_points, bias, head_first, monkeypatch):
     """An 8-bit head in groups (two int4 planes) tied to its embedding shares the embedding's row-major codes
-    (whichever is built first), and a compiled one-row product reads those (inductor's own loop, over bytes with
-    AVX-512 and 32-bit words with AVX2) instead of the planes where that loop is fast: the same matrix, with and
-    without zero points (Q8_0; Q5_1) and a bias; several rows, and eager calls, still run the planes' kernel."""
+    (whichever is built first). Where the zoo's own kernels run (AVX2), every product below the GEMM's rows reads
+    those (int8_rows); elsewhere a compiled one-row product does (inductor's own loop, over bytes with AVX-512 and
+    32-bit words with AVX2) where that loop is fast, and several rows and eager calls run the planes' kernel: the same
+    matrix in each, with and without zero points (Q8_0; Q5_1) and a bias."""
     torch.manual_seed(0)
     w = torch.randn(96, 64)
     q = quantize_tensor(w, 8, 32)
@@ -280,6 +281,14 @@ def test_compiled_head_reads_the_tied_embeddings_rows(zero_points, bias, head_fi
     def kernel(graph):  # torch's int4 kernel, or the zoo's for its AVX2 layout (zoo/kernels.py)
         return any("int4pack" in t or "zoo_kernels.int4_rows" in t for t in graph)
 
+    if head.own_kernel:  # where the zoo's kernels run (AVX2), every product below the GEMM's rows reads the shared rows
+        for rows in (x[:, :1], x):
+            got = torch.compile(head, backend=backend, fullgraph=True)(rows)
+            assert any("zoo_kernels.int8_rows" in t for t in graphs[-1]) and not kernel(graphs[-1]), graphs[-1]
+            torch.testing.assert_close(got.float(), want[:, :rows.shape[1]], rtol=1e-2, atol=1e-2)
+            torch.testing.assert_close(head(rows).float(), want[:, :rows.shape[1]], rtol=1e-2, atol=1e-2)
+        monkeypatch.setattr(head, "own_kernel", False)  # the CPUs without them: inductor's loop or the planes
+        torch._dynamo.reset()
     monkeypatch.setattr(quantization, "ROW_LOOP_FORM", None)  # a CPU where the planes' kernel is faster
     torch.compile(head, backend=backend, fullgraph=True)(x[:, :1])
     assert kernel(graphs.pop())

@@ -7,6 +7,11 @@ torch's own.
   widens each code to the activations' dtype and multiplies there: with bf16 activations on a CPU without bf16
   arithmetic ~6 GB/s over SmolLM2's layers, with float32 ones a reference loop 10x slower. int4_rows decodes 32 codes
   with a few AVX2 instructions and multiplies in float32 (`python bench/int4_rows.py`).
+- int8_rows: rows of x times signed 8-bit row-major codes with a scale (and a zero point) per group: a tied 8-bit
+  head reading its embedding's codes (Int4Linear.row_codes), one byte per weight where the int4 kernel's two planes
+  read 1.25, and faster than inductor's loop over them on AVX2 (`python bench/int4_rows.py`: the head rows).
+Both compute in float32 and round the result once to x's dtype, inside the operator (so that compiled code, which
+fuses what follows, computes what eager code does), and each row of x gets the same operations alone as in a batch.
 
 The build runs the C++ compiler torch.compile runs on the CPU (CXX, else c++) against the installed torch's headers,
 ~12 s, into $ZOO_CACHE/kernels (default ~/.cache/zoo/kernels) under a name hashing the source, the flags and torch's
@@ -22,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "int4_rows.cpp"
+SOURCE = Path(__file__).with_name("csrc") / "rows.cpp"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-w")
 _error = None  # why the last build failed
 
@@ -34,6 +39,13 @@ def int4_rows():
     rows: zoo.quantization.packed_block_rows() == 32), x and the scales and zeros both bfloat16 or both float32;
     computed in float32."""
     return torch.ops.zoo_kernels.int4_rows.default if _loaded() else None
+
+
+def int8_rows():
+    """torch.ops.zoo_kernels.int8_rows where it can run here, else None. int8_rows(x [M, K], codes int8 [N, K],
+    scales [N, G], zeros [N, G] or None) -> [M, N] in x's dtype: x @ W^T for w = code * scale + zero per group of
+    K / G inputs (a multiple of 8); x, scales and zeros all bfloat16 or all float32."""
+    return torch.ops.zoo_kernels.int8_rows.default if _loaded() else None
 
 
 def build_error():
@@ -55,12 +67,9 @@ def _loaded():
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _error = str(e)
         return False
-    torch.library.register_fake("zoo_kernels::int4_rows")(_int4_rows_shape)
+    torch.library.register_fake("zoo_kernels::int4_rows")(lambda x, packed, *_: x.new_empty(x.shape[0], packed.shape[0]))
+    torch.library.register_fake("zoo_kernels::int8_rows")(lambda x, codes, *_: x.new_empty(x.shape[0], codes.shape[0]))
     return True
-
-
-def _int4_rows_shape(x, packed, group_size, scales_and_zeros):
-    return x.new_empty(x.shape[0], packed.shape[0])
 
 
 def _cpu_flags():

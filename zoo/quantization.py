@@ -10,7 +10,9 @@ row; many rows at once, a prompt's or a training step's, take a GEMM over a tran
 instead: `int8_mm`) and `_weight_int4pack_mm_for_cpu` (int4, groups of 32-256 weights along the input
 with a scale and a zero point each; from INT4_GEMM_ROWS rows on, a dequantized copy's GEMM too, and
 for a prompt's DENSE_ROWS rows or more a float copy that zoo/prepack.py keeps, where it keeps one); on CUDA
-`_weight_int8pack_mm` and tinygemm's `_weight_int4pack_mm`.
+`_weight_int8pack_mm` and tinygemm's `_weight_int4pack_mm`. Where torch's int4 kernel is its AVX2 build, the
+zoo's own kernels take its rows instead, on the same packed codes (zoo/kernels.py: int4_rows, and int8_rows for
+a tied head; Int4Linear.own_kernel).
 
 One plain form describes every quantized matrix here (`Quantized`): unsigned codes u of `bits` bits,
 and per group of `group_size` inputs a scale s and a zero point z, with
@@ -34,6 +36,7 @@ scale per row); otherwise the embedding keeps its own row-major codes for the lo
 the bfloat16 table each). A compiled one-row product (the decode step) of an 8-bit head in groups reads
 those row-major codes instead of its two planes: inductor fuses the dequantization into the products'
 sums, 1.06 bytes per weight where the planes take 1.25 (Gemma 3 270M's 262,144-row head: 9.6 ms, not 11-12).
+Where the zoo's own kernels run, every product of such a head below the GEMM's rows reads them (int8_rows).
 
 A quantized model generates, batches, beam-searches and compiles like any other; `save_pretrained`
 refuses it (save the unquantized model and quantize when loading).
@@ -336,8 +339,8 @@ class Int4Linear(nn.Module):
     def forward(self, x):
         x2, cpu = x.reshape(-1, self.in_features), self.device_type == "cpu"
         if self.row_codes is not None and x2.shape[0] == 1 and cpu and torch.compiler.is_compiling() \
-                and not torch.is_grad_enabled() and ROW_LOOP_FORM:  # (materialize has no backward)
-            y = self.row_product(x2).to(x2.dtype)
+                and not torch.is_grad_enabled() and ROW_LOOP_FORM and not self.own_kernel:  # (materialize has no
+            y = self.row_product(x2).to(x2.dtype)  # backward)
         elif x2.shape[0] >= DENSE_ROWS and not torch.compiler.is_compiling() and self.dense is not None \
                 and in_prompt():  # (compiled code cannot trace oneDNN's weights)
             y = self.dense(x2)
@@ -345,6 +348,8 @@ class Int4Linear(nn.Module):
             # many rows (a long prompt, a scored text): a GEMM over a transient dequantized copy, as int8_mm
             dtype = gemm_dtype(x2)  # (the weight rounded to x's dtype first, as dequantized_mm rounds it)
             y = F.linear(x2.to(dtype), self.dequantized().to(x2.dtype).to(dtype)).to(x2.dtype)
+        elif self.own_kernel and self.row_codes is not None:  # a tied head: its embedding's codes, a byte a weight
+            y = torch.ops.zoo_kernels.int8_rows(x2, self.row_codes, self.row_scales, self.row_zeros)
         else:  # the kernel: over [x, x] for two planes
             mm = torch.ops.aten._weight_int4pack_mm if self.device_type == "cuda" else \
                 torch.ops.zoo_kernels.int4_rows if self.own_kernel else \
@@ -611,7 +616,8 @@ def _module_for(old, q, dtype, shared):
 
 def _share_rows(head, embedding):
     """A tied head of 8-bit codes in planes takes its embedding's row-major codes, scales and zero points (the same
-    tensors, no copy) for compiled one-row products (Int4Linear.row_product). Shared as built: a later .to()
+    tensors, no copy) for compiled one-row products (Int4Linear.row_product), or for every product below the GEMM's
+    rows where the zoo's own kernels run (zoo/kernels.py: int8_rows). Shared as built: a later .to()
     converts each module's buffers apart (the values stay equal)."""
     if isinstance(head, Int4Linear) and head.planes == 2 and isinstance(embedding, QuantEmbedding) \
             and embedding.bits == 8 and embedding.group_size == head.group_size:

@@ -1,9 +1,12 @@
-// x [M, K] @ W^T for W in the layout torch's AVX2 build of _weight_int4pack_mm_for_cpu packs (see zoo/kernels.py),
-// computed in float32 as that kernel computes in the activations' dtype, for the few rows of x a decode step or a
-// speculative check multiplies. Torch's kernel widens each code to float and multiplies in the activations' dtype:
-// with bf16 activations on a CPU without bf16 arithmetic, ~6 GB/s over SmolLM2's layers; with float32 activations it
-// takes a reference loop, 10x slower. This one decodes 32 codes with a few AVX2 instructions, multiplies them by x in
-// float32 and applies each group's scale once per group (python bench/int4_rows.py: 1.6-1.9x torch's kernel).
+// The few rows of x a decode step, a speculative check or a batch multiplies, times weight-only quantized matrices,
+// with AVX2 (see zoo/kernels.py): products in float32, each group's scale applied once per group, the result rounded
+// once to x's dtype.
+// - int4_rows: W in the layout torch's AVX2 build of _weight_int4pack_mm_for_cpu packs. That kernel widens each code
+//   to float and multiplies in the activations' dtype: with bf16 activations on a CPU without bf16 arithmetic, ~6 GB/s
+//   over SmolLM2's layers; with float32 activations it takes a reference loop, 10x slower. This one decodes 32 codes
+//   with a few instructions (python bench/int4_rows.py: 1.4-1.7x torch's kernel for one row of SmolLM2's layers).
+// - int8_rows: W as signed 8-bit codes, row-major, a scale (and a zero point) per group: a tied head reading its
+//   embedding's codes, one byte per weight where the int4 kernel's two planes read 1.25.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -84,17 +87,26 @@ void blocks(const uint8_t* packed, const S* sz, const float* x, const float* xsu
     }
 }
 
-template <typename S, typename T>
-void rows(const uint8_t* packed, const S* sz, const T* xin, float* y, int64_t M, int64_t N, int64_t K,
-          int64_t group) {
+// x [M, K] in float32, and each group's sum of x (for the zero points) [M, K / group]
+template <typename T>
+void widen(const T* xin, int64_t M, int64_t K, int64_t group, std::vector<float>& x, std::vector<float>& xsum) {
     const int64_t G = K / group;
-    std::vector<float> x(M * K), xsum(M * G);  // x in float32; each group's sum of x, for the zero points
+    x.resize(M * K);
+    xsum.resize(M * G);
     for (int64_t m = 0; m < M; m++)
         for (int64_t g = 0; g < G; g++) {
             float s = 0;
             for (int64_t k = m * K + g * group; k < m * K + (g + 1) * group; k++) s += x[k] = static_cast<float>(xin[k]);
             xsum[m * G + g] = s;
         }
+}
+
+template <typename S, typename T>
+void rows(const uint8_t* packed, const S* sz, const T* xin, float* y, int64_t M, int64_t N, int64_t K,
+          int64_t group) {
+    const int64_t G = K / group;
+    std::vector<float> x, xsum;
+    widen(xin, M, K, group, x, xsum);
     at::parallel_for(0, N / 32, 1, [&](int64_t b0, int64_t b1) {
         int64_t m = 0;
         for (; m + 4 <= M; m += 4)
@@ -126,10 +138,97 @@ at::Tensor int4_rows(const at::Tensor& x, const at::Tensor& packed, int64_t grou
     // that fuses what follows cannot skip the rounding, and gets the eager products
 }
 
+
+// y [R, N] (row stride N) = x [R, K] @ W^T for W's rows n0..n1: codes int8 [N, K], scales and zeros [N, K / group]
+// (zeros may be null), w = code * scale + zero. As in blocks(), each output's operations are the same whatever R.
+template <int R, typename S>
+void int8_block(const int8_t* codes, const S* scales, const S* zeros, const float* x, const float* xsum, float* y,
+                int64_t N, int64_t K, int64_t group, int64_t n0, int64_t n1) {
+    const int64_t G = K / group;
+    for (int64_t n = n0; n < n1; n++) {
+        const int8_t* c = codes + n * K;
+        __m256 out[R];
+        float zsum[R];
+        for (int r = 0; r < R; r++) out[r] = _mm256_setzero_ps(), zsum[r] = 0;
+        for (int64_t g = 0; g < G; g++) {
+            __m256 acc[R][4];  // four sums a row, each of every fourth 8 codes: four chains of dependent FMAs, not one
+            for (int r = 0; r < R; r++)
+                for (int j = 0; j < 4; j++) acc[r][j] = _mm256_setzero_ps();
+            int64_t k = g * group;
+            for (; k + 32 <= (g + 1) * group; k += 32)
+                for (int j = 0; j < 4; j++) {  // 8 codes, sign-extended, as float32
+                    __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                        _mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + k + 8 * j))));
+                    for (int r = 0; r < R; r++)
+                        acc[r][j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + r * K + k + 8 * j), acc[r][j]);
+                }
+            for (; k < (g + 1) * group; k += 8) {  // (groups of 8 or 16)
+                __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + k))));
+                for (int r = 0; r < R; r++) acc[r][0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + r * K + k), acc[r][0]);
+            }
+            for (int r = 0; r < R; r++)
+                acc[r][0] = _mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]), _mm256_add_ps(acc[r][2], acc[r][3]));
+            const __m256 s = _mm256_set1_ps(static_cast<float>(scales[n * G + g]));
+            for (int r = 0; r < R; r++) out[r] = _mm256_fmadd_ps(s, acc[r][0], out[r]);
+            if (zeros)
+                for (int r = 0; r < R; r++) zsum[r] += static_cast<float>(zeros[n * G + g]) * xsum[r * G + g];
+        }
+        for (int r = 0; r < R; r++) {  // the vector's eight sums added up
+            __m128 h = _mm_add_ps(_mm256_castps256_ps128(out[r]), _mm256_extractf128_ps(out[r], 1));
+            h = _mm_hadd_ps(h, h);
+            h = _mm_hadd_ps(h, h);
+            y[r * N + n] = _mm_cvtss_f32(h) + zsum[r];
+        }
+    }
+}
+
+template <typename S>
+void int8_rows_of(const int8_t* codes, const S* scales, const S* zeros, const S* xin, float* y, int64_t M, int64_t N,
+                  int64_t K, int64_t group) {
+    const int64_t G = K / group;
+    std::vector<float> x, xsum;
+    widen(xin, M, K, group, x, xsum);
+    at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
+        int64_t m = 0;
+        for (; m + 2 <= M; m += 2)
+            int8_block<2>(codes, scales, zeros, x.data() + m * K, xsum.data() + m * G, y + m * N, N, K, group, n0, n1);
+        for (; m < M; m++)
+            int8_block<1>(codes, scales, zeros, x.data() + m * K, xsum.data() + m * G, y + m * N, N, K, group, n0, n1);
+    });
+}
+
+at::Tensor int8_rows(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                     const c10::optional<at::Tensor>& zeros) {
+    TORCH_CHECK(x.dim() == 2 && codes.dim() == 2 && scales.dim() == 2, "zoo_kernels::int8_rows: x [M, K], codes "
+                "[N, K], scales [N, K / group]");
+    const int64_t M = x.size(0), K = x.size(1), N = codes.size(0), G = scales.size(1);
+    TORCH_CHECK(codes.scalar_type() == at::kChar && codes.is_contiguous() && codes.size(1) == K && G > 0 &&
+                K % G == 0 && (K / G) % 8 == 0 && scales.size(0) == N &&
+                (!zeros || zeros->sizes() == scales.sizes()), "zoo_kernels::int8_rows: shapes do not match");
+    TORCH_CHECK(x.scalar_type() == scales.scalar_type() && (!zeros || zeros->scalar_type() == x.scalar_type()) &&
+                (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat),
+                "zoo_kernels::int8_rows: x, scales and zeros all bfloat16 or all float32");
+    auto xc = x.contiguous(), s = scales.contiguous();
+    auto z = zeros ? zeros->contiguous() : at::Tensor();
+    auto y = at::empty({M, N}, x.options().dtype(at::kFloat));
+    const int8_t* c = codes.data_ptr<int8_t>();
+    if (x.scalar_type() == at::kBFloat16)
+        int8_rows_of(c, s.data_ptr<at::BFloat16>(), zeros ? z.data_ptr<at::BFloat16>() : nullptr,
+                     xc.data_ptr<at::BFloat16>(), y.data_ptr<float>(), M, N, K, K / G);
+    else
+        int8_rows_of(c, s.data_ptr<float>(), zeros ? z.data_ptr<float>() : nullptr, xc.data_ptr<float>(),
+                     y.data_ptr<float>(), M, N, K, K / G);
+    return y.to(x.scalar_type());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(zoo_kernels, m) {
     m.def("int4_rows(Tensor x, Tensor packed, int group_size, Tensor scales_and_zeros) -> Tensor");
+    m.def("int8_rows(Tensor x, Tensor codes, Tensor scales, Tensor? zeros) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(zoo_kernels, CPU, m) { m.impl("int4_rows", &int4_rows); }
+TORCH_LIBRARY_IMPL(zoo_kernels, CPU, m) {
+    m.impl("int4_rows", &int4_rows);
+    m.impl("int8_rows", &int8_rows);
+}
