@@ -12,6 +12,7 @@
 #include <torch/library.h>
 #include <immintrin.h>
 
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -101,12 +102,31 @@ void widen(const T* xin, int64_t M, int64_t K, int64_t group, std::vector<float>
         }
 }
 
+// Rows [n0, n1) of y's M rows (row stride N) from their float32 sums, rounded to nearest even as Tensor.to rounds
+template <typename T>
+void round_into(const float* sums, T* y, int64_t M, int64_t N, int64_t n0, int64_t n1) {
+    if (static_cast<const void*>(sums) == static_cast<const void*>(y)) return;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t n = n0; n < n1; n++) y[m * N + n] = static_cast<T>(sums[m * N + n]);
+}
+
+// Where the sums go before round_into: y itself for float32, else a buffer
+template <typename T>
+float* sums_for(T* y, int64_t size, std::vector<float>& buffer) {
+    if constexpr (std::is_same_v<T, float>) {
+        return y;
+    } else {
+        buffer.resize(size);
+        return buffer.data();
+    }
+}
+
 template <typename S, typename T>
-void rows(const uint8_t* packed, const S* sz, const T* xin, float* y, int64_t M, int64_t N, int64_t K,
-          int64_t group) {
+void rows(const uint8_t* packed, const S* sz, const T* xin, T* yout, int64_t M, int64_t N, int64_t K, int64_t group) {
     const int64_t G = K / group;
-    std::vector<float> x, xsum;
+    std::vector<float> x, xsum, buffer;
     widen(xin, M, K, group, x, xsum);
+    float* y = sums_for(yout, M * N, buffer);
     at::parallel_for(0, N / 32, 1, [&](int64_t b0, int64_t b1) {
         int64_t m = 0;
         for (; m + 4 <= M; m += 4)
@@ -114,6 +134,7 @@ void rows(const uint8_t* packed, const S* sz, const T* xin, float* y, int64_t M,
         for (; m + 2 <= M; m += 2)
             blocks<2, 4>(packed, sz, x.data() + m * K, xsum.data() + m * G, y + m * N, N, K, group, b0, b1);
         if (m < M) blocks<1, 4>(packed, sz, x.data() + m * K, xsum.data() + m * G, y + m * N, N, K, group, b0, b1);
+        round_into(y, yout, M, N, b0 * 32, b1 * 32);
     });
 }
 
@@ -121,23 +142,25 @@ at::Tensor int4_rows(const at::Tensor& x, const at::Tensor& packed, int64_t grou
     TORCH_CHECK(x.dim() == 2 && packed.dim() == 2 && scales_and_zeros.dim() == 3, "zoo_kernels::int4_rows: x [M, K], "
                 "packed [N, K / 2], scales_and_zeros [K / group_size, N, 2]");
     const int64_t M = x.size(0), K = x.size(1), N = packed.size(0);
-    TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.size(1) * 2 == K && N % 32 == 0 && group_size > 0 &&
-                K % group_size == 0 && scales_and_zeros.size(0) == K / group_size && scales_and_zeros.size(1) == N &&
-                scales_and_zeros.size(2) == 2, "zoo_kernels::int4_rows: shapes do not match");
+    TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.size(1) * 2 == K &&
+                N % 32 == 0 && group_size > 0 && K % group_size == 0 && scales_and_zeros.size(0) == K / group_size &&
+                scales_and_zeros.size(1) == N && scales_and_zeros.size(2) == 2,
+                "zoo_kernels::int4_rows: shapes do not match");
     TORCH_CHECK(x.scalar_type() == scales_and_zeros.scalar_type() &&
                 (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat),
                 "zoo_kernels::int4_rows: x and scales_and_zeros both bfloat16 or both float32");
     auto sz = scales_and_zeros.contiguous(), xc = x.contiguous();
-    auto y = at::empty({M, N}, x.options().dtype(at::kFloat));
+    // in x's dtype, rounded inside the operator as torch's kernel rounds: compiled code, which fuses what follows,
+    // cannot skip the rounding, and gets the eager products
+    auto y = at::empty({M, N}, x.options());
     const uint8_t* p = packed.data_ptr<uint8_t>();
     if (sz.scalar_type() == at::kBFloat16)
-        rows(p, sz.data_ptr<at::BFloat16>(), xc.data_ptr<at::BFloat16>(), y.data_ptr<float>(), M, N, K, group_size);
+        rows(p, sz.data_ptr<at::BFloat16>(), xc.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>(), M, N, K,
+             group_size);
     else
         rows(p, sz.data_ptr<float>(), xc.data_ptr<float>(), y.data_ptr<float>(), M, N, K, group_size);
-    return y.to(x.scalar_type());  // rounded here as torch's kernel rounds, inside the operator: compiled code
-    // that fuses what follows cannot skip the rounding, and gets the eager products
+    return y;
 }
-
 
 // y [R, N] (row stride N) = x [R, K] @ W^T for W's rows n0..n1: codes int8 [N, K], scales and zeros [N, K / group]
 // (zeros may be null), w = code * scale + zero. As in blocks(), each output's operations are the same whatever R.
@@ -183,17 +206,19 @@ void int8_block(const int8_t* codes, const S* scales, const S* zeros, const floa
 }
 
 template <typename S>
-void int8_rows_of(const int8_t* codes, const S* scales, const S* zeros, const S* xin, float* y, int64_t M, int64_t N,
+void int8_rows_of(const int8_t* codes, const S* scales, const S* zeros, const S* xin, S* yout, int64_t M, int64_t N,
                   int64_t K, int64_t group) {
     const int64_t G = K / group;
-    std::vector<float> x, xsum;
+    std::vector<float> x, xsum, buffer;
     widen(xin, M, K, group, x, xsum);
+    float* y = sums_for(yout, M * N, buffer);
     at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
         int64_t m = 0;
         for (; m + 2 <= M; m += 2)
             int8_block<2>(codes, scales, zeros, x.data() + m * K, xsum.data() + m * G, y + m * N, N, K, group, n0, n1);
         for (; m < M; m++)
             int8_block<1>(codes, scales, zeros, x.data() + m * K, xsum.data() + m * G, y + m * N, N, K, group, n0, n1);
+        round_into(y, yout, M, N, n0, n1);
     });
 }
 
@@ -210,15 +235,15 @@ at::Tensor int8_rows(const at::Tensor& x, const at::Tensor& codes, const at::Ten
                 "zoo_kernels::int8_rows: x, scales and zeros all bfloat16 or all float32");
     auto xc = x.contiguous(), s = scales.contiguous();
     auto z = zeros ? zeros->contiguous() : at::Tensor();
-    auto y = at::empty({M, N}, x.options().dtype(at::kFloat));
+    auto y = at::empty({M, N}, x.options());  // (rounded as int4_rows rounds)
     const int8_t* c = codes.data_ptr<int8_t>();
     if (x.scalar_type() == at::kBFloat16)
         int8_rows_of(c, s.data_ptr<at::BFloat16>(), zeros ? z.data_ptr<at::BFloat16>() : nullptr,
-                     xc.data_ptr<at::BFloat16>(), y.data_ptr<float>(), M, N, K, K / G);
+                     xc.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>(), M, N, K, K / G);
     else
         int8_rows_of(c, s.data_ptr<float>(), zeros ? z.data_ptr<float>() : nullptr, xc.data_ptr<float>(),
                      y.data_ptr<float>(), M, N, K, K / G);
-    return y.to(x.scalar_type());
+    return y;
 }
 
 }  // namespace
