@@ -154,7 +154,7 @@ assert not layer.own_kernel
 x = torch.randn(2, 64).bfloat16()
 torch.testing.assert_close(layer(x).float(), x.float() @ layer.dequantized().t(), rtol=2e-2, atol=2e-2)
 """
-    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "ZOO_CACHE": str(tmp_path)}
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCH_EXTENSIONS_DIR": str(tmp_path)}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     if "avx2" in kernels._cpu_flags():

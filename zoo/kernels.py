@@ -14,8 +14,9 @@ Both compute in float32 and round the result once to x's dtype, inside the opera
 fuses what follows, computes what eager code does), and each row of x gets the same operations alone as in a batch.
 
 The build runs the C++ compiler torch.compile runs on the CPU (CXX, else c++) against the installed torch's headers,
-~12 s, into $ZOO_CACHE/kernels (default ~/.cache/zoo/kernels) under a name hashing the source, the flags and torch's
-version; later processes load that file. Where a build fails (no compiler, no AVX2), the callers keep torch's kernels:
+~12 s, into the folder torch builds its C++ extensions in (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions),
+under zoo_kernels/ and a name hashing the source, the flags, torch's and Python's versions; later processes load
+that file. Where a build fails (no compiler, no AVX2), the callers keep torch's kernels:
 int4_rows() returns None and build_error() says why. ZOO_KERNELS=0 turns the kernels off (to compare both paths)."""
 import functools
 import hashlib
@@ -87,7 +88,8 @@ def _library():
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"
     key = hashlib.sha256("\0".join((SOURCE.read_text(), compiler, abi, *FLAGS, torch.__version__,
                                     sys.version)).encode()).hexdigest()[:16]
-    folder = Path(os.environ.get("ZOO_CACHE", os.path.expanduser("~/.cache/zoo"))) / "kernels"
+    folder = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.expanduser("~/.cache/torch_extensions")) / \
+        "zoo_kernels"
     path = folder / f"zoo_kernels-{key}.so"
     if path.exists():
         return path
