@@ -2,24 +2,26 @@
 sources in zoo/csrc/, then loaded as torch operators (torch.ops.zoo_kernels.*), which compiled code calls as it calls
 torch's own.
 
-- int4_rows: a few rows of x times an int4 layer packed for torch's AVX2 build of _weight_int4pack_mm_for_cpu
+- int4_rows: rows of x times an int4 layer packed for torch's AVX2 build of _weight_int4pack_mm_for_cpu
   (zoo/quantization.py: Int4Linear; a GGUF file's blocks with quantize="native", zoo.quantize's "int4"). That kernel
-  widens each code to the activations' dtype and multiplies there: with bf16 activations on a CPU without bf16
-  arithmetic ~6 GB/s over SmolLM2's layers, with float32 ones a reference loop 10x slower. int4_rows decodes 32 codes
-  with a few AVX2 instructions and multiplies in float32 (`python bench/int4_rows.py`).
+  dequantizes each weight to float32 before multiplying: ~6 GB/s over SmolLM2's layers with bf16 activations on 2
+  Zen 3 cores, and with float32 ones a reference loop 10x slower. int4_rows multiplies the codes themselves and
+  applies a group's scale and zero once per group (`python bench/int4_rows.py`).
 - int8_rows: rows of x times signed 8-bit row-major codes with a scale (and a zero point) per group: a tied 8-bit
   head reading its embedding's codes (Int4Linear.row_codes), one byte per weight where the int4 kernel's two planes
   read 1.25, and faster than inductor's loop over them on AVX2 (`python bench/int4_rows.py`: the head rows).
 Both compute in float32 and round the result once to x's dtype, inside the operator (so that compiled code, which
 fuses what follows, computes what eager code does), and each row of x gets the same operations alone as in a batch.
 
-The build runs the C++ compiler torch.compile runs on the CPU (CXX, else c++) against the installed torch's headers,
-~12 s, into the folder torch builds its C++ extensions in (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions),
-under zoo_kernels/ and a name hashing the source, the flags, torch's and Python's versions; later processes load
-that file. Where a build fails (no compiler, no AVX2), the callers keep torch's kernels:
-int4_rows() returns None and build_error() says why. ZOO_KERNELS=0 turns the kernels off (to compare both paths)."""
+The build runs the system's C++ compiler (CXX, else c++; g++ or clang with OpenMP) against the installed torch's
+headers, ~12 s, into the folder torch builds its C++ extensions in (TORCH_EXTENSIONS_DIR, default
+~/.cache/torch_extensions), under zoo_kernels/ and a name hashing the source, the flags, the compiler's, torch's and
+Python's versions; later processes load that file. Where a build fails (no compiler, no AVX2 and FMA), the callers
+keep torch's kernels: int4_rows() returns None and build_error() says why. ZOO_KERNELS=0 turns the kernels off (to
+compare both paths)."""
 import functools
 import hashlib
+import logging
 import os
 import subprocess
 import sys
@@ -28,8 +30,11 @@ from pathlib import Path
 
 import torch
 
+log = logging.getLogger("zoo")
 SOURCE = Path(__file__).with_name("csrc") / "rows.cpp"
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-w")
+# -ffp-contract=off: the compiler fuses no scalar multiply-add on its own, which could differ between the kernels'
+# instances for one row and for several (a row's products must not depend on the rows beside it)
+FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-std=c++20", "-shared", "-fPIC", "-w")
 _error = None  # why the last build failed
 
 
@@ -60,16 +65,19 @@ def _loaded():
     if os.environ.get("ZOO_KERNELS", "1") == "0":
         _error = "ZOO_KERNELS=0"
         return False
-    if "avx2" not in _cpu_flags():
-        _error = "this CPU has no AVX2"
+    if not {"avx2", "fma"} <= _cpu_flags():
+        _error = "this CPU has no AVX2 and FMA"
         return False
     try:
         torch.ops.load_library(str(_library()))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        _error = str(e)
+        torch.library.register_fake("zoo_kernels::int4_rows")(
+            lambda x, packed, *_: x.new_empty(x.shape[0], packed.shape[0]))
+        torch.library.register_fake("zoo_kernels::int8_rows")(
+            lambda x, codes, *_: x.new_empty(x.shape[0], codes.shape[0]))
+    except Exception as e:  # whatever fails, torch's kernels still run: the build is an optimisation
+        _error = f"{type(e).__name__}: {e}"
+        log.warning("the zoo's AVX2 kernels are not available, torch's kernels run instead: %s", _error)
         return False
-    torch.library.register_fake("zoo_kernels::int4_rows")(lambda x, packed, *_: x.new_empty(x.shape[0], packed.shape[0]))
-    torch.library.register_fake("zoo_kernels::int8_rows")(lambda x, codes, *_: x.new_empty(x.shape[0], codes.shape[0]))
     return True
 
 
@@ -86,14 +94,16 @@ def _library():
     from torch.utils import cpp_extension
     compiler = os.environ.get("CXX", "c++")
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"
-    key = hashlib.sha256("\0".join((SOURCE.read_text(), compiler, abi, *FLAGS, torch.__version__,
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, errors="replace",
+                             timeout=60).stdout  # (a new compiler builds anew)
+    key = hashlib.sha256("\0".join((SOURCE.read_text(), compiler, version, abi, *FLAGS, torch.__version__,
                                     sys.version)).encode()).hexdigest()[:16]
-    folder = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.expanduser("~/.cache/torch_extensions")) / \
-        "zoo_kernels"
+    folder = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()) / "zoo_kernels"
     path = folder / f"zoo_kernels-{key}.so"
     if path.exists():
         return path
     folder.mkdir(parents=True, exist_ok=True)
+    log.info("building the zoo's AVX2 kernels into %s (once per machine and torch version, ~12 s)", folder)
     # built beside its final name, then renamed: a process loading the library never sees half a file, and two
     # processes building at once each rename a whole one
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
@@ -102,7 +112,7 @@ def _library():
         includes = [f"-I{p}" for p in cpp_extension.include_paths()]
         libraries = [f"-L{p}" for p in cpp_extension.library_paths()]
         done = subprocess.run([compiler, *FLAGS, abi, *includes, str(SOURCE), *libraries, "-lc10", "-ltorch_cpu",
-                               "-o", tmp], capture_output=True, text=True)
+                               "-o", tmp], capture_output=True, text=True, errors="replace", timeout=600)
         if done.returncode != 0:
             raise RuntimeError(f"building {SOURCE.name} failed: {done.stderr.strip()[-2000:]}")
         os.replace(tmp, path)

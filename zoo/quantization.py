@@ -338,21 +338,26 @@ class Int4Linear(nn.Module):
 
     def forward(self, x):
         x2, cpu = x.reshape(-1, self.in_features), self.device_type == "cpu"
+        own = self.own_kernel and x2.dtype in (torch.bfloat16, torch.float32) and \
+            x2.dtype == self.scales_and_zeros.dtype  # (the zoo's kernels take these; torch's float16 too)
         if self.row_codes is not None and x2.shape[0] == 1 and cpu and torch.compiler.is_compiling() \
-                and not torch.is_grad_enabled() and ROW_LOOP_FORM and not self.own_kernel:  # (materialize has no
-            y = self.row_product(x2).to(x2.dtype)  # backward)
+                and not torch.is_grad_enabled() and ROW_LOOP_FORM and not own:  # (materialize has no backward)
+            y = self.row_product(x2).to(x2.dtype)
         elif x2.shape[0] >= DENSE_ROWS and not torch.compiler.is_compiling() and self.dense is not None \
                 and in_prompt():  # (compiled code cannot trace oneDNN's weights)
             y = self.dense(x2)
-        elif x2.shape[0] >= INT4_GEMM_ROWS and self.dequantizable():
-            # many rows (a long prompt, a scored text): a GEMM over a transient dequantized copy, as int8_mm
+        elif (x2.shape[0] >= INT4_GEMM_ROWS or torch.is_grad_enabled() and x2.requires_grad) and self.dequantizable():
+            # many rows (a long prompt, a scored text), or a gradient to pass back (LoRA below an int4 head), which
+            # the kernels lack: a GEMM over a transient dequantized copy, as int8_mm
             dtype = gemm_dtype(x2)  # (the weight rounded to x's dtype first, as dequantized_mm rounds it)
             y = F.linear(x2.to(dtype), self.dequantized().to(x2.dtype).to(dtype)).to(x2.dtype)
-        elif self.own_kernel and self.row_codes is not None:  # a tied head: its embedding's codes, a byte a weight
+        elif own and self.row_codes is not None and self.row_scales.dtype == x2.dtype and \
+                (self.row_zeros is None or self.row_zeros.dtype == x2.dtype):
+            # a tied head: its embedding's row-major codes, a byte a weight
             y = torch.ops.zoo_kernels.int8_rows(x2, self.row_codes, self.row_scales, self.row_zeros)
         else:  # the kernel: over [x, x] for two planes
             mm = torch.ops.aten._weight_int4pack_mm if self.device_type == "cuda" else \
-                torch.ops.zoo_kernels.int4_rows if self.own_kernel else \
+                torch.ops.zoo_kernels.int4_rows if own else \
                 torch.ops.aten._weight_int4pack_mm_for_cpu  # (as packed in __init__)
             y = mm(torch.cat((x2, x2), 1) if self.planes == 2 else x2, self.packed, self.group_size,
                    self.scales_and_zeros)
@@ -534,8 +539,8 @@ def quantize(model, mode, group_size=None, *, head="int8", embeddings="int8", dt
     head and embedding), "int4" (groups of `group_size`), or None to keep them as they are. The head
     defaults to int8 even in int4 mode: it is a quarter of a small model's weights, and in 4 bits it
     alone changes the top-1 token of one position in six (SmolLM2-135M; README: Quantized inference).
-    Activations, norms and biases use `dtype` (default bfloat16: the int4 kernel has no fast float32
-    path). Raises ValueError, changing nothing, for an unknown mode or a group size that does not divide
+    Activations, norms and biases use `dtype` (default bfloat16: torch's int4 kernel has no fast float32
+    path; the zoo's own AVX2 kernels have, zoo/kernels.py). Raises ValueError, changing nothing, for an unknown mode or a group size that does not divide
     a layer's inputs.
     """
     group_size = check_mode(mode, group_size)

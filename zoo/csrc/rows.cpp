@@ -1,17 +1,20 @@
 // The few rows of x a decode step, a speculative check or a batch multiplies, times weight-only quantized matrices,
 // with AVX2 (see zoo/kernels.py): products in float32, each group's scale applied once per group, the result rounded
 // once to x's dtype.
-// - int4_rows: W in the layout torch's AVX2 build of _weight_int4pack_mm_for_cpu packs. That kernel widens each code
-//   to float and multiplies in the activations' dtype: with bf16 activations on a CPU without bf16 arithmetic, ~6 GB/s
-//   over SmolLM2's layers; with float32 activations it takes a reference loop, 10x slower. This one decodes 32 codes
-//   with a few instructions (python bench/int4_rows.py: 1.4-1.7x torch's kernel for one row of SmolLM2's layers).
+// - int4_rows: W in the layout torch's AVX2 build of _weight_int4pack_mm_for_cpu packs. That kernel dequantizes each
+//   weight to float32 (code, scale and zero) before multiplying: ~6 GB/s over SmolLM2's layers with bf16 activations
+//   on 2 Zen 3 cores; with float32 activations it takes a reference loop, 10x slower. This one multiplies the codes
+//   and applies a group's scale and zero once per group (python bench/int4_rows.py: one row 1.0-1.6x torch's kernel
+//   on SmolLM2's layers, 32 rows 1.2-1.3x).
 // - int8_rows: W as signed 8-bit codes, row-major, a scale (and a zero point) per group: a tied head reading its
 //   embedding's codes, one byte per weight where the int4 kernel's two planes read 1.25.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <type_traits>
 #include <vector>
 
@@ -128,12 +131,14 @@ void rows(const uint8_t* packed, const S* sz, const T* xin, T* yout, int64_t M, 
     widen(xin, M, K, group, x, xsum);
     float* y = sums_for(yout, M * N, buffer);
     at::parallel_for(0, N / 32, 1, [&](int64_t b0, int64_t b1) {
-        int64_t m = 0;
-        for (; m + 4 <= M; m += 4)
-            blocks<4, 2>(packed, sz, x.data() + m * K, xsum.data() + m * G, y + m * N, N, K, group, b0, b1);
-        for (; m + 2 <= M; m += 2)
-            blocks<2, 4>(packed, sz, x.data() + m * K, xsum.data() + m * G, y + m * N, N, K, group, b0, b1);
-        if (m < M) blocks<1, 4>(packed, sz, x.data() + m * K, xsum.data() + m * G, y + m * N, N, K, group, b0, b1);
+        for (int64_t b = b0; b < b1; b++) {  // each block of codes read from memory once, for all rows of x
+            int64_t m = 0;
+            for (; m + 4 <= M; m += 4)
+                blocks<4, 2>(packed, sz, x.data() + m * K, xsum.data() + m * G, y + m * N, N, K, group, b, b + 1);
+            for (; m + 2 <= M; m += 2)
+                blocks<2, 4>(packed, sz, x.data() + m * K, xsum.data() + m * G, y + m * N, N, K, group, b, b + 1);
+            if (m < M) blocks<1, 4>(packed, sz, x.data() + m * K, xsum.data() + m * G, y + m * N, N, K, group, b, b + 1);
+        }
         round_into(y, yout, M, N, b0 * 32, b1 * 32);
     });
 }
@@ -142,7 +147,7 @@ at::Tensor int4_rows(const at::Tensor& x, const at::Tensor& packed, int64_t grou
     TORCH_CHECK(x.dim() == 2 && packed.dim() == 2 && scales_and_zeros.dim() == 3, "zoo_kernels::int4_rows: x [M, K], "
                 "packed [N, K / 2], scales_and_zeros [K / group_size, N, 2]");
     const int64_t M = x.size(0), K = x.size(1), N = packed.size(0);
-    TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.size(1) * 2 == K &&
+    TORCH_CHECK(K > 0 && packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.size(1) * 2 == K &&
                 N % 32 == 0 && group_size > 0 && K % group_size == 0 && scales_and_zeros.size(0) == K / group_size &&
                 scales_and_zeros.size(1) == N && scales_and_zeros.size(2) == 2,
                 "zoo_kernels::int4_rows: shapes do not match");
@@ -213,11 +218,14 @@ void int8_rows_of(const int8_t* codes, const S* scales, const S* zeros, const S*
     widen(xin, M, K, group, x, xsum);
     float* y = sums_for(yout, M * N, buffer);
     at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
-        int64_t m = 0;
-        for (; m + 2 <= M; m += 2)
-            int8_block<2>(codes, scales, zeros, x.data() + m * K, xsum.data() + m * G, y + m * N, N, K, group, n0, n1);
-        for (; m < M; m++)
-            int8_block<1>(codes, scales, zeros, x.data() + m * K, xsum.data() + m * G, y + m * N, N, K, group, n0, n1);
+        for (int64_t c0 = n0; c0 < n1; c0 += 64) {  // 64 rows of codes (36 KB for K = 576) at a time, for all rows of x
+            const int64_t c1 = std::min(c0 + 64, n1);
+            int64_t m = 0;
+            for (; m + 2 <= M; m += 2)
+                int8_block<2>(codes, scales, zeros, x.data() + m * K, xsum.data() + m * G, y + m * N, N, K, group, c0, c1);
+            for (; m < M; m++)
+                int8_block<1>(codes, scales, zeros, x.data() + m * K, xsum.data() + m * G, y + m * N, N, K, group, c0, c1);
+        }
         round_into(y, yout, M, N, n0, n1);
     });
 }
@@ -227,7 +235,7 @@ at::Tensor int8_rows(const at::Tensor& x, const at::Tensor& codes, const at::Ten
     TORCH_CHECK(x.dim() == 2 && codes.dim() == 2 && scales.dim() == 2, "zoo_kernels::int8_rows: x [M, K], codes "
                 "[N, K], scales [N, K / group]");
     const int64_t M = x.size(0), K = x.size(1), N = codes.size(0), G = scales.size(1);
-    TORCH_CHECK(codes.scalar_type() == at::kChar && codes.is_contiguous() && codes.size(1) == K && G > 0 &&
+    TORCH_CHECK(K > 0 && codes.scalar_type() == at::kChar && codes.is_contiguous() && codes.size(1) == K && G > 0 &&
                 K % G == 0 && (K / G) % 8 == 0 && scales.size(0) == N &&
                 (!zeros || zeros->sizes() == scales.sizes()), "zoo_kernels::int8_rows: shapes do not match");
     TORCH_CHECK(x.scalar_type() == scales.scalar_type() && (!zeros || zeros->scalar_type() == x.scalar_type()) &&
@@ -251,6 +259,13 @@ at::Tensor int8_rows(const at::Tensor& x, const at::Tensor& codes, const at::Ten
 TORCH_LIBRARY(zoo_kernels, m) {
     m.def("int4_rows(Tensor x, Tensor packed, int group_size, Tensor scales_and_zeros) -> Tensor");
     m.def("int8_rows(Tensor x, Tensor codes, Tensor scales, Tensor? zeros) -> Tensor");
+}
+
+// No backward (the weights are frozen; Int4Linear sends inputs that need a gradient to a GEMM instead): a backward
+// through them raises, as through torch's kernel, rather than passing no gradient
+TORCH_LIBRARY_IMPL(zoo_kernels, Autograd, m) {
+    m.impl("int4_rows", torch::autograd::autogradNotImplementedFallback());
+    m.impl("int8_rows", torch::autograd::autogradNotImplementedFallback());
 }
 
 TORCH_LIBRARY_IMPL(zoo_kernels, CPU, m) {
