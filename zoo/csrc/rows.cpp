@@ -100,7 +100,8 @@ void widen(const T* xin, int64_t M, int64_t K, int64_t group, std::vector<float>
     for (int64_t m = 0; m < M; m++)
         for (int64_t g = 0; g < G; g++) {
             float s = 0;
-            for (int64_t k = m * K + g * group; k < m * K + (g + 1) * group; k++) s += x[k] = static_cast<float>(xin[k]);
+            for (int64_t k = m * K + g * group; k < m * K + (g + 1) * group; k++)
+                s += x[k] = static_cast<float>(xin[k]);
             xsum[m * G + g] = s;
         }
 }
@@ -137,13 +138,15 @@ void rows(const uint8_t* packed, const S* sz, const T* xin, T* yout, int64_t M, 
                 blocks<4, 2>(packed, sz, x.data() + m * K, xsum.data() + m * G, y + m * N, N, K, group, b, b + 1);
             for (; m + 2 <= M; m += 2)
                 blocks<2, 4>(packed, sz, x.data() + m * K, xsum.data() + m * G, y + m * N, N, K, group, b, b + 1);
-            if (m < M) blocks<1, 4>(packed, sz, x.data() + m * K, xsum.data() + m * G, y + m * N, N, K, group, b, b + 1);
+            if (m < M)
+                blocks<1, 4>(packed, sz, x.data() + m * K, xsum.data() + m * G, y + m * N, N, K, group, b, b + 1);
         }
         round_into(y, yout, M, N, b0 * 32, b1 * 32);
     });
 }
 
-at::Tensor int4_rows(const at::Tensor& x, const at::Tensor& packed, int64_t group_size, const at::Tensor& scales_and_zeros) {
+at::Tensor int4_rows(const at::Tensor& x, const at::Tensor& packed, int64_t group_size,
+                     const at::Tensor& scales_and_zeros) {
     TORCH_CHECK(x.dim() == 2 && packed.dim() == 2 && scales_and_zeros.dim() == 3, "zoo_kernels::int4_rows: x [M, K], "
                 "packed [N, K / 2], scales_and_zeros [K / group_size, N, 2]");
     const int64_t M = x.size(0), K = x.size(1), N = packed.size(0);
@@ -191,7 +194,8 @@ void int8_block(const int8_t* codes, const S* scales, const S* zeros, const floa
                         acc[r][j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + r * K + k + 8 * j), acc[r][j]);
                 }
             for (; k < (g + 1) * group; k += 8) {  // (groups of 8 or 16)
-                __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + k))));
+                __m256 w = _mm256_cvtepi32_ps(
+                    _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + k))));
                 for (int r = 0; r < R; r++) acc[r][0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + r * K + k), acc[r][0]);
             }
             for (int r = 0; r < R; r++)
@@ -222,9 +226,11 @@ void int8_rows_of(const int8_t* codes, const S* scales, const S* zeros, const S*
             const int64_t c1 = std::min(c0 + 64, n1);
             int64_t m = 0;
             for (; m + 2 <= M; m += 2)
-                int8_block<2>(codes, scales, zeros, x.data() + m * K, xsum.data() + m * G, y + m * N, N, K, group, c0, c1);
+                int8_block<2>(codes, scales, zeros, x.data() + m * K, xsum.data() + m * G, y + m * N, N, K, group,
+                              c0, c1);
             for (; m < M; m++)
-                int8_block<1>(codes, scales, zeros, x.data() + m * K, xsum.data() + m * G, y + m * N, N, K, group, c0, c1);
+                int8_block<1>(codes, scales, zeros, x.data() + m * K, xsum.data() + m * G, y + m * N, N, K, group,
+                              c0, c1);
         }
         round_into(y, yout, M, N, n0, n1);
     });
