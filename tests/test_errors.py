@@ -157,6 +157,8 @@ API = [
     ("generate-seed-too-big", lambda ws: zoo.generate(model(), [1], 2, seed=2 ** 64), ValueError, "seed"),
     ("generate-eos-negative", lambda ws: zoo.generate(model(), [1], 2, eos_token_id=-1), ValueError,
      "eos_token_id"),
+    ("generate-eos-outside-vocabulary", lambda ws: zoo.generate(model(), [1], 2, eos_token_id=[2, 10 ** 6]),
+     ValueError, "eos_token_id 1000000 is outside"),
     ("generate-unknown-setting", lambda ws: zoo.generate(model(), [1], 2, temprature=1), TypeError, "temprature"),
     ("generate-sampling-not-config", lambda ws: zoo.generate(model(), [1], 2, sampling={"top_k": 1}), TypeError,
      "SamplingConfig"),

@@ -207,6 +207,9 @@ def check_prompts(model, prompts, max_new_tokens, settings):
             raise ValueError(f"prompt {i} has token ids outside the model's vocabulary [0, {c.vocab_size})")
     if settings.eos_token_id is None:  # the model's own, where its loader attached one
         settings = SamplingConfig.of(settings, eos_token_id=getattr(model, "eos_token_id", None))
+    elif outside := [i for i in settings.eos_ids if i >= c.vocab_size]:  # the caller's: they would never end a row
+        raise ValueError(f"eos_token_id {outside[0]} is outside the model's vocabulary [0, {c.vocab_size}): the "
+                         "model can never produce it (an id from another model's tokenizer?)")
     return prompts, settings.eos_ids
 
 
