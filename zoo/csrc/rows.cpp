@@ -1,6 +1,9 @@
 // The few rows of x a decode step, a speculative check or a batch multiplies, times weight-only quantized matrices,
-// with AVX2 (see zoo/kernels.py): products in float32, each group's scale applied once per group, the result rounded
-// once to x's dtype.
+// with AVX2 (see zoo/kernels.py): each group's scale applied once per group, the result rounded once to x's dtype.
+// bfloat16 rows of x are multiplied as 16-bit integers (each group's |x| scaled by a power of two into [2^14, 2^15):
+// exact for every x within 2^7 of its group's largest, which bf16's 8-bit significands make most of them), the codes'
+// products summed exactly in int32 by _mm256_madd_epi16 (16 products an instruction, where float32 FMAs take 8 and
+// the codes' conversion to float32 first); float32 rows in float32.
 // - int4_rows: W in the layout torch's AVX2 build of _weight_int4pack_mm_for_cpu packs. That kernel dequantizes each
 //   weight to float32 (code, scale and zero) before multiplying: ~6 GB/s over SmolLM2's layers with bf16 activations
 //   on 2 Zen 3 cores; with float32 activations it takes a reference loop, 10x slower. This one multiplies the codes
@@ -15,6 +18,8 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -145,6 +150,131 @@ void rows(const uint8_t* packed, const S* sz, const T* xin, T* yout, int64_t M, 
     });
 }
 
+// bfloat16 rows of x as 16-bit integers: q = x / p per group, p the power of two that puts the group's largest |x| in
+// [2^14, 2^15), so every x within 2^7 of it (8 significant bits) is exact and smaller ones are rounded to a step of
+// p <= |x|max / 2^14. Each group's sum of x (for the zero points) is summed in float32 from x itself.
+struct Rows16 {
+    std::vector<int16_t> q;  // [M, K]
+    std::vector<float> p;    // [M, G]; 0 for a group of zeros, NaN for one holding an inf or a NaN
+    std::vector<float> sum;  // [M, G]
+};
+
+template <typename T>
+void quantize16(const T* x, int64_t M, int64_t K, int64_t group, Rows16& out) {
+    const int64_t G = K / group;
+    out.q.resize(M * K);
+    out.p.resize(M * G);
+    out.sum.resize(M * G);
+    for (int64_t i = 0; i < M * G; i++) {  // group i's inputs are x[i * group ...] (groups tile rows)
+        const T* xg = x + i * group;
+        float largest = 0, sum = 0;
+        for (int64_t k = 0; k < group; k++) {
+            const float v = static_cast<float>(xg[k]);
+            sum += v;
+            largest = std::max(largest, std::fabs(v));
+        }
+        int e = 0;
+        std::frexp(largest, &e);  // largest = f 2^e, f in [0.5, 1)
+        float p = std::ldexp(1.0f, e - 15);  // (bf16's smallest subnormal, 2^-133, still leaves p >= 2^-148)
+        if (largest == 0 || !std::isfinite(sum)) p = largest == 0 ? 0.0f : NAN;
+        int16_t* q = out.q.data() + i * group;
+        for (int64_t k = 0; k < group; k++)
+            q[k] = p > 0 ? static_cast<int16_t>(std::nearbyint(static_cast<float>(xg[k]) / p)) : 0;  // (to even)
+        out.p[i] = p;
+        out.sum[i] = sum;
+    }
+}
+
+inline __m256i broadcast_pair(const int16_t* q) {  // q[0], q[1] in every 32-bit lane
+    int32_t pair;
+    std::memcpy(&pair, q, 4);
+    return _mm256_set1_epi32(pair);
+}
+
+// As blocks(), for x as Rows16 (bf16 scales): for each two inputs k, k + 1 (32 bytes of the layout, adjacent), the
+// codes of 32 rows become 16-bit pairs (code_k, code_k+1) in each 32-bit lane, four vectors of 8 rows (0-3 | 8-11,
+// 4-7 | 12-15, and the same + 16 from the high nibbles), and _mm256_madd_epi16 against (q_k, q_k+1) sums each row's
+// two products in int32. A group's int32 sums are exact (|sum| <= 32 * 15 * 32767 < 2^24 for groups of 32, so its
+// conversion to float32 is too) and each group adds scale * p * sum + (zero - 8 scale) * sum of x to y in float32.
+// V as in blocks(); the float32 sums live in y between groups (registers hold the int32 ones).
+template <int R, int V>
+void blocks16(const uint8_t* packed, const at::BFloat16* sz, const int16_t* q, const float* p, const float* xsum,
+              float* y, int64_t N, int64_t K, int64_t group, int64_t b) {
+    const int64_t G = K / group;
+    // per 128-bit lane of [v_k lo 8 bytes, v_k+1 lo 8 | v_k hi 8, v_k+1 hi 8]: bytes i and 8 + i as a 16-bit pair
+    const __m256i pick0 = _mm256_setr_epi8(0, -1, 8, -1, 1, -1, 9, -1, 2, -1, 10, -1, 3, -1, 11, -1,
+                                           0, -1, 8, -1, 1, -1, 9, -1, 2, -1, 10, -1, 3, -1, 11, -1);
+    const __m256i pick1 = _mm256_setr_epi8(4, -1, 12, -1, 5, -1, 13, -1, 6, -1, 14, -1, 7, -1, 15, -1,
+                                           4, -1, 12, -1, 5, -1, 13, -1, 6, -1, 14, -1, 7, -1, 15, -1);
+    const __m256i low = _mm256_set1_epi16(15);
+    const __m256 eight = _mm256_set1_ps(8.0f);
+    const uint8_t* codes = packed + b * K * 16;
+    for (int part = 0; part < 4 / V; part++) {
+        for (int64_t g = 0; g < G; g++) {
+            __m256i acc[R][V];
+            for (int r = 0; r < R; r++)
+                for (int i = 0; i < V; i++) acc[r][i] = _mm256_setzero_si256();
+            for (int64_t k = g * group; k < (g + 1) * group; k += 2) {
+                __m256i v = _mm256_permute4x64_epi64(
+                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + k * 16)), 0xd8);
+                __m256i w0 = _mm256_shuffle_epi8(v, pick0), w1 = _mm256_shuffle_epi8(v, pick1), c[V];
+                if (V == 4 || part == 0) c[0] = _mm256_and_si256(w0, low), c[1] = _mm256_and_si256(w1, low);
+                if (V == 4 || part == 1) c[V - 2] = _mm256_srli_epi16(w0, 4), c[V - 1] = _mm256_srli_epi16(w1, 4);
+                for (int r = 0; r < R; r++) {
+                    const __m256i qk = broadcast_pair(q + r * K + k);
+                    for (int i = 0; i < V; i++) acc[r][i] = _mm256_add_epi32(acc[r][i], _mm256_madd_epi16(c[i], qk));
+                }
+            }
+            for (int j = 0; j < V / 2; j++) {  // rows 16 h + 0-7 and 16 h + 8-15 of the block
+                const int64_t row = b * 32 + 16 * (part * V / 2 + j);
+                __m256 s[2], z8[2];
+                for (int i = 0; i < 2; i++) {
+                    __m256 zero;
+                    load_scales(sz + (g * N + row + 8 * i) * 2, s[i], zero);
+                    z8[i] = _mm256_fnmadd_ps(eight, s[i], zero);  // zero - 8 scale
+                }
+                for (int r = 0; r < R; r++) {
+                    const __m256i sums[2] = {_mm256_permute2x128_si256(acc[r][2 * j], acc[r][2 * j + 1], 0x20),
+                                             _mm256_permute2x128_si256(acc[r][2 * j], acc[r][2 * j + 1], 0x31)};
+                    const __m256 pg = _mm256_set1_ps(p[r * G + g]), xs = _mm256_set1_ps(xsum[r * G + g]);
+                    for (int i = 0; i < 2; i++) {
+                        float* out = y + r * N + row + 8 * i;
+                        const __m256 before = g == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(out);
+                        _mm256_storeu_ps(out, _mm256_fmadd_ps(z8[i], xs, _mm256_fmadd_ps(
+                            _mm256_mul_ps(s[i], pg), _mm256_cvtepi32_ps(sums[i]), before)));
+                    }
+                }
+            }
+        }
+    }
+}
+
+// The largest group the int32 sums hold: |sum| <= group / 2 * 2 * 128 * 32767 (int8_rows' codes, the larger) < 2^31
+constexpr int64_t GROUP16 = 4096;
+
+void rows16(const uint8_t* packed, const at::BFloat16* sz, const at::BFloat16* xin, at::BFloat16* yout, int64_t M,
+            int64_t N, int64_t K, int64_t group) {
+    const int64_t G = K / group;
+    Rows16 x;
+    quantize16(xin, M, K, group, x);
+    std::vector<float> y(M * N);
+    at::parallel_for(0, N / 32, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; b++) {  // each block of codes read from memory once, for all rows of x
+            int64_t m = 0;
+            for (; m + 4 <= M; m += 4)
+                blocks16<4, 2>(packed, sz, x.q.data() + m * K, x.p.data() + m * G, x.sum.data() + m * G,
+                               y.data() + m * N, N, K, group, b);
+            for (; m + 2 <= M; m += 2)
+                blocks16<2, 4>(packed, sz, x.q.data() + m * K, x.p.data() + m * G, x.sum.data() + m * G,
+                               y.data() + m * N, N, K, group, b);
+            if (m < M)
+                blocks16<1, 4>(packed, sz, x.q.data() + m * K, x.p.data() + m * G, x.sum.data() + m * G,
+                               y.data() + m * N, N, K, group, b);
+        }
+        round_into(y.data(), yout, M, N, b0 * 32, b1 * 32);
+    });
+}
+
 at::Tensor int4_rows(const at::Tensor& x, const at::Tensor& packed, int64_t group_size,
                      const at::Tensor& scales_and_zeros) {
     TORCH_CHECK(x.dim() == 2 && packed.dim() == 2 && scales_and_zeros.dim() == 3, "zoo_kernels::int4_rows: x [M, K], "
@@ -162,12 +292,22 @@ at::Tensor int4_rows(const at::Tensor& x, const at::Tensor& packed, int64_t grou
     // cannot skip the rounding, and gets the eager products
     auto y = at::empty({M, N}, x.options());
     const uint8_t* p = packed.data_ptr<uint8_t>();
-    if (sz.scalar_type() == at::kBFloat16)
+    if (sz.scalar_type() == at::kBFloat16 && group_size % 2 == 0 && group_size <= GROUP16)
+        rows16(p, sz.data_ptr<at::BFloat16>(), xc.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>(), M, N, K,
+               group_size);
+    else if (sz.scalar_type() == at::kBFloat16)
         rows(p, sz.data_ptr<at::BFloat16>(), xc.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>(), M, N, K,
              group_size);
     else
         rows(p, sz.data_ptr<float>(), xc.data_ptr<float>(), y.data_ptr<float>(), M, N, K, group_size);
     return y;
+}
+
+inline float hsum(__m256 v) {  // the vector's eight sums added up
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_hadd_ps(h, h);
+    h = _mm_hadd_ps(h, h);
+    return _mm_cvtss_f32(h);
 }
 
 // y [R, N] (row stride N) = x [R, K] @ W^T for W's rows n0..n1: codes int8 [N, K], scales and zeros [N, K / group]
@@ -205,12 +345,45 @@ void int8_block(const int8_t* codes, const S* scales, const S* zeros, const floa
             if (zeros)
                 for (int r = 0; r < R; r++) zsum[r] += static_cast<float>(zeros[n * G + g]) * xsum[r * G + g];
         }
-        for (int r = 0; r < R; r++) {  // the vector's eight sums added up
-            __m128 h = _mm_add_ps(_mm256_castps256_ps128(out[r]), _mm256_extractf128_ps(out[r], 1));
-            h = _mm_hadd_ps(h, h);
-            h = _mm_hadd_ps(h, h);
-            y[r * N + n] = _mm_cvtss_f32(h) + zsum[r];
+        for (int r = 0; r < R; r++) y[r * N + n] = hsum(out[r]) + zsum[r];
+    }
+}
+
+// As int8_block, for x as Rows16 (bf16 scales and zeros): 16 codes sign-extended to 16 bits, _mm256_madd_epi16 against
+// q, a group's sum in int32 (exact), converted to float32 once (|sum| may pass 2^24: one rounding) and scaled.
+template <int R, typename S>
+void int8_block16(const int8_t* codes, const S* scales, const S* zeros, const int16_t* q,
+                  const float* p, const float* xsum, float* y, int64_t N, int64_t K, int64_t group, int64_t n0,
+                  int64_t n1) {
+    const int64_t G = K / group;
+    for (int64_t n = n0; n < n1; n++) {
+        const int8_t* c = codes + n * K;
+        __m256 out[R];
+        float zsum[R];
+        for (int r = 0; r < R; r++) out[r] = _mm256_setzero_ps(), zsum[r] = 0;
+        for (int64_t g = 0; g < G; g++) {
+            __m256i acc[R];
+            for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_si256();
+            int64_t k = g * group;
+            for (; k + 16 <= (g + 1) * group; k += 16) {
+                const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + k)));
+                for (int r = 0; r < R; r++)
+                    acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(
+                        w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * K + k))));
+            }
+            if (k < (g + 1) * group) {  // (a group of 8 more: the high half's codes are zeros)
+                const __m256i w = _mm256_cvtepi8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + k)));
+                for (int r = 0; r < R; r++)
+                    acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(
+                        w, _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + r * K + k)))));
+            }
+            const float s = static_cast<float>(scales[n * G + g]);
+            for (int r = 0; r < R; r++)
+                out[r] = _mm256_fmadd_ps(_mm256_set1_ps(s * p[r * G + g]), _mm256_cvtepi32_ps(acc[r]), out[r]);
+            if (zeros)
+                for (int r = 0; r < R; r++) zsum[r] += static_cast<float>(zeros[n * G + g]) * xsum[r * G + g];
         }
+        for (int r = 0; r < R; r++) y[r * N + n] = hsum(out[r]) + zsum[r];
     }
 }
 
@@ -218,19 +391,34 @@ template <typename S>
 void int8_rows_of(const int8_t* codes, const S* scales, const S* zeros, const S* xin, S* yout, int64_t M, int64_t N,
                   int64_t K, int64_t group) {
     const int64_t G = K / group;
+    // bf16 rows of x as Rows16, float32 ones as floats
+    const bool int16 = std::is_same_v<S, at::BFloat16> && group <= GROUP16;
     std::vector<float> x, xsum, buffer;
-    widen(xin, M, K, group, x, xsum);
+    Rows16 x16;
+    if (int16)
+        quantize16(xin, M, K, group, x16);
+    else
+        widen(xin, M, K, group, x, xsum);
     float* y = sums_for(yout, M * N, buffer);
     at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
         for (int64_t c0 = n0; c0 < n1; c0 += 64) {  // 64 rows of codes (36 KB for K = 576) at a time, for all rows of x
             const int64_t c1 = std::min(c0 + 64, n1);
             int64_t m = 0;
-            for (; m + 2 <= M; m += 2)
-                int8_block<2>(codes, scales, zeros, x.data() + m * K, xsum.data() + m * G, y + m * N, N, K, group,
-                              c0, c1);
-            for (; m < M; m++)
-                int8_block<1>(codes, scales, zeros, x.data() + m * K, xsum.data() + m * G, y + m * N, N, K, group,
-                              c0, c1);
+            if (int16) {
+                for (; m + 2 <= M; m += 2)
+                    int8_block16<2>(codes, scales, zeros, x16.q.data() + m * K, x16.p.data() + m * G,
+                                    x16.sum.data() + m * G, y + m * N, N, K, group, c0, c1);
+                for (; m < M; m++)
+                    int8_block16<1>(codes, scales, zeros, x16.q.data() + m * K, x16.p.data() + m * G,
+                                    x16.sum.data() + m * G, y + m * N, N, K, group, c0, c1);
+            } else {
+                for (; m + 2 <= M; m += 2)
+                    int8_block<2>(codes, scales, zeros, x.data() + m * K, xsum.data() + m * G, y + m * N, N, K, group,
+                                  c0, c1);
+                for (; m < M; m++)
+                    int8_block<1>(codes, scales, zeros, x.data() + m * K, xsum.data() + m * G, y + m * N, N, K, group,
+                                  c0, c1);
+            }
         }
         round_into(y, yout, M, N, n0, n1);
     });
