@@ -1,6 +1,7 @@
 """The zoo's own CPU kernels (zoo/kernels.py): products against float64 references, a row of x the same alone as in a
 batch, the layout torch's AVX2 int4 kernel packs, and the fallback where they cannot be built. On a CPU with AVX2 the
 kernels must build (the fixtures fail, not skip, where they do not: that is a regression on every machine CI runs)."""
+import copy
 import os
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import zoo
 from zoo import kernels
 from zoo.quantization import Int4Linear, Quantized, packed_block_rows
 
@@ -213,3 +215,124 @@ torch.testing.assert_close(layer(x).float(), x.float() @ layer.dequantized().t()
     assert done.returncode == 0, done.stderr
     if "avx2" in kernels._cpu_flags():
         assert "no-such-compiler" in done.stdout
+
+
+def attention_reference(q, k, v, mask, causal, scale=None):
+    """softmax(q kᵀ * scale + mask) v in float64, key/value head h // (H / H_kv) for query head h."""
+    H, H_kv = q.size(1), k.size(1)
+    k, v = (t.double().repeat_interleave(H // H_kv, 1) for t in (k, v))
+    return torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k, v, attn_mask=None if mask is None else mask.double(), is_causal=mask is None and causal,
+        scale=scale)
+
+
+@pytest.fixture(scope="module")
+def attend():
+    op = kernels.attend()
+    assert op is not None, f"the kernels did not build: {kernels.build_error()}"
+    return op
+
+
+@needs_avx2
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,H,H_kv,T,S,D", [(1, 9, 3, 1, 37, 64), (2, 4, 1, 3, 160, 256), (3, 4, 4, 5, 8, 16),
+                                             (1, 2, 1, 1, 1, 8)])
+def test_attend_against_float64(attend, dtype, B, H, H_kv, T, S, D):
+    """Over a cache's first S slots (a view, as the model files pass them), a per-row mask hiding each row's last
+    slots (the keys past a query's position), a broadcast [T, S] mask, and SDPA's is_causal with no mask."""
+    g = torch.Generator().manual_seed(S + D)
+    cache = (torch.randn(2, B, H_kv, S + 11, D, generator=g) * 2).to(dtype)
+    k, v = cache[0, :, :, :S], cache[1, :, :, :S]
+    q = torch.randn(B, H, T, D, generator=g).to(dtype)
+    mask = torch.zeros(B, 1, T, S)
+    for b in range(B):
+        mask[b, ..., S - b:] = float("-inf")  # (row 0 sees every key)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0, atol=2 ** -8 * 6)  # |v| <~ 6
+    for m, causal, scale in ((mask.to(dtype), True, None), (mask[0, 0].to(dtype), True, 0.3)):
+        y = attend(q, k, v, m, causal, scale)
+        assert y.dtype == dtype and y.shape == (B, H, T, D)
+        torch.testing.assert_close(y.double(), attention_reference(q, k, v, m, causal, scale), **tol)
+    if T == S or T == 1:  # no mask: causal (query t sees keys 0..t) where T == S, else all keys
+        for causal in (True, False):
+            y = attend(q, k[:, :, :T] if causal else k, v[:, :, :T] if causal else v, None, causal, None)
+            want = attention_reference(q, k[:, :, :T] if causal else k, v[:, :, :T] if causal else v, None, causal)
+            torch.testing.assert_close(y.double(), want, **tol)
+
+
+@needs_avx2
+def test_attend_gives_a_query_the_same_bits_whatever_else_it_computes(attend):
+    """A query row's output is the same alone, beside other rows (a batch, a speculative check's queries), and over
+    more slots that the mask hides (a compiled step attends over the whole cache, an eager one over the slots filled):
+    so speculative decoding, batches and compiled steps keep plain decoding's greedy tokens."""
+    g = torch.Generator().manual_seed(3)
+    B, H, H_kv, T, D, S = 3, 6, 2, 5, 64, 29
+    k, v = torch.randn(2, B, H_kv, S + 40, D, generator=g).bfloat16()
+    q = torch.randn(B, H, T, D, generator=g).bfloat16()
+    pos = torch.tensor([S - T, S - T - 3, S - T - 9])  # each row's first query position; the queries follow
+    visible = torch.arange(S + 40)[None, None, :] <= (pos[:, None] + torch.arange(T)[None, :])[..., None]  # [B, T, S']
+    mask = torch.zeros(B, 1, T, S + 40).bfloat16().masked_fill_(~visible[:, None], float("-inf"))
+    whole = attend(q, k, v, mask, True, None)  # every slot
+    for b in range(B):
+        for t in range(T):
+            end = int(pos[b]) + t + 1  # the slots this query sees, and no more
+            alone = attend(q[b:b + 1, :, t:t + 1], k[b:b + 1, :, :end], v[b:b + 1, :, :end],
+                           mask[b:b + 1, :, t:t + 1, :end], True, None)
+            assert torch.equal(alone[0, :, 0], whole[b, :, t])
+
+
+@needs_avx2
+def test_attend_refuses_what_it_cannot_read(attend):
+    q, k = torch.randn(1, 4, 1, 64), torch.randn(1, 2, 10, 64)
+    with pytest.raises(RuntimeError, match="H a multiple of H_kv"):
+        attend(q, torch.randn(1, 3, 10, 64), torch.randn(1, 3, 10, 64), None, True, None)
+    with pytest.raises(RuntimeError, match="a multiple of 8"):
+        attend(q[..., :60], k[..., :60], k[..., :60], None, True, None)
+    with pytest.raises(RuntimeError, match="all bfloat16 or all float32"):
+        attend(q, k, k, torch.zeros(1, 10).bfloat16(), True, None)
+    with pytest.raises(RuntimeError, match="broadcasts to"):
+        attend(q, k, k, torch.zeros(1, 1, 2, 10), True, None)
+
+
+@needs_avx2
+def test_prepacked_models_decode_through_the_attention_kernel(attend):
+    """prepack's CacheAttend (cache_attention) sends decoding's calls (a mask, few queries) to the kernel and the rest
+    to the model file's Attend: decoding logits within bf16 rounding of the file's Attend's, the batched, speculative
+    and compiled greedy tokens the one-row eager ones; zoo.trace reads the same patterns."""
+    from zoo.prepack import CacheAttend, cache_attention
+    torch.manual_seed(0)
+    plain = zoo.build("llama", dict(vocab_size=96, block_size=64, n_layer=2, n_head=6, n_kv_head=2, n_embd=96,
+                                    ffn_dim=128)).eval()
+    for p in plain.parameters():  # (greedy choices with margins)
+        if p.dim() == 2:
+            torch.nn.init.normal_(p, std=0.3)
+    plain = zoo.quantize(plain.to(torch.bfloat16), "int4", group_size=32)  # (the int4 kernel: a row's products are
+    model = cache_attention(copy.deepcopy(plain))                           # the same in a batch as alone)
+    assert all(isinstance(m.self_attn.attend, CacheAttend) for m in model.model.layers)
+    fallen = []  # the calls the file's own Attend takes
+    for m in model.model.layers:
+        m.self_attn.attend.inner.register_forward_hook(lambda mod, args, out: fallen.append(args[0].shape[2]))
+    with torch.no_grad():
+        idx = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+        for m in (plain, model):
+            m.setup_cache(2, 32)
+        want = [plain(idx[:, :5], input_pos=torch.arange(5))] + \
+            [plain(idx[:, t:t + 1], input_pos=torch.tensor([t])) for t in range(5, 9)]
+        got = [model(idx[:, :5], input_pos=torch.arange(5))] + \
+            [model(idx[:, t:t + 1], input_pos=torch.tensor([t])) for t in range(5, 9)]
+        for a, b in zip(got, want):  # (bf16 logits up to ~10: steps of 1/16 there)
+            torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=0.03 * b.abs().max().item())
+        assert fallen == []
+        model(idx)  # no cache, no mask: the file's Attend
+        assert fallen == [9, 9]
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 1, 2, 3, 4, 5], [13, 14, 15, 13, 14, 15, 13]]
+    alone = [zoo.generate(model, [p], 12, temperature=0)[0] for p in prompts]
+    assert zoo.generate(model, prompts, 12, temperature=0) == alone
+    assert zoo.generate(model, prompts, 12, temperature=0, draft="prompt-lookup", num_draft=4) == alone
+    assert zoo.generate(model, prompts, 12, temperature=0, compile=True) == alone
+    with torch.no_grad():
+        idx = torch.tensor([prompts[0]])
+        want = zoo.trace(plain, idx, attention=True)
+        got = zoo.trace(model, idx, attention=True)
+    assert got.keys() == want.keys() and any(name.endswith("pattern") for name in got)
+    for name in got:
+        assert torch.equal(got[name], want[name])

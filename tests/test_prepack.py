@@ -1,6 +1,8 @@
 """zoo/prepack.py: bfloat16 Linear layers over oneDNN's reordered weights give the plain layers' products bit for bit,
 in a forward pass, in greedy decoding and in the engine's batches, for every architecture; without oneDNN's bf16
-kernels, prompts multiply in float32 (WidenedLinear)."""
+kernels, prompts multiply in float32 (WidenedLinear). prepack also gives decoding's attention the zoo's kernel
+(CacheAttend; its own tests are in test_kernels.py), so the plain models decoding beside prepacked ones here get it
+too (cache_attention): what is compared is the layers."""
 import copy
 
 import pytest
@@ -15,7 +17,7 @@ from zoo.tokenizers import CharTokenizer
 from zoo.models.moe import Experts
 from zoo import quantization
 from zoo import prepack as prepack_module
-from zoo.prepack import PrepackedExperts, PrepackedLinear, WidenedLinear, onednn_bf16, prepack
+from zoo.prepack import PrepackedExperts, PrepackedLinear, WidenedLinear, cache_attention, onednn_bf16, prepack
 from zoo.quantization import Int4Linear, Quantized, linear_from
 
 from conftest import TINY, tiny
@@ -39,7 +41,7 @@ def bf16(name):
 @needs_kernels
 @pytest.mark.parametrize("name", ARCHS)
 def test_prepacked_model_computes_the_same_logits_and_tokens(name):
-    plain, packed = bf16(name), prepack(bf16(name))
+    plain, packed = cache_attention(bf16(name)), prepack(bf16(name))
     assert any(isinstance(m, PrepackedLinear) for m in packed.modules())
     assert not any(type(m) in (torch.nn.Linear, Experts) for m in packed.modules())
     assert any(isinstance(m, PrepackedExperts) for m in packed.modules()) == (TINY[name][0] == "moe")
@@ -58,7 +60,7 @@ def test_prepacked_engine_decodes_as_the_plain_one():
     greedy = SamplingConfig(temperature=0, eos_token_id=[])
     prompts, steps = [[5, 9, 1, 30, 2, 7, 7], [3, 11, 4], [20, 1, 8, 36, 0], [2]], [14, 20, 5, 25]
     answers = []
-    for model in (prepack(bf16("gpt2")), bf16("gpt2")):
+    for model in (prepack(bf16("gpt2")), cache_attention(bf16("gpt2"))):
         engine = Engine(model, chars, max_batch=3)
         requests = [engine.submit(prompts[0], steps[0], greedy)]
         engine.step()
@@ -100,7 +102,7 @@ def test_float32_layers_are_reordered_where_onednns_are_the_faster(name, monkeyp
     monkeypatch.setattr(prepack_module, "onednn_float32", lambda: False)
     assert not any(isinstance(m, PrepackedLinear) for m in prepack(tiny(name, std=0.3)).modules())
     monkeypatch.setattr(prepack_module, "onednn_float32", lambda: True)
-    plain, packed = tiny(name, std=0.3), prepack(tiny(name, std=0.3))
+    plain, packed = cache_attention(tiny(name, std=0.3)), prepack(tiny(name, std=0.3))
     assert any(isinstance(m, PrepackedLinear) for m in packed.modules())
     assert not any(type(m) in (torch.nn.Linear, Experts) for m in packed.modules())
     idx = torch.randint(0, 37, (3, 13), generator=torch.Generator().manual_seed(0))
@@ -146,7 +148,7 @@ def test_without_onednns_bf16_kernels_prompts_multiply_in_float32(tiny_folder, m
     bfloat16` writes the widened model's greedy text."""
     from zoo.cli import main
     monkeypatch.setattr(prepack_module, "onednn_bf16", lambda: False)
-    plain, packed = bf16("gpt2"), prepack(bf16("gpt2"))  # (biases)
+    plain, packed = cache_attention(bf16("gpt2")), prepack(bf16("gpt2"))  # (biases)
     widened = {name: m for name, m in packed.named_modules() if isinstance(m, WidenedLinear)}
     assert widened and not any(type(m) is torch.nn.Linear for m in packed.modules())
     assert set(widened) == {name for name, m in plain.named_modules() if type(m) is torch.nn.Linear}
@@ -193,7 +195,7 @@ def test_zoo_generate_and_serve_run_bf16_models_prepacked(tiny_folder, monkeypat
     assert main(args) == 0
     assert len(seen) == 1 and seen[0][1] == {"linear": True}
     assert any(isinstance(m, PrepackedLinear) for m in seen[0][0].modules())
-    plain = copy.deepcopy(model).to(torch.bfloat16).eval()
+    plain = cache_attention(copy.deepcopy(model).to(torch.bfloat16).eval())
     assert capsys.readouterr().out == zoo.complete(plain, tok, "Hello", max_new_tokens=12, temperature=0) + "\n"
     assert main(args + ["--compile"]) == 0
     assert len(seen) == 2 and seen[1][1] == {"linear": False}

@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import quantization
+from . import kernels, quantization
 from .models.moe import Experts
 from .modes import in_prompt
 from .progress import log
@@ -53,6 +53,8 @@ from .quantization import Int4Linear, output_layer
 
 # the quantized layers' bf16 copies may add at most this share of the model's weights' bytes to its memory
 COPY_BUDGET = 0.5
+# CacheAttend's kernel takes calls of at most this many queries per head (decoding steps, speculative checks)
+KERNEL_QUERIES = 16
 
 
 class PrepackedLinear(nn.Module):
@@ -114,6 +116,26 @@ class PrepackedExperts(Experts):
         return down_proj(F.silu(gate) * up)  # [n, D]
 
 
+class CacheAttend(nn.Module):
+    """A model file's Attend (each attention's `attend` child: models/__init__.py) for decoding on the CPU: the few
+    queries of a step, a speculative check or a batch of steps over the KV cache (the calls with a mask) by the
+    zoo's attend kernel (zoo/kernels.py), 2-3x faster than torch's SDPA there (python bench/attend.py); everything
+    else (prompts, gradients, dropout, CUDA, what the kernel does not take) by the file's own Attend, `inner`. zoo.trace and
+    zoo.intervene see the same calls: the signature is Attend's. (cache_attention makes them.)"""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, q, k, v, mask, causal, dropout_p=0.0, scale=None):
+        if mask is not None and q.size(2) <= KERNEL_QUERIES and q.device.type == "cpu" and dropout_p == 0 and \
+                q.dtype in (torch.bfloat16, torch.float32) and k.dtype == v.dtype == q.dtype == mask.dtype and q.size(-1) % 8 == 0 and q.size(-1) <= 512 and \
+                k.stride(-1) == v.stride(-1) == 1 and \
+                not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+            return torch.ops.zoo_kernels.attend(q, k, v, mask, causal, scale)
+        return self.inner(q, k, v, mask, causal, dropout_p, scale)
+
+
 def onednn_bf16():
     """Whether this CPU's oneDNN has bf16 kernels (what its weight reorder and bf16 products need): AVX-512 BW/VL/DQ,
     AVX-NE-CONVERT or Arm's bf16."""
@@ -145,7 +167,7 @@ def prepack(model, rows=8, *, linear=True):
     CPU without oneDNN's bf16 kernels, WidenedLinear modules in both roles (see the module's docstring); returns the
     model. linear=False leaves the layers oneDNN would reorder as they are: for a model whose decode step
     torch.compile will trace (it cannot trace reordered weights, and fuses its own; it traces a WidenedLinear as the
-    plain layer)."""
+    plain layer). Each attention's plain Attend becomes a CacheAttend (cache_attention)."""
     head = output_layer(model)
     planes = [m for m in model.modules() if isinstance(m, Int4Linear) and m.planes == 2 and m.dense is None
               and m is not head and m.dequantizable() and m.weight.dtype == torch.bfloat16
@@ -169,4 +191,14 @@ def prepack(model, rows=8, *, linear=True):
                 setattr(module, child_name, PrepackedLinear(child.weight, child.bias, rows))
             elif type(child) is Experts and reorders(child.gate_up_proj) and linear:
                 setattr(module, child_name, PrepackedExperts(child, rows))
+    return cache_attention(model)
+
+
+def cache_attention(model):
+    """Give each attention's plain Attend (not Gemma 2's CappedAttend: its scores are capped) a CacheAttend, where the
+    zoo's kernels are built; returns the model (prepack does this too)."""
+    if kernels.attend() is not None:
+        for module in list(model.modules()):
+            if type(getattr(module, "attend", None)).__name__ == "Attend":
+                module.attend = CacheAttend(module.attend)
     return model
