@@ -83,9 +83,16 @@ void attend_row(const T* q, const T* k, const T* v, int64_t ks, int64_t vs, cons
     for (int64_t d = 0; d < D; d++) qf[d] = static_cast<float>(q[d]);
     const int64_t padded = (S + 7) / 8 * 8;
     for (int64_t j0 = 0; j0 < padded; j0 += 8) {
+        const bool whole = j0 + 8 <= std::min(S, visible);  // all 8 keys there and causally visible
+        __m256 m8 = _mm256_setzero_ps();
         bool any = false;  // whether a key of the block is visible
-        for (int64_t j = j0; j < std::min(j0 + 8, S); j++)
-            any |= j < visible && (!mask || static_cast<float>(mask[j]) != NEG_INF);
+        if (whole && mask) {
+            m8 = load8(mask + j0);
+            any = _mm256_movemask_ps(_mm256_cmp_ps(m8, _mm256_set1_ps(NEG_INF), _CMP_NEQ_UQ)) != 0;
+        } else {
+            for (int64_t j = j0; j < std::min(j0 + 8, S); j++)
+                any |= j < visible && (!mask || static_cast<float>(mask[j]) != NEG_INF);
+        }
         if (!any) {
             _mm256_storeu_ps(scores + j0, _mm256_set1_ps(NEG_INF));
             continue;
@@ -98,7 +105,12 @@ void attend_row(const T* q, const T* k, const T* v, int64_t ks, int64_t vs, cons
             const __m256 qd = _mm256_loadu_ps(qf + d);
             for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(load8(rows[i] + d), qd, acc[i]);
         }
-        _mm256_storeu_ps(scores + j0, _mm256_mul_ps(sums8(acc), _mm256_set1_ps(scale)));
+        const __m256 scaled = _mm256_mul_ps(sums8(acc), _mm256_set1_ps(scale));
+        if (whole) {  // (the same sums as the loop below, 8 at a time)
+            _mm256_storeu_ps(scores + j0, mask ? _mm256_add_ps(scaled, m8) : scaled);
+            continue;
+        }
+        _mm256_storeu_ps(scores + j0, scaled);
         for (int64_t j = j0; j < j0 + 8; j++)
             scores[j] = j >= S || j >= visible ? NEG_INF : mask ? scores[j] + static_cast<float>(mask[j]) : scores[j];
     }
