@@ -37,6 +37,7 @@ import torch
 
 log = logging.getLogger("zoo")
 SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("rows.cpp", "attend.cpp"))
+HEADERS = (Path(__file__).with_name("csrc") / "vec.h",)
 # -ffp-contract=off: the compiler fuses no scalar multiply-add on its own, which could differ between the kernels'
 # instances for one row and for several (a row's products must not depend on the rows beside it)
 FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-std=c++20", "-shared", "-fPIC", "-w")
@@ -112,7 +113,7 @@ def _library():
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, errors="replace",
                              timeout=60).stdout  # (a new compiler builds anew)
-    key = hashlib.sha256("\0".join((*(source.read_text() for source in SOURCES), compiler, version, abi, *FLAGS, torch.__version__,
+    key = hashlib.sha256("\0".join((*(source.read_text() for source in SOURCES + HEADERS), compiler, version, abi, *FLAGS, torch.__version__,
                                     sys.version)).encode()).hexdigest()[:16]
     folder = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()) / "zoo_kernels"
     path = folder / f"zoo_kernels-{key}.so"

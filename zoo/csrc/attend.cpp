@@ -19,14 +19,13 @@
 #include <limits>
 #include <vector>
 
+#include "vec.h"
+
 namespace {
 
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-
-inline __m256 load8(const at::BFloat16* p) {  // bf16 is float32's high half
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
+using zoo_vec::hmax;
+using zoo_vec::hsum;
+using zoo_vec::load8;
 
 // Lane i: the sum of a[i]'s eight lanes (each lane's sum depends on a[i] alone)
 inline __m256 sums8(const __m256 a[8]) {
@@ -34,20 +33,6 @@ inline __m256 sums8(const __m256 a[8]) {
     const __m256 h45 = _mm256_hadd_ps(a[4], a[5]), h67 = _mm256_hadd_ps(a[6], a[7]);
     const __m256 h0123 = _mm256_hadd_ps(h01, h23), h4567 = _mm256_hadd_ps(h45, h67);  // [a0..a3 low half | high half]
     return _mm256_add_ps(_mm256_permute2f128_ps(h0123, h4567, 0x20), _mm256_permute2f128_ps(h0123, h4567, 0x31));
-}
-
-inline float hsum(__m256 v) {
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_hadd_ps(h, h);
-    h = _mm_hadd_ps(h, h);
-    return _mm_cvtss_f32(h);
-}
-
-inline float hmax(__m256 v) {
-    __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_max_ps(h, _mm_shuffle_ps(h, h, 1));
-    return _mm_cvtss_f32(h);
 }
 
 // e^x for x <= 0 (a score minus the row's largest), within ~2 float32 ulps: x = n ln2 + r, |r| <= ln2 / 2, e^r by

@@ -23,7 +23,13 @@
 #include <type_traits>
 #include <vector>
 
+#include "vec.h"
+
 namespace {
+
+using zoo_vec::hmax;
+using zoo_vec::hsum;
+using zoo_vec::load8;
 
 // Eight rows' (scale, zero) pairs from [.., N, 2] as two float32 vectors
 inline void load_scales(const at::BFloat16* p, __m256& s, __m256& z) {
@@ -165,23 +171,44 @@ void quantize16(const T* x, int64_t M, int64_t K, int64_t group, Rows16& out) {
     out.q.resize(M * K);
     out.p.resize(M * G);
     out.sum.resize(M * G);
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     for (int64_t i = 0; i < M * G; i++) {  // group i's inputs are x[i * group ...] (groups tile rows)
         const T* xg = x + i * group;
+        int16_t* q = out.q.data() + i * group;
         float largest = 0, sum = 0;
-        for (int64_t k = 0; k < group; k++) {
-            const float v = static_cast<float>(xg[k]);
-            sum += v;
-            largest = std::max(largest, std::fabs(v));
+        const bool vectors = group % 8 == 0;
+        if (vectors) {  // (lane by lane, then across: a fixed order)
+            __m256 sums = _mm256_setzero_ps(), top = _mm256_setzero_ps();
+            for (int64_t k = 0; k < group; k += 8) {
+                const __m256 v = load8(xg + k);
+                sums = _mm256_add_ps(sums, v);
+                top = _mm256_max_ps(top, _mm256_and_ps(v, magnitude));
+            }
+            sum = hsum(sums), largest = hmax(top);
+        } else {
+            for (int64_t k = 0; k < group; k++) {
+                const float v = static_cast<float>(xg[k]);
+                sum += v;
+                largest = std::max(largest, std::fabs(v));
+            }
         }
         int e = 0;
         std::frexp(largest, &e);  // largest = f 2^e, f in [0.5, 1)
         float p = std::ldexp(1.0f, e - 15);  // (bf16's smallest subnormal, 2^-133, still leaves p >= 2^-148)
         if (largest == 0 || !std::isfinite(sum)) p = largest == 0 ? 0.0f : NAN;
-        int16_t* q = out.q.data() + i * group;
-        for (int64_t k = 0; k < group; k++)
-            q[k] = p > 0 ? static_cast<int16_t>(std::nearbyint(static_cast<float>(xg[k]) / p)) : 0;  // (to even)
         out.p[i] = p;
         out.sum[i] = sum;
+        if (vectors && p > 0 && 15 - e <= 127) {  // x / p = x 2^(15 - e), exactly, then rounded to nearest even
+            const __m256 inverse = _mm256_set1_ps(std::ldexp(1.0f, 15 - e));
+            for (int64_t k = 0; k < group; k += 8) {
+                const __m256i n = _mm256_cvtps_epi32(_mm256_mul_ps(load8(xg + k), inverse));
+                _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k),
+                                 _mm_packs_epi32(_mm256_castsi256_si128(n), _mm256_extracti128_si256(n, 1)));
+            }
+        } else {
+            for (int64_t k = 0; k < group; k++)
+                q[k] = p > 0 ? static_cast<int16_t>(std::nearbyint(static_cast<float>(xg[k]) / p)) : 0;  // (to even)
+        }
     }
 }
 
@@ -301,13 +328,6 @@ at::Tensor int4_rows(const at::Tensor& x, const at::Tensor& packed, int64_t grou
     else
         rows(p, sz.data_ptr<float>(), xc.data_ptr<float>(), y.data_ptr<float>(), M, N, K, group_size);
     return y;
-}
-
-inline float hsum(__m256 v) {  // the vector's eight sums added up
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_hadd_ps(h, h);
-    h = _mm_hadd_ps(h, h);
-    return _mm_cvtss_f32(h);
 }
 
 // y [R, N] (row stride N) = x [R, K] @ W^T for W's rows n0..n1: codes int8 [N, K], scales and zeros [N, K / group]
