@@ -144,7 +144,7 @@ def test_int8_rows_refuses_what_it_cannot_read(int8_rows):
 
 @pytest.mark.skipif(packed_block_rows() != 32, reason="torch's int4 kernel packs another layout on this CPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int4_rows_reads_torchs_packing(int4_rows, dtype):
+def test_int4_rows_reads_torchs_packing(int4_rows, int8_rows, dtype):
     """Where torch packs int4 codes in its AVX2 layout, Int4Linear runs the zoo's kernel on them: the same product as
     torch's own kernel over the same arguments (within bf16 rounding), and as the dequantized matrix's."""
     g = torch.Generator().manual_seed(1)
@@ -163,12 +163,15 @@ def test_int4_rows_reads_torchs_packing(int4_rows, dtype):
     if dtype == torch.bfloat16:  # (torch's kernel multiplies float32 in a reference loop: bf16 only)
         theirs = torch.ops.aten._weight_int4pack_mm_for_cpu(x, layer.packed, 32, layer.scales_and_zeros)
         torch.testing.assert_close(layer(x).double(), theirs.double(), rtol=1 / 64, atol=2e-3)
-    # 8-bit codes in two planes: the kernel over [x, x]
+    # 8-bit codes: row-major, through int8_rows (no planes)
     q8 = Quantized(codes=torch.randint(0, 256, (N, K), generator=g, dtype=torch.uint8), scale=q.scale / 16,
                    zero=q.zero, bits=8, group_size=32)
-    planes = Int4Linear(q8, dtype)
-    assert planes.planes == 2 and planes.own_kernel
-    torch.testing.assert_close(planes(x).double(), x.double() @ planes.dequantized().double().t(), **tol)
+    layer8 = Int4Linear(q8, dtype)
+    assert layer8.planes == 2 and layer8.own_kernel and layer8.packed is None and layer8.scales_and_zeros is None
+    assert torch.equal(layer8(x), int8_rows(x, layer8.row_codes, layer8.row_scales, layer8.row_zeros))
+    want8 = x.double() @ layer8.dequantized().double().t()
+    torch.testing.assert_close(layer8(x).double(), want8, **tol)
+    torch.testing.assert_close(layer8(x.half()).double(), want8, rtol=1e-2, atol=1e-2)  # float16: the GEMM
 
 
 @pytest.mark.skipif(packed_block_rows() != 32, reason="torch's int4 kernel packs another layout on this CPU")

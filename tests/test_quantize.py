@@ -55,7 +55,9 @@ def test_int4_layers_pack_their_codes_block_by_block_as_whole(bits, monkeypatch)
     blocks = linear_from(q, torch.bfloat16)
     monkeypatch.setattr(quantization, "PACK_ROWS", 1 << 20)
     whole = linear_from(q, torch.bfloat16)
-    assert torch.equal(blocks.packed, whole.packed) and torch.equal(blocks.scales_and_zeros, whole.scales_and_zeros)
+    buffers = dict(whole.named_buffers())  # (8-bit codes where the zoo's kernels run: row-major, no packing)
+    assert all(torch.equal(t, buffers[name]) for name, t in blocks.named_buffers()) and buffers.keys() == \
+        dict(blocks.named_buffers()).keys() and ((whole.packed is None) == (bits == 8 and whole.own_kernel))
     x = torch.randn(3, 96).bfloat16()
     assert torch.equal(blocks(x), whole(x))
 
@@ -252,9 +254,9 @@ def test_tiny_model_compiles():
 @pytest.mark.parametrize("zero_points, bias, head_first", [(False, False, False), (True, True, True)])
 @torch.no_grad()
 def test_compiled_head_reads_the_tied_embeddings_rows(zero_points, bias, head_first, monkeypatch):
-    """An 8-bit head in groups (two int4 planes) tied to its embedding shares the embedding's row-major codes
-    (whichever is built first). Where the zoo's own kernels run (AVX2), every product below the GEMM's rows reads
-    those (int8_rows); elsewhere a compiled one-row product does (inductor's own loop, over bytes with AVX-512 and
+    """An 8-bit head in groups tied to its embedding shares the embedding's row-major codes (whichever is built
+    first). Where the zoo's own kernels run (AVX2), every product below the GEMM's rows reads those (int8_rows), and
+    the head keeps no planes; elsewhere a compiled one-row product does (inductor's own loop, over bytes with AVX-512 and
     32-bit words with AVX2) where that loop is fast, and several rows and eager calls run the planes' kernel: the same
     matrix in each, with and without zero points (Q8_0; Q5_1) and a bias."""
     torch.manual_seed(0)
@@ -263,10 +265,13 @@ def test_compiled_head_reads_the_tied_embeddings_rows(zero_points, bias, head_fi
     if zero_points:
         q = Quantized(q.codes, q.scale, torch.randn_like(q.scale) * 0.1, 8, 32)
     layers = {"head": torch.nn.Linear(64, 96, bias=bias), "embedding": torch.nn.Embedding(96, 64)}
-    shared = {}
-    built = {k: quantization._module_for(layers[k], q, torch.bfloat16, shared)
-             for k in (["head", "embedding"] if head_first else ["embedding", "head"])}
-    head, embedding = built["head"], built["embedding"]
+
+    def build():
+        shared = {}
+        built = {k: quantization._module_for(layers[k], q, torch.bfloat16, shared)
+                 for k in (["head", "embedding"] if head_first else ["embedding", "head"])}
+        return built["head"], built["embedding"]
+    head, embedding = build()
     assert head.planes == 2 and head.row_codes is embedding.codes and head.row_scales is embedding.scales
     assert (head.row_zeros is None) != zero_points
     rounded = Quantized(q.codes, q.scale.bfloat16().float(), q.zero.bfloat16().float(), 8, 32)
@@ -287,7 +292,10 @@ def test_compiled_head_reads_the_tied_embeddings_rows(zero_points, bias, head_fi
             assert any("zoo_kernels.int8_rows" in t for t in graphs[-1]) and not kernel(graphs[-1]), graphs[-1]
             torch.testing.assert_close(got.float(), want[:, :rows.shape[1]], rtol=1e-2, atol=1e-2)
             torch.testing.assert_close(head(rows).float(), want[:, :rows.shape[1]], rtol=1e-2, atol=1e-2)
-        monkeypatch.setattr(head, "own_kernel", False)  # the CPUs without them: inductor's loop or the planes
+        assert head.packed is None  # (no planes: 8-bit codes are kept row-major there)
+        monkeypatch.setattr(quantization.kernels, "int4_rows", lambda: None)  # the CPUs without them: inductor's
+        head, embedding = build()                                              # loop or the planes' kernel
+        assert not head.own_kernel and head.packed is not None and head.row_codes is embedding.codes
         torch._dynamo.reset()
     monkeypatch.setattr(quantization, "ROW_LOOP_FORM", None)  # a CPU where the planes' kernel is faster
     torch.compile(head, backend=backend, fullgraph=True)(x[:, :1])

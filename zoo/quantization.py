@@ -306,7 +306,14 @@ class Int4Linear(nn.Module):
         else:
             scale, zero = q.scale, q.zero
         self.device_type = q.codes.device.type
-        if self.device_type == "cuda":
+        # the zoo's own kernels for the rows torch's kernel would take, where it reads their layouts (zoo/kernels.py)
+        self.own_kernel = self.device_type == "cpu" and packed_block_rows() == 32 and N % 32 == 0 and \
+            kernels.int4_rows() is not None
+        # 8-bit codes there are kept row-major for int8_rows (a byte a weight, one pass over x: no planes)
+        row_major = self.own_kernel and q.bits == 8
+        if row_major:
+            packed = None
+        elif self.device_type == "cuda":
             u = codes(slice(None))
             tiles = next(t for t in (8, 4, 2, 1) if u.shape[1] % (16 * t) == 0)
             packed = torch.ops.aten._convert_weight_to_int4pack((u[:, ::2] << 4 | u[:, 1::2]).contiguous(), tiles)
@@ -317,43 +324,47 @@ class Int4Linear(nn.Module):
                 packed[i:i + PACK_ROWS] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
                     codes(slice(i, i + PACK_ROWS)).int(), 1)
         self.register_buffer("packed", packed)
-        self.register_buffer("scales_and_zeros", torch.stack((scale.to(dtype), zero.to(dtype)), -1).transpose(0, 1)
-                             .contiguous())
+        self.register_buffer("scales_and_zeros", None if row_major else torch.stack(
+            (scale.to(dtype), zero.to(dtype)), -1).transpose(0, 1).contiguous())
         self.register_buffer("bias", bias)
-        # the zoo's own kernel for the rows torch's kernel would take, where it reads this layout (zoo/kernels.py)
-        self.own_kernel = self.device_type == "cpu" and packed_block_rows() == 32 and N % 32 == 0 and \
-            kernels.int4_rows() is not None
-        for name in ("row_codes", "row_scales", "row_zeros"):  # a tied embedding's, when shared (_share_rows)
-            self.register_buffer(name, None, persistent=False)
+        # 8-bit codes row-major (u - 128), a scale and a zero point (None: all zeros) per group: this layer's own
+        # (row_major), or a tied embedding's, shared (_share_rows)
+        self.register_buffer("row_codes", signed(q.codes) if row_major else None, persistent=row_major)
+        self.register_buffer("row_scales", q.scale.to(dtype) if row_major else None, persistent=row_major)
+        self.register_buffer("row_zeros", q.zero.to(dtype) if row_major and q.zero.any() else None,
+                             persistent=row_major)
         self.dense = None  # a module computing the same product from a float copy of W (zoo/prepack.py sets it)
 
     @property
     def weight(self):
         """The activations' dtype and device, for the model files that read them from `.weight`."""
-        return self.scales_and_zeros
+        return self.row_scales if self.scales_and_zeros is None else self.scales_and_zeros
 
     def extra_repr(self):
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"{'int8 as two int4 planes' if self.planes == 2 else 'int4'}, group_size={self.group_size}")
+        form = "int4" if self.planes == 1 else "int8 as two int4 planes" if self.packed is not None else \
+            "int8, row-major"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {form}, group_size={self.group_size}"
 
     def forward(self, x):
         x2, cpu = x.reshape(-1, self.in_features), self.device_type == "cpu"
         own = self.own_kernel and x2.dtype in (torch.bfloat16, torch.float32) and \
-            x2.dtype == self.scales_and_zeros.dtype  # (the zoo's kernels take these; torch's float16 too)
+            x2.dtype == self.weight.dtype  # (the zoo's kernels take these; torch's float16 too)
         if self.row_codes is not None and x2.shape[0] == 1 and cpu and torch.compiler.is_compiling() \
                 and not torch.is_grad_enabled() and ROW_LOOP_FORM and not own:  # (materialize has no backward)
             y = self.row_product(x2).to(x2.dtype)
         elif x2.shape[0] >= DENSE_ROWS and not torch.compiler.is_compiling() and self.dense is not None \
                 and in_prompt():  # (compiled code cannot trace oneDNN's weights)
             y = self.dense(x2)
-        elif (x2.shape[0] >= INT4_GEMM_ROWS or torch.is_grad_enabled() and x2.requires_grad) and self.dequantizable():
+        elif (x2.shape[0] >= INT4_GEMM_ROWS or torch.is_grad_enabled() and x2.requires_grad or
+              self.packed is None and not own) and self.dequantizable():
             # many rows (a long prompt, a scored text), or a gradient to pass back (LoRA below an int4 head), which
-            # the kernels lack: a GEMM over a transient dequantized copy, as int8_mm
+            # the kernels lack, or row-major codes and activations int8_rows does not take (float16): a GEMM over a
+            # transient dequantized copy, as int8_mm
             dtype = gemm_dtype(x2)  # (the weight rounded to x's dtype first, as dequantized_mm rounds it)
             y = F.linear(x2.to(dtype), self.dequantized().to(x2.dtype).to(dtype)).to(x2.dtype)
         elif own and self.row_codes is not None and self.row_scales.dtype == x2.dtype and \
                 (self.row_zeros is None or self.row_zeros.dtype == x2.dtype):
-            # a tied head: its embedding's row-major codes, a byte a weight
+            # 8-bit codes row-major: this layer's, or a tied head's embedding's; a byte a weight
             y = torch.ops.zoo_kernels.int8_rows(x2, self.row_codes, self.row_scales, self.row_zeros)
         else:  # the kernel: over [x, x] for two planes
             mm = torch.ops.aten._weight_int4pack_mm if self.device_type == "cuda" else \
@@ -365,15 +376,21 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def dequantizable(self):
-        """Whether `dequantized` can read the packed codes: a CPU kernel's layout that packed_block_rows knows, whose
-        blocks of rows divide the layer's."""
+        """Whether `dequantized` can read the codes: row-major ones, or packed in a CPU kernel's layout that
+        packed_block_rows knows, whose blocks of rows divide the layer's."""
+        if self.packed is None:
+            return True
         rows = packed_block_rows() if self.device_type == "cpu" else None
         return rows is not None and self.out_features % rows == 0
 
     def dequantized(self):
-        """W [N, K] in float32, from the packed codes in the CPU kernel's layout (for each block of R rows and each
-        input, R / 2 bytes: rows i and i + R / 2 in the low and high nibbles; packed_block_rows); the two planes
-        summed."""
+        """W [N, K] in float32: from the row-major 8-bit codes where the layer keeps those alone, else from the packed
+        codes in the CPU kernel's layout (for each block of R rows and each input, R / 2 bytes: rows i and i + R / 2
+        in the low and high nibbles; packed_block_rows), the two planes summed."""
+        if self.packed is None:
+            N, G = self.row_scales.shape
+            w = self.row_codes.float().view(N, G, -1) * self.row_scales.float()[..., None]
+            return (w if self.row_zeros is None else w + self.row_zeros.float()[..., None]).view(N, -1)
         N, K2, R = self.out_features, self.packed.shape[1] * 2, packed_block_rows()
         b = self.packed.view(N // R, K2, R // 2)
         u = torch.cat((b & 15, b >> 4), -1).transpose(1, 2).reshape(N, K2 // self.group_size, self.group_size)
