@@ -7,20 +7,23 @@ torch's own.
   dequantizes each weight to float32 before multiplying: ~6 GB/s over SmolLM2's layers with bf16 activations on 2
   Zen 3 cores, and with float32 ones a reference loop 10x slower. int4_rows multiplies the codes themselves and
   applies a group's scale and zero once per group (`python bench/int4_rows.py`).
-- int8_rows: rows of x times signed 8-bit row-major codes with a scale (and a zero point) per group: a tied 8-bit
-  head reading its embedding's codes (Int4Linear.row_codes), one byte per weight where the int4 kernel's two planes
-  read 1.25, and faster than inductor's loop over them on AVX2 (`python bench/int4_rows.py`: the head rows).
+- int8_rows: rows of x times signed 8-bit row-major codes with a scale (and a zero point) per group: the 8-bit
+  layers (Int4Linear keeps them row-major where these kernels run) and a tied 8-bit head reading its embedding's
+  codes (Int4Linear.row_codes), one byte per weight in one pass over x, where the int4 kernel's two planes read 1.25
+  over x twice (`python bench/int4_rows.py`: the head rows).
 Both apply a group's scale once per group and round the result once to x's dtype, inside the operator (so that
 compiled code, which fuses what follows, computes what eager code does), and each row of x gets the same operations
 alone as in a batch. bfloat16 rows of x are multiplied as 16-bit integers, each group's scaled by the power of two that
 puts its largest |x| in [2^14, 2^15) (exact for every x within 2^7 of it; a smaller one is off by at most 2^-15 of
 it), their products with the codes summed exactly in int32 (_mm256_madd_epi16: 16 products an instruction, where
-float32 FMAs take 8 and convert the codes first): one row of SmolLM2's layers 1.7-2.4x faster than in float32. float32
-rows are multiplied in float32.
+float32 FMAs take 8 and convert the codes first): one row of SmolLM2's layers 1.6-3.1x torch's kernel's speed, where
+float32 products were 1.2-1.6x. float32 rows are multiplied in float32.
+- attend: softmax(q kᵀ * scale + mask) v for the few queries of decoding over the KV cache (zoo/prepack.py's
+  CacheAttend), each query row on its own, in float32: 2-3x torch's SDPA there (`python bench/attend.py`).
 
 The build runs the system's C++ compiler (CXX, else c++; g++ or clang with OpenMP) against the installed torch's
-headers, ~12 s, into the folder torch builds its C++ extensions in (TORCH_EXTENSIONS_DIR, default
-~/.cache/torch_extensions), under zoo_kernels/ and a name hashing the source, the flags, the compiler's, torch's and
+headers, ~15 s, into the folder torch builds its C++ extensions in (TORCH_EXTENSIONS_DIR, default
+~/.cache/torch_extensions), under zoo_kernels/ and a name hashing the sources, the flags, the compiler's, torch's and
 Python's versions; later processes load that file. Where a build fails (no compiler, no AVX2 and FMA), the callers
 keep torch's kernels: int4_rows() returns None and build_error() says why. ZOO_KERNELS=0 turns the kernels off (to
 compare both paths)."""
@@ -120,7 +123,7 @@ def _library():
     if path.exists():
         return path
     folder.mkdir(parents=True, exist_ok=True)
-    log.info("building the zoo's AVX2 kernels into %s (once per machine and torch version, ~12 s)", folder)
+    log.info("building the zoo's AVX2 kernels into %s (once per machine and torch version, ~15 s)", folder)
     # built beside its final name, then renamed: a process loading the library never sees half a file, and two
     # processes building at once each rename a whole one
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)

@@ -34,6 +34,14 @@ over 8 rows 230 -> 138 us, its head 19.0 -> 6.7 ms (one row: 8.5 -> 5.0 ms; one-
 a row's product was the same in batches of 1-64 rows as alone (not F.linear's bits). prepack reorders float32
 layers there too (onednn_float32; on AVX-512 CPUs MKL's products are left as they are, unmeasured).
 
+Decoding's attention, a few queries over the KV cache, goes to the zoo's own kernel where it is built (any x86 CPU with
+AVX2; zoo/kernels.py): each attention's Attend becomes a CacheAttend (cache_attention), which sends the calls with a
+mask and at most KERNEL_QUERIES queries to zoo_kernels::attend and the rest to the model file's Attend. torch's CPU
+SDPA spends ~40-55 us on SmolLM2's one query over 160 keys, most of it fixed cost; the kernel 15 (`python
+bench/attend.py`: 2.7-2.9x on SmolLM2's heads, 1.7-2.5x on Gemma 3's, from 32 to 4,096 keys). It computes in
+float32 and rounds once, so its outputs are not SDPA's bits (within bf16 rounding of a float64 reference, tested),
+but each query row's are the same alone, in a batch, in a speculative check and over hidden slots (tested).
+
 On a CPU whose oneDNN has no bf16 kernels (AVX2 only, e.g. AMD's Zen 3: its reorder raises) torch multiplies bf16
 matrices in a reference loop, 4-7x slower than float32's GEMM from 32 rows on (Gemma 3's 2,048 x 640 layer, 32 rows:
 4.8 ms against 1.0 ms widening both to float32 on each call). There prepack gives the bfloat16 layers a WidenedLinear,

@@ -27,9 +27,11 @@ and Q5_K u = q + 128, s = d sc, z = -dmin m. Only the block scales change, round
 dtype that the kernels take. Q2_K, Q3_K and Q6_K (sub-blocks of 16, narrower than the kernels' groups
 of 32) are dequantized, and loading says so, per type.
 
-8-bit codes in groups (Q8_0, or int8 with a group size) have no kernel of their own; they run through the
+8-bit codes in groups (Q8_0, or int8 with a group size) have no torch kernel of their own; they run through the
 int4 kernel as two 4-bit planes: u = 16 h + l, so w = 16 s (h - 8) + s (l - 8) + (8 s + z), one matmul
-over the input repeated twice ([x, x] against [h | l]), exact, and still one byte per weight.
+over the input repeated twice ([x, x] against [h | l]), exact, and still one byte per weight. Where the zoo's own
+kernels run (torch's AVX2 build; zoo/kernels.py) they are kept row-major instead, u - 128 as int8, and multiplied
+by int8_rows: one pass over x, and no planes.
 
 The tied head and token embedding share their codes where the kernel's layout allows (int8 with one
 scale per row); otherwise the embedding keeps its own row-major codes for the lookup (int4: an eighth of
@@ -665,7 +667,8 @@ def describe(model):
     kinds = {}
     for m in model.modules():
         if isinstance(m, (Int8Linear, Int4Linear, QuantEmbedding)):
-            k = type(m).__name__ + ("(8-bit planes)" if getattr(m, "planes", 1) == 2 else "")
+            k = type(m).__name__ + ("" if getattr(m, "planes", 1) == 1 else
+                                    "(8-bit planes)" if m.packed is not None else "(8-bit, row-major)")
             kinds[k] = kinds.get(k, 0) + 1
     return ", ".join(f"{n} {k}" for k, n in kinds.items()) + f"; {weight_bytes(model) / 2**20:.1f} MiB of weights"
 

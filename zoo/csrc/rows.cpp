@@ -6,11 +6,11 @@
 // the codes' conversion to float32 first); float32 rows in float32.
 // - int4_rows: W in the layout torch's AVX2 build of _weight_int4pack_mm_for_cpu packs. That kernel dequantizes each
 //   weight to float32 (code, scale and zero) before multiplying: ~6 GB/s over SmolLM2's layers with bf16 activations
-//   on 2 Zen 3 cores; with float32 activations it takes a reference loop, 10x slower. This one multiplies the codes
-//   and applies a group's scale and zero once per group (python bench/int4_rows.py: one row 1.2-1.6x torch's kernel
-//   on SmolLM2's layers, 32 rows 1.1-1.7x).
-// - int8_rows: W as signed 8-bit codes, row-major, a scale (and a zero point) per group: a tied head reading its
-//   embedding's codes, one byte per weight where the int4 kernel's two planes read 1.25.
+//   on 2 Zen 3 cores; with float32 activations it takes a reference loop, 10x slower. python bench/int4_rows.py: one
+//   row of bf16 x 1.6-3.1x torch's kernel on SmolLM2's layers, 4 rows 1.3-2.0x.
+// - int8_rows: W as signed 8-bit codes, row-major, a scale (and a zero point) per group: 8-bit layers (Q8_0, Q5_0,
+//   ...) and a tied head reading its embedding's codes, one byte per weight where the int4 kernel's two planes read
+//   1.25 and ran over x twice (the head: 2.7x torch's kernel over the planes for one row).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
