@@ -109,7 +109,7 @@ def test_int4_rows_refuses_what_it_cannot_read(int4_rows):
 @needs_avx2
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N,K,group,zeros", [(100, 64, 32, True), (37, 576, 32, False), (64, 96, 16, True),
-                                             (50, 128, 128, False), (40, 96, 48, True)])
+                                             (50, 128, 128, False), (40, 96, 48, True), (24, 72, 24, False)])
 def test_int8_rows_against_float64(int8_rows, dtype, N, K, group, zeros):
     g = torch.Generator().manual_seed(N + K)
     codes = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8)
@@ -131,6 +131,36 @@ def test_int8_rows_against_float64(int8_rows, dtype, N, K, group, zeros):
         assert_bf16_product(y, x, w, group)
     for i in range(5):  # rows two at a time, or alone: the same bits
         assert torch.equal(y[i], int8_rows(x[i:i + 1], codes, scales, z)[0])
+
+
+@needs_avx2
+def test_16_bit_products_of_other_groups_and_of_zeros_infs_and_nans(int4_rows, int8_rows):
+    """The 16-bit path's rarer cases: groups of a size not a multiple of 8 (x scaled element by element), a group past
+    the int32 sums' bound (4,096: float32 products instead); a group of zeros adds its zero points' part alone, and a
+    group holding an inf or a NaN makes its row NaN in both kernels, with zero points or without, never finite."""
+    g = torch.Generator().manual_seed(5)
+    for N, K, group in ((32, 12, 6), (32, 8192, 8192)):
+        codes = torch.randint(0, 16, (N, K), generator=g)
+        sz = (torch.randn(K // group, N, 2, generator=g) * 0.05).bfloat16()
+        x = torch.randn(3, K, generator=g).bfloat16()
+        assert_bf16_product(int4_rows(x, avx2_layout(codes), group, sz), x, dequantized(codes, group, sz), group)
+    N, K = 64, 96
+    codes = torch.randint(0, 16, (N, K), generator=g)
+    sz = (torch.randn(K // 32, N, 2, generator=g) * 0.05).bfloat16()
+    rows8 = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=g)
+    scales8 = (torch.rand(N, K // 32, generator=g) * 0.01).bfloat16()
+    x = torch.randn(4, K, generator=g).bfloat16()
+    x[0, 32:64], x[2, 64:96] = 0, 0
+    x[1, 5], x[2, 70], x[3, 0], x[3, 1] = float("inf"), float("nan"), float("inf"), float("-inf")  # (row 2: a NaN
+    # among zeros, which a vector max can drop)
+    y4 = int4_rows(x, avx2_layout(codes), 32, sz)
+    assert_bf16_product(y4[:1], x[:1], dequantized(codes, 32, sz), 32)
+    for zeros in (None, scales8):
+        y8 = int8_rows(x, rows8, scales8, zeros)
+        w = rows8.double().view(N, -1, 32) * scales8.double()[..., None]
+        assert_bf16_product(y8[:1], x[:1], (w if zeros is None else w + zeros.double()[..., None]).view(N, K), 32)
+        assert y8[1:].isnan().all()
+    assert y4[1:].isnan().all()
 
 
 @needs_avx2

@@ -16,7 +16,7 @@ compiled code, which fuses what follows, computes what eager code does), and eac
 alone as in a batch. bfloat16 rows of x are multiplied as 16-bit integers, each group's scaled by the power of two that
 puts its largest |x| in [2^14, 2^15) (exact for every x within 2^7 of it; a smaller one is off by at most 2^-15 of
 it), their products with the codes summed exactly in int32 (_mm256_madd_epi16: 16 products an instruction, where
-float32 FMAs take 8 and convert the codes first): one row of SmolLM2's layers 1.6-3.1x torch's kernel's speed, where
+float32 FMAs take 8 and convert the codes first): one row of SmolLM2's layers 1.5-3.1x torch's kernel's speed, where
 float32 products were 1.2-1.6x. float32 rows are multiplied in float32.
 - attend: softmax(q kᵀ * scale + mask) v for the few queries of decoding over the KV cache (zoo/prepack.py's
   CacheAttend), each query row on its own, in float32: 2-3x torch's SDPA there (`python bench/attend.py`).
@@ -69,7 +69,7 @@ def attend():
     model files' Attend computes it (causal with no mask: SDPA's is_causal; query head h reads key/value head
     h // (H / H_kv)), in float32, rounded once to q's dtype; q, k, v and mask all bfloat16 or all float32, D a
     multiple of 8 up to 512, k and v contiguous in D. For the few query rows of decoding (zoo/prepack.py's
-    CacheAttend): each row is computed on its own, on one thread."""
+    CacheAttend): each row is computed on its own (the rows spread over the threads)."""
     return torch.ops.zoo_kernels.attend.default if _loaded() else None
 
 

@@ -37,8 +37,8 @@ layers there too (onednn_float32; on AVX-512 CPUs MKL's products are left as the
 Decoding's attention, a few queries over the KV cache, goes to the zoo's own kernel where it is built (any x86 CPU with
 AVX2; zoo/kernels.py): each attention's Attend becomes a CacheAttend (cache_attention), which sends the calls with a
 mask and at most KERNEL_QUERIES queries to zoo_kernels::attend and the rest to the model file's Attend. torch's CPU
-SDPA spends ~40-55 us on SmolLM2's one query over 160 keys, most of it fixed cost; the kernel 15 (`python
-bench/attend.py`: 2.7-2.9x on SmolLM2's heads, 1.7-2.5x on Gemma 3's, from 32 to 4,096 keys). It computes in
+SDPA spends ~40-55 us on SmolLM2's one query over 160 keys, most of it fixed cost; the kernel 13-15 (`python
+bench/attend.py`: 2.3-3.2x on SmolLM2's heads, 1.6-2.5x on Gemma 3's, from 32 to 4,096 keys). It computes in
 float32 and rounds once, so its outputs are not SDPA's bits (within bf16 rounding of a float64 reference, tested),
 but each query row's are the same alone, in a batch, in a speculative check and over hidden slots (tested).
 
@@ -137,7 +137,8 @@ class CacheAttend(nn.Module):
 
     def forward(self, q, k, v, mask, causal, dropout_p=0.0, scale=None):
         if mask is not None and q.size(2) <= KERNEL_QUERIES and q.device.type == "cpu" and dropout_p == 0 and \
-                q.dtype in (torch.bfloat16, torch.float32) and k.dtype == v.dtype == q.dtype == mask.dtype and q.size(-1) % 8 == 0 and q.size(-1) <= 512 and \
+                q.dtype in (torch.bfloat16, torch.float32) and k.dtype == v.dtype == q.dtype == mask.dtype and \
+                k.shape == v.shape and q.size(1) % k.size(1) == 0 and not torch.is_autocast_enabled("cpu") and q.size(-1) % 8 == 0 and q.size(-1) <= 512 and \
                 k.stride(-1) == v.stride(-1) == 1 and \
                 not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
             return torch.ops.zoo_kernels.attend(q, k, v, mask, causal, scale)

@@ -291,7 +291,10 @@ class Int8Linear(nn.Module):
 class Int4Linear(nn.Module):
     """y = x W^T (+ b) through the int4 kernels, W packed in the kernel's layout with group-wise scales and
     zero points [K / group_size, N, 2]. planes=2 holds 8-bit codes as two 4-bit planes (see the module's
-    docstring): the kernel then runs over [x, x]."""
+    docstring): the kernel then runs over [x, x]; where the zoo's own kernels run (own_kernel), 8-bit codes are kept
+    row-major instead (row_codes, row_scales, row_zeros; no packed, no scales_and_zeros) for int8_rows. Which form a
+    layer takes is decided when it is built, on this machine: its buffers are not a portable checkpoint (nor are the
+    packed codes, whose layout is the CPU build's; save_pretrained refuses quantized models)."""
 
     def __init__(self, q: Quantized, dtype, bias=None):
         super().__init__()
@@ -331,7 +334,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("bias", bias)
         # 8-bit codes row-major (u - 128), a scale and a zero point (None: all zeros) per group: this layer's own
         # (row_major), or a tied embedding's, shared (_share_rows)
-        self.register_buffer("row_codes", signed(q.codes) if row_major else None, persistent=row_major)
+        self.register_buffer("row_codes", signed(q.codes.contiguous()) if row_major else None, persistent=row_major)
         self.register_buffer("row_scales", q.scale.to(dtype) if row_major else None, persistent=row_major)
         self.register_buffer("row_zeros", q.zero.to(dtype) if row_major and q.zero.any() else None,
                              persistent=row_major)

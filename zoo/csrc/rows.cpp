@@ -7,10 +7,10 @@
 // - int4_rows: W in the layout torch's AVX2 build of _weight_int4pack_mm_for_cpu packs. That kernel dequantizes each
 //   weight to float32 (code, scale and zero) before multiplying: ~6 GB/s over SmolLM2's layers with bf16 activations
 //   on 2 Zen 3 cores; with float32 activations it takes a reference loop, 10x slower. python bench/int4_rows.py: one
-//   row of bf16 x 1.6-3.1x torch's kernel on SmolLM2's layers, 4 rows 1.3-2.0x.
+//   row of bf16 x 1.5-3.1x torch's kernel on SmolLM2's layers, 4 and 32 rows 1.4-1.9x.
 // - int8_rows: W as signed 8-bit codes, row-major, a scale (and a zero point) per group: 8-bit layers (Q8_0, Q5_0,
 //   ...) and a tied head reading its embedding's codes, one byte per weight where the int4 kernel's two planes read
-//   1.25 and ran over x twice (the head: 2.7x torch's kernel over the planes for one row).
+//   1.25 and ran over x twice (the head: 3.1x torch's kernel over the planes for one row).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
@@ -195,7 +195,10 @@ void quantize16(const T* x, int64_t M, int64_t K, int64_t group, Rows16& out) {
         int e = 0;
         std::frexp(largest, &e);  // largest = f 2^e, f in [0.5, 1)
         float p = std::ldexp(1.0f, e - 15);  // (bf16's smallest subnormal, 2^-133, still leaves p >= 2^-148)
-        if (largest == 0 || !std::isfinite(sum)) p = largest == 0 ? 0.0f : NAN;
+        if (!std::isfinite(sum))  // (an inf or a NaN in the group: a vector max may drop a NaN, their sum does not)
+            p = NAN;
+        else if (largest == 0)
+            p = 0;
         out.p[i] = p;
         out.sum[i] = sum;
         if (vectors && p > 0 && 15 - e <= 127) {  // x / p = x 2^(15 - e), exactly, then rounded to nearest even
@@ -276,7 +279,9 @@ void blocks16(const uint8_t* packed, const at::BFloat16* sz, const int16_t* q, c
     }
 }
 
-// The largest group the int32 sums hold: |sum| <= group / 2 * 2 * 128 * 32767 (int8_rows' codes, the larger) < 2^31
+// The largest group the int32 sums hold. Each lane adds, per group, group / 2 madd results of two products (int4_rows:
+// |sum| <= 2048 * 2 * 15 * 32767 ~ 2.01e9 at 4,096) or group / 16 of two (int8_rows: 256 * 2 * 128 * 32767 ~ 2.15e9,
+// and |q| <= 32640 for bf16 x, ~2.14e9): below 2^31 ~ 2.147e9
 constexpr int64_t GROUP16 = 4096;
 
 void rows16(const uint8_t* packed, const at::BFloat16* sz, const at::BFloat16* xin, at::BFloat16* yout, int64_t M,
