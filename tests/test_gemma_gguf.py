@@ -91,3 +91,21 @@ def test_perplexity_equals_transformers(reference, ours, shared_data):
                                   keep=True)[0])
     print(f"Gemma 3 270M GGUF, WikiText-2 test, first 1,536 tokens: perplexity {got:.4f} (transformers {want:.4f})")
     assert got == pytest.approx(want, rel=1e-4)
+
+
+def test_native_blocks_compute_the_dequantized_model(gemma3_gguf, ours, caplog):
+    """quantize="native" on the Q4_K_M file keeps its blocks: Q4_K as 4-bit codes, Q5_0 and Q8_0 as 8-bit ones, and
+    Q6_K (sub-blocks of 16) as 8-bit codes in groups of 16 where the zoo's kernels multiply 8-bit codes row-major (a
+    fused q|k|v of Q5_0 and Q6_K parts regrouped to 16), else dequantized. With float32 activations its logits are
+    the dequantized model's to float32 rounding."""
+    from zoo.quantization import Int4Linear, rows_8bit
+    with caplog.at_level("INFO", logger="zoo"):
+        native = zoo.from_pretrained(str(gemma3_gguf), dtype=torch.float32, quantize="native")
+    q6k = rows_8bit("cpu")
+    assert ("Q6_K x9" in caplog.text.split("dequantized to")[0 if q6k else 1]), caplog.text
+    grouped = {m.group_size for m in native.modules() if isinstance(m, Int4Linear) and m.planes == 2}
+    assert (16 in grouped) == q6k
+    idx = torch.tensor([[2] + list(range(1000, 1031))])
+    with torch.no_grad():
+        got, want = native(idx)[0], ours[0](idx)[0]
+    assert (got - want).abs().max().item() <= 2e-3 * want.abs().max().item()

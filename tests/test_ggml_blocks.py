@@ -55,21 +55,26 @@ def test_an_unread_type_is_an_error_naming_tensor_and_type(tmp_path):
         ckpt.read("blk.0.ffn_up.weight")
 
 
-@pytest.mark.parametrize("qtype", sorted(__import__("zoo.quantization").quantization.GGUF_BLOCK_TYPES),
+@pytest.mark.parametrize("qtype", sorted({**__import__("zoo.quantization").quantization.GGUF_BLOCK_TYPES,
+                                          **__import__("zoo.quantization").quantization.GGUF_ROW_TYPES}),
                          ids=lambda t: ggml_blocks.TYPES[t])
 def test_packed_form_is_the_dequantized_tensor(qtype):
     """quantize='native' keeps these types' codes: its affine grid (codes, group scale and zero) gives the
-    dequantized weights up to float32 rounding of the zero point."""
+    dequantized weights up to float32 rounding of the zero point; a fused part in groups of 32 beside a Q6_K one
+    in groups of 16 is the same matrix regrouped."""
     from zoo.quantization import from_gguf_blocks
     block, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
     rng = np.random.default_rng(qtype)
     raw = rng.integers(0, 256, (6 * 2, nbytes), dtype=np.uint8)  # 6 rows of 2 blocks
-    head = 4 if ggml_blocks.TYPES[qtype] in ("Q4_1", "Q5_1", "Q4_K", "Q5_K") else 2  # fp16 d (and m or dmin) first
-    raw[:, :head] = rng.uniform(0.01, 0.1, (12, head // 2)).astype(np.float16).view(np.uint8)
+    name = ggml_blocks.TYPES[qtype]
+    head = 4 if name in ("Q4_1", "Q5_1", "Q4_K", "Q5_K") else 2  # fp16 d (and m or dmin) first; Q6_K's d last
+    at = nbytes - 2 if name == "Q6_K" else 0
+    raw[:, at:at + head] = rng.uniform(0.01, 0.1, (12, head // 2)).astype(np.float16).view(np.uint8)
     raw = torch.from_numpy(raw.reshape(-1))
     shape = (6, 2 * block)
     q = from_gguf_blocks(qtype, raw, shape)
-    assert (q.bits, q.group_size) == ((4 if ggml_blocks.TYPES[qtype] in ("Q4_0", "Q4_1", "Q4_K") else 8), 32)
+    assert (q.bits, q.group_size) == ((4 if name in ("Q4_0", "Q4_1", "Q4_K") else 8), 16 if name == "Q6_K" else 32)
     torch.testing.assert_close(q.dequantize(), ggml_blocks.dequantize(raw, qtype, shape), rtol=0, atol=1e-5)
     wide = q.widened(8)  # a 4-bit part fused with 8-bit ones
     torch.testing.assert_close(wide.dequantize(), q.dequantize(), rtol=0, atol=0)
+    assert torch.equal(q.regrouped(q.group_size // 2).dequantize(), q.dequantize())

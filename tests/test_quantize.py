@@ -293,8 +293,9 @@ def test_compiled_head_reads_the_tied_embeddings_rows(zero_points, bias, head_fi
             torch.testing.assert_close(got.float(), want[:, :rows.shape[1]], rtol=1e-2, atol=1e-2)
             torch.testing.assert_close(head(rows).float(), want[:, :rows.shape[1]], rtol=1e-2, atol=1e-2)
         assert head.packed is None  # (no planes: 8-bit codes are kept row-major there)
-        monkeypatch.setattr(quantization.kernels, "int4_rows", lambda: None)  # the CPUs without them: inductor's
-        head, embedding = build()                                              # loop or the planes' kernel
+        for op in ("int4_rows", "int8_rows"):  # the CPUs without them: inductor's loop or the planes' kernel
+            monkeypatch.setattr(quantization.kernels, op, lambda: None)
+        head, embedding = build()
         assert not head.own_kernel and head.packed is not None and head.row_codes is embedding.codes
         torch._dynamo.reset()
     monkeypatch.setattr(quantization, "ROW_LOOP_FORM", None)  # a CPU where the planes' kernel is faster

@@ -137,14 +137,19 @@ def q5_k(raw):  # d, dmin, 12 scale bytes, 32 bytes high bits, 128 bytes of nibb
     return (d * q5_k_codes(b).float() - dm).view(-1, 256)
 
 
-def q6_k(raw):  # 128 bytes low nibbles, 64 bytes 2-bit highs, 16 int8 scales, d; d sc (q - 32) per 16
-    b = _blocks(raw, 210)
+def q6_k_codes(b):
+    """Q6_K's 6-bit codes q (uint8 [n, 16, 16], sub-block by sub-block) and scales d sc (float32 [n, 16, 1]): w = d sc
+    (q - 32). 128 bytes of low nibbles, 64 of 2-bit highs, 16 int8 scales, fp16 d."""
     n = b.shape[0]
     d = (_f16(b[:, 208:210]) * b[:, 192:208].view(torch.int8).float()).view(n, 16, 1)
     ql = _bits(b[:, :128].view(n, 2, 1, 64), (0, 4), 15).view(n, 8, 32)
     qh = _bits(b[:, 128:192].view(n, 2, 1, 32), (0, 2, 4, 6), 3).view(n, 8, 32)
-    q = ((ql | (qh << 4)).to(torch.int8) - 32).view(n, 16, 16).float()
-    return (d * q).view(n, 256)
+    return (ql | (qh << 4)).view(n, 16, 16), d
+
+
+def q6_k(raw):
+    q, d = q6_k_codes(_blocks(raw, 210))
+    return (d * (q.to(torch.int8) - 32).float()).view(-1, 256)
 
 
 _DEQUANT = {2: q4_0, 3: q4_1, 6: q5_0, 7: q5_1, 8: q8_0, 10: q2_k, 11: q3_k, 12: q4_k, 13: q5_k, 14: q6_k}

@@ -24,8 +24,10 @@ is u = q, s = d, z = 0; Q4_1 q * d + m is u = q, s = d, z = m + 8 d; Q8_0 q * d 
 z = 0; the 5-bit Q5_0 (q - 16) d and Q5_1 q d + m as 8-bit codes u = q + 112 and u = q + 128. The K-quants'
 sub-blocks of 32 are the same affine grid: Q4_K (d sc) q - dmin m is u = q, s = d sc, z = 8 s - dmin m,
 and Q5_K u = q + 128, s = d sc, z = -dmin m. Only the block scales change, rounded to the activations'
-dtype that the kernels take. Q2_K, Q3_K and Q6_K (sub-blocks of 16, narrower than the kernels' groups
-of 32) are dequantized, and loading says so, per type.
+dtype that the kernels take. Q6_K's sub-blocks of 16, d sc (q - 32), are u = q + 96, s = d sc, z = 0 in groups of 16:
+kept where the zoo's own kernels multiply 8-bit codes row-major (rows_8bit), which take such groups, dequantized
+elsewhere, as Q2_K and Q3_K are (sub-blocks of 16, narrower than torch's kernels' groups of 32); loading says so, per
+type.
 
 8-bit codes in groups (Q8_0, or int8 with a group size) have no torch kernel of their own; they run through the
 int4 kernel as two 4-bit planes: u = 16 h + l, so w = 16 s (h - 8) + s (l - 8) + (8 s + z), one matmul
@@ -62,6 +64,9 @@ MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernels accept
 # ggml types kept packed by quantize="native": those whose groups of 32 are an affine grid of codes (below)
 GGUF_BLOCK_TYPES = {2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K"}
+# and those whose groups of 16 are, kept where 8-bit codes are multiplied row-major (rows_8bit): torch's int4 kernel
+# takes no groups of 16, the zoo's int8_rows does
+GGUF_ROW_TYPES = {14: "Q6_K"}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -91,6 +96,12 @@ class Quantized:
             raise ValueError("cannot concatenate quantized matrices of different bits or group sizes")
         return Quantized(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
                          torch.cat([p.zero for p in parts]), parts[0].bits, parts[0].group_size)
+
+    def regrouped(self, group_size):
+        """The same matrix in groups of `group_size`, a divisor of self.group_size: each scale and zero repeated, exact."""
+        n = self.group_size // group_size
+        return Quantized(self.codes, self.scale.repeat_interleave(n, 1), self.zero.repeat_interleave(n, 1), self.bits,
+                         group_size)
 
     def widened(self, bits):
         """The same matrix with codes of `bits` >= self.bits: u + 2**(bits-1) - 2**(self.bits-1), exact."""
@@ -133,12 +144,17 @@ def from_gguf_blocks(qtype, raw, shape):
     """A GGUF tensor's raw blocks (uint8 bytes) of a type in GGUF_BLOCK_TYPES -> Quantized with groups of 32,
     the codes exactly the file's (see the module's docstring for the mapping). 5-bit codes are stored as
     8-bit ones (run as two 4-bit planes); Q4_K and Q5_K's groups are their sub-blocks of 32, whose scale
-    d * sc and minimum dmin * m (w = scale q - minimum) are computed as dequantization computes them."""
+    d * sc and minimum dmin * m (w = scale q - minimum) are computed as dequantization computes them. Q6_K (of
+    GGUF_ROW_TYPES): 8-bit codes in groups of 16."""
     N, K = shape
     g = K // 32
 
-    def grid(u, bits, d, zero):
-        return Quantized(u.reshape(N, K), d.reshape(N, g), zero.reshape(N, g), bits, 32)
+    def grid(u, bits, d, zero, group=32):
+        return Quantized(u.reshape(N, K), d.reshape(N, K // group), zero.reshape(N, K // group), bits, group)
+
+    if qtype == 14:  # Q6_K: d sc (q - 32) per sub-block of 16: u = q + 96
+        q, d = ggml_blocks.q6_k_codes(raw.view(-1, 210))
+        return grid(q + 96, 8, d, torch.zeros_like(d), 16)  # (uint8: 6-bit codes + 96 stay below 256)
 
     if qtype in (12, 13):  # Q4_K, Q5_K: w = d q - m per sub-block of 32
         b = raw.view(-1, 144 if qtype == 12 else 176)
@@ -312,10 +328,10 @@ class Int4Linear(nn.Module):
             scale, zero = q.scale, q.zero
         self.device_type = q.codes.device.type
         # the zoo's own kernels for the rows torch's kernel would take, where it reads their layouts (zoo/kernels.py)
-        self.own_kernel = self.device_type == "cpu" and packed_block_rows() == 32 and N % 32 == 0 and \
-            kernels.int4_rows() is not None
         # 8-bit codes there are kept row-major for int8_rows (a byte a weight, one pass over x: no planes)
-        row_major = self.own_kernel and q.bits == 8
+        row_major = q.bits == 8 and rows_8bit(q.codes.device)
+        self.own_kernel = row_major or self.device_type == "cpu" and packed_block_rows() == 32 and N % 32 == 0 and \
+            kernels.int4_rows() is not None
         if row_major:
             packed = None
         elif self.device_type == "cuda":
@@ -451,6 +467,12 @@ def packed_block_rows():
         if torch.equal(torch.cat((b & 15, b >> 4), -1).transpose(1, 2).reshape(64, 64).int(), u):
             return rows
     return None
+
+
+def rows_8bit(device):
+    """Whether an Int4Linear of 8-bit codes built on `device` keeps them row-major for the zoo's int8_rows (where its
+    own kernels run): then any number of rows, and groups of 16 (Q6_K's), work too."""
+    return torch.device(device).type == "cpu" and packed_block_rows() == 32 and kernels.int8_rows() is not None
 
 
 class QuantEmbedding(nn.Module):
@@ -706,7 +728,8 @@ def gguf_packed_loader(model, ckpt, *, device, dtype):
                 or not (stacked or all(isinstance(m, (nn.Linear, nn.Embedding)) for m in modules)):
             return False
         types = [ckpt.raw_type(p["from"]) for p in parts]
-        tally = kept if all(t in GGUF_BLOCK_TYPES for t in types) else dequantized
+        packable = {**GGUF_BLOCK_TYPES, **(GGUF_ROW_TYPES if rows_8bit(device) else {})}
+        tally = kept if all(t in packable for t in types) else dequantized
         for t in types:
             tally[t] = tally.get(t, 0) + 1
         if tally is dequantized:
@@ -722,7 +745,8 @@ def gguf_packed_loader(model, ckpt, *, device, dtype):
         matrices = []
         for group in zip(*pieces):  # one matrix's parts
             bits = max(q.bits for q in group)  # a fused matrix of 4- and 8-bit parts (Q4_K q, Q8_0 v): 8-bit codes
-            q = group[0] if len(group) == 1 else Quantized.cat([q.widened(bits) for q in group])
+            size = min(q.group_size for q in group)  # (and of groups of 32 and 16: groups of 16)
+            q = group[0] if len(group) == 1 else Quantized.cat([q.widened(bits).regrouped(size) for q in group])
             matrices.append(Quantized(q.codes.to(device), q.scale.to(device), q.zero.to(device), q.bits, q.group_size))
         if stacked:  # E quantized modules in place of the float stack (the other stack may stay float)
             where, _, leaf = names[0].rpartition(".")
