@@ -65,9 +65,9 @@ def int8_rows():
 
 def attend():
     """torch.ops.zoo_kernels.attend where it can run here, else None. attend(q [B, H, T, D], k, v [B, H_kv, S, D],
-    mask broadcasting to [B, 1, T, S] or None, causal, scale or None) -> [B, H, T, D]: softmax(q kᵀ * scale + mask) v, as the
-    model files' Attend computes it (causal with no mask: SDPA's is_causal; query head h reads key/value head
-    h // (H / H_kv)), in float32, rounded once to q's dtype; q, k, v and mask all bfloat16 or all float32, D a
+    mask broadcasting to [B, 1, T, S] or None, causal, scale or None) -> [B, H, T, D]: softmax(q kᵀ * scale + mask)
+    v, as the model files' Attend computes it (causal with no mask: SDPA's is_causal; query head h reads key/value
+    head h // (H / H_kv)), in float32, rounded once to q's dtype; q, k, v and mask all bfloat16 or all float32, D a
     multiple of 8 up to 512, k and v contiguous in D. For the few query rows of decoding (zoo/prepack.py's
     CacheAttend): each row is computed on its own (the rows spread over the threads)."""
     return torch.ops.zoo_kernels.attend.default if _loaded() else None
@@ -93,7 +93,8 @@ def _loaded():
             lambda x, packed, *_: x.new_empty(x.shape[0], packed.shape[0]))
         torch.library.register_fake("zoo_kernels::int8_rows")(
             lambda x, codes, *_: x.new_empty(x.shape[0], codes.shape[0]))
-        torch.library.register_fake("zoo_kernels::attend")(lambda q, *_: torch.empty_like(q, memory_format=torch.contiguous_format))
+        torch.library.register_fake("zoo_kernels::attend")(
+            lambda q, *_: torch.empty_like(q, memory_format=torch.contiguous_format))
     except Exception as e:  # whatever fails, torch's kernels still run: the build is an optimisation
         _error = f"{type(e).__name__}: {e}"
         log.warning("the zoo's AVX2 kernels are not available, torch's kernels run instead: %s", _error)
@@ -116,8 +117,9 @@ def _library():
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, errors="replace",
                              timeout=60).stdout  # (a new compiler builds anew)
-    key = hashlib.sha256("\0".join((*(source.read_text() for source in SOURCES + HEADERS), compiler, version, abi, *FLAGS, torch.__version__,
-                                    sys.version)).encode()).hexdigest()[:16]
+    texts = [source.read_text() for source in SOURCES + HEADERS]
+    key = hashlib.sha256("\0".join((*texts, compiler, version, abi, *FLAGS, torch.__version__, sys.version))
+                         .encode()).hexdigest()[:16]
     folder = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()) / "zoo_kernels"
     path = folder / f"zoo_kernels-{key}.so"
     if path.exists():
@@ -134,7 +136,8 @@ def _library():
         done = subprocess.run([compiler, *FLAGS, abi, *includes, *map(str, SOURCES), *libraries, "-lc10", "-ltorch_cpu",
                                "-o", tmp], capture_output=True, text=True, errors="replace", timeout=600)
         if done.returncode != 0:
-            raise RuntimeError(f"building {' and '.join(s.name for s in SOURCES)} failed: {done.stderr.strip()[-2000:]}")
+            names = " and ".join(source.name for source in SOURCES)
+            raise RuntimeError(f"building {names} failed: {done.stderr.strip()[-2000:]}")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

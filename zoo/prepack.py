@@ -128,8 +128,8 @@ class CacheAttend(nn.Module):
     """A model file's Attend (each attention's `attend` child: models/__init__.py) for decoding on the CPU: the few
     queries of a step, a speculative check or a batch of steps over the KV cache (the calls with a mask) by the
     zoo's attend kernel (zoo/kernels.py), 2-3x faster than torch's SDPA there (python bench/attend.py); everything
-    else (prompts, gradients, dropout, CUDA, what the kernel does not take) by the file's own Attend, `inner`. zoo.trace and
-    zoo.intervene see the same calls: the signature is Attend's. (cache_attention makes them.)"""
+    else (prompts, gradients, dropout, CUDA, what the kernel does not take) by the file's own Attend, `inner`.
+    zoo.trace and zoo.intervene see the same calls: the signature is Attend's. (cache_attention makes them.)"""
 
     def __init__(self, inner):
         super().__init__()
