@@ -49,18 +49,21 @@ def assert_bf16_product(y, x, w, group):
     assert ((y.double() - want).abs() <= (want.abs() + E + slack) / 256 + E + slack).all()
 
 
-@pytest.fixture(scope="module")
-def int4_rows():
-    op = kernels.int4_rows()
+def built(name):
+    """The operator zoo.kernels.<name>() gives, which must exist where the tests asking for it run."""
+    op = getattr(kernels, name)()
     assert op is not None, f"the kernels did not build: {kernels.build_error()}"
     return op
+
+
+@pytest.fixture(scope="module")
+def int4_rows():
+    return built("int4_rows")
 
 
 @pytest.fixture(scope="module")
 def int8_rows():
-    op = kernels.int8_rows()
-    assert op is not None, f"the kernels did not build: {kernels.build_error()}"
-    return op
+    return built("int8_rows")
 
 
 @needs_avx2
@@ -261,9 +264,7 @@ def attention_reference(q, k, v, mask, causal, scale=None):
 
 @pytest.fixture(scope="module")
 def attend():
-    op = kernels.attend()
-    assert op is not None, f"the kernels did not build: {kernels.build_error()}"
-    return op
+    return built("attend")
 
 
 @needs_avx2
