@@ -429,7 +429,10 @@ void int8_rows_of(const int8_t* codes, const S* scales, const S* zeros, const S*
         for (int64_t c0 = n0; c0 < n1; c0 += 64) {  // 64 rows of codes (36 KB for K = 576) at a time, for all rows of x
             const int64_t c1 = std::min(c0 + 64, n1);
             int64_t m = 0;
-            if (int16) {
+            if (int16) {  // (4 rows at a time: registers enough for their int32 and float32 sums)
+                for (; m + 4 <= M; m += 4)
+                    int8_block16<4>(codes, scales, zeros, x16.q.data() + m * K, x16.p.data() + m * G,
+                                    x16.sum.data() + m * G, y + m * N, N, K, group, c0, c1);
                 for (; m + 2 <= M; m += 2)
                     int8_block16<2>(codes, scales, zeros, x16.q.data() + m * K, x16.p.data() + m * G,
                                     x16.sum.data() + m * G, y + m * N, N, K, group, c0, c1);
