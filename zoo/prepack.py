@@ -138,8 +138,8 @@ class CacheAttend(nn.Module):
     def forward(self, q, k, v, mask, causal, dropout_p=0.0, scale=None):
         if mask is not None and q.size(2) <= KERNEL_QUERIES and q.device.type == "cpu" and dropout_p == 0 and \
                 q.dtype in (torch.bfloat16, torch.float32) and k.dtype == v.dtype == q.dtype == mask.dtype and \
-                k.shape == v.shape and q.size(1) % k.size(1) == 0 and not torch.is_autocast_enabled("cpu") and q.size(-1) % 8 == 0 and q.size(-1) <= 512 and \
-                k.stride(-1) == v.stride(-1) == 1 and \
+                k.shape == v.shape and q.size(1) % k.size(1) == 0 and q.size(-1) % 8 == 0 and q.size(-1) <= 512 and \
+                k.stride(-1) == v.stride(-1) == 1 and not torch.is_autocast_enabled("cpu") and \
                 not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
             return torch.ops.zoo_kernels.attend(q, k, v, mask, causal, scale)
         return self.inner(q, k, v, mask, causal, dropout_p, scale)

@@ -98,7 +98,8 @@ class Quantized:
                          torch.cat([p.zero for p in parts]), parts[0].bits, parts[0].group_size)
 
     def regrouped(self, group_size):
-        """The same matrix in groups of `group_size`, a divisor of self.group_size: each scale and zero repeated, exact."""
+        """The same matrix in groups of `group_size`, a divisor of self.group_size: each scale and zero repeated
+        (exact)."""
         n = self.group_size // group_size
         return Quantized(self.codes, self.scale.repeat_interleave(n, 1), self.zero.repeat_interleave(n, 1), self.bits,
                          group_size)

@@ -61,7 +61,8 @@ constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 constexpr int64_t MAX_HEAD_DIM = 512;
 
 // One query row q [D] over keys k and values v (row strides ks, vs; the last dimension contiguous), S of them: keys
-// j >= visible are hidden (causality), mask [S] (or null) is added to the scores. scores: a buffer of S rounded up to 8.
+// j >= visible are hidden (causality), mask [S] (or null) is added to the scores. scores: a buffer of S rounded up to
+// 8.
 template <typename T>
 void attend_row(const T* q, const T* k, const T* v, int64_t ks, int64_t vs, const T* mask, int64_t visible, int64_t S,
                 int64_t D, float scale, float* scores, T* out) {
@@ -144,8 +145,8 @@ void attend_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
             const T* mrow = mp ? mp + b * mask.stride(0) + t * mask.stride(2) : nullptr;
             attend_row(qp + b * q.stride(0) + h * q.stride(1) + t * q.stride(2),
                        kp + b * k.stride(0) + g * k.stride(1), vp + b * v.stride(0) + g * v.stride(1),
-                       k.stride(2), v.stride(2), mrow, causal && !mp ? t + 1 : S, S, D, scale, scores.data() + r * padded,
-                       op + r * D);
+                       k.stride(2), v.stride(2), mrow, causal && !mp ? t + 1 : S, S, D, scale,
+                       scores.data() + r * padded, op + r * D);
         }
     });
 }
@@ -161,7 +162,8 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                 k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() &&
                 (!mask || mask->scalar_type() == q.scalar_type()),
                 "zoo_kernels::attend: q, k, v and the mask all bfloat16 or all float32");
-    TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "zoo_kernels::attend: k and v contiguous in their last dimension");
+    TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1,
+                "zoo_kernels::attend: k and v contiguous in their last dimension");
     TORCH_CHECK(!mask || (mask->dim() <= 4 && at::is_expandable_to(mask->sizes(), {q.size(0), 1, T_, S})),
                 "zoo_kernels::attend: a mask that broadcasts to [B, 1, T, S]");
     auto qc = q.contiguous();
