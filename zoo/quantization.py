@@ -322,11 +322,6 @@ class Int4Linear(nn.Module):
         def codes(rows):  # the 4-bit codes the kernel takes for these rows: [rows, K], or the two planes [rows, 2K]
             c = q.codes[rows]
             return torch.cat((c >> 4, c & 15), 1) if q.bits == 8 else c
-        if q.bits == 8:
-            scale = torch.cat((16 * q.scale, q.scale), 1)
-            zero = torch.cat((torch.zeros_like(q.zero), 8 * q.scale + q.zero), 1)
-        else:
-            scale, zero = q.scale, q.zero
         self.device_type = q.codes.device.type
         # the zoo's own kernels for the rows torch's kernel would take, where it reads their layouts (zoo/kernels.py)
         # 8-bit codes there are kept row-major for int8_rows (a byte a weight, one pass over x: no planes)
@@ -346,6 +341,13 @@ class Int4Linear(nn.Module):
                 packed[i:i + PACK_ROWS] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
                     codes(slice(i, i + PACK_ROWS)).int(), 1)
         self.register_buffer("packed", packed)
+        if row_major:
+            scale = zero = None
+        elif q.bits == 8:  # the two planes': w = 16 s (h - 8) + s (l - 8) + (8 s + z)
+            scale = torch.cat((16 * q.scale, q.scale), 1)
+            zero = torch.cat((torch.zeros_like(q.zero), 8 * q.scale + q.zero), 1)
+        else:
+            scale, zero = q.scale, q.zero
         self.register_buffer("scales_and_zeros", None if row_major else torch.stack(
             (scale.to(dtype), zero.to(dtype)), -1).transpose(0, 1).contiguous())
         self.register_buffer("bias", bias)
