@@ -1,7 +1,7 @@
 """The zoo's row kernels (zoo/kernels.py) against torch's _weight_int4pack_mm_for_cpu on SmolLM2-135M's shapes, groups
 of 32, M rows of x, interleaved in one process: int4_rows on the layers torch packed, and int8_rows on the tied Q8_0
 head's row-major codes against torch's kernel over the head's two 4-bit planes (what the head ran before). Where
-torch's CPU build packs int4 codes in blocks of 32 rows (its AVX2 build), else it says so and stops.
+torch's CPU build packs int4 codes in blocks of 32 rows (its AVX2 build) or 64 (AVX-512), else it says so and stops.
 
     flock /tmp/bench.lock python bench/int4_rows.py              # not a test: run it alone, on a quiet machine
     flock /tmp/bench.lock python bench/int4_rows.py --dtype float32 --rows 1
@@ -36,11 +36,12 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if packed_block_rows() != 32 or kernels.int4_rows() is None:
-        raise SystemExit(f"no int4 row kernel here: torch packs blocks of {packed_block_rows()} rows; "
-                         f"{kernels.build_error() or 'its AVX2 layout only'}")
+    block_rows = packed_block_rows()
+    if block_rows is None or kernels.int4_rows() is None:
+        raise SystemExit(f"no int4 row kernel here: {kernels.build_error() or 'torch packs a layout the zoo does not know'}")
     dtype, g = getattr(torch, args.dtype), torch.Generator().manual_seed(0)
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.dtype} activations, groups of 32; "
+    print(f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}: blocks of {block_rows} rows), "
+          f"{args.threads} threads, {args.dtype} activations, groups of 32; "
           f"us per product, median of {args.rounds} rounds (range)")
     print("| layer | rows | torch's kernel us | zoo's us | torch / zoo |")
     print("|---|---:|---:|---:|---:|")
@@ -59,7 +60,7 @@ def main():
             for _ in range(args.rounds):
                 theirs.append(timed(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xx, packed, 32, sz), repeats))
                 ours.append(timed(lambda: kernels.int8_rows()(x, rows8, scales8, None) if head else
-                                  kernels.int4_rows()(x, packed, 32, sz), repeats))
+                                  kernels.int4_rows()(x, packed, 32, sz, block_rows), repeats))
             ratios = [t / o for t, o in zip(theirs, ours)]
             print(f"| {name} | {M} | {statistics.median(theirs):.1f} | {statistics.median(ours):.1f} | "
                   f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) |")

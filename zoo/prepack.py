@@ -178,20 +178,24 @@ def prepack(model, rows=8, *, linear=True):
     torch.compile will trace (it cannot trace reordered weights, and fuses its own; it traces a WidenedLinear as the
     plain layer). Each attention's plain Attend becomes a CacheAttend (cache_attention)."""
     head = output_layer(model)
-    planes = [m for m in model.modules() if isinstance(m, Int4Linear) and m.planes == 2 and m.dense is None
+    eight_bit = [m for m in model.modules() if isinstance(m, Int4Linear) and m.planes == 2 and m.dense is None
               and m is not head and m.dequantizable() and m.weight.dtype == torch.bfloat16
               and m.weight.device.type == "cpu"]
-    copies = sum(2 * m.in_features * m.out_features for m in planes)
     # copies where bf16 GEMMs run natively (oneDNN's) or widen to float32 (WidenedLinear); not where oneDNN emulates
-    # them (AVX-512 without its BF16 extension)
-    if planes and (quantization.native_bf16() or not onednn_bf16()) and \
-            copies <= COPY_BUDGET * quantization.weight_bytes(model):
-        for m in planes:
+    # them (AVX-512 without its BF16 extension); the largest layers first, as many as the budget holds
+    budget, copies = COPY_BUDGET * quantization.weight_bytes(model), 0
+    chosen = []
+    for m in sorted(eight_bit, key=lambda m: m.in_features * m.out_features, reverse=True):
+        if copies + 2 * m.in_features * m.out_features <= budget:
+            chosen.append(m)
+            copies += 2 * m.in_features * m.out_features
+    if chosen and (quantization.native_bf16() or not onednn_bf16()):
+        for m in chosen:
             w = m.dequantized().to(m.weight.dtype)
             m.dense = WidenedLinear(w, None, persistent=False) if widens(w) else \
                 PrepackedLinear(w, None, rows, persistent=False)
-        log.info("prepack: bf16 copies of %d quantized layers in planes, for prompts: %.0f MB", len(planes),
-                 copies / 1e6)
+        log.info("prepack: bf16 copies of %d of %d quantized 8-bit layers, for prompts: %.0f MB", len(chosen),
+                 len(eight_bit), copies / 1e6)
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is nn.Linear and widens(child.weight):

@@ -326,7 +326,8 @@ class Int4Linear(nn.Module):
         # the zoo's own kernels for the rows torch's kernel would take, where it reads their layouts (zoo/kernels.py)
         # 8-bit codes there are kept row-major for int8_rows (a byte a weight, one pass over x: no planes)
         row_major = q.bits == 8 and rows_8bit(q.codes.device)
-        self.own_kernel = row_major or self.device_type == "cpu" and packed_block_rows() == 32 and N % 32 == 0 and \
+        self.block_rows = packed_block_rows() if self.device_type == "cpu" else None  # (torch's CPU layout)
+        self.own_kernel = row_major or self.block_rows is not None and N % self.block_rows == 0 and \
             kernels.int4_rows() is not None
         if row_major:
             packed = None
@@ -391,31 +392,33 @@ class Int4Linear(nn.Module):
             # 8-bit codes row-major: this layer's, or a tied head's embedding's; a byte a weight
             y = torch.ops.zoo_kernels.int8_rows(x2, self.row_codes, self.row_scales, self.row_zeros)
         else:  # the kernel: over [x, x] for two planes
-            mm = torch.ops.aten._weight_int4pack_mm if self.device_type == "cuda" else \
-                torch.ops.zoo_kernels.int4_rows if own else \
-                torch.ops.aten._weight_int4pack_mm_for_cpu  # (as packed in __init__)
-            y = mm(torch.cat((x2, x2), 1) if self.planes == 2 else x2, self.packed, self.group_size,
-                   self.scales_and_zeros)
+            args = (torch.cat((x2, x2), 1) if self.planes == 2 else x2, self.packed, self.group_size,
+                    self.scales_and_zeros)
+            if self.device_type == "cuda":  # (as packed in __init__)
+                y = torch.ops.aten._weight_int4pack_mm(*args)
+            elif own:
+                y = torch.ops.zoo_kernels.int4_rows(*args, self.block_rows)
+            else:
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(*args)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
     def dequantizable(self):
         """Whether `dequantized` can read the codes: row-major ones, or packed in a CPU kernel's layout that
-        packed_block_rows knows, whose blocks of rows divide the layer's."""
+        packed_block_rows knows (block_rows), whose blocks of rows divide the layer's."""
         if self.packed is None:
             return True
-        rows = packed_block_rows() if self.device_type == "cpu" else None
-        return rows is not None and self.out_features % rows == 0
+        return self.block_rows is not None and self.out_features % self.block_rows == 0
 
     def dequantized(self):
         """W [N, K] in float32: from the row-major 8-bit codes where the layer keeps those alone, else from the packed
         codes in the CPU kernel's layout (for each block of R rows and each input, R / 2 bytes: rows i and i + R / 2
-        in the low and high nibbles; packed_block_rows), the two planes summed."""
+        in the low and high nibbles; block_rows), the two planes summed."""
         if self.packed is None:
             N, G = self.row_scales.shape
             w = self.row_codes.float().view(N, G, -1) * self.row_scales.float()[..., None]
             return (w if self.row_zeros is None else w + self.row_zeros.float()[..., None]).view(N, -1)
-        N, K2, R = self.out_features, self.packed.shape[1] * 2, packed_block_rows()
+        N, K2, R = self.out_features, self.packed.shape[1] * 2, self.block_rows
         b = self.packed.view(N // R, K2, R // 2)
         u = torch.cat((b & 15, b >> 4), -1).transpose(1, 2).reshape(N, K2 // self.group_size, self.group_size)
         scale, zero = self.scales_and_zeros.float().permute(2, 1, 0)[..., None]  # [N, K2 / group, 1] each
@@ -475,7 +478,7 @@ def packed_block_rows():
 def rows_8bit(device):
     """Whether an Int4Linear of 8-bit codes built on `device` keeps them row-major for the zoo's int8_rows (where its
     own kernels run): then any number of rows, and groups of 16 (Q6_K's), work too."""
-    return torch.device(device).type == "cpu" and packed_block_rows() == 32 and kernels.int8_rows() is not None
+    return torch.device(device).type == "cpu" and kernels.int8_rows() is not None
 
 
 class QuantEmbedding(nn.Module):

@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -47,21 +48,23 @@ inline void load_scales(const float* p, __m256& s, __m256& z) {
     z = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(odd), 0xd8));
 }
 
-// y [R, N] (row stride N) = x [R, K] (row stride K) @ W^T for W's 32-row blocks b0..b1, R rows of x at once: the codes
-// are decoded once for all R rows. V = 4 takes all 32 rows of a block at a time (four vectors of 8), V = 2 the 16 rows
-// of one nibble (rows 0-15 in the low ones, 16-31 in the high), so that more rows of x keep their sums in registers.
+// torch packs int4 codes in blocks of L rows, L = 32 in its AVX2 build and 64 in its AVX-512 one: per block and input
+// k, L / 2 bytes, byte j holding row j in its low nibble and row j + L / 2 in its high.
+// y [R, N] (row stride N) = x [R, K] (row stride K) @ W^T for W's L-row blocks b0..b1, R rows of x at once: the codes
+// are decoded once for all R rows. Each pass over K takes V vectors of 8 rows (rows 8t..8t + 7 for t = part V ..
+// part V + V - 1): V = 4 for 32 rows at a time, V = 2 for 16, so that more rows of x keep their sums in registers.
 // Each output is computed the same way whatever R and V (the same operations in the same order): a row of x gets
 // the same products alone as in a batch. w = (code - 8) * scale + zero, so per group g
 // y += scale * sum_k code_k x_k + (zero - 8 scale) * sum_k x_k.
-template <int R, int V, typename S>
+template <int L, int R, int V, typename S>
 void blocks(const uint8_t* packed, const S* sz, const float* x, const float* xsum, float* y, int64_t N, int64_t K,
             int64_t group, int64_t b0, int64_t b1) {
     const int64_t G = K / group;
     const __m128i low = _mm_set1_epi8(15);
     const __m256 eight = _mm256_set1_ps(8.0f);
     for (int64_t b = b0; b < b1; b++) {
-        const uint8_t* codes = packed + b * K * 16;  // per input k, 16 bytes: byte j = rows j (low nibble), j + 16
-        for (int part = 0; part < 4 / V; part++) {  // (V = 2: the low nibbles, then the high)
+        const uint8_t* codes = packed + b * K * (L / 2);
+        for (int part = 0; part < L / 8 / V; part++) {
             __m256 out[R][V];
             for (int r = 0; r < R; r++)
                 for (int i = 0; i < V; i++) out[r][i] = _mm256_setzero_ps();
@@ -70,17 +73,13 @@ void blocks(const uint8_t* packed, const S* sz, const float* x, const float* xsu
                 for (int r = 0; r < R; r++)
                     for (int i = 0; i < V; i++) acc[r][i] = _mm256_setzero_ps();
                 for (int64_t k = g * group; k < (g + 1) * group; k++) {
-                    __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + k * 16));
                     __m256 c[V];  // the codes of 8 rows each, as float32
-                    if (V == 4 || part == 0) {
-                        __m128i lo = _mm_and_si128(v, low);
-                        c[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-                        c[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-                    }
-                    if (V == 4 || part == 1) {
-                        __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), low);
-                        c[V - 2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-                        c[V - 1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+                    for (int i = 0; i < V; i++) {  // rows 8t..8t + 7: bytes 8t.. of the low nibbles, or of the high
+                        const int t = part * V + i, nibble = t / (L / 16);
+                        __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(
+                            codes + k * (L / 2) + 8 * (t % (L / 16))));
+                        v = _mm_and_si128(nibble ? _mm_srli_epi16(v, 4) : v, low);
+                        c[i] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
                     }
                     for (int r = 0; r < R; r++) {
                         __m256 xk = _mm256_broadcast_ss(x + r * K + k);
@@ -89,7 +88,7 @@ void blocks(const uint8_t* packed, const S* sz, const float* x, const float* xsu
                 }
                 for (int i = 0; i < V; i++) {
                     __m256 s, z;
-                    load_scales(sz + (g * N + b * 32 + 8 * (part * V + i)) * 2, s, z);
+                    load_scales(sz + (g * N + b * L + 8 * (part * V + i)) * 2, s, z);
                     __m256 z8 = _mm256_fnmadd_ps(eight, s, z);  // zero - 8 scale
                     for (int r = 0; r < R; r++)
                         out[r][i] = _mm256_fmadd_ps(z8, _mm256_set1_ps(xsum[r * G + g]),
@@ -97,7 +96,7 @@ void blocks(const uint8_t* packed, const S* sz, const float* x, const float* xsu
                 }
             }
             for (int r = 0; r < R; r++)
-                for (int i = 0; i < V; i++) _mm256_storeu_ps(y + r * N + b * 32 + 8 * (part * V + i), out[r][i]);
+                for (int i = 0; i < V; i++) _mm256_storeu_ps(y + r * N + b * L + 8 * (part * V + i), out[r][i]);
         }
     }
 }
@@ -136,23 +135,23 @@ float* sums_for(T* y, int64_t size, std::vector<float>& buffer) {
     }
 }
 
-template <typename S, typename T>
+template <int L, typename S, typename T>
 void rows(const uint8_t* packed, const S* sz, const T* xin, T* yout, int64_t M, int64_t N, int64_t K, int64_t group) {
     const int64_t G = K / group;
     std::vector<float> x, xsum, buffer;
     widen(xin, M, K, group, x, xsum);
     float* y = sums_for(yout, M * N, buffer);
-    at::parallel_for(0, N / 32, 1, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, N / L, 1, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; b++) {  // each block of codes read from memory once, for all rows of x
             int64_t m = 0;
             for (; m + 4 <= M; m += 4)
-                blocks<4, 2>(packed, sz, x.data() + m * K, xsum.data() + m * G, y + m * N, N, K, group, b, b + 1);
+                blocks<L, 4, 2>(packed, sz, x.data() + m * K, xsum.data() + m * G, y + m * N, N, K, group, b, b + 1);
             for (; m + 2 <= M; m += 2)
-                blocks<2, 4>(packed, sz, x.data() + m * K, xsum.data() + m * G, y + m * N, N, K, group, b, b + 1);
+                blocks<L, 2, 4>(packed, sz, x.data() + m * K, xsum.data() + m * G, y + m * N, N, K, group, b, b + 1);
             if (m < M)
-                blocks<1, 4>(packed, sz, x.data() + m * K, xsum.data() + m * G, y + m * N, N, K, group, b, b + 1);
+                blocks<L, 1, 4>(packed, sz, x.data() + m * K, xsum.data() + m * G, y + m * N, N, K, group, b, b + 1);
         }
-        round_into(y, yout, M, N, b0 * 32, b1 * 32);
+        round_into(y, yout, M, N, b0 * L, b1 * L);
     });
 }
 
@@ -221,54 +220,82 @@ inline __m256i broadcast_pair(const int16_t* q) {  // q[0], q[1] in every 32-bit
     return _mm256_set1_epi32(pair);
 }
 
-// As blocks(), for x as Rows16 (bf16 scales): for each two inputs k, k + 1 (32 bytes of the layout, adjacent), the
-// codes of 32 rows become 16-bit pairs (code_k, code_k+1) in each 32-bit lane, four vectors of 8 rows (0-3 | 8-11,
-// 4-7 | 12-15, and the same + 16 from the high nibbles), and _mm256_madd_epi16 against (q_k, q_k+1) sums each row's
-// two products in int32. A group's int32 sums are exact (|sum| <= 32 * 15 * 32767 < 2^24 for groups of 32, so its
-// conversion to float32 is too) and each group adds scale * p * sum + (zero - 8 scale) * sum of x to y in float32.
-// V as in blocks(); the float32 sums live in y between groups (registers hold the int32 ones).
-template <int R, int V>
+// As blocks(), for x as Rows16 (bf16 scales): for each two inputs k, k + 1, the codes of 8 rows become 16-bit pairs
+// (code_k, code_k+1) in each 32-bit lane, and _mm256_madd_epi16 against (q_k, q_k+1) sums each row's two products in
+// int32. A group's int32 sums are exact (|sum| <= 32 * 15 * 32767 < 2^24 for groups of 32, so its conversion to
+// float32 is too) and each group adds scale * p * sum + (zero - 8 scale) * sum of x to y in float32.
+// The code vectors t of a block, over two inputs, hold the rows (4 | 4 more in the high 128-bit lane):
+//   L = 32 (the two inputs' 16 bytes adjacent: one load, a permute, two byte shuffles): t = 0: 0-3 | 8-11,
+//     1: 4-7 | 12-15 (low nibbles), 2, 3: the same + 16 (high nibbles); t, t + 1 give rows 16 j..+7 and 16 j + 8..+7
+//     (j = t / 2) once their lanes are exchanged;
+//   L = 64 (32 bytes each: two loads, interleaved byte by byte, then widened): t = 0: 0-3 | 16-19, 1: 4-7 | 20-23,
+//     2: 8-11 | 24-27, 3: 12-15 | 28-31 (low nibbles), 4-7: the same + 32; t, t + 1 give rows 32 (j / 2) + 8 (j % 2)
+//     ..+7 and 16 more.
+// Each pass over K takes V of them (part V .. part V + V - 1); the float32 sums live in y between groups (registers
+// hold the int32 ones).
+template <int L>
+inline int64_t run_of(int j) {  // the first row of the first run of 8 that code vectors 2j, 2j + 1 give
+    return L == 32 ? 16 * j : 32 * (j / 2) + 8 * (j % 2);
+}
+
+template <int L, int R, int V>
 void blocks16(const uint8_t* packed, const at::BFloat16* sz, const int16_t* q, const float* p, const float* xsum,
               float* y, int64_t N, int64_t K, int64_t group, int64_t b) {
     const int64_t G = K / group;
-    // per 128-bit lane of [v_k lo 8 bytes, v_k+1 lo 8 | v_k hi 8, v_k+1 hi 8]: bytes i and 8 + i as a 16-bit pair
+    // L = 32: per 128-bit lane of [v_k lo 8 bytes, v_k+1 lo 8 | v_k hi 8, v_k+1 hi 8]: bytes i and 8 + i as a pair
     const __m256i pick0 = _mm256_setr_epi8(0, -1, 8, -1, 1, -1, 9, -1, 2, -1, 10, -1, 3, -1, 11, -1,
                                            0, -1, 8, -1, 1, -1, 9, -1, 2, -1, 10, -1, 3, -1, 11, -1);
     const __m256i pick1 = _mm256_setr_epi8(4, -1, 12, -1, 5, -1, 13, -1, 6, -1, 14, -1, 7, -1, 15, -1,
                                            4, -1, 12, -1, 5, -1, 13, -1, 6, -1, 14, -1, 7, -1, 15, -1);
-    const __m256i low = _mm256_set1_epi16(15);
+    const __m256i low = _mm256_set1_epi16(15), zero = _mm256_setzero_si256();
     const __m256 eight = _mm256_set1_ps(8.0f);
-    const uint8_t* codes = packed + b * K * 16;
-    for (int part = 0; part < 4 / V; part++) {
+    const uint8_t* codes = packed + b * K * (L / 2);
+    for (int part = 0; part < L / 8 / V; part++) {
         for (int64_t g = 0; g < G; g++) {
             __m256i acc[R][V];
             for (int r = 0; r < R; r++)
                 for (int i = 0; i < V; i++) acc[r][i] = _mm256_setzero_si256();
             for (int64_t k = g * group; k < (g + 1) * group; k += 2) {
-                __m256i v = _mm256_permute4x64_epi64(
-                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + k * 16)), 0xd8);
-                __m256i w0 = _mm256_shuffle_epi8(v, pick0), w1 = _mm256_shuffle_epi8(v, pick1), c[V];
-                if (V == 4 || part == 0) c[0] = _mm256_and_si256(w0, low), c[1] = _mm256_and_si256(w1, low);
-                if (V == 4 || part == 1) c[V - 2] = _mm256_srli_epi16(w0, 4), c[V - 1] = _mm256_srli_epi16(w1, 4);
+                __m256i w[L / 16], c[V];  // both nibbles of code vectors t and t + L / 16 (the first's rows + L / 2)
+                if constexpr (L == 32) {
+                    const __m256i v = _mm256_permute4x64_epi64(
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + k * 16)), 0xd8);
+                    w[0] = _mm256_shuffle_epi8(v, pick0), w[1] = _mm256_shuffle_epi8(v, pick1);
+                } else {
+                    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + k * 32)),
+                                  bb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + k * 32 + 32));
+                    if (V == 4 || part % 2 == 0) {
+                        const __m256i u = _mm256_unpacklo_epi8(a, bb);  // a0 b0 a1 b1 .. a7 b7 | a16 b16 ..
+                        w[0] = _mm256_unpacklo_epi8(u, zero), w[1] = _mm256_unpackhi_epi8(u, zero);
+                    }
+                    if (V == 4 || part % 2 == 1) {
+                        const __m256i u = _mm256_unpackhi_epi8(a, bb);  // a8 b8 .. a15 b15 | a24 b24 ..
+                        w[2] = _mm256_unpacklo_epi8(u, zero), w[3] = _mm256_unpackhi_epi8(u, zero);
+                    }
+                }
+                for (int i = 0; i < V; i++) {
+                    const int t = part * V + i;
+                    c[i] = t < L / 16 ? _mm256_and_si256(w[t], low) : _mm256_srli_epi16(w[t - L / 16], 4);
+                }
                 for (int r = 0; r < R; r++) {
                     const __m256i qk = broadcast_pair(q + r * K + k);
                     for (int i = 0; i < V; i++) acc[r][i] = _mm256_add_epi32(acc[r][i], _mm256_madd_epi16(c[i], qk));
                 }
             }
-            for (int j = 0; j < V / 2; j++) {  // rows 16 h + 0-7 and 16 h + 8-15 of the block
-                const int64_t row = b * 32 + 16 * (part * V / 2 + j);
+            for (int j = 0; j < V / 2; j++) {  // the two runs of 8 rows of code vectors 2j, 2j + 1
+                const int64_t first = b * L + run_of<L>(part * V / 2 + j), runs[2] = {first, first + L / 4};
                 __m256 s[2], z8[2];
                 for (int i = 0; i < 2; i++) {
-                    __m256 zero;
-                    load_scales(sz + (g * N + row + 8 * i) * 2, s[i], zero);
-                    z8[i] = _mm256_fnmadd_ps(eight, s[i], zero);  // zero - 8 scale
+                    __m256 zero_point;
+                    load_scales(sz + (g * N + runs[i]) * 2, s[i], zero_point);
+                    z8[i] = _mm256_fnmadd_ps(eight, s[i], zero_point);  // zero - 8 scale
                 }
                 for (int r = 0; r < R; r++) {
                     const __m256i sums[2] = {_mm256_permute2x128_si256(acc[r][2 * j], acc[r][2 * j + 1], 0x20),
                                              _mm256_permute2x128_si256(acc[r][2 * j], acc[r][2 * j + 1], 0x31)};
                     const __m256 pg = _mm256_set1_ps(p[r * G + g]), xs = _mm256_set1_ps(xsum[r * G + g]);
                     for (int i = 0; i < 2; i++) {
-                        float* out = y + r * N + row + 8 * i;
+                        float* out = y + r * N + runs[i];
                         const __m256 before = g == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(out);
                         _mm256_storeu_ps(out, _mm256_fmadd_ps(z8[i], xs, _mm256_fmadd_ps(
                             _mm256_mul_ps(s[i], pg), _mm256_cvtepi32_ps(sums[i]), before)));
@@ -284,38 +311,54 @@ void blocks16(const uint8_t* packed, const at::BFloat16* sz, const int16_t* q, c
 // and |q| <= 32640 for bf16 x, ~2.14e9): below 2^31 ~ 2.147e9
 constexpr int64_t GROUP16 = 4096;
 
+template <int L>
 void rows16(const uint8_t* packed, const at::BFloat16* sz, const at::BFloat16* xin, at::BFloat16* yout, int64_t M,
             int64_t N, int64_t K, int64_t group) {
     const int64_t G = K / group;
     Rows16 x;
     quantize16(xin, M, K, group, x);
     std::vector<float> y(M * N);
-    at::parallel_for(0, N / 32, 1, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, N / L, 1, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; b++) {  // each block of codes read from memory once, for all rows of x
             int64_t m = 0;
             for (; m + 4 <= M; m += 4)
-                blocks16<4, 2>(packed, sz, x.q.data() + m * K, x.p.data() + m * G, x.sum.data() + m * G,
-                               y.data() + m * N, N, K, group, b);
+                blocks16<L, 4, 2>(packed, sz, x.q.data() + m * K, x.p.data() + m * G, x.sum.data() + m * G,
+                                  y.data() + m * N, N, K, group, b);
             for (; m + 2 <= M; m += 2)
-                blocks16<2, 4>(packed, sz, x.q.data() + m * K, x.p.data() + m * G, x.sum.data() + m * G,
-                               y.data() + m * N, N, K, group, b);
+                blocks16<L, 2, 4>(packed, sz, x.q.data() + m * K, x.p.data() + m * G, x.sum.data() + m * G,
+                                  y.data() + m * N, N, K, group, b);
             if (m < M)
-                blocks16<1, 4>(packed, sz, x.q.data() + m * K, x.p.data() + m * G, x.sum.data() + m * G,
-                               y.data() + m * N, N, K, group, b);
+                blocks16<L, 1, 4>(packed, sz, x.q.data() + m * K, x.p.data() + m * G, x.sum.data() + m * G,
+                                  y.data() + m * N, N, K, group, b);
         }
-        round_into(y.data(), yout, M, N, b0 * 32, b1 * 32);
+        round_into(y.data(), yout, M, N, b0 * L, b1 * L);
     });
 }
 
+template <int L>
+void int4_rows_of(const at::Tensor& x, const uint8_t* packed, int64_t group, const at::Tensor& sz, at::Tensor& y) {
+    const int64_t M = x.size(0), K = x.size(1), N = y.size(1);
+    if (sz.scalar_type() == at::kBFloat16 && group % 2 == 0 && group <= GROUP16)
+        rows16<L>(packed, sz.data_ptr<at::BFloat16>(), x.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>(), M, N,
+                  K, group);
+    else if (sz.scalar_type() == at::kBFloat16)
+        rows<L>(packed, sz.data_ptr<at::BFloat16>(), x.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>(), M, N, K,
+                group);
+    else
+        rows<L>(packed, sz.data_ptr<float>(), x.data_ptr<float>(), y.data_ptr<float>(), M, N, K, group);
+}
+
 at::Tensor int4_rows(const at::Tensor& x, const at::Tensor& packed, int64_t group_size,
-                     const at::Tensor& scales_and_zeros) {
+                     const at::Tensor& scales_and_zeros, int64_t block_rows) {
     TORCH_CHECK(x.dim() == 2 && packed.dim() == 2 && scales_and_zeros.dim() == 3, "zoo_kernels::int4_rows: x [M, K], "
                 "packed [N, K / 2], scales_and_zeros [K / group_size, N, 2]");
     const int64_t M = x.size(0), K = x.size(1), N = packed.size(0);
+    TORCH_CHECK(block_rows == 32 || block_rows == 64, "zoo_kernels::int4_rows: block_rows is 32 (torch's AVX2 layout) "
+                "or 64 (its AVX-512 one)");
     TORCH_CHECK(K > 0 && packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.size(1) * 2 == K &&
-                N % 32 == 0 && group_size > 0 && K % group_size == 0 && scales_and_zeros.size(0) == K / group_size &&
-                scales_and_zeros.size(1) == N && scales_and_zeros.size(2) == 2,
-                "zoo_kernels::int4_rows: shapes do not match");
+                N % block_rows == 0 && group_size > 0 && K % group_size == 0 &&
+                scales_and_zeros.size(0) == K / group_size && scales_and_zeros.size(1) == N &&
+                scales_and_zeros.size(2) == 2, "zoo_kernels::int4_rows: shapes do not match");
     TORCH_CHECK(x.scalar_type() == scales_and_zeros.scalar_type() &&
                 (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat),
                 "zoo_kernels::int4_rows: x and scales_and_zeros both bfloat16 or both float32");
@@ -323,15 +366,10 @@ at::Tensor int4_rows(const at::Tensor& x, const at::Tensor& packed, int64_t grou
     // in x's dtype, rounded inside the operator as torch's kernel rounds: compiled code, which fuses what follows,
     // cannot skip the rounding, and gets the eager products
     auto y = at::empty({M, N}, x.options());
-    const uint8_t* p = packed.data_ptr<uint8_t>();
-    if (sz.scalar_type() == at::kBFloat16 && group_size % 2 == 0 && group_size <= GROUP16)
-        rows16(p, sz.data_ptr<at::BFloat16>(), xc.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>(), M, N, K,
-               group_size);
-    else if (sz.scalar_type() == at::kBFloat16)
-        rows(p, sz.data_ptr<at::BFloat16>(), xc.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>(), M, N, K,
-             group_size);
+    if (block_rows == 32)
+        int4_rows_of<32>(xc, packed.data_ptr<uint8_t>(), group_size, sz, y);
     else
-        rows(p, sz.data_ptr<float>(), xc.data_ptr<float>(), y.data_ptr<float>(), M, N, K, group_size);
+        int4_rows_of<64>(xc, packed.data_ptr<uint8_t>(), group_size, sz, y);
     return y;
 }
 
@@ -412,6 +450,136 @@ void int8_block16(const int8_t* codes, const S* scales, const S* zeros, const in
     }
 }
 
+// AVX512-VNNI CPUs (AMD's Zen 4, Intel's Xeons from Cascade Lake on): the same int32 group sums as int8_block16's,
+// exactly, in fewer instructions. _mm256_dpbusd_epi32 multiplies unsigned bytes by signed ones and sums each four
+// into a 32-bit lane (32 products an instruction, where _mm256_madd_epi16 takes 16 and an add), so each q is split
+// into bytes, q = 256 h + l (h = q >> 8 signed, l = q & 255 unsigned): sum c q = 256 sum c h + sum c l, the first
+// taken as sum (c + 128) h - 128 sum h (c + 128 = c ^ 0x80: the unsigned codes) and the second directly. A group's
+// sum, a vector of 8 lanes, then needs adding across: eight groups' vectors are added across together (three rounds
+// of _mm256_hadd_epi32 and a lane exchange) into one vector of their 8 sums, which is converted to float32 and scaled
+// by the 8 groups' scales at once. The sums are exact integers (mod 2^32 on the way, exact at the end: |sum c q| <=
+// group 128 32640 < 2^31 for groups of up to 512), converted to float32 once per group as int8_block16's are.
+struct Bytes16 {  // Rows16's q as bytes, and per group (padded with zeros to a multiple of 8) what the products need
+    std::vector<uint8_t> l;   // [M, K] q & 255
+    std::vector<int8_t> h;    // [M, K] q >> 8
+    std::vector<int32_t> hh;  // [M, G8] 32768 sum h (mod 2^32)
+    std::vector<float> p, sum;  // [M, G8] Rows16's p and sum, zeros past G
+};
+
+void split_bytes(const Rows16& x, int64_t M, int64_t K, int64_t group, Bytes16& out) {
+    const int64_t G = K / group, G8 = (G + 7) / 8 * 8;
+    out.l.resize(M * K), out.h.resize(M * K);
+    out.hh.assign(M * G8, 0), out.p.assign(M * G8, 0.0f), out.sum.assign(M * G8, 0.0f);
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t g = 0; g < G; g++) {
+            uint32_t hsum = 0;
+            for (int64_t k = m * K + g * group; k < m * K + (g + 1) * group; k++) {
+                out.l[k] = static_cast<uint8_t>(x.q[k] & 255);
+                out.h[k] = static_cast<int8_t>(x.q[k] >> 8);
+                hsum += static_cast<uint32_t>(static_cast<int32_t>(out.h[k]));
+            }
+            out.hh[m * G8 + g] = static_cast<int32_t>(hsum * 32768u);
+            out.p[m * G8 + g] = x.p[m * G + g], out.sum[m * G8 + g] = x.sum[m * G + g];
+        }
+}
+
+#define VNNI __attribute__((target("avx512vnni,avx512vl,avx512bw,avx512f")))
+
+// Up to 8 (valid) bf16 values from p as float32, zeros past valid
+VNNI inline __m256 load8_bf16(const at::BFloat16* p, int valid) {
+    const __m128i h = _mm_maskz_loadu_epi16(static_cast<__mmask8>((1u << valid) - 1), p);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// One group's sums for R rows of x, 8 lanes each (C: the group's 32-byte chunks, 0 where not 1, 2 or 4)
+template <int R, int C>
+VNNI inline void group_vnni(const int8_t* c, const uint8_t* l, const int8_t* h, int64_t K, int64_t group,
+                            __m256i (&v)[R]) {
+    const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+    __m256i lo[R], hi[R];
+    for (int r = 0; r < R; r++) lo[r] = hi[r] = _mm256_setzero_si256();
+    const int64_t chunks = C ? C : group / 32;
+#pragma GCC unroll 4
+    for (int64_t i = 0; i < chunks; i++) {
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * i));
+        const __m256i u = _mm256_xor_si256(w, flip);  // c + 128, unsigned
+        for (int r = 0; r < R; r++) {
+            lo[r] = _mm256_dpbusd_epi32(lo[r], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(l + r * K + 32 * i)),
+                                        w);
+            hi[r] = _mm256_dpbusd_epi32(hi[r], u, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + r * K + 32 * i)));
+        }
+    }
+    for (int r = 0; r < R; r++) v[r] = _mm256_add_epi32(_mm256_slli_epi32(hi[r], 8), lo[r]);
+}
+
+template <int R, int C>
+VNNI void int8_block_vnni(const int8_t* codes, const at::BFloat16* scales, const at::BFloat16* zeros,
+                          const Bytes16& x, int64_t m0, float* y, int64_t N, int64_t K, int64_t group, int64_t n0,
+                          int64_t n1) {
+    const int64_t G = K / group, G8 = (G + 7) / 8 * 8;
+    const uint8_t* l = x.l.data() + m0 * K;
+    const int8_t* h = x.h.data() + m0 * K;
+    const int32_t* hh = x.hh.data() + m0 * G8;
+    const float *p = x.p.data() + m0 * G8, *xsum = x.sum.data() + m0 * G8;
+    for (int64_t n = n0; n < n1; n++) {
+        const int8_t* c = codes + n * K;
+        __m256 out[R], zout[R];
+        for (int r = 0; r < R; r++) out[r] = _mm256_setzero_ps(), zout[r] = _mm256_setzero_ps();
+        for (int64_t g0 = 0; g0 < G; g0 += 8) {
+            const int valid = static_cast<int>(std::min<int64_t>(8, G - g0));
+            __m256i quads[R][2];  // groups g0..g0 + 3 and g0 + 4..g0 + 7 added across in pairs of lanes, twice
+            for (int half = 0; half < 2; half++) {
+                __m256i pairs[R][2];  // _mm256_hadd_epi32 of two groups' sums (zeros past G)
+                for (int i = 0; i < 2; i++) {
+                    __m256i v0[R], v1[R];
+                    for (int r = 0; r < R; r++) v0[r] = v1[r] = _mm256_setzero_si256();
+                    const int64_t g = g0 + 4 * half + 2 * i;
+                    if (g < G) group_vnni<R, C>(c + g * group, l + g * group, h + g * group, K, group, v0);
+                    if (g + 1 < G)
+                        group_vnni<R, C>(c + (g + 1) * group, l + (g + 1) * group, h + (g + 1) * group, K, group, v1);
+                    for (int r = 0; r < R; r++) pairs[r][i] = _mm256_hadd_epi32(v0[r], v1[r]);
+                }
+                for (int r = 0; r < R; r++) quads[r][half] = _mm256_hadd_epi32(pairs[r][0], pairs[r][1]);
+            }
+            const __m256 s = load8_bf16(scales + n * G + g0, valid);
+            const __m256 z = zeros ? load8_bf16(zeros + n * G + g0, valid) : _mm256_setzero_ps();
+            for (int r = 0; r < R; r++) {
+                // [g0 g1 g2 g3 (first halves) | the same (second halves)], and g4..g7's: the halves added
+                const __m256i a = quads[r][0], b = quads[r][1];
+                __m256i sums = _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20),
+                                                _mm256_permute2x128_si256(a, b, 0x31));
+                sums = _mm256_sub_epi32(sums, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(hh + r * G8 + g0)));
+                const __m256 sp = _mm256_mul_ps(s, _mm256_loadu_ps(p + r * G8 + g0));
+                out[r] = _mm256_fmadd_ps(sp, _mm256_cvtepi32_ps(sums), out[r]);
+                if (zeros) zout[r] = _mm256_fmadd_ps(z, _mm256_loadu_ps(xsum + r * G8 + g0), zout[r]);
+            }
+        }
+        for (int r = 0; r < R; r++) y[r * N + n] = hsum(out[r]) + (zeros ? hsum(zout[r]) : 0.0f);
+    }
+}
+
+template <int R>
+void int8_block_vnni(const int8_t* codes, const at::BFloat16* scales, const at::BFloat16* zeros, const Bytes16& x,
+                     int64_t m0, float* y, int64_t N, int64_t K, int64_t group, int64_t n0, int64_t n1) {
+    if (group == 32)
+        int8_block_vnni<R, 1>(codes, scales, zeros, x, m0, y, N, K, group, n0, n1);
+    else if (group == 64)
+        int8_block_vnni<R, 2>(codes, scales, zeros, x, m0, y, N, K, group, n0, n1);
+    else if (group == 128)
+        int8_block_vnni<R, 4>(codes, scales, zeros, x, m0, y, N, K, group, n0, n1);
+    else
+        int8_block_vnni<R, 0>(codes, scales, zeros, x, m0, y, N, K, group, n0, n1);
+}
+
+// Whether int8_rows takes the VNNI path for bf16 x in groups of `group` (ZOO_KERNELS_VNNI=0: int8_block16 instead,
+// which tests compare)
+bool vnni_for(int64_t group) {
+    static const bool cpu = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+                            __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512f");
+    const char* off = std::getenv("ZOO_KERNELS_VNNI");
+    return cpu && group % 32 == 0 && group <= 512 && !(off && std::strcmp(off, "0") == 0);
+}
+
 template <typename S>
 void int8_rows_of(const int8_t* codes, const S* scales, const S* zeros, const S* xin, S* yout, int64_t M, int64_t N,
                   int64_t K, int64_t group) {
@@ -420,15 +588,29 @@ void int8_rows_of(const int8_t* codes, const S* scales, const S* zeros, const S*
     const bool int16 = std::is_same_v<S, at::BFloat16> && group <= GROUP16;
     std::vector<float> x, xsum, buffer;
     Rows16 x16;
+    Bytes16 bytes;
+    bool vnni = false;
     if (int16)
         quantize16(xin, M, K, group, x16);
     else
         widen(xin, M, K, group, x, xsum);
+    if constexpr (std::is_same_v<S, at::BFloat16>)
+        if (int16 && (vnni = vnni_for(group))) split_bytes(x16, M, K, group, bytes);
     float* y = sums_for(yout, M * N, buffer);
     at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
         for (int64_t c0 = n0; c0 < n1; c0 += 64) {  // 64 rows of codes (36 KB for K = 576) at a time, for all rows of x
             const int64_t c1 = std::min(c0 + 64, n1);
             int64_t m = 0;
+            if constexpr (std::is_same_v<S, at::BFloat16>) {
+                if (vnni) {
+                    for (; m + 4 <= M; m += 4)
+                        int8_block_vnni<4>(codes, scales, zeros, bytes, m, y + m * N, N, K, group, c0, c1);
+                    for (; m + 2 <= M; m += 2)
+                        int8_block_vnni<2>(codes, scales, zeros, bytes, m, y + m * N, N, K, group, c0, c1);
+                    for (; m < M; m++)
+                        int8_block_vnni<1>(codes, scales, zeros, bytes, m, y + m * N, N, K, group, c0, c1);
+                }
+            }
             if (int16) {  // (4 rows at a time: registers enough for their int32 and float32 sums)
                 for (; m + 4 <= M; m += 4)
                     int8_block16<4>(codes, scales, zeros, x16.q.data() + m * K, x16.p.data() + m * G,
@@ -479,7 +661,7 @@ at::Tensor int8_rows(const at::Tensor& x, const at::Tensor& codes, const at::Ten
 }  // namespace
 
 TORCH_LIBRARY(zoo_kernels, m) {
-    m.def("int4_rows(Tensor x, Tensor packed, int group_size, Tensor scales_and_zeros) -> Tensor");
+    m.def("int4_rows(Tensor x, Tensor packed, int group_size, Tensor scales_and_zeros, int block_rows) -> Tensor");
     m.def("int8_rows(Tensor x, Tensor codes, Tensor scales, Tensor? zeros) -> Tensor");
 }
 
