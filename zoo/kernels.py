@@ -2,11 +2,12 @@
 sources in zoo/csrc/, then loaded as torch operators (torch.ops.zoo_kernels.*), which compiled code calls as it calls
 torch's own.
 
-- int4_rows: rows of x times an int4 layer packed for torch's AVX2 build of _weight_int4pack_mm_for_cpu
-  (zoo/quantization.py: Int4Linear; a GGUF file's blocks with quantize="native", zoo.quantize's "int4"). That kernel
-  dequantizes each weight to float32 before multiplying: ~6 GB/s over SmolLM2's layers with bf16 activations on 2
-  Zen 3 cores, and with float32 ones a reference loop 10x slower. int4_rows multiplies the codes themselves and
-  applies a group's scale and zero once per group (`python bench/int4_rows.py`).
+- int4_rows: rows of x times an int4 layer packed for torch's _weight_int4pack_mm_for_cpu, in its AVX2 build's
+  layout (blocks of 32 rows) or its AVX-512 one's (64) (zoo/quantization.py: Int4Linear; a GGUF file's blocks with
+  quantize="native", zoo.quantize's "int4"). That kernel dequantizes each weight to float32 before multiplying: ~6
+  GB/s over SmolLM2's layers with bf16 activations on 2 Zen 3 cores, and with float32 ones a reference loop 10x
+  slower. int4_rows multiplies the codes themselves and applies a group's scale and zero once per group (`python
+  bench/int4_rows.py`; on Zen 4, whose AVX-512 build of torch's kernel is faster, one row 1.05-1.33x its speed).
 - int8_rows: rows of x times signed 8-bit row-major codes with a scale (and a zero point) per group: the 8-bit
   layers (Int4Linear keeps them row-major where these kernels run) and a tied 8-bit head reading its embedding's
   codes (Int4Linear.row_codes), one byte per weight in one pass over x, where the int4 kernel's two planes read 1.25
@@ -17,7 +18,10 @@ alone as in a batch. bfloat16 rows of x are multiplied as 16-bit integers, each 
 puts its largest |x| in [2^14, 2^15) (exact for every x within 2^7 of it; a smaller one is off by at most 2^-15 of
 it), their products with the codes summed exactly in int32 (_mm256_madd_epi16: 16 products an instruction, where
 float32 FMAs take 8 and convert the codes first): one row of SmolLM2's layers 1.5-3.1x torch's kernel's speed, where
-float32 products were 1.2-1.6x. float32 rows are multiplied in float32.
+float32 products were 1.2-1.6x. float32 rows are multiplied in float32. On a CPU with AVX512-VNNI (Zen 4, Xeons
+since Cascade Lake) int8_rows gets the same int32 group sums from byte products (_mm256_dpbusd_epi32: 32 products
+an instruction), eight groups added across at once: one row 1.3-1.9x the 16-bit products' speed where the codes
+are in cache (Gemma 3's decoding ~6% faster; its head, 168 MB, is as fast either way: memory-bound).
 - attend: softmax(q kᵀ * scale + mask) v for the few queries of decoding over the KV cache (zoo/prepack.py's
   CacheAttend), each query row on its own, in float32: 2-3x torch's SDPA there (`python bench/attend.py`).
 
@@ -49,10 +53,10 @@ _error = None  # why the last build failed
 
 def int4_rows():
     """torch.ops.zoo_kernels.int4_rows where it can run here (x86 with AVX2, built or buildable), else None.
-    int4_rows(x [M, K], packed, group_size, scales_and_zeros) -> [M, N] in x's dtype: the product that
-    torch.ops.aten._weight_int4pack_mm_for_cpu computes over the same arguments in its AVX2 layout (blocks of 32
-    rows: zoo.quantization.packed_block_rows() == 32), x and the scales and zeros both bfloat16 or both float32;
-    computed in float32."""
+    int4_rows(x [M, K], packed, group_size, scales_and_zeros, block_rows) -> [M, N] in x's dtype: the product that
+    torch.ops.aten._weight_int4pack_mm_for_cpu computes over the first four arguments, packed in the layout of its
+    AVX2 build (block_rows = 32) or its AVX-512 one (64): zoo.quantization.packed_block_rows(); x and the scales and
+    zeros both bfloat16 or both float32; computed in float32."""
     return torch.ops.zoo_kernels.int4_rows.default if _loaded() else None
 
 

@@ -18,15 +18,18 @@ bench/moe.py's OLMoE-shaped model (one EPYC core) bf16 decoding went 29 -> 44 to
 251 ms, the products again the same bit for bit.
 
 A quantized layer of 8-bit codes in groups (GGUF's Q8_0, Q5_0, Q5_1 and Q5_K blocks, a fused matrix widened to 8
-bits, int8 with a group size) runs its kernel as two 4-bit planes, over twice its inputs, and that kernel's time grows
-with the rows: 2.0 ms for 32 rows of Gemma 3 270M's Q5_0 gate|up projection (4,096 x 640) where a bf16 GEMM takes
+bits, int8 with a group size) runs torch's int4 kernel as two 4-bit planes, over twice its inputs, or the zoo's
+int8_rows where it is built (zoo/kernels.py), and either's time grows with the rows: 2.0 ms for 32 rows of Gemma 3
+270M's Q5_0 gate|up projection (4,096 x 640) in planes, 1.3-1.4 ms by int8_rows on Zen 4, where a bf16 GEMM takes
 0.4-0.5. prepack gives each such layer (not the output layer, which a prompt's prefill applies to its last position
 alone) a PrepackedLinear over its dequantized matrix, which a prompt's products over DENSE_ROWS rows or more take
 (zoo/modes.py's prompt_mode, where zoo prefills), on a CPU with bf16 arithmetic: Gemma's 32-token prefill 97 -> 56-63
 ms, for 2 bytes a weight more (130 MB for its 65M weights in planes). Decoding steps, speculative checks and compiled
 steps keep the kernel: its products are the same for a row in a batch as alone, where the copies round otherwise.
-They are made only where they add at most half again to what the model's weights take (COPY_BUDGET): a model mostly
-in planes (a Q8_0 or Q5_K_M file) would otherwise triple its memory, and keeps the kernel alone.
+They add at most half again to what the model's weights take (COPY_BUDGET), the largest layers that fit first: a
+model mostly of 8-bit codes (a Q8_0 or Q5_K_M file) would otherwise triple its memory, and gets copies of some.
+(Gemma 3's Q4_K_M file, its 8-bit layers row-major: 153 MB of copies for all, against a budget of 138; its 36 q|k|v
+and gate|up layers get them, 129 MB, its 9 down projections not: a 32-token prefill 84-116 -> 51-53 ms on Zen 4.)
 
 On an AVX2-only CPU (AMD's Zen 3 EPYC) float32's `F.linear` (MKL) packs the weight again on every call, and its
 time grows with the rows from the second: oneDNN's reordered float32 weights took SmolLM2's 576 -> 1536 projection
@@ -171,8 +174,8 @@ def widens(tensor):
 def prepack(model, rows=8, *, linear=True):
     """Replace every nn.Linear of `model` that `reorders` (bfloat16 on the CPU; float32 too where onednn_float32) by
     a PrepackedLinear (its weight reordered for a product over `rows` rows, oneDNN's hint; any number of rows works),
-    and every such Experts by PrepackedExperts; give each bfloat16 quantized layer of 8-bit codes in two planes, bar
-    the output layer, a PrepackedLinear over its dequantized weight for a prompt's products, within COPY_BUDGET; on a
+    and every such Experts by PrepackedExperts; give bfloat16 quantized layers of 8-bit codes, bar the output layer,
+    a PrepackedLinear over the dequantized weight for a prompt's products, the largest within COPY_BUDGET; on a
     CPU without oneDNN's bf16 kernels, WidenedLinear modules in both roles (see the module's docstring); returns the
     model. linear=False leaves the layers oneDNN would reorder as they are: for a model whose decode step
     torch.compile will trace (it cannot trace reordered weights, and fuses its own; it traces a WidenedLinear as the

@@ -10,9 +10,9 @@ row; many rows at once, a prompt's or a training step's, take a GEMM over a tran
 instead: `int8_mm`) and `_weight_int4pack_mm_for_cpu` (int4, groups of 32-256 weights along the input
 with a scale and a zero point each; from INT4_GEMM_ROWS rows on, a dequantized copy's GEMM too, and
 for a prompt's DENSE_ROWS rows or more a float copy that zoo/prepack.py keeps, where it keeps one); on CUDA
-`_weight_int8pack_mm` and tinygemm's `_weight_int4pack_mm`. Where torch's int4 kernel is its AVX2 build, the
-zoo's own kernels take its rows instead, on the same packed codes (zoo/kernels.py: int4_rows, and int8_rows for
-a tied head; Int4Linear.own_kernel).
+`_weight_int8pack_mm` and tinygemm's `_weight_int4pack_mm`. Where the zoo's own kernels build (x86 with AVX2) and
+torch's int4 kernel packs a layout they read (its AVX2 and AVX-512 builds'), they take its rows instead, on the same
+packed codes (zoo/kernels.py: int4_rows, and int8_rows for 8-bit layers and a tied head; Int4Linear.own_kernel).
 
 One plain form describes every quantized matrix here (`Quantized`): unsigned codes u of `bits` bits,
 and per group of `group_size` inputs a scale s and a zero point z, with
@@ -32,8 +32,8 @@ type.
 8-bit codes in groups (Q8_0, or int8 with a group size) have no torch kernel of their own; they run through the
 int4 kernel as two 4-bit planes: u = 16 h + l, so w = 16 s (h - 8) + s (l - 8) + (8 s + z), one matmul
 over the input repeated twice ([x, x] against [h | l]), exact, and still one byte per weight. Where the zoo's own
-kernels run (torch's AVX2 build; zoo/kernels.py) they are kept row-major instead, u - 128 as int8, and multiplied
-by int8_rows: one pass over x, and no planes.
+kernels run (zoo/kernels.py) they are kept row-major instead, u - 128 as int8, and multiplied by int8_rows: one
+pass over x, and no planes.
 
 The tied head and token embedding share their codes where the kernel's layout allows (int8 with one
 scale per row); otherwise the embedding keeps its own row-major codes for the lookup (int4: an eighth of

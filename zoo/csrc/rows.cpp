@@ -4,13 +4,16 @@
 // exact for every x within 2^7 of its group's largest, which bf16's 8-bit significands make most of them), the codes'
 // products summed exactly in int32 by _mm256_madd_epi16 (16 products an instruction, where float32 FMAs take 8 and
 // the codes' conversion to float32 first); float32 rows in float32.
-// - int4_rows: W in the layout torch's AVX2 build of _weight_int4pack_mm_for_cpu packs. That kernel dequantizes each
-//   weight to float32 (code, scale and zero) before multiplying: ~6 GB/s over SmolLM2's layers with bf16 activations
-//   on 2 Zen 3 cores; with float32 activations it takes a reference loop, 10x slower. python bench/int4_rows.py: one
-//   row of bf16 x 1.5-3.1x torch's kernel on SmolLM2's layers, 4 and 32 rows 1.4-1.9x.
+// - int4_rows: W in the layout torch's AVX2 build of _weight_int4pack_mm_for_cpu packs (blocks of 32 rows), or its
+//   AVX-512 build (64). That kernel dequantizes each weight to float32 (code, scale and zero) before multiplying:
+//   ~6 GB/s over SmolLM2's layers with bf16 activations on 2 Zen 3 cores; with float32 activations it takes a
+//   reference loop, 10x slower. python bench/int4_rows.py: one row of bf16 x 1.5-3.1x torch's kernel on SmolLM2's
+//   layers, 4 and 32 rows 1.4-1.9x (Zen 3); on Zen 4 one row 1.05-1.33x torch's AVX-512 build, 4 and 32 rows
+//   0.7-0.9x (the blocks of 64 rows take more shuffles; decoding's one row is what it is there for).
 // - int8_rows: W as signed 8-bit codes, row-major, a scale (and a zero point) per group: 8-bit layers (Q8_0, Q5_0,
 //   ...) and a tied head reading its embedding's codes, one byte per weight where the int4 kernel's two planes read
-//   1.25 and ran over x twice (the head: 3.1x torch's kernel over the planes for one row).
+//   1.25 and ran over x twice (the head: 3.1x torch's kernel over the planes for one row). With AVX512-VNNI, byte
+//   products (int8_block_vnni).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
