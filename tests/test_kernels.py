@@ -70,10 +70,11 @@ def int8_rows():
 
 
 @pytest.fixture(params=["VNNI", "AVX2"])
-def int8_path(request, monkeypatch):
-    """int8_rows' two ways to the same int32 group sums for bf16 x: AVX512-VNNI's byte products where the CPU has them
-    (groups a multiple of 32), else 16-bit ones; ZOO_KERNELS_VNNI=0 takes the second on any CPU (on one without
-    VNNI, both params run the second)."""
+def kernel_path(request, monkeypatch):
+    """The kernels' two ways to the same int32 group sums for bf16 x: with AVX512-VNNI where the CPU has it (int8_rows:
+    byte products, groups a multiple of 32; int4_rows in torch's AVX-512 layout: pairs of rows of x through
+    _mm256_dpwssd_epi32), else AVX2's; ZOO_KERNELS_VNNI=0 takes AVX2's on any CPU (on one without VNNI, both params
+    run AVX2's)."""
     monkeypatch.setenv("ZOO_KERNELS_VNNI", "1" if request.param == "VNNI" else "0")
     return request.param
 
@@ -100,7 +101,7 @@ def test_int4_rows_against_float64(int4_rows, dtype, N, K, group, rows):
 
 @needs_avx2
 @LAYOUTS
-def test_a_row_gets_the_same_products_alone_as_in_a_batch(int4_rows, rows):
+def test_a_row_gets_the_same_products_alone_as_in_a_batch(int4_rows, kernel_path, rows):
     """The kernel takes rows of x four, two or one at a time; each row's arithmetic is the same in all three, so that
     a decode step (one row), a speculative check (k + 1 rows) and a batch give a row the same bits."""
     g = torch.Generator().manual_seed(0)
@@ -112,6 +113,24 @@ def test_a_row_gets_the_same_products_alone_as_in_a_batch(int4_rows, rows):
     for i in range(11):
         assert torch.equal(batch[i], int4_rows(x[i:i + 1], packed, 32, sz, rows)[0])
     assert torch.equal(batch[3:10], int4_rows(x[3:10], packed, 32, sz, rows))
+
+
+@needs_avx2
+@pytest.mark.parametrize("N,K,group", [(128, 576, 32), (192, 256, 64), (64, 1536, 32), (320, 128, 128), (64, 12, 6)])
+def test_int4_rows_with_vnni_is_avx2s_bit_for_bit(int4_rows, monkeypatch, N, K, group):
+    """The VNNI path for torch's AVX-512 layout sums the same products in int32 and takes the same float32 steps as the
+    AVX2 one: the same bits, one row, an odd number, or many."""
+    g = torch.Generator().manual_seed(N + K)
+    packed = layout(torch.randint(0, 16, (N, K), generator=g), 64)
+    sz = (torch.randn(K // group, N, 2, generator=g) * 0.05).bfloat16()
+    x = torch.randn(7, K, generator=g)
+    x[1, ::5] *= 1e3
+    x = x.bfloat16()
+    for rows in (x, x[:1], x[:3]):
+        monkeypatch.setenv("ZOO_KERNELS_VNNI", "1")
+        vnni = int4_rows(rows, packed, group, sz, 64)
+        monkeypatch.setenv("ZOO_KERNELS_VNNI", "0")
+        assert torch.equal(vnni, int4_rows(rows, packed, group, sz, 64))
 
 
 @needs_avx2
@@ -132,7 +151,7 @@ def test_int4_rows_refuses_what_it_cannot_read(int4_rows):
 @pytest.mark.parametrize("N,K,group,zeros", [(100, 64, 32, True), (37, 576, 32, False), (64, 96, 16, True),
                                              (50, 128, 128, False), (40, 96, 48, True), (24, 72, 24, False),
                                              (40, 1280, 64, True), (24, 1536, 512, False), (8, 960, 96, True)])
-def test_int8_rows_against_float64(int8_rows, int8_path, dtype, N, K, group, zeros):
+def test_int8_rows_against_float64(int8_rows, kernel_path, dtype, N, K, group, zeros):
     g = torch.Generator().manual_seed(N + K)
     codes = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8)
     scales = (torch.rand(N, K // group, generator=g) * 0.01).to(dtype)
@@ -157,7 +176,7 @@ def test_int8_rows_against_float64(int8_rows, int8_path, dtype, N, K, group, zer
 
 @needs_avx2
 @LAYOUTS
-def test_16_bit_products_of_other_groups_and_of_zeros_infs_and_nans(int4_rows, int8_rows, int8_path, rows):
+def test_16_bit_products_of_other_groups_and_of_zeros_infs_and_nans(int4_rows, int8_rows, kernel_path, rows):
     """The 16-bit path's rarer cases: groups of a size not a multiple of 8 (x scaled element by element), a group past
     the int32 sums' bound (4,096: float32 products instead); a group of zeros adds its zero points' part alone, and a
     group holding an inf or a NaN makes its row NaN in both kernels, with zero points or without, never finite."""

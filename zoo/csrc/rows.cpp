@@ -35,6 +35,17 @@ using zoo_vec::hmax;
 using zoo_vec::hsum;
 using zoo_vec::load8;
 
+// Functions for CPUs with AVX512-VNNI (and the AVX-512 parts they use), which vnni() says this is
+#define VNNI __attribute__((target("avx512vnni,avx512vl,avx512bw,avx512f")))
+
+// Whether this CPU has AVX512-VNNI, and ZOO_KERNELS_VNNI is not 0 (which takes the AVX2 paths: tests compare both)
+bool vnni() {
+    static const bool cpu = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+                            __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512f");
+    const char* off = std::getenv("ZOO_KERNELS_VNNI");
+    return cpu && !(off && std::strcmp(off, "0") == 0);
+}
+
 // Eight rows' (scale, zero) pairs from [.., N, 2] as two float32 vectors
 inline void load_scales(const at::BFloat16* p, __m256& s, __m256& z) {
     // each 32-bit word holds a row's bf16 scale (low half) and zero (high half); bf16 is float32's high half
@@ -309,6 +320,56 @@ void blocks16(const uint8_t* packed, const at::BFloat16* sz, const int16_t* q, c
     }
 }
 
+// As blocks16<64, R, V>, all 64 rows of a block in one pass over K (AVX-512's 32 vector registers hold their sums),
+// each row's two products added to its sum by _mm256_dpwssd_epi32 (a multiply, an add and the pair's sum in one
+// instruction): the same int32 sums and the same float32 steps, so the same bits as blocks16.
+template <int R>
+VNNI void blocks16_vnni64(const uint8_t* packed, const at::BFloat16* sz, const int16_t* q, const float* p,
+                          const float* xsum, float* y, int64_t N, int64_t K, int64_t group, int64_t b) {
+    const int64_t G = K / group;
+    const __m256i low = _mm256_set1_epi16(15), zero = _mm256_setzero_si256();
+    const __m256 eight = _mm256_set1_ps(8.0f);
+    const uint8_t* codes = packed + b * K * 32;
+    for (int64_t g = 0; g < G; g++) {
+        __m256i acc[R][8];
+        for (int r = 0; r < R; r++)
+            for (int i = 0; i < 8; i++) acc[r][i] = _mm256_setzero_si256();
+        for (int64_t k = g * group; k < (g + 1) * group; k += 2) {
+            const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + k * 32)),
+                          bb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + k * 32 + 32));
+            const __m256i u0 = _mm256_unpacklo_epi8(a, bb), u1 = _mm256_unpackhi_epi8(a, bb);
+            const __m256i w[4] = {_mm256_unpacklo_epi8(u0, zero), _mm256_unpackhi_epi8(u0, zero),
+                                  _mm256_unpacklo_epi8(u1, zero), _mm256_unpackhi_epi8(u1, zero)};
+            __m256i c[8];  // code vectors t = 0..7 as blocks16 numbers them for L = 64
+            for (int i = 0; i < 4; i++) c[i] = _mm256_and_si256(w[i], low), c[4 + i] = _mm256_srli_epi16(w[i], 4);
+            for (int r = 0; r < R; r++) {
+                const __m256i qk = broadcast_pair(q + r * K + k);
+                for (int i = 0; i < 8; i++) acc[r][i] = _mm256_dpwssd_epi32(acc[r][i], c[i], qk);
+            }
+        }
+        for (int j = 0; j < 4; j++) {  // the two runs of 8 rows of code vectors 2j, 2j + 1
+            const int64_t first = b * 64 + run_of<64>(j), runs[2] = {first, first + 16};
+            __m256 s[2], z8[2];
+            for (int i = 0; i < 2; i++) {
+                __m256 zero_point;
+                load_scales(sz + (g * N + runs[i]) * 2, s[i], zero_point);
+                z8[i] = _mm256_fnmadd_ps(eight, s[i], zero_point);  // zero - 8 scale
+            }
+            for (int r = 0; r < R; r++) {
+                const __m256i sums[2] = {_mm256_permute2x128_si256(acc[r][2 * j], acc[r][2 * j + 1], 0x20),
+                                         _mm256_permute2x128_si256(acc[r][2 * j], acc[r][2 * j + 1], 0x31)};
+                const __m256 pg = _mm256_set1_ps(p[r * G + g]), xs = _mm256_set1_ps(xsum[r * G + g]);
+                for (int i = 0; i < 2; i++) {
+                    float* out = y + r * N + runs[i];
+                    const __m256 before = g == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(out);
+                    _mm256_storeu_ps(out, _mm256_fmadd_ps(z8[i], xs, _mm256_fmadd_ps(
+                        _mm256_mul_ps(s[i], pg), _mm256_cvtepi32_ps(sums[i]), before)));
+                }
+            }
+        }
+    }
+}
+
 // The largest group the int32 sums hold. Each lane adds, per group, group / 2 madd results of two products (int4_rows:
 // |sum| <= 2048 * 2 * 15 * 32767 ~ 2.01e9 at 4,096) or group / 16 of two (int8_rows: 256 * 2 * 128 * 32767 ~ 2.15e9,
 // and |q| <= 32640 for bf16 x, ~2.14e9): below 2^31 ~ 2.147e9
@@ -321,9 +382,17 @@ void rows16(const uint8_t* packed, const at::BFloat16* sz, const at::BFloat16* x
     Rows16 x;
     quantize16(xin, M, K, group, x);
     std::vector<float> y(M * N);
+    const bool fast = L == 64 && vnni();  // (blocks16_vnni64)
     at::parallel_for(0, N / L, 1, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; b++) {  // each block of codes read from memory once, for all rows of x
             int64_t m = 0;
+            if constexpr (L == 64) {
+                if (fast) {
+                    for (; m + 2 <= M; m += 2)  // (a row alone: blocks16<64, 1, 4> below, faster for one)
+                        blocks16_vnni64<2>(packed, sz, x.q.data() + m * K, x.p.data() + m * G, x.sum.data() + m * G,
+                                           y.data() + m * N, N, K, group, b);
+                }
+            }
             for (; m + 4 <= M; m += 4)
                 blocks16<L, 4, 2>(packed, sz, x.q.data() + m * K, x.p.data() + m * G, x.sum.data() + m * G,
                                   y.data() + m * N, N, K, group, b);
@@ -486,8 +555,6 @@ void split_bytes(const Rows16& x, int64_t M, int64_t K, int64_t group, Bytes16& 
         }
 }
 
-#define VNNI __attribute__((target("avx512vnni,avx512vl,avx512bw,avx512f")))
-
 // Up to 8 (valid) bf16 values from p as float32, zeros past valid
 VNNI inline __m256 load8_bf16(const at::BFloat16* p, int valid) {
     const __m128i h = _mm_maskz_loadu_epi16(static_cast<__mmask8>((1u << valid) - 1), p);
@@ -574,14 +641,8 @@ void int8_block_vnni(const int8_t* codes, const at::BFloat16* scales, const at::
         int8_block_vnni<R, 0>(codes, scales, zeros, x, m0, y, N, K, group, n0, n1);
 }
 
-// Whether int8_rows takes the VNNI path for bf16 x in groups of `group` (ZOO_KERNELS_VNNI=0: int8_block16 instead,
-// which tests compare)
-bool vnni_for(int64_t group) {
-    static const bool cpu = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
-                            __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512f");
-    const char* off = std::getenv("ZOO_KERNELS_VNNI");
-    return cpu && group % 32 == 0 && group <= 512 && !(off && std::strcmp(off, "0") == 0);
-}
+// Whether int8_rows takes the VNNI path for bf16 x in groups of `group`
+bool vnni_for(int64_t group) { return vnni() && group % 32 == 0 && group <= 512; }
 
 template <typename S>
 void int8_rows_of(const int8_t* codes, const S* scales, const S* zeros, const S* xin, S* yout, int64_t M, int64_t N,
