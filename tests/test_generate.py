@@ -12,7 +12,8 @@ import torch
 import zoo
 from zoo.tokenizers import load_tokenizer
 from zoo.generation import complete, generate, token_stream
-from zoo.sampling import NUCLEUS_CANDIDATES, SamplingConfig, penalize_repetition, process_logits, sample
+from zoo.sampling import (GREEDY_BLOCK, NUCLEUS_CANDIDATES, SamplingConfig, greedy, penalize_repetition,
+                          process_logits, sample)
 
 from conftest import tiny as tiny_model
 
@@ -76,6 +77,24 @@ def test_min_p_threshold_is_relative_to_the_top_token():
     assert kept(process_logits(logits, min_p=0.25)) == [1, 2, 3]  # threshold 0.125
     assert kept(process_logits(logits, min_p=1.0)) == [1]
     assert kept(process_logits(logits, min_p=0.0)) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("V", [GREEDY_BLOCK * 48, GREEDY_BLOCK * 2, 1000, GREEDY_BLOCK])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_is_max_first_of_equals_and_nans_included(V, dtype):
+    """greedy's blocks give max's index: ties (within a block, across blocks, at a block's edges) pick the first, a NaN
+    the first NaN, over any batch shape."""
+    g = torch.Generator().manual_seed(V)
+    logits = torch.randn(2, 3, V, generator=g).to(dtype)
+    logits[0, 0, [V - 1, 0]] = 9  # the first and last
+    logits[0, 1, [V // 2 + 1, V // 2]] = 9  # neighbours
+    logits[0, 2, [V - 2, V // 3]] = float("nan")
+    logits[1, 0, :] = 0  # all equal
+    logits[1, 1, [7, V - 7]] = float("inf")
+    logits[1, 2] = logits[1, 2].flip(-1)
+    want = logits.max(-1).indices
+    assert torch.equal(greedy(logits), want) and want[0].tolist() == [0, V // 2, V // 3]
+    assert torch.equal(greedy(logits[0, 1]), want[0, 1])
 
 
 def test_top_k_keeps_the_k_largest_and_their_ties():

@@ -174,10 +174,24 @@ def sample(probs, generator=None):
     return torch.searchsorted(cdf, u, right=True)[..., 0]
 
 
+# greedy's blocks of logits: where V is a multiple, the max value of each block first (a vectorized reduction), then
+# the index within the one block that holds the largest
+GREEDY_BLOCK = 1024
+
+
 def greedy(logits):
-    """The most likely token of each row [...] of logits [..., V], the first of equals as argmax picks; through
-    max, whose CPU kernel is 4x faster than argmax's on bfloat16 (0.2 ms a token at V = 49,152)."""
-    return logits.max(-1).indices
+    """The most likely token of each row [...] of logits [..., V], the first of equals as argmax picks (a NaN, the
+    first NaN, as max picks). max with indices (4x faster than argmax on bfloat16) reduces on one thread, element by
+    element; the values alone are a vectorized reduction, so where V is a multiple of GREEDY_BLOCK the index comes
+    from the first block holding the largest (one EPYC core pair, bf16: Gemma 3's 262,144 logits 292 -> 87 us,
+    SmolLM2's 49,152 59 -> 45, eight rows of those 231 -> 144)."""
+    V = logits.shape[-1]
+    if V % GREEDY_BLOCK or V == GREEDY_BLOCK:
+        return logits.max(-1).indices
+    blocks = logits.unflatten(-1, (V // GREEDY_BLOCK, GREEDY_BLOCK))  # [..., V / block, block]
+    first = blocks.amax(-1).max(-1).indices  # [...]: the first block holding the largest
+    within = blocks.gather(-2, first[..., None, None].expand(*first.shape, 1, GREEDY_BLOCK)).squeeze(-2)  # [..., block]
+    return first * GREEDY_BLOCK + within.max(-1).indices
 
 
 def next_tokens(logits, settings, generator=None):
