@@ -75,8 +75,21 @@ def kernel_path(request, monkeypatch):
     byte products, groups a multiple of 32; int4_rows in torch's AVX-512 layout: pairs of rows of x through
     _mm256_dpwssd_epi32), else AVX2's; ZOO_KERNELS_VNNI=0 takes AVX2's on any CPU (on one without VNNI, both params
     run AVX2's)."""
+    if request.param == "VNNI" and not VNNI <= kernels._cpu_flags():
+        pytest.skip("this CPU has no AVX512-VNNI: the kernels' AVX2 paths run (the AVX2 param tests them)")
     monkeypatch.setenv("ZOO_KERNELS_VNNI", "1" if request.param == "VNNI" else "0")
     return request.param
+
+
+VNNI = {"avx512_vnni", "avx512vl", "avx512bw", "avx512f"}  # (/proc/cpuinfo's names)
+
+
+@needs_avx2
+def test_the_vnni_paths_run_where_the_cpu_has_vnni(int8_rows, monkeypatch):
+    monkeypatch.delenv("ZOO_KERNELS_VNNI", raising=False)
+    assert torch.ops.zoo_kernels.vnni() == (VNNI <= kernels._cpu_flags())
+    monkeypatch.setenv("ZOO_KERNELS_VNNI", "0")
+    assert not torch.ops.zoo_kernels.vnni()
 
 
 @needs_avx2
@@ -120,6 +133,8 @@ def test_a_row_gets_the_same_products_alone_as_in_a_batch(int4_rows, kernel_path
 def test_int4_rows_with_vnni_is_avx2s_bit_for_bit(int4_rows, monkeypatch, N, K, group):
     """The VNNI path for torch's AVX-512 layout sums the same products in int32 and takes the same float32 steps as the
     AVX2 one: the same bits, one row, an odd number, or many."""
+    if not VNNI <= kernels._cpu_flags():
+        pytest.skip("this CPU has no AVX512-VNNI: one path only")
     g = torch.Generator().manual_seed(N + K)
     packed = layout(torch.randint(0, 16, (N, K), generator=g), 64)
     sz = (torch.randn(K // group, N, 2, generator=g) * 0.05).bfloat16()

@@ -276,9 +276,15 @@ def test_prepack_copies_within_its_budget(monkeypatch):
         layers = [m for m in model.modules() if isinstance(m, Int4Linear) and m is not model.lm_head]
         copied = [m for m in layers if m.dense is not None]
         size = lambda m: m.in_features * m.out_features  # noqa: E731
-        budget, spent = prepack_module.COPY_BUDGET * quantization.weight_bytes(model), sum(2 * size(m) for m in copied)
-        assert 0 < spent <= budget and len(copied) < len(layers)
-        assert all(spent + 2 * size(m) > budget for m in layers if m.dense is None)  # (each left out: no room for it)
+        budget, spent = prepack_module.COPY_BUDGET * quantization.weight_bytes(model), 0
+        want = []  # the largest first, each that still fits
+        for m in sorted(layers, key=size, reverse=True):
+            if spent + 2 * size(m) <= budget:
+                want.append(m)
+                spent += 2 * size(m)
+        assert 0 < len(copied) < len(layers) and set(map(id, copied)) == set(map(id, want))
+        assert copies(prepack(model)) == copies(model) and [m for m in layers if m.dense is not None] == copied  # (again:
+        # no more copies)
     monkeypatch.setattr(prepack_module, "COPY_BUDGET", 100.0)
     monkeypatch.setattr(quantization, "native_bf16", lambda: False)
     monkeypatch.setattr(prepack_module, "onednn_bf16", lambda: True)

@@ -28,8 +28,9 @@ ms, for 2 bytes a weight more (130 MB for its 65M weights in planes). Decoding s
 steps keep the kernel: its products are the same for a row in a batch as alone, where the copies round otherwise.
 They add at most half again to what the model's weights take (COPY_BUDGET), the largest layers that fit first: a
 model mostly of 8-bit codes (a Q8_0 or Q5_K_M file) would otherwise triple its memory, and gets copies of some.
-(Gemma 3's Q4_K_M file, its 8-bit layers row-major: 153 MB of copies for all, against a budget of 138; its 36 q|k|v
-and gate|up layers get them, 129 MB, its 9 down projections not: a 32-token prefill 84-116 -> 51-53 ms on Zen 4.)
+(Gemma 3's Q4_K_M file, its 8-bit layers row-major: 153 MB of copies for all, against a budget of 138; its 18
+gate|up layers, 9 Q6_K down projections and 10 of its 18 q|k|v get them, 138 MB: a 32-token prefill 84-116 -> 51-53
+ms on Zen 4.)
 
 On an AVX2-only CPU (AMD's Zen 3 EPYC) float32's `F.linear` (MKL) packs the weight again on every call, and its
 time grows with the rows from the second: oneDNN's reordered float32 weights took SmolLM2's 576 -> 1536 projection
@@ -186,7 +187,9 @@ def prepack(model, rows=8, *, linear=True):
               and m.weight.device.type == "cpu"]
     # copies where bf16 GEMMs run natively (oneDNN's) or widen to float32 (WidenedLinear); not where oneDNN emulates
     # them (AVX-512 without its BF16 extension); the largest layers first, as many as the budget holds
-    budget, copies = COPY_BUDGET * quantization.weight_bytes(model), 0
+    budget = COPY_BUDGET * quantization.weight_bytes(model)
+    copies = sum(2 * m.in_features * m.out_features for m in model.modules()  # (made by an earlier call)
+                 if isinstance(m, Int4Linear) and m.dense is not None)
     chosen = []
     for m in sorted(eight_bit, key=lambda m: m.in_features * m.out_features, reverse=True):
         if copies + 2 * m.in_features * m.out_features <= budget:

@@ -590,7 +590,7 @@ def quantize(model, mode, group_size=None, *, head="int8", embeddings="int8", dt
     defaults to int8 even in int4 mode: it is a quarter of a small model's weights, and in 4 bits it
     alone changes the top-1 token of one position in six (SmolLM2-135M; README: Quantized inference).
     Activations, norms and biases use `dtype` (default bfloat16: torch's int4 kernel has no fast float32
-    path; the zoo's own AVX2 kernels have, zoo/kernels.py). Raises ValueError, changing nothing, for an
+    path; the zoo's own kernels have, zoo/kernels.py). Raises ValueError, changing nothing, for an
     unknown mode or a group size that does not divide a layer's inputs.
     """
     group_size = check_mode(mode, group_size)

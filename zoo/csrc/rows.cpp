@@ -8,8 +8,8 @@
 //   AVX-512 build (64). That kernel dequantizes each weight to float32 (code, scale and zero) before multiplying:
 //   ~6 GB/s over SmolLM2's layers with bf16 activations on 2 Zen 3 cores; with float32 activations it takes a
 //   reference loop, 10x slower. python bench/int4_rows.py: one row of bf16 x 1.5-3.1x torch's kernel on SmolLM2's
-//   layers, 4 and 32 rows 1.4-1.9x (Zen 3); on Zen 4 one row 1.05-1.33x torch's AVX-512 build, 4 and 32 rows
-//   0.7-0.9x (the blocks of 64 rows take more shuffles; decoding's one row is what it is there for).
+//   layers, 4 and 32 rows 1.4-1.9x (Zen 3); on Zen 4 (VNNI) one row 1.06-1.45x torch's AVX-512 build, 4 and 32
+//   rows 0.74-1.20x (the 192-row k and v layers least: three blocks of 64 over two threads).
 // - int8_rows: W as signed 8-bit codes, row-major, a scale (and a zero point) per group: 8-bit layers (Q8_0, Q5_0,
 //   ...) and a tied head reading its embedding's codes, one byte per weight where the int4 kernel's two planes read
 //   1.25 and ran over x twice (the head: 3.1x torch's kernel over the planes for one row). With AVX512-VNNI, byte
@@ -530,7 +530,9 @@ void int8_block16(const int8_t* codes, const S* scales, const S* zeros, const in
 // sum, a vector of 8 lanes, then needs adding across: eight groups' vectors are added across together (three rounds
 // of _mm256_hadd_epi32 and a lane exchange) into one vector of their 8 sums, which is converted to float32 and scaled
 // by the 8 groups' scales at once. The sums are exact integers (mod 2^32 on the way, exact at the end: |sum c q| <=
-// group 128 32640 < 2^31 for groups of up to 512), converted to float32 once per group as int8_block16's are.
+// group 128 32640 < 2^31 for groups of up to 512), each converted to float32 once (as int8_block16's are), but
+// int8_block16 converts a group's 8 lane sums and adds them across in float32: the two paths' outputs may differ
+// in the last bits (each is the same for a row alone as in a batch).
 struct Bytes16 {  // Rows16's q as bytes, and per group (padded with zeros to a multiple of 8) what the products need
     std::vector<uint8_t> l;   // [M, K] q & 255
     std::vector<int8_t> h;    // [M, K] q >> 8
@@ -727,6 +729,7 @@ at::Tensor int8_rows(const at::Tensor& x, const at::Tensor& codes, const at::Ten
 TORCH_LIBRARY(zoo_kernels, m) {
     m.def("int4_rows(Tensor x, Tensor packed, int group_size, Tensor scales_and_zeros, int block_rows) -> Tensor");
     m.def("int8_rows(Tensor x, Tensor codes, Tensor scales, Tensor? zeros) -> Tensor");
+    m.def("vnni() -> bool", &vnni);  // whether the kernels take their VNNI paths here (tests check it)
 }
 
 // No backward (the weights are frozen; Int4Linear sends inputs that need a gradient to a GEMM instead): a backward
