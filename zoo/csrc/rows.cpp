@@ -252,6 +252,33 @@ inline int64_t run_of(int j) {  // the first row of the first run of 8 that code
     return L == 32 ? 16 * j : 32 * (j / 2) + 8 * (j % 2);
 }
 
+// Group g's int32 sums of code vectors 2j, 2j + 1 (acc[r][2j], acc[r][2j + 1] for R rows of x: rows first..first + 7
+// and first + apart.. once their 128-bit lanes are exchanged) added to y's float32 sums: scale * p * sum + (zero -
+// 8 scale) * sum of x. blocks16 and blocks16_vnni64 end their groups here: the same steps, the same bits.
+template <int R, int V>
+__attribute__((always_inline)) inline void add_runs(const __m256i (&acc)[R][V], int j, int64_t first, int64_t apart,
+                                                    const at::BFloat16* sz, const float* p, const float* xsum,
+                                                    float* y, int64_t N, int64_t G, int64_t g) {
+    const int64_t runs[2] = {first, first + apart};
+    __m256 s[2], z8[2];
+    for (int i = 0; i < 2; i++) {
+        __m256 zero_point;
+        load_scales(sz + (g * N + runs[i]) * 2, s[i], zero_point);
+        z8[i] = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), s[i], zero_point);  // zero - 8 scale
+    }
+    for (int r = 0; r < R; r++) {
+        const __m256i sums[2] = {_mm256_permute2x128_si256(acc[r][2 * j], acc[r][2 * j + 1], 0x20),
+                                 _mm256_permute2x128_si256(acc[r][2 * j], acc[r][2 * j + 1], 0x31)};
+        const __m256 pg = _mm256_set1_ps(p[r * G + g]), xs = _mm256_set1_ps(xsum[r * G + g]);
+        for (int i = 0; i < 2; i++) {
+            float* out = y + r * N + runs[i];
+            const __m256 before = g == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(out);
+            _mm256_storeu_ps(out, _mm256_fmadd_ps(z8[i], xs, _mm256_fmadd_ps(
+                _mm256_mul_ps(s[i], pg), _mm256_cvtepi32_ps(sums[i]), before)));
+        }
+    }
+}
+
 template <int L, int R, int V>
 void blocks16(const uint8_t* packed, const at::BFloat16* sz, const int16_t* q, const float* p, const float* xsum,
               float* y, int64_t N, int64_t K, int64_t group, int64_t b) {
@@ -262,7 +289,6 @@ void blocks16(const uint8_t* packed, const at::BFloat16* sz, const int16_t* q, c
     const __m256i pick1 = _mm256_setr_epi8(4, -1, 12, -1, 5, -1, 13, -1, 6, -1, 14, -1, 7, -1, 15, -1,
                                            4, -1, 12, -1, 5, -1, 13, -1, 6, -1, 14, -1, 7, -1, 15, -1);
     const __m256i low = _mm256_set1_epi16(15), zero = _mm256_setzero_si256();
-    const __m256 eight = _mm256_set1_ps(8.0f);
     const uint8_t* codes = packed + b * K * (L / 2);
     for (int part = 0; part < L / 8 / V; part++) {
         for (int64_t g = 0; g < G; g++) {
@@ -296,26 +322,8 @@ void blocks16(const uint8_t* packed, const at::BFloat16* sz, const int16_t* q, c
                     for (int i = 0; i < V; i++) acc[r][i] = _mm256_add_epi32(acc[r][i], _mm256_madd_epi16(c[i], qk));
                 }
             }
-            for (int j = 0; j < V / 2; j++) {  // the two runs of 8 rows of code vectors 2j, 2j + 1
-                const int64_t first = b * L + run_of<L>(part * V / 2 + j), runs[2] = {first, first + L / 4};
-                __m256 s[2], z8[2];
-                for (int i = 0; i < 2; i++) {
-                    __m256 zero_point;
-                    load_scales(sz + (g * N + runs[i]) * 2, s[i], zero_point);
-                    z8[i] = _mm256_fnmadd_ps(eight, s[i], zero_point);  // zero - 8 scale
-                }
-                for (int r = 0; r < R; r++) {
-                    const __m256i sums[2] = {_mm256_permute2x128_si256(acc[r][2 * j], acc[r][2 * j + 1], 0x20),
-                                             _mm256_permute2x128_si256(acc[r][2 * j], acc[r][2 * j + 1], 0x31)};
-                    const __m256 pg = _mm256_set1_ps(p[r * G + g]), xs = _mm256_set1_ps(xsum[r * G + g]);
-                    for (int i = 0; i < 2; i++) {
-                        float* out = y + r * N + runs[i];
-                        const __m256 before = g == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(out);
-                        _mm256_storeu_ps(out, _mm256_fmadd_ps(z8[i], xs, _mm256_fmadd_ps(
-                            _mm256_mul_ps(s[i], pg), _mm256_cvtepi32_ps(sums[i]), before)));
-                    }
-                }
-            }
+            for (int j = 0; j < V / 2; j++)  // the two runs of 8 rows of code vectors 2j, 2j + 1
+                add_runs<R, V>(acc, j, b * L + run_of<L>(part * V / 2 + j), L / 4, sz, p, xsum, y, N, G, g);
         }
     }
 }
@@ -328,7 +336,6 @@ VNNI void blocks16_vnni64(const uint8_t* packed, const at::BFloat16* sz, const i
                           const float* xsum, float* y, int64_t N, int64_t K, int64_t group, int64_t b) {
     const int64_t G = K / group;
     const __m256i low = _mm256_set1_epi16(15), zero = _mm256_setzero_si256();
-    const __m256 eight = _mm256_set1_ps(8.0f);
     const uint8_t* codes = packed + b * K * 32;
     for (int64_t g = 0; g < G; g++) {
         __m256i acc[R][8];
@@ -347,26 +354,8 @@ VNNI void blocks16_vnni64(const uint8_t* packed, const at::BFloat16* sz, const i
                 for (int i = 0; i < 8; i++) acc[r][i] = _mm256_dpwssd_epi32(acc[r][i], c[i], qk);
             }
         }
-        for (int j = 0; j < 4; j++) {  // the two runs of 8 rows of code vectors 2j, 2j + 1
-            const int64_t first = b * 64 + run_of<64>(j), runs[2] = {first, first + 16};
-            __m256 s[2], z8[2];
-            for (int i = 0; i < 2; i++) {
-                __m256 zero_point;
-                load_scales(sz + (g * N + runs[i]) * 2, s[i], zero_point);
-                z8[i] = _mm256_fnmadd_ps(eight, s[i], zero_point);  // zero - 8 scale
-            }
-            for (int r = 0; r < R; r++) {
-                const __m256i sums[2] = {_mm256_permute2x128_si256(acc[r][2 * j], acc[r][2 * j + 1], 0x20),
-                                         _mm256_permute2x128_si256(acc[r][2 * j], acc[r][2 * j + 1], 0x31)};
-                const __m256 pg = _mm256_set1_ps(p[r * G + g]), xs = _mm256_set1_ps(xsum[r * G + g]);
-                for (int i = 0; i < 2; i++) {
-                    float* out = y + r * N + runs[i];
-                    const __m256 before = g == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(out);
-                    _mm256_storeu_ps(out, _mm256_fmadd_ps(z8[i], xs, _mm256_fmadd_ps(
-                        _mm256_mul_ps(s[i], pg), _mm256_cvtepi32_ps(sums[i]), before)));
-                }
-            }
-        }
+        for (int j = 0; j < 4; j++)  // the two runs of 8 rows of code vectors 2j, 2j + 1
+            add_runs<R, 8>(acc, j, b * 64 + run_of<64>(j), 16, sz, p, xsum, y, N, G, g);
     }
 }
 
