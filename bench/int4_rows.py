@@ -38,7 +38,8 @@ def main():
     torch.set_num_threads(args.threads)
     block_rows = packed_block_rows()
     if block_rows is None or kernels.int4_rows() is None:
-        raise SystemExit(f"no int4 row kernel here: {kernels.build_error() or 'torch packs a layout the zoo does not know'}")
+        why = kernels.build_error() or "torch packs a layout the zoo does not know"
+        raise SystemExit(f"no int4 row kernel here: {why}")
     dtype, g = getattr(torch, args.dtype), torch.Generator().manual_seed(0)
     print(f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}: blocks of {block_rows} rows), "
           f"{args.threads} threads, {args.dtype} activations, groups of 32; "

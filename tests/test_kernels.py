@@ -1,6 +1,7 @@
 """The zoo's own CPU kernels (zoo/kernels.py): products against float64 references, a row of x the same alone as in a
-batch, the layouts torch's AVX2 and AVX-512 int4 kernels pack (both tested on any AVX2 CPU), and the fallback where they cannot be built. On a CPU with AVX2 the
-kernels must build (the fixtures fail, not skip, where they do not: that is a regression on every machine CI runs)."""
+batch, the layouts torch's AVX2 and AVX-512 int4 kernels pack (both tested on any AVX2 CPU), the VNNI paths where the
+CPU has them, and the fallback where the kernels cannot be built. On a CPU with AVX2 they must build (the fixtures
+fail, not skip, where they do not: that is a regression on every machine CI runs)."""
 import copy
 import os
 import subprocess

@@ -264,8 +264,8 @@ def test_a_layers_prepacked_copy_is_the_matrix_its_codes_stand_for(zero_points, 
 
 def test_prepack_copies_within_its_budget(monkeypatch):
     """The copies add at most COPY_BUDGET of the weights' bytes, the largest layers that fit first (a model all in
-    8-bit codes gets copies of some: 2 bytes a weight against ~1); none where oneDNN emulates bf16 GEMMs (AVX-512 without BF16);
-    WidenedLinear ones where it has no bf16 kernels."""
+    8-bit codes gets copies of some: 2 bytes a weight against ~1), a second prepack none; none where oneDNN emulates
+    bf16 GEMMs (AVX-512 without BF16); WidenedLinear ones where it has no bf16 kernels."""
     if quantization.packed_block_rows() is None:
         pytest.skip("the int4 kernel packs in a layout zoo cannot read")
 
@@ -283,8 +283,8 @@ def test_prepack_copies_within_its_budget(monkeypatch):
                 want.append(m)
                 spent += 2 * size(m)
         assert 0 < len(copied) < len(layers) and set(map(id, copied)) == set(map(id, want))
-        assert copies(prepack(model)) == copies(model) and [m for m in layers if m.dense is not None] == copied  # (again:
-        # no more copies)
+        prepack(model)  # again: no more copies
+        assert [m for m in layers if m.dense is not None] == copied
     monkeypatch.setattr(prepack_module, "COPY_BUDGET", 100.0)
     monkeypatch.setattr(quantization, "native_bf16", lambda: False)
     monkeypatch.setattr(prepack_module, "onednn_bf16", lambda: True)

@@ -7,7 +7,7 @@ torch's own.
   quantize="native", zoo.quantize's "int4"). That kernel dequantizes each weight to float32 before multiplying: ~6
   GB/s over SmolLM2's layers with bf16 activations on 2 Zen 3 cores, and with float32 ones a reference loop 10x
   slower. int4_rows multiplies the codes themselves and applies a group's scale and zero once per group (`python
-  bench/int4_rows.py`; on Zen 4, whose AVX-512 build of torch's kernel is faster, one row 1.05-1.33x its speed).
+  bench/int4_rows.py`; on Zen 4, whose AVX-512 build of torch's kernel is faster, one row 1.06-1.45x its speed).
 - int8_rows: rows of x times signed 8-bit row-major codes with a scale (and a zero point) per group: the 8-bit
   layers (Int4Linear keeps them row-major where these kernels run) and a tied 8-bit head reading its embedding's
   codes (Int4Linear.row_codes), one byte per weight in one pass over x, where the int4 kernel's two planes read 1.25

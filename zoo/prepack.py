@@ -183,8 +183,8 @@ def prepack(model, rows=8, *, linear=True):
     plain layer). Each attention's plain Attend becomes a CacheAttend (cache_attention)."""
     head = output_layer(model)
     eight_bit = [m for m in model.modules() if isinstance(m, Int4Linear) and m.planes == 2 and m.dense is None
-              and m is not head and m.dequantizable() and m.weight.dtype == torch.bfloat16
-              and m.weight.device.type == "cpu"]
+                 and m is not head and m.dequantizable() and m.weight.dtype == torch.bfloat16
+                 and m.weight.device.type == "cpu"]
     # copies where bf16 GEMMs run natively (oneDNN's) or widen to float32 (WidenedLinear); not where oneDNN emulates
     # them (AVX-512 without its BF16 extension); the largest layers first, as many as the budget holds
     budget = COPY_BUDGET * quantization.weight_bytes(model)

@@ -567,7 +567,8 @@ VNNI inline void group_vnni(const int8_t* c, const uint8_t* l, const int8_t* h, 
         for (int r = 0; r < R; r++) {
             lo[r] = _mm256_dpbusd_epi32(lo[r], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(l + r * K + 32 * i)),
                                         w);
-            hi[r] = _mm256_dpbusd_epi32(hi[r], u, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + r * K + 32 * i)));
+            hi[r] = _mm256_dpbusd_epi32(hi[r], u,
+                                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + r * K + 32 * i)));
         }
     }
     for (int r = 0; r < R; r++) v[r] = _mm256_add_epi32(_mm256_slli_epi32(hi[r], 8), lo[r]);
