@@ -228,8 +228,9 @@ def copy_kind(request, monkeypatch):
     a WidenedLinear where its oneDNN has no bf16 kernels (made so here on any CPU)."""
     if quantization.packed_block_rows() is None:
         pytest.skip("the int4 kernel packs in a layout zoo cannot read")
-    if request.param == "widened":
+    if request.param == "widened":  # (for layers in planes: row-major 8-bit codes get no widened copy)
         monkeypatch.setattr(prepack_module, "onednn_bf16", lambda: False)
+        monkeypatch.setattr(quantization, "rows_8bit", lambda device: False)
         return WidenedLinear
     if not onednn_bf16() or not quantization.native_bf16():
         pytest.skip("this CPU emulates bf16 GEMMs, or its oneDNN has no bf16 kernels")
@@ -271,6 +272,8 @@ def test_prepack_copies_within_its_budget(monkeypatch):
 
     def copies(model):
         return {type(m.dense) for m in model.modules() if isinstance(m, Int4Linear) and m.dense is not None}
+    if not onednn_bf16():  # (widened copies are for layers in planes)
+        monkeypatch.setattr(quantization, "rows_8bit", lambda device: False)
     if quantization.native_bf16() or not onednn_bf16():
         model = prepack(planes_model())
         layers = [m for m in model.modules() if isinstance(m, Int4Linear) and m is not model.lm_head]
@@ -282,15 +285,21 @@ def test_prepack_copies_within_its_budget(monkeypatch):
             if spent + 2 * size(m) <= budget:
                 want.append(m)
                 spent += 2 * size(m)
-        assert 0 < len(copied) < len(layers) and set(map(id, copied)) == set(map(id, want))
+        assert copied and set(map(id, copied)) == set(map(id, want))
         prepack(model)  # again: no more copies
         assert [m for m in layers if m.dense is not None] == copied
+    monkeypatch.undo()
     monkeypatch.setattr(prepack_module, "COPY_BUDGET", 100.0)
     monkeypatch.setattr(quantization, "native_bf16", lambda: False)
     monkeypatch.setattr(prepack_module, "onednn_bf16", lambda: True)
     assert copies(prepack(planes_model())) == set()
     monkeypatch.setattr(prepack_module, "onednn_bf16", lambda: False)
+    if quantization.rows_8bit("cpu"):  # row-major codes for int8_rows: no widened copies (no faster than it)
+        assert copies(prepack(planes_model())) == set()
+    monkeypatch.setattr(quantization, "rows_8bit", lambda device: False)  # in planes: widened copies
     assert copies(prepack(planes_model())) == {WidenedLinear}
+    monkeypatch.undo()
+    monkeypatch.setattr(prepack_module, "COPY_BUDGET", 100.0)
     if onednn_bf16():
         monkeypatch.setattr(prepack_module, "onednn_bf16", lambda: True)
         monkeypatch.setattr(quantization, "native_bf16", lambda: True)
@@ -304,6 +313,7 @@ def test_layers_in_planes_multiply_prompts_by_a_prepacked_copy(monkeypatch):
     model's to bf16 rounding, and the tokens of a batch, of the engine's batches and of speculative decoding are
     the prepacked model's own one-row greedy tokens, exactly."""
     monkeypatch.setattr(prepack_module, "COPY_BUDGET", 100.0)  # (this model is all in planes)
+    monkeypatch.setattr(quantization, "rows_8bit", lambda device: False)  # (planes, not int8_rows' row-major codes)
     plain, packed = planes_model(), prepack(planes_model(), linear=False)
     layers = {name: m for name, m in packed.named_modules() if isinstance(m, Int4Linear)}
     assert len(layers) == 9 and all((m.dense is None) == (name == "lm_head") for name, m in layers.items())

@@ -51,7 +51,8 @@ matrices in a reference loop, 4-7x slower than float32's GEMM from 32 rows on (G
 4.8 ms against 1.0 ms widening both to float32 on each call). There prepack gives the bfloat16 layers a WidenedLinear,
 whose prompts multiply in float32 (decoding's few rows keep bf16's product, as fast for one row), and the layers in
 planes their copies as WidenedLinear modules over bf16 matrices: Gemma 3's native 32-token prefill 305-319 ->
-221-233 ms there.
+221-233 ms there. 8-bit layers kept row-major for the zoo's int8_rows get no such copy there: its 32 rows were as
+fast as the copies' float32 GEMM (114-122 against 120-125 ms for Gemma 3's prefill).
 """
 import torch
 import torch.nn as nn
@@ -182,11 +183,13 @@ def prepack(model, rows=8, *, linear=True):
     torch.compile will trace (it cannot trace reordered weights, and fuses its own; it traces a WidenedLinear as the
     plain layer). Each attention's plain Attend becomes a CacheAttend (cache_attention)."""
     head = output_layer(model)
+    # copies where bf16 GEMMs run natively (oneDNN's), or widen to float32 (WidenedLinear) for layers in planes; not
+    # for row-major 8-bit codes there (int8_rows' 32 rows were as fast as the widened copies' GEMM on an AVX2-only
+    # EPYC: 114-122 against 120-125 ms for Gemma 3's prefill), nor where oneDNN emulates bf16 GEMMs (AVX-512 without
+    # its BF16 extension); the largest layers first, as many as the budget holds
     eight_bit = [m for m in model.modules() if isinstance(m, Int4Linear) and m.planes == 2 and m.dense is None
                  and m is not head and m.dequantizable() and m.weight.dtype == torch.bfloat16
-                 and m.weight.device.type == "cpu"]
-    # copies where bf16 GEMMs run natively (oneDNN's) or widen to float32 (WidenedLinear); not where oneDNN emulates
-    # them (AVX-512 without its BF16 extension); the largest layers first, as many as the budget holds
+                 and m.weight.device.type == "cpu" and (m.packed is not None or not widens(m.weight))]
     budget = COPY_BUDGET * quantization.weight_bytes(model)
     copies = sum(2 * m.in_features * m.out_features for m in model.modules()  # (made by an earlier call)
                  if isinstance(m, Int4Linear) and m.dense is not None)
