@@ -21,7 +21,8 @@ float32 FMAs take 8 and convert the codes first): one row of SmolLM2's layers 1.
 float32 products were 1.2-1.6x. float32 rows are multiplied in float32. On a CPU with AVX512-VNNI (Zen 4, Xeons
 since Cascade Lake) int8_rows gets the same int32 group sums from byte products (_mm256_dpbusd_epi32: 32 products
 an instruction), eight groups added across at once: one row 1.3-1.9x the 16-bit products' speed where the codes
-are in cache (Gemma 3's decoding ~6% faster; its head, 168 MB, is as fast either way: memory-bound).
+are in cache (one-off scripts, ZOO_KERNELS_VNNI toggled in one process: Gemma 3's decoding ~6% faster; its head,
+168 MB, as fast either way: memory-bound).
 - attend: softmax(q kᵀ * scale + mask) v for the few queries of decoding over the KV cache (zoo/prepack.py's
   CacheAttend), each query row on its own, in float32: 2-3x torch's SDPA there (`python bench/attend.py`).
 

@@ -190,14 +190,15 @@ def prepack(model, rows=8, *, linear=True):
     eight_bit = [m for m in model.modules() if isinstance(m, Int4Linear) and m.planes == 2 and m.dense is None
                  and m is not head and m.dequantizable() and m.weight.dtype == torch.bfloat16
                  and m.weight.device.type == "cpu" and (m.packed is not None or not widens(m.weight))]
+    def cost(m):  # a copy's bytes
+        return 2 * m.in_features * m.out_features
     budget = COPY_BUDGET * quantization.weight_bytes(model)
-    copies = sum(2 * m.in_features * m.out_features for m in model.modules()  # (made by an earlier call)
-                 if isinstance(m, Int4Linear) and m.dense is not None)
+    copies = sum(cost(m) for m in model.modules() if isinstance(m, Int4Linear) and m.dense is not None)  # (earlier)
     chosen = []
-    for m in sorted(eight_bit, key=lambda m: m.in_features * m.out_features, reverse=True):
-        if copies + 2 * m.in_features * m.out_features <= budget:
+    for m in sorted(eight_bit, key=cost, reverse=True):
+        if copies + cost(m) <= budget:
             chosen.append(m)
-            copies += 2 * m.in_features * m.out_features
+            copies += cost(m)
     if chosen and (quantization.native_bf16() or not onednn_bf16()):
         for m in chosen:
             w = m.dequantized().to(m.weight.dtype)

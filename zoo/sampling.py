@@ -183,8 +183,8 @@ def greedy(logits):
     """The most likely token of each row [...] of logits [..., V], the first of equals as argmax picks (a NaN, the
     first NaN, as max picks). max with indices (4x faster than argmax on bfloat16) reduces on one thread, element by
     element; the values alone are a vectorized reduction, so where V is a multiple of GREEDY_BLOCK the index comes
-    from the first block holding the largest (2 Zen 4 cores, bf16: Gemma 3's 262,144 logits 292 -> 87 us,
-    SmolLM2's 49,152 59 -> 45, eight rows of those 231 -> 144)."""
+    from the first block holding the largest (2 Zen 4 cores, bf16, a one-off timing: Gemma 3's 262,144 logits
+    292 -> 87 us, SmolLM2's 49,152 59 -> 45, eight rows of those 231 -> 144)."""
     V = logits.shape[-1]
     if V % GREEDY_BLOCK or V == GREEDY_BLOCK:
         return logits.max(-1).indices
