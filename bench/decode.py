@@ -10,7 +10,7 @@ weight-only quantized modes (zoo.quantize int8 and int4, and the GGUF file's own
 quantize="native"; bf16 activations) follow, and beside the native rows llama.cpp (llama-cpp-python,
 when it is importable: a benchmark peer, never a dependency) on the same GGUF file and thread count.
 Each zoo row also runs with the decode step compiled (generate(..., compile=True)); its one-time compile
-is printed apart. bf16 (and float32 on an AVX2-only CPU) adds the prepacked model `zoo generate`, `serve` and
+is printed apart. bf16 (and float32 on x86 CPUs) adds the prepacked model `zoo generate`, `serve` and
 `chat` run (zoo/prepack.py); the quantized rows are prepacked as `zoo generate --quantize MODE [--compile]` prepacks
 them.
 
@@ -166,7 +166,7 @@ def main():
                      "zoo, compiled decode step": lambda n, m=step: zoo.generate(m, prompt, n, temperature=0,
                                                                                  compile=True)[0]}
             if not quantized and (reorders(w := next(model.parameters())) or widens(w)):
-                # what zoo generate, serve and chat run: oneDNN's reordered weights (bf16; float32 on AVX2), or bf16
+                # what zoo generate, serve and chat run: oneDNN's reordered weights (bf16; float32 on x86), or bf16
                 # layers widening prompts to float32 (AVX2)
                 sides["zoo, prepacked"] = lambda n, m=prepack(load_zoo(dtype)[0]): zoo.generate(m, prompt, n,
                                                                                                temperature=0)[0]

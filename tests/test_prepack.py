@@ -74,7 +74,8 @@ def test_prepacked_engine_decodes_as_the_plain_one():
 
 
 @needs_kernels
-def test_prepack_leaves_what_it_cannot_help():
+def test_prepack_leaves_what_it_cannot_help(monkeypatch):
+    monkeypatch.setattr(prepack_module, "onednn_float32", lambda: False)  # a CPU where MKL's float32 is the faster
     fp32 = tiny("llama-gqa")
     assert not any(isinstance(m, PrepackedLinear) for m in prepack(fp32).modules())
     tied = prepack(tiny("llama-gqa").to(torch.bfloat16))  # tie_embeddings: the head gets its own reordered copy
@@ -96,7 +97,7 @@ class MatmulDtypes(TorchDispatchMode):
 
 @pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "moe"])
 def test_float32_layers_are_reordered_where_onednns_are_the_faster(name, monkeypatch):
-    """Where oneDNN's reordered float32 weights beat F.linear (an AVX2-only CPU; made so here on any CPU), prepack
+    """Where oneDNN's reordered float32 weights beat F.linear (x86 CPUs with AVX2 or AVX-512; made so here on any CPU), prepack
     reorders float32 layers (and experts) as it does bf16 ones: the logits within float32 rounding of the plain
     model's, and greedy tokens the plain model's, in a batch and in the engine's batches; elsewhere they stay."""
     monkeypatch.setattr(prepack_module, "onednn_float32", lambda: False)

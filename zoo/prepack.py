@@ -1,5 +1,5 @@
 """Linear layers on the CPU with their weights reordered once into oneDNN's own layout, for inference: bfloat16 ones,
-and float32 ones on an AVX2-only CPU.
+and float32 ones on x86 CPUs (AVX2, AVX-512).
 
 `F.linear` hands oneDNN a plain row-major weight on every call; a weight reordered once into oneDNN's blocked
 layout (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's freezing does to constant weights) skips that
@@ -32,11 +32,13 @@ model mostly of 8-bit codes (a Q8_0 or Q5_K_M file) would otherwise triple its m
 gate|up layers, 9 Q6_K down projections and 10 of its 18 q|k|v get them, 138 MB: a 32-token prefill 84-116 -> 51-53
 ms on Zen 4.)
 
-On an AVX2-only CPU (AMD's Zen 3 EPYC) float32's `F.linear` (MKL) packs the weight again on every call, and its
-time grows with the rows from the second: oneDNN's reordered float32 weights took SmolLM2's 576 -> 1536 projection
-over 8 rows 230 -> 138 us, its head 19.0 -> 6.7 ms (one row: 8.5 -> 5.0 ms; one-off scripts), and in a one-off check
-a row's product was the same in batches of 1-64 rows as alone (not F.linear's bits). prepack reorders float32
-layers there too (onednn_float32; on AVX-512 CPUs MKL's products are left as they are, unmeasured).
+Float32's `F.linear` (MKL) packs the weight again on every call, and its time grows with the rows from the second.
+On an AVX2-only CPU (AMD's Zen 3 EPYC) oneDNN's reordered float32 weights took SmolLM2's 576 -> 1536 projection over
+8 rows 230 -> 138 us, its head 19.0 -> 6.7 ms (one row: 8.5 -> 5.0 ms; one-off scripts); on an AVX-512 one (Zen 4,
+2 threads, thirty matrices streamed from memory) its 960 x 576 q|k|v 210 -> 120 us for one row and 366 -> 102 us for
+six, the head 9.7 -> 5.0 ms and 23.9 -> 4.1 ms, and still 1.1-1.25x at 512 rows. prepack reorders float32 layers on
+both (onednn_float32). A row's product there is the same in a batch as alone where the inputs are few (576 on Zen 4;
+MKL's differ from the second row on), not F.linear's bits.
 
 Decoding's attention, a few queries over the KV cache, goes to the zoo's own kernel where it is built (any x86 CPU with
 AVX2; zoo/kernels.py): each attention's Attend becomes a CacheAttend (cache_attention), which sends the calls with a
@@ -157,9 +159,9 @@ def onednn_bf16():
 
 
 def onednn_float32():
-    """Whether float32 layers multiply faster over oneDNN's reordered weights than through F.linear (MKL): on an
-    AVX2-only CPU, measured (see the module's docstring)."""
-    return torch.backends.mkldnn.is_available() and torch.backends.cpu.get_cpu_capability() == "AVX2"
+    """Whether float32 layers multiply faster over oneDNN's reordered weights than through F.linear (MKL): on x86 CPUs
+    with AVX2 or AVX-512, measured on AMD's Zen 3 and Zen 4 (see the module's docstring)."""
+    return torch.backends.mkldnn.is_available() and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
 def reorders(tensor):
