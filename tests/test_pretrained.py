@@ -128,6 +128,24 @@ def test_transformers_to_zoo_and_back(name, tmp_path):
         assert back.config.rope_parameters["rope_type"] == "llama3"
 
 
+@pytest.mark.parametrize("settings", [dict(num_beams=3), dict(num_beams=4, length_penalty=0.5, repetition_penalty=1.3),
+                                      dict(num_beams=2, length_penalty=2.0, repetition_penalty=1.5, min_new_tokens=4)])
+def test_beam_search_writes_transformers_beams(settings, tmp_path):
+    """Beam search (a batch of prompts) writes transformers' generate(num_beams=..., early_stopping=True) tokens for
+    each prompt alone, its repetition penalty and min_new_tokens included (they act on log-probabilities there)."""
+    ref = hf_model("llama-mha-tied")
+    ref.save_pretrained(tmp_path)
+    model = zoo.from_pretrained(tmp_path)
+    g = torch.Generator().manual_seed(3)
+    prompts, eos = torch.randint(2, V, (8, 6), generator=g).tolist(), 55
+    want = []
+    for prompt in prompts:
+        out = ref.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, early_stopping=True,
+                           eos_token_id=eos, pad_token_id=1, **settings)[0, len(prompt):].tolist()
+        want.append(out[:out.index(eos) + 1] if eos in out else out)  # (transformers pads after the EOS)
+    assert any(eos in w for w in want) and zoo.generate(model, prompts, 10, eos_token_id=eos, **settings) == want
+
+
 FAMILIES = [name for name, (cls, _, _) in HF_CASES.items() if cls.startswith(("Qwen", "Mistral", "Phi3", "Olmo2"))]
 
 

@@ -281,7 +281,8 @@ def _check_speculative(model, prompts, max_new_tokens, settings, draft, num_draf
 
 @torch.inference_mode()
 def _beam_search(model, prompts, max_new_tokens, eos, settings, compile=False):
-    """Beam search as Hugging Face's with early_stopping=True: each prompt keeps num_beams running beams;
+    """Beam search as Hugging Face's with early_stopping=True (and its repetition penalty and min_new_tokens: on the
+    log-probabilities): each prompt keeps num_beams running beams;
     an EOS among the best num_beams candidates finishes a hypothesis scored
     sum(log p) / len**length_penalty (len counts the new tokens, EOS included); a prompt is done once
     num_beams hypotheses have finished, and at max_new_tokens its running beams join them. Returns
@@ -301,12 +302,14 @@ def _beam_search(model, prompts, max_new_tokens, eos, settings, compile=False):
                 seen[row, prompts[row // K]] = True
         finished = [[] for _ in range(B)]  # per prompt: (score, new token ids)
         for step in range(max_new_tokens):
-            logits = logits.float()
+            # as transformers' beam search: the penalty and min_new_tokens act on the log-probabilities (a penalty
+            # multiplies them all, none renormalized), not on the logits as sampling's do
+            logp = logits.float().log_softmax(-1)
             if seen is not None:
-                logits = penalize_repetition(logits, seen, penalty)
+                logp = penalize_repetition(logp, seen, penalty)
             if step < settings.min_new_tokens and eos:
-                logits[:, eos] = float("-inf")
-            cand = (logits.log_softmax(-1).view(B, K, V) + scores[..., None]).view(B, K * V)
+                logp[:, eos] = float("-inf")
+            cand = (logp.view(B, K, V) + scores[..., None]).view(B, K * V)
             top, flat = cand.topk(min(2 * K, K * V), dim=-1)  # 2K: even if K of them end, K beams go on
             new = batch.new_tokens()
             rows, tokens, next_scores = [], [], []
