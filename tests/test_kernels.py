@@ -370,6 +370,28 @@ def test_attend_gives_a_query_the_same_bits_whatever_else_it_computes(attend):
 
 
 @needs_avx2
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attend_gives_a_query_the_same_bits_among_holes(attend, dtype):
+    """Keys spread over the cache with hidden slots between them (the slots a speculative check or the engine
+    rejected: masked, holding finite values) give a query the bits of the same keys side by side: so a check after
+    a rejection keeps plain decoding's greedy tokens."""
+    g = torch.Generator().manual_seed(5)
+    H, H_kv, D, S = 6, 2, 64, 203
+    k, v = (torch.randn(2, 1, H_kv, S + 150, D, generator=g) * 2).to(dtype)
+    q = torch.randn(1, H, 1, D, generator=g).to(dtype)
+    for seed in range(4):
+        keep = torch.rand(S + 150, generator=torch.Generator().manual_seed(seed)) < 0.6  # ~60% of slots are keys
+        keep[:S // 2] = seed % 2 == 0 or keep[:S // 2]  # (a run without holes first, in half the cases)
+        slots = keep.nonzero()[:, 0][:S]  # the S keys' slots, in order, with holes between
+        end = int(slots[-1]) + 1
+        mask = torch.full((1, 1, 1, end), float("-inf")).to(dtype)
+        mask[..., slots] = 0
+        spread = attend(q, k[:, :, :end], v[:, :, :end], mask, True, None)
+        together = attend(q, k[:, :, slots], v[:, :, slots], torch.zeros(1, 1, 1, S).to(dtype), True, None)
+        assert torch.equal(spread, together)
+
+
+@needs_avx2
 def test_attend_refuses_what_it_cannot_read(attend):
     q, k = torch.randn(1, 4, 1, 64), torch.randn(1, 2, 10, 64)
     with pytest.raises(RuntimeError, match="H a multiple of H_kv"):

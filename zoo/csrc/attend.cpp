@@ -4,10 +4,11 @@
 // its own (python bench/attend.py: 2.3-3.2x SDPA's speed on SmolLM2's heads, 1.6-2.5x on Gemma 3's).
 // Each query row gets the same operations whatever the other rows and however many keys follow its last visible one:
 // a key's score is one 8-key block's lane (blocks past the keys repeat the last key and are dropped; a block the mask
-// hides entirely is skipped), the probabilities are summed lane by lane in the keys' order, and a masked key's zero
+// hides entirely is skipped), the probabilities are summed one by one in the keys' order, and a masked key's zero
 // probability adds nothing (hidden slots hold finite values: the caches start as zeros). So a decode step over the
 // slots it fills gets the same bits as a compiled step over the whole cache, a speculative check's row as the step that
-// would have decoded it, a row in a batch as the row alone.
+// would have decoded it, a row in a batch as the row alone, and a row whose keys lie among holes (the slots a
+// speculative check or the engine rejected, masked) as over the same keys side by side.
 #include <ATen/ATen.h>
 #include <ATen/ExpandUtils.h>
 #include <ATen/Parallel.h>
@@ -25,7 +26,6 @@
 namespace {
 
 using zoo_vec::hmax;
-using zoo_vec::hsum;
 using zoo_vec::load8;
 
 // Lane i: the sum of a[i]'s eight lanes (each lane's sum depends on a[i] alone)
@@ -104,23 +104,22 @@ void attend_row(const T* q, const T* k, const T* v, int64_t ks, int64_t vs, cons
     __m256 top = _mm256_set1_ps(NEG_INF);
     for (int64_t j0 = 0; j0 < padded; j0 += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(scores + j0));
     const __m256 largest = _mm256_set1_ps(hmax(top));
-    __m256 total = _mm256_setzero_ps();  // lane i: the probabilities of keys i, i + 8, ... in order
-    for (int64_t j0 = 0; j0 < padded; j0 += 8) {
-        const __m256 p = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores + j0), largest));
-        _mm256_storeu_ps(scores + j0, p);
-        total = _mm256_add_ps(total, p);
-    }
-    const __m256 inverse = _mm256_set1_ps(1.0f / hsum(total));
+    for (int64_t j0 = 0; j0 < padded; j0 += 8)
+        _mm256_storeu_ps(scores + j0, exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores + j0), largest)));
+    float total = 0.0f;  // the probabilities summed one by one in the keys' order (a hidden slot's 0 adds nothing,
+    __m256 inverse;      // wherever it lies: lanes of 8 slots would group the keys by slot, which holes shift)
     for (int64_t d0 = 0; d0 < D; d0 += 64) {  // 64 of the output's dimensions at a time, in registers
         const int n = static_cast<int>(std::min<int64_t>(64, D - d0) / 8);
         __m256 o[8];
         for (int c = 0; c < 8; c++) o[c] = _mm256_setzero_ps();
         for (int64_t j = 0; j < S; j++) {
             if (scores[j] == 0.0f) continue;  // (a hidden key: it would add 0 * v)
+            if (d0 == 0) total += scores[j];  // (in the shadow of the FMAs' chains)
             const __m256 p = _mm256_set1_ps(scores[j]);
             const T* vj = v + j * vs + d0;
             for (int c = 0; c < n; c++) o[c] = _mm256_fmadd_ps(p, load8(vj + 8 * c), o[c]);
         }
+        if (d0 == 0) inverse = _mm256_set1_ps(1.0f / total);
         for (int c = 0; c < n; c++) {
             float y[8];
             _mm256_storeu_ps(y, _mm256_mul_ps(o[c], inverse));
