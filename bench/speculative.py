@@ -8,9 +8,10 @@ input, where prompt lookup shines) and "chat" (ordinary questions, where only a 
 Every mode runs on every task, interleaved (plain, lookup, int4 draft, plain, ...) so that a busy machine
 slows them alike, batch 1, greedy. Prints, per task and mode, tokens/s over the whole generation (prefill
 included; best of the repeats), the ratio to plain decoding, and the acceptance rate (accepted / drafted
-tokens). Every mode's tokens are checked equal to plain decoding's (greedy: speculation changes only speed). The
-model is prepacked as `zoo generate` prepacks it (oneDNN's reordered weights, bf16 and float32 on x86 CPUs:
-zoo/prepack.py).
+tokens). Every mode's tokens are checked equal to plain decoding's (greedy: speculation changes only speed; with
+--dtype bfloat16, where a check's products may round apart from a plain step's, where they part is printed
+instead). The model is prepacked as `zoo generate` prepacks it (oneDNN's reordered weights, bf16 and float32 on
+x86 CPUs: zoo/prepack.py).
 
     flock /tmp/bench.lock python bench/speculative.py            # not a test: run it alone, on a quiet machine
     python bench/speculative.py --max-new-tokens 16 --repeats 1 --prompts 1   # a quick check that it runs
@@ -88,7 +89,7 @@ def main():
     for task, prompts in tasks(tokenizer, args.prompts).items():
         best = {mode: [float("inf")] * len(prompts) for mode in modes}
         counts = {mode: [0, 0] for mode in modes}  # accepted, drafted (of the last repeat)
-        tokens = {}
+        tokens, apart = {}, {}
         for mode, (d, compile) in modes.items():
             if compile:  # compiled once per batch size and 256-slot cache length (the first prompt's; another
                 # prompt's length may compile anew in its first repeat, which the best of the repeats leaves out)
@@ -105,8 +106,13 @@ def main():
                     start = time.perf_counter()
                     out = zoo.generate(model, prompt, args.max_new_tokens, temperature=0, **kwargs)[0]
                     best[mode][i] = min(best[mode][i], time.perf_counter() - start)
-                    if tokens.setdefault(i, out) != out:
-                        raise AssertionError(f"{task} prompt {i}: {mode} wrote other tokens than plain decoding")
+                    if (want := tokens.setdefault(i, out)) != out:
+                        if args.dtype == "float32":
+                            raise AssertionError(f"{task} prompt {i}: {mode} wrote other tokens than plain decoding")
+                        # bf16: oneDNN multiplies a lone row (a plain step) by another kernel than several (a
+                        # check), whose sums round apart in bf16 now and then (README: Speculative decoding)
+                        at = next((j for j, (a, b) in enumerate(zip(want, out)) if a != b), min(len(want), len(out)))
+                        apart.setdefault(mode, set()).add(f"prompt {i} from token {at}")
                     if d is not None:
                         counts[mode][0] += stats["accepted"]
                         counts[mode][1] += stats["drafted"]
@@ -120,6 +126,8 @@ def main():
             accepted, drafted = counts[mode]
             rate = f"{accepted / drafted:.0%}" if drafted else "-"
             print(f"  {mode:<28}{speed:>10.1f}{speed / plain:>8.2f}x{rate:>10}")
+        for mode, where in apart.items():
+            print(f"  {mode}: tokens left plain decoding's at {', '.join(sorted(where))} (bf16 rounding)")
 
 
 if __name__ == "__main__":

@@ -55,11 +55,22 @@ def check_greedy(model, draft, steps=24, **settings):
 # greedy: the same tokens as plain decoding
 
 
+def test_the_prompt_is_prefilled_whole_as_in_plain_decoding():
+    """The first new token comes from the prompt's own prefill, as plain decoding's (a check that fed the prompt's
+    last token with the drafts would compute its keys by the decoding attention, not the prompt's: other bits)."""
+    model, widths = tiny("llama-gqa"), []
+    model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(args[0].size(1)), with_kwargs=True)
+    for draft in (None, "prompt-lookup", perturbed(model, 0.02)):
+        widths.clear()
+        generate(model, PROMPTS, 6, temperature=0, draft=draft)
+        assert widths[0] == max(map(len, PROMPTS)) and len(widths) > 1
+
+
 @pytest.mark.parametrize("name", GENERATORS)
 def test_greedy_with_any_draft_equals_plain_greedy(name, device):
     model = tiny(name, device)
     lookup_stats = check_greedy(model, "prompt-lookup")
-    near = check_greedy(model, perturbed(model, 0.15))
+    near = check_greedy(model, perturbed(model, 0.5 if name == "bigram" else 0.02))  # (the bigram's weights: std 2)
     far = check_greedy(model, other(name, device))
     for stats in lookup_stats, near, far:
         assert stats["drafted"] > 0
@@ -212,11 +223,11 @@ def test_sampling_keeps_the_model_distribution(settings, draft, monkeypatch):
     target, q = bigram(torch.randn(4, 4) * 1.5), bigram(torch.randn(4, 4) * 1.5)  # drafts often rejected
     prompt = [0, 1, 2, 3, 1, 0, 2, 2, 3, 0, 1, 2]  # lookup proposes every next token, for 3-grams ending "1 2"...
     d = q if draft == "model" else "prompt-lookup"
-    probs = sequence_probs(target, prompt, 3, **settings)
+    probs = sequence_probs(target, prompt, 4, **settings)  # (the first token from the prefill, then two drafts)
 
     def p_value(**kwargs):
         stats = {}
-        counts = sequence_counts(target, prompt, 3, 6000, draft=d, num_draft=2, seed=0, stats=stats, **settings,
+        counts = sequence_counts(target, prompt, 4, 6000, draft=d, num_draft=2, seed=0, stats=stats, **settings,
                                  **kwargs)
         assert stats["drafted"] > 6000 and 0.2 < stats["accepted"] / stats["drafted"] < 0.9, stats
         keep = probs > 0  # tokens top-k removes never come

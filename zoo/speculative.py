@@ -94,7 +94,8 @@ class Cache:
         self.real[:, self.t - k:self.t] &= torch.arange(k, device=self.device) < counts[:, None]
 
     def fill(self, rows):
-        """Start afresh with each row's tokens `rows` (lists, left-padded)."""
+        """Start afresh with each row's tokens `rows` (lists, left-padded); the logits [B, 1, V] of the token after
+        each (None where every row is empty)."""
         self.real.zero_()
         self.t = 0
         width = max(map(len, rows))
@@ -102,7 +103,7 @@ class Cache:
             tokens = torch.tensor([[0] * (width - len(r)) + r for r in rows], device=self.device)
             real = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows], device=self.device)
             with prompt_mode():
-                self.feed(tokens, real, last_only=True)
+                return self.feed(tokens, real, last_only=True)
 
 
 def lookup(context, k, max_ngram=MAX_NGRAM, min_ngram=MIN_NGRAM):
@@ -234,7 +235,6 @@ def speculative_steps(model, draft, prompts, max_new_tokens, eos, settings, num_
     length = min(max(map(len, prompts)) + 2 * max_new_tokens + num_draft + 1, model.config.block_size,
                  getattr(draft, "config", model.config).block_size)
     target = Cache(model, B, length)  # holds each row's tokens but the last, which the next check feeds first
-    target.fill([p[:-1] for p in prompts])
     drafter = Drafter(draft, prompts, draft_cache_len(length) if draft_cache_len else length, draft_step)
     is_eos = torch.zeros(V, dtype=torch.bool, device=device)
     is_eos[torch.tensor(eos, dtype=torch.long, device=device)] = True
@@ -249,23 +249,16 @@ def speculative_steps(model, draft, prompts, max_new_tokens, eos, settings, num_
     # So lookup drafts up to 2 a + 1 tokens after a round that kept a of them (a new stretch ramps up 1, 3, 7,
     # num_draft); a draft model's proposals cost a step each, and it drafts num_draft.
     limit = num_draft
-    while any(live):
-        # k drafted tokens at most: no more than the longest-running row still needs, and room in the cache
-        k = min(limit, max_new_tokens - min(n for n, alive in zip(new, live) if alive) - 1,
-                length - max(map(len, rows)) - 1)
-        drafted, q = drafter.propose(rows, live, k, settings, generator) if k > 0 else (None, None)
-        k = 0 if drafted is None else drafted.size(1)
-        drafted = torch.zeros(B, 0, dtype=torch.long) if drafted is None else drafted.to(device)
-        # the check: each row's last token and its drafts, k + 1 positions
-        if target.t + k + 1 > length:  # no room: afresh, without the holes
-            target.fill([r[:-1] for r in rows])
-        tokens = torch.cat([torch.tensor([r[-1] for r in rows], device=device)[:, None], drafted], 1)  # [B, k + 1]
-        alive = torch.tensor(live, device=device)[:, None].expand(B, k + 1)
-        logits = target.feed(tokens, alive)  # [B, k + 1, V]: p of the token after each
+    # the first new token from the prompts' own prefill, as plain decoding takes it (a check that fed each prompt's
+    # last token through the decoding's attention instead would round its keys otherwise, in bf16 enough to turn a
+    # near-tie); then rounds of drafts and a check
+    logits, drafted, q, k = target.fill(prompts), torch.zeros(B, 0, dtype=torch.long, device=device), None, 0
+    checked = False  # whether the logits are a check's (else the prefill's)
+    while True:
         counts, last = verify(logits, drafted, q, settings, generator, seen, torch.tensor(new, device=device), is_eos)
-        target.keep(counts + 1, k + 1)  # the last token fed and the kept drafts; the rest become holes
         kept = counts.tolist()  # (the round's one read of the counts on the host)
         if k:
+            target.keep(counts + 1, k + 1)  # the last token fed and the kept drafts; the rest become holes
             drafter.accepted(counts)
             if drafter.model is None:
                 limit = min(num_draft, 2 * max(n for n, d in zip(kept, drafter.lengths) if d) + 1)
@@ -289,6 +282,20 @@ def speculative_steps(model, draft, prompts, max_new_tokens, eos, settings, num_
             new[r] += len(got)
             live[r] = live[r] and new[r] < max_new_tokens
             out.append(got)
-        stats["rounds"] += 1
+        stats["rounds"] += checked
         yield out
+        if not any(live):
+            return
+        # k drafted tokens at most: no more than the longest-running row still needs, and room in the cache
+        k = min(limit, max_new_tokens - min(n for n, alive in zip(new, live) if alive) - 1,
+                length - max(map(len, rows)) - 1)
+        drafted, q = drafter.propose(rows, live, k, settings, generator) if k > 0 else (None, None)
+        k = 0 if drafted is None else drafted.size(1)
+        drafted = torch.zeros(B, 0, dtype=torch.long) if drafted is None else drafted.to(device)
+        # the check: each row's last token and its drafts, k + 1 positions
+        if target.t + k + 1 > length:  # no room: afresh, without the holes
+            target.fill([r[:-1] for r in rows])
+        tokens = torch.cat([torch.tensor([r[-1] for r in rows], device=device)[:, None], drafted], 1)  # [B, k + 1]
+        alive = torch.tensor(live, device=device)[:, None].expand(B, k + 1)
+        logits, checked = target.feed(tokens, alive), True  # [B, k + 1, V]: p of the token after each
 
