@@ -9,9 +9,9 @@ Every mode runs on every task, interleaved (plain, lookup, int4 draft, plain, ..
 slows them alike, batch 1, greedy. Prints, per task and mode, tokens/s over the whole generation (prefill
 included; best of the repeats), the ratio to plain decoding, and the acceptance rate (accepted / drafted
 tokens). Every mode's tokens are checked equal to plain decoding's (greedy: speculation changes only speed; with
---dtype bfloat16, where a check's products may round apart from a plain step's, where they part is printed
-instead). The model is prepacked as `zoo generate` prepacks it (oneDNN's reordered weights, bf16 and float32 on
-x86 CPUs: zoo/prepack.py).
+--dtype bfloat16, where another CPU's kernels may round a check's products apart from a plain step's, where they
+part is printed instead: on Zen 4 nowhere since the fixes under README's Speculative decoding). The model is
+prepacked as `zoo generate` prepacks it (oneDNN's reordered weights, bf16 and float32 on x86 CPUs: zoo/prepack.py).
 
     flock /tmp/bench.lock python bench/speculative.py            # not a test: run it alone, on a quiet machine
     python bench/speculative.py --max-new-tokens 16 --repeats 1 --prompts 1   # a quick check that it runs

@@ -73,6 +73,22 @@ def test_prepacked_engine_decodes_as_the_plain_one():
     assert [len(a) for a in packed] == steps
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("inputs", [576, 1536, 2048])
+def test_a_prepacked_layers_row_is_the_same_alone_as_among_others(dtype, inputs):
+    """A decoding step's lone row gets the bits of the same row in a speculative check or a batch of requests: on
+    Zen 4, oneDNN's own kernel for one row over more than 1,024 inputs sums in another order (LONE_ROW_SPLIT)."""
+    if not (onednn_bf16() if dtype == torch.bfloat16 else prepack_module.onednn_float32()):
+        pytest.skip(f"this CPU's oneDNN does not multiply {dtype} layers for prepack")
+    g = torch.Generator().manual_seed(inputs)
+    layer = PrepackedLinear((torch.randn(320, inputs, generator=g) * 0.05).to(dtype), None, rows=8)
+    x = (torch.randn(1, 24, inputs, generator=g) * torch.rand(1, 24, inputs, generator=g) * 3).to(dtype)
+    with torch.no_grad():
+        together = layer(x)
+        assert torch.equal(torch.cat([layer(x[:, t:t + 1]) for t in range(24)], 1), together)
+        assert torch.equal(layer(x[0, 5]), together[0, 5])  # a 1-d row too
+
+
 @needs_kernels
 def test_prepack_leaves_what_it_cannot_help(monkeypatch):
     monkeypatch.setattr(prepack_module, "onednn_float32", lambda: False)  # a CPU where MKL's float32 is the faster
@@ -97,9 +113,10 @@ class MatmulDtypes(TorchDispatchMode):
 
 @pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "moe"])
 def test_float32_layers_are_reordered_where_onednns_are_the_faster(name, monkeypatch):
-    """Where oneDNN's reordered float32 weights beat F.linear (x86 CPUs with AVX2 or AVX-512; made so here on any CPU), prepack
-    reorders float32 layers (and experts) as it does bf16 ones: the logits within float32 rounding of the plain
-    model's, and greedy tokens the plain model's, in a batch and in the engine's batches; elsewhere they stay."""
+    """Where oneDNN's reordered float32 weights beat F.linear (x86 CPUs with AVX2 or AVX-512; made so here on any
+    CPU), prepack reorders float32 layers (and experts) as it does bf16 ones: the logits within float32 rounding of
+    the plain model's, and greedy tokens the plain model's, in a batch and in the engine's batches; elsewhere they
+    stay."""
     monkeypatch.setattr(prepack_module, "onednn_float32", lambda: False)
     assert not any(isinstance(m, PrepackedLinear) for m in prepack(tiny(name, std=0.3)).modules())
     monkeypatch.setattr(prepack_module, "onednn_float32", lambda: True)

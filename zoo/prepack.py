@@ -68,6 +68,12 @@ from .quantization import Int4Linear, output_layer
 
 # the quantized layers' bf16 copies may add at most this share of the model's weights' bytes to its memory
 COPY_BUDGET = 0.5
+# oneDNN multiplies a lone row over more inputs than this by its own kernel, which sums the products in another order
+# than its kernel for several rows (on Zen 4, bf16 and float32 alike; up to 1,024 inputs the two agree, tested): a
+# decoding step's row would round apart from the same row in a speculative check or beside other requests, and in
+# bf16 a near-tie fall the other way. PrepackedLinear multiplies such a row as two (itself twice): SmolLM2's
+# 1,536-input down projections 90 -> 120 us a row.
+LONE_ROW_SPLIT = 1024
 # CacheAttend's kernel takes calls of at most this many queries per head (decoding steps, speculative checks)
 KERNEL_QUERIES = 16
 
@@ -89,6 +95,10 @@ class PrepackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
     def forward(self, x):
+        if x.numel() == self.in_features > LONE_ROW_SPLIT:  # one row, multiplied as two: see LONE_ROW_SPLIT
+            y = torch.ops.mkldnn._linear_pointwise(x.reshape(1, -1).expand(2, -1), self.weight, self.bias, "none", [],
+                                                   "")
+            return y[:1].view(*x.shape[:-1], self.out_features)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
