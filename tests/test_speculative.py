@@ -70,7 +70,8 @@ def test_the_prompt_is_prefilled_whole_as_in_plain_decoding():
 def test_greedy_with_any_draft_equals_plain_greedy(name, device):
     model = tiny(name, device)
     lookup_stats = check_greedy(model, "prompt-lookup")
-    near = check_greedy(model, perturbed(model, 0.5 if name == "bigram" else 0.02))  # (the bigram's weights: std 2)
+    # noise that leaves the draft agreeing mostly, not always (the bigram's weights have std 2, the others' 0.5)
+    near = check_greedy(model, perturbed(model, 0.5 if name == "bigram" else 0.02))
     far = check_greedy(model, other(name, device))
     for stats in lookup_stats, near, far:
         assert stats["drafted"] > 0

@@ -3,7 +3,8 @@ and float32 ones on x86 CPUs (AVX2, AVX-512).
 
 `F.linear` hands oneDNN a plain row-major weight on every call; a weight reordered once into oneDNN's blocked
 layout (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's freezing does to constant weights) skips that
-work. The products are the same, bit for bit (tests/test_prepack.py), and decoding's few rows get them 1.4-2.2x
+work. The products are the same, bit for bit (tests/test_prepack.py; but for a lone row over more than
+LONE_ROW_SPLIT inputs, which gets the bits it would have among other rows), and decoding's few rows get them 1.4-2.2x
 faster: on one AMD EPYC core, SmolLM2's 576 -> 1536 projection took 84 -> 45 us for one row and 134 -> 88 us for
 eight, its 49,152-token head 9.4 -> 4.3 ms and 8.7 -> 5.0 ms; from ~40 rows on (prefill) the two are level.
 
@@ -37,8 +38,8 @@ On an AVX2-only CPU (AMD's Zen 3 EPYC) oneDNN's reordered float32 weights took S
 8 rows 230 -> 138 us, its head 19.0 -> 6.7 ms (one row: 8.5 -> 5.0 ms; one-off scripts); on an AVX-512 one (Zen 4,
 2 threads, thirty matrices streamed from memory) its 960 x 576 q|k|v 210 -> 120 us for one row and 366 -> 102 us for
 six, the head 9.7 -> 5.0 ms and 23.9 -> 4.1 ms, and still 1.1-1.25x at 512 rows. prepack reorders float32 layers on
-both (onednn_float32). A row's product there is the same in a batch as alone where the inputs are few (576 on Zen 4;
-MKL's differ from the second row on), not F.linear's bits.
+both (onednn_float32), on Intel's AVX-512 CPUs too (unmeasured there). A row's product is the same in a batch as
+alone (with LONE_ROW_SPLIT; MKL's differ from the second row on), not F.linear's bits.
 
 Decoding's attention, a few queries over the KV cache, goes to the zoo's own kernel where it is built (any x86 CPU with
 AVX2; zoo/kernels.py): each attention's Attend becomes a CacheAttend (cache_attention), which sends the calls with a
@@ -69,10 +70,10 @@ from .quantization import Int4Linear, output_layer
 # the quantized layers' bf16 copies may add at most this share of the model's weights' bytes to its memory
 COPY_BUDGET = 0.5
 # oneDNN multiplies a lone row over more inputs than this by its own kernel, which sums the products in another order
-# than its kernel for several rows (on Zen 4, bf16 and float32 alike; up to 1,024 inputs the two agree, tested): a
-# decoding step's row would round apart from the same row in a speculative check or beside other requests, and in
-# bf16 a near-tie fall the other way. PrepackedLinear multiplies such a row as two (itself twice): SmolLM2's
-# 1,536-input down projections 90 -> 120 us a row.
+# than its kernel for 2-29 rows (on Zen 4, bf16 and float32 alike; up to 1,024 inputs the two agreed in a one-off
+# check): a decoding step's row would round apart from the same row in a speculative check or beside other requests,
+# and in bf16 a near-tie fall the other way. PrepackedLinear multiplies such a row as two (itself twice): SmolLM2's
+# 1,536-input down projections 90 -> 120 us a row, its eager decoding ~2-3% slower in bf16, ~6% in float32.
 LONE_ROW_SPLIT = 1024
 # CacheAttend's kernel takes calls of at most this many queries per head (decoding steps, speculative checks)
 KERNEL_QUERIES = 16

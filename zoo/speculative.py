@@ -142,7 +142,7 @@ class Drafter:
         self.lengths = []  # the last round's drafted tokens per row
         if self.model is not None:  # (length: with a compiled step, as long as it wants; at least the model's)
             self.cache = Cache(self.model, len(prompts), length, step)
-            self.have = [0] * len(prompts)  # the first round feeds the prompts
+            self.have = [0] * len(prompts)  # the first round feeds the prompts and the prefill's first new token
             self.fed = 0
 
     def propose(self, rows, live, k, settings, generator):
@@ -291,7 +291,7 @@ def speculative_steps(model, draft, prompts, max_new_tokens, eos, settings, num_
                 length - max(map(len, rows)) - 1)
         drafted, q = drafter.propose(rows, live, k, settings, generator) if k > 0 else (None, None)
         k = 0 if drafted is None else drafted.size(1)
-        drafted = torch.zeros(B, 0, dtype=torch.long) if drafted is None else drafted.to(device)
+        drafted = torch.zeros(B, 0, dtype=torch.long, device=device) if drafted is None else drafted.to(device)
         # the check: each row's last token and its drafts, k + 1 positions
         if target.t + k + 1 > length:  # no room: afresh, without the holes
             target.fill([r[:-1] for r in rows])

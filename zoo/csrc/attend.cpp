@@ -106,8 +106,10 @@ void attend_row(const T* q, const T* k, const T* v, int64_t ks, int64_t vs, cons
     const __m256 largest = _mm256_set1_ps(hmax(top));
     for (int64_t j0 = 0; j0 < padded; j0 += 8)
         _mm256_storeu_ps(scores + j0, exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores + j0), largest)));
-    float total = 0.0f;  // the probabilities summed one by one in the keys' order (a hidden slot's 0 adds nothing,
-    __m256 inverse;      // wherever it lies: lanes of 8 slots would group the keys by slot, which holes shift)
+    // the probabilities summed one by one in the keys' order (a hidden slot's 0 adds nothing, wherever it lies:
+    // lanes of 8 slots would group the keys by slot, which holes shift), in the first pass over the values
+    float total = 0.0f;
+    __m256 inverse = _mm256_setzero_ps();
     for (int64_t d0 = 0; d0 < D; d0 += 64) {  // 64 of the output's dimensions at a time, in registers
         const int n = static_cast<int>(std::min<int64_t>(64, D - d0) / 8);
         __m256 o[8];
