@@ -252,7 +252,8 @@ def speculative_steps(model, draft, prompts, max_new_tokens, eos, settings, num_
     # the first new token from the prompts' own prefill, as plain decoding takes it (a check that fed each prompt's
     # last token through the decoding's attention instead would round its keys otherwise, in bf16 enough to turn a
     # near-tie); then rounds of drafts and a check
-    logits, drafted, q, k = target.fill(prompts), torch.zeros(B, 0, dtype=torch.long, device=device), None, 0
+    none = torch.zeros(B, 0, dtype=torch.long, device=device)  # no drafted tokens
+    logits, drafted, q, k = target.fill(prompts), none, None, 0
     checked = False  # whether the logits are a check's (else the prefill's)
     while True:
         counts, last = verify(logits, drafted, q, settings, generator, seen, torch.tensor(new, device=device), is_eos)
@@ -291,7 +292,7 @@ def speculative_steps(model, draft, prompts, max_new_tokens, eos, settings, num_
                 length - max(map(len, rows)) - 1)
         drafted, q = drafter.propose(rows, live, k, settings, generator) if k > 0 else (None, None)
         k = 0 if drafted is None else drafted.size(1)
-        drafted = torch.zeros(B, 0, dtype=torch.long, device=device) if drafted is None else drafted.to(device)
+        drafted = none if drafted is None else drafted.to(device)
         # the check: each row's last token and its drafts, k + 1 positions
         if target.t + k + 1 > length:  # no room: afresh, without the holes
             target.fill([r[:-1] for r in rows])
